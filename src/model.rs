@@ -1,0 +1,576 @@
+//! The shared vocabulary: what the user wants ([`Desired`]), what the world looks like ([`Observed`]), and the
+//! small value types both are made of (ids, owner labels, durations, secrets).
+//!
+//! `Desired` is produced by `config` and never serialised (it holds secrets). `Observed` is plain data that
+//! round-trips through YAML and JSON, so `ciscale observe -o state.yaml` and `plan --observed state.yaml` work
+//! with no network at all.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Label/tag key naming the config that owns a resource. Nothing without it (or with another value) is touched.
+pub const OWNER_LABEL: &str = "ciscale.owner";
+/// Label/tag key naming the pool a resource belongs to.
+pub const POOL_LABEL: &str = "ciscale.pool";
+/// Label/tag key holding a digest of the agent settings an instance was created with (spec drift detection).
+pub const AGENT_HASH_LABEL: &str = "ciscale.agent-hash";
+
+macro_rules! id_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Self {
+                Self(value.into())
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", self.0)
+            }
+        }
+        impl From<&str> for $name {
+            fn from(value: &str) -> Self {
+                Self(value.to_owned())
+            }
+        }
+        impl From<String> for $name {
+            fn from(value: String) -> Self {
+                Self(value)
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// Name of a pool in the config.
+    PoolName
+);
+id_newtype!(
+    /// Provider-side id of an instance (Hetzner server id, EC2 instance id, Incus instance name, ...).
+    InstanceId
+);
+id_newtype!(
+    /// CI-side id of an agent record.
+    AgentId
+);
+id_newtype!(
+    /// Name of a backend account in the config (`backends:` key).
+    BackendName
+);
+id_newtype!(
+    /// Name of a CI source in the config (`ci:` key).
+    CiName
+);
+id_newtype!(
+    /// CI-side id of a task/job.
+    TaskId
+);
+
+// ---------------------------------------------------------------------------------------------------------------
+// Durations and secrets
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A non-negative duration written in Go's form (`10s`, `30m`, `1h30m`), as Picus and Woodpecker users write it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GoDuration(pub std::time::Duration);
+
+impl GoDuration {
+    pub const fn from_secs(secs: u64) -> Self {
+        Self(std::time::Duration::from_secs(secs))
+    }
+    pub fn as_secs(&self) -> u64 {
+        self.0.as_secs()
+    }
+    pub fn signed(&self) -> jiff::SignedDuration {
+        jiff::SignedDuration::try_from(self.0).unwrap_or(jiff::SignedDuration::MAX)
+    }
+}
+
+/// Why a duration string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration `{input}`: {why}")]
+pub struct DurationError {
+    pub input: String,
+    pub why: String,
+}
+
+impl FromStr for GoDuration {
+    type Err = DurationError;
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let fail = |why: &str| DurationError { input: input.to_owned(), why: why.to_owned() };
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(fail("empty; write e.g. `10s`, `30m` or `1h30m`"));
+        }
+        // Go accepts a bare `0`; jiff wants a unit.
+        if trimmed == "0" {
+            return Ok(Self::default());
+        }
+        // Go's units only: days and longer are calendar units there and are rejected, so we reject them too.
+        if trimmed.chars().any(|c| matches!(c, 'd' | 'w' | 'y' | 'M' | 'D' | 'W' | 'Y')) {
+            return Err(fail("units are `h`, `m`, `s`, `ms`, `us`, `ns`"));
+        }
+        if !trimmed.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            return Err(fail("must start with a number, e.g. `10s`"));
+        }
+        let signed: jiff::SignedDuration =
+            trimmed.parse().map_err(|_| fail("expected Go form like `10s`, `30m` or `1h30m`"))?;
+        let std = std::time::Duration::try_from(signed).map_err(|_| fail("must not be negative"))?;
+        Ok(Self(std))
+    }
+}
+
+impl fmt::Display for GoDuration {
+    /// Go's own `time.Duration.String()` shape, trimmed of zero parts: `1h30m`, `45s`, `0s`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total = self.0.as_secs();
+        let millis = self.0.subsec_millis();
+        if total == 0 && millis == 0 {
+            return f.write_str("0s");
+        }
+        let (hours, minutes, seconds) = (total / 3600, (total % 3600) / 60, total % 60);
+        if hours > 0 {
+            write!(f, "{hours}h")?;
+        }
+        if minutes > 0 {
+            write!(f, "{minutes}m")?;
+        }
+        if seconds > 0 || (hours == 0 && minutes == 0 && millis == 0) {
+            write!(f, "{seconds}s")?;
+        }
+        if millis > 0 {
+            write!(f, "{millis}ms")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for GoDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GoDuration({self})")
+    }
+}
+
+impl Serialize for GoDuration {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for GoDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl schemars::JsonSchema for GoDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GoDuration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration in Go form: `10s`, `30m`, `1h30m`.",
+            "pattern": "^([0-9]+(\\.[0-9]+)?(h|m|s|ms|us|µs|ns))+$|^0$"
+        })
+    }
+}
+
+/// A secret value (token, PAT, password). It cannot be printed: `Debug` and `Display` show `***`, and it has no
+/// `Serialize`, so it can never end up in a plan, a plan file or an observation.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The only way to read the value: call sites that do are the places secrets leave ciscale.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Desired state
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The validated config: everything the planner and the executor need to know about what the user wants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// Owner id: the value of the `ciscale.owner` label on every resource this config creates.
+    pub owner: String,
+    pub poll_interval: GoDuration,
+    pub ci: BTreeMap<CiName, CiSourceSpec>,
+    pub backends: BTreeMap<BackendName, BackendSpec>,
+    /// In config order: a pending job is counted for the first pool (in this order) that matches it.
+    pub pools: Vec<PoolSpec>,
+    pub images: BTreeMap<String, ImageSpec>,
+    /// Digest of the config's meaning (not its bytes), recorded in plan files to detect a changed config.
+    pub config_hash: String,
+}
+
+impl Desired {
+    pub fn pool(&self, name: &PoolName) -> Option<&PoolSpec> {
+        self.pools.iter().find(|pool| &pool.name == name)
+    }
+}
+
+/// A CI server ciscale reads the queue from and registers agents with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CiSourceSpec {
+    pub kind: CiKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CiKind {
+    Woodpecker { server: String, token: Secret },
+    AzurePipelines { organization_url: String, pat: Secret },
+    /// The in-memory fake (tests, demos, offline trials).
+    Fake(FakeSpec),
+}
+
+/// Settings of the in-memory fake world shared by the fake backend and the fake CI.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FakeSpec {
+    /// Persist the fake world in this JSON file so separate `ciscale` runs (and tests) share it. A fake backend
+    /// and a fake CI source naming the same file share one world.
+    pub state_file: Option<std::path::PathBuf>,
+    /// Play the CI's part on every observation: agents of running instances check in, take matching pending
+    /// jobs, and finish them. Off: the world changes only when a test changes it.
+    pub simulate: bool,
+}
+
+impl CiKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CiKind::Woodpecker { .. } => "woodpecker",
+            CiKind::AzurePipelines { .. } => "azure-pipelines",
+            CiKind::Fake(_) => "fake",
+        }
+    }
+}
+
+/// A cloud account / container host ciscale creates instances in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSpec {
+    pub kind: BackendKind,
+    /// How the backend bills; drives billing-aware teardown.
+    pub billing: Billing,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendKind {
+    Hcloud { token: Secret, endpoint: Option<String> },
+    Aws { region: Option<String>, endpoint: Option<String> },
+    Incus { socket: Option<String>, project: Option<String> },
+    Fake(FakeSpec),
+}
+
+impl BackendKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BackendKind::Hcloud { .. } => "hcloud",
+            BackendKind::Aws { .. } => "aws",
+            BackendKind::Incus { .. } => "incus",
+            BackendKind::Fake(_) => "fake",
+        }
+    }
+}
+
+/// Billing granularity of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Billing {
+    /// Billed per started hour (Hetzner): an idle instance is kept until its paid hour is nearly over.
+    Hourly,
+    /// Billed per second or not at all (EC2, Incus): an idle instance goes as soon as its idle timeout passes.
+    PerSecond,
+}
+
+/// One pool of identical agents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    pub name: PoolName,
+    pub ci: CiBinding,
+    pub backend: BackendBinding,
+    pub agent: AgentSpec,
+    pub scale: ScalePolicy,
+}
+
+/// Which CI source feeds the pool and which of its jobs the pool's agents can take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CiBinding {
+    pub source: CiName,
+    /// Woodpecker agent labels (`key: value`, `key: "*"`, `"!key": value`).
+    pub labels: BTreeMap<String, String>,
+    /// Azure Pipelines agent pool name.
+    pub azure_pool: Option<String>,
+    /// Azure capabilities the agents offer (`name` or `name=value`), matched against job demands.
+    pub capabilities: BTreeMap<String, String>,
+}
+
+/// Where and how the pool's instances run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendBinding {
+    pub backend: BackendName,
+    pub mode: InstanceMode,
+    /// Provider-specific machine attributes (server type, image, location, limits, ...). Ordered candidate lists
+    /// are comma-separated (`serverType: cx22,cx32`): the first is the one compared for drift.
+    pub machine: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceMode {
+    /// ciscale creates and deletes instances.
+    Create,
+    /// The instances exist already (named by id, with their agent); ciscale only starts and stops them.
+    StartStop { instances: Vec<AdoptedInstance> },
+}
+
+/// An instance ciscale does not create but is allowed to start and stop (Picus's model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptedInstance {
+    pub id: InstanceId,
+    /// The CI agent that runs on it, when its name differs from the instance's name.
+    pub agent: Option<AgentRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentRef {
+    Id(AgentId),
+    Name(String),
+}
+
+/// What runs on each instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentSpec {
+    /// Agent container image or package reference.
+    pub image: Option<String>,
+    /// Plain environment (shown in plans, part of the drift digest).
+    pub env: BTreeMap<String, String>,
+    /// Secret environment (never shown, not part of the drift digest).
+    pub secret_env: BTreeMap<String, Secret>,
+}
+
+/// Scale policy of a pool. Defaults in brackets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalePolicy {
+    /// Never fewer instances [0].
+    pub min: u32,
+    /// Never more instances, counting in-flight creates [1].
+    pub max: u32,
+    /// Idle agents kept warm on top of the demand [0].
+    pub min_idle: u32,
+    /// Jobs one agent runs at once [1].
+    pub jobs_per_agent: u32,
+    /// An agent idle this long is drained and removed [30m].
+    pub idle_timeout: GoDuration,
+    /// Agents run one job and go away; gone ones are replaced [false].
+    pub ephemeral: bool,
+    /// An instance whose agent has not contacted the CI within this long after creation is replaced [10m].
+    pub bootstrap_timeout: GoDuration,
+    /// On hourly-billed backends, keep an idle instance until this long before its paid hour ends; `None`
+    /// disables billing-aware teardown [Some(5m) on hourly backends].
+    pub billing_margin: Option<GoDuration>,
+}
+
+impl Default for ScalePolicy {
+    fn default() -> Self {
+        Self {
+            min: 0,
+            max: 1,
+            min_idle: 0,
+            jobs_per_agent: 1,
+            idle_timeout: GoDuration::from_secs(30 * 60),
+            ephemeral: false,
+            bootstrap_timeout: GoDuration::from_secs(10 * 60),
+            billing_margin: Some(GoDuration::from_secs(5 * 60)),
+        }
+    }
+}
+
+/// A base image `ciscale provision` builds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    pub backend: BackendName,
+    pub base: String,
+    pub scripts: Vec<std::path::PathBuf>,
+    pub keep: u32,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Observed state
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Everything ciscale saw in one observation, from every backend account and CI source the config names.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Observed {
+    pub observed_at: Timestamp,
+    #[serde(default)]
+    pub backends: BTreeMap<BackendName, BackendObservation>,
+    #[serde(default)]
+    pub ci: BTreeMap<CiName, CiObservation>,
+}
+
+/// What one backend account holds: the owned (or adopted) instances and the price list.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendObservation {
+    #[serde(default)]
+    pub instances: Vec<Instance>,
+    /// Hourly price per machine type (e.g. Hetzner server type), for the plan's cost line.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prices: BTreeMap<String, Price>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub hourly: f64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub id: InstanceId,
+    pub name: String,
+    pub state: InstanceState,
+    pub created_at: Timestamp,
+    /// Owner labels and anything else the provider reports (`ciscale.owner`, `ciscale.pool`, ...).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Machine attributes comparable with a pool's `machine` (server_type, image, location, ...).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Instance {
+    pub fn owner(&self) -> Option<&str> {
+        self.labels.get(OWNER_LABEL).map(String::as_str)
+    }
+    pub fn pool(&self) -> Option<PoolName> {
+        self.labels.get(POOL_LABEL).map(|pool| PoolName::new(pool.clone()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// Being created or booting.
+    Pending,
+    Running,
+    Stopping,
+    Stopped,
+    /// Being deleted / terminated.
+    Deleting,
+    /// Gone (EC2 keeps terminated instances visible for a while).
+    Terminated,
+    Unknown,
+}
+
+impl InstanceState {
+    /// Counts towards the pool's capacity: running or on its way there.
+    pub fn is_active(self) -> bool {
+        matches!(self, InstanceState::Pending | InstanceState::Running | InstanceState::Unknown)
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Deleting => "deleting",
+            InstanceState::Terminated => "terminated",
+            InstanceState::Unknown => "unknown",
+        };
+        f.write_str(text)
+    }
+}
+
+/// What one CI source reported: its agents and its queue.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CiObservation {
+    #[serde(default)]
+    pub agents: Vec<Agent>,
+    #[serde(default)]
+    pub queue: Queue,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: String,
+    /// Running a job right now (Woodpecker: a running task names it; Azure: an assigned request).
+    #[serde(default)]
+    pub busy: bool,
+    /// Drained: the CI will not give it new jobs.
+    #[serde(default)]
+    pub no_schedule: bool,
+    #[serde(default)]
+    pub last_contact: Option<Timestamp>,
+    #[serde(default)]
+    pub last_work: Option<Timestamp>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queue {
+    #[serde(default)]
+    pub pending: Vec<Task>,
+    #[serde(default)]
+    pub running: Vec<Task>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    pub id: TaskId,
+    /// Woodpecker task labels (`repo`, `platform`, custom keys, internal `woodpecker-ci.org/*`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Azure Pipelines demands (`name` or `name -equals value`).
+    #[serde(default)]
+    pub demands: Vec<String>,
+    /// The agent running it (running tasks only).
+    #[serde(default)]
+    pub agent_id: Option<AgentId>,
+}

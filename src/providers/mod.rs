@@ -1,0 +1,176 @@
+//! The two provider traits ciscale talks to the world through, their shared error type, and the
+//! implementations (one room per backend / CI source, plus in-memory fakes).
+//!
+//! Object-store style: small required method sets, request structs (so fields can be added without breaking
+//! callers), and one `#[non_exhaustive]` error enum that retries and fallbacks decide on.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::model::{
+    AgentId, BackendName, BackendObservation, CiName, CiObservation, Instance, InstanceId, PoolName, Secret,
+};
+
+pub mod fake;
+
+/// Every way a provider call can fail, in the terms retries and fallbacks decide on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    #[error("rate limited by {provider}{}", retry_after.map(|d| format!(", retry after {}s", d.as_secs())).unwrap_or_default())]
+    RateLimited { provider: String, retry_after: Option<Duration> },
+    #[error("{provider} refused the credentials: {message}")]
+    Unauthenticated { provider: String, message: String },
+    #[error("{provider} has no capacity: {message}")]
+    Capacity { provider: String, message: String },
+    #[error("{provider} is unavailable: {message}")]
+    Unavailable { provider: String, message: String },
+    #[error("{provider} rejected the request: {message}")]
+    Invalid { provider: String, message: String },
+    #[error("{provider} does not support {operation}")]
+    Unsupported { provider: String, operation: &'static str },
+    #[error("{provider}: {source}")]
+    Other { provider: String, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+impl Error {
+    /// Worth trying again later (the same request may succeed).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::RateLimited { .. } | Error::Unavailable { .. } | Error::Capacity { .. })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What an instance should look like when created.
+#[derive(Debug, Clone)]
+pub struct CreateInstance {
+    /// Deterministic per pool, so a create retried after a crash finds the first one (create-if-absent).
+    pub name: String,
+    pub pool: PoolName,
+    /// Always carries `ciscale.owner` and `ciscale.pool`.
+    pub labels: BTreeMap<String, String>,
+    pub machine: BTreeMap<String, String>,
+    /// Bootstrap payload (cloud-init user data etc.); may hold the agent's credential.
+    pub user_data: Option<Secret>,
+}
+
+/// Which instances one list call should return.
+#[derive(Debug, Clone, Default)]
+pub struct ListInstances {
+    /// Instances labelled `ciscale.owner=<owner>`.
+    pub owner: String,
+    /// Instances named explicitly in the config (start/stop mode), returned whatever their labels.
+    pub adopted: Vec<InstanceId>,
+}
+
+/// A file to place inside a container instance.
+#[derive(Debug, Clone)]
+pub struct PushFile {
+    pub path: String,
+    pub content: Secret,
+    /// Octal permission bits, `0o400` for credentials.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Exec {
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Wait for the command to finish and return its exit code; otherwise fire and forget.
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: Option<i32>,
+}
+
+/// What a backend can do beyond the required set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Files can be pushed and commands run inside instances (containers): the agent is started by exec and
+    /// its credential pushed as a file. Otherwise the credential goes into the bootstrap user data.
+    pub exec: bool,
+    /// Stopped instances keep existing and can be started again.
+    pub keeps_stopped: bool,
+}
+
+/// A place instances live: a cloud project/account or a container host.
+///
+/// # Contract
+/// - `list` returns every instance labelled with the owner plus the adopted ids that exist, in one call per
+///   account where the API allows it; never an unowned, unadopted instance.
+/// - `create` is create-if-absent by name: creating a name that exists returns [`Error::AlreadyExists`].
+/// - `start`, `stop` on an instance already in that state succeed; `delete` of a missing instance returns
+///   [`Error::NotFound`], which callers treat as done.
+/// - Implementations are cheap to clone behind an `Arc` and safe to call concurrently.
+#[async_trait]
+pub trait Backend: Send + Sync + Debug {
+    fn kind(&self) -> &'static str;
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    async fn observe(&self, request: &ListInstances) -> Result<BackendObservation>;
+    async fn create(&self, request: &CreateInstance) -> Result<Instance>;
+    async fn get(&self, id: &InstanceId) -> Result<Instance>;
+    async fn start(&self, id: &InstanceId) -> Result<()>;
+    async fn stop(&self, id: &InstanceId) -> Result<()>;
+    async fn delete(&self, id: &InstanceId) -> Result<()>;
+    async fn push_file(&self, _id: &InstanceId, _file: &PushFile) -> Result<()> {
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "push_file" })
+    }
+    async fn exec(&self, _id: &InstanceId, _exec: &Exec) -> Result<ExecOutput> {
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "exec" })
+    }
+}
+
+/// A freshly registered agent's own credential.
+#[derive(Debug, Clone)]
+pub struct AgentCredential {
+    pub agent_id: AgentId,
+    pub token: Secret,
+    /// Environment the agent needs to reach its CI (`WOODPECKER_SERVER`, `AZP_URL`, ...), secret-free.
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegisterAgent {
+    pub name: String,
+    pub pool: PoolName,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A CI server: where the queue is read and agents are registered.
+///
+/// # Contract
+/// - `observe` returns the queue and every agent in as few calls as the API allows.
+/// - `register` is create-if-absent by name: registering an existing name returns that agent with a fresh
+///   credential where the CI allows it.
+/// - `drain`/`undrain` are idempotent; `deregister` of a missing agent returns [`Error::NotFound`].
+#[async_trait]
+pub trait CiSource: Send + Sync + Debug {
+    fn kind(&self) -> &'static str;
+    async fn observe(&self) -> Result<CiObservation>;
+    async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential>;
+    async fn drain(&self, id: &AgentId) -> Result<()>;
+    async fn undrain(&self, id: &AgentId) -> Result<()>;
+    async fn deregister(&self, id: &AgentId) -> Result<()>;
+}
+
+/// The live providers a config names, by the names the config gives them.
+#[derive(Debug, Clone, Default)]
+pub struct Providers {
+    pub backends: BTreeMap<BackendName, Arc<dyn Backend>>,
+    pub ci: BTreeMap<CiName, Arc<dyn CiSource>>,
+}
