@@ -16,6 +16,9 @@ use crate::model::{
 };
 
 pub mod fake;
+mod registry;
+
+pub use registry::connect;
 
 /// Every way a provider call can fail, in the terms retries and fallbacks decide on.
 #[derive(Debug, thiserror::Error)]

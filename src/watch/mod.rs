@@ -1,1 +1,200 @@
-//! placeholder
+//! The reconcile loop: observe → plan → apply, every poll interval, for as long as it is asked to run.
+//!
+//! Like kube-runtime's controller, an error never ends the loop: a failed cycle is logged and the next one comes
+//! after an exponential backoff. Nothing is remembered between cycles but the failure count for that backoff:
+//! every decision comes from a fresh observation, so a restart (or cron running `apply` instead) acts the same.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::apply::{self, ApplyOptions, NoProgress};
+use crate::model::Desired;
+use crate::plan::{self, Summary};
+use crate::providers::Providers;
+
+pub mod signals;
+
+pub use signals::shutdown_signal;
+
+/// How the loop runs.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Stop after this many cycles (tests, `--cycles`); `None` runs until shut down.
+    pub cycles: Option<u64>,
+    /// The longest wait after repeated failures.
+    pub max_backoff: Duration,
+    pub apply: ApplyOptions,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        // Five minutes: long enough not to hammer a provider that is down, short enough that recovery is noticed
+        // well within a typical idle timeout.
+        Self { cycles: None, max_backoff: Duration::from_secs(300), apply: ApplyOptions::default() }
+    }
+}
+
+/// What one cycle did; `watch --json` prints one per line.
+#[derive(Debug, Clone, Serialize)]
+pub struct CycleReport {
+    pub cycle: u64,
+    pub started_at: Timestamp,
+    pub duration_ms: u64,
+    /// The plan's counts (empty when the cycle failed before planning).
+    pub planned: Summary,
+    pub applied: usize,
+    pub failed: usize,
+    /// Why the cycle failed, if it did (observation error); failed changes are counted in `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Seconds until the next cycle.
+    pub next_in_secs: f64,
+}
+
+/// Runs cycles until `cancel` turns true (or `options.cycles` are done). In-flight changes of the current cycle
+/// are finished before returning: `apply` starts no new change once `cancel` is set.
+pub async fn run(
+    desired: &Desired,
+    providers: &Providers,
+    options: &WatchOptions,
+    cancel: &watch::Receiver<bool>,
+    mut on_cycle: impl FnMut(&CycleReport),
+) {
+    let mut consecutive_failures: u32 = 0;
+    let mut cycle: u64 = 0;
+    let mut cancel_wait = cancel.clone();
+    loop {
+        if *cancel.borrow() {
+            break;
+        }
+        cycle += 1;
+        let started_at = Timestamp::now();
+        let clock = std::time::Instant::now();
+        let span = tracing::info_span!("reconcile", cycle);
+        let mut report = reconcile(desired, providers, &options.apply, cancel, cycle, started_at).instrument(span).await;
+
+        consecutive_failures = if report.error.is_some() || report.failed > 0 { consecutive_failures + 1 } else { 0 };
+        let wait = next_wait(desired.poll_interval.0, consecutive_failures, options.max_backoff);
+        report.duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        report.next_in_secs = wait.as_secs_f64();
+        on_cycle(&report);
+
+        if options.cycles.is_some_and(|cycles| cycle >= cycles) {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = cancel_wait.wait_for(|cancelled| *cancelled) => break,
+        }
+    }
+}
+
+async fn reconcile(
+    desired: &Desired,
+    providers: &Providers,
+    apply_options: &ApplyOptions,
+    cancel: &watch::Receiver<bool>,
+    cycle: u64,
+    started_at: Timestamp,
+) -> CycleReport {
+    let mut report = CycleReport {
+        cycle,
+        started_at,
+        duration_ms: 0,
+        planned: Summary::default(),
+        applied: 0,
+        failed: 0,
+        error: None,
+        next_in_secs: 0.0,
+    };
+    let observed = match crate::observe::observe(desired, providers, started_at).await {
+        Ok(observed) => observed,
+        Err(error) => {
+            let text = error_chain(&error);
+            tracing::warn!(error = %text, "observation failed; will retry");
+            report.error = Some(text);
+            return report;
+        }
+    };
+    let plan = plan::plan(desired, &observed, observed.observed_at);
+    for status in &plan.pools {
+        let _pool = tracing::info_span!("pool", pool = %status.pool).entered();
+        tracing::debug!(
+            desired = status.desired,
+            active = status.active,
+            busy = status.busy,
+            idle = status.idle,
+            pending = status.pending_jobs,
+            "pool status"
+        );
+        for note in &status.notes {
+            tracing::info!("{note}");
+        }
+    }
+    report.planned = plan.summary;
+    if !plan.has_changes() {
+        tracing::debug!("no changes");
+        return report;
+    }
+    for change in &plan.changes {
+        let target = change.instance.as_ref().map(|i| i.name.as_str()).or(change.agent.as_ref().map(|a| a.name.as_str()));
+        tracing::info!(pool = %change.pool, action = %change.action, target, reason = %change.reason, "planned");
+    }
+    let result = apply::apply(&plan, desired, providers, apply_options, &NoProgress, cancel).await;
+    report.applied = result.succeeded();
+    report.failed = result.failed();
+    for (change, outcome) in &result.outcomes {
+        if let apply::Outcome::Failed { step, error } = outcome {
+            tracing::warn!(pool = %change.pool, action = %change.action, step, error, "change failed; the next cycle retries");
+        }
+    }
+    report
+}
+
+/// The poll interval while things work; after failures, doubling from it up to `max_backoff`, with up to 10 %
+/// jitter so several ciscale hosts recovering together do not all call at once.
+pub fn next_wait(poll_interval: Duration, consecutive_failures: u32, max_backoff: Duration) -> Duration {
+    if consecutive_failures == 0 {
+        return poll_interval;
+    }
+    let factor = 2u32.saturating_pow(consecutive_failures.min(16));
+    let backoff = poll_interval.saturating_mul(factor).min(max_backoff).max(poll_interval.min(max_backoff));
+    let jitter_fraction = f64::from(Timestamp::now().subsec_nanosecond().unsigned_abs() % 1000) / 10_000.0;
+    backoff.mul_f64(1.0 + jitter_fraction)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_the_poll_interval_while_healthy() {
+        assert_eq!(next_wait(Duration::from_secs(10), 0, Duration::from_secs(300)), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn backs_off_exponentially_with_bounded_jitter() {
+        let poll = Duration::from_secs(10);
+        let max = Duration::from_secs(300);
+        for (failures, base) in [(1, 20), (2, 40), (3, 80), (4, 160), (5, 300), (30, 300)] {
+            let wait = next_wait(poll, failures, max);
+            let base = Duration::from_secs(base);
+            assert!(wait >= base && wait <= base.mul_f64(1.1), "{failures} failures: {wait:?} not in [{base:?}, +10%]");
+        }
+    }
+}

@@ -1,1 +1,3 @@
+//! One integration test binary (heavy dependencies are linked once).
 
+mod cli;

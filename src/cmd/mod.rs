@@ -1,0 +1,222 @@
+//! Subcommands, one file each: clap arguments plus a thin `run()` that calls the library. What they share lives
+//! here: global flags, the terminal (`Ui`: colour, TTY, error reporting), logging set-up, and config loading.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use ciscale::config::{self, ConfigError};
+use ciscale::model::{Desired, Observed};
+use ciscale::providers::{self, Providers};
+
+mod apply;
+mod observe;
+mod plan;
+mod schema;
+mod validate;
+mod version;
+mod watch;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_ERROR: u8 = 1;
+/// `plan --detailed-exitcode`: the plan has changes.
+pub const EXIT_CHANGES: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "ciscale", version, about = "Keeps self-hosted CI agents at exactly the capacity their job queue needs")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// When to colour the output; `NO_COLOR` turns `auto` off
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, global = true)]
+    pub color: ColorChoice,
+    /// More log output (-v debug, -vv trace); `CISCALE_LOG` overrides
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+/// The config file flag every config-reading subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// The desired-state file
+    #[arg(short, long = "config", env = "CISCALE_CONFIG", default_value = "ciscale.yaml", value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what would change and why, and what it costs
+    Plan(plan::PlanArgs),
+    /// Carry out a plan (a saved plan file, or a fresh one after confirmation)
+    Apply(apply::ApplyArgs),
+    /// Observe, plan and apply every poll interval until stopped
+    Watch(watch::WatchArgs),
+    /// Check a config file and report every problem at once
+    Validate(validate::ValidateArgs),
+    /// Observe the world and write it out (for `plan --observed`)
+    Observe(observe::ObserveArgs),
+    /// Print the JSON schema of the config file
+    Schema(schema::SchemaArgs),
+    /// Print the version
+    Version(version::VersionArgs),
+}
+
+impl Command {
+    /// The daemon reports what it does; one-shot commands stay quiet unless asked.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Watch(_) | Command::Apply(_) => "info",
+            _ => "warn",
+        }
+    }
+
+    pub async fn run(self, ui: &Ui) -> anyhow::Result<u8> {
+        match self {
+            Command::Plan(args) => plan::run(args, ui).await,
+            Command::Apply(args) => apply::run(args, ui).await,
+            Command::Watch(args) => watch::run(args, ui).await,
+            Command::Validate(args) => validate::run(args, ui),
+            Command::Observe(args) => observe::run(args, ui).await,
+            Command::Schema(args) => schema::run(args),
+            Command::Version(args) => version::run(args),
+        }
+    }
+}
+
+/// What the terminal can do: colour on stdout and stderr, and whether a human is there to answer prompts.
+#[derive(Debug, Clone)]
+pub struct Ui {
+    pub stdout_color: bool,
+    pub stderr_color: bool,
+    pub stderr_is_tty: bool,
+    pub stdin_is_tty: bool,
+}
+
+impl Ui {
+    pub fn from_args(global: &GlobalArgs) -> Self {
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+        let decide = |is_tty: bool| match global.color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => is_tty && !no_color,
+        };
+        let stderr_is_tty = std::io::stderr().is_terminal();
+        Self {
+            stdout_color: decide(std::io::stdout().is_terminal()),
+            stderr_color: decide(stderr_is_tty),
+            stderr_is_tty,
+            stdin_is_tty: std::io::stdin().is_terminal(),
+        }
+    }
+
+    /// Prints an error chain to stderr: the error, its causes, and a `hint:` where one is known.
+    pub fn report(&self, error: &anyhow::Error) {
+        if let Some(config_error) = error.downcast_ref::<ConfigError>() {
+            eprint!("{}", render_config_error(config_error));
+            return;
+        }
+        let (red, bold_end) = if self.stderr_color { ("\x1b[1;31m", "\x1b[0m") } else { ("", "") };
+        eprintln!("{red}error{bold_end}: {error}");
+        for cause in error.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        if let Some(hint) = error.chain().find_map(|cause| cause.downcast_ref::<Hinted>()).and_then(|h| h.hint.as_deref()) {
+            eprintln!("  hint: {hint}");
+        }
+    }
+}
+
+/// An error meant for a human, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Hinted {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+pub fn hinted(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Hinted { message: message.into(), hint: Some(hint.into()) })
+}
+
+/// `CISCALE_LOG` (an `EnvFilter` directive) wins; otherwise -q/-v pick the level. Logs go to stderr; with
+/// `CISCALE_LOG_FORMAT=json` as JSON Lines.
+pub fn init_logging(global: &GlobalArgs, default_level: &str) {
+    let level = if global.quiet {
+        "error"
+    } else {
+        match global.verbose {
+            0 => default_level,
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = EnvFilter::try_from_env("CISCALE_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let json = std::env::var("CISCALE_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    let color = match global.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let result = if json { builder.json().try_init() } else { builder.with_ansi(color).try_init() };
+    // A second init only happens in tests; the first subscriber stays.
+    drop(result);
+}
+
+pub fn load_config(arg: &ConfigArg) -> anyhow::Result<Desired> {
+    Ok(config::load_file(&arg.config)?)
+}
+
+pub fn connect(desired: &Desired) -> anyhow::Result<Providers> {
+    providers::connect(desired).map_err(|error| match error {
+        providers::Error::Unsupported { provider, operation } => hinted(
+            format!("the `{provider}` {operation} is not available in this build of ciscale"),
+            "use `plan --observed FILE` to plan offline, or a `kind: fake` provider to try ciscale out",
+        ),
+        other => anyhow::Error::new(other).context("could not connect to the providers"),
+    })
+}
+
+/// Reads an observation written by `ciscale observe` (YAML or JSON).
+pub fn read_observed(path: &Path) -> anyhow::Result<Observed> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("could not read `{}`", path.display()))?;
+    serde_yaml::from_str(&text).map_err(|error| {
+        let location = error.location().map(|at| format!(":{}:{}", at.line(), at.column())).unwrap_or_default();
+        hinted(
+            format!("{}{location}: not a valid observation: {error}", path.display()),
+            "write one with `ciscale observe -o FILE`",
+        )
+    })
+}
+
+pub async fn observe_live(desired: &Desired, providers: &Providers) -> anyhow::Result<Observed> {
+    let observed = ciscale::observe::observe(desired, providers, jiff::Timestamp::now()).await?;
+    Ok(observed)
+}
+
+/// Config problems, all at once, each as `file:line:col: error: ...` with its hint.
+fn render_config_error(error: &ConfigError) -> String {
+    match error {
+        ConfigError::Invalid(diagnostics) => diagnostics.render_plain(),
+        other => format!("error: {other}\n"),
+    }
+}

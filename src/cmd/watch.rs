@@ -1,0 +1,51 @@
+//! `ciscale watch`: the daemon. Observe, plan and apply every poll interval; SIGTERM finishes in-flight steps.
+
+use std::io::Write as _;
+
+use clap::Args;
+
+use ciscale::watch::{self, WatchOptions};
+
+use super::{ConfigArg, Ui, EXIT_OK};
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print one JSON line per cycle on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many cycles (for trials and tests); default: run until SIGTERM
+    #[arg(long, value_name = "N")]
+    pub cycles: Option<u64>,
+}
+
+pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
+    let desired = super::load_config(&args.config)?;
+    let providers = super::connect(&desired)?;
+    let cancel = watch::shutdown_signal();
+    let options = WatchOptions { cycles: args.cycles, ..WatchOptions::default() };
+    tracing::info!(owner = %desired.owner, pools = desired.pools.len(), interval = %desired.poll_interval, "watching");
+    watch::run(&desired, &providers, &options, &cancel, |report| {
+        if args.json {
+            if let Ok(line) = serde_json::to_string(report) {
+                let mut stdout = std::io::stdout().lock();
+                // A closed stdout (a pipe whose reader left) must not stop the daemon.
+                drop(writeln!(stdout, "{line}").and_then(|()| stdout.flush()));
+            }
+        } else if let Some(error) = &report.error {
+            tracing::warn!(cycle = report.cycle, "cycle failed: {error}");
+        } else {
+            tracing::info!(
+                cycle = report.cycle,
+                applied = report.applied,
+                failed = report.failed,
+                ms = report.duration_ms,
+                "cycle done"
+            );
+        }
+    })
+    .await;
+    tracing::info!("stopped");
+    Ok(EXIT_OK)
+}
