@@ -1,3 +1,4 @@
 //! One integration test binary (heavy dependencies are linked once).
 
 mod cli;
+mod converge;
