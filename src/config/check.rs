@@ -39,6 +39,8 @@ pub(crate) struct Checked {
     pub strings: Vec<StringAt>,
     /// JSON pointers at or under which a structural problem was reported.
     pub broken: BTreeSet<String>,
+    /// Whole extents of secret fields holding something other than a string (to blank in snippets).
+    pub secret_nodes: Vec<Span>,
 }
 
 impl Checked {
@@ -47,6 +49,18 @@ impl Checked {
         self.broken.iter().any(|broken| {
             broken == pointer || (broken.starts_with(pointer) && broken[pointer.len()..].starts_with('/'))
         })
+    }
+
+    /// The keys of the mapping at `pointer` as written, including entries whose values have problems (so a
+    /// reference to a broken ci source is not also called unknown).
+    pub(crate) fn child_keys(&self, pointer: &str) -> Vec<String> {
+        let prefix = format!("{pointer}/");
+        self.spans
+            .keys()
+            .filter_map(|key| key.strip_prefix(&prefix))
+            .filter(|rest| !rest.contains('/'))
+            .map(|rest| rest.replace("~1", "/").replace("~0", "~"))
+            .collect()
     }
 
     pub(crate) fn value_span(&self, pointer: &str) -> Option<Span> {
@@ -176,10 +190,17 @@ pub(crate) fn check(root: &Node, schema: &Value, src: &SourceMap<'_>, problems: 
         spans: BTreeMap::new(),
         strings: Vec::new(),
         broken: BTreeSet::new(),
+        secret_nodes: Vec::new(),
     };
     let mut path = Vec::new();
     let document = walker.walk(root, schema, &mut path, None).unwrap_or(Value::Null);
-    Checked { document, spans: walker.spans, strings: walker.strings, broken: walker.broken }
+    Checked {
+        document,
+        spans: walker.spans,
+        strings: walker.strings,
+        broken: walker.broken,
+        secret_nodes: walker.secret_nodes,
+    }
 }
 
 struct Walker<'s, 'p> {
@@ -191,6 +212,7 @@ struct Walker<'s, 'p> {
     spans: BTreeMap<String, NodeSpans>,
     strings: Vec<StringAt>,
     broken: BTreeSet<String>,
+    secret_nodes: Vec<Span>,
 }
 
 fn is_null(node: &Node) -> bool {
@@ -357,7 +379,28 @@ impl<'s> Walker<'s, '_> {
             _ => None,
         };
         let span = self.node_span(node);
+        if secret {
+            self.secret_nodes.push(self.node_extent(node));
+        }
         self.fail(path, Some(span), message, hint);
+    }
+
+    /// The whole text of a node, to its end marker when the parser gave one.
+    fn node_extent(&self, node: &Node) -> Span {
+        let span = self.node_span(node);
+        match node.span().end() {
+            Some(end) if !matches!(node, Node::Scalar(_)) => {
+                let text = self.src.text();
+                let mut end = self.src.byte_offset(end.character()).max(span.offset);
+                // A flow collection's end marker sits on its closing bracket; a block one's after trailing space.
+                if matches!(text.as_bytes().get(end), Some(b']' | b'}')) {
+                    end += 1;
+                }
+                let extent = text.get(span.offset..end).unwrap_or_default().trim_end();
+                Span { len: extent.len(), ..span }
+            }
+            _ => span,
+        }
     }
 
     // -- the walk ---------------------------------------------------------------------------------------------
@@ -560,7 +603,18 @@ impl<'s> Walker<'s, '_> {
         match kinds.iter().find(|(name, _)| *name == kind) {
             Some((_, variant)) => self.walk(node, variant, path, key),
             None => {
-                let hint = did_you_mean(kind, kinds.iter().map(|(kind, _)| *kind))
+                // What people call these services, for kinds named after the product rather than the API.
+                let alias = match kind.to_ascii_lowercase().as_str() {
+                    "hetzner" | "hetzner-cloud" => Some("hcloud"),
+                    "ec2" | "amazon" => Some("aws"),
+                    "lxd" | "lxc" => Some("incus"),
+                    "azure" | "azure-devops" | "azdo" => Some("azure-pipelines"),
+                    _ => None,
+                }
+                .filter(|alias| kinds.iter().any(|(name, _)| name == alias))
+                .map(|alias| format!("did you mean `{alias}`?"));
+                let hint = alias
+                    .or_else(|| did_you_mean(kind, kinds.iter().map(|(kind, _)| *kind)))
                     .map(|guess| format!("{guess} kinds are {}", kind_names()))
                     .unwrap_or_else(|| format!("expected one of {}", kind_names()));
                 let span = self.node_span(kind_node);

@@ -64,7 +64,7 @@ pub fn load_str(source_name: &str, text: &str, env: &dyn Fn(&str) -> Option<Stri
     };
 
     let Some(root) = check::parse(&src, &mut problems) else {
-        return Err(invalid(problems, text.to_owned()));
+        return Err(invalid(problems, redact_unparsed(text)));
     };
     let schema = schema_value();
     let checked = check::check(&root, &schema, &src, &mut problems);
@@ -110,18 +110,68 @@ fn is_literal_secret(value: &str) -> bool {
 
 /// The source text with inline secret values blanked, for snippets in graphical diagnostics.
 fn redact(text: &str, checked: &check::Checked) -> String {
+    let literal_strings = checked.strings.iter().filter(|string| {
+        string.secret
+            && is_literal_secret(checked.document.pointer(&string.pointer).and_then(Value::as_str).unwrap_or_default())
+    });
+    let spans: Vec<Span> = literal_strings.map(|string| string.span).chain(checked.secret_nodes.iter().copied()).collect();
+    blank_spans(text, &spans)
+}
+
+/// Replaces every byte of the spans but line breaks with `*`. Spans start and end on character boundaries and
+/// every byte of a character is replaced, so the text stays UTF-8 and keeps its line layout.
+fn blank_spans(text: &str, spans: &[Span]) -> String {
     let mut bytes = text.as_bytes().to_vec();
-    for string in checked.strings.iter().filter(|string| string.secret) {
-        let value = checked.document.pointer(&string.pointer).and_then(Value::as_str).unwrap_or_default();
-        if is_literal_secret(value) {
-            let end = (string.span.offset + string.span.len).min(bytes.len());
-            // Whole characters are replaced (spans start and end on character boundaries), so this stays UTF-8.
-            for byte in &mut bytes[string.span.offset.min(end)..end] {
+    for span in spans {
+        let end = (span.offset + span.len).min(bytes.len());
+        for byte in &mut bytes[span.offset.min(end)..end] {
+            if *byte != b'\n' {
                 *byte = b'*';
             }
         }
     }
     String::from_utf8(bytes).unwrap_or_else(|_| "(source hidden: it contains secrets)".to_owned())
+}
+
+/// Length of a YAML value written after `key:` on one line: up to a flow `,` or `}` (outside `${...}`), a
+/// comment or the line end.
+fn flow_value_len(rest: &str) -> usize {
+    let mut in_reference = false;
+    let mut previous = ' ';
+    for (index, ch) in rest.char_indices() {
+        match ch {
+            '{' if previous == '$' => in_reference = true,
+            '}' if in_reference => in_reference = false,
+            ',' | '}' | '\n' if !in_reference => return index,
+            '#' if previous.is_whitespace() => return index,
+            _ => {}
+        }
+        previous = ch;
+    }
+    rest.len()
+}
+
+/// For a file that does not parse (so secret fields cannot be found by structure): blanks the value after any
+/// `token:` or `pat:` on a line, unless it is only `${VAR}` references.
+fn redact_unparsed(text: &str) -> String {
+    let mut spans = Vec::new();
+    let mut line_start = 0;
+    for line in text.split_inclusive('\n') {
+        for key in ["token:", "pat:"] {
+            let mut search = 0;
+            while let Some(found) = line[search..].find(key) {
+                let value_start = search + found + key.len();
+                let value_len = flow_value_len(&line[value_start..]);
+                let value = &line[value_start..value_start + value_len];
+                if is_literal_secret(value.trim().trim_matches(['"', '\''])) {
+                    spans.push(Span { line: 0, column: 0, offset: line_start + value_start, len: value_len });
+                }
+                search = value_start;
+            }
+        }
+        line_start += line.len();
+    }
+    blank_spans(text, &spans)
 }
 
 /// `sha256:<hex>` of the canonical JSON (sorted keys, no whitespace) of the document before interpolation, with
@@ -267,6 +317,15 @@ mod tests {
             load_str("a.yaml", &inline_a, &env).unwrap().config_hash,
             load_str("a.yaml", &inline_b, &env).unwrap().config_hash
         );
+    }
+
+    #[test]
+    fn unparsable_files_get_token_values_blanked() {
+        let text = "backends:\n  h: { kind: hcloud, token: hunter2, x: [\n  pat: \"${PAT}\"\n";
+        let redacted = redact_unparsed(text);
+        assert!(!redacted.contains("hunter2"), "{redacted}");
+        assert!(redacted.contains("${PAT}"));
+        assert_eq!(redacted.len(), text.len());
     }
 
     #[test]

@@ -25,6 +25,36 @@ fn is_valid_name(name: &str) -> bool {
     (1..=30).contains(&name.len()) && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
 }
 
+/// `^([0-9]+(\.[0-9]+)?(h|m|s|ms|us|µs|ns))+$|^0$`, the shape of Go's `time.ParseDuration` (unsigned).
+fn is_go_form(text: &str) -> bool {
+    if text == "0" {
+        return true;
+    }
+    if text.is_empty() {
+        return false;
+    }
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return false;
+        }
+        rest = &rest[digits..];
+        if let Some(fraction) = rest.strip_prefix('.') {
+            let digits = fraction.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(fraction.len());
+            if digits == 0 {
+                return false;
+            }
+            rest = &fraction[digits..];
+        }
+        let Some(unit) = ["ms", "us", "µs", "ns", "h", "m", "s"].iter().find(|unit| rest.starts_with(**unit)) else {
+            return false;
+        };
+        rest = &rest[unit.len()..];
+    }
+    true
+}
+
 fn ptr(segments: &[&str]) -> String {
     let path: Vec<Seg> = segments.iter().map(|segment| Seg::Key((*segment).to_owned())).collect();
     super::check::pointer(&path)
@@ -85,14 +115,14 @@ impl Validator<'_> {
         self.checked.key_span(pointer)
     }
 
-    /// Converts one section, unless a structural problem was already reported in it.
+    /// Converts one section. Values with structural problems were left out of the document, so a section with
+    /// a bad optional key still converts (and gets its semantic checks); one missing a required value does not,
+    /// and its problem is already reported.
     fn section<T: DeserializeOwned>(&mut self, pointer: &str, what: &str) -> Option<T> {
-        if self.checked.is_broken(pointer) {
-            return None;
-        }
         let value = self.document.pointer(pointer)?.clone();
         match serde_json::from_value(value) {
             Ok(section) => Some(section),
+            Err(_) if self.checked.is_broken(pointer) => None,
             Err(_) => {
                 // The structural check accepted what serde refuses: a bug in ciscale, not in the config. The
                 // serde message is left out: it may quote a value, and values may be secrets.
@@ -106,11 +136,20 @@ impl Validator<'_> {
         }
     }
 
+    /// A value with a structural problem was left out: relations involving it are not checked (its problem is
+    /// reported already, and its default would give a misleading second one).
+    fn is_broken(&self, pointer: &str) -> bool {
+        self.checked.is_broken(pointer)
+    }
+
     fn duration(&mut self, pointer: &str, field: &str, place: &str, raw: Option<&str>, default: GoDuration) -> Option<GoDuration> {
         let Some(raw) = raw else { return Some(default) };
-        match raw.parse::<GoDuration>() {
-            Ok(duration) => Some(duration),
-            Err(_) => {
+        // Go's form only: `GoDuration::from_str` also takes jiff's friendly `5 minutes`, which Go (and so a
+        // Picus or Woodpecker user's other tools) would refuse.
+        let parsed = if is_go_form(raw) { raw.parse::<GoDuration>().ok() } else { None };
+        match parsed {
+            Some(duration) => Some(duration),
+            None => {
                 self.problems.push(
                     self.value_span(pointer),
                     format!("invalid duration `{raw}` for `{field}`{place}"),
@@ -135,7 +174,7 @@ impl Validator<'_> {
     }
 
     fn object_keys(&self, pointer: &str) -> Vec<String> {
-        self.document.pointer(pointer).and_then(Value::as_object).map(|map| map.keys().cloned().collect()).unwrap_or_default()
+        self.checked.child_keys(pointer)
     }
 
     pub(crate) fn validate(&mut self, config_hash: String) -> Option<Desired> {
@@ -325,7 +364,7 @@ impl Validator<'_> {
                     if present {
                         self.problems.push(
                             self.key_span(&format!("{pointer}/ci/{key}")),
-                            format!("`{key}` in {place} applies only to azure-pipelines sources, but `{}` is woodpecker", raw.ci.source),
+                            format!("`{key}` in {place} applies only to azure-pipelines sources; `{}` is a woodpecker source", raw.ci.source),
                             Some("woodpecker pools select jobs with `labels`".to_owned()),
                         );
                         ok = false;
@@ -336,7 +375,7 @@ impl Validator<'_> {
                 if !raw.ci.labels.is_empty() {
                     self.problems.push(
                         self.key_span(&format!("{pointer}/ci/labels")),
-                        format!("`labels` in {place} apply only to woodpecker sources, but `{}` is azure-pipelines", raw.ci.source),
+                        format!("`labels` in {place} apply only to woodpecker sources; `{}` is an azure-pipelines source", raw.ci.source),
                         Some("azure pools select jobs with `capabilities`".to_owned()),
                     );
                     ok = false;
@@ -444,7 +483,8 @@ impl Validator<'_> {
         let max = raw.max.or(adopted.filter(|count| *count > 0)).unwrap_or(defaults.max);
         let min = raw.min.unwrap_or(defaults.min);
         let min_idle = raw.min_idle.unwrap_or(defaults.min_idle);
-        if min > max {
+        let (min_known, max_known, min_idle_known) = (!self.is_broken(&at("min")), !self.is_broken(&at("max")), !self.is_broken(&at("minIdle")));
+        if min_known && max_known && min > max {
             self.problems.push(
                 self.value_span(&at("min")).or_else(|| self.value_span(&at("max"))),
                 format!("`min` ({min}) is greater than `max` ({max}){place_suffix}"),
@@ -452,7 +492,7 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        if min_idle > max {
+        if min_idle_known && max_known && min_idle > max {
             self.problems.push(
                 self.value_span(&at("minIdle")),
                 format!("`minIdle` ({min_idle}) is greater than `max` ({max}){place_suffix}"),
@@ -461,7 +501,7 @@ impl Validator<'_> {
             ok = false;
         }
         if let (Some(count), Some(explicit_max)) = (adopted, raw.max) {
-            if count > 0 && explicit_max > count {
+            if max_known && count > 0 && explicit_max > count {
                 self.problems.push(
                     self.value_span(&at("max")),
                     format!("`max` ({explicit_max}) is more than the {count} adopted instance(s){place_suffix}"),
@@ -516,6 +556,16 @@ mod tests {
         assert_eq!(duration_hint("2 days"), "write `48h`");
         assert_eq!(duration_hint("soon"), "write a Go duration such as `30s`, `5m` or `1h30m`");
         assert_eq!(duration_hint("5 fortnights"), "write a Go duration such as `30s`, `5m` or `1h30m`");
+    }
+
+    #[test]
+    fn go_form_is_what_go_parses() {
+        for good in ["0", "10s", "1h30m", "1.5h", "300ms", "2h45m10s"] {
+            assert!(is_go_form(good), "{good}");
+        }
+        for bad in ["", "5 minutes", "5", "1d", "-5s", "h", "1.s", "10 s", "1hour"] {
+            assert!(!is_go_form(bad), "{bad}");
+        }
     }
 
     #[test]
