@@ -15,7 +15,9 @@ pub(crate) enum InterpolationError {
 
 fn is_valid_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
         && chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
 }
 
@@ -34,17 +36,25 @@ pub(crate) fn interpolate(
             index += 3;
         } else if rest.starts_with("${") {
             let Some(close) = rest.find('}') else {
-                errors.push(InterpolationError::Unterminated { at: index..text.len() });
+                errors.push(InterpolationError::Unterminated {
+                    at: index..text.len(),
+                });
                 break;
             };
             let name = &rest[2..close];
             let at = index..index + close + 1;
             if !is_valid_name(name) {
-                errors.push(InterpolationError::InvalidName { name: name.to_owned(), at });
+                errors.push(InterpolationError::InvalidName {
+                    name: name.to_owned(),
+                    at,
+                });
             } else {
                 match env(name) {
                     Some(value) => out.push_str(&value),
-                    None => errors.push(InterpolationError::Missing { name: name.to_owned(), at }),
+                    None => errors.push(InterpolationError::Missing {
+                        name: name.to_owned(),
+                        at,
+                    }),
                 }
             }
             index += close + 1;
@@ -97,15 +107,27 @@ mod tests {
 
     #[test]
     fn replaces_references_and_keeps_the_rest() {
-        assert_eq!(interpolate("Bearer ${TOKEN}!", &env), Ok("Bearer s3cret!".to_owned()));
-        assert_eq!(interpolate("${TOKEN}${EMPTY}${TOKEN}", &env), Ok("s3crets3cret".to_owned()));
-        assert_eq!(interpolate("cost: $5 and $HOME", &env), Ok("cost: $5 and $HOME".to_owned()));
+        assert_eq!(
+            interpolate("Bearer ${TOKEN}!", &env),
+            Ok("Bearer s3cret!".to_owned())
+        );
+        assert_eq!(
+            interpolate("${TOKEN}${EMPTY}${TOKEN}", &env),
+            Ok("s3crets3cret".to_owned())
+        );
+        assert_eq!(
+            interpolate("cost: $5 and $HOME", &env),
+            Ok("cost: $5 and $HOME".to_owned())
+        );
         assert_eq!(interpolate("é${TOKEN}é", &env), Ok("és3creté".to_owned()));
     }
 
     #[test]
     fn double_dollar_escapes_a_reference() {
-        assert_eq!(interpolate("$${TOKEN} is ${TOKEN}", &env), Ok("${TOKEN} is s3cret".to_owned()));
+        assert_eq!(
+            interpolate("$${TOKEN} is ${TOKEN}", &env),
+            Ok("${TOKEN} is s3cret".to_owned())
+        );
     }
 
     #[test]
@@ -114,8 +136,14 @@ mod tests {
         assert_eq!(
             errors,
             vec![
-                InterpolationError::Missing { name: "NOPE".to_owned(), at: 0..7 },
-                InterpolationError::InvalidName { name: "1BAD".to_owned(), at: 8..15 },
+                InterpolationError::Missing {
+                    name: "NOPE".to_owned(),
+                    at: 0..7
+                },
+                InterpolationError::InvalidName {
+                    name: "1BAD".to_owned(),
+                    at: 8..15
+                },
                 InterpolationError::Unterminated { at: 25..31 },
             ]
         );

@@ -50,13 +50,22 @@ impl ConfigError {
 /// Loads a config file; `${VAR}` references are read from the process environment. Relative paths in the config
 /// resolve against the file's folder.
 pub fn load_file(path: &Path) -> Result<Desired, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
-    load_str(&path.display().to_string(), &text, &|name| std::env::var(name).ok())
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    load_str(&path.display().to_string(), &text, &|name| {
+        std::env::var(name).ok()
+    })
 }
 
 /// Loads a config from text. `source_name` names the file in messages and is the base for relative paths (its
 /// folder); `env` answers `${VAR}` references.
-pub fn load_str(source_name: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Desired, ConfigError> {
+pub fn load_str(
+    source_name: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Desired, ConfigError> {
     let src = diag::SourceMap::new(text);
     let mut problems = diag::Problems::new(source_name);
     let invalid = |problems: diag::Problems, redacted: String| {
@@ -73,9 +82,17 @@ pub fn load_str(source_name: &str, text: &str, env: &dyn Fn(&str) -> Option<Stri
     let config_hash = config_hash(&checked);
     let document = interpolate_document(&checked, &src, env, &mut problems);
 
-    let base_dir = Path::new(source_name).parent().unwrap_or(Path::new("")).to_owned();
-    let desired = validate::Validator { checked: &checked, document: &document, base_dir: &base_dir, problems: &mut problems }
-        .validate(config_hash);
+    let base_dir = Path::new(source_name)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .to_owned();
+    let desired = validate::Validator {
+        checked: &checked,
+        document: &document,
+        base_dir: &base_dir,
+        problems: &mut problems,
+    }
+    .validate(config_hash);
     match desired {
         Some(desired) if problems.is_empty() => Ok(desired),
         _ => {
@@ -112,9 +129,18 @@ fn is_literal_secret(value: &str) -> bool {
 fn redact(text: &str, checked: &check::Checked) -> String {
     let literal_strings = checked.strings.iter().filter(|string| {
         string.secret
-            && is_literal_secret(checked.document.pointer(&string.pointer).and_then(Value::as_str).unwrap_or_default())
+            && is_literal_secret(
+                checked
+                    .document
+                    .pointer(&string.pointer)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            )
     });
-    let spans: Vec<Span> = literal_strings.map(|string| string.span).chain(checked.secret_nodes.iter().copied()).collect();
+    let spans: Vec<Span> = literal_strings
+        .map(|string| string.span)
+        .chain(checked.secret_nodes.iter().copied())
+        .collect();
     blank_spans(text, &spans)
 }
 
@@ -164,7 +190,12 @@ fn redact_unparsed(text: &str) -> String {
                 let value_len = flow_value_len(&line[value_start..]);
                 let value = &line[value_start..value_start + value_len];
                 if is_literal_secret(value.trim().trim_matches(['"', '\''])) {
-                    spans.push(Span { line: 0, column: 0, offset: line_start + value_start, len: value_len });
+                    spans.push(Span {
+                        line: 0,
+                        column: 0,
+                        offset: line_start + value_start,
+                        len: value_len,
+                    });
                 }
                 search = value_start;
             }
@@ -234,7 +265,13 @@ fn interpolate_document(
 ) -> Value {
     let mut document = checked.document.clone();
     for string in &checked.strings {
-        let Some(raw) = checked.document.pointer(&string.pointer).and_then(Value::as_str) else { continue };
+        let Some(raw) = checked
+            .document
+            .pointer(&string.pointer)
+            .and_then(Value::as_str)
+        else {
+            continue;
+        };
         if !raw.contains('$') {
             continue;
         }
@@ -254,7 +291,8 @@ fn interpolate_document(
                         ),
                         interpolate::InterpolationError::InvalidName { name, at } => (
                             format!("invalid variable name `{name}` in `${{{name}}}`"),
-                            "names are letters, digits and `_`, not starting with a digit".to_owned(),
+                            "names are letters, digits and `_`, not starting with a digit"
+                                .to_owned(),
                             at,
                         ),
                         interpolate::InterpolationError::Unterminated { at } => (
@@ -277,10 +315,20 @@ fn interpolate_document(
 fn reference_span(src: &diag::SourceMap<'_>, scalar: Span, reference: &str) -> Span {
     let text = src.text();
     let end = (scalar.offset + scalar.len).min(text.len());
-    let Some(found) = text.get(scalar.offset..end).and_then(|slice| slice.find(reference)) else { return scalar };
+    let Some(found) = text
+        .get(scalar.offset..end)
+        .and_then(|slice| slice.find(reference))
+    else {
+        return scalar;
+    };
     let offset = scalar.offset + found;
     let (line, column) = src.line_column(offset);
-    Span { line, column, offset, len: reference.len() }
+    Span {
+        line,
+        column,
+        offset,
+        len: reference.len(),
+    }
 }
 
 #[cfg(test)]
@@ -301,7 +349,10 @@ mod tests {
         assert_eq!(first.config_hash, second.config_hash);
         assert!(first.config_hash.starts_with("sha256:") && first.config_hash.len() == 7 + 64);
         let changed = MINIMAL.replace("name: linux", "name: linux2");
-        assert_ne!(load_str("a.yaml", &changed, &env).unwrap().config_hash, first.config_hash);
+        assert_ne!(
+            load_str("a.yaml", &changed, &env).unwrap().config_hash,
+            first.config_hash
+        );
     }
 
     #[test]
@@ -330,7 +381,9 @@ mod tests {
 
     #[test]
     fn redaction_blanks_inline_secrets_only() {
-        let text = MINIMAL.replace("\"${HC}\"", "hunter2").replace("https://ci", "https://ci-x");
+        let text = MINIMAL
+            .replace("\"${HC}\"", "hunter2")
+            .replace("https://ci", "https://ci-x");
         let src = diag::SourceMap::new(&text);
         let mut problems = diag::Problems::new("a.yaml");
         let root = check::parse(&src, &mut problems).unwrap();

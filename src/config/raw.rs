@@ -59,7 +59,12 @@ impl JsonSchema for RawSecret {
 
 /// A CI source; `kind` selects which.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    rename_all = "kebab-case",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
 pub enum RawCiSource {
     /// A Woodpecker server (admin token: reads the queue, creates per-agent tokens).
     Woodpecker {
@@ -88,7 +93,12 @@ pub enum RawCiSource {
 
 /// A backend account; `kind` selects which.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    rename_all = "kebab-case",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
 pub enum RawBackend {
     /// A Hetzner Cloud project.
     Hcloud {

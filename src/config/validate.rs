@@ -12,9 +12,9 @@ use super::check::{Checked, Seg};
 use super::diag::{backticked, did_you_mean, Problems, Span};
 use super::raw::{RawBackend, RawCiSource, RawImage, RawPool, RawScale};
 use crate::model::{
-    AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName, BackendSpec, Billing,
-    CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GoDuration, ImageSpec, InstanceId, InstanceMode,
-    PoolName, PoolSpec, ScalePolicy, Secret,
+    AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
+    BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GoDuration,
+    ImageSpec, InstanceId, InstanceMode, PoolName, PoolSpec, ScalePolicy, Secret,
 };
 
 const DEFAULT_POLL_INTERVAL: GoDuration = GoDuration::from_secs(10);
@@ -22,7 +22,10 @@ const DEFAULT_IMAGE_KEEP: u32 = 3;
 
 /// `[a-z0-9-]{1,30}`: owner ids and pool names go into labels and instance names.
 fn is_valid_name(name: &str) -> bool {
-    (1..=30).contains(&name.len()) && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+    (1..=30).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
 }
 
 /// `^([0-9]+(\.[0-9]+)?(h|m|s|ms|us|µs|ns))+$|^0$`, the shape of Go's `time.ParseDuration` (unsigned).
@@ -35,19 +38,26 @@ fn is_go_form(text: &str) -> bool {
     }
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|ch: char| !ch.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return false;
         }
         rest = &rest[digits..];
         if let Some(fraction) = rest.strip_prefix('.') {
-            let digits = fraction.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(fraction.len());
+            let digits = fraction
+                .find(|ch: char| !ch.is_ascii_digit())
+                .unwrap_or(fraction.len());
             if digits == 0 {
                 return false;
             }
             rest = &fraction[digits..];
         }
-        let Some(unit) = ["ms", "us", "µs", "ns", "h", "m", "s"].iter().find(|unit| rest.starts_with(**unit)) else {
+        let Some(unit) = ["ms", "us", "µs", "ns", "h", "m", "s"]
+            .iter()
+            .find(|unit| rest.starts_with(**unit))
+        else {
             return false;
         };
         rest = &rest[unit.len()..];
@@ -56,7 +66,10 @@ fn is_go_form(text: &str) -> bool {
 }
 
 fn ptr(segments: &[&str]) -> String {
-    let path: Vec<Seg> = segments.iter().map(|segment| Seg::Key((*segment).to_owned())).collect();
+    let path: Vec<Seg> = segments
+        .iter()
+        .map(|segment| Seg::Key((*segment).to_owned()))
+        .collect();
     super::check::pointer(&path)
 }
 
@@ -66,13 +79,17 @@ pub(crate) fn duration_hint(input: &str) -> String {
     let mut out = String::new();
     let mut rest = input.trim();
     while !rest.is_empty() {
-        let number_len = rest.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(rest.len());
+        let number_len = rest
+            .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
+            .unwrap_or(rest.len());
         if number_len == 0 {
             return fallback;
         }
         let (number, tail) = rest.split_at(number_len);
         let tail = tail.trim_start();
-        let unit_len = tail.find(|ch: char| !ch.is_ascii_alphabetic()).unwrap_or(tail.len());
+        let unit_len = tail
+            .find(|ch: char| !ch.is_ascii_alphabetic())
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let unit = match unit.to_ascii_lowercase().as_str() {
             "h" | "hr" | "hrs" | "hour" | "hours" => "h",
@@ -80,16 +97,24 @@ pub(crate) fn duration_hint(input: &str) -> String {
             "s" | "sec" | "secs" | "second" | "seconds" => "s",
             "ms" | "millisecond" | "milliseconds" => "ms",
             "d" | "day" | "days" => {
-                let Ok(days) = number.parse::<u64>() else { return fallback };
+                let Ok(days) = number.parse::<u64>() else {
+                    return fallback;
+                };
                 out.push_str(&format!("{}h", days * 24));
-                rest = tail.trim_start_matches([' ', ',']).trim_start_matches("and ").trim_start();
+                rest = tail
+                    .trim_start_matches([' ', ','])
+                    .trim_start_matches("and ")
+                    .trim_start();
                 continue;
             }
             _ => return fallback,
         };
         out.push_str(number);
         out.push_str(unit);
-        rest = tail.trim_start_matches([' ', ',']).trim_start_matches("and ").trim_start();
+        rest = tail
+            .trim_start_matches([' ', ','])
+            .trim_start_matches("and ")
+            .trim_start();
     }
     if out.is_empty() || out == input.trim() || out.parse::<GoDuration>().is_err() {
         return fallback;
@@ -142,11 +167,22 @@ impl Validator<'_> {
         self.checked.is_broken(pointer)
     }
 
-    fn duration(&mut self, pointer: &str, field: &str, place: &str, raw: Option<&str>, default: GoDuration) -> Option<GoDuration> {
+    fn duration(
+        &mut self,
+        pointer: &str,
+        field: &str,
+        place: &str,
+        raw: Option<&str>,
+        default: GoDuration,
+    ) -> Option<GoDuration> {
         let Some(raw) = raw else { return Some(default) };
         // Go's form only: `GoDuration::from_str` also takes jiff's friendly `5 minutes`, which Go (and so a
         // Picus or Woodpecker user's other tools) would refuse.
-        let parsed = if is_go_form(raw) { raw.parse::<GoDuration>().ok() } else { None };
+        let parsed = if is_go_form(raw) {
+            raw.parse::<GoDuration>().ok()
+        } else {
+            None
+        };
         match parsed {
             Some(duration) => Some(duration),
             None => {
@@ -170,7 +206,10 @@ impl Validator<'_> {
     }
 
     fn fake_spec(&self, state_file: Option<String>, simulate: Option<bool>) -> FakeSpec {
-        FakeSpec { state_file: state_file.map(|file| self.resolve_path(&file)), simulate: simulate.unwrap_or(false) }
+        FakeSpec {
+            state_file: state_file.map(|file| self.resolve_path(&file)),
+            simulate: simulate.unwrap_or(false),
+        }
     }
 
     fn object_keys(&self, pointer: &str) -> Vec<String> {
@@ -180,7 +219,11 @@ impl Validator<'_> {
     pub(crate) fn validate(&mut self, config_hash: String) -> Option<Desired> {
         let mut complete = true;
 
-        let owner = self.document.get("id").and_then(Value::as_str).map(str::to_owned);
+        let owner = self
+            .document
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         if let Some(owner) = &owner {
             if !is_valid_name(owner) {
                 self.problems.push(
@@ -190,8 +233,18 @@ impl Validator<'_> {
                 );
             }
         }
-        let poll_raw = self.document.get("pollInterval").and_then(Value::as_str).map(str::to_owned);
-        let poll_interval = self.duration("/pollInterval", "pollInterval", "", poll_raw.as_deref(), DEFAULT_POLL_INTERVAL);
+        let poll_raw = self
+            .document
+            .get("pollInterval")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let poll_interval = self.duration(
+            "/pollInterval",
+            "pollInterval",
+            "",
+            poll_raw.as_deref(),
+            DEFAULT_POLL_INTERVAL,
+        );
         if let Some(interval) = poll_interval.filter(|interval| interval.0.is_zero()) {
             self.problems.push(
                 self.value_span("/pollInterval"),
@@ -205,16 +258,27 @@ impl Validator<'_> {
         let mut ci = BTreeMap::new();
         for name in &ci_names {
             let pointer = ptr(&["ci", name]);
-            let Some(raw) = self.section::<RawCiSource>(&pointer, &format!("ci source `{name}`")) else {
+            let Some(raw) = self.section::<RawCiSource>(&pointer, &format!("ci source `{name}`"))
+            else {
                 complete = false;
                 continue;
             };
             let kind = match raw {
-                RawCiSource::Woodpecker { server, token } => CiKind::Woodpecker { server, token: Secret::new(token.0) },
-                RawCiSource::AzurePipelines { organization_url, pat } => {
-                    CiKind::AzurePipelines { organization_url, pat: Secret::new(pat.0) }
-                }
-                RawCiSource::Fake { state_file, simulate } => CiKind::Fake(self.fake_spec(state_file, simulate)),
+                RawCiSource::Woodpecker { server, token } => CiKind::Woodpecker {
+                    server,
+                    token: Secret::new(token.0),
+                },
+                RawCiSource::AzurePipelines {
+                    organization_url,
+                    pat,
+                } => CiKind::AzurePipelines {
+                    organization_url,
+                    pat: Secret::new(pat.0),
+                },
+                RawCiSource::Fake {
+                    state_file,
+                    simulate,
+                } => CiKind::Fake(self.fake_spec(state_file, simulate)),
             };
             ci.insert(CiName::new(name.clone()), CiSourceSpec { kind });
         }
@@ -224,42 +288,76 @@ impl Validator<'_> {
         let mut backends = BTreeMap::new();
         for name in &backend_names {
             let pointer = ptr(&["backends", name]);
-            let Some(raw) = self.section::<RawBackend>(&pointer, &format!("backend `{name}`")) else {
+            let Some(raw) = self.section::<RawBackend>(&pointer, &format!("backend `{name}`"))
+            else {
                 complete = false;
                 continue;
             };
             let (kind, billing) = match raw {
-                RawBackend::Hcloud { token, endpoint, billing } => {
-                    (BackendKind::Hcloud { token: Secret::new(token.0), endpoint }, billing.unwrap_or(Billing::Hourly))
-                }
-                RawBackend::Aws { region, endpoint, billing } => {
-                    (BackendKind::Aws { region, endpoint }, billing.unwrap_or(Billing::PerSecond))
-                }
-                RawBackend::Incus { socket, project, billing } => {
-                    (BackendKind::Incus { socket, project }, billing.unwrap_or(Billing::PerSecond))
-                }
-                RawBackend::Fake { state_file, simulate, billing } => {
-                    (BackendKind::Fake(self.fake_spec(state_file, simulate)), billing.unwrap_or(Billing::PerSecond))
-                }
+                RawBackend::Hcloud {
+                    token,
+                    endpoint,
+                    billing,
+                } => (
+                    BackendKind::Hcloud {
+                        token: Secret::new(token.0),
+                        endpoint,
+                    },
+                    billing.unwrap_or(Billing::Hourly),
+                ),
+                RawBackend::Aws {
+                    region,
+                    endpoint,
+                    billing,
+                } => (
+                    BackendKind::Aws { region, endpoint },
+                    billing.unwrap_or(Billing::PerSecond),
+                ),
+                RawBackend::Incus {
+                    socket,
+                    project,
+                    billing,
+                } => (
+                    BackendKind::Incus { socket, project },
+                    billing.unwrap_or(Billing::PerSecond),
+                ),
+                RawBackend::Fake {
+                    state_file,
+                    simulate,
+                    billing,
+                } => (
+                    BackendKind::Fake(self.fake_spec(state_file, simulate)),
+                    billing.unwrap_or(Billing::PerSecond),
+                ),
             };
-            backends.insert(BackendName::new(name.clone()), BackendSpec { kind, billing });
+            backends.insert(
+                BackendName::new(name.clone()),
+                BackendSpec { kind, billing },
+            );
         }
 
         // -- pools --------------------------------------------------------------------------------------------
-        let pool_count = self.document.get("pools").and_then(Value::as_array).map_or(0, Vec::len);
+        let pool_count = self
+            .document
+            .get("pools")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
         let mut pools = Vec::new();
         let mut first_pool_at: BTreeMap<String, Option<Span>> = BTreeMap::new();
         let mut adopted_by: BTreeMap<String, (String, Option<Span>)> = BTreeMap::new();
         for index in 0..pool_count {
             let pointer = format!("/pools/{index}");
-            let Some(raw) = self.section::<RawPool>(&pointer, &format!("pool #{}", index + 1)) else {
+            let Some(raw) = self.section::<RawPool>(&pointer, &format!("pool #{}", index + 1))
+            else {
                 complete = false;
                 continue;
             };
             let name_span = self.value_span(&format!("{pointer}/name"));
             match first_pool_at.get(&raw.name) {
                 Some(first) => {
-                    let first_line = first.map(|span| format!(" (line {})", span.line)).unwrap_or_default();
+                    let first_line = first
+                        .map(|span| format!(" (line {})", span.line))
+                        .unwrap_or_default();
                     self.problems.push_related(
                         name_span,
                         format!("duplicate pool name `{}`", raw.name),
@@ -271,7 +369,15 @@ impl Validator<'_> {
                     first_pool_at.insert(raw.name.clone(), name_span);
                 }
             }
-            if let Some(pool) = self.pool(&pointer, raw, &ci, &ci_names, &backends, &backend_names, &mut adopted_by) {
+            if let Some(pool) = self.pool(
+                &pointer,
+                raw,
+                &ci,
+                &ci_names,
+                &backends,
+                &backend_names,
+                &mut adopted_by,
+            ) {
                 pools.push(pool);
             } else {
                 complete = false;
@@ -287,14 +393,25 @@ impl Validator<'_> {
                 continue;
             };
             if !backend_names.contains(&raw.backend) {
-                self.unknown_reference(&format!("{pointer}/backend"), "backend", &raw.backend, &format!("image `{name}`"), &backend_names, "backends");
+                self.unknown_reference(
+                    &format!("{pointer}/backend"),
+                    "backend",
+                    &raw.backend,
+                    &format!("image `{name}`"),
+                    &backend_names,
+                    "backends",
+                );
             }
             images.insert(
                 name,
                 ImageSpec {
                     backend: BackendName::new(raw.backend),
                     base: raw.base,
-                    scripts: raw.scripts.iter().map(|script| self.resolve_path(script)).collect(),
+                    scripts: raw
+                        .scripts
+                        .iter()
+                        .map(|script| self.resolve_path(script))
+                        .collect(),
                     keep: raw.keep.unwrap_or(DEFAULT_IMAGE_KEEP),
                 },
             );
@@ -314,7 +431,15 @@ impl Validator<'_> {
         })
     }
 
-    fn unknown_reference(&mut self, pointer: &str, what: &str, name: &str, place: &str, known: &[String], section: &str) {
+    fn unknown_reference(
+        &mut self,
+        pointer: &str,
+        what: &str,
+        name: &str,
+        place: &str,
+        known: &[String],
+        section: &str,
+    ) {
         let hint = if known.is_empty() {
             format!("no {what}s are defined under `{section}`")
         } else {
@@ -324,7 +449,11 @@ impl Validator<'_> {
                 None => format!("known {what}s: {list}"),
             }
         };
-        self.problems.push(self.value_span(pointer), format!("unknown {what} `{name}` in {place}"), Some(hint));
+        self.problems.push(
+            self.value_span(pointer),
+            format!("unknown {what} `{name}` in {place}"),
+            Some(hint),
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -344,17 +473,30 @@ impl Validator<'_> {
             self.problems.push(
                 self.value_span(&format!("{pointer}/name")),
                 format!("invalid pool name `{}`", raw.name),
-                Some("use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names".to_owned()),
+                Some(
+                    "use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names"
+                        .to_owned(),
+                ),
             );
             ok = false;
         }
 
         // CI binding: the source must exist, and source-specific keys must fit its kind.
         if !ci_names.contains(&raw.ci.source) {
-            self.unknown_reference(&format!("{pointer}/ci/source"), "ci source", &raw.ci.source, &place, ci_names, "ci");
+            self.unknown_reference(
+                &format!("{pointer}/ci/source"),
+                "ci source",
+                &raw.ci.source,
+                &place,
+                ci_names,
+                "ci",
+            );
             ok = false;
         }
-        match ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind) {
+        match ci
+            .get(&CiName::new(raw.ci.source.clone()))
+            .map(|source| &source.kind)
+        {
             Some(CiKind::Woodpecker { .. }) => {
                 for key in ["azurePool", "capabilities"] {
                     let present = match key {
@@ -394,10 +536,19 @@ impl Validator<'_> {
 
         // Backend binding.
         if !backend_names.contains(&raw.backend.name) {
-            self.unknown_reference(&format!("{pointer}/backend/name"), "backend", &raw.backend.name, &place, backend_names, "backends");
+            self.unknown_reference(
+                &format!("{pointer}/backend/name"),
+                "backend",
+                &raw.backend.name,
+                &place,
+                backend_names,
+                "backends",
+            );
             ok = false;
         }
-        let billing = backends.get(&BackendName::new(raw.backend.name.clone())).map(|backend| backend.billing);
+        let billing = backends
+            .get(&BackendName::new(raw.backend.name.clone()))
+            .map(|backend| backend.billing);
 
         let mode = match &raw.backend.start_stop {
             None => InstanceMode::Create,
@@ -442,15 +593,26 @@ impl Validator<'_> {
                         (None, Some(name)) => Some(AgentRef::Name(name.clone())),
                         (None, None) => None,
                     };
-                    instances.push(AdoptedInstance { id: InstanceId::new(adopted.id.clone()), agent });
+                    instances.push(AdoptedInstance {
+                        id: InstanceId::new(adopted.id.clone()),
+                        agent,
+                    });
                 }
                 InstanceMode::StartStop { instances }
             }
         };
 
-        let scale = self.scale(pointer, &place, raw.scale.clone().unwrap_or_default(), &mode, billing);
+        let scale = self.scale(
+            pointer,
+            &place,
+            raw.scale.clone().unwrap_or_default(),
+            &mode,
+            billing,
+        );
         let agent = raw.agent.clone().unwrap_or_default();
-        let (Some(scale), true) = (scale, ok) else { return None };
+        let (Some(scale), true) = (scale, ok) else {
+            return None;
+        };
         Some(PoolSpec {
             name: PoolName::new(raw.name),
             ci: CiBinding {
@@ -459,34 +621,59 @@ impl Validator<'_> {
                 azure_pool: raw.ci.azure_pool,
                 capabilities: raw.ci.capabilities,
             },
-            backend: BackendBinding { backend: BackendName::new(raw.backend.name), mode, machine: raw.backend.machine },
+            backend: BackendBinding {
+                backend: BackendName::new(raw.backend.name),
+                mode,
+                machine: raw.backend.machine,
+            },
             agent: AgentSpec {
                 image: agent.image,
                 env: agent.env,
-                secret_env: agent.secret_env.into_iter().map(|(key, value)| (key, Secret::new(value.0))).collect(),
+                secret_env: agent
+                    .secret_env
+                    .into_iter()
+                    .map(|(key, value)| (key, Secret::new(value.0)))
+                    .collect(),
             },
             scale,
         })
     }
 
-    fn scale(&mut self, pool_pointer: &str, place: &str, raw: RawScale, mode: &InstanceMode, billing: Option<Billing>) -> Option<ScalePolicy> {
+    fn scale(
+        &mut self,
+        pool_pointer: &str,
+        place: &str,
+        raw: RawScale,
+        mode: &InstanceMode,
+        billing: Option<Billing>,
+    ) -> Option<ScalePolicy> {
         let defaults = ScalePolicy::default();
         let at = |field: &str| format!("{pool_pointer}/scale/{field}");
         let place_suffix = format!(" in {place}");
         let mut ok = true;
 
         let adopted = match mode {
-            InstanceMode::StartStop { instances } => Some(u32::try_from(instances.len()).unwrap_or(u32::MAX)),
+            InstanceMode::StartStop { instances } => {
+                Some(u32::try_from(instances.len()).unwrap_or(u32::MAX))
+            }
             InstanceMode::Create => None,
         };
         // A start/stop pool cannot grow beyond the instances it adopted, so that is its natural cap.
-        let max = raw.max.or(adopted.filter(|count| *count > 0)).unwrap_or(defaults.max);
+        let max = raw
+            .max
+            .or(adopted.filter(|count| *count > 0))
+            .unwrap_or(defaults.max);
         let min = raw.min.unwrap_or(defaults.min);
         let min_idle = raw.min_idle.unwrap_or(defaults.min_idle);
-        let (min_known, max_known, min_idle_known) = (!self.is_broken(&at("min")), !self.is_broken(&at("max")), !self.is_broken(&at("minIdle")));
+        let (min_known, max_known, min_idle_known) = (
+            !self.is_broken(&at("min")),
+            !self.is_broken(&at("max")),
+            !self.is_broken(&at("minIdle")),
+        );
         if min_known && max_known && min > max {
             self.problems.push(
-                self.value_span(&at("min")).or_else(|| self.value_span(&at("max"))),
+                self.value_span(&at("min"))
+                    .or_else(|| self.value_span(&at("max"))),
                 format!("`min` ({min}) is greater than `max` ({max}){place_suffix}"),
                 Some(format!("lower `min` or raise `max` to at least {min}")),
             );
@@ -496,7 +683,9 @@ impl Validator<'_> {
             self.problems.push(
                 self.value_span(&at("minIdle")),
                 format!("`minIdle` ({min_idle}) is greater than `max` ({max}){place_suffix}"),
-                Some(format!("lower `minIdle` or raise `max` to at least {min_idle}")),
+                Some(format!(
+                    "lower `minIdle` or raise `max` to at least {min_idle}"
+                )),
             );
             ok = false;
         }
@@ -511,11 +700,30 @@ impl Validator<'_> {
             }
         }
 
-        let idle_timeout = self.duration(&at("idleTimeout"), "idleTimeout", &place_suffix, raw.idle_timeout.as_deref(), defaults.idle_timeout);
-        let bootstrap_timeout =
-            self.duration(&at("bootstrapTimeout"), "bootstrapTimeout", &place_suffix, raw.bootstrap_timeout.as_deref(), defaults.bootstrap_timeout);
-        let default_margin = defaults.billing_margin.unwrap_or(GoDuration::from_secs(5 * 60));
-        let margin = self.duration(&at("billingMargin"), "billingMargin", &place_suffix, raw.billing_margin.as_deref(), default_margin);
+        let idle_timeout = self.duration(
+            &at("idleTimeout"),
+            "idleTimeout",
+            &place_suffix,
+            raw.idle_timeout.as_deref(),
+            defaults.idle_timeout,
+        );
+        let bootstrap_timeout = self.duration(
+            &at("bootstrapTimeout"),
+            "bootstrapTimeout",
+            &place_suffix,
+            raw.bootstrap_timeout.as_deref(),
+            defaults.bootstrap_timeout,
+        );
+        let default_margin = defaults
+            .billing_margin
+            .unwrap_or(GoDuration::from_secs(5 * 60));
+        let margin = self.duration(
+            &at("billingMargin"),
+            "billingMargin",
+            &place_suffix,
+            raw.billing_margin.as_deref(),
+            default_margin,
+        );
         if let Some(margin) = margin.filter(|margin| margin.as_secs() >= 3600) {
             self.problems.push(
                 self.value_span(&at("billingMargin")),
@@ -554,8 +762,14 @@ mod tests {
         assert_eq!(duration_hint("5 minutes"), "write `5m`");
         assert_eq!(duration_hint("1 hour 30 min"), "write `1h30m`");
         assert_eq!(duration_hint("2 days"), "write `48h`");
-        assert_eq!(duration_hint("soon"), "write a Go duration such as `30s`, `5m` or `1h30m`");
-        assert_eq!(duration_hint("5 fortnights"), "write a Go duration such as `30s`, `5m` or `1h30m`");
+        assert_eq!(
+            duration_hint("soon"),
+            "write a Go duration such as `30s`, `5m` or `1h30m`"
+        );
+        assert_eq!(
+            duration_hint("5 fortnights"),
+            "write a Go duration such as `30s`, `5m` or `1h30m`"
+        );
     }
 
     #[test]
@@ -563,7 +777,17 @@ mod tests {
         for good in ["0", "10s", "1h30m", "1.5h", "300ms", "2h45m10s"] {
             assert!(is_go_form(good), "{good}");
         }
-        for bad in ["", "5 minutes", "5", "1d", "-5s", "h", "1.s", "10 s", "1hour"] {
+        for bad in [
+            "",
+            "5 minutes",
+            "5",
+            "1d",
+            "-5s",
+            "h",
+            "1.s",
+            "10 s",
+            "1hour",
+        ] {
             assert!(!is_go_form(bad), "{bad}");
         }
     }

@@ -20,7 +20,10 @@ fn every_example_validates() {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(repo_path("examples"))
         .expect("examples folder")
         .map(|entry| entry.expect("dir entry").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml")
+        })
         .collect();
     entries.sort();
     for path in entries {
@@ -28,7 +31,9 @@ fn every_example_validates() {
         let name = format!("examples/{}", path.file_name().unwrap().to_string_lossy());
         match config::load_str(&name, &text, &example_env) {
             Ok(desired) => assert!(!desired.pools.is_empty(), "{name} has no pools"),
-            Err(ConfigError::Invalid(diagnostics)) => panic!("{name} is invalid:\n{}", diagnostics.render_plain()),
+            Err(ConfigError::Invalid(diagnostics)) => {
+                panic!("{name} is invalid:\n{}", diagnostics.render_plain())
+            }
             Err(other) => panic!("{name}: {other}"),
         }
         count += 1;
@@ -65,12 +70,20 @@ fn malformed_configs_give_located_messages() {
 
 #[test]
 fn all_problems_of_a_file_are_reported_at_once() {
-    let text = std::fs::read_to_string(repo_path("tests/fixtures/config/many-problems.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(repo_path("tests/fixtures/config/many-problems.yaml")).unwrap();
     let error = config::load_str("many-problems.yaml", &text, &fixture_env).unwrap_err();
     let problems = error.diagnostics().unwrap().problems();
-    assert!(problems.len() >= 4, "only {} problems reported", problems.len());
+    assert!(
+        problems.len() >= 4,
+        "only {} problems reported",
+        problems.len()
+    );
     // In source order, on distinct lines.
-    let lines: Vec<usize> = problems.iter().map(|problem| problem.location.as_ref().unwrap().line).collect();
+    let lines: Vec<usize> = problems
+        .iter()
+        .map(|problem| problem.location.as_ref().unwrap().line)
+        .collect();
     let mut sorted = lines.clone();
     sorted.sort();
     assert_eq!(lines, sorted);
@@ -158,12 +171,18 @@ fn a_full_config_maps_to_the_expected_desired() {
 
     use ciscale::model::*;
 
-    let desired = config::load_str("conf/ciscale.yaml", FULL, &full_env).unwrap_or_else(|error| match error {
-        ConfigError::Invalid(diagnostics) => panic!("{}", diagnostics.render_plain()),
-        other => panic!("{other}"),
-    });
+    let desired =
+        config::load_str("conf/ciscale.yaml", FULL, &full_env).unwrap_or_else(
+            |error| match error {
+                ConfigError::Invalid(diagnostics) => panic!("{}", diagnostics.render_plain()),
+                other => panic!("{other}"),
+            },
+        );
     let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
     };
     let secret = |name: &str| Secret::new(format!("secret-value-of-{name}"));
     let minutes = |count: u64| GoDuration::from_secs(count * 60);
@@ -186,13 +205,19 @@ fn a_full_config_maps_to_the_expected_desired() {
             CiName::new("sim"),
             CiSourceSpec {
                 // Relative to the config file's folder.
-                kind: CiKind::Fake(FakeSpec { state_file: Some(PathBuf::from("conf/world.json")), simulate: true }),
+                kind: CiKind::Fake(FakeSpec {
+                    state_file: Some(PathBuf::from("conf/world.json")),
+                    simulate: true,
+                }),
             },
         ),
         (
             CiName::new("woodpecker"),
             CiSourceSpec {
-                kind: CiKind::Woodpecker { server: "https://ci.example.com".into(), token: secret("WOODPECKER_TOKEN") },
+                kind: CiKind::Woodpecker {
+                    server: "https://ci.example.com".into(),
+                    token: secret("WOODPECKER_TOKEN"),
+                },
             },
         ),
     ]);
@@ -232,7 +257,10 @@ fn a_full_config_maps_to_the_expected_desired() {
         (
             BackendName::new("sim"),
             BackendSpec {
-                kind: BackendKind::Fake(FakeSpec { state_file: Some(PathBuf::from("/tmp/world.json")), simulate: false }),
+                kind: BackendKind::Fake(FakeSpec {
+                    state_file: Some(PathBuf::from("/tmp/world.json")),
+                    simulate: false,
+                }),
                 billing: Billing::PerSecond,
             },
         ),
@@ -252,7 +280,12 @@ fn a_full_config_maps_to_the_expected_desired() {
                 backend: BackendName::new("hetzner"),
                 mode: InstanceMode::Create,
                 // A YAML number in a string map is kept as its text.
-                machine: map(&[("serverType", "cx22,cx32"), ("image", "docker-ce"), ("location", "fsn1,nbg1"), ("disk", "40")]),
+                machine: map(&[
+                    ("serverType", "cx22,cx32"),
+                    ("image", "docker-ce"),
+                    ("location", "fsn1,nbg1"),
+                    ("disk", "40"),
+                ]),
             },
             agent: AgentSpec {
                 image: Some("woodpeckerci/woodpecker-agent:v3".into()),
@@ -278,10 +311,23 @@ fn a_full_config_maps_to_the_expected_desired() {
                 azure_pool: Some("Default".into()),
                 capabilities: map(&[("docker", ""), ("node", "20")]),
             },
-            backend: BackendBinding { backend: BackendName::new("lxd"), mode: InstanceMode::Create, machine: BTreeMap::new() },
-            agent: AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new() },
+            backend: BackendBinding {
+                backend: BackendName::new("lxd"),
+                mode: InstanceMode::Create,
+                machine: BTreeMap::new(),
+            },
+            agent: AgentSpec {
+                image: None,
+                env: BTreeMap::new(),
+                secret_env: BTreeMap::new(),
+            },
             // Per-second billing: no billing margin.
-            scale: ScalePolicy { max: 3, ephemeral: true, billing_margin: None, ..ScalePolicy::default() },
+            scale: ScalePolicy {
+                max: 3,
+                ephemeral: true,
+                billing_margin: None,
+                ..ScalePolicy::default()
+            },
         },
         PoolSpec {
             name: PoolName::new("picus"),
@@ -295,16 +341,33 @@ fn a_full_config_maps_to_the_expected_desired() {
                 backend: BackendName::new("ec2"),
                 mode: InstanceMode::StartStop {
                     instances: vec![
-                        AdoptedInstance { id: InstanceId::new("i-0abc"), agent: Some(AgentRef::Id(AgentId::new("7"))) },
-                        AdoptedInstance { id: InstanceId::new("i-0def"), agent: Some(AgentRef::Name("picus-agent".into())) },
-                        AdoptedInstance { id: InstanceId::new("i-0123"), agent: None },
+                        AdoptedInstance {
+                            id: InstanceId::new("i-0abc"),
+                            agent: Some(AgentRef::Id(AgentId::new("7"))),
+                        },
+                        AdoptedInstance {
+                            id: InstanceId::new("i-0def"),
+                            agent: Some(AgentRef::Name("picus-agent".into())),
+                        },
+                        AdoptedInstance {
+                            id: InstanceId::new("i-0123"),
+                            agent: None,
+                        },
                     ],
                 },
                 machine: BTreeMap::new(),
             },
-            agent: AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new() },
+            agent: AgentSpec {
+                image: None,
+                env: BTreeMap::new(),
+                secret_env: BTreeMap::new(),
+            },
             // `max` defaults to the number of adopted instances.
-            scale: ScalePolicy { max: 3, billing_margin: None, ..ScalePolicy::default() },
+            scale: ScalePolicy {
+                max: 3,
+                billing_margin: None,
+                ..ScalePolicy::default()
+            },
         },
         PoolSpec {
             name: PoolName::new("cheap"),
@@ -314,10 +377,21 @@ fn a_full_config_maps_to_the_expected_desired() {
                 azure_pool: None,
                 capabilities: BTreeMap::new(),
             },
-            backend: BackendBinding { backend: BackendName::new("hetzner"), mode: InstanceMode::Create, machine: BTreeMap::new() },
-            agent: AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new() },
+            backend: BackendBinding {
+                backend: BackendName::new("hetzner"),
+                mode: InstanceMode::Create,
+                machine: BTreeMap::new(),
+            },
+            agent: AgentSpec {
+                image: None,
+                env: BTreeMap::new(),
+                secret_env: BTreeMap::new(),
+            },
             // Hourly backend, but billing-aware teardown switched off.
-            scale: ScalePolicy { billing_margin: None, ..ScalePolicy::default() },
+            scale: ScalePolicy {
+                billing_margin: None,
+                ..ScalePolicy::default()
+            },
         },
     ];
     assert_eq!(desired.pools, expected_pools);
@@ -327,7 +401,10 @@ fn a_full_config_maps_to_the_expected_desired() {
         ImageSpec {
             backend: BackendName::new("lxd"),
             base: "images:debian/12".into(),
-            scripts: vec![PathBuf::from("conf/provision/docker.sh"), PathBuf::from("/abs/x.sh")],
+            scripts: vec![
+                PathBuf::from("conf/provision/docker.sh"),
+                PathBuf::from("/abs/x.sh"),
+            ],
             keep: 2,
         },
     )]);
@@ -371,8 +448,14 @@ fn secret_values_never_appear_in_errors() {
     // The errors are there: the type errors on the secret fields, the typo next to an inline secret, `max`.
     let plain = diagnostics.render_plain();
     assert!(plain.contains("ciscale.yaml:3:"), "{plain}");
-    assert!(plain.contains("expected a string for `token` in ci source `woodpecker`, found a list"), "{plain}");
-    assert!(plain.contains("expected a string for `GIT_TOKEN`"), "{plain}");
+    assert!(
+        plain.contains("expected a string for `token` in ci source `woodpecker`, found a list"),
+        "{plain}"
+    );
+    assert!(
+        plain.contains("expected a string for `GIT_TOKEN`"),
+        "{plain}"
+    );
     assert!(plain.contains("unknown key `biling`"), "{plain}");
 
     let mut graphical = String::new();
@@ -385,7 +468,10 @@ fn secret_values_never_appear_in_errors() {
     let debug = format!("{error:?}");
     for rendering in [&plain, &graphical, &debug, &error.to_string()] {
         for secret in ["hunter2", "hunter3", "hunter4", "env-secret-of"] {
-            assert!(!rendering.contains(secret), "`{secret}` leaked into:\n{rendering}");
+            assert!(
+                !rendering.contains(secret),
+                "`{secret}` leaked into:\n{rendering}"
+            );
         }
     }
 }
@@ -400,14 +486,18 @@ fn secrets_are_redacted_in_debug_output_of_desired() {
 
 #[test]
 fn graphical_rendering_points_into_the_source() {
-    let text = std::fs::read_to_string(repo_path("tests/fixtures/config/unknown-key.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(repo_path("tests/fixtures/config/unknown-key.yaml")).unwrap();
     let error = config::load_str("unknown-key.yaml", &text, &fixture_env).unwrap_err();
     let report = miette::Report::new(error);
     let mut graphical = String::new();
     miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
         .render_report(&mut graphical, report.as_ref())
         .unwrap();
-    assert!(graphical.contains("invalid config `unknown-key.yaml`: 3 problems"), "{graphical}");
+    assert!(
+        graphical.contains("invalid config `unknown-key.yaml`: 3 problems"),
+        "{graphical}"
+    );
     assert!(graphical.contains("[unknown-key.yaml:13:7]"), "{graphical}");
     assert!(graphical.contains("maxx: 3"), "{graphical}");
     assert!(graphical.contains("did you mean `max`?"), "{graphical}");
@@ -425,7 +515,10 @@ fn load_file_reads_the_environment_and_reports_io_errors() {
     std::fs::write(&path, "id: x\nci: { s: { kind: fake, stateFile: w.json } }\nbackends: { b: { kind: fake } }\npools: []\n").unwrap();
     let desired = config::load_file(&path).unwrap();
     match &desired.ci[&ciscale::model::CiName::new("s")].kind {
-        ciscale::model::CiKind::Fake(fake) => assert_eq!(fake.state_file.as_deref(), Some(dir.path().join("w.json").as_path())),
+        ciscale::model::CiKind::Fake(fake) => assert_eq!(
+            fake.state_file.as_deref(),
+            Some(dir.path().join("w.json").as_path())
+        ),
         other => panic!("unexpected kind {other:?}"),
     }
 }
@@ -448,4 +541,30 @@ fn committed_schema_is_up_to_date() {
     let schema: serde_json::Value = serde_json::from_str(&committed).unwrap();
     assert_eq!(schema["additionalProperties"], serde_json::json!(false));
     assert!(generated.contains("\"writeOnly\": true"));
+}
+
+#[test]
+fn odd_yaml_is_an_error_never_a_panic() {
+    let inputs = [
+        "",
+        "just a string",
+        "- a\n- b\n",
+        "id: a\n---\nid: b\n",
+        "base: &anchor { a: 1 }\nother: *anchor\n",
+        "labels: { !gpu: yes }\n",
+        "? [a, b]\n: c\n",
+        "id: \"unterminated\n",
+        "\tid: tab\n",
+        "id: acme\nci: ~\nbackends: []\npools: {}\n",
+        "id: ${\n",
+    ];
+    for input in inputs {
+        let error = config::load_str("odd.yaml", input, &|_| None).expect_err(input);
+        let diagnostics = error.diagnostics().expect("located problems");
+        assert!(!diagnostics.problems().is_empty(), "{input:?}");
+        assert!(
+            diagnostics.render_plain().starts_with("odd.yaml:"),
+            "{input:?}"
+        );
+    }
 }
