@@ -1,4 +1,5 @@
 //! One integration test binary (heavy dependencies are linked once).
 
 mod cli;
+mod config;
 mod converge;
