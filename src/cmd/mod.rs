@@ -131,7 +131,7 @@ impl Ui {
     /// Prints an error chain to stderr: the error, its causes, and a `hint:` where one is known.
     pub fn report(&self, error: &anyhow::Error) {
         if let Some(config_error) = error.downcast_ref::<ConfigError>() {
-            eprint!("{}", render_config_error(config_error));
+            eprint!("{}", render_config_error(config_error, self.stderr_color));
             return;
         }
         let (red, bold_end) = if self.stderr_color { ("\x1b[1;31m", "\x1b[0m") } else { ("", "") };
@@ -213,10 +213,18 @@ pub async fn observe_live(desired: &Desired, providers: &Providers) -> anyhow::R
     Ok(observed)
 }
 
-/// Config problems, all at once, each as `file:line:col: error: ...` with its hint.
-fn render_config_error(error: &ConfigError) -> String {
-    match error {
-        ConfigError::Invalid(diagnostics) => diagnostics.render_plain(),
-        other => format!("error: {other}\n"),
+/// Config problems, all at once: on a colour terminal as miette's labelled source snippets, otherwise (logs, CI,
+/// tests) one `file:line:col: error: ...` line each with its hint.
+fn render_config_error(error: &ConfigError, color: bool) -> String {
+    let Some(diagnostics) = error.diagnostics() else {
+        return format!("error: {error}\n");
+    };
+    if color {
+        let mut rendered = String::new();
+        let handler = miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode());
+        if handler.render_report(&mut rendered, diagnostics).is_ok() {
+            return rendered;
+        }
     }
+    diagnostics.render_plain()
 }
