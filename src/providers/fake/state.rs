@@ -14,8 +14,7 @@ use crate::model::{
 
 use super::fault::Fault;
 
-/// Label an agent is registered with when it runs one job and then powers its instance off.
-pub const EPHEMERAL_LABEL: &str = "ciscale.ephemeral";
+pub use crate::model::EPHEMERAL_LABEL;
 
 /// How long a task pushed with [`super::FakeWorld::push_task`] runs once an agent takes it.
 pub const DEFAULT_RUN_FOR_SECS: u64 = 60;
