@@ -45,6 +45,15 @@ fn require_running(instance: &FakeInstance) -> Result<()> {
     }
 }
 
+/// Without the exec capability the fake is a cloud: it has no way into its instances.
+fn require_exec(state: &WorldState, operation: &'static str) -> Result<()> {
+    if state.exec_capability {
+        Ok(())
+    } else {
+        Err(Error::Unsupported { provider: "fake".to_owned(), operation })
+    }
+}
+
 /// A created instance boots in the background: it is `pending` when create returns and `running` the next time
 /// anyone looks, so callers must wait for it.
 fn finish_boot(instance: &mut FakeInstance) {
@@ -140,6 +149,7 @@ impl Backend for FakeBackend {
 
     async fn push_file(&self, id: &InstanceId, file: &PushFile) -> Result<()> {
         self.world.call(Op::PushFile, |state| {
+            require_exec(state, "push_file")?;
             find(state, id)?;
             let content = file.content.expose().as_bytes();
             state.pushed_files.push(PushedFile {
@@ -157,6 +167,7 @@ impl Backend for FakeBackend {
 
     async fn exec(&self, id: &InstanceId, exec: &Exec) -> Result<ExecOutput> {
         self.world.call(Op::Exec, |state| {
+            require_exec(state, "exec")?;
             require_running(find(state, id)?)?;
             state.execs.push(ExecRecord {
                 instance: id.clone(),
