@@ -491,9 +491,9 @@ async fn a_create_run_again_after_a_crash_converges() {
     assert_eq!(snapshot.agents.len(), 1, "no duplicate agent");
     assert_eq!(snapshot.pushed_files.len(), 1);
     // The fresh token from the second registration is the one pushed.
-    let token = format!("fake-token-1-2");
+    let token = "fake-token-1-2";
     assert_eq!(snapshot.agents[0].token_sha256, sha256_hex(token.as_bytes()));
-    assert_eq!(snapshot.pushed_files[0].sha256, sha256_hex(FIRST_AGENT_ENV.replace("fake-token-1-1", &token).as_bytes()));
+    assert_eq!(snapshot.pushed_files[0].sha256, sha256_hex(FIRST_AGENT_ENV.replace("fake-token-1-1", token).as_bytes()));
 }
 
 #[tokio::test]

@@ -1,7 +1,9 @@
 //! The in-memory fake world: one fake backend and one fake CI sharing a state, for tests, demos and offline
 //! trials. Like object_store's `InMemory`, clones share the state. With a state file, the world lives in a JSON
 //! file every call reloads and every mutation rewrites (atomically, under a lock file), so separate `ciscale`
-//! processes and a test driving them see one world.
+//! processes and a test driving them see one world. Two `open`s of one path in one process are deliberately
+//! separate handles synchronised only through the file (no in-process registry): they behave exactly like two
+//! processes, which is what the persistence tests check. The file I/O is blocking and short; fine for a fake.
 //!
 //! It follows the [`Backend`](crate::providers::Backend) and [`CiSource`](crate::providers::CiSource) contracts
 //! exactly (the conformance suite checks it), counts every call per operation, gives deterministic ids
