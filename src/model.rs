@@ -18,6 +18,8 @@ pub const OWNER_LABEL: &str = "ciscale.owner";
 pub const POOL_LABEL: &str = "ciscale.pool";
 /// Label/tag key holding a digest of the agent settings an instance was created with (spec drift detection).
 pub const AGENT_HASH_LABEL: &str = "ciscale.agent-hash";
+/// Label a CI agent is registered with when it runs one job and then powers its instance off (ephemeral pools).
+pub const EPHEMERAL_LABEL: &str = "ciscale.ephemeral";
 
 macro_rules! id_newtype {
     ($(#[$doc:meta])* $name:ident) => {

@@ -1,5 +1,8 @@
 //! One integration test binary (heavy dependencies are linked once).
 
+mod apply;
 mod cli;
 mod config;
+mod conformance;
 mod converge;
+mod fake;

@@ -1,0 +1,376 @@
+//! The lifecycle steps of each [`Action`]. Each step is idempotent, so a change interrupted anywhere (crash,
+//! kill -9, cancelled future) converges when the next plan asks for it again.
+//!
+//! - Create: register agent → create instance (an existing owned one of that name is taken over) → wait ready →
+//!   (containers) push credential file → start agent.
+//! - Start: start instance → wait ready → undrain agent.
+//! - Stop: stop instance. Drain: drain agent.
+//! - Delete: check owner → delete instance (gone = done) → deregister agent (gone = done).
+//! - Replace: Delete, then Create with the pool's current spec. Deregister: deregister agent (gone = done).
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::model::{
+    BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
+};
+use crate::plan::{Action, AgentTarget, Change, InstanceTarget};
+use crate::providers::{
+    Backend, CiSource, CreateInstance, Error, Exec, ListInstances, Providers, PushFile, RegisterAgent, Result,
+};
+
+use super::bootstrap::{bootstrap_env, AGENT_COMMAND, CREDENTIAL_MODE, CREDENTIAL_PATH};
+use super::retry::{is_retryable, with_retries};
+use super::{ApplyOptions, Event, Outcome, Redactor};
+
+/// What every change's task reads.
+pub(super) struct Shared {
+    pub desired: Desired,
+    pub providers: Providers,
+    pub options: ApplyOptions,
+    pub redactor: Redactor,
+}
+
+/// The instance or agent name a change is about, for spans and messages.
+pub(super) fn target_name(change: &Change) -> &str {
+    change
+        .instance
+        .as_ref()
+        .map(|instance| instance.name.as_str())
+        .or_else(|| change.agent.as_ref().map(|agent| agent.name.as_str()))
+        .unwrap_or("-")
+}
+
+/// A step that failed, its message already redacted.
+struct StepFailure {
+    step: String,
+    error: String,
+}
+
+/// One change being executed.
+pub(super) struct ChangeRun<'run> {
+    shared: &'run Shared,
+    change: &'run Change,
+    index: usize,
+    events: &'run mpsc::UnboundedSender<Event>,
+    /// The shared redactor plus the secrets this change learns (the agent's fresh token).
+    redactor: Redactor,
+}
+
+impl<'run> ChangeRun<'run> {
+    pub(super) fn new(
+        shared: &'run Shared,
+        change: &'run Change,
+        index: usize,
+        events: &'run mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        Self { shared, change, index, events, redactor: shared.redactor.clone() }
+    }
+
+    pub(super) async fn run(mut self) -> Outcome {
+        match self.execute().await {
+            Ok(()) => {
+                tracing::info!("change done");
+                Outcome::Done
+            }
+            Err(failure) => {
+                tracing::warn!(step = %failure.step, error = %failure.error, "change failed");
+                Outcome::Failed { step: failure.step, error: failure.error }
+            }
+        }
+    }
+
+    async fn execute(&mut self) -> Result<(), StepFailure> {
+        let change = self.change;
+        match change.action {
+            Action::Create => self.create(self.instance_target()?).await,
+            Action::Start => {
+                let (backend, id) = self.existing_instance()?;
+                self.call("start instance", || backend.start(&id)).await.map_err(|e| self.failed("start instance", &e))?;
+                self.wait_ready(&backend, &id).await?;
+                if let Some(agent) = &change.agent {
+                    let ci = self.ci(&agent.ci)?;
+                    self.call("undrain agent", || ci.undrain(&agent.id))
+                        .await
+                        .map_err(|e| self.failed("undrain agent", &e))?;
+                }
+                Ok(())
+            }
+            Action::Stop => {
+                let (backend, id) = self.existing_instance()?;
+                self.call("stop instance", || backend.stop(&id)).await.map_err(|e| self.failed("stop instance", &e))
+            }
+            Action::Drain => {
+                let agent = self.agent_target()?;
+                let ci = self.ci(&agent.ci)?;
+                self.call("drain agent", || ci.drain(&agent.id)).await.map_err(|e| self.failed("drain agent", &e))
+            }
+            Action::Delete => self.delete().await,
+            Action::Replace => {
+                self.delete().await?;
+                self.create(self.instance_target()?).await
+            }
+            Action::Deregister => self.deregister(self.agent_target()?).await,
+        }
+    }
+
+    // -- steps -----------------------------------------------------------------------------------------------
+
+    async fn create(&mut self, target: &'run InstanceTarget) -> Result<(), StepFailure> {
+        let shared = self.shared;
+        let pool = shared.desired.pool(&self.change.pool).ok_or_else(|| {
+            self.fail(
+                "resolve",
+                format!(
+                    "pool `{}` is not in the config\nhint: re-run `ciscale plan` with the current config",
+                    self.change.pool
+                ),
+            )
+        })?;
+        let ci = self.ci(&pool.ci.source)?;
+        let backend = self.backend(&target.backend)?;
+
+        let mut agent_labels = pool.ci.labels.clone();
+        if pool.scale.ephemeral {
+            agent_labels.insert(EPHEMERAL_LABEL.to_owned(), "true".to_owned());
+        }
+        let register = RegisterAgent { name: target.name.clone(), pool: pool.name.clone(), labels: agent_labels };
+        let credential = self
+            .call("register agent", || ci.register(&register))
+            .await
+            .map_err(|e| self.failed("register agent", &e))?;
+        self.redactor.add(credential.token.expose());
+        tracing::info!(agent = %credential.agent_id, "agent registered");
+        let env_file = bootstrap_env(&pool.agent, &credential).map_err(|e| self.fail("write credential", e))?;
+
+        let capabilities = backend.capabilities();
+        let request = CreateInstance {
+            name: target.name.clone(),
+            pool: pool.name.clone(),
+            labels: self.instance_labels(pool)?,
+            machine: prefixed(&self.change.after, "machine."),
+            // Containers get the credential as a file once running; clouds only through user data.
+            user_data: (!capabilities.exec).then(|| env_file.clone()),
+        };
+        let id = match self.call("create instance", || backend.create(&request)).await {
+            Ok(instance) => instance.id,
+            // A previous apply died after creating it (or its response was lost): carry on with that one. On a
+            // user-data backend it holds the credential of the earlier registration; if the CI rotated it, the
+            // agent never checks in and the planner's bootstrap timeout replaces the instance.
+            Err(Error::AlreadyExists { .. }) => self.find_owned(&backend, &target.name).await?,
+            Err(error) => return Err(self.failed("create instance", &error)),
+        };
+        tracing::info!(instance = %id, "instance created");
+        self.wait_ready(&backend, &id).await?;
+
+        if capabilities.exec {
+            let file = PushFile {
+                path: CREDENTIAL_PATH.to_owned(),
+                content: env_file,
+                mode: CREDENTIAL_MODE,
+                uid: 0,
+                gid: 0,
+            };
+            self.call("push credential", || backend.push_file(&id, &file))
+                .await
+                .map_err(|e| self.failed("push credential", &e))?;
+            // Fire and forget: the agent runs for as long as the instance does.
+            let exec = Exec { command: vec![AGENT_COMMAND.to_owned()], env: BTreeMap::new(), wait: false };
+            self.call("start agent", || backend.exec(&id, &exec)).await.map_err(|e| self.failed("start agent", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Finds the instance named `name` among those this config owns; one with that name that it does not own is
+    /// never taken over.
+    async fn find_owned(&self, backend: &Arc<dyn Backend>, name: &str) -> Result<InstanceId, StepFailure> {
+        let owner = &self.shared.desired.owner;
+        let request = ListInstances { owner: owner.clone(), adopted: Vec::new() };
+        let observation = self
+            .call("find existing instance", || backend.observe(&request))
+            .await
+            .map_err(|e| self.failed("find existing instance", &e))?;
+        observation.instances.into_iter().find(|instance| instance.name == name).map(|instance| instance.id).ok_or_else(
+            || {
+                self.fail(
+                    "create instance",
+                    format!(
+                        "an instance named `{name}` exists but is not labelled `{OWNER_LABEL}={owner}`\nhint: \
+                         ciscale never touches what it does not own: rename or remove that instance"
+                    ),
+                )
+            },
+        )
+    }
+
+    /// Polls the instance until it runs. A stopped one is started once (an interrupted create or start).
+    async fn wait_ready(&self, backend: &Arc<dyn Backend>, id: &InstanceId) -> Result<(), StepFailure> {
+        const STEP: &str = "wait ready";
+        self.announce(STEP);
+        let deadline = Instant::now() + self.shared.options.ready_timeout;
+        let mut started = false;
+        loop {
+            match backend.get(id).await {
+                Ok(instance) => match instance.state {
+                    InstanceState::Running => return Ok(()),
+                    InstanceState::Stopped if !started => {
+                        started = true;
+                        self.call("start instance", || backend.start(id))
+                            .await
+                            .map_err(|e| self.failed("start instance", &e))?;
+                    }
+                    InstanceState::Deleting | InstanceState::Terminated => {
+                        return Err(self.fail(STEP, format!("instance `{id}` is {} instead of starting", instance.state)));
+                    }
+                    _ => {}
+                },
+                Err(error) if is_retryable(&error) => {
+                    tracing::debug!(error = %self.redactor.redact(&error.to_string()), "instance not readable yet");
+                }
+                Err(error) => return Err(self.failed(STEP, &error)),
+            }
+            if Instant::now() >= deadline {
+                return Err(self.fail(
+                    STEP,
+                    format!(
+                        "instance `{id}` is not running after {}\nhint: check the instance's console or raise the \
+                         ready timeout",
+                        crate::model::GoDuration(self.shared.options.ready_timeout)
+                    ),
+                ));
+            }
+            tokio::time::sleep(self.shared.options.poll).await;
+        }
+    }
+
+    async fn delete(&self) -> Result<(), StepFailure> {
+        if let Some(instance) = &self.change.instance {
+            let backend = self.backend(&instance.backend)?;
+            let id = instance.id.as_ref().ok_or_else(|| {
+                self.fail("resolve", format!("the change names instance `{}` without an id", instance.name))
+            })?;
+            let owner = &self.shared.desired.owner;
+            // The last guard of "own only what you labelled": one read before the one irreversible call.
+            match self.call("check owner", || backend.get(id)).await {
+                Ok(found) if found.owner() != Some(owner.as_str()) => {
+                    return Err(self.fail(
+                        "check owner",
+                        format!("refusing to delete instance `{id}`: it is not labelled `{OWNER_LABEL}={owner}`"),
+                    ));
+                }
+                Ok(_) => match self.call("delete instance", || backend.delete(id)).await {
+                    Ok(()) | Err(Error::NotFound { .. }) => {}
+                    Err(error) => return Err(self.failed("delete instance", &error)),
+                },
+                Err(Error::NotFound { .. }) => tracing::info!(instance = %id, "instance already gone"),
+                Err(error) => return Err(self.failed("check owner", &error)),
+            }
+        }
+        if let Some(agent) = &self.change.agent {
+            self.deregister(agent).await?;
+        }
+        Ok(())
+    }
+
+    async fn deregister(&self, agent: &AgentTarget) -> Result<(), StepFailure> {
+        let ci = self.ci(&agent.ci)?;
+        match self.call("deregister agent", || ci.deregister(&agent.id)).await {
+            Ok(()) => Ok(()),
+            Err(Error::NotFound { .. }) => {
+                tracing::info!(agent = %agent.id, "agent already gone");
+                Ok(())
+            }
+            Err(error) => Err(self.failed("deregister agent", &error)),
+        }
+    }
+
+    // -- helpers ---------------------------------------------------------------------------------------------
+
+    /// Announces and runs one provider call, with retries.
+    async fn call<T, Call, Fut>(&self, step: &str, call: Call) -> Result<T>
+    where
+        Call: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.announce(step);
+        with_retries(step, self.shared.options.poll, |error| self.redactor.redact(&error.to_string()), call).await
+    }
+
+    fn announce(&self, step: &str) {
+        tracing::info!(step, "step");
+        let _ = self.events.send(Event::Step(self.index, step.to_owned()));
+    }
+
+    fn fail(&self, step: &str, message: impl Display) -> StepFailure {
+        StepFailure { step: step.to_owned(), error: self.redactor.redact(&message.to_string()) }
+    }
+
+    fn failed(&self, step: &str, error: &Error) -> StepFailure {
+        self.fail(step, error)
+    }
+
+    fn instance_target(&self) -> Result<&'run InstanceTarget, StepFailure> {
+        let change = self.change;
+        change
+            .instance
+            .as_ref()
+            .ok_or_else(|| self.fail("resolve", format!("a {} change needs an instance", change.action)))
+    }
+
+    fn agent_target(&self) -> Result<&'run AgentTarget, StepFailure> {
+        let change = self.change;
+        change.agent.as_ref().ok_or_else(|| self.fail("resolve", format!("a {} change needs an agent", change.action)))
+    }
+
+    fn existing_instance(&self) -> Result<(Arc<dyn Backend>, InstanceId), StepFailure> {
+        let target = self.instance_target()?;
+        let backend = self.backend(&target.backend)?;
+        let id = target.id.clone().ok_or_else(|| {
+            self.fail("resolve", format!("the change names instance `{}` without an id", target.name))
+        })?;
+        Ok((backend, id))
+    }
+
+    fn backend(&self, name: &BackendName) -> Result<Arc<dyn Backend>, StepFailure> {
+        self.shared.providers.backends.get(name).cloned().ok_or_else(|| {
+            self.fail("resolve", format!("backend `{name}` is not configured\nhint: is the plan from another config?"))
+        })
+    }
+
+    fn ci(&self, name: &CiName) -> Result<Arc<dyn CiSource>, StepFailure> {
+        self.shared.providers.ci.get(name).cloned().ok_or_else(|| {
+            self.fail("resolve", format!("CI source `{name}` is not configured\nhint: is the plan from another config?"))
+        })
+    }
+
+    /// The planned `label.*` attributes, with the owner and pool labels guaranteed: nothing is created unowned.
+    fn instance_labels(&self, pool: &PoolSpec) -> Result<BTreeMap<String, String>, StepFailure> {
+        let owner = &self.shared.desired.owner;
+        let mut labels = prefixed(&self.change.after, "label.");
+        let planned_owner = labels.entry(OWNER_LABEL.to_owned()).or_insert_with(|| owner.clone());
+        if planned_owner != owner {
+            return Err(self.fail(
+                "resolve",
+                format!(
+                    "the plan labels the instance `{OWNER_LABEL}={planned_owner}` but the config's owner is `{owner}`\n\
+                     hint: re-run `ciscale plan` with the current config"
+                ),
+            ));
+        }
+        labels.entry(POOL_LABEL.to_owned()).or_insert_with(|| pool.name.to_string());
+        Ok(labels)
+    }
+}
+
+/// The entries of `attributes` whose key starts with `prefix`, with the prefix removed.
+fn prefixed(attributes: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+    attributes
+        .iter()
+        .filter_map(|(key, value)| key.strip_prefix(prefix).map(|key| (key.to_owned(), value.clone())))
+        .collect()
+}

@@ -1,0 +1,62 @@
+//! Retrying one provider call. Only transient failures are retried, and only a few times: apply runs again
+//! on the next cycle anyway, so a long retry here would only delay the rest of the plan.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::providers::{Error, Result};
+
+/// Retries after the first attempt. Three, with doubling delays, rides out a provider's blip of a few poll
+/// intervals without holding a change for long.
+pub const MAX_RETRIES: u32 = 3;
+
+/// A `Retry-After` longer than this is not waited for here: the next cycle will try again anyway.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Worth retrying within this apply. Capacity errors are transient in general, but retrying the same machine
+/// type in the same place rarely helps: they are left to fallbacks (other types/locations) and the next cycle.
+pub fn is_retryable(error: &Error) -> bool {
+    error.is_transient() && !matches!(error, Error::Capacity { .. })
+}
+
+/// The wait before retry number `retry` (0-based): `base` doubled each time, or the provider's `Retry-After`
+/// (capped at [`MAX_RETRY_AFTER`]) when it gave one.
+pub fn backoff(base: Duration, retry: u32, error: &Error) -> Duration {
+    if let Error::RateLimited { retry_after: Some(after), .. } = error {
+        return (*after).min(MAX_RETRY_AFTER);
+    }
+    base.saturating_mul(2u32.saturating_pow(retry)).min(MAX_RETRY_AFTER)
+}
+
+/// Runs `call`, retrying retryable failures up to [`MAX_RETRIES`] times. `describe` turns an error into loggable
+/// text (the caller redacts secrets there).
+pub async fn with_retries<T, Call, Fut>(
+    step: &str,
+    base: Duration,
+    describe: impl Fn(&Error) -> String,
+    mut call: Call,
+) -> Result<T>
+where
+    Call: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut retry = 0;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(error) if retry < MAX_RETRIES && is_retryable(&error) => {
+                let delay = backoff(base, retry, &error);
+                tracing::warn!(
+                    step,
+                    retry = retry + 1,
+                    delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    error = %describe(&error),
+                    "transient failure, retrying"
+                );
+                tokio::time::sleep(delay).await;
+                retry += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The fake CI: a Woodpecker-like server with per-agent tokens, `no_schedule` and a queue.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::model::{AgentId, CiObservation, Secret};
+use crate::providers::{AgentCredential, CiSource, Error, RegisterAgent, Result};
+
+use super::state::{sha256_hex, FakeAgent, WorldState};
+use super::{FakeWorld, Op};
+
+/// The fake world's [`CiSource`] (kind `fake`).
+#[derive(Debug, Clone)]
+pub struct FakeCi {
+    world: FakeWorld,
+}
+
+impl FakeCi {
+    pub(super) fn new(world: FakeWorld) -> Self {
+        Self { world }
+    }
+
+    pub fn world(&self) -> &FakeWorld {
+        &self.world
+    }
+}
+
+fn not_found(id: &AgentId) -> Error {
+    Error::NotFound { what: format!("agent `{id}`") }
+}
+
+fn find<'state>(state: &'state mut WorldState, id: &AgentId) -> Result<&'state mut FakeAgent> {
+    state.agent_mut(id).ok_or_else(|| not_found(id))
+}
+
+/// Issues a fresh token for an agent: handed out once, only its digest is kept.
+fn issue_token(state: &mut WorldState, agent: &AgentId) -> Secret {
+    state.counters.tokens += 1;
+    Secret::new(format!("fake-token-{agent}-{}", state.counters.tokens))
+}
+
+#[async_trait]
+impl CiSource for FakeCi {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn observe(&self) -> Result<CiObservation> {
+        let simulate = self.world.simulates();
+        self.world.call(Op::CiObserve, |state| {
+            if simulate {
+                state.simulate();
+            }
+            Ok(CiObservation { agents: state.agents_model(), queue: state.queue_model() })
+        })
+    }
+
+    async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
+        self.world.call(Op::Register, |state| {
+            let agent_id = match state.agents.iter().find(|agent| agent.name == request.name) {
+                Some(existing) => existing.id.clone(),
+                None => {
+                    state.counters.agents += 1;
+                    let id = AgentId::new(state.counters.agents.to_string());
+                    state.agents.push(FakeAgent {
+                        id: id.clone(),
+                        name: request.name.clone(),
+                        pool: Some(request.pool.clone()),
+                        no_schedule: false,
+                        last_contact: None,
+                        last_work: None,
+                        labels: request.labels.clone(),
+                        token_sha256: String::new(),
+                        jobs_done: 0,
+                    });
+                    id
+                }
+            };
+            let token = issue_token(state, &agent_id);
+            find(state, &agent_id)?.token_sha256 = sha256_hex(token.expose().as_bytes());
+            Ok(AgentCredential {
+                agent_id,
+                token,
+                env: BTreeMap::from([("CI_SERVER".to_owned(), "fake://".to_owned())]),
+            })
+        })
+    }
+
+    async fn drain(&self, id: &AgentId) -> Result<()> {
+        self.world.call(Op::Drain, |state| {
+            find(state, id)?.no_schedule = true;
+            Ok(())
+        })
+    }
+
+    async fn undrain(&self, id: &AgentId) -> Result<()> {
+        self.world.call(Op::Undrain, |state| {
+            find(state, id)?.no_schedule = false;
+            Ok(())
+        })
+    }
+
+    async fn deregister(&self, id: &AgentId) -> Result<()> {
+        self.world.call(Op::Deregister, |state| {
+            let before = state.agents.len();
+            state.agents.retain(|agent| &agent.id != id);
+            if state.agents.len() == before {
+                return Err(not_found(id));
+            }
+            // The CI gives a job whose agent vanished to another agent.
+            for task in state.tasks.iter_mut().filter(|task| task.agent_id.as_ref() == Some(id)) {
+                task.agent_id = None;
+                task.started_at = None;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,323 @@
+//! The fake world's state: plain serialisable data, so a file-backed world can be shared by separate processes
+//! and a test can assert on everything that happened. It never holds a secret: agent tokens are kept as SHA-256
+//! digests, pushed files and user data as digests of their content.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{
+    Agent, AgentId, Instance, InstanceId, InstanceState, PoolName, Price, Queue, Task, TaskId,
+};
+
+use super::fault::Fault;
+
+pub use crate::model::EPHEMERAL_LABEL;
+
+/// How long a task pushed with [`super::FakeWorld::push_task`] runs once an agent takes it.
+pub const DEFAULT_RUN_FOR_SECS: u64 = 60;
+
+/// Everything in the fake world. Public fields so tests can assert on any of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorldState {
+    /// The fake's clock; `None` follows the real clock (CLI demos), tests set it.
+    pub now: Option<Timestamp>,
+    /// Whether the fake backend reports the `exec` capability (containers) or not (clouds with user data).
+    pub exec_capability: bool,
+    /// In creation order.
+    pub instances: Vec<FakeInstance>,
+    /// In registration order.
+    pub agents: Vec<FakeAgent>,
+    /// Pending and running tasks, in push order.
+    pub tasks: Vec<FakeTask>,
+    /// Hourly price per machine type (the `server_type` machine attribute), reported by `observe`.
+    pub prices: BTreeMap<String, Price>,
+    /// Calls per operation (`backend.create`, `ci.observe`, ...), failed ones included: what a real API would
+    /// have counted against a rate limit.
+    pub calls: BTreeMap<String, u64>,
+    pub pushed_files: Vec<PushedFile>,
+    pub execs: Vec<ExecRecord>,
+    /// Injected faults still armed.
+    pub faults: Vec<ArmedFault>,
+    /// Counters behind the deterministic ids.
+    pub counters: Counters,
+}
+
+impl Default for WorldState {
+    fn default() -> Self {
+        Self {
+            now: None,
+            exec_capability: true,
+            instances: Vec::new(),
+            agents: Vec::new(),
+            tasks: Vec::new(),
+            prices: BTreeMap::new(),
+            calls: BTreeMap::new(),
+            pushed_files: Vec::new(),
+            execs: Vec::new(),
+            faults: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub instances: u64,
+    pub agents: u64,
+    pub tasks: u64,
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FakeInstance {
+    pub id: InstanceId,
+    pub name: String,
+    pub state: InstanceState,
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The machine attributes it was created with.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// SHA-256 of the bootstrap user data, when there was any.
+    #[serde(default)]
+    pub user_data_sha256: Option<String>,
+}
+
+impl FakeInstance {
+    pub fn to_model(&self) -> Instance {
+        Instance {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state,
+            created_at: self.created_at,
+            labels: self.labels.clone(),
+            attributes: self.attributes.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FakeAgent {
+    pub id: AgentId,
+    pub name: String,
+    #[serde(default)]
+    pub pool: Option<PoolName>,
+    #[serde(default)]
+    pub no_schedule: bool,
+    #[serde(default)]
+    pub last_contact: Option<Timestamp>,
+    #[serde(default)]
+    pub last_work: Option<Timestamp>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// SHA-256 of the agent's current token (the token itself is handed out once and never stored).
+    pub token_sha256: String,
+    /// Jobs this agent has finished (an ephemeral agent takes no job after its first).
+    #[serde(default)]
+    pub jobs_done: u32,
+}
+
+impl FakeAgent {
+    pub fn is_ephemeral(&self) -> bool {
+        self.labels.get(EPHEMERAL_LABEL).is_some_and(|value| value == "true")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FakeTask {
+    pub id: TaskId,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub demands: Vec<String>,
+    /// The agent running it; `None` while pending.
+    #[serde(default)]
+    pub agent_id: Option<AgentId>,
+    /// When an agent took it (running tasks only).
+    #[serde(default)]
+    pub started_at: Option<Timestamp>,
+    /// How long it runs once taken.
+    pub run_for_secs: u64,
+}
+
+/// A file pushed into an instance, as far as a test needs to know: where, how, and a digest of what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushedFile {
+    pub instance: InstanceId,
+    pub path: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub sha256: String,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    pub instance: InstanceId,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub wait: bool,
+}
+
+/// An injected fault and how far it has got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmedFault {
+    pub fault: Fault,
+    /// Calls of the fault's operation seen since it was injected.
+    pub seen: u64,
+    /// Failures it has caused so far.
+    pub fired: u32,
+}
+
+/// Lower-case hex SHA-256, the form digests are stored in.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+impl WorldState {
+    pub fn now(&self) -> Timestamp {
+        self.now.unwrap_or_else(Timestamp::now)
+    }
+
+    pub fn instance_mut(&mut self, id: &InstanceId) -> Option<&mut FakeInstance> {
+        self.instances.iter_mut().find(|instance| &instance.id == id)
+    }
+
+    pub fn agent_mut(&mut self, id: &AgentId) -> Option<&mut FakeAgent> {
+        self.agents.iter_mut().find(|agent| &agent.id == id)
+    }
+
+    fn is_busy(&self, agent: &AgentId) -> bool {
+        self.tasks.iter().any(|task| task.agent_id.as_ref() == Some(agent))
+    }
+
+    pub fn agents_model(&self) -> Vec<Agent> {
+        self.agents
+            .iter()
+            .map(|agent| Agent {
+                id: agent.id.clone(),
+                name: agent.name.clone(),
+                busy: self.is_busy(&agent.id),
+                no_schedule: agent.no_schedule,
+                last_contact: agent.last_contact,
+                last_work: agent.last_work,
+                labels: agent.labels.clone(),
+            })
+            .collect()
+    }
+
+    pub fn queue_model(&self) -> Queue {
+        let to_task = |task: &FakeTask| Task {
+            id: task.id.clone(),
+            labels: task.labels.clone(),
+            demands: task.demands.clone(),
+            agent_id: task.agent_id.clone(),
+        };
+        Queue {
+            pending: self.tasks.iter().filter(|task| task.agent_id.is_none()).map(to_task).collect(),
+            running: self.tasks.iter().filter(|task| task.agent_id.is_some()).map(to_task).collect(),
+        }
+    }
+
+    /// Plays the CI and its agents for one step; see [`super::FakeWorld::simulate`].
+    pub fn simulate(&mut self) {
+        let now = self.now();
+
+        // Agents whose instance runs check in.
+        let running_names: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|instance| instance.state == InstanceState::Running)
+            .map(|instance| instance.name.clone())
+            .collect();
+        for agent in &mut self.agents {
+            if running_names.contains(&agent.name) {
+                agent.last_contact = Some(now);
+            }
+        }
+
+        // Running tasks that have run long enough finish.
+        let mut finished_by = Vec::new();
+        self.tasks.retain(|task| {
+            let done = match (&task.agent_id, task.started_at) {
+                (Some(agent), Some(started_at)) => {
+                    let run_for = jiff::SignedDuration::from_secs(i64::try_from(task.run_for_secs).unwrap_or(i64::MAX));
+                    let ends_at = started_at.checked_add(run_for).unwrap_or(Timestamp::MAX);
+                    if ends_at <= now {
+                        finished_by.push(agent.clone());
+                        true
+                    } else {
+                        false
+                    }
+                }
+                _ => false,
+            };
+            !done
+        });
+        for agent_id in finished_by {
+            let mut power_off = None;
+            if let Some(agent) = self.agent_mut(&agent_id) {
+                agent.last_work = Some(now);
+                agent.jobs_done = agent.jobs_done.saturating_add(1);
+                if agent.is_ephemeral() {
+                    power_off = Some(agent.name.clone());
+                }
+            }
+            // An ephemeral agent's wrapper powers the instance off after its one job.
+            if let Some(name) = power_off {
+                for instance in self.instances.iter_mut().filter(|instance| instance.name == name) {
+                    instance.state = InstanceState::Stopped;
+                }
+            }
+        }
+
+        // Pending tasks go to a free, matching, checked-in agent (an instance powered off just now takes none).
+        let running_names: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|instance| instance.state == InstanceState::Running)
+            .map(|instance| instance.name.clone())
+            .collect();
+        for index in 0..self.tasks.len() {
+            if self.tasks[index].agent_id.is_some() {
+                continue;
+            }
+            let candidate = self
+                .agents
+                .iter()
+                .find(|agent| {
+                    running_names.contains(&agent.name)
+                        && agent.last_contact.is_some()
+                        && !agent.no_schedule
+                        && !(agent.is_ephemeral() && agent.jobs_done > 0)
+                        && !self.is_busy(&agent.id)
+                        && labels_match(&self.tasks[index].labels, &agent.labels)
+                })
+                .map(|agent| agent.id.clone());
+            if let Some(agent_id) = candidate {
+                let task = &mut self.tasks[index];
+                task.agent_id = Some(agent_id.clone());
+                task.started_at = Some(now);
+                if let Some(agent) = self.agent_mut(&agent_id) {
+                    agent.last_work = Some(now);
+                }
+            }
+        }
+    }
+}
+
+/// The fake's (simplified Woodpecker) matching rule: every task label with a value, except Woodpecker's internal
+/// `woodpecker-ci.org/*` ones, must be on the agent with that value or `*`.
+pub fn labels_match(task: &BTreeMap<String, String>, agent: &BTreeMap<String, String>) -> bool {
+    task.iter()
+        .filter(|(key, value)| !value.is_empty() && !key.starts_with("woodpecker-ci.org/"))
+        .all(|(key, value)| agent.get(key).is_some_and(|offered| offered == value || offered == "*"))
+}

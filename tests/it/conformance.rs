@@ -1,0 +1,262 @@
+//! The provider conformance suite: one set of checks of the `Backend` and `CiSource` contracts, written once
+//! over trait objects and run on every implementation (object_store's `integration.rs` style). The fakes run it
+//! here; real backends call the same `pub` functions from their own test modules.
+//!
+//! Names are derived from `owner`/`prefix`, so a real account can run it repeatedly; every function cleans up
+//! what it created when it passes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ciscale::model::{Instance, InstanceId, InstanceState, PoolName, Secret, OWNER_LABEL, POOL_LABEL};
+use ciscale::providers::fake::FakeWorld;
+use ciscale::providers::{
+    Backend, CiSource, CreateInstance, Error, Exec, ListInstances, PushFile, RegisterAgent,
+};
+use ciscale::model::FakeSpec;
+
+/// How many times [`wait_for_state`] looks before giving up, and how long it sleeps in between. Real backends
+/// get their own numbers; the fake needs one look.
+#[derive(Debug, Clone, Copy)]
+pub struct Patience {
+    pub attempts: u32,
+    pub interval: Duration,
+}
+
+impl Patience {
+    pub const FAKE: Patience = Patience { attempts: 5, interval: Duration::from_millis(1) };
+}
+
+pub fn owned_request(owner: &str, name: &str) -> CreateInstance {
+    CreateInstance {
+        name: name.to_owned(),
+        pool: PoolName::new("conformance"),
+        labels: BTreeMap::from([
+            (OWNER_LABEL.to_owned(), owner.to_owned()),
+            (POOL_LABEL.to_owned(), "conformance".to_owned()),
+        ]),
+        machine: BTreeMap::new(),
+        user_data: None,
+    }
+}
+
+/// Polls `get` until the instance is in `state`; panics (failing the test) with the last state seen otherwise.
+pub async fn wait_for_state(backend: &dyn Backend, id: &InstanceId, state: InstanceState, patience: Patience) -> Instance {
+    let mut last = None;
+    for _ in 0..patience.attempts {
+        match backend.get(id).await {
+            Ok(instance) if instance.state == state => return instance,
+            Ok(instance) => last = Some(instance.state.to_string()),
+            Err(error) => last = Some(error.to_string()),
+        }
+        tokio::time::sleep(patience.interval).await;
+    }
+    panic!("instance `{id}` never reached `{state}`; last seen: {last:?}");
+}
+
+async fn listed(backend: &dyn Backend, request: &ListInstances) -> Vec<Instance> {
+    match backend.observe(request).await {
+        Ok(observation) => observation.instances,
+        Err(error) => panic!("observe failed: {error}"),
+    }
+}
+
+/// The [`Backend`] contract: create-if-absent, lifecycle, owner filtering, adoption, delete semantics, and
+/// push-file/exec where the capabilities say so.
+pub async fn backend_conformance(backend: Arc<dyn Backend>, owner: &str, patience: Patience) {
+    let name = format!("{owner}-conformance-1");
+    let only_owner = ListInstances { owner: owner.to_owned(), adopted: Vec::new() };
+
+    // create → listed with its labels
+    let created = backend.create(&owned_request(owner, &name)).await.expect("create");
+    assert_eq!(created.name, name);
+    assert!(
+        matches!(created.state, InstanceState::Pending | InstanceState::Running),
+        "a new instance is pending or running, not {}",
+        created.state
+    );
+    let id = created.id.clone();
+    let instances = listed(backend.as_ref(), &only_owner).await;
+    let seen = instances.iter().find(|instance| instance.id == id).expect("the new instance is listed");
+    assert_eq!(seen.owner(), Some(owner));
+    assert_eq!(seen.pool(), Some(PoolName::new("conformance")));
+    assert_eq!(instances.iter().filter(|instance| instance.name == name).count(), 1);
+
+    // create-if-absent by name
+    let again = backend.create(&owned_request(owner, &name)).await;
+    assert!(matches!(again, Err(Error::AlreadyExists { .. })), "second create of `{name}`: {again:?}");
+    assert_eq!(
+        listed(backend.as_ref(), &only_owner).await.iter().filter(|instance| instance.name == name).count(),
+        1,
+        "a refused create leaves no duplicate"
+    );
+
+    // get, and it comes up
+    let got = backend.get(&id).await.expect("get");
+    assert_eq!(got.id, id);
+    assert_eq!(got.name, name);
+    wait_for_state(backend.as_ref(), &id, InstanceState::Running, patience).await;
+
+    // push-file and exec, where offered
+    let capabilities = backend.capabilities();
+    if capabilities.exec {
+        let file = PushFile {
+            path: "/tmp/ciscale-conformance".to_owned(),
+            content: Secret::new("conformance\n"),
+            mode: 0o400,
+            uid: 0,
+            gid: 0,
+        };
+        backend.push_file(&id, &file).await.expect("push_file");
+        let run = |command: &str, wait: bool| Exec { command: vec![command.to_owned()], env: BTreeMap::new(), wait };
+        assert_eq!(backend.exec(&id, &run("true", true)).await.expect("exec true").exit_code, Some(0));
+        assert_eq!(backend.exec(&id, &run("false", true)).await.expect("exec false").exit_code, Some(1));
+        let missing = InstanceId::new(format!("{owner}-conformance-missing"));
+        let pushed = backend.push_file(&missing, &file).await;
+        assert!(matches!(pushed, Err(Error::NotFound { .. })), "push_file into a missing instance: {pushed:?}");
+    } else {
+        let file = PushFile { path: "/tmp/x".to_owned(), content: Secret::new("x"), mode: 0o400, uid: 0, gid: 0 };
+        let pushed = backend.push_file(&id, &file).await;
+        assert!(matches!(pushed, Err(Error::Unsupported { .. })), "push_file without the capability: {pushed:?}");
+    }
+
+    // stop / start, idempotent
+    backend.stop(&id).await.expect("stop");
+    wait_for_state(backend.as_ref(), &id, InstanceState::Stopped, patience).await;
+    backend.stop(&id).await.expect("stop of a stopped instance succeeds");
+    if capabilities.keeps_stopped {
+        let listed_stopped = listed(backend.as_ref(), &only_owner).await;
+        assert!(listed_stopped.iter().any(|instance| instance.id == id), "a stopped instance is still listed");
+    }
+    backend.start(&id).await.expect("start");
+    wait_for_state(backend.as_ref(), &id, InstanceState::Running, patience).await;
+    backend.start(&id).await.expect("start of a running instance succeeds");
+
+    // an instance of another owner is never listed, unless adopted by id
+    let other_owner = format!("{owner}-other");
+    let foreign_name = format!("{owner}-conformance-foreign");
+    let foreign = backend.create(&owned_request(&other_owner, &foreign_name)).await.expect("create foreign");
+    let instances = listed(backend.as_ref(), &only_owner).await;
+    assert!(instances.iter().all(|instance| instance.owner() == Some(owner)), "only owned instances: {instances:?}");
+    assert!(instances.iter().all(|instance| instance.id != foreign.id));
+    let with_adopted = ListInstances { owner: owner.to_owned(), adopted: vec![foreign.id.clone()] };
+    let instances = listed(backend.as_ref(), &with_adopted).await;
+    assert!(instances.iter().any(|instance| instance.id == foreign.id), "the adopted instance is listed");
+    assert!(instances.iter().any(|instance| instance.id == id), "owned ones are still listed with adoption");
+    let unknown_adopted = ListInstances {
+        owner: owner.to_owned(),
+        adopted: vec![InstanceId::new(format!("{owner}-conformance-never-created"))],
+    };
+    assert!(
+        backend.observe(&unknown_adopted).await.is_ok(),
+        "an adopted id that does not exist is left out, not an error"
+    );
+
+    // delete → gone; delete again → NotFound
+    backend.delete(&id).await.expect("delete");
+    let mut gone = false;
+    for _ in 0..patience.attempts {
+        let instances = listed(backend.as_ref(), &only_owner).await;
+        if !instances.iter().any(|instance| {
+            instance.id == id && !matches!(instance.state, InstanceState::Terminated | InstanceState::Deleting)
+        }) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(patience.interval).await;
+    }
+    assert!(gone, "deleted instance `{id}` is still listed");
+    let again = backend.delete(&id).await;
+    assert!(matches!(again, Err(Error::NotFound { .. })), "second delete: {again:?}");
+    let get_gone = backend.get(&id).await;
+    assert!(
+        matches!(get_gone, Err(Error::NotFound { .. }))
+            || matches!(&get_gone, Ok(instance) if instance.state == InstanceState::Terminated),
+        "get of a deleted instance: {get_gone:?}"
+    );
+
+    backend.delete(&foreign.id).await.expect("clean up the foreign instance");
+}
+
+/// The [`CiSource`] contract: register is create-if-absent by name, drain/undrain are idempotent, deregister
+/// of a missing agent is `NotFound`.
+pub async fn ci_conformance(ci: Arc<dyn CiSource>, prefix: &str) {
+    let name = format!("{prefix}-conformance-agent");
+    let request = RegisterAgent {
+        name: name.clone(),
+        pool: PoolName::new("conformance"),
+        labels: BTreeMap::from([("platform".to_owned(), "linux/amd64".to_owned())]),
+    };
+
+    let first = ci.register(&request).await.expect("register");
+    assert!(!first.token.expose().is_empty(), "a registered agent gets a token");
+    let observed = ci.observe().await.expect("observe");
+    let agent = observed.agents.iter().find(|agent| agent.id == first.agent_id).expect("the new agent is listed");
+    assert_eq!(agent.name, name);
+    assert!(!agent.no_schedule, "a new agent takes jobs");
+    assert!(!agent.busy, "a new agent runs nothing");
+
+    let second = ci.register(&request).await.expect("register again");
+    assert_eq!(second.agent_id, first.agent_id, "register is create-if-absent by name");
+    let observed = ci.observe().await.expect("observe");
+    assert_eq!(observed.agents.iter().filter(|agent| agent.name == name).count(), 1, "no duplicate agent");
+
+    let no_schedule = |observed: &ciscale::model::CiObservation| {
+        observed.agents.iter().find(|agent| agent.id == first.agent_id).map(|agent| agent.no_schedule)
+    };
+    ci.drain(&first.agent_id).await.expect("drain");
+    ci.drain(&first.agent_id).await.expect("drain is idempotent");
+    assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(true));
+    ci.undrain(&first.agent_id).await.expect("undrain");
+    ci.undrain(&first.agent_id).await.expect("undrain is idempotent");
+    assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(false));
+
+    ci.deregister(&first.agent_id).await.expect("deregister");
+    assert_eq!(no_schedule(&ci.observe().await.expect("observe")), None, "a deregistered agent is not listed");
+    let again = ci.deregister(&first.agent_id).await;
+    assert!(matches!(again, Err(Error::NotFound { .. })), "second deregister: {again:?}");
+    let drained_missing = ci.drain(&first.agent_id).await;
+    assert!(matches!(drained_missing, Err(Error::NotFound { .. })), "drain of a missing agent: {drained_missing:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fakes
+// ---------------------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn fake_backend_in_memory() {
+    let world = FakeWorld::new();
+    backend_conformance(Arc::new(world.backend()), "conformance", Patience::FAKE).await;
+    // The suite cleans up after itself.
+    assert!(world.snapshot().instances.is_empty());
+}
+
+#[tokio::test]
+async fn fake_backend_without_exec_capability() {
+    let world = FakeWorld::new();
+    world.set_exec_capability(false);
+    // Without the capability the fake refuses push-file/exec, as a cloud backend does: the suite's other branch.
+    backend_conformance(Arc::new(world.backend()), "conformance", Patience::FAKE).await;
+}
+
+#[tokio::test]
+async fn fake_ci_in_memory() {
+    let world = FakeWorld::new();
+    ci_conformance(Arc::new(world.ci()), "conformance").await;
+    assert!(world.snapshot().agents.is_empty());
+}
+
+#[tokio::test]
+async fn fake_backend_and_ci_file_backed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false };
+    let world = FakeWorld::open(&spec).expect("open");
+    backend_conformance(Arc::new(world.backend()), "conformance", Patience::FAKE).await;
+    // A second handle on the same file (as a second process would have) passes too, and sees the first's state.
+    let other = FakeWorld::open(&spec).expect("open again");
+    ci_conformance(Arc::new(other.ci()), "conformance").await;
+    assert!(dir.path().join("world.json").exists(), "the world lives in the file");
+    assert_eq!(world.snapshot(), other.snapshot());
+    assert_eq!(world.snapshot().counters.instances, 2, "both instances of the backend run were counted");
+}
