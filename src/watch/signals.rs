@@ -23,7 +23,7 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
             signals_seen += 1;
             if signals_seen == 1 {
                 tracing::info!("shutting down: finishing in-flight steps (signal again to abort)");
-                drop(sender.send(true));
+                sender.send_replace(true);
             } else {
                 tracing::warn!("aborting");
                 std::process::exit(EXIT_ABORTED);
