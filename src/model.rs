@@ -113,10 +113,7 @@ pub struct DurationError {
 impl FromStr for GoDuration {
     type Err = DurationError;
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let fail = |why: &str| DurationError {
-            input: input.to_owned(),
-            why: why.to_owned(),
-        };
+        let fail = |why: &str| DurationError { input: input.to_owned(), why: why.to_owned() };
         let trimmed = input.trim();
         if trimmed.is_empty() {
             return Err(fail("empty; write e.g. `10s`, `30m` or `1h30m`"));
@@ -126,20 +123,15 @@ impl FromStr for GoDuration {
             return Ok(Self::default());
         }
         // Go's units only: days and longer are calendar units there and are rejected, so we reject them too.
-        if trimmed
-            .chars()
-            .any(|c| matches!(c, 'd' | 'w' | 'y' | 'M' | 'D' | 'W' | 'Y'))
-        {
+        if trimmed.chars().any(|c| matches!(c, 'd' | 'w' | 'y' | 'M' | 'D' | 'W' | 'Y')) {
             return Err(fail("units are `h`, `m`, `s`, `ms`, `us`, `ns`"));
         }
         if !trimmed.chars().next().is_some_and(|c| c.is_ascii_digit()) {
             return Err(fail("must start with a number, e.g. `10s`"));
         }
-        let signed: jiff::SignedDuration = trimmed
-            .parse()
-            .map_err(|_| fail("expected Go form like `10s`, `30m` or `1h30m`"))?;
-        let std =
-            std::time::Duration::try_from(signed).map_err(|_| fail("must not be negative"))?;
+        let signed: jiff::SignedDuration =
+            trimmed.parse().map_err(|_| fail("expected Go form like `10s`, `30m` or `1h30m`"))?;
+        let std = std::time::Duration::try_from(signed).map_err(|_| fail("must not be negative"))?;
         Ok(Self(std))
     }
 }
@@ -261,14 +253,8 @@ pub struct CiSourceSpec {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CiKind {
-    Woodpecker {
-        server: String,
-        token: Secret,
-    },
-    AzurePipelines {
-        organization_url: String,
-        pat: Secret,
-    },
+    Woodpecker { server: String, token: Secret },
+    AzurePipelines { organization_url: String, pat: Secret },
     /// The in-memory fake (tests, demos, offline trials).
     Fake(FakeSpec),
 }
@@ -304,18 +290,9 @@ pub struct BackendSpec {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendKind {
-    Hcloud {
-        token: Secret,
-        endpoint: Option<String>,
-    },
-    Aws {
-        region: Option<String>,
-        endpoint: Option<String>,
-    },
-    Incus {
-        socket: Option<String>,
-        project: Option<String>,
-    },
+    Hcloud { token: Secret, endpoint: Option<String> },
+    Aws { region: Option<String>, endpoint: Option<String> },
+    Incus { socket: Option<String>, project: Option<String> },
     Fake(FakeSpec),
 }
 
@@ -504,9 +481,7 @@ impl Instance {
         self.labels.get(OWNER_LABEL).map(String::as_str)
     }
     pub fn pool(&self) -> Option<PoolName> {
-        self.labels
-            .get(POOL_LABEL)
-            .map(|pool| PoolName::new(pool.clone()))
+        self.labels.get(POOL_LABEL).map(|pool| PoolName::new(pool.clone()))
     }
 }
 
@@ -528,10 +503,7 @@ pub enum InstanceState {
 impl InstanceState {
     /// Counts towards the pool's capacity: running or on its way there.
     pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            InstanceState::Pending | InstanceState::Running | InstanceState::Unknown
-        )
+        matches!(self, InstanceState::Pending | InstanceState::Running | InstanceState::Unknown)
     }
 }
 

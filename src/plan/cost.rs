@@ -7,24 +7,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::policy::first_candidate;
 use super::{Action, Change, Cost, CostLine};
-use crate::model::{
-    BackendName, Billing, Desired, Instance, InstanceId, InstanceState, Observed, Price,
-};
+use crate::model::{BackendName, Billing, Desired, Instance, InstanceId, InstanceState, Observed, Price};
 
 /// Attribute / machine keys that name the priced machine type, most specific first.
-const MACHINE_TYPE_KEYS: [&str; 5] = [
-    "server_type",
-    "serverType",
-    "instance_type",
-    "instanceType",
-    "type",
-];
+const MACHINE_TYPE_KEYS: [&str; 5] = ["server_type", "serverType", "instance_type", "instanceType", "type"];
 
 fn machine_type(attributes: &BTreeMap<String, String>) -> Option<&str> {
-    MACHINE_TYPE_KEYS
-        .iter()
-        .find_map(|key| attributes.get(*key))
-        .map(|value| first_candidate(value))
+    MACHINE_TYPE_KEYS.iter().find_map(|key| attributes.get(*key)).map(|value| first_candidate(value))
 }
 
 fn is_billed(state: InstanceState, billing: Billing) -> bool {
@@ -43,9 +32,7 @@ struct Tally {
 impl Tally {
     fn add(&mut self, price: Option<&Price>, sign: f64) {
         match price {
-            Some(price) => {
-                *self.by_currency.entry(price.currency.clone()).or_default() += sign * price.hourly
-            }
+            Some(price) => *self.by_currency.entry(price.currency.clone()).or_default() += sign * price.hourly,
             None => self.unpriced += sign as i64,
         }
     }
@@ -57,12 +44,8 @@ pub(super) fn estimate_cost(
     changes: &[Change],
     claimed: &HashMap<(&BackendName, &InstanceId), usize>,
 ) -> Cost {
-    let billing_of = |backend: &BackendName| {
-        desired
-            .backends
-            .get(backend)
-            .map_or(Billing::PerSecond, |spec| spec.billing)
-    };
+    let billing_of =
+        |backend: &BackendName| desired.backends.get(backend).map_or(Billing::PerSecond, |spec| spec.billing);
     // Every managed instance (claimed by a pool, or labelled with our owner) with its price and billed state.
     let mut managed: HashMap<(&BackendName, &InstanceId), (Option<&Price>, bool)> = HashMap::new();
     let mut before = Tally::default();
@@ -82,19 +65,12 @@ pub(super) fn estimate_cost(
         }
     }
 
-    let mut after = Tally {
-        by_currency: before.by_currency.clone(),
-        unpriced: before.unpriced,
-    };
+    let mut after = Tally { by_currency: before.by_currency.clone(), unpriced: before.unpriced };
     for change in changes {
         let Some(target) = &change.instance else {
             continue;
         };
-        let existing = target
-            .id
-            .as_ref()
-            .and_then(|id| managed.get(&(&target.backend, id)))
-            .copied();
+        let existing = target.id.as_ref().and_then(|id| managed.get(&(&target.backend, id))).copied();
         let new_price = || {
             desired.pool(&change.pool).and_then(|pool| {
                 let prices = &observed.backends.get(&pool.backend.backend)?.prices;
@@ -104,9 +80,7 @@ pub(super) fn estimate_cost(
         match (change.action, existing) {
             (Action::Create, _) => after.add(new_price(), 1.0),
             (Action::Delete, Some((price, true))) => after.add(price, -1.0),
-            (Action::Stop, Some((price, true)))
-                if billing_of(&target.backend) == Billing::PerSecond =>
-            {
+            (Action::Stop, Some((price, true))) if billing_of(&target.backend) == Billing::PerSecond => {
                 after.add(price, -1.0)
             }
             (Action::Start, Some((price, false))) => after.add(price, 1.0),
@@ -120,11 +94,7 @@ pub(super) fn estimate_cost(
         }
     }
 
-    let currencies: Vec<&String> = before
-        .by_currency
-        .keys()
-        .chain(after.by_currency.keys())
-        .collect();
+    let currencies: Vec<&String> = before.by_currency.keys().chain(after.by_currency.keys()).collect();
     let hourly = currencies
         .into_iter()
         .map(|currency| {
@@ -135,11 +105,7 @@ pub(super) fn estimate_cost(
             (currency.clone(), line)
         })
         .collect();
-    Cost {
-        hourly,
-        unpriced_before: before.unpriced.max(0) as u32,
-        unpriced_after: after.unpriced.max(0) as u32,
-    }
+    Cost { hourly, unpriced_before: before.unpriced.max(0) as u32, unpriced_after: after.unpriced.max(0) as u32 }
 }
 
 /// Price of an instance: by its reported machine type, else by the machine type of the pool it belongs to.
@@ -151,11 +117,8 @@ fn instance_price<'a>(
     pool_index: Option<usize>,
 ) -> Option<&'a Price> {
     let prices = &observed.backends.get(backend_name)?.prices;
-    let pool_machine = pool_index
-        .and_then(|index| desired.pools.get(index))
-        .map(|pool| &pool.backend.machine);
-    let kind =
-        machine_type(&instance.attributes).or_else(|| pool_machine.and_then(machine_type))?;
+    let pool_machine = pool_index.and_then(|index| desired.pools.get(index)).map(|pool| &pool.backend.machine);
+    let kind = machine_type(&instance.attributes).or_else(|| pool_machine.and_then(machine_type))?;
     prices.get(kind)
 }
 

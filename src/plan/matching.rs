@@ -10,17 +10,12 @@ const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
 /// - every agent label `!key: value` (a *required* label) is carried by the task with exactly that value, and
 /// - every task label with a non-empty value, except internal `woodpecker-ci.org/*` ones, exists on the agent
 ///   (as `key` or `!key`) with the value `*` or exactly the task's value.
-pub fn woodpecker_matches(
-    agent_labels: &BTreeMap<String, String>,
-    task_labels: &BTreeMap<String, String>,
-) -> bool {
+pub fn woodpecker_matches(agent_labels: &BTreeMap<String, String>, task_labels: &BTreeMap<String, String>) -> bool {
     // Required labels are checked before internal labels are stripped, as Woodpecker does.
-    let required_present = agent_labels
-        .iter()
-        .all(|(key, value)| match key.strip_prefix('!') {
-            Some(required) => task_labels.get(required) == Some(value),
-            None => true,
-        });
+    let required_present = agent_labels.iter().all(|(key, value)| match key.strip_prefix('!') {
+        Some(required) => task_labels.get(required) == Some(value),
+        None => true,
+    });
     if !required_present {
         return false;
     }
@@ -28,9 +23,7 @@ pub fn woodpecker_matches(
         if task_value.is_empty() || key.starts_with(WOODPECKER_INTERNAL_PREFIX) {
             return true;
         }
-        let agent_value = agent_labels
-            .get(key)
-            .or_else(|| agent_labels.get(&format!("!{key}")));
+        let agent_value = agent_labels.get(key).or_else(|| agent_labels.get(&format!("!{key}")));
         matches!(agent_value, Some(value) if value == "*" || value == task_value)
     })
 }
@@ -49,10 +42,7 @@ pub fn azure_matches(capabilities: &BTreeMap<String, String>, demands: &[String]
         let name = parts.next().unwrap_or_default();
         let operator = parts.next();
         let expected = parts.next().map(str::trim);
-        let capability = capabilities
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value);
+        let capability = capabilities.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value);
         match (capability, operator) {
             (None, _) => false,
             (Some(value), Some(op)) if op.eq_ignore_ascii_case("-equals") => {
@@ -68,54 +58,30 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
     fn woodpecker_exact_wildcard_and_missing() {
         let agent = labels(&[("platform", "linux/amd64"), ("repo", "*")]);
-        assert!(woodpecker_matches(
-            &agent,
-            &labels(&[("platform", "linux/amd64"), ("repo", "a/b")])
-        ));
-        assert!(!woodpecker_matches(
-            &agent,
-            &labels(&[("platform", "linux/arm64")])
-        ));
+        assert!(woodpecker_matches(&agent, &labels(&[("platform", "linux/amd64"), ("repo", "a/b")])));
+        assert!(!woodpecker_matches(&agent, &labels(&[("platform", "linux/arm64")])));
         assert!(!woodpecker_matches(&agent, &labels(&[("gpu", "yes")])));
         // Empty task values and internal labels are ignored.
-        assert!(woodpecker_matches(
-            &agent,
-            &labels(&[("gpu", ""), ("woodpecker-ci.org/org-id", "3")])
-        ));
+        assert!(woodpecker_matches(&agent, &labels(&[("gpu", ""), ("woodpecker-ci.org/org-id", "3")])));
         assert!(woodpecker_matches(&agent, &BTreeMap::new()));
     }
 
     #[test]
     fn woodpecker_required_labels() {
         let agent = labels(&[("!gpu", "yes"), ("platform", "*")]);
-        assert!(woodpecker_matches(
-            &agent,
-            &labels(&[("gpu", "yes"), ("platform", "linux/amd64")])
-        ));
-        assert!(!woodpecker_matches(
-            &agent,
-            &labels(&[("platform", "linux/amd64")])
-        ));
+        assert!(woodpecker_matches(&agent, &labels(&[("gpu", "yes"), ("platform", "linux/amd64")])));
+        assert!(!woodpecker_matches(&agent, &labels(&[("platform", "linux/amd64")])));
         assert!(!woodpecker_matches(&agent, &labels(&[("gpu", "no")])));
         // A required label also serves as the agent's own value for the task-side rule.
         let wildcard_required = labels(&[("!gpu", "*")]);
-        assert!(woodpecker_matches(
-            &wildcard_required,
-            &labels(&[("gpu", "*")])
-        ));
-        assert!(!woodpecker_matches(
-            &wildcard_required,
-            &labels(&[("gpu", "yes")])
-        ));
+        assert!(woodpecker_matches(&wildcard_required, &labels(&[("gpu", "*")])));
+        assert!(!woodpecker_matches(&wildcard_required, &labels(&[("gpu", "yes")])));
     }
 
     #[test]
@@ -124,15 +90,9 @@ mod tests {
         assert!(azure_matches(&caps, &[]));
         assert!(azure_matches(&caps, &["docker".into()]));
         assert!(azure_matches(&caps, &["agent.os -equals linux".into()]));
-        assert!(!azure_matches(
-            &caps,
-            &["Agent.OS -equals Windows_NT".into()]
-        ));
+        assert!(!azure_matches(&caps, &["Agent.OS -equals Windows_NT".into()]));
         assert!(!azure_matches(&caps, &["node".into()]));
-        assert!(azure_matches(
-            &caps,
-            &["Agent.Version -gtVersion 3.220.0".into()]
-        ));
+        assert!(azure_matches(&caps, &["Agent.Version -gtVersion 3.220.0".into()]));
         assert!(azure_matches(&caps, &["java -gtVersion 11".into()]));
         assert!(!azure_matches(&caps, &["docker".into(), "node".into()]));
     }

@@ -17,13 +17,10 @@ use sha2::{Digest, Sha256};
 
 use super::cost::estimate_cost;
 use super::matching::{azure_matches, woodpecker_matches};
-use super::{
-    Action, AgentTarget, Change, InstanceTarget, Plan, PoolStatus, Summary, FORMAT_VERSION,
-};
+use super::{Action, AgentTarget, Change, InstanceTarget, Plan, PoolStatus, Summary, FORMAT_VERSION};
 use crate::model::{
-    Agent, AgentId, AgentRef, AgentSpec, BackendName, Billing, CiKind, CiName, CiObservation,
-    Desired, Instance, InstanceId, InstanceMode, InstanceState, Observed, PoolName, PoolSpec,
-    AGENT_HASH_LABEL, OWNER_LABEL, POOL_LABEL,
+    Agent, AgentId, AgentRef, AgentSpec, BackendName, Billing, CiKind, CiName, CiObservation, Desired, Instance,
+    InstanceId, InstanceMode, InstanceState, Observed, PoolName, PoolSpec, AGENT_HASH_LABEL, OWNER_LABEL, POOL_LABEL,
 };
 
 /// Name of the `index`-th instance of a pool (index from 1). Deterministic, so a create retried after a crash
@@ -88,9 +85,7 @@ pub fn fingerprint(observed: &Observed) -> String {
                     pool: instance.labels.get(POOL_LABEL).map(String::as_str),
                 })
                 .collect();
-            instances.sort_by(|a, b| {
-                (a.id, a.state, a.owner, a.pool).cmp(&(b.id, b.state, b.owner, b.pool))
-            });
+            instances.sort_by(|a, b| (a.id, a.state, a.owner, a.pool).cmp(&(b.id, b.state, b.owner, b.pool)));
             (name.as_str(), instances)
         })
         .collect();
@@ -101,10 +96,7 @@ pub fn fingerprint(observed: &Observed) -> String {
             let mut agents: Vec<AgentKey<'_>> = source
                 .agents
                 .iter()
-                .map(|agent| AgentKey {
-                    id: agent.id.as_str(),
-                    no_schedule: agent.no_schedule,
-                })
+                .map(|agent| AgentKey { id: agent.id.as_str(), no_schedule: agent.no_schedule })
                 .collect();
             agents.sort_by(|a, b| (a.id, a.no_schedule).cmp(&(b.id, b.no_schedule)));
             (name.as_str(), agents)
@@ -151,12 +143,7 @@ impl<'a> CiIndex<'a> {
                 *running_by_agent.entry(agent_id).or_default() += 1;
             }
         }
-        Self {
-            name,
-            agents_by_name,
-            agents_by_id,
-            running_by_agent,
-        }
+        Self { name, agents_by_name, agents_by_id, running_by_agent }
     }
 
     fn running_on(&self, agent: &Agent) -> u32 {
@@ -168,11 +155,7 @@ impl<'a> CiIndex<'a> {
     }
 
     fn target(&self, agent: &Agent) -> AgentTarget {
-        AgentTarget {
-            ci: self.name.clone(),
-            id: agent.id.clone(),
-            name: agent.name.clone(),
-        }
+        AgentTarget { ci: self.name.clone(), id: agent.id.clone(), name: agent.name.clone() }
     }
 }
 
@@ -192,19 +175,11 @@ fn match_rule(desired: &Desired, source: &CiName) -> MatchRule {
     }
 }
 
-fn pool_matches(
-    rule: MatchRule,
-    pool: &PoolSpec,
-    labels: &BTreeMap<String, String>,
-    demands: &[String],
-) -> bool {
+fn pool_matches(rule: MatchRule, pool: &PoolSpec, labels: &BTreeMap<String, String>, demands: &[String]) -> bool {
     match rule {
         MatchRule::Woodpecker => woodpecker_matches(&pool.ci.labels, labels),
         MatchRule::Azure => azure_matches(&pool.ci.capabilities, demands),
-        MatchRule::Both => {
-            woodpecker_matches(&pool.ci.labels, labels)
-                && azure_matches(&pool.ci.capabilities, demands)
-        }
+        MatchRule::Both => woodpecker_matches(&pool.ci.labels, labels) && azure_matches(&pool.ci.capabilities, demands),
     }
 }
 
@@ -214,28 +189,20 @@ fn pool_matches(
 fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32> {
     let mut pending = vec![0u32; desired.pools.len()];
     for (source, observation) in &observed.ci {
-        let pools_of_source: Vec<usize> = desired
-            .pools
-            .iter()
-            .enumerate()
-            .filter(|(_, pool)| &pool.ci.source == source)
-            .map(|(i, _)| i)
-            .collect();
+        let pools_of_source: Vec<usize> =
+            desired.pools.iter().enumerate().filter(|(_, pool)| &pool.ci.source == source).map(|(i, _)| i).collect();
         if pools_of_source.is_empty() || observation.queue.pending.is_empty() {
             continue;
         }
         let rule = match_rule(desired, source);
         let mut groups: HashMap<(&BTreeMap<String, String>, &[String]), u32> = HashMap::new();
         for task in &observation.queue.pending {
-            *groups
-                .entry((&task.labels, task.demands.as_slice()))
-                .or_default() += 1;
+            *groups.entry((&task.labels, task.demands.as_slice())).or_default() += 1;
         }
         // Summation is order-independent, so iterating the hash map here cannot leak into the plan.
         for ((labels, demands), count) in groups {
-            if let Some(&pool_index) = pools_of_source
-                .iter()
-                .find(|&&i| pool_matches(rule, &desired.pools[i], labels, demands))
+            if let Some(&pool_index) =
+                pools_of_source.iter().find(|&&i| pool_matches(rule, &desired.pools[i], labels, demands))
             {
                 pending[pool_index] = pending[pool_index].saturating_add(count);
             }
@@ -251,10 +218,7 @@ struct BackendIndex<'a> {
     by_id: HashMap<&'a InstanceId, &'a Instance>,
 }
 
-fn index_backends<'a>(
-    desired: &Desired,
-    observed: &'a Observed,
-) -> BTreeMap<&'a BackendName, BackendIndex<'a>> {
+fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a BackendName, BackendIndex<'a>> {
     observed
         .backends
         .iter()
@@ -270,13 +234,7 @@ fn index_backends<'a>(
                         .push(instance);
                 }
             }
-            (
-                name,
-                BackendIndex {
-                    owned_by_pool,
-                    by_id,
-                },
-            )
+            (name, BackendIndex { owned_by_pool, by_id })
         })
         .collect()
 }
@@ -287,11 +245,8 @@ fn index_backends<'a>(
 
 /// Plans every pool, then the orphans, and totals the result. Pure: see the module docs.
 pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
-    let ci_indexes: BTreeMap<&CiName, CiIndex<'_>> = observed
-        .ci
-        .iter()
-        .map(|(name, observation)| (name, CiIndex::new(name, observation)))
-        .collect();
+    let ci_indexes: BTreeMap<&CiName, CiIndex<'_>> =
+        observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
     let backend_indexes = index_backends(desired, observed);
     let pending = assign_pending(desired, observed);
 
@@ -319,20 +274,10 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         pools.push(outcome.status);
     }
 
-    changes.extend(plan_orphan_instances(
-        desired,
-        observed,
-        &ci_indexes,
-        &claimed,
-    ));
+    changes.extend(plan_orphan_instances(desired, observed, &ci_indexes, &claimed));
     changes.extend(plan_orphan_agents(desired, observed, &ci_indexes));
 
-    let pool_rank: HashMap<&PoolName, usize> = desired
-        .pools
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (&p.name, i))
-        .collect();
+    let pool_rank: HashMap<&PoolName, usize> = desired.pools.iter().enumerate().map(|(i, p)| (&p.name, i)).collect();
     changes.sort_by(|a, b| {
         let rank = |change: &Change| pool_rank.get(&change.pool).copied().unwrap_or(usize::MAX);
         (rank(a), &a.pool, action_rank(a.action), target_name(a)).cmp(&(
@@ -449,10 +394,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     let mut notes = Vec::new();
 
     let members = gather_members(cx, &hash);
-    let claimed = members
-        .iter()
-        .map(|member| (backend_name_ref(cx, backend_name), &member.instance.id))
-        .collect();
+    let claimed = members.iter().map(|member| (backend_name_ref(cx, backend_name), &member.instance.id)).collect();
 
     let instance_target = |member: &Member<'_>| InstanceTarget {
         backend: backend_name.clone(),
@@ -482,22 +424,14 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
             InstanceState::Terminated | InstanceState::Deleting | InstanceState::Stopping => {}
             InstanceState::Stopped => {
                 if create_mode && policy.ephemeral {
-                    changes.push(change(
-                        member,
-                        Action::Delete,
-                        "ephemeral agent finished its job".to_owned(),
-                    ));
+                    changes.push(change(member, Action::Delete, "ephemeral agent finished its job".to_owned()));
                 } else {
                     stopped.push(member);
                 }
             }
             InstanceState::Pending | InstanceState::Running | InstanceState::Unknown => {
                 if let Some(reason) = never_registered(cx, member) {
-                    let action = if create_mode {
-                        Action::Delete
-                    } else {
-                        Action::Stop
-                    };
+                    let action = if create_mode { Action::Delete } else { Action::Stop };
                     changes.push(change(member, action, reason));
                 } else if member.drained {
                     drained.push(member);
@@ -518,17 +452,12 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         .sum();
     let demand = cx.pending_jobs.saturating_add(running_on_serving);
     let jobs_per_agent = policy.jobs_per_agent.max(1);
-    let wanted = demand
-        .div_ceil(jobs_per_agent)
-        .saturating_add(policy.min_idle);
+    let wanted = demand.div_ceil(jobs_per_agent).saturating_add(policy.min_idle);
     // Not `clamp`: it panics when min > max, and a bad config must never panic the planner.
     let desired_count = wanted.max(policy.min).min(policy.max);
     let active = serving.len() as u32;
     let busy = serving.iter().filter(|member| member.busy).count() as u32;
-    let idle = serving
-        .iter()
-        .filter(|member| member.agent.is_some() && !member.busy)
-        .count() as u32;
+    let idle = serving.iter().filter(|member| member.agent.is_some() && !member.busy).count() as u32;
     let scale_up_reason = format!(
         "{} waiting, {} running, {} active (desired {}, max {})",
         plural(cx.pending_jobs, "job"),
@@ -547,16 +476,9 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         }
         let what = describe_drift(&member.drift);
         if member.busy {
-            notes.push(format!(
-                "{}: spec changed ({what}); waiting for agent to go idle",
-                member.name()
-            ));
+            notes.push(format!("{}: spec changed ({what}); waiting for agent to go idle", member.name()));
         } else if member.agent.is_some() {
-            changes.push(change(
-                member,
-                Action::Drain,
-                format!("spec changed: {what}"),
-            ));
+            changes.push(change(member, Action::Drain, format!("spec changed: {what}")));
             drift_drained.insert(member.name());
         }
     }
@@ -565,11 +487,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
 
     // Rule 1a: resume drained agents (idle ones first: they take a job right away). Drifted ones are replaced
     // instead, never resumed.
-    let mut resumable: Vec<&Member<'_>> = drained
-        .iter()
-        .copied()
-        .filter(|member| member.drift.is_empty())
-        .collect();
+    let mut resumable: Vec<&Member<'_>> = drained.iter().copied().filter(|member| member.drift.is_empty()).collect();
     resumable.sort_by_key(|member| (member.busy, member.name()));
     let mut resumed: BTreeSet<&str> = BTreeSet::new();
     for member in resumable {
@@ -578,11 +496,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         }
         need -= 1;
         resumed.insert(member.name());
-        changes.push(change(
-            member,
-            Action::Start,
-            format!("resume drained agent: {scale_up_reason}"),
-        ));
+        changes.push(change(member, Action::Start, format!("resume drained agent: {scale_up_reason}")));
     }
 
     // Rules 3 and 6 on drained instances: replace drifted ones while capacity is wanted, otherwise remove idle
@@ -592,36 +506,22 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
             continue;
         }
         if member.busy {
-            notes.push(format!(
-                "{}: drained, waiting for job to finish",
-                member.name()
-            ));
+            notes.push(format!("{}: drained, waiting for job to finish", member.name()));
             continue;
         }
         if !member.drift.is_empty() && create_mode && need > 0 {
             need -= 1;
-            let mut replace = change(
-                member,
-                Action::Replace,
-                format!("spec changed: {}", describe_drift(&member.drift)),
-            );
+            let mut replace =
+                change(member, Action::Replace, format!("spec changed: {}", describe_drift(&member.drift)));
             for (key, have, want) in &member.drift {
                 replace.before.insert(key.clone(), have.clone());
                 replace.after.insert(key.clone(), want.clone());
             }
             changes.push(replace);
         } else if create_mode {
-            changes.push(change(
-                member,
-                Action::Delete,
-                "agent drained and idle".to_owned(),
-            ));
+            changes.push(change(member, Action::Delete, "agent drained and idle".to_owned()));
         } else {
-            changes.push(change(
-                member,
-                Action::Stop,
-                "agent drained and idle".to_owned(),
-            ));
+            changes.push(change(member, Action::Stop, "agent drained and idle".to_owned()));
         }
     }
 
@@ -635,11 +535,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         }
         need -= 1;
         started.insert(member.name());
-        changes.push(change(
-            member,
-            Action::Start,
-            format!("start stopped instance: {scale_up_reason}"),
-        ));
+        changes.push(change(member, Action::Start, format!("start stopped instance: {scale_up_reason}")));
     }
     // A stopped instance nobody needs in create mode is a scaled-down one: it goes once its idle timeout passed
     // (stopped servers still cost money on Hetzner). Adopted instances are only ever stopped.
@@ -653,10 +549,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
                 changes.push(change(
                     member,
                     Action::Delete,
-                    format!(
-                        "stopped and not needed, idle for {}",
-                        human_duration(idle_for)
-                    ),
+                    format!("stopped and not needed, idle for {}", human_duration(idle_for)),
                 ));
             }
         }
@@ -679,11 +572,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
                 changes.push(Change {
                     pool: pool.name.clone(),
                     action: Action::Create,
-                    instance: Some(InstanceTarget {
-                        backend: backend_name.clone(),
-                        id: None,
-                        name,
-                    }),
+                    instance: Some(InstanceTarget { backend: backend_name.clone(), id: None, name }),
                     agent: None,
                     reason: scale_up_reason.clone(),
                     before: BTreeMap::new(),
@@ -691,10 +580,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
                 });
             }
         } else {
-            notes.push(format!(
-                "{} more wanted, but no more adopted instances to start",
-                need
-            ));
+            notes.push(format!("{} more wanted, but no more adopted instances to start", need));
         }
     }
 
@@ -709,9 +595,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         let mut candidates: Vec<&Member<'_>> = serving
             .iter()
             .copied()
-            .filter(|member| {
-                member.agent.is_some() && !member.busy && !drift_drained.contains(member.name())
-            })
+            .filter(|member| member.agent.is_some() && !member.busy && !drift_drained.contains(member.name()))
             .collect();
         candidates.sort_by_key(|member| (member.idle_since, member.name()));
         let mut drained_now = 0u32;
@@ -732,11 +616,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
             if let Some(margin) = hourly_margin {
                 let left = paid_time_left(member.instance.created_at, cx.now);
                 if left > margin.signed() {
-                    notes.push(format!(
-                        "{}: kept until its paid hour ends in {}",
-                        member.name(),
-                        human_duration(left)
-                    ));
+                    notes.push(format!("{}: kept until its paid hour ends in {}", member.name(), human_duration(left)));
                     continue;
                 }
             }
@@ -744,11 +624,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
             changes.push(change(
                 member,
                 Action::Drain,
-                format!(
-                    "idle for {} (idle timeout {})",
-                    human_duration(idle_for),
-                    policy.idle_timeout
-                ),
+                format!("idle for {} (idle timeout {})", human_duration(idle_for), policy.idle_timeout),
             ));
         }
     }
@@ -763,29 +639,17 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         desired: desired_count,
         notes,
     };
-    PoolOutcome {
-        status,
-        changes,
-        claimed,
-    }
+    PoolOutcome { status, changes, claimed }
 }
 
 /// The observed backend name key (borrowed from the observation) for a pool's backend; the pool's own name
 /// when the backend was not observed (then the pool has no members and this is never called).
 fn backend_name_ref<'a>(cx: &PoolContext<'a>, name: &'a BackendName) -> &'a BackendName {
-    cx.observed
-        .backends
-        .get_key_value(name)
-        .map(|(key, _)| key)
-        .unwrap_or(name)
+    cx.observed.backends.get_key_value(name).map(|(key, _)| key).unwrap_or(name)
 }
 
 fn billing_of(desired: &Desired, backend: &BackendName) -> Billing {
-    desired
-        .backends
-        .get(backend)
-        .map(|spec| spec.billing)
-        .unwrap_or(Billing::PerSecond)
+    desired.backends.get(backend).map(|spec| spec.billing).unwrap_or(Billing::PerSecond)
 }
 
 /// Time left in the instance's current paid hour (hourly billing starts at creation).
@@ -804,9 +668,7 @@ fn never_registered(cx: &PoolContext<'_>, member: &Member<'_>) -> Option<String>
     }
     let silent = match member.agent {
         None => member.instance.state == InstanceState::Running,
-        Some(agent) => {
-            agent.last_contact.is_none() && member.instance.state == InstanceState::Running
-        }
+        Some(agent) => agent.last_contact.is_none() && member.instance.state == InstanceState::Running,
     };
     silent.then(|| format!("agent never registered within {timeout}"))
 }
@@ -833,32 +695,20 @@ fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member<'a>> {
     let mut members: Vec<Member<'a>> = instances
         .into_iter()
         .map(|(instance, adoption)| {
-            let agent = cx
-                .ci
-                .and_then(|ci| match adoption.and_then(|a| a.agent.as_ref()) {
-                    Some(AgentRef::Id(id)) => ci.agents_by_id.get(id).copied(),
-                    Some(AgentRef::Name(name)) => ci.agents_by_name.get(name.as_str()).copied(),
-                    None => ci.agents_by_name.get(instance.name.as_str()).copied(),
-                });
+            let agent = cx.ci.and_then(|ci| match adoption.and_then(|a| a.agent.as_ref()) {
+                Some(AgentRef::Id(id)) => ci.agents_by_id.get(id).copied(),
+                Some(AgentRef::Name(name)) => ci.agents_by_name.get(name.as_str()).copied(),
+                None => ci.agents_by_name.get(instance.name.as_str()).copied(),
+            });
             let (running_tasks, flagged_busy) = match (cx.ci, agent) {
                 (Some(ci), Some(agent)) => (ci.running_on(agent), agent.busy),
                 _ => (0, false),
             };
-            let running_jobs = if flagged_busy {
-                running_tasks.max(1)
-            } else {
-                running_tasks
-            };
+            let running_jobs = if flagged_busy { running_tasks.max(1) } else { running_tasks };
             let idle_since = agent
                 .and_then(|agent| agent.last_work)
-                .map_or(instance.created_at, |last_work| {
-                    last_work.max(instance.created_at)
-                });
-            let drift = if create_mode {
-                drift_of(instance, cx.pool, hash)
-            } else {
-                Vec::new()
-            };
+                .map_or(instance.created_at, |last_work| last_work.max(instance.created_at));
+            let drift = if create_mode { drift_of(instance, cx.pool, hash) } else { Vec::new() };
             Member {
                 instance,
                 agent,
@@ -897,11 +747,7 @@ fn drift_of(instance: &Instance, pool: &PoolSpec, hash: &str) -> Vec<(String, St
 }
 
 fn describe_drift(drift: &[(String, String, String)]) -> String {
-    drift
-        .iter()
-        .map(|(key, have, want)| format!("{key} {have} → {want}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    drift.iter().map(|(key, have, want)| format!("{key} {have} → {want}")).collect::<Vec<_>>().join(", ")
 }
 
 pub(super) fn first_candidate(value: &str) -> &str {
@@ -922,28 +768,12 @@ impl<'a> NameAllocator<'a> {
         let prefix = format!("{}-{}-", cx.desired.owner, cx.pool.name);
         let mut used: HashSet<&str> = HashSet::new();
         for backend in cx.observed.backends.values() {
-            used.extend(
-                backend
-                    .instances
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .filter(|n| n.starts_with(&prefix)),
-            );
+            used.extend(backend.instances.iter().map(|i| i.name.as_str()).filter(|n| n.starts_with(&prefix)));
         }
         if let Some(ci) = cx.ci {
-            used.extend(
-                ci.agents_by_name
-                    .keys()
-                    .copied()
-                    .filter(|n| n.starts_with(&prefix)),
-            );
+            used.extend(ci.agents_by_name.keys().copied().filter(|n| n.starts_with(&prefix)));
         }
-        Self {
-            owner: &cx.desired.owner,
-            pool: &cx.pool.name,
-            used,
-            next_index: 1,
-        }
+        Self { owner: &cx.desired.owner, pool: &cx.pool.name, used, next_index: 1 }
     }
 
     fn next(&mut self) -> String {
@@ -972,32 +802,22 @@ fn plan_orphan_instances(
     let mut changes = Vec::new();
     for (backend_name, backend) in &observed.backends {
         for instance in &backend.instances {
-            if instance.owner() != Some(desired.owner.as_str())
-                || claimed.contains_key(&(backend_name, &instance.id))
-            {
+            if instance.owner() != Some(desired.owner.as_str()) || claimed.contains_key(&(backend_name, &instance.id)) {
                 continue;
             }
-            if matches!(
-                instance.state,
-                InstanceState::Terminated | InstanceState::Deleting | InstanceState::Stopping
-            ) {
+            if matches!(instance.state, InstanceState::Terminated | InstanceState::Deleting | InstanceState::Stopping) {
                 continue;
             }
             let pool_label = instance.labels.get(POOL_LABEL).cloned().unwrap_or_default();
             let why = match desired.pool(&PoolName::new(pool_label.clone())) {
-                Some(pool) => format!(
-                    "pool `{pool_label}` now uses backend `{}`",
-                    pool.backend.backend
-                ),
+                Some(pool) => format!("pool `{pool_label}` now uses backend `{}`", pool.backend.backend),
                 None if pool_label.is_empty() => "instance has no pool label".to_owned(),
                 None => format!("pool `{pool_label}` is no longer in the config"),
             };
             // The pool is gone, so its CI source is unknown: the first source (by name) with a matching agent.
-            let found = ci_indexes.values().find_map(|ci| {
-                ci.agents_by_name
-                    .get(instance.name.as_str())
-                    .map(|agent| (ci, *agent))
-            });
+            let found = ci_indexes
+                .values()
+                .find_map(|ci| ci.agents_by_name.get(instance.name.as_str()).map(|agent| (ci, *agent)));
             let target = InstanceTarget {
                 backend: backend_name.clone(),
                 id: Some(instance.id.clone()),
@@ -1059,10 +879,7 @@ fn plan_orphan_agents(
             continue;
         };
         for agent in &observation.agents {
-            if !agent.name.starts_with(&prefix)
-                || instance_names.contains(agent.name.as_str())
-                || ci.is_busy(agent)
-            {
+            if !agent.name.starts_with(&prefix) || instance_names.contains(agent.name.as_str()) || ci.is_busy(agent) {
                 continue;
             }
             let adopted = adopted_agents.contains(&(ci_name, AgentRefKey::Id(agent.id.as_str())))
@@ -1096,9 +913,7 @@ enum AgentRefKey<'a> {
 /// The pool an agent name `{owner}-{pool}-{n}` belongs to: the longest configured pool name that fits, else the
 /// middle part of the name as written.
 fn pool_of_agent_name(desired: &Desired, agent_name: &str) -> PoolName {
-    let rest = agent_name
-        .strip_prefix(&format!("{}-", desired.owner))
-        .unwrap_or(agent_name);
+    let rest = agent_name.strip_prefix(&format!("{}-", desired.owner)).unwrap_or(agent_name);
     let configured = desired
         .pools
         .iter()
@@ -1147,8 +962,8 @@ pub(super) fn human_duration(duration: SignedDuration) -> String {
 mod tests {
     use super::*;
     use crate::model::{
-        AgentSpec, BackendBinding, BackendKind, BackendObservation, BackendSpec, CiBinding,
-        CiSourceSpec, FakeSpec, Queue, ScalePolicy, Task,
+        AgentSpec, BackendBinding, BackendKind, BackendObservation, BackendSpec, CiBinding, CiSourceSpec, FakeSpec,
+        Queue, ScalePolicy, Task,
     };
 
     const NOW: &str = "2026-01-01T12:00:00Z";
@@ -1171,29 +986,16 @@ mod tests {
                 mode: InstanceMode::Create,
                 machine: [("server_type".to_owned(), "cx22,cx32".to_owned())].into(),
             },
-            agent: AgentSpec {
-                image: Some("agent:1".into()),
-                env: BTreeMap::new(),
-                secret_env: BTreeMap::new(),
-            },
+            agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new() },
             scale,
         };
         Desired {
             owner: "ci".into(),
             poll_interval: GoDuration::from_secs(10),
-            ci: [(
-                "wp".into(),
-                CiSourceSpec {
-                    kind: CiKind::Fake(FakeSpec::default()),
-                },
-            )]
-            .into(),
+            ci: [("wp".into(), CiSourceSpec { kind: CiKind::Fake(FakeSpec::default()) })].into(),
             backends: [(
                 "cloud".into(),
-                BackendSpec {
-                    kind: BackendKind::Fake(FakeSpec::default()),
-                    billing: Billing::PerSecond,
-                },
+                BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond },
             )]
             .into(),
             pools: vec![pool],
@@ -1244,79 +1046,40 @@ mod tests {
     fn observed(instances: Vec<Instance>, agents: Vec<Agent>, pending: Vec<Task>) -> Observed {
         Observed {
             observed_at: ts(NOW),
-            backends: [(
-                "cloud".into(),
-                BackendObservation {
-                    instances,
-                    prices: BTreeMap::new(),
-                },
-            )]
-            .into(),
-            ci: [(
-                "wp".into(),
-                CiObservation {
-                    agents,
-                    queue: Queue {
-                        pending,
-                        running: Vec::new(),
-                    },
-                },
-            )]
-            .into(),
+            backends: [("cloud".into(), BackendObservation { instances, prices: BTreeMap::new() })].into(),
+            ci: [("wp".into(), CiObservation { agents, queue: Queue { pending, running: Vec::new() } })].into(),
         }
     }
 
     fn actions(plan: &Plan) -> Vec<(Action, String)> {
-        plan.changes
-            .iter()
-            .map(|change| (change.action, target_name(change).to_owned()))
-            .collect()
+        plan.changes.iter().map(|change| (change.action, target_name(change).to_owned())).collect()
     }
 
     #[test]
     fn creates_up_to_max_with_lowest_free_names() {
-        let desired = desired(ScalePolicy {
-            max: 3,
-            ..ScalePolicy::default()
-        });
+        let desired = desired(ScalePolicy { max: 3, ..ScalePolicy::default() });
         let hash = agent_hash(&desired.pools[0].agent);
-        let pending = (0..5)
-            .map(|i| task(&format!("t{i}"), "linux/amd64"))
-            .collect();
+        let pending = (0..5).map(|i| task(&format!("t{i}"), "linux/amd64")).collect();
         let observed = observed(
-            vec![owned(
-                "ci-linux-2",
-                InstanceState::Running,
-                "2026-01-01T11:55:00Z",
-                &hash,
-            )],
+            vec![owned("ci-linux-2", InstanceState::Running, "2026-01-01T11:55:00Z", &hash)],
             vec![agent("ci-linux-2", true, false, None)],
             pending,
         );
         let plan = plan(&desired, &observed, ts(NOW));
         assert_eq!(
             actions(&plan),
-            vec![
-                (Action::Create, "ci-linux-1".to_owned()),
-                (Action::Create, "ci-linux-3".to_owned())
-            ]
+            vec![(Action::Create, "ci-linux-1".to_owned()), (Action::Create, "ci-linux-3".to_owned())]
         );
         assert_eq!(plan.pools[0].desired, 3);
         assert_eq!(plan.pools[0].pending_jobs, 5);
         let create = &plan.changes[0];
         assert_eq!(create.after.get("label.ciscale.agent-hash"), Some(&hash));
-        assert_eq!(
-            create.after.get("machine.server_type").map(String::as_str),
-            Some("cx22,cx32")
-        );
+        assert_eq!(create.after.get("machine.server_type").map(String::as_str), Some("cx22,cx32"));
     }
 
     #[test]
     fn unmatched_jobs_create_nothing() {
-        let desired = desired(ScalePolicy {
-            max: 3,
-            ..ScalePolicy::default()
-        });
+        let desired = desired(ScalePolicy { max: 3, ..ScalePolicy::default() });
         let observed = observed(Vec::new(), Vec::new(), vec![task("t1", "linux/arm64")]);
         let plan = plan(&desired, &observed, ts(NOW));
         assert!(plan.changes.is_empty());
@@ -1325,37 +1088,14 @@ mod tests {
 
     #[test]
     fn idle_past_timeout_is_drained_then_deleted_busy_never() {
-        let desired = desired(ScalePolicy {
-            max: 3,
-            ..ScalePolicy::default()
-        });
+        let desired = desired(ScalePolicy { max: 3, ..ScalePolicy::default() });
         let hash = agent_hash(&desired.pools[0].agent);
         let observed = observed(
             vec![
-                owned(
-                    "ci-linux-1",
-                    InstanceState::Running,
-                    "2026-01-01T10:00:00Z",
-                    &hash,
-                ),
-                owned(
-                    "ci-linux-2",
-                    InstanceState::Running,
-                    "2026-01-01T10:00:00Z",
-                    &hash,
-                ),
-                owned(
-                    "ci-linux-3",
-                    InstanceState::Running,
-                    "2026-01-01T10:00:00Z",
-                    &hash,
-                ),
-                owned(
-                    "ci-linux-4",
-                    InstanceState::Running,
-                    "2026-01-01T10:00:00Z",
-                    &hash,
-                ),
+                owned("ci-linux-1", InstanceState::Running, "2026-01-01T10:00:00Z", &hash),
+                owned("ci-linux-2", InstanceState::Running, "2026-01-01T10:00:00Z", &hash),
+                owned("ci-linux-3", InstanceState::Running, "2026-01-01T10:00:00Z", &hash),
+                owned("ci-linux-4", InstanceState::Running, "2026-01-01T10:00:00Z", &hash),
             ],
             vec![
                 agent("ci-linux-1", false, false, Some("2026-01-01T11:29:00Z")),
@@ -1368,30 +1108,16 @@ mod tests {
         let plan = plan(&desired, &observed, ts(NOW));
         assert_eq!(
             actions(&plan),
-            vec![
-                (Action::Delete, "ci-linux-3".to_owned()),
-                (Action::Drain, "ci-linux-1".to_owned())
-            ]
+            vec![(Action::Delete, "ci-linux-3".to_owned()), (Action::Drain, "ci-linux-1".to_owned())]
         );
         assert_eq!(plan.changes[1].reason, "idle for 31m (idle timeout 30m)");
-        assert!(plan.pools[0]
-            .notes
-            .iter()
-            .any(|note| note.starts_with("ci-linux-4: idle for 15m")));
+        assert!(plan.pools[0].notes.iter().any(|note| note.starts_with("ci-linux-4: idle for 15m")));
     }
 
     #[test]
     fn min_greater_than_max_does_not_panic() {
-        let desired = desired(ScalePolicy {
-            min: 5,
-            max: 2,
-            ..ScalePolicy::default()
-        });
-        let plan = plan(
-            &desired,
-            &observed(Vec::new(), Vec::new(), Vec::new()),
-            ts(NOW),
-        );
+        let desired = desired(ScalePolicy { min: 5, max: 2, ..ScalePolicy::default() });
+        let plan = plan(&desired, &observed(Vec::new(), Vec::new(), Vec::new()), ts(NOW));
         assert_eq!(plan.summary.create, 2);
     }
 
@@ -1399,12 +1125,7 @@ mod tests {
     fn fingerprint_ignores_timestamps_and_queue() {
         let hash = "x";
         let base = observed(
-            vec![owned(
-                "ci-linux-1",
-                InstanceState::Running,
-                "2026-01-01T10:00:00Z",
-                hash,
-            )],
+            vec![owned("ci-linux-1", InstanceState::Running, "2026-01-01T10:00:00Z", hash)],
             vec![agent("ci-linux-1", false, false, None)],
             Vec::new(),
         );
@@ -1416,10 +1137,7 @@ mod tests {
         });
         assert_eq!(fingerprint(&base), fingerprint(&later));
         let mut drained = base.clone();
-        drained
-            .ci
-            .values_mut()
-            .for_each(|ci| ci.agents[0].no_schedule = true);
+        drained.ci.values_mut().for_each(|ci| ci.agents[0].no_schedule = true);
         assert_ne!(fingerprint(&base), fingerprint(&drained));
         assert!(fingerprint(&base).starts_with("sha256:"));
     }
@@ -1430,24 +1148,15 @@ mod tests {
         let mut other = desired.pools[0].clone();
         other.name = "linux-big".into();
         desired.pools.push(other);
-        assert_eq!(
-            pool_of_agent_name(&desired, "ci-linux-big-3").as_str(),
-            "linux-big"
-        );
-        assert_eq!(
-            pool_of_agent_name(&desired, "ci-linux-12").as_str(),
-            "linux"
-        );
+        assert_eq!(pool_of_agent_name(&desired, "ci-linux-big-3").as_str(), "linux-big");
+        assert_eq!(pool_of_agent_name(&desired, "ci-linux-12").as_str(), "linux");
         assert_eq!(pool_of_agent_name(&desired, "ci-gone-1").as_str(), "gone");
     }
 
     #[test]
     fn human_durations() {
         assert_eq!(human_duration(SignedDuration::from_secs(45)), "45s");
-        assert_eq!(
-            human_duration(SignedDuration::from_secs(31 * 60 + 5)),
-            "31m"
-        );
+        assert_eq!(human_duration(SignedDuration::from_secs(31 * 60 + 5)), "31m");
         assert_eq!(human_duration(SignedDuration::from_secs(3600)), "1h");
         assert_eq!(human_duration(SignedDuration::from_secs(3900)), "1h5m");
     }

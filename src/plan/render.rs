@@ -23,11 +23,7 @@ pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
 
     for status in &plan.pools {
         render_pool_header(&mut out, status);
-        for change in plan
-            .changes
-            .iter()
-            .filter(|change| change.pool == status.pool)
-        {
+        for change in plan.changes.iter().filter(|change| change.pool == status.pool) {
             render_change(&mut out, change, &painter);
         }
         for note in &status.notes {
@@ -50,11 +46,7 @@ pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
         } else {
             let _ = writeln!(out, "pool `{pool}` (not in the config):");
         }
-        for change in plan
-            .changes
-            .iter()
-            .filter(|change| change.pool.as_str() == pool)
-        {
+        for change in plan.changes.iter().filter(|change| change.pool.as_str() == pool) {
             render_change(&mut out, change, &painter);
         }
         out.push('\n');
@@ -65,11 +57,7 @@ pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
         out.push_str("No changes.\n");
     } else {
         if summary.drain > 0 || summary.deregister > 0 {
-            let _ = writeln!(
-                out,
-                "Also: {} to drain, {} to deregister.",
-                summary.drain, summary.deregister
-            );
+            let _ = writeln!(out, "Also: {} to drain, {} to deregister.", summary.drain, summary.deregister);
         }
         let _ = writeln!(
             out,
@@ -98,13 +86,7 @@ fn render_pool_header(out: &mut String, status: &PoolStatus) {
     let _ = writeln!(
         out,
         "pool `{}`: {} pending, {} running; {} active ({} busy, {} idle); desired {}",
-        status.pool,
-        status.pending_jobs,
-        status.running_jobs,
-        status.active,
-        status.busy,
-        status.idle,
-        status.desired
+        status.pool, status.pending_jobs, status.running_jobs, status.active, status.busy, status.idle, status.desired
     );
 }
 
@@ -122,9 +104,7 @@ fn render_change(out: &mut String, change: &Change, painter: &Painter) {
         return;
     }
     let lines = |map: &std::collections::BTreeMap<String, String>| {
-        map.iter()
-            .map(|(key, value)| format!("{key} = {value}\n"))
-            .collect::<String>()
+        map.iter().map(|(key, value)| format!("{key} = {value}\n")).collect::<String>()
     };
     let (before, after) = (lines(&change.before), lines(&change.after));
     let diff = TextDiff::from_lines(&before, &after);
@@ -155,24 +135,13 @@ fn render_cost(plan: &Plan) -> String {
     if cost.hourly.is_empty() {
         return match cost.unpriced_before.max(cost.unpriced_after) {
             0 => "Cost: unknown".to_owned(),
-            count => format!(
-                "Cost: unknown (no price for {count} instance{})",
-                if count == 1 { "" } else { "s" }
-            ),
+            count => format!("Cost: unknown (no price for {count} instance{})", if count == 1 { "" } else { "s" }),
         };
     }
-    let lines: Vec<String> = cost
-        .hourly
-        .iter()
-        .map(|(currency, line)| cost_line(currency, line))
-        .collect();
+    let lines: Vec<String> = cost.hourly.iter().map(|(currency, line)| cost_line(currency, line)).collect();
     let mut text = format!("Cost: {}", lines.join(", "));
     if cost.unpriced_before > 0 || cost.unpriced_after > 0 {
-        let _ = write!(
-            text,
-            "; unpriced instances: {} → {}",
-            cost.unpriced_before, cost.unpriced_after
-        );
+        let _ = write!(text, "; unpriced instances: {} → {}", cost.unpriced_before, cost.unpriced_after);
     }
     text
 }
@@ -186,11 +155,7 @@ fn cost_line(currency: &str, line: &CostLine) -> String {
     } else {
         format!("-{}/h", money(currency, -delta))
     };
-    format!(
-        "{}/h → {}/h ({change})",
-        money(currency, line.before),
-        money(currency, line.after)
-    )
+    format!("{}/h → {}/h ({change})", money(currency, line.before), money(currency, line.after))
 }
 
 fn money(currency: &str, amount: f64) -> String {

@@ -12,8 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::model::{
-    AgentId, BackendName, BackendObservation, CiName, CiObservation, Instance, InstanceId,
-    PoolName, Secret,
+    AgentId, BackendName, BackendObservation, CiName, CiObservation, Instance, InstanceId, PoolName, Secret,
 };
 
 pub mod fake;
@@ -27,10 +26,7 @@ pub enum Error {
     #[error("{what} already exists")]
     AlreadyExists { what: String },
     #[error("rate limited by {provider}{}", retry_after.map(|d| format!(", retry after {}s", d.as_secs())).unwrap_or_default())]
-    RateLimited {
-        provider: String,
-        retry_after: Option<Duration>,
-    },
+    RateLimited { provider: String, retry_after: Option<Duration> },
     #[error("{provider} refused the credentials: {message}")]
     Unauthenticated { provider: String, message: String },
     #[error("{provider} has no capacity: {message}")]
@@ -40,24 +36,15 @@ pub enum Error {
     #[error("{provider} rejected the request: {message}")]
     Invalid { provider: String, message: String },
     #[error("{provider} does not support {operation}")]
-    Unsupported {
-        provider: String,
-        operation: &'static str,
-    },
+    Unsupported { provider: String, operation: &'static str },
     #[error("{provider}: {source}")]
-    Other {
-        provider: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    Other { provider: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 impl Error {
     /// Worth trying again later (the same request may succeed).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Error::RateLimited { .. } | Error::Unavailable { .. } | Error::Capacity { .. }
-        )
+        matches!(self, Error::RateLimited { .. } | Error::Unavailable { .. } | Error::Capacity { .. })
     }
 }
 
@@ -141,16 +128,10 @@ pub trait Backend: Send + Sync + Debug {
     async fn stop(&self, id: &InstanceId) -> Result<()>;
     async fn delete(&self, id: &InstanceId) -> Result<()>;
     async fn push_file(&self, _id: &InstanceId, _file: &PushFile) -> Result<()> {
-        Err(Error::Unsupported {
-            provider: self.kind().to_owned(),
-            operation: "push_file",
-        })
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "push_file" })
     }
     async fn exec(&self, _id: &InstanceId, _exec: &Exec) -> Result<ExecOutput> {
-        Err(Error::Unsupported {
-            provider: self.kind().to_owned(),
-            operation: "exec",
-        })
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "exec" })
     }
 }
 
