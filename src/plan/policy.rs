@@ -423,7 +423,10 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         match member.instance.state {
             InstanceState::Terminated | InstanceState::Deleting | InstanceState::Stopping => {}
             InstanceState::Stopped => {
-                if create_mode && policy.ephemeral {
+                if create_mode && policy.ephemeral && member.busy {
+                    // The CI still lists a job on it (it notices a dead agent late): never touch a busy agent.
+                    notes.push(format!("{}: stopped, waiting for the ci to release its job", member.name()));
+                } else if create_mode && policy.ephemeral {
                     changes.push(change(member, Action::Delete, "ephemeral agent finished its job".to_owned()));
                 } else {
                     stopped.push(member);
