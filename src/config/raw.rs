@@ -1,0 +1,277 @@
+//! The config file's shape, as written by the user: serde + schemars types, camelCase, no unknown keys.
+//!
+//! These types are the single source of the JSON schema (`ciscale schema`, `schemas/ciscale.schema.json`) and
+//! of the structural checks: the checker in `check.rs` walks the YAML against the schema generated from them, so
+//! the schema an editor uses and the errors ciscale prints cannot disagree. Values here are not validated yet
+//! (durations are strings, references are names); `validate.rs` turns them into [`crate::model::Desired`].
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::model::{Billing, GoDuration};
+
+/// A ciscale config: keeps self-hosted CI agents at the capacity their job queue needs.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(title = "ciscale config")]
+pub struct RawConfig {
+    /// Owner id: goes into the `ciscale.owner` label and into instance names. 1 to 30 of `a-z`, `0-9`, `-`.
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,30}$"))]
+    pub id: String,
+    /// How often `watch` observes and plans [10s].
+    #[serde(default)]
+    #[schemars(with = "Option<GoDuration>")]
+    pub poll_interval: Option<String>,
+    /// CI sources by name: where the job queue is read and agents are registered.
+    pub ci: BTreeMap<String, RawCiSource>,
+    /// Backend accounts by name: where instances run.
+    pub backends: BTreeMap<String, RawBackend>,
+    /// Pools of identical agents. Order matters: a pending job counts for the first pool that matches it.
+    pub pools: Vec<RawPool>,
+    /// Base images `ciscale provision` builds, by name.
+    #[serde(default)]
+    pub images: BTreeMap<String, RawImage>,
+}
+
+/// A secret string (token, PAT): never printed. Usually a `${VAR}` reference to the environment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct RawSecret(pub String);
+
+impl JsonSchema for RawSecret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Secret".into()
+    }
+    // Inline: the `writeOnly` marker must sit on every secret field, where the checker and editors see it.
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "writeOnly": true,
+            "description": "A secret; write a `${VAR}` reference to an environment variable rather than the value."
+        })
+    }
+}
+
+/// A CI source; `kind` selects which.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase", deny_unknown_fields)]
+pub enum RawCiSource {
+    /// A Woodpecker server (admin token: reads the queue, creates per-agent tokens).
+    Woodpecker {
+        /// Server URL, e.g. `https://ci.example.com`.
+        server: String,
+        /// Admin API token.
+        token: RawSecret,
+    },
+    /// An Azure DevOps organization.
+    AzurePipelines {
+        /// e.g. `https://dev.azure.com/acme`.
+        organization_url: String,
+        /// Personal access token (agent pools: read & manage).
+        pat: RawSecret,
+    },
+    /// The in-memory fake CI (tests, demos, offline trials).
+    Fake {
+        /// Persist the fake world in this JSON file (relative to the config file's folder).
+        #[serde(default)]
+        state_file: Option<String>,
+        /// Play the CI's part on every observation [false].
+        #[serde(default)]
+        simulate: Option<bool>,
+    },
+}
+
+/// A backend account; `kind` selects which.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase", deny_unknown_fields)]
+pub enum RawBackend {
+    /// A Hetzner Cloud project.
+    Hcloud {
+        /// Project API token (read & write).
+        token: RawSecret,
+        /// API base URL, for tests and proxies [https://api.hetzner.cloud/v1].
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// Billing granularity [hourly].
+        #[serde(default)]
+        billing: Option<Billing>,
+    },
+    /// An AWS EC2 account (credentials from the usual AWS environment / profile chain).
+    Aws {
+        /// Region [from the AWS environment].
+        #[serde(default)]
+        region: Option<String>,
+        /// Endpoint URL, for tests (moto) and proxies.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// Billing granularity [per-second].
+        #[serde(default)]
+        billing: Option<Billing>,
+    },
+    /// An Incus host (system containers).
+    Incus {
+        /// Unix socket path [/var/lib/incus/unix.socket].
+        #[serde(default)]
+        socket: Option<String>,
+        /// Incus project [default].
+        #[serde(default)]
+        project: Option<String>,
+        /// Billing granularity [per-second].
+        #[serde(default)]
+        billing: Option<Billing>,
+    },
+    /// The in-memory fake backend (tests, demos, offline trials).
+    Fake {
+        /// Persist the fake world in this JSON file (relative to the config file's folder).
+        #[serde(default)]
+        state_file: Option<String>,
+        /// Play the CI's part on every observation [false].
+        #[serde(default)]
+        simulate: Option<bool>,
+        /// Billing granularity [per-second].
+        #[serde(default)]
+        billing: Option<Billing>,
+    },
+}
+
+/// One pool of identical agents.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPool {
+    /// Pool name: goes into the `ciscale.pool` label and instance names. 1 to 30 of `a-z`, `0-9`, `-`.
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,30}$"))]
+    pub name: String,
+    pub ci: RawPoolCi,
+    pub backend: RawPoolBackend,
+    #[serde(default)]
+    pub agent: Option<RawAgent>,
+    #[serde(default)]
+    pub scale: Option<RawScale>,
+}
+
+/// Which CI source feeds the pool, and which of its jobs the pool's agents take.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPoolCi {
+    /// Name of a CI source under `ci`.
+    pub source: String,
+    /// Woodpecker agent labels (`key: value`, `key: "*"`, `"!key": value`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Azure Pipelines agent pool name (azure-pipelines sources only).
+    #[serde(default)]
+    pub azure_pool: Option<String>,
+    /// Azure capabilities the agents offer, matched against job demands (azure-pipelines sources only).
+    #[serde(default)]
+    pub capabilities: BTreeMap<String, String>,
+}
+
+/// Where and how the pool's instances run.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPoolBackend {
+    /// Name of a backend under `backends`.
+    pub name: String,
+    /// Backend-specific machine attributes (`serverType`, `image`, `location`, ...). Candidate lists are
+    /// comma-separated, first choice first: `serverType: cx22,cx32`.
+    #[serde(default)]
+    pub machine: BTreeMap<String, String>,
+    /// Adopt existing instances and only start/stop them, instead of creating and deleting instances.
+    #[serde(default)]
+    pub start_stop: Option<RawStartStop>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawStartStop {
+    /// The instances ciscale may start and stop.
+    pub instances: Vec<RawAdoptedInstance>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAdoptedInstance {
+    /// Provider-side instance id (e.g. `i-0abc...`).
+    pub id: String,
+    /// CI-side id of the agent running on it (set at most one of `agentId`, `agentName`).
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// CI-side name of the agent running on it, when it differs from the instance's name.
+    #[serde(default)]
+    pub agent_name: Option<String>,
+}
+
+/// What runs on each instance.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAgent {
+    /// Agent container image or package reference.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Plain environment for the agent (shown in plans).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Secret environment for the agent (never shown); values are usually `${VAR}` references.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, RawSecret>,
+}
+
+/// Scale policy; every key is optional.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawScale {
+    /// Never fewer instances [0].
+    #[serde(default)]
+    pub min: Option<u32>,
+    /// Never more instances, counting in-flight creates [1; start/stop pools: the number of instances].
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub max: Option<u32>,
+    /// Idle agents kept warm on top of the demand [0].
+    #[serde(default)]
+    pub min_idle: Option<u32>,
+    /// Jobs one agent runs at once [1].
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub jobs_per_agent: Option<u32>,
+    /// An agent idle this long is drained and removed [30m].
+    #[serde(default)]
+    #[schemars(with = "Option<GoDuration>")]
+    pub idle_timeout: Option<String>,
+    /// Agents run one job and go away; gone ones are replaced [false].
+    #[serde(default)]
+    pub ephemeral: Option<bool>,
+    /// An instance whose agent has not contacted the CI this long after creation is replaced [10m].
+    #[serde(default)]
+    #[schemars(with = "Option<GoDuration>")]
+    pub bootstrap_timeout: Option<String>,
+    /// On hourly-billed backends, keep idle instances until shortly before their paid hour ends [true].
+    #[serde(default)]
+    pub billing_aware: Option<bool>,
+    /// How long before the end of the paid hour an idle instance goes [5m].
+    #[serde(default)]
+    #[schemars(with = "Option<GoDuration>")]
+    pub billing_margin: Option<String>,
+}
+
+/// A base image `ciscale provision` builds.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawImage {
+    /// Name of a backend under `backends`.
+    pub backend: String,
+    /// Image to start from, e.g. `images:debian/12`.
+    pub base: String,
+    /// Provisioning scripts run in order (relative to the config file's folder).
+    #[serde(default)]
+    pub scripts: Vec<String>,
+    /// Published versions to keep [3].
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub keep: Option<u32>,
+}

@@ -1,0 +1,530 @@
+//! Meaning: turns the structurally checked, interpolated document into [`Desired`], checking what a schema
+//! cannot say (references between sections, `min <= max`, durations, name formats, duplicates), each problem at
+//! its place. Sections are converted one by one so a broken pool does not hide the problems of the others.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::check::{Checked, Seg};
+use super::diag::{backticked, did_you_mean, Problems, Span};
+use super::raw::{RawBackend, RawCiSource, RawImage, RawPool, RawScale};
+use crate::model::{
+    AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName, BackendSpec, Billing,
+    CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GoDuration, ImageSpec, InstanceId, InstanceMode,
+    PoolName, PoolSpec, ScalePolicy, Secret,
+};
+
+const DEFAULT_POLL_INTERVAL: GoDuration = GoDuration::from_secs(10);
+const DEFAULT_IMAGE_KEEP: u32 = 3;
+
+/// `[a-z0-9-]{1,30}`: owner ids and pool names go into labels and instance names.
+fn is_valid_name(name: &str) -> bool {
+    (1..=30).contains(&name.len()) && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+}
+
+fn ptr(segments: &[&str]) -> String {
+    let path: Vec<Seg> = segments.iter().map(|segment| Seg::Key((*segment).to_owned())).collect();
+    super::check::pointer(&path)
+}
+
+/// A hint turning `5 minutes` / `1 hour 30 min` into Go's `5m` / `1h30m`, when the input reads that way.
+pub(crate) fn duration_hint(input: &str) -> String {
+    let fallback = "write a Go duration such as `30s`, `5m` or `1h30m`".to_owned();
+    let mut out = String::new();
+    let mut rest = input.trim();
+    while !rest.is_empty() {
+        let number_len = rest.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(rest.len());
+        if number_len == 0 {
+            return fallback;
+        }
+        let (number, tail) = rest.split_at(number_len);
+        let tail = tail.trim_start();
+        let unit_len = tail.find(|ch: char| !ch.is_ascii_alphabetic()).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let unit = match unit.to_ascii_lowercase().as_str() {
+            "h" | "hr" | "hrs" | "hour" | "hours" => "h",
+            "m" | "min" | "mins" | "minute" | "minutes" => "m",
+            "s" | "sec" | "secs" | "second" | "seconds" => "s",
+            "ms" | "millisecond" | "milliseconds" => "ms",
+            "d" | "day" | "days" => {
+                let Ok(days) = number.parse::<u64>() else { return fallback };
+                out.push_str(&format!("{}h", days * 24));
+                rest = tail.trim_start_matches([' ', ',']).trim_start_matches("and ").trim_start();
+                continue;
+            }
+            _ => return fallback,
+        };
+        out.push_str(number);
+        out.push_str(unit);
+        rest = tail.trim_start_matches([' ', ',']).trim_start_matches("and ").trim_start();
+    }
+    if out.is_empty() || out == input.trim() || out.parse::<GoDuration>().is_err() {
+        return fallback;
+    }
+    format!("write `{out}`")
+}
+
+pub(crate) struct Validator<'a> {
+    pub checked: &'a Checked,
+    /// The interpolated document.
+    pub document: &'a Value,
+    /// Folder relative paths in the config resolve against.
+    pub base_dir: &'a Path,
+    pub problems: &'a mut Problems,
+}
+
+impl Validator<'_> {
+    fn value_span(&self, pointer: &str) -> Option<Span> {
+        self.checked.value_span(pointer)
+    }
+
+    fn key_span(&self, pointer: &str) -> Option<Span> {
+        self.checked.key_span(pointer)
+    }
+
+    /// Converts one section, unless a structural problem was already reported in it.
+    fn section<T: DeserializeOwned>(&mut self, pointer: &str, what: &str) -> Option<T> {
+        if self.checked.is_broken(pointer) {
+            return None;
+        }
+        let value = self.document.pointer(pointer)?.clone();
+        match serde_json::from_value(value) {
+            Ok(section) => Some(section),
+            Err(_) => {
+                // The structural check accepted what serde refuses: a bug in ciscale, not in the config. The
+                // serde message is left out: it may quote a value, and values may be secrets.
+                self.problems.push(
+                    self.key_span(pointer),
+                    format!("{what} could not be read"),
+                    Some("this is a bug in ciscale's config checks; please report it".to_owned()),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, pointer: &str, field: &str, place: &str, raw: Option<&str>, default: GoDuration) -> Option<GoDuration> {
+        let Some(raw) = raw else { return Some(default) };
+        match raw.parse::<GoDuration>() {
+            Ok(duration) => Some(duration),
+            Err(_) => {
+                self.problems.push(
+                    self.value_span(pointer),
+                    format!("invalid duration `{raw}` for `{field}`{place}"),
+                    Some(duration_hint(raw)),
+                );
+                None
+            }
+        }
+    }
+
+    fn resolve_path(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    fn fake_spec(&self, state_file: Option<String>, simulate: Option<bool>) -> FakeSpec {
+        FakeSpec { state_file: state_file.map(|file| self.resolve_path(&file)), simulate: simulate.unwrap_or(false) }
+    }
+
+    fn object_keys(&self, pointer: &str) -> Vec<String> {
+        self.document.pointer(pointer).and_then(Value::as_object).map(|map| map.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn validate(&mut self, config_hash: String) -> Option<Desired> {
+        let mut complete = true;
+
+        let owner = self.document.get("id").and_then(Value::as_str).map(str::to_owned);
+        if let Some(owner) = &owner {
+            if !is_valid_name(owner) {
+                self.problems.push(
+                    self.value_span("/id"),
+                    format!("invalid owner id `{owner}`"),
+                    Some("use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names".to_owned()),
+                );
+            }
+        }
+        let poll_raw = self.document.get("pollInterval").and_then(Value::as_str).map(str::to_owned);
+        let poll_interval = self.duration("/pollInterval", "pollInterval", "", poll_raw.as_deref(), DEFAULT_POLL_INTERVAL);
+        if let Some(interval) = poll_interval.filter(|interval| interval.0.is_zero()) {
+            self.problems.push(
+                self.value_span("/pollInterval"),
+                format!("`pollInterval` must be longer than {interval}"),
+                Some("write e.g. `10s`".to_owned()),
+            );
+        }
+
+        // -- ci sources ---------------------------------------------------------------------------------------
+        let ci_names = self.object_keys("/ci");
+        let mut ci = BTreeMap::new();
+        for name in &ci_names {
+            let pointer = ptr(&["ci", name]);
+            let Some(raw) = self.section::<RawCiSource>(&pointer, &format!("ci source `{name}`")) else {
+                complete = false;
+                continue;
+            };
+            let kind = match raw {
+                RawCiSource::Woodpecker { server, token } => CiKind::Woodpecker { server, token: Secret::new(token.0) },
+                RawCiSource::AzurePipelines { organization_url, pat } => {
+                    CiKind::AzurePipelines { organization_url, pat: Secret::new(pat.0) }
+                }
+                RawCiSource::Fake { state_file, simulate } => CiKind::Fake(self.fake_spec(state_file, simulate)),
+            };
+            ci.insert(CiName::new(name.clone()), CiSourceSpec { kind });
+        }
+
+        // -- backends -----------------------------------------------------------------------------------------
+        let backend_names = self.object_keys("/backends");
+        let mut backends = BTreeMap::new();
+        for name in &backend_names {
+            let pointer = ptr(&["backends", name]);
+            let Some(raw) = self.section::<RawBackend>(&pointer, &format!("backend `{name}`")) else {
+                complete = false;
+                continue;
+            };
+            let (kind, billing) = match raw {
+                RawBackend::Hcloud { token, endpoint, billing } => {
+                    (BackendKind::Hcloud { token: Secret::new(token.0), endpoint }, billing.unwrap_or(Billing::Hourly))
+                }
+                RawBackend::Aws { region, endpoint, billing } => {
+                    (BackendKind::Aws { region, endpoint }, billing.unwrap_or(Billing::PerSecond))
+                }
+                RawBackend::Incus { socket, project, billing } => {
+                    (BackendKind::Incus { socket, project }, billing.unwrap_or(Billing::PerSecond))
+                }
+                RawBackend::Fake { state_file, simulate, billing } => {
+                    (BackendKind::Fake(self.fake_spec(state_file, simulate)), billing.unwrap_or(Billing::PerSecond))
+                }
+            };
+            backends.insert(BackendName::new(name.clone()), BackendSpec { kind, billing });
+        }
+
+        // -- pools --------------------------------------------------------------------------------------------
+        let pool_count = self.document.get("pools").and_then(Value::as_array).map_or(0, Vec::len);
+        let mut pools = Vec::new();
+        let mut first_pool_at: BTreeMap<String, Option<Span>> = BTreeMap::new();
+        let mut adopted_by: BTreeMap<String, (String, Option<Span>)> = BTreeMap::new();
+        for index in 0..pool_count {
+            let pointer = format!("/pools/{index}");
+            let Some(raw) = self.section::<RawPool>(&pointer, &format!("pool #{}", index + 1)) else {
+                complete = false;
+                continue;
+            };
+            let name_span = self.value_span(&format!("{pointer}/name"));
+            match first_pool_at.get(&raw.name) {
+                Some(first) => {
+                    let first_line = first.map(|span| format!(" (line {})", span.line)).unwrap_or_default();
+                    self.problems.push_related(
+                        name_span,
+                        format!("duplicate pool name `{}`", raw.name),
+                        Some(format!("pool names must be unique; the first `{}` is defined earlier{first_line}", raw.name)),
+                        first.map(|span| (span, "first defined here")),
+                    );
+                }
+                None => {
+                    first_pool_at.insert(raw.name.clone(), name_span);
+                }
+            }
+            if let Some(pool) = self.pool(&pointer, raw, &ci, &ci_names, &backends, &backend_names, &mut adopted_by) {
+                pools.push(pool);
+            } else {
+                complete = false;
+            }
+        }
+
+        // -- images -------------------------------------------------------------------------------------------
+        let mut images = BTreeMap::new();
+        for name in self.object_keys("/images") {
+            let pointer = ptr(&["images", &name]);
+            let Some(raw) = self.section::<RawImage>(&pointer, &format!("image `{name}`")) else {
+                complete = false;
+                continue;
+            };
+            if !backend_names.contains(&raw.backend) {
+                self.unknown_reference(&format!("{pointer}/backend"), "backend", &raw.backend, &format!("image `{name}`"), &backend_names, "backends");
+            }
+            images.insert(
+                name,
+                ImageSpec {
+                    backend: BackendName::new(raw.backend),
+                    base: raw.base,
+                    scripts: raw.scripts.iter().map(|script| self.resolve_path(script)).collect(),
+                    keep: raw.keep.unwrap_or(DEFAULT_IMAGE_KEEP),
+                },
+            );
+        }
+
+        if !complete || !self.problems.is_empty() {
+            return None;
+        }
+        Some(Desired {
+            owner: owner?,
+            poll_interval: poll_interval?,
+            ci,
+            backends,
+            pools,
+            images,
+            config_hash,
+        })
+    }
+
+    fn unknown_reference(&mut self, pointer: &str, what: &str, name: &str, place: &str, known: &[String], section: &str) {
+        let hint = if known.is_empty() {
+            format!("no {what}s are defined under `{section}`")
+        } else {
+            let list = backticked(known.iter().map(String::as_str));
+            match did_you_mean(name, known.iter().map(String::as_str)) {
+                Some(guess) => format!("{guess} known {what}s: {list}"),
+                None => format!("known {what}s: {list}"),
+            }
+        };
+        self.problems.push(self.value_span(pointer), format!("unknown {what} `{name}` in {place}"), Some(hint));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pool(
+        &mut self,
+        pointer: &str,
+        raw: RawPool,
+        ci: &BTreeMap<CiName, CiSourceSpec>,
+        ci_names: &[String],
+        backends: &BTreeMap<BackendName, BackendSpec>,
+        backend_names: &[String],
+        adopted_by: &mut BTreeMap<String, (String, Option<Span>)>,
+    ) -> Option<PoolSpec> {
+        let place = format!("pool `{}`", raw.name);
+        let mut ok = true;
+        if !is_valid_name(&raw.name) {
+            self.problems.push(
+                self.value_span(&format!("{pointer}/name")),
+                format!("invalid pool name `{}`", raw.name),
+                Some("use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names".to_owned()),
+            );
+            ok = false;
+        }
+
+        // CI binding: the source must exist, and source-specific keys must fit its kind.
+        if !ci_names.contains(&raw.ci.source) {
+            self.unknown_reference(&format!("{pointer}/ci/source"), "ci source", &raw.ci.source, &place, ci_names, "ci");
+            ok = false;
+        }
+        match ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind) {
+            Some(CiKind::Woodpecker { .. }) => {
+                for key in ["azurePool", "capabilities"] {
+                    let present = match key {
+                        "azurePool" => raw.ci.azure_pool.is_some(),
+                        _ => !raw.ci.capabilities.is_empty(),
+                    };
+                    if present {
+                        self.problems.push(
+                            self.key_span(&format!("{pointer}/ci/{key}")),
+                            format!("`{key}` in {place} applies only to azure-pipelines sources, but `{}` is woodpecker", raw.ci.source),
+                            Some("woodpecker pools select jobs with `labels`".to_owned()),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            Some(CiKind::AzurePipelines { .. }) => {
+                if !raw.ci.labels.is_empty() {
+                    self.problems.push(
+                        self.key_span(&format!("{pointer}/ci/labels")),
+                        format!("`labels` in {place} apply only to woodpecker sources, but `{}` is azure-pipelines", raw.ci.source),
+                        Some("azure pools select jobs with `capabilities`".to_owned()),
+                    );
+                    ok = false;
+                }
+                if raw.ci.azure_pool.is_none() {
+                    self.problems.push(
+                        self.key_span(&format!("{pointer}/ci")),
+                        format!("missing key `azurePool` in `ci` of {place}"),
+                        Some(format!("`{}` is an azure-pipelines source: name its agent pool, e.g. `azurePool: Default`", raw.ci.source)),
+                    );
+                    ok = false;
+                }
+            }
+            Some(CiKind::Fake(_)) | None => {}
+        }
+
+        // Backend binding.
+        if !backend_names.contains(&raw.backend.name) {
+            self.unknown_reference(&format!("{pointer}/backend/name"), "backend", &raw.backend.name, &place, backend_names, "backends");
+            ok = false;
+        }
+        let billing = backends.get(&BackendName::new(raw.backend.name.clone())).map(|backend| backend.billing);
+
+        let mode = match &raw.backend.start_stop {
+            None => InstanceMode::Create,
+            Some(start_stop) => {
+                let instances_pointer = format!("{pointer}/backend/startStop/instances");
+                if start_stop.instances.is_empty() {
+                    self.problems.push(
+                        self.key_span(&instances_pointer),
+                        format!("`startStop.instances` of {place} is empty"),
+                        Some("name at least one instance to adopt, or remove `startStop` to create instances".to_owned()),
+                    );
+                    ok = false;
+                }
+                let mut instances = Vec::new();
+                for (index, adopted) in start_stop.instances.iter().enumerate() {
+                    let item = format!("{instances_pointer}/{index}");
+                    let id_span = self.value_span(&format!("{item}/id"));
+                    if let Some((other_pool, first)) = adopted_by.get(&adopted.id) {
+                        let other_pool = other_pool.clone();
+                        let first = *first;
+                        self.problems.push_related(
+                            id_span,
+                            format!("instance `{}` is adopted twice (by pool `{other_pool}` and {place})", adopted.id),
+                            Some("an instance can belong to one pool only".to_owned()),
+                            first.map(|span| (span, "first adopted here")),
+                        );
+                        ok = false;
+                    } else {
+                        adopted_by.insert(adopted.id.clone(), (raw.name.clone(), id_span));
+                    }
+                    let agent = match (&adopted.agent_id, &adopted.agent_name) {
+                        (Some(_), Some(_)) => {
+                            self.problems.push(
+                                self.key_span(&format!("{item}/agentName")),
+                                format!("instance `{}` of {place} sets both `agentId` and `agentName`", adopted.id),
+                                Some("keep one: `agentId` names the agent by its CI id, `agentName` by its name".to_owned()),
+                            );
+                            ok = false;
+                            None
+                        }
+                        (Some(id), None) => Some(AgentRef::Id(AgentId::new(id.clone()))),
+                        (None, Some(name)) => Some(AgentRef::Name(name.clone())),
+                        (None, None) => None,
+                    };
+                    instances.push(AdoptedInstance { id: InstanceId::new(adopted.id.clone()), agent });
+                }
+                InstanceMode::StartStop { instances }
+            }
+        };
+
+        let scale = self.scale(pointer, &place, raw.scale.clone().unwrap_or_default(), &mode, billing);
+        let agent = raw.agent.clone().unwrap_or_default();
+        let (Some(scale), true) = (scale, ok) else { return None };
+        Some(PoolSpec {
+            name: PoolName::new(raw.name),
+            ci: CiBinding {
+                source: CiName::new(raw.ci.source),
+                labels: raw.ci.labels,
+                azure_pool: raw.ci.azure_pool,
+                capabilities: raw.ci.capabilities,
+            },
+            backend: BackendBinding { backend: BackendName::new(raw.backend.name), mode, machine: raw.backend.machine },
+            agent: AgentSpec {
+                image: agent.image,
+                env: agent.env,
+                secret_env: agent.secret_env.into_iter().map(|(key, value)| (key, Secret::new(value.0))).collect(),
+            },
+            scale,
+        })
+    }
+
+    fn scale(&mut self, pool_pointer: &str, place: &str, raw: RawScale, mode: &InstanceMode, billing: Option<Billing>) -> Option<ScalePolicy> {
+        let defaults = ScalePolicy::default();
+        let at = |field: &str| format!("{pool_pointer}/scale/{field}");
+        let place_suffix = format!(" in {place}");
+        let mut ok = true;
+
+        let adopted = match mode {
+            InstanceMode::StartStop { instances } => Some(u32::try_from(instances.len()).unwrap_or(u32::MAX)),
+            InstanceMode::Create => None,
+        };
+        // A start/stop pool cannot grow beyond the instances it adopted, so that is its natural cap.
+        let max = raw.max.or(adopted.filter(|count| *count > 0)).unwrap_or(defaults.max);
+        let min = raw.min.unwrap_or(defaults.min);
+        let min_idle = raw.min_idle.unwrap_or(defaults.min_idle);
+        if min > max {
+            self.problems.push(
+                self.value_span(&at("min")).or_else(|| self.value_span(&at("max"))),
+                format!("`min` ({min}) is greater than `max` ({max}){place_suffix}"),
+                Some(format!("lower `min` or raise `max` to at least {min}")),
+            );
+            ok = false;
+        }
+        if min_idle > max {
+            self.problems.push(
+                self.value_span(&at("minIdle")),
+                format!("`minIdle` ({min_idle}) is greater than `max` ({max}){place_suffix}"),
+                Some(format!("lower `minIdle` or raise `max` to at least {min_idle}")),
+            );
+            ok = false;
+        }
+        if let (Some(count), Some(explicit_max)) = (adopted, raw.max) {
+            if count > 0 && explicit_max > count {
+                self.problems.push(
+                    self.value_span(&at("max")),
+                    format!("`max` ({explicit_max}) is more than the {count} adopted instance(s){place_suffix}"),
+                    Some("a start/stop pool only starts the instances it names: add instances or lower `max`".to_owned()),
+                );
+                ok = false;
+            }
+        }
+
+        let idle_timeout = self.duration(&at("idleTimeout"), "idleTimeout", &place_suffix, raw.idle_timeout.as_deref(), defaults.idle_timeout);
+        let bootstrap_timeout =
+            self.duration(&at("bootstrapTimeout"), "bootstrapTimeout", &place_suffix, raw.bootstrap_timeout.as_deref(), defaults.bootstrap_timeout);
+        let default_margin = defaults.billing_margin.unwrap_or(GoDuration::from_secs(5 * 60));
+        let margin = self.duration(&at("billingMargin"), "billingMargin", &place_suffix, raw.billing_margin.as_deref(), default_margin);
+        if let Some(margin) = margin.filter(|margin| margin.as_secs() >= 3600) {
+            self.problems.push(
+                self.value_span(&at("billingMargin")),
+                format!("`billingMargin` ({margin}){place_suffix} must be shorter than the 1h billing period"),
+                Some("write e.g. `5m`".to_owned()),
+            );
+            ok = false;
+        }
+        let billing_aware = raw.billing_aware.unwrap_or(true);
+        let billing_margin = match billing {
+            Some(Billing::Hourly) if billing_aware => Some(margin?),
+            _ => None,
+        };
+        if !ok {
+            return None;
+        }
+        Some(ScalePolicy {
+            min,
+            max,
+            min_idle,
+            jobs_per_agent: raw.jobs_per_agent.unwrap_or(defaults.jobs_per_agent),
+            idle_timeout: idle_timeout?,
+            ephemeral: raw.ephemeral.unwrap_or(defaults.ephemeral),
+            bootstrap_timeout: bootstrap_timeout?,
+            billing_margin,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_hints_translate_words_to_go_units() {
+        assert_eq!(duration_hint("5 minutes"), "write `5m`");
+        assert_eq!(duration_hint("1 hour 30 min"), "write `1h30m`");
+        assert_eq!(duration_hint("2 days"), "write `48h`");
+        assert_eq!(duration_hint("soon"), "write a Go duration such as `30s`, `5m` or `1h30m`");
+        assert_eq!(duration_hint("5 fortnights"), "write a Go duration such as `30s`, `5m` or `1h30m`");
+    }
+
+    #[test]
+    fn names_follow_the_label_alphabet() {
+        assert!(is_valid_name("acme-2"));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name("Acme"));
+        assert!(!is_valid_name("a_b"));
+        assert!(!is_valid_name(&"a".repeat(31)));
+        assert!(is_valid_name(&"a".repeat(30)));
+    }
+}
