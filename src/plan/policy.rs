@@ -458,6 +458,9 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     let wanted = demand.div_ceil(jobs_per_agent).saturating_add(policy.min_idle);
     // Not `clamp`: it panics when min > max, and a bad config must never panic the planner.
     let desired_count = wanted.max(policy.min).min(policy.max);
+    if wanted > policy.max {
+        notes.push(format!("demand wants {wanted} agents, capped at max {}", policy.max));
+    }
     let active = serving.len() as u32;
     let busy = serving.iter().filter(|member| member.busy).count() as u32;
     let idle = serving.iter().filter(|member| member.agent.is_some() && !member.busy).count() as u32;

@@ -1,2 +1,3 @@
 mod config;
 mod plan_props;
+mod scenarios;
