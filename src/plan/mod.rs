@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{AgentId, BackendName, CiName, InstanceId, PoolName};
 
+mod cost;
 pub mod matching;
 mod policy;
 pub mod render;
 
-pub use policy::{plan, fingerprint};
+pub use policy::{agent_hash, fingerprint, instance_name, plan};
 
 /// Version of the plan JSON / plan file format. Bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;

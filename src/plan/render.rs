@@ -1,1 +1,199 @@
-//! placeholder
+//! Showing a [`Plan`]: the Terraform-like text for humans and the JSON for machines. Both read only the plan
+//! (never the config or the observation), so a saved plan file renders exactly as it was planned.
+
+use std::fmt::Write;
+
+use anstyle::{AnsiColor, Style};
+use similar::{ChangeTag, TextDiff};
+
+use super::{Action, Change, CostLine, Plan, PoolStatus};
+
+/// How to render for humans.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenderOptions {
+    /// ANSI colours (green `+`, red `-`, yellow `~`); off means no escape code at all.
+    pub color: bool,
+}
+
+/// The plan as a human reads it: per pool its numbers, changes with reasons and attribute diffs, and notes;
+/// then the totals (`Plan: ...` or `No changes.`) and the cost line.
+pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
+    let painter = Painter { color: opts.color };
+    let mut out = String::new();
+
+    for status in &plan.pools {
+        render_pool_header(&mut out, status);
+        for change in plan.changes.iter().filter(|change| change.pool == status.pool) {
+            render_change(&mut out, change, &painter);
+        }
+        for note in &status.notes {
+            let _ = writeln!(out, "  note: {note}");
+        }
+        out.push('\n');
+    }
+
+    // Changes whose pool is not configured (orphans of a removed pool), grouped by the pool named on them.
+    let mut orphan_pools: Vec<&str> = plan
+        .changes
+        .iter()
+        .filter(|change| !plan.pools.iter().any(|status| status.pool == change.pool))
+        .map(|change| change.pool.as_str())
+        .collect();
+    orphan_pools.dedup();
+    for pool in orphan_pools {
+        if pool.is_empty() {
+            let _ = writeln!(out, "without a pool:");
+        } else {
+            let _ = writeln!(out, "pool `{pool}` (not in the config):");
+        }
+        for change in plan.changes.iter().filter(|change| change.pool.as_str() == pool) {
+            render_change(&mut out, change, &painter);
+        }
+        out.push('\n');
+    }
+
+    let summary = &plan.summary;
+    if plan.changes.is_empty() {
+        out.push_str("No changes.\n");
+    } else {
+        if summary.drain > 0 || summary.deregister > 0 {
+            let _ = writeln!(out, "Also: {} to drain, {} to deregister.", summary.drain, summary.deregister);
+        }
+        let _ = writeln!(
+            out,
+            "Plan: {} to create, {} to start, {} to stop, {} to delete.",
+            summary.create, summary.start, summary.stop, summary.delete
+        );
+    }
+    out.push_str(&render_cost(plan));
+    out.push('\n');
+    out
+}
+
+/// The plan as pretty JSON with a trailing newline: the same types `--json` prints and plan files hold.
+pub fn render_json(plan: &Plan) -> String {
+    match serde_json::to_string_pretty(plan) {
+        Ok(mut json) => {
+            json.push('\n');
+            json
+        }
+        // Unreachable for these plain types; still never panic on output.
+        Err(error) => format!("{{\"error\": {:?}}}\n", error.to_string()),
+    }
+}
+
+fn render_pool_header(out: &mut String, status: &PoolStatus) {
+    let _ = writeln!(
+        out,
+        "pool `{}`: {} pending, {} running; {} active ({} busy, {} idle); desired {}",
+        status.pool, status.pending_jobs, status.running_jobs, status.active, status.busy, status.idle, status.desired
+    );
+}
+
+fn render_change(out: &mut String, change: &Change, painter: &Painter) {
+    let symbol = change.action.symbol();
+    let _ = writeln!(
+        out,
+        "  {} {} {}: {}",
+        painter.paint(symbol_style(change.action), &format!("{symbol:>3}")),
+        change.action.verb(),
+        describe_target(change),
+        change.reason
+    );
+    if change.before.is_empty() && change.after.is_empty() {
+        return;
+    }
+    let lines = |map: &std::collections::BTreeMap<String, String>| {
+        map.iter().map(|(key, value)| format!("{key} = {value}\n")).collect::<String>()
+    };
+    let (before, after) = (lines(&change.before), lines(&change.after));
+    let diff = TextDiff::from_lines(&before, &after);
+    for line in diff.iter_all_changes() {
+        let (sign, style) = match line.tag() {
+            ChangeTag::Delete => ("-", red()),
+            ChangeTag::Insert => ("+", green()),
+            ChangeTag::Equal => (" ", Style::new()),
+        };
+        let text = format!("{sign} {}", line.value().trim_end_matches('\n'));
+        let _ = writeln!(out, "        {}", painter.paint(style, &text));
+    }
+}
+
+fn describe_target(change: &Change) -> String {
+    match (&change.instance, &change.agent) {
+        (Some(instance), _) => match &instance.id {
+            Some(id) => format!("{} ({} {})", instance.name, instance.backend, id),
+            None => format!("{} (new in {})", instance.name, instance.backend),
+        },
+        (None, Some(agent)) => format!("agent {} ({} {})", agent.name, agent.ci, agent.id),
+        (None, None) => "(nothing)".to_owned(),
+    }
+}
+
+fn render_cost(plan: &Plan) -> String {
+    let cost = &plan.cost;
+    if cost.hourly.is_empty() {
+        return match cost.unpriced_before.max(cost.unpriced_after) {
+            0 => "Cost: unknown".to_owned(),
+            count => format!("Cost: unknown (no price for {count} instance{})", if count == 1 { "" } else { "s" }),
+        };
+    }
+    let lines: Vec<String> = cost.hourly.iter().map(|(currency, line)| cost_line(currency, line)).collect();
+    let mut text = format!("Cost: {}", lines.join(", "));
+    if cost.unpriced_before > 0 || cost.unpriced_after > 0 {
+        let _ = write!(text, "; unpriced instances: {} → {}", cost.unpriced_before, cost.unpriced_after);
+    }
+    text
+}
+
+fn cost_line(currency: &str, line: &CostLine) -> String {
+    let delta = line.after - line.before;
+    let change = if delta.abs() < 0.000_05 {
+        "no change".to_owned()
+    } else if delta > 0.0 {
+        format!("+{}/h", money(currency, delta))
+    } else {
+        format!("-{}/h", money(currency, -delta))
+    };
+    format!("{}/h → {}/h ({change})", money(currency, line.before), money(currency, line.after))
+}
+
+fn money(currency: &str, amount: f64) -> String {
+    match currency {
+        "EUR" => format!("€{amount:.4}"),
+        "USD" => format!("${amount:.4}"),
+        other => format!("{other} {amount:.4}"),
+    }
+}
+
+fn symbol_style(action: Action) -> Style {
+    match action {
+        Action::Create | Action::Start => green(),
+        Action::Delete | Action::Stop | Action::Deregister => red(),
+        Action::Drain | Action::Replace => yellow(),
+    }
+}
+
+fn green() -> Style {
+    Style::new().fg_color(Some(AnsiColor::Green.into()))
+}
+fn red() -> Style {
+    Style::new().fg_color(Some(AnsiColor::Red.into()))
+}
+fn yellow() -> Style {
+    Style::new().fg_color(Some(AnsiColor::Yellow.into()))
+}
+
+struct Painter {
+    color: bool,
+}
+
+impl Painter {
+    fn paint(&self, style: Style, text: &str) -> String {
+        if self.color && style != Style::new() {
+            format!("{}{text}{}", style.render(), style.render_reset())
+        } else {
+            text.to_owned()
+        }
+    }
+}

@@ -6,3 +6,5 @@ mod config;
 mod conformance;
 mod converge;
 mod fake;
+mod plan_props;
+mod scenarios;

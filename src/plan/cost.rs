@@ -1,0 +1,133 @@
+//! The plan's cost line: hourly cost of everything ciscale manages now and after the plan, per currency.
+//!
+//! An instance costs while it is pending, running or stopping; a stopped one costs too on hourly-billed
+//! backends (Hetzner bills stopped servers), and nothing on per-second ones.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::policy::first_candidate;
+use super::{Action, Change, Cost, CostLine};
+use crate::model::{BackendName, Billing, Desired, Instance, InstanceId, InstanceState, Observed, Price};
+
+/// Attribute / machine keys that name the priced machine type, most specific first.
+const MACHINE_TYPE_KEYS: [&str; 5] = ["server_type", "serverType", "instance_type", "instanceType", "type"];
+
+fn machine_type(attributes: &BTreeMap<String, String>) -> Option<&str> {
+    MACHINE_TYPE_KEYS.iter().find_map(|key| attributes.get(*key)).map(|value| first_candidate(value))
+}
+
+fn is_billed(state: InstanceState, billing: Billing) -> bool {
+    state.is_active()
+        || state == InstanceState::Stopping
+        || (state == InstanceState::Stopped && billing == Billing::Hourly)
+}
+
+/// Sums of prices per currency plus a count of instances nobody could price.
+#[derive(Default)]
+struct Tally {
+    by_currency: BTreeMap<String, f64>,
+    unpriced: i64,
+}
+
+impl Tally {
+    fn add(&mut self, price: Option<&Price>, sign: f64) {
+        match price {
+            Some(price) => *self.by_currency.entry(price.currency.clone()).or_default() += sign * price.hourly,
+            None => self.unpriced += sign as i64,
+        }
+    }
+}
+
+pub(super) fn estimate_cost(
+    desired: &Desired,
+    observed: &Observed,
+    changes: &[Change],
+    claimed: &HashMap<(&BackendName, &InstanceId), usize>,
+) -> Cost {
+    let billing_of =
+        |backend: &BackendName| desired.backends.get(backend).map_or(Billing::PerSecond, |spec| spec.billing);
+    // Every managed instance (claimed by a pool, or labelled with our owner) with its price and billed state.
+    let mut managed: HashMap<(&BackendName, &InstanceId), (Option<&Price>, bool)> = HashMap::new();
+    let mut before = Tally::default();
+    for (backend_name, backend) in &observed.backends {
+        let billing = billing_of(backend_name);
+        for instance in &backend.instances {
+            let pool_index = claimed.get(&(backend_name, &instance.id)).copied();
+            if pool_index.is_none() && instance.owner() != Some(desired.owner.as_str()) {
+                continue;
+            }
+            let price = instance_price(desired, observed, backend_name, instance, pool_index);
+            let billed = is_billed(instance.state, billing);
+            if billed {
+                before.add(price, 1.0);
+            }
+            managed.insert((backend_name, &instance.id), (price, billed));
+        }
+    }
+
+    let mut after = Tally { by_currency: before.by_currency.clone(), unpriced: before.unpriced };
+    for change in changes {
+        let Some(target) = &change.instance else {
+            continue;
+        };
+        let existing = target.id.as_ref().and_then(|id| managed.get(&(&target.backend, id))).copied();
+        let new_price = || {
+            desired.pool(&change.pool).and_then(|pool| {
+                let prices = &observed.backends.get(&pool.backend.backend)?.prices;
+                prices.get(machine_type(&pool.backend.machine)?)
+            })
+        };
+        match (change.action, existing) {
+            (Action::Create, _) => after.add(new_price(), 1.0),
+            (Action::Delete, Some((price, true))) => after.add(price, -1.0),
+            (Action::Stop, Some((price, true))) if billing_of(&target.backend) == Billing::PerSecond => {
+                after.add(price, -1.0)
+            }
+            (Action::Start, Some((price, false))) => after.add(price, 1.0),
+            (Action::Replace, Some((price, billed))) => {
+                if billed {
+                    after.add(price, -1.0);
+                }
+                after.add(new_price(), 1.0);
+            }
+            _ => {}
+        }
+    }
+
+    let currencies: Vec<&String> = before.by_currency.keys().chain(after.by_currency.keys()).collect();
+    let hourly = currencies
+        .into_iter()
+        .map(|currency| {
+            let line = CostLine {
+                before: round(before.by_currency.get(currency).copied().unwrap_or(0.0)),
+                after: round(after.by_currency.get(currency).copied().unwrap_or(0.0)),
+            };
+            (currency.clone(), line)
+        })
+        .collect();
+    Cost { hourly, unpriced_before: before.unpriced.max(0) as u32, unpriced_after: after.unpriced.max(0) as u32 }
+}
+
+/// Price of an instance: by its reported machine type, else by the machine type of the pool it belongs to.
+fn instance_price<'a>(
+    desired: &Desired,
+    observed: &'a Observed,
+    backend_name: &BackendName,
+    instance: &Instance,
+    pool_index: Option<usize>,
+) -> Option<&'a Price> {
+    let prices = &observed.backends.get(backend_name)?.prices;
+    let pool_machine = pool_index.and_then(|index| desired.pools.get(index)).map(|pool| &pool.backend.machine);
+    let kind = machine_type(&instance.attributes).or_else(|| pool_machine.and_then(machine_type))?;
+    prices.get(kind)
+}
+
+/// Float sums drift in the last bits (0.1 + 0.2); six decimals keep the JSON stable and readable.
+fn round(value: f64) -> f64 {
+    let rounded = (value * 1e6).round() / 1e6;
+    if rounded == 0.0 {
+        0.0 // no `-0.0` in the output
+    } else {
+        rounded
+    }
+}
