@@ -1,7 +1,5 @@
 //! Turns the config's `ci:` and `backends:` sections into live provider handles.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::fake::FakeWorld;
@@ -11,16 +9,20 @@ use crate::model::{BackendKind, CiKind, Desired, FakeSpec};
 /// Connects to every provider the config names. No network call is made here: the first call is the first
 /// observation, so a `plan --observed` never needs this at all.
 pub fn connect(desired: &Desired) -> Result<Providers> {
-    // A fake backend and a fake CI naming the same state file must share one world, or the fake CI could not see
-    // the fake instances its agents run on.
-    let mut worlds: BTreeMap<Option<PathBuf>, FakeWorld> = BTreeMap::new();
+    // A fake backend and a fake CI must share one world, or the fake CI could not see the instances its agents
+    // run on. File-backed worlds share through their file (each handle keeps its own `simulate`); in-memory ones
+    // share one handle, which simulates if any in-memory fake asks for it.
+    let in_memory_simulates = fake_specs(desired).any(|spec| spec.state_file.is_none() && spec.simulate);
+    let mut in_memory: Option<FakeWorld> = None;
     let mut world_for = |spec: &FakeSpec| -> Result<FakeWorld> {
-        if let Some(world) = worlds.get(&spec.state_file) {
-            return Ok(world.clone());
+        if spec.state_file.is_some() {
+            return FakeWorld::open(spec);
         }
-        let world = FakeWorld::open(spec)?;
-        worlds.insert(spec.state_file.clone(), world.clone());
-        Ok(world)
+        let shared = FakeSpec { state_file: None, simulate: in_memory_simulates };
+        Ok(match &in_memory {
+            Some(world) => world.clone(),
+            None => in_memory.insert(FakeWorld::open(&shared)?).clone(),
+        })
     };
 
     let mut providers = Providers::default();
@@ -43,4 +45,16 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
 
 fn not_yet(kind: &str, what: &'static str) -> Error {
     Error::Unsupported { provider: kind.to_owned(), operation: what }
+}
+
+fn fake_specs(desired: &Desired) -> impl Iterator<Item = &FakeSpec> {
+    let backends = desired.backends.values().filter_map(|spec| match &spec.kind {
+        BackendKind::Fake(fake) => Some(fake),
+        _ => None,
+    });
+    let ci = desired.ci.values().filter_map(|spec| match &spec.kind {
+        CiKind::Fake(fake) => Some(fake),
+        _ => None,
+    });
+    backends.chain(ci)
 }
