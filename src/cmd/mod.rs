@@ -81,10 +81,10 @@ pub enum Command {
 }
 
 impl Command {
-    /// The daemon reports what it does; one-shot commands stay quiet unless asked.
+    /// The daemon reports what it does; one-shot commands stay quiet unless asked (apply shows its own progress).
     pub fn default_log_level(&self) -> &'static str {
         match self {
-            Command::Watch(_) | Command::Apply(_) => "info",
+            Command::Watch(_) => "info",
             _ => "warn",
         }
     }
