@@ -1,1 +1,192 @@
-fn main(){}
+//! Planner benchmark: 100 pools × 10,000 instances × 100,000 pending jobs, generated deterministically.
+//! Prints the median time of 5 plans and the process's peak RSS (VmHWM). Goal: < 50 ms in release.
+//!
+//! Run with `cargo bench --bench plan`. Plain `Instant`, no harness: the number that matters is one plan.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ciscale::model::{
+    Agent, AgentId, AgentSpec, BackendBinding, BackendKind, BackendName, BackendObservation, BackendSpec, Billing,
+    CiBinding, CiKind, CiName, CiObservation, CiSourceSpec, Desired, FakeSpec, GoDuration, Instance, InstanceId,
+    InstanceMode, InstanceState, Observed, PoolName, PoolSpec, Price, Queue, ScalePolicy, Task, OWNER_LABEL,
+    POOL_LABEL,
+};
+use jiff::{SignedDuration, Timestamp};
+
+const POOLS: usize = 100;
+const INSTANCES: usize = 10_000;
+const PENDING: usize = 100_000;
+const RUNS: usize = 5;
+
+/// Tiny deterministic generator (xorshift), so every run plans the same world.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn world() -> (Desired, Observed, Timestamp) {
+    let now: Timestamp = "2026-01-01T12:00:00Z".parse().unwrap_or_default();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let pools: Vec<PoolSpec> = (0..POOLS)
+        .map(|i| PoolSpec {
+            name: PoolName::new(format!("pool{i}")),
+            ci: CiBinding {
+                source: CiName::new("wp"),
+                labels: [
+                    ("platform".to_owned(), format!("linux/{}", i % 10)),
+                    ("size".to_owned(), format!("s{}", i / 10)),
+                    ("repo".to_owned(), "*".to_owned()),
+                ]
+                .into(),
+                azure_pool: None,
+                capabilities: BTreeMap::new(),
+            },
+            backend: BackendBinding {
+                backend: BackendName::new(format!("cloud{}", i % 4)),
+                mode: InstanceMode::Create,
+                machine: [("serverType".to_owned(), "cx22,cx32".to_owned())].into(),
+            },
+            agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new() },
+            scale: ScalePolicy { max: 150, min_idle: 1, ..ScalePolicy::default() },
+        })
+        .collect();
+    let desired = Desired {
+        owner: "ci".into(),
+        poll_interval: GoDuration::from_secs(10),
+        ci: [(CiName::new("wp"), CiSourceSpec { kind: CiKind::Fake(FakeSpec::default()) })].into(),
+        backends: (0..4)
+            .map(|b| {
+                (
+                    BackendName::new(format!("cloud{b}")),
+                    BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::Hourly },
+                )
+            })
+            .collect(),
+        pools,
+        images: BTreeMap::new(),
+        config_hash: "sha256:bench".into(),
+    };
+
+    let mut observed = Observed { observed_at: now, ..Observed::default() };
+    let prices: BTreeMap<String, Price> =
+        [("cx22".to_owned(), Price { hourly: 0.0126, currency: "EUR".into() })].into();
+    for b in 0..4 {
+        observed.backends.insert(
+            BackendName::new(format!("cloud{b}")),
+            BackendObservation { instances: Vec::new(), prices: prices.clone() },
+        );
+    }
+    let mut agents = Vec::with_capacity(INSTANCES);
+    let mut running = Vec::new();
+    let states = [
+        InstanceState::Running,
+        InstanceState::Running,
+        InstanceState::Running,
+        InstanceState::Pending,
+        InstanceState::Stopped,
+    ];
+    for n in 0..INSTANCES {
+        let pool = n % POOLS;
+        let name = format!("ci-pool{pool}-{}", n / POOLS + 1);
+        let created_at = now - SignedDuration::from_mins(rng.below(300) as i64);
+        let instance = Instance {
+            id: InstanceId::new(format!("srv-{n}")),
+            name: name.clone(),
+            state: states[rng.below(states.len())],
+            created_at,
+            labels: [(OWNER_LABEL.to_owned(), "ci".to_owned()), (POOL_LABEL.to_owned(), format!("pool{pool}"))].into(),
+            attributes: [("serverType".to_owned(), if rng.below(20) == 0 { "cx11" } else { "cx22" }.to_owned())].into(),
+        };
+        if let Some(backend) = observed.backends.get_mut(&BackendName::new(format!("cloud{}", pool % 4))) {
+            backend.instances.push(instance);
+        }
+        if rng.below(10) != 0 {
+            let id = AgentId::new(format!("{n}"));
+            let busy = rng.below(2) == 0;
+            if busy {
+                running.push(Task {
+                    id: format!("run-{n}").into(),
+                    labels: BTreeMap::new(),
+                    demands: Vec::new(),
+                    agent_id: Some(id.clone()),
+                });
+            }
+            agents.push(Agent {
+                id,
+                name,
+                busy,
+                no_schedule: rng.below(8) == 0,
+                last_contact: Some(now),
+                last_work: Some(now - SignedDuration::from_mins(rng.below(120) as i64)),
+                labels: BTreeMap::new(),
+            });
+        }
+    }
+    // Jobs: 500 repos × 100 label combinations (some matching no pool), so label sets repeat as in real queues.
+    let pending = (0..PENDING)
+        .map(|n| {
+            let platform = rng.below(11);
+            Task {
+                id: format!("job-{n}").into(),
+                labels: [
+                    ("platform".to_owned(), format!("linux/{platform}")),
+                    ("size".to_owned(), format!("s{}", rng.below(10))),
+                    ("repo".to_owned(), format!("org/repo{}", rng.below(500))),
+                    ("woodpecker-ci.org/repo-id".to_owned(), format!("{}", rng.below(500))),
+                ]
+                .into(),
+                demands: Vec::new(),
+                agent_id: None,
+            }
+        })
+        .collect();
+    observed.ci.insert(CiName::new("wp"), CiObservation { agents, queue: Queue { pending, running } });
+    (desired, observed, now)
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn main() {
+    let build_started = Instant::now();
+    let (desired, observed, now) = world();
+    eprintln!(
+        "world: {POOLS} pools, {INSTANCES} instances, {PENDING} pending jobs (built in {:?})",
+        build_started.elapsed()
+    );
+    let rss_before = peak_rss_kib();
+    let mut times: Vec<Duration> = Vec::with_capacity(RUNS);
+    let mut changes = 0;
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let plan = ciscale::plan::plan(&desired, &observed, now);
+        times.push(started.elapsed());
+        changes = plan.changes.len();
+        std::hint::black_box(&plan);
+    }
+    times.sort();
+    let median = times[RUNS / 2];
+    println!(
+        "plan: median {median:?} of {RUNS} runs (min {:?}, max {:?}), {changes} changes",
+        times[0],
+        times[RUNS - 1]
+    );
+    match (rss_before, peak_rss_kib()) {
+        (Some(before), Some(after)) => {
+            println!("peak RSS: {:.1} MiB (world built: {:.1} MiB)", after as f64 / 1024.0, before as f64 / 1024.0)
+        }
+        _ => println!("peak RSS: unavailable (no /proc/self/status)"),
+    }
+}

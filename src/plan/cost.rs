@@ -3,8 +3,9 @@
 //! An instance costs while it is pending, running or stopping; a stopped one costs too on hourly-billed
 //! backends (Hetzner bills stopped servers), and nothing on per-second ones.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
+use super::fasthash::FastMap;
 use super::policy::first_candidate;
 use super::{Action, Change, Cost, CostLine};
 use crate::model::{BackendName, Billing, Desired, Instance, InstanceId, InstanceState, Observed, Price};
@@ -42,12 +43,12 @@ pub(super) fn estimate_cost(
     desired: &Desired,
     observed: &Observed,
     changes: &[Change],
-    claimed: &HashMap<(&BackendName, &InstanceId), usize>,
+    claimed: &FastMap<(&BackendName, &InstanceId), usize>,
 ) -> Cost {
     let billing_of =
         |backend: &BackendName| desired.backends.get(backend).map_or(Billing::PerSecond, |spec| spec.billing);
     // Every managed instance (claimed by a pool, or labelled with our owner) with its price and billed state.
-    let mut managed: HashMap<(&BackendName, &InstanceId), (Option<&Price>, bool)> = HashMap::new();
+    let mut managed: FastMap<(&BackendName, &InstanceId), (Option<&Price>, bool)> = FastMap::default();
     let mut before = Tally::default();
     for (backend_name, backend) in &observed.backends {
         let billing = billing_of(backend_name);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 /// Task labels under this prefix are set by Woodpecker itself and never take part in matching.
-const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
+pub(super) const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
 
 /// Woodpecker's rule (server/rpc `createFilterFunc`): the agent takes the task iff
 /// - every agent label `!key: value` (a *required* label) is carried by the task with exactly that value, and

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{AgentId, BackendName, CiName, InstanceId, PoolName};
 
 mod cost;
+mod fasthash;
 pub mod matching;
 mod policy;
 pub mod render;

@@ -9,18 +9,20 @@
 //! (resume drained → start stopped → create) or down (drain idle agents past their idle timeout, then delete or
 //! stop the drained ones on a later cycle), replace drifted instances once idle, and clean up orphans.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::cost::estimate_cost;
-use super::matching::{azure_matches, woodpecker_matches};
+use super::fasthash::{FastMap, FastSet};
+use super::matching::{azure_matches, woodpecker_matches, WOODPECKER_INTERNAL_PREFIX};
 use super::{Action, AgentTarget, Change, InstanceTarget, Plan, PoolStatus, Summary, FORMAT_VERSION};
 use crate::model::{
     Agent, AgentId, AgentRef, AgentSpec, BackendName, Billing, CiKind, CiName, CiObservation, Desired, Instance,
-    InstanceId, InstanceMode, InstanceState, Observed, PoolName, PoolSpec, AGENT_HASH_LABEL, OWNER_LABEL, POOL_LABEL,
+    InstanceId, InstanceMode, InstanceState, Observed, PoolName, PoolSpec, Task, AGENT_HASH_LABEL, OWNER_LABEL,
+    POOL_LABEL,
 };
 
 /// Name of the `index`-th instance of a pool (index from 1). Deterministic, so a create retried after a crash
@@ -123,21 +125,21 @@ fn to_hex(bytes: &[u8]) -> String {
 /// One CI source's observation, indexed for the lookups the policy makes per instance.
 struct CiIndex<'a> {
     name: &'a CiName,
-    agents_by_name: HashMap<&'a str, &'a Agent>,
-    agents_by_id: HashMap<&'a AgentId, &'a Agent>,
-    running_by_agent: HashMap<&'a AgentId, u32>,
+    agents_by_name: FastMap<&'a str, &'a Agent>,
+    agents_by_id: FastMap<&'a AgentId, &'a Agent>,
+    running_by_agent: FastMap<&'a AgentId, u32>,
 }
 
 impl<'a> CiIndex<'a> {
     fn new(name: &'a CiName, observation: &'a CiObservation) -> Self {
-        let mut agents_by_name = HashMap::with_capacity(observation.agents.len());
-        let mut agents_by_id = HashMap::with_capacity(observation.agents.len());
+        let mut agents_by_name = FastMap::with_capacity_and_hasher(observation.agents.len(), Default::default());
+        let mut agents_by_id = FastMap::with_capacity_and_hasher(observation.agents.len(), Default::default());
         for agent in &observation.agents {
             // First record wins on duplicates, so the choice follows the observation's order, not hashing.
             agents_by_name.entry(agent.name.as_str()).or_insert(agent);
             agents_by_id.entry(&agent.id).or_insert(agent);
         }
-        let mut running_by_agent: HashMap<&AgentId, u32> = HashMap::new();
+        let mut running_by_agent: FastMap<&AgentId, u32> = FastMap::default();
         for task in &observation.queue.running {
             if let Some(agent_id) = &task.agent_id {
                 *running_by_agent.entry(agent_id).or_default() += 1;
@@ -184,8 +186,11 @@ fn pool_matches(rule: MatchRule, pool: &PoolSpec, labels: &BTreeMap<String, Stri
 }
 
 /// Pending jobs per pool (indexed like `desired.pools`): each job counts for the first pool in config order
-/// that has its source and matches it, never twice. Jobs with identical labels and demands are grouped first,
-/// so the cost is (distinct label sets × pools) rather than (jobs × pools).
+/// that has its source and matches it, never twice.
+///
+/// Jobs are grouped by what matching can see of them first (see [`LabelProjection`]), so the cost is
+/// (jobs × labels) + (distinct groups × pools) rather than (jobs × pools): a queue of 100,000 jobs over 500 repos
+/// collapses to a handful of groups when the pools accept any repo.
 fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32> {
     let mut pending = vec![0u32; desired.pools.len()];
     for (source, observation) in &observed.ci {
@@ -195,14 +200,25 @@ fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32> {
             continue;
         }
         let rule = match_rule(desired, source);
-        let mut groups: HashMap<(&BTreeMap<String, String>, &[String]), u32> = HashMap::new();
+        let projection = LabelProjection::new(pools_of_source.iter().map(|&i| &desired.pools[i]));
+        // Grouped by a hash of the projection, each bucket checked for real equality (no allocation per job).
+        let mut groups: FastMap<u64, Vec<(&Task, u32)>> = FastMap::default();
         for task in &observation.queue.pending {
-            *groups.entry((&task.labels, task.demands.as_slice())).or_default() += 1;
+            let bucket = groups.entry(projection.hash(task)).or_default();
+            match bucket.iter_mut().find(|(representative, _)| projection.same(representative, task)) {
+                Some((_, count)) => *count += 1,
+                None => bucket.push((task, 1)),
+            }
         }
         // Summation is order-independent, so iterating the hash map here cannot leak into the plan.
-        for ((labels, demands), count) in groups {
+        for (representative, count) in groups.into_values().flatten() {
+            let labels: BTreeMap<String, String> = projection
+                .project(&representative.labels)
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .collect();
+            let demands = representative.demands.as_slice();
             if let Some(&pool_index) =
-                pools_of_source.iter().find(|&&i| pool_matches(rule, &desired.pools[i], labels, demands))
+                pools_of_source.iter().find(|&&i| pool_matches(rule, &desired.pools[i], &labels, demands))
             {
                 pending[pool_index] = pending[pool_index].saturating_add(count);
             }
@@ -211,11 +227,70 @@ fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32> {
     pending
 }
 
+/// Reduces a task's labels to what Woodpecker matching against a given set of pools can tell apart, without
+/// changing any match result:
+/// - a key some pool requires (`!key`) keeps its exact value, whatever it is;
+/// - otherwise internal `woodpecker-ci.org/*` keys and empty values are dropped (matching ignores them);
+/// - a key some pool names with a concrete value keeps its value; a key every pool names only as `*` (or not at
+///   all) keeps its presence but not its value (`*`), since only presence can change the outcome.
+struct LabelProjection<'a> {
+    required: FastSet<&'a str>,
+    exact: FastSet<&'a str>,
+}
+
+impl<'a> LabelProjection<'a> {
+    fn new(pools: impl Iterator<Item = &'a PoolSpec>) -> Self {
+        let mut required = FastSet::default();
+        let mut exact = FastSet::default();
+        for pool in pools {
+            for (key, value) in &pool.ci.labels {
+                match key.strip_prefix('!') {
+                    Some(required_key) => {
+                        required.insert(required_key);
+                    }
+                    None if value != "*" => {
+                        exact.insert(key.as_str());
+                    }
+                    None => {}
+                }
+            }
+        }
+        Self { required, exact }
+    }
+
+    fn project<'t>(&'t self, labels: &'t BTreeMap<String, String>) -> impl Iterator<Item = (&'t str, &'t str)> + 't {
+        labels.iter().filter_map(|(key, value)| {
+            let key = key.as_str();
+            if self.required.contains(key) {
+                return Some((key, value.as_str()));
+            }
+            if value.is_empty() || key.starts_with(WOODPECKER_INTERNAL_PREFIX) {
+                return None;
+            }
+            Some((key, if self.exact.contains(key) { value.as_str() } else { "*" }))
+        })
+    }
+
+    fn hash(&self, task: &Task) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = super::fasthash::FxHasher::default();
+        for pair in self.project(&task.labels) {
+            pair.hash(&mut hasher);
+        }
+        task.demands.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn same(&self, a: &Task, b: &Task) -> bool {
+        a.demands == b.demands && self.project(&a.labels).eq(self.project(&b.labels))
+    }
+}
+
 /// Instances of every backend, indexed by owner/pool label and by id.
 struct BackendIndex<'a> {
     /// Instances labelled with our owner, by pool label value (`None`: no pool label).
-    owned_by_pool: HashMap<Option<&'a str>, Vec<&'a Instance>>,
-    by_id: HashMap<&'a InstanceId, &'a Instance>,
+    owned_by_pool: FastMap<Option<&'a str>, Vec<&'a Instance>>,
+    by_id: FastMap<&'a InstanceId, &'a Instance>,
 }
 
 fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a BackendName, BackendIndex<'a>> {
@@ -223,8 +298,8 @@ fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a
         .backends
         .iter()
         .map(|(name, backend)| {
-            let mut owned_by_pool: HashMap<Option<&str>, Vec<&Instance>> = HashMap::new();
-            let mut by_id = HashMap::with_capacity(backend.instances.len());
+            let mut owned_by_pool: FastMap<Option<&str>, Vec<&Instance>> = FastMap::default();
+            let mut by_id = FastMap::with_capacity_and_hasher(backend.instances.len(), Default::default());
             for instance in &backend.instances {
                 by_id.entry(&instance.id).or_insert(instance);
                 if instance.owner() == Some(desired.owner.as_str()) {
@@ -249,12 +324,18 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
     let backend_indexes = index_backends(desired, observed);
     let pending = assign_pending(desired, observed);
+    let used_names: FastSet<&str> = observed
+        .backends
+        .values()
+        .flat_map(|backend| backend.instances.iter().map(|instance| instance.name.as_str()))
+        .chain(observed.ci.values().flat_map(|ci| ci.agents.iter().map(|agent| agent.name.as_str())))
+        .collect();
 
     let mut changes = Vec::new();
     let mut pools = Vec::with_capacity(desired.pools.len());
     // (backend, instance id) of every instance some pool claimed: the rest of our labelled ones are orphans.
     // The value is the claiming pool's index (the cost estimate prices instances by their pool's machine).
-    let mut claimed: HashMap<(&BackendName, &InstanceId), usize> = HashMap::new();
+    let mut claimed: FastMap<(&BackendName, &InstanceId), usize> = FastMap::default();
 
     for (pool_index, pool) in desired.pools.iter().enumerate() {
         let context = PoolContext {
@@ -264,6 +345,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
             ci: ci_indexes.get(&pool.ci.source),
             backend: backend_indexes.get(&pool.backend.backend),
             pending_jobs: pending[pool_index],
+            used_names: &used_names,
             now,
         };
         let outcome = plan_pool(&context);
@@ -277,15 +359,11 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     changes.extend(plan_orphan_instances(desired, observed, &ci_indexes, &claimed));
     changes.extend(plan_orphan_agents(desired, observed, &ci_indexes));
 
-    let pool_rank: HashMap<&PoolName, usize> = desired.pools.iter().enumerate().map(|(i, p)| (&p.name, i)).collect();
-    changes.sort_by(|a, b| {
-        let rank = |change: &Change| pool_rank.get(&change.pool).copied().unwrap_or(usize::MAX);
-        (rank(a), &a.pool, action_rank(a.action), target_name(a)).cmp(&(
-            rank(b),
-            &b.pool,
-            action_rank(b.action),
-            target_name(b),
-        ))
+    let pool_rank: FastMap<&PoolName, usize> = desired.pools.iter().enumerate().map(|(i, p)| (&p.name, i)).collect();
+    // Cached keys: comparing through the rank map on every comparison costs more than the rest of the sort.
+    changes.sort_by_cached_key(|change| {
+        let rank = pool_rank.get(&change.pool).copied().unwrap_or(usize::MAX);
+        (rank, change.pool.clone(), action_rank(change.action), target_name(change).to_owned())
     });
 
     let summary = summarize(&changes);
@@ -356,6 +434,8 @@ struct PoolContext<'a> {
     ci: Option<&'a CiIndex<'a>>,
     backend: Option<&'a BackendIndex<'a>>,
     pending_jobs: u32,
+    /// Names of every observed instance and agent record (built once: pools must not rescan the world).
+    used_names: &'a FastSet<&'a str>,
     now: Timestamp,
 }
 
@@ -566,15 +646,17 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     if need > 0 {
         if create_mode {
             let mut names = NameAllocator::new(cx);
+            // Built once per pool: every create of the pool carries the same labels and machine.
+            let mut create_after = BTreeMap::new();
+            create_after.insert(format!("label.{OWNER_LABEL}"), cx.desired.owner.clone());
+            create_after.insert(format!("label.{POOL_LABEL}"), pool.name.to_string());
+            create_after.insert(format!("label.{AGENT_HASH_LABEL}"), hash.clone());
+            for (key, value) in &pool.backend.machine {
+                create_after.insert(format!("machine.{key}"), value.clone());
+            }
             for _ in 0..need {
                 let name = names.next();
-                let mut after = BTreeMap::new();
-                after.insert(format!("label.{OWNER_LABEL}"), cx.desired.owner.clone());
-                after.insert(format!("label.{POOL_LABEL}"), pool.name.to_string());
-                after.insert(format!("label.{AGENT_HASH_LABEL}"), hash.clone());
-                for (key, value) in &pool.backend.machine {
-                    after.insert(format!("machine.{key}"), value.clone());
-                }
+                let after = create_after.clone();
                 changes.push(Change {
                     pool: pool.name.clone(),
                     action: Action::Create,
@@ -761,25 +843,18 @@ pub(super) fn first_candidate(value: &str) -> &str {
 }
 
 /// Hands out `{owner}-{pool}-{n}` names, lowest `n` first, skipping every name an observed instance (any
-/// backend, any state) or an agent record of the pool's CI source already uses.
+/// backend, any state) or an agent record (any CI source) already uses, so a create never collides with a
+/// leftover that is still being cleaned up.
 struct NameAllocator<'a> {
     owner: &'a str,
     pool: &'a PoolName,
-    used: HashSet<&'a str>,
+    used: &'a FastSet<&'a str>,
     next_index: u32,
 }
 
 impl<'a> NameAllocator<'a> {
     fn new(cx: &PoolContext<'a>) -> Self {
-        let prefix = format!("{}-{}-", cx.desired.owner, cx.pool.name);
-        let mut used: HashSet<&str> = HashSet::new();
-        for backend in cx.observed.backends.values() {
-            used.extend(backend.instances.iter().map(|i| i.name.as_str()).filter(|n| n.starts_with(&prefix)));
-        }
-        if let Some(ci) = cx.ci {
-            used.extend(ci.agents_by_name.keys().copied().filter(|n| n.starts_with(&prefix)));
-        }
-        Self { owner: &cx.desired.owner, pool: &cx.pool.name, used, next_index: 1 }
+        Self { owner: &cx.desired.owner, pool: &cx.pool.name, used: cx.used_names, next_index: 1 }
     }
 
     fn next(&mut self) -> String {
@@ -803,7 +878,7 @@ fn plan_orphan_instances(
     desired: &Desired,
     observed: &Observed,
     ci_indexes: &BTreeMap<&CiName, CiIndex<'_>>,
-    claimed: &HashMap<(&BackendName, &InstanceId), usize>,
+    claimed: &FastMap<(&BackendName, &InstanceId), usize>,
 ) -> Vec<Change> {
     let mut changes = Vec::new();
     for (backend_name, backend) in &observed.backends {
@@ -859,14 +934,14 @@ fn plan_orphan_agents(
     ci_indexes: &BTreeMap<&CiName, CiIndex<'_>>,
 ) -> Vec<Change> {
     let prefix = format!("{}-", desired.owner);
-    let instance_names: HashSet<&str> = observed
+    let instance_names: FastSet<&str> = observed
         .backends
         .values()
         .flat_map(|backend| backend.instances.iter())
         .filter(|instance| instance.state != InstanceState::Terminated)
         .map(|instance| instance.name.as_str())
         .collect();
-    let mut adopted_agents: HashSet<(&CiName, AgentRefKey<'_>)> = HashSet::new();
+    let mut adopted_agents: FastSet<(&CiName, AgentRefKey<'_>)> = FastSet::default();
     for pool in &desired.pools {
         if let InstanceMode::StartStop { instances } = &pool.backend.mode {
             for adoption in instances {

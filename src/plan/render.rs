@@ -197,3 +197,79 @@ impl Painter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::BackendName;
+    use crate::plan::{Cost, InstanceTarget, Summary};
+
+    fn sample(changes: Vec<Change>, hourly: BTreeMap<String, CostLine>) -> Plan {
+        Plan {
+            format_version: 1,
+            ciscale_version: "0.0.0".into(),
+            config_hash: "sha256:x".into(),
+            observed_fingerprint: "sha256:y".into(),
+            planned_at: "2026-01-01T12:00:00Z".parse().unwrap(),
+            pools: Vec::new(),
+            summary: Summary { delete: changes.len() as u32, ..Summary::default() },
+            changes,
+            cost: Cost { hourly, unpriced_before: 0, unpriced_after: 0 },
+        }
+    }
+
+    fn delete_change() -> Change {
+        Change {
+            pool: "gone".into(),
+            action: Action::Delete,
+            instance: Some(InstanceTarget {
+                backend: BackendName::new("cloud"),
+                id: Some("7".into()),
+                name: "ci-gone-1".into(),
+            }),
+            agent: None,
+            reason: "orphan".into(),
+            before: [("serverType".to_owned(), "cx22".to_owned())].into(),
+            after: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn color_only_when_asked() {
+        let plan = sample(vec![delete_change()], BTreeMap::new());
+        let plain = render_human(&plan, &RenderOptions { color: false });
+        let colored = render_human(&plan, &RenderOptions { color: true });
+        assert!(!plain.contains('\u{1b}'));
+        assert!(colored.contains("\u{1b}[31m"), "red for a delete: {colored:?}");
+        assert!(plain.contains("pool `gone` (not in the config):"));
+        assert!(plain.contains("        - serverType = cx22\n"));
+        assert!(plain.contains("Plan: 0 to create, 0 to start, 0 to stop, 1 to delete.\nCost: unknown\n"));
+    }
+
+    #[test]
+    fn cost_lines_per_currency() {
+        let hourly = [
+            ("CHF".to_owned(), CostLine { before: 1.0, after: 1.0 }),
+            ("EUR".to_owned(), CostLine { before: 0.0126, after: 0.0252 }),
+            ("USD".to_owned(), CostLine { before: 0.5, after: 0.25 }),
+        ]
+        .into();
+        let text = render_human(&sample(Vec::new(), hourly), &RenderOptions::default());
+        assert!(text.contains("No changes.\n"));
+        assert!(text.ends_with(
+            "Cost: CHF 1.0000/h → CHF 1.0000/h (no change), €0.0126/h → €0.0252/h (+€0.0126/h), \
+             $0.5000/h → $0.2500/h (-$0.2500/h)\n"
+        ));
+    }
+
+    #[test]
+    fn json_has_trailing_newline_and_round_trips() {
+        let plan = sample(vec![delete_change()], BTreeMap::new());
+        let json = render_json(&plan);
+        assert!(json.ends_with("}\n"));
+        let back: Plan = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, plan);
+    }
+}

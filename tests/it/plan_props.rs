@@ -125,7 +125,10 @@ fn world() -> impl Strategy<Value = (Vec<PoolDraft>, Vec<InstanceDraft>, Vec<Tas
     (
         proptest::collection::vec(pool_draft(), 1..=4),
         proptest::collection::vec(instance_draft(), 0..20),
-        proptest::collection::vec((0..2usize, 0..5usize).prop_map(|(source, label_set)| TaskDraft { source, label_set }), 0..12),
+        proptest::collection::vec(
+            (0..2usize, 0..5usize).prop_map(|(source, label_set)| TaskDraft { source, label_set }),
+            0..12,
+        ),
         // Agent records with no instance (orphans, or agents of instances not observed).
         proptest::collection::vec(agent_draft(), 0..3),
     )
@@ -324,9 +327,7 @@ fn serving_ids(desired: &Desired, observed: &Observed, pool_index: usize) -> BTr
     backend
         .instances
         .iter()
-        .filter(|i| {
-            adopted.contains(&i.id) || (i.owner() == Some(OWNER) && i.pool().as_ref() == Some(&pool.name))
-        })
+        .filter(|i| adopted.contains(&i.id) || (i.owner() == Some(OWNER) && i.pool().as_ref() == Some(&pool.name)))
         .filter(|i| i.state.is_active())
         .filter(|i| {
             let agent = agents.and_then(|ci| ci.agents.iter().find(|a| a.name == i.name));
@@ -412,10 +413,8 @@ fn check_invariants(desired: &Desired, observed: &Observed, plan: &Plan) -> Resu
         }
         if let Some(target) = &change.instance {
             if let Some(id) = &target.id {
-                let instance = observed
-                    .backends
-                    .get(&target.backend)
-                    .and_then(|b| b.instances.iter().find(|i| &i.id == id));
+                let instance =
+                    observed.backends.get(&target.backend).and_then(|b| b.instances.iter().find(|i| &i.id == id));
                 prop_assert!(instance.is_some(), "change targets an unobserved instance: {change:#?}");
                 let owned = instance.is_some_and(|i| i.owner() == Some(OWNER));
                 prop_assert!(
@@ -430,9 +429,11 @@ fn check_invariants(desired: &Desired, observed: &Observed, plan: &Plan) -> Resu
             let agent = change.agent.as_ref();
             prop_assert!(agent.is_some(), "deregister without agent");
             let name = agent.map(|a| a.name.as_str()).unwrap_or_default();
-            let has_instance = observed.backends.values().flat_map(|b| &b.instances).any(|i| {
-                i.name == name && i.state != InstanceState::Terminated
-            });
+            let has_instance = observed
+                .backends
+                .values()
+                .flat_map(|b| &b.instances)
+                .any(|i| i.name == name && i.state != InstanceState::Terminated);
             prop_assert!(!has_instance, "deregistered an agent whose instance exists: {change:#?}");
         }
     }
