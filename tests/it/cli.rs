@@ -110,6 +110,7 @@ fn offline_plan_of_the_readme_example_is_deterministic() {
             .current_dir(root)
             .env("WOODPECKER_TOKEN", "x")
             .env("HCLOUD_TOKEN", "y")
+            .env("GIT_TOKEN", "z")
             .args(["plan", "-c", "examples/woodpecker-hetzner.yaml", "--observed", "examples/woodpecker-hetzner.observed.yaml"]))
     };
     let (first, second) = (plan(), plan());
