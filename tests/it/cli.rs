@@ -272,3 +272,72 @@ fn watch_stops_cleanly_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn every_malformed_config_exits_1_with_file_line_col() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&fixtures)
+        .expect("fixtures folder")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "fixtures: {files:?}");
+    for file in files {
+        let output = run(ciscale().arg("validate").arg("-c").arg(&file).env_remove("UNSET_FOR_TEST"));
+        let name = file.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        assert_eq!(output.status.code(), Some(1), "{name}: {}", stderr(&output));
+        let text = stderr(&output);
+        let located = text.lines().any(|line| {
+            line.split(':').collect::<Vec<_>>().windows(3).any(|parts| {
+                parts[0].ends_with(&name) && parts[1].parse::<u32>().is_ok() && parts[2].parse::<u32>().is_ok()
+            })
+        });
+        assert!(located, "{name}: no `file:line:col` in\n{text}");
+        assert!(stdout(&output).is_empty(), "{name}: errors belong on stderr");
+    }
+}
+
+/// Runs ciscale under `script`, which gives it a real pseudo-terminal, and answers the prompt with `answer`.
+fn apply_on_a_terminal(sandbox: &Sandbox, answer: &str) -> Output {
+    let binary = env!("CARGO_BIN_EXE_ciscale");
+    let command = format!("{binary} apply -c {}", sandbox.config().display());
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .current_dir(sandbox.dir.path())
+        .env("NO_COLOR", "1")
+        .env("E2E_SECRET", SECRET)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("`script` (util-linux) runs");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(format!("{answer}\n").as_bytes()).expect("answer the prompt");
+    }
+    child.wait_with_output().expect("script finishes")
+}
+
+#[test]
+fn apply_on_a_terminal_asks_and_only_yes_goes_ahead() {
+    if Command::new("script").arg("--version").output().is_err() {
+        panic!("`script` from util-linux is needed for the terminal test: apt-get install bsdutils");
+    }
+    let sandbox = Sandbox::new("{ max: 2 }");
+    sandbox.push_linux_task();
+
+    let refused = apply_on_a_terminal(&sandbox, "y");
+    let screen = String::from_utf8_lossy(&refused.stdout);
+    assert!(!screen.contains(SECRET));
+    assert!(screen.contains("Only 'yes' will be accepted"), "{screen}");
+    assert_ne!(refused.status.code(), Some(0), "{screen}");
+    assert_eq!(sandbox.active_instances(), 0, "`y` is not `yes`");
+
+    let accepted = apply_on_a_terminal(&sandbox, "yes");
+    let screen = String::from_utf8_lossy(&accepted.stdout);
+    assert_eq!(accepted.status.code(), Some(0), "{screen}");
+    assert!(screen.contains("Apply complete: 1 done, 0 failed"), "{screen}");
+    assert_eq!(sandbox.active_instances(), 1);
+}
