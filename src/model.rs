@@ -382,6 +382,10 @@ pub struct AgentSpec {
     pub env: BTreeMap<String, String>,
     /// Secret environment (never shown, not part of the drift digest).
     pub secret_env: BTreeMap<String, Secret>,
+    /// Picus mode: every instance of the pool runs this one agent, registered by hand with a shared secret (in
+    /// `secret_env`). ciscale neither registers nor deregisters it; it drains it before a delete and undrains it
+    /// after a create. Only for pools of at most one instance.
+    pub preregistered: Option<AgentRef>,
 }
 
 /// Scale policy of a pool. Defaults in brackets.

@@ -42,7 +42,10 @@ pub fn bootstrap_env(agent: &AgentSpec, credential: &AgentCredential) -> Result<
         entries.insert(key, value.expose());
     }
     entries.insert(AGENT_ID_ENV, credential.agent_id.as_str());
-    entries.insert(TOKEN_ENV, credential.token.expose());
+    // A pre-registered agent (Picus mode) has no token of its own: its shared secret is in `secret_env`.
+    if !credential.token.expose().is_empty() {
+        entries.insert(TOKEN_ENV, credential.token.expose());
+    }
 
     let mut text = String::new();
     for (key, value) in entries {

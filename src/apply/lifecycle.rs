@@ -17,11 +17,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::model::{
-    BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
+    AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, Secret, EPHEMERAL_LABEL, OWNER_LABEL,
+    POOL_LABEL,
 };
 use crate::plan::{Action, AgentTarget, Change, InstanceTarget};
 use crate::providers::{
-    Backend, CiSource, CreateInstance, Error, Exec, ListInstances, Providers, PushFile, RegisterAgent, Result,
+    AgentCredential, Backend, CiSource, CreateInstance, Error, Exec, ListInstances, Providers, PushFile, RegisterAgent,
+    Result,
 };
 
 use super::bootstrap::{bootstrap_env, AGENT_COMMAND, CREDENTIAL_MODE, CREDENTIAL_PATH};
@@ -139,13 +141,36 @@ impl<'run> ChangeRun<'run> {
         if pool.scale.ephemeral {
             agent_labels.insert(EPHEMERAL_LABEL.to_owned(), "true".to_owned());
         }
-        let register = RegisterAgent { name: target.name.clone(), pool: pool.name.clone(), labels: agent_labels };
-        let credential = self
-            .call("register agent", || ci.register(&register))
-            .await
-            .map_err(|e| self.failed("register agent", &e))?;
-        self.redactor.add(credential.token.expose());
-        tracing::info!(agent = %credential.agent_id, "agent registered");
+        let credential = match (&pool.agent.preregistered, &self.change.agent) {
+            // Picus mode: the agent exists and authenticates with the shared secret in the pool's secret env.
+            (Some(_), Some(agent)) => AgentCredential {
+                agent_id: agent.id.clone(),
+                token: Secret::new(String::new()),
+                env: BTreeMap::new(),
+            },
+            (Some(reference), None) => {
+                return Err(self.fail(
+                    "find pre-registered agent",
+                    format!(
+                        "the pre-registered agent {} of pool `{}` is not in the ci source `{}`\nhint: register it in the CI or fix `agent.preregistered`",
+                        describe_ref(reference),
+                        pool.name,
+                        pool.ci.source
+                    ),
+                ));
+            }
+            (None, _) => {
+                let register =
+                    RegisterAgent { name: target.name.clone(), pool: pool.name.clone(), labels: agent_labels };
+                let credential = self
+                    .call("register agent", || ci.register(&register))
+                    .await
+                    .map_err(|e| self.failed("register agent", &e))?;
+                self.redactor.add(credential.token.expose());
+                tracing::info!(agent = %credential.agent_id, "agent registered");
+                credential
+            }
+        };
         let env_file = bootstrap_env(&pool.agent, &credential).map_err(|e| self.fail("write credential", e))?;
 
         let capabilities = backend.capabilities();
@@ -182,6 +207,12 @@ impl<'run> ChangeRun<'run> {
             // Fire and forget: the agent runs for as long as the instance does.
             let exec = Exec { command: vec![AGENT_COMMAND.to_owned()], env: BTreeMap::new(), wait: false };
             self.call("start agent", || backend.exec(&id, &exec)).await.map_err(|e| self.failed("start agent", &e))?;
+        }
+        if pool.agent.preregistered.is_some() {
+            // It was drained before its previous instance went away.
+            self.call("undrain agent", || ci.undrain(&credential.agent_id))
+                .await
+                .map_err(|e| self.failed("undrain agent", &e))?;
         }
         Ok(())
     }
@@ -272,7 +303,11 @@ impl<'run> ChangeRun<'run> {
             }
         }
         if let Some(agent) = &self.change.agent {
-            self.deregister(agent).await?;
+            if self.is_preregistered(agent) {
+                tracing::info!(agent = %agent.id, "keeping the pre-registered agent");
+            } else {
+                self.deregister(agent).await?;
+            }
         }
         Ok(())
     }
@@ -290,6 +325,15 @@ impl<'run> ChangeRun<'run> {
     }
 
     // -- helpers ---------------------------------------------------------------------------------------------
+
+    /// A pre-registered agent (Picus mode) outlives its instances: it is never deregistered.
+    fn is_preregistered(&self, agent: &AgentTarget) -> bool {
+        self.shared.desired.pools.iter().any(|pool| match &pool.agent.preregistered {
+            Some(AgentRef::Id(id)) => pool.ci.source == agent.ci && *id == agent.id,
+            Some(AgentRef::Name(name)) => pool.ci.source == agent.ci && *name == agent.name,
+            None => false,
+        })
+    }
 
     /// Announces and runs one provider call, with retries.
     async fn call<T, Call, Fut>(&self, step: &str, call: Call) -> Result<T>
@@ -373,4 +417,11 @@ fn prefixed(attributes: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<Str
         .iter()
         .filter_map(|(key, value)| key.strip_prefix(prefix).map(|key| (key.to_owned(), value.clone())))
         .collect()
+}
+
+fn describe_ref(reference: &AgentRef) -> String {
+    match reference {
+        AgentRef::Id(id) => format!("with id `{id}`"),
+        AgentRef::Name(name) => format!("named `{name}`"),
+    }
 }

@@ -229,6 +229,21 @@ pub struct RawAgent {
     /// Secret environment for the agent (never shown); values are usually `${VAR}` references.
     #[serde(default)]
     pub secret_env: BTreeMap<String, RawSecret>,
+    /// A CI agent registered by hand that every instance of this pool runs (Picus mode; `max` must be 1).
+    #[serde(default)]
+    pub preregistered: Option<RawAgentRef>,
+}
+
+/// Names an existing CI agent, by its CI id or by its name.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAgentRef {
+    /// The agent's id in the CI (Woodpecker: Settings → Agents).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The agent's name in the CI.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Scale policy; every key is optional.

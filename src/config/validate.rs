@@ -610,7 +610,8 @@ impl Validator<'_> {
             billing,
         );
         let agent = raw.agent.clone().unwrap_or_default();
-        let (Some(scale), true) = (scale, ok) else {
+        let preregistered = self.preregistered(pointer, &place, &agent, &mode, scale.as_ref());
+        let (Some(scale), true, Ok(preregistered)) = (scale, ok, preregistered) else {
             return None;
         };
         Some(PoolSpec {
@@ -634,9 +635,55 @@ impl Validator<'_> {
                     .into_iter()
                     .map(|(key, value)| (key, Secret::new(value.0)))
                     .collect(),
+                preregistered,
             },
             scale,
         })
+    }
+
+    /// `agent.preregistered` (Picus mode): one id or one name, on a pool that creates at most one instance (one
+    /// agent identity cannot run on two machines at once).
+    fn preregistered(
+        &mut self,
+        pointer: &str,
+        place: &str,
+        agent: &crate::config::raw::RawAgent,
+        mode: &InstanceMode,
+        scale: Option<&ScalePolicy>,
+    ) -> Result<Option<AgentRef>, ()> {
+        let Some(reference) = &agent.preregistered else {
+            return Ok(None);
+        };
+        let at = format!("{pointer}/agent/preregistered");
+        let agent_ref = match (&reference.id, &reference.name) {
+            (Some(id), None) => AgentRef::Id(AgentId::new(id.clone())),
+            (None, Some(name)) => AgentRef::Name(name.clone()),
+            _ => {
+                self.problems.push(
+                    self.key_span(&at),
+                    format!("`agent.preregistered` of {place} needs exactly one of `id` and `name`"),
+                    Some("e.g. `preregistered: { id: \"1\" }` with the id from the CI's agent list".to_owned()),
+                );
+                return Err(());
+            }
+        };
+        if matches!(mode, InstanceMode::StartStop { .. }) {
+            self.problems.push(
+                self.key_span(&at),
+                format!("`agent.preregistered` of {place} cannot be used with `startStop`"),
+                Some("name the agent of each adopted instance with `agentId` or `agentName` instead".to_owned()),
+            );
+            return Err(());
+        }
+        if let Some(scale) = scale.filter(|scale| scale.max > 1) {
+            self.problems.push(
+                self.key_span(&at),
+                format!("{place} has a pre-registered agent but `max` is {}", scale.max),
+                Some("one pre-registered agent can run on one instance only: set `scale.max: 1`".to_owned()),
+            );
+            return Err(());
+        }
+        Ok(Some(agent_ref))
     }
 
     fn scale(

@@ -148,6 +148,13 @@ impl<'a> CiIndex<'a> {
         Self { name, agents_by_name, agents_by_id, running_by_agent }
     }
 
+    fn lookup(&self, reference: &AgentRef) -> Option<&'a Agent> {
+        match reference {
+            AgentRef::Id(id) => self.agents_by_id.get(id).copied(),
+            AgentRef::Name(name) => self.agents_by_name.get(name.as_str()).copied(),
+        }
+    }
+
     fn running_on(&self, agent: &Agent) -> u32 {
         self.running_by_agent.get(&agent.id).copied().unwrap_or(0)
     }
@@ -654,6 +661,12 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
             for (key, value) in &pool.backend.machine {
                 create_after.insert(format!("machine.{key}"), value.clone());
             }
+            // A pre-registered agent is not created but undrained once its new instance runs: apply needs its id.
+            let preregistered = pool
+                .agent
+                .preregistered
+                .as_ref()
+                .and_then(|reference| cx.ci.and_then(|ci| ci.lookup(reference).map(|agent| ci.target(agent))));
             for _ in 0..need {
                 let name = names.next();
                 let after = create_after.clone();
@@ -661,7 +674,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
                     pool: pool.name.clone(),
                     action: Action::Create,
                     instance: Some(InstanceTarget { backend: backend_name.clone(), id: None, name }),
-                    agent: None,
+                    agent: preregistered.clone(),
                     reason: scale_up_reason.clone(),
                     before: BTreeMap::new(),
                     after,
@@ -783,9 +796,11 @@ fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member<'a>> {
     let mut members: Vec<Member<'a>> = instances
         .into_iter()
         .map(|(instance, adoption)| {
-            let agent = cx.ci.and_then(|ci| match adoption.and_then(|a| a.agent.as_ref()) {
-                Some(AgentRef::Id(id)) => ci.agents_by_id.get(id).copied(),
-                Some(AgentRef::Name(name)) => ci.agents_by_name.get(name.as_str()).copied(),
+            // An adopted instance names its agent; a Picus-style pool runs its one pre-registered agent; otherwise
+            // the agent is named like its instance.
+            let reference = adoption.and_then(|a| a.agent.as_ref()).or(cx.pool.agent.preregistered.as_ref());
+            let agent = cx.ci.and_then(|ci| match reference {
+                Some(reference) => ci.lookup(reference),
                 None => ci.agents_by_name.get(instance.name.as_str()).copied(),
             });
             let (running_tasks, flagged_busy) = match (cx.ci, agent) {
@@ -943,6 +958,16 @@ fn plan_orphan_agents(
         .collect();
     let mut adopted_agents: FastSet<(&CiName, AgentRefKey<'_>)> = FastSet::default();
     for pool in &desired.pools {
+        // A pre-registered agent has no instance named after it, and must outlive every instance it ran on.
+        match &pool.agent.preregistered {
+            Some(AgentRef::Id(id)) => {
+                adopted_agents.insert((&pool.ci.source, AgentRefKey::Id(id.as_str())));
+            }
+            Some(AgentRef::Name(name)) => {
+                adopted_agents.insert((&pool.ci.source, AgentRefKey::Name(name.as_str())));
+            }
+            None => {}
+        }
         if let InstanceMode::StartStop { instances } = &pool.backend.mode {
             for adoption in instances {
                 let key = match &adoption.agent {
@@ -1067,7 +1092,7 @@ mod tests {
                 mode: InstanceMode::Create,
                 machine: [("server_type".to_owned(), "cx22,cx32".to_owned())].into(),
             },
-            agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new() },
+            agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None },
             scale,
         };
         Desired {

@@ -51,6 +51,7 @@ fn desired() -> Desired {
             image: None,
             env: BTreeMap::from([("WOODPECKER_MAX_WORKFLOWS".to_owned(), "1".to_owned())]),
             secret_env: BTreeMap::from([("GIT_TOKEN".to_owned(), Secret::new(SECRET))]),
+            preregistered: None,
         },
         scale: ScalePolicy::default(),
     };
@@ -788,6 +789,7 @@ fn bootstrap_env_refuses_what_an_env_file_cannot_hold_without_showing_it() {
         image: None,
         env: BTreeMap::new(),
         secret_env: BTreeMap::from([(key.to_owned(), Secret::new(value))]),
+        preregistered: None,
     };
     let error = bootstrap_env(&spec("MULTI", "line1\nline2-secret"), &credential).expect_err("line break");
     assert!(error.to_string().contains("`MULTI`") && !error.to_string().contains("secret"), "{error}");
@@ -811,4 +813,50 @@ fn backoff_doubles_and_honours_retry_after_up_to_a_cap() {
     let limited = |after| Error::RateLimited { provider: "p".to_owned(), retry_after: Some(after) };
     assert_eq!(backoff(base, 0, &limited(Duration::from_secs(3))), Duration::from_secs(3));
     assert_eq!(backoff(base, 0, &limited(Duration::from_secs(3600))), MAX_RETRY_AFTER);
+}
+
+/// Picus mode: the pool's one agent was registered by hand. A create must not register another, and must undrain
+/// it once the instance runs; a delete must keep its record.
+#[tokio::test]
+async fn preregistered_agent_is_undrained_on_create_and_kept_on_delete() {
+    let world = FakeWorld::new();
+    let request = ciscale::providers::RegisterAgent {
+        name: "picus-agent".to_owned(),
+        pool: PoolName::new("linux"),
+        labels: BTreeMap::new(),
+    };
+    let registered = world.ci().register(&request).await.expect("register by hand");
+    world.ci().drain(&registered.agent_id).await.expect("drained after its last server");
+    let mut desired = desired();
+    desired.pools[0].agent.preregistered = Some(ciscale::model::AgentRef::Id(registered.agent_id.clone()));
+    let providers = providers(&world);
+    let registrations_before = world.calls(Op::Register);
+
+    let mut create = create("picus-linux-1");
+    create.agent = agent(&registered.agent_id, "picus-agent");
+    let report = run(&plan(vec![create]), &desired, &providers).await;
+    assert_eq!(report.failed(), 0, "{:?}", report.outcomes);
+    assert_eq!(world.calls(Op::Register), registrations_before, "no second registration");
+    let state = world.snapshot();
+    assert_eq!(state.agents.len(), 1, "{:?}", state.agents);
+    assert!(!state.agents[0].no_schedule, "undrained after the create");
+    let created = state.instances.iter().find(|i| i.name == "picus-linux-1").expect("instance created");
+
+    let delete = change(Action::Delete, instance(&created.id, "picus-linux-1"), agent(&registered.agent_id, "picus-agent"));
+    let report = run(&plan(vec![delete]), &desired, &providers).await;
+    assert_eq!(report.failed(), 0, "{:?}", report.outcomes);
+    assert_eq!(world.calls(Op::Deregister), 0, "the pre-registered agent outlives its instance");
+    assert_eq!(world.snapshot().agents.len(), 1);
+}
+
+#[tokio::test]
+async fn create_fails_clearly_when_the_preregistered_agent_is_missing() {
+    let world = FakeWorld::new();
+    let mut desired = desired();
+    desired.pools[0].agent.preregistered = Some(ciscale::model::AgentRef::Name("gone-agent".to_owned()));
+    let report = run(&plan(vec![create("picus-linux-1")]), &desired, &providers(&world)).await;
+    assert_eq!(report.failed(), 1);
+    let text = format!("{:?}", report.outcomes[0].1);
+    assert!(text.contains("pre-registered agent named `gone-agent`"), "{text}");
+    assert!(world.snapshot().instances.is_empty(), "nothing created without its agent");
 }

@@ -293,6 +293,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 image: Some("woodpeckerci/woodpecker-agent:v3".into()),
                 env: map(&[("WOODPECKER_MAX_WORKFLOWS", "1")]),
                 secret_env: BTreeMap::from([("GIT_TOKEN".to_owned(), secret("GIT_TOKEN"))]),
+                preregistered: None,
             },
             scale: ScalePolicy {
                 min: 0,
@@ -322,6 +323,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 image: None,
                 env: BTreeMap::new(),
                 secret_env: BTreeMap::new(),
+                preregistered: None,
             },
             // Per-second billing: no billing margin.
             scale: ScalePolicy {
@@ -363,6 +365,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 image: None,
                 env: BTreeMap::new(),
                 secret_env: BTreeMap::new(),
+                preregistered: None,
             },
             // `max` defaults to the number of adopted instances.
             scale: ScalePolicy {
@@ -388,6 +391,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 image: None,
                 env: BTreeMap::new(),
                 secret_env: BTreeMap::new(),
+                preregistered: None,
             },
             // Hourly backend, but billing-aware teardown switched off.
             scale: ScalePolicy {
@@ -569,4 +573,28 @@ fn odd_yaml_is_an_error_never_a_panic() {
             "{input:?}"
         );
     }
+}
+
+#[test]
+fn a_preregistered_agent_is_read_by_id_or_name() {
+    let text = r#"
+id: picus
+ci:
+  woodpecker: { kind: woodpecker, server: https://ci.example.com, token: "${WOODPECKER_TOKEN}" }
+backends:
+  hetzner: { kind: hcloud, token: "${HCLOUD_TOKEN}" }
+pools:
+  - name: by-id
+    ci: { source: woodpecker }
+    backend: { name: hetzner }
+    agent: { preregistered: { id: "7" } }
+  - name: by-name
+    ci: { source: woodpecker }
+    backend: { name: hetzner }
+    agent: { preregistered: { name: picus-agent } }
+"#;
+    let desired = config::load_str("picus.yaml", text, &|_| Some("x".to_owned())).expect("valid");
+    assert_eq!(desired.pools[0].agent.preregistered, Some(ciscale::model::AgentRef::Id("7".into())));
+    assert_eq!(desired.pools[1].agent.preregistered, Some(ciscale::model::AgentRef::Name("picus-agent".into())));
+    assert_eq!(desired.pools[0].scale.max, 1);
 }

@@ -201,7 +201,7 @@ fn build(
                 mode,
                 machine: [("serverType".to_owned(), "cx22,cx32".to_owned())].into(),
             },
-            agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new() },
+            agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None },
             scale: ScalePolicy {
                 min: draft.min,
                 max: draft.max,
