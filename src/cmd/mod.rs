@@ -182,7 +182,18 @@ pub fn init_logging(global: &GlobalArgs, default_level: &str) {
     drop(result);
 }
 
+/// Loads the config file; without one, a Picus environment (`PICUS_PROVIDER_TYPE` set) stands in for it, so a
+/// Picus docker-compose set-up runs unchanged.
 pub fn load_config(arg: &ConfigArg) -> anyhow::Result<Desired> {
+    if !arg.config.exists() {
+        let vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+        if ciscale::import::picus::is_picus_env(&vars) {
+            tracing::info!(config = %arg.config.display(), "no config file; running in Picus mode from `PICUS_*` variables");
+            let yaml = ciscale::import::picus::config_from_env(&vars)
+                .map_err(|error| anyhow::anyhow!("no `{}` and the Picus environment is incomplete: {error}", arg.config.display()))?;
+            return Ok(config::load_str("Picus environment", &yaml, &|name| std::env::var(name).ok())?);
+        }
+    }
     Ok(config::load_file(&arg.config)?)
 }
 

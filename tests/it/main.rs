@@ -6,5 +6,6 @@ mod config;
 mod conformance;
 mod converge;
 mod fake;
+mod picus;
 mod plan_props;
 mod scenarios;

@@ -1,0 +1,3 @@
+//! Translations from the tools ciscale replaces into `ciscale.yaml`.
+
+pub mod picus;

@@ -1,0 +1,158 @@
+//! Picus drop-in: a Picus docker-compose environment, unchanged, drives ciscale with Picus's behaviour.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use ciscale::import::picus::config_from_env;
+use ciscale::model::{AgentRef, InstanceMode};
+
+const WOODPECKER_TOKEN: &str = "wp-admin-token-picus-123";
+const AGENT_SECRET: &str = "agent-shared-secret-picus-456";
+const HCLOUD_TOKEN: &str = "hcloud-token-picus-789";
+
+/// The environment of Picus's README docker-compose example (hcloud).
+fn compose_env() -> BTreeMap<String, String> {
+    [
+        ("PICUS_WOODPECKER_SERVER", "https://woodpecker.example.com"),
+        ("PICUS_WOODPECKER_TOKEN", WOODPECKER_TOKEN),
+        ("PICUS_WOODPECKER_AGENT_ID", "1"),
+        ("PICUS_AGENT_WOODPECKER_SERVER", "woodpecker.example.com:443"),
+        ("PICUS_AGENT_WOODPECKER_AGENT_SECRET", AGENT_SECRET),
+        ("PICUS_AGENT_WOODPECKER_FILTER_LABELS", "platform=linux/amd64,backend=docker,repo=*,org-id=*"),
+        ("PICUS_AGENT_WOODPECKER_BACKEND", "docker"),
+        ("PICUS_AGENT_WOODPECKER_GRPC_SECURE", "true"),
+        ("PICUS_PROVIDER_TYPE", "hcloud"),
+        ("PICUS_HCLOUD_TOKEN", HCLOUD_TOKEN),
+        ("PICUS_HCLOUD_SERVER_TYPE", "cx21"),
+        ("PICUS_HCLOUD_LOCATION", "nbg1"),
+        ("PICUS_HCLOUD_SSH_KEYS", "me@example.com"),
+        ("PICUS_HCLOUD_ID", "my-woodpecker-instance"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+#[test]
+fn picus_hcloud_environment_becomes_an_equivalent_config() {
+    let env = compose_env();
+    let yaml = config_from_env(&env).expect("complete Picus environment");
+    for secret in [WOODPECKER_TOKEN, AGENT_SECRET, HCLOUD_TOKEN] {
+        assert!(!yaml.contains(secret), "secret copied into the YAML:\n{yaml}");
+    }
+    let desired = ciscale::config::load_str("picus.yaml", &yaml, &|name| env.get(name).cloned())
+        .unwrap_or_else(|error| panic!("generated config is invalid: {error:?}\n{yaml}"));
+    assert_eq!(desired.owner, "my-woodpecker-instance");
+    assert_eq!(desired.poll_interval.to_string(), "10s");
+    let pool = &desired.pools[0];
+    assert_eq!(pool.scale.max, 1);
+    assert_eq!(pool.scale.idle_timeout.to_string(), "30m");
+    assert_eq!(pool.scale.billing_margin, None, "PICUS_MAX_IDLE_TIME means exactly the idle time");
+    assert_eq!(pool.agent.preregistered, Some(AgentRef::Id("1".into())));
+    assert_eq!(pool.agent.image.as_deref(), Some("woodpeckerci/woodpecker-agent:latest"));
+    assert_eq!(pool.ci.labels.get("platform").map(String::as_str), Some("linux/amd64"));
+    assert_eq!(pool.ci.labels.get("org-id").map(String::as_str), Some("*"));
+    assert_eq!(pool.agent.env.get("WOODPECKER_SERVER").map(String::as_str), Some("woodpecker.example.com:443"));
+    assert_eq!(pool.agent.env.get("WOODPECKER_BACKEND").map(String::as_str), Some("docker"));
+    assert_eq!(pool.agent.env.get("WOODPECKER_GRPC_SECURE").map(String::as_str), Some("true"));
+    assert_eq!(
+        pool.agent.secret_env.get("WOODPECKER_AGENT_SECRET").map(|secret| secret.expose()),
+        Some(AGENT_SECRET),
+        "forwarded as a secret"
+    );
+    assert!(!pool.agent.env.contains_key("WOODPECKER_AGENT_SECRET"));
+    let machine = &pool.backend.machine;
+    assert_eq!(machine.get("serverType").map(String::as_str), Some("cx21"));
+    assert_eq!(machine.get("location").map(String::as_str), Some("nbg1"));
+    assert_eq!(machine.get("image").map(String::as_str), Some("docker-ce"));
+    assert_eq!(machine.get("sshKeys").map(String::as_str), Some("me@example.com"));
+}
+
+#[test]
+fn picus_defaults_apply_when_optional_variables_are_absent() {
+    let mut env = compose_env();
+    for optional in ["PICUS_HCLOUD_SERVER_TYPE", "PICUS_HCLOUD_LOCATION", "PICUS_HCLOUD_ID", "PICUS_AGENT_WOODPECKER_FILTER_LABELS"] {
+        env.remove(optional);
+    }
+    env.insert("PICUS_MAX_IDLE_TIME".to_owned(), "5m".to_owned());
+    let yaml = config_from_env(&env).expect("complete");
+    let desired = ciscale::config::load_str("picus.yaml", &yaml, &|name| env.get(name).cloned()).expect("valid");
+    let pool = &desired.pools[0];
+    assert_eq!(desired.owner, "picus-test");
+    assert_eq!(pool.backend.machine.get("serverType").map(String::as_str), Some("cx11"));
+    assert_eq!(pool.backend.machine.get("location").map(String::as_str), Some("nbg1"));
+    assert_eq!(pool.scale.idle_timeout.to_string(), "5m");
+    assert_eq!(pool.ci.labels.get("repo").map(String::as_str), Some("*"), "a default agent's labels");
+}
+
+#[test]
+fn picus_aws_environment_starts_and_stops_the_named_instance() {
+    let env: BTreeMap<String, String> = [
+        ("PICUS_WOODPECKER_SERVER", "https://woodpecker.example.com"),
+        ("PICUS_WOODPECKER_TOKEN", WOODPECKER_TOKEN),
+        ("PICUS_WOODPECKER_AGENT_ID", "4"),
+        ("PICUS_PROVIDER_TYPE", "aws"),
+        ("PICUS_AWS_INSTANCE_ID", "i-1234567890abcdef0"),
+        ("AWS_REGION", "eu-central-1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let yaml = config_from_env(&env).expect("complete");
+    let desired = ciscale::config::load_str("picus.yaml", &yaml, &|name| env.get(name).cloned()).expect("valid");
+    let pool = &desired.pools[0];
+    let InstanceMode::StartStop { instances } = &pool.backend.mode else {
+        panic!("aws Picus mode adopts the instance: {:?}", pool.backend.mode);
+    };
+    assert_eq!(instances[0].id.as_str(), "i-1234567890abcdef0");
+    assert_eq!(instances[0].agent, Some(AgentRef::Id("4".into())));
+    assert_eq!(pool.scale.max, 1);
+}
+
+/// The drop-in itself: no config file, only Picus's variables; offline, so the plan comes from an observation.
+#[test]
+fn ciscale_runs_from_the_picus_environment_without_a_config_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("state.yaml"),
+        r#"observed_at: '2026-01-01T12:00:00Z'
+backends:
+  hcloud: { instances: [] }
+ci:
+  woodpecker:
+    agents:
+    - { id: '1', name: picus-agent, no_schedule: true }
+    queue:
+      pending:
+      - id: '42'
+        labels: { platform: linux/amd64, backend: docker, repo: acme/app, org-id: '3' }
+"#,
+    )
+    .expect("write observation");
+    let output = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .envs(compose_env())
+        .args(["plan", "--observed", "state.yaml", "--detailed-exitcode"])
+        .output()
+        .expect("ciscale runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stdout.contains("+ create my-woodpecker-instance-picus-1"), "{stdout}");
+    for secret in [WOODPECKER_TOKEN, AGENT_SECRET, HCLOUD_TOKEN] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "secret leaked");
+    }
+
+    let mut incomplete = compose_env();
+    incomplete.remove("PICUS_WOODPECKER_AGENT_ID");
+    let output = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .env_clear()
+        .envs(incomplete)
+        .args(["plan", "--observed", "state.yaml"])
+        .output()
+        .expect("ciscale runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("`PICUS_WOODPECKER_AGENT_ID` is not set"));
+}
