@@ -408,6 +408,58 @@ pub struct ScalePolicy {
     /// On hourly-billed backends, keep an idle instance until this long before its paid hour ends; `None`
     /// disables billing-aware teardown [Some(5m) on hourly backends].
     pub billing_margin: Option<GoDuration>,
+    /// Time windows that override `min`, `max` and `min_idle`; the first window containing "now" wins [none].
+    pub schedule: Vec<ScheduleWindow>,
+}
+
+/// A recurring time window in which a pool's bounds differ (e.g. weekdays 08–18 in Berlin: keep 2 warm).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleWindow {
+    /// Shown in the plan when the window is active.
+    pub name: String,
+    /// The minutes that belong to the window, as a cron pattern (`* 8-17 * * 1-5` = every minute from 08:00 to
+    /// 17:59, Monday to Friday), read in `timezone`.
+    pub cron: CronPattern,
+    pub timezone: jiff::tz::TimeZone,
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+    pub min_idle: Option<u32>,
+}
+
+impl ScheduleWindow {
+    /// Whether `now` falls in the window: its minute, on the wall clock of the window's time zone, matches the
+    /// pattern. Daylight-saving changes are handled by the time zone: 08:00 is 08:00 local in summer and winter.
+    pub fn contains(&self, now: Timestamp) -> bool {
+        let local = now.to_zoned(self.timezone.clone());
+        self.cron.parsed.is_time_matching(&local).unwrap_or(false)
+    }
+}
+
+/// A parsed cron pattern that remembers how it was written.
+#[derive(Debug, Clone)]
+pub struct CronPattern {
+    pub text: String,
+    parsed: croner::Cron,
+}
+
+impl CronPattern {
+    /// Exactly five fields: a window is a set of minutes, so seconds and years have no place in it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let fields = text.split_whitespace().count();
+        if fields != 5 {
+            return Err(format!("it has {fields} fields, a schedule window needs 5"));
+        }
+        let parsed: croner::Cron = text
+            .parse()
+            .map_err(|error: croner::errors::CronError| error.to_string().trim_end_matches('.').to_lowercase())?;
+        Ok(Self { text: text.to_owned(), parsed })
+    }
+}
+
+impl PartialEq for CronPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
 }
 
 impl Default for ScalePolicy {
@@ -421,6 +473,7 @@ impl Default for ScalePolicy {
             ephemeral: false,
             bootstrap_timeout: GoDuration::from_secs(10 * 60),
             billing_margin: Some(GoDuration::from_secs(5 * 60)),
+            schedule: Vec::new(),
         }
     }
 }

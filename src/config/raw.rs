@@ -282,6 +282,30 @@ pub struct RawScale {
     #[serde(default)]
     #[schemars(with = "Option<GoDuration>")]
     pub billing_margin: Option<String>,
+    /// Time windows overriding `min`, `max` and `minIdle`; the first window containing "now" wins.
+    #[serde(default)]
+    pub schedule: Vec<RawWindow>,
+}
+
+/// A recurring window, e.g. weekdays 08:00–17:59 in Berlin: `{ cron: "* 8-17 * * 1-5", timezone: Europe/Berlin }`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawWindow {
+    /// Shown in the plan while the window is active [`window N`].
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The minutes inside the window, as a 5-field cron pattern read in `timezone`.
+    pub cron: String,
+    /// IANA time zone name [UTC].
+    #[serde(default)]
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub min: Option<u32>,
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub max: Option<u32>,
+    #[serde(default)]
+    pub min_idle: Option<u32>,
 }
 
 /// A base image `ciscale provision` builds.

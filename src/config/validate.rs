@@ -14,7 +14,7 @@ use super::raw::{RawBackend, RawCiSource, RawImage, RawPool, RawScale};
 use crate::model::{
     AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
     BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GoDuration,
-    ImageSpec, InstanceId, InstanceMode, PoolName, PoolSpec, ScalePolicy, Secret,
+    CronPattern, ImageSpec, InstanceId, InstanceMode, PoolName, PoolSpec, ScalePolicy, ScheduleWindow, Secret,
 };
 
 const DEFAULT_POLL_INTERVAL: GoDuration = GoDuration::from_secs(10);
@@ -165,6 +165,70 @@ impl Validator<'_> {
     /// reported already, and its default would give a misleading second one).
     fn is_broken(&self, pointer: &str) -> bool {
         self.checked.is_broken(pointer)
+    }
+
+    /// Schedule windows: each pattern parses, each time zone exists, and the bounds a window sets are consistent
+    /// with the pool's own where it leaves them unset.
+    fn schedule(
+        &mut self,
+        pointer: &str,
+        place_suffix: &str,
+        raw: &[crate::config::raw::RawWindow],
+        (min, max, min_idle): (u32, u32, u32),
+    ) -> Option<Vec<ScheduleWindow>> {
+        let mut windows = Vec::new();
+        let mut ok = true;
+        for (index, window) in raw.iter().enumerate() {
+            let at = |field: &str| format!("{pointer}/{index}/{field}");
+            let name = window.name.clone().unwrap_or_else(|| format!("window {}", index + 1));
+            let cron = match CronPattern::parse(&window.cron) {
+                Ok(cron) => Some(cron),
+                Err(why) => {
+                    self.problems.push(
+                        self.value_span(&at("cron")),
+                        format!("invalid cron pattern `{}` in schedule `{name}`{place_suffix}: {why}", window.cron),
+                        Some("five fields: minute hour day-of-month month day-of-week, e.g. `* 8-17 * * 1-5`".to_owned()),
+                    );
+                    None
+                }
+            };
+            let zone_name = window.timezone.as_deref().unwrap_or("UTC");
+            let timezone = match jiff::tz::TimeZone::get(zone_name) {
+                Ok(zone) => Some(zone),
+                Err(_) => {
+                    self.problems.push(
+                        self.value_span(&at("timezone")),
+                        format!("unknown time zone `{zone_name}` in schedule `{name}`{place_suffix}"),
+                        Some("use an IANA name such as `Europe/Berlin` or `UTC`".to_owned()),
+                    );
+                    None
+                }
+            };
+            let (w_min, w_max, w_idle) =
+                (window.min.unwrap_or(min), window.max.unwrap_or(max), window.min_idle.unwrap_or(min_idle));
+            if w_min > w_max || w_idle > w_max {
+                self.problems.push(
+                    self.value_span(&at("max")).or_else(|| self.value_span(&at("min"))).or_else(|| self.value_span(&at("minIdle"))),
+                    format!(
+                        "schedule `{name}`{place_suffix} gives min {w_min}, minIdle {w_idle} above max {w_max}"
+                    ),
+                    Some("a window's `min` and `minIdle` must not exceed its `max` (or the pool's)".to_owned()),
+                );
+                ok = false;
+            }
+            match (cron, timezone) {
+                (Some(cron), Some(timezone)) => windows.push(ScheduleWindow {
+                    name,
+                    cron,
+                    timezone,
+                    min: window.min,
+                    max: window.max,
+                    min_idle: window.min_idle,
+                }),
+                _ => ok = false,
+            }
+        }
+        ok.then_some(windows)
     }
 
     fn duration(
@@ -784,10 +848,12 @@ impl Validator<'_> {
             Some(Billing::Hourly) if billing_aware => Some(margin?),
             _ => None,
         };
+        let schedule = self.schedule(&at("schedule"), &place_suffix, &raw.schedule, (min, max, min_idle));
         if !ok {
             return None;
         }
         Some(ScalePolicy {
+            schedule: schedule?,
             min,
             max,
             min_idle,

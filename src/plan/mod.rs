@@ -127,6 +127,9 @@ pub struct PoolStatus {
     pub idle: u32,
     /// The target after clamping to `min`/`max`.
     pub desired: u32,
+    /// The schedule window whose bounds are in force, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
     /// Things worth knowing that caused no change (busy agent kept, waiting for paid hour, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,

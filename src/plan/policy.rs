@@ -21,7 +21,7 @@ use super::matching::{azure_matches, woodpecker_matches, WOODPECKER_INTERNAL_PRE
 use super::{Action, AgentTarget, Change, InstanceTarget, Plan, PoolStatus, Summary, FORMAT_VERSION};
 use crate::model::{
     Agent, AgentId, AgentRef, AgentSpec, BackendName, Billing, CiKind, CiName, CiObservation, Desired, Instance,
-    InstanceId, InstanceMode, InstanceState, Observed, PoolName, PoolSpec, Task, AGENT_HASH_LABEL, OWNER_LABEL,
+    InstanceId, InstanceMode, InstanceState, Observed, PoolName, PoolSpec, ScalePolicy, Task, AGENT_HASH_LABEL, OWNER_LABEL,
     POOL_LABEL,
 };
 
@@ -473,7 +473,21 @@ impl Member<'_> {
 
 fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     let pool = cx.pool;
-    let policy = &pool.scale;
+    // A schedule window in force overrides the pool's bounds for this plan only.
+    let window = pool.scale.schedule.iter().find(|window| window.contains(cx.now));
+    let scheduled;
+    let policy = match window {
+        Some(window) => {
+            scheduled = ScalePolicy {
+                min: window.min.unwrap_or(pool.scale.min),
+                max: window.max.unwrap_or(pool.scale.max),
+                min_idle: window.min_idle.unwrap_or(pool.scale.min_idle),
+                ..pool.scale.clone()
+            };
+            &scheduled
+        }
+        None => &pool.scale,
+    };
     let backend_name = &pool.backend.backend;
     let create_mode = matches!(pool.backend.mode, InstanceMode::Create);
     let hash = agent_hash(&pool.agent);
@@ -738,6 +752,7 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         busy,
         idle,
         desired: desired_count,
+        window: window.map(|window| window.name.clone()),
         notes,
     };
     PoolOutcome { status, changes, claimed }

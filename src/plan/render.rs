@@ -83,9 +83,10 @@ pub fn render_json(plan: &Plan) -> String {
 }
 
 fn render_pool_header(out: &mut String, status: &PoolStatus) {
+    let window = status.window.as_ref().map(|window| format!(" (schedule `{window}`)")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "pool `{}`: {} pending, {} running; {} active ({} busy, {} idle); desired {}",
+        "pool `{}`: {} pending, {} running; {} active ({} busy, {} idle); desired {}{window}",
         status.pool, status.pending_jobs, status.running_jobs, status.active, status.busy, status.idle, status.desired
     );
 }

@@ -304,6 +304,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 ephemeral: false,
                 bootstrap_timeout: minutes(10),
                 billing_margin: Some(minutes(7)),
+                schedule: Vec::new(),
             },
         },
         PoolSpec {

@@ -211,6 +211,7 @@ fn build(
                 ephemeral: draft.ephemeral,
                 bootstrap_timeout: GoDuration::from_secs(600),
                 billing_margin: draft.margin.map(|m| GoDuration::from_secs(m * 60)),
+                schedule: Vec::new(),
             },
         });
     }
