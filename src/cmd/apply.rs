@@ -23,6 +23,8 @@ pub struct ApplyArgs {
     /// Do not ask for confirmation (cron, CI)
     #[arg(long)]
     pub auto_approve: bool,
+    #[command(flatten)]
+    pub lock: super::LockArgs,
     /// How many changes run at the same time
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
@@ -30,6 +32,7 @@ pub struct ApplyArgs {
 
 pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
     let desired = super::load_config(&args.config)?;
+    let _lock = args.lock.acquire(&desired).await?;
     let providers = super::connect(&desired)?;
 
     let plan = match &args.plan_file {

@@ -62,6 +62,30 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// The per-owner lock `apply` and `watch` take, so cron and the daemon never act at the same time.
+#[derive(Debug, Clone, Args)]
+pub struct LockArgs {
+    /// How long to wait for another ciscale acting for the same owner id to finish (`0s`: give up at once)
+    #[arg(long, value_name = "DURATION", default_value = "0s")]
+    pub lock_timeout: ciscale::model::GoDuration,
+}
+
+impl LockArgs {
+    pub async fn acquire(&self, desired: &Desired) -> anyhow::Result<ciscale::watch::lock::OwnerLock> {
+        let (dir, owner, timeout) = (ciscale::watch::lock::lock_dir(), desired.owner.clone(), self.lock_timeout.0);
+        let lock = tokio::task::spawn_blocking(move || ciscale::watch::lock::OwnerLock::acquire(&dir, &owner, timeout))
+            .await
+            .context("the lock task failed")?;
+        lock.map_err(|error| match error {
+            held @ ciscale::watch::lock::LockError::Held { .. } => hinted(
+                held.to_string(),
+                "wait for it to finish, pass `--lock-timeout 5m` to wait, or stop the other one (cron and `watch` should not both run)",
+            ),
+            other => anyhow::Error::new(other),
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show what would change and why, and what it costs

@@ -15,6 +15,8 @@ pub struct WatchArgs {
     /// Print one JSON line per cycle on stdout
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub lock: super::LockArgs,
     /// Stop after this many cycles (for trials and tests); default: run until SIGTERM
     #[arg(long, value_name = "N")]
     pub cycles: Option<u64>,
@@ -22,6 +24,7 @@ pub struct WatchArgs {
 
 pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     let desired = super::load_config(&args.config)?;
+    let _lock = args.lock.acquire(&desired).await?;
     let providers = super::connect(&desired)?;
     let cancel = watch::shutdown_signal();
     let options = WatchOptions { cycles: args.cycles, ..WatchOptions::default() };

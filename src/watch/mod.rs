@@ -16,6 +16,7 @@ use crate::model::Desired;
 use crate::plan::{self, Summary};
 use crate::providers::Providers;
 
+pub mod lock;
 pub mod signals;
 
 pub use signals::shutdown_signal;

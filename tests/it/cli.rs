@@ -85,7 +85,9 @@ pools:
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = ciscale();
-        command.current_dir(self.dir.path()).args(args).arg("-c").arg(self.config());
+        // Each sandbox locks on its own: tests run concurrently with the same owner id.
+        command.current_dir(self.dir.path()).env("CISCALE_LOCK_DIR", self.path("locks"));
+        command.args(args).arg("-c").arg(self.config());
         command
     }
 }
@@ -340,4 +342,31 @@ fn apply_on_a_terminal_asks_and_only_yes_goes_ahead() {
     assert_eq!(accepted.status.code(), Some(0), "{screen}");
     assert!(screen.contains("Apply complete: 1 done, 0 failed"), "{screen}");
     assert_eq!(sandbox.active_instances(), 1);
+}
+
+#[test]
+fn apply_refuses_to_act_while_watch_holds_the_owner_lock() {
+    let sandbox = Sandbox::new("{ max: 2 }");
+    let mut watch = sandbox
+        .command(&["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start watch");
+    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    lines.next().expect("a first cycle").expect("readable");
+
+    sandbox.push_linux_task();
+    let refused = run(sandbox.command(&["apply", "--auto-approve"]));
+    drop(watch.kill());
+    drop(watch.wait());
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let text = stderr(&refused);
+    assert!(text.contains("another ciscale is acting for owner `e2e`"), "{text}");
+    assert!(text.contains(&format!("pid {}", watch.id())), "names the holder: {text}");
+    assert!(text.contains("hint: "), "{text}");
+
+    // The lock dies with its holder: no stale lock after a kill.
+    let after = run(sandbox.command(&["apply", "--auto-approve"]));
+    assert!(after.status.success(), "{}", stderr(&after));
 }
