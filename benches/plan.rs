@@ -74,6 +74,7 @@ fn world() -> (Desired, Observed, Timestamp) {
         pools,
         images: BTreeMap::new(),
         config_hash: "sha256:bench".into(),
+        metrics: None,
     };
 
     let mut observed = Observed { observed_at: now, ..Observed::default() };

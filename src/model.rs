@@ -239,6 +239,16 @@ pub struct Desired {
     pub images: BTreeMap<String, ImageSpec>,
     /// Digest of the config's meaning (not its bytes), recorded in plan files to detect a changed config.
     pub config_hash: String,
+    /// Where `watch` serves `/metrics` and `/healthz`; `None`: not served.
+    pub metrics: Option<MetricsSpec>,
+}
+
+/// The daemon's metrics and health endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSpec {
+    pub listen: std::net::SocketAddr,
+    /// `/healthz` fails once no cycle has succeeded for this many poll intervals [3].
+    pub unhealthy_after: u32,
 }
 
 impl Desired {

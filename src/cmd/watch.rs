@@ -2,8 +2,12 @@
 
 use std::io::Write as _;
 
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use clap::Args;
 
+use ciscale::watch::metrics::{self, Metrics};
 use ciscale::watch::{self, WatchOptions};
 
 use super::{ConfigArg, Ui, EXIT_OK};
@@ -25,11 +29,25 @@ pub struct WatchArgs {
 pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     let desired = super::load_config(&args.config)?;
     let _lock = args.lock.acquire(&desired).await?;
-    let providers = super::connect(&desired)?;
+    let mut providers = super::connect(&desired)?;
+    let mut metrics = None;
+    if let Some(spec) = &desired.metrics {
+        let allowed_silence = desired.poll_interval.0.max(std::time::Duration::from_secs(1)) * spec.unhealthy_after;
+        let shared = Arc::new(Metrics::new(allowed_silence));
+        let bound = metrics::serve(spec.listen, shared.clone())
+            .await
+            .with_context(|| format!("could not listen on `{}` for metrics", spec.listen))?;
+        tracing::info!(%bound, "serving /metrics and /healthz");
+        providers = metrics::instrument(&providers, &shared);
+        metrics = Some(shared);
+    }
     let cancel = watch::shutdown_signal();
     let options = WatchOptions { cycles: args.cycles, ..WatchOptions::default() };
     tracing::info!(owner = %desired.owner, pools = desired.pools.len(), interval = %desired.poll_interval, "watching");
     watch::run(&desired, &providers, &options, &cancel, |report| {
+        if let Some(metrics) = &metrics {
+            metrics.record_cycle(report);
+        }
         if args.json {
             if let Ok(line) = serde_json::to_string(report) {
                 let mut stdout = std::io::stdout().lock();

@@ -33,6 +33,21 @@ pub struct RawConfig {
     /// Base images `ciscale provision` builds, by name.
     #[serde(default)]
     pub images: BTreeMap<String, RawImage>,
+    /// Prometheus metrics and health endpoint of `watch`.
+    #[serde(default)]
+    pub metrics: Option<RawMetrics>,
+}
+
+/// `metrics: { listen: 127.0.0.1:9922 }`: `watch` serves `/metrics` and `/healthz` there.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawMetrics {
+    /// Address and port to listen on, e.g. `127.0.0.1:9922`.
+    pub listen: String,
+    /// `/healthz` fails once no cycle has succeeded for this many poll intervals [3].
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub unhealthy_after: Option<u32>,
 }
 
 /// A secret string (token, PAT): never printed. Usually a `${VAR}` reference to the environment.

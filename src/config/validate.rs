@@ -14,7 +14,7 @@ use super::raw::{RawBackend, RawCiSource, RawImage, RawPool, RawScale};
 use crate::model::{
     AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
     BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GoDuration,
-    CronPattern, ImageSpec, InstanceId, InstanceMode, PoolName, PoolSpec, ScalePolicy, ScheduleWindow, Secret,
+    CronPattern, ImageSpec, InstanceId, InstanceMode, MetricsSpec, PoolName, PoolSpec, ScalePolicy, ScheduleWindow, Secret,
 };
 
 const DEFAULT_POLL_INTERVAL: GoDuration = GoDuration::from_secs(10);
@@ -481,10 +481,26 @@ impl Validator<'_> {
             );
         }
 
+        let raw_metrics = self.section::<crate::config::raw::RawMetrics>("/metrics", "`metrics`");
+        let metrics = match &raw_metrics {
+            None => None,
+            Some(metrics) => match metrics.listen.parse::<std::net::SocketAddr>() {
+                Ok(listen) => Some(MetricsSpec { listen, unhealthy_after: metrics.unhealthy_after.unwrap_or(3).max(1) }),
+                Err(_) => {
+                    self.problems.push(
+                        self.value_span("/metrics/listen"),
+                        format!("`metrics.listen` `{}` is not an address and port", metrics.listen),
+                        Some("write e.g. `127.0.0.1:9922` (or `0.0.0.0:9922` to listen on every interface)".to_owned()),
+                    );
+                    None
+                }
+            },
+        };
         if !complete || !self.problems.is_empty() {
             return None;
         }
         Some(Desired {
+            metrics,
             owner: owner?,
             poll_interval: poll_interval?,
             ci,

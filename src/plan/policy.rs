@@ -1122,6 +1122,7 @@ mod tests {
             pools: vec![pool],
             images: BTreeMap::new(),
             config_hash: "sha256:test".into(),
+            metrics: None,
         }
     }
 

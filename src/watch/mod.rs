@@ -4,6 +4,7 @@
 //! after an exponential backoff. Nothing is remembered between cycles but the failure count for that backoff:
 //! every decision comes from a fresh observation, so a restart (or cron running `apply` instead) acts the same.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -13,10 +14,11 @@ use tracing::Instrument;
 
 use crate::apply::{self, ApplyOptions, NoProgress};
 use crate::model::Desired;
-use crate::plan::{self, Summary};
+use crate::plan::{self, PoolStatus, Summary};
 use crate::providers::Providers;
 
 pub mod lock;
+pub mod metrics;
 pub mod signals;
 
 pub use signals::shutdown_signal;
@@ -54,6 +56,17 @@ pub struct CycleReport {
     pub error: Option<String>,
     /// Seconds until the next cycle.
     pub next_in_secs: f64,
+    /// Per pool: the numbers the plan was made from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
+    /// Changes carried out and failed, by action (`create`, `delete`, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied_by_action: BTreeMap<String, u32>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_by_action: BTreeMap<String, u32>,
+    /// Hourly cost per currency once the plan is applied.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub hourly_cost: BTreeMap<String, f64>,
 }
 
 /// Runs cycles until `cancel` turns true (or `options.cycles` are done). In-flight changes of the current cycle
@@ -111,6 +124,10 @@ async fn reconcile(
         failed: 0,
         error: None,
         next_in_secs: 0.0,
+        pools: Vec::new(),
+        applied_by_action: BTreeMap::new(),
+        failed_by_action: BTreeMap::new(),
+        hourly_cost: BTreeMap::new(),
     };
     let observed = match crate::observe::observe(desired, providers, started_at).await {
         Ok(observed) => observed,
@@ -137,6 +154,8 @@ async fn reconcile(
         }
     }
     report.planned = plan.summary;
+    report.pools = plan.pools.clone();
+    report.hourly_cost = plan.cost.hourly.iter().map(|(currency, line)| (currency.clone(), line.after)).collect();
     if !plan.has_changes() {
         tracing::debug!("no changes");
         return report;
@@ -149,8 +168,13 @@ async fn reconcile(
     report.applied = result.succeeded();
     report.failed = result.failed();
     for (change, outcome) in &result.outcomes {
-        if let apply::Outcome::Failed { step, error } = outcome {
-            tracing::warn!(pool = %change.pool, action = %change.action, step, error, "change failed; the next cycle retries");
+        match outcome {
+            apply::Outcome::Done => *report.applied_by_action.entry(change.action.verb().to_owned()).or_default() += 1,
+            apply::Outcome::Failed { step, error } => {
+                *report.failed_by_action.entry(change.action.verb().to_owned()).or_default() += 1;
+                tracing::warn!(pool = %change.pool, action = %change.action, step, error, "change failed; the next cycle retries");
+            }
+            apply::Outcome::Skipped { .. } => {}
         }
     }
     report

@@ -66,6 +66,7 @@ fn desired() -> Desired {
         pools: vec![pool],
         images: BTreeMap::new(),
         config_hash: "test".to_owned(),
+        metrics: None,
     }
 }
 

@@ -6,6 +6,7 @@ mod config;
 mod conformance;
 mod converge;
 mod fake;
+mod metrics;
 mod picus;
 mod plan_props;
 mod scenarios;

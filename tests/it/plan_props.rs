@@ -232,6 +232,7 @@ fn build(
         pools: desired_pools,
         images: BTreeMap::new(),
         config_hash: "sha256:props".into(),
+        metrics: None,
     };
 
     let mut observed = Observed { observed_at: now, ..Observed::default() };
