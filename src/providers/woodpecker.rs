@@ -149,10 +149,15 @@ impl Woodpecker {
 
     async fn patch_no_schedule(&self, id: &AgentId, no_schedule: bool) -> Result<()> {
         let number = agent_number(id)?;
-        let body = serde_json::json!({ "no_schedule": no_schedule });
-        let _: WireAgent = self
-            .json(Method::PATCH, &format!("/api/agents/{number}"), Some(body), Some(id))
-            .await?;
+        let path = format!("/api/agents/{number}");
+        // The server's PATCH overwrites the name with whatever the body says (an absent name blanks it), so the
+        // current name is read first and sent back with the new flag.
+        let current: WireAgent = self.json(Method::GET, &path, None, Some(id)).await?;
+        if current.no_schedule == no_schedule {
+            return Ok(());
+        }
+        let body = serde_json::json!({ "name": current.name, "no_schedule": no_schedule });
+        let _: WireAgent = self.json(Method::PATCH, &path, Some(body), Some(id)).await?;
         Ok(())
     }
 
