@@ -611,3 +611,56 @@ fn watch_survives_an_unreachable_server() {
     let (_, stderr) = stop(child);
     assert!(!stderr.contains(ENV_TOKEN));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------------------------------------------
+
+fn woodpecker_config(labels: &str, grpc: &str) -> String {
+    format!(
+        "id: acme\nci:\n  wp: {{ kind: woodpecker, server: \"https://ci.example.com\", token: \"${{WP_TOKEN}}\"{grpc} }}\n\
+         backends:\n  sim: {{ kind: fake }}\npools:\n  - name: linux\n    ci:\n      source: wp\n      labels:\n{labels}\
+         \n    backend: {{ name: sim }}\n"
+    )
+}
+
+#[test]
+fn malformed_filter_labels_are_config_errors() {
+    use ciscale::config::{self, ConfigError};
+    let labels = "        \"\": a\n        \"!\": b\n        \"a=b\": c\n        \"!!x\": d\n        list: \"x,y\"\n        platform: linux";
+    let env = |name: &str| (name == "WP_TOKEN").then(|| "t".to_owned());
+    match config::load_str("ciscale.yaml", &woodpecker_config(labels, ""), &env) {
+        Err(ConfigError::Invalid(diagnostics)) => {
+            let text = diagnostics.render_plain();
+            assert_eq!(text.matches("invalid label").count(), 5, "{text}");
+            for why in [
+                "the key is empty",
+                "`!` needs a key",
+                "cannot hold `=`",
+                "at most one `!`",
+                "values cannot hold `,`",
+            ] {
+                assert!(text.contains(why), "{why}: {text}");
+            }
+            assert!(text.contains("ciscale.yaml:11:"), "located at the key: {text}");
+            assert!(!text.contains("platform"), "the good label is fine: {text}");
+        }
+        other => panic!("malformed labels must be refused: {other:?}"),
+    }
+
+    let desired = config::load_str(
+        "ciscale.yaml",
+        &woodpecker_config(
+            "        platform: linux\n        \"!gpu\": \"yes\"",
+            ", grpcAddress: \"grpc.example.com:443\"",
+        ),
+        &env,
+    )
+    .expect("valid config");
+    match &desired.ci[&ciscale::model::CiName::new("wp")].kind {
+        ciscale::model::CiKind::Woodpecker { grpc_address, .. } => {
+            assert_eq!(grpc_address.as_deref(), Some("grpc.example.com:443"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
