@@ -81,8 +81,8 @@ mod tests {
                 ("WOODPECKER_SERVER".to_owned(), "ci:9000".to_owned()),
             ]),
         };
-        let file = bootstrap_env(&AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new() }, &credential)
-            .expect("env file");
+        let agent = AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new() };
+        let file = bootstrap_env(&agent, &credential).expect("env file");
         let lines: Vec<&str> = file.expose().lines().collect();
         assert!(lines.contains(&"WOODPECKER_AGENT_SECRET=tok"), "{lines:?}");
         assert!(lines.contains(&"CISCALE_AGENT_TOKEN=tok"), "{lines:?}");
