@@ -265,7 +265,12 @@ pub struct CiSourceSpec {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CiKind {
-    Woodpecker { server: String, token: Secret },
+    Woodpecker {
+        server: String,
+        token: Secret,
+        /// gRPC address agents connect to (`WOODPECKER_SERVER`); `None`: the host of `server`, port 9000.
+        grpc_address: Option<String>,
+    },
     AzurePipelines { organization_url: String, pat: Secret },
     /// The in-memory fake (tests, demos, offline trials).
     Fake(FakeSpec),

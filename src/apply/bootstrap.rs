@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::model::{AgentSpec, Secret};
-use crate::providers::AgentCredential;
+use crate::providers::{AgentCredential, TOKEN_ENV_NAME_KEY};
 
 /// Where the credential file goes inside a container instance.
 pub const CREDENTIAL_PATH: &str = "/run/ciscale/agent.env";
@@ -45,6 +45,10 @@ pub fn bootstrap_env(agent: &AgentSpec, credential: &AgentCredential) -> Result<
     // A pre-registered agent (Picus mode) has no token of its own: its shared secret is in `secret_env`.
     if !credential.token.expose().is_empty() {
         entries.insert(TOKEN_ENV, credential.token.expose());
+        // The CI's agent reads its token from a variable of its own (`WOODPECKER_AGENT_SECRET`).
+        if let Some(name) = credential.env.get(TOKEN_ENV_NAME_KEY) {
+            entries.insert(name, credential.token.expose());
+        }
     }
 
     let mut text = String::new();
@@ -63,4 +67,28 @@ pub fn bootstrap_env(agent: &AgentSpec, credential: &AgentCredential) -> Result<
         text.push('\n');
     }
     Ok(Secret::new(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::AgentId;
+
+    #[test]
+    fn token_is_also_written_under_the_name_the_ci_agent_reads() {
+        let credential = AgentCredential {
+            agent_id: AgentId::new("7"),
+            token: Secret::new("tok"),
+            env: BTreeMap::from([
+                (TOKEN_ENV_NAME_KEY.to_owned(), "WOODPECKER_AGENT_SECRET".to_owned()),
+                ("WOODPECKER_SERVER".to_owned(), "ci:9000".to_owned()),
+            ]),
+        };
+        let agent = AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new() };
+        let file = bootstrap_env(&agent, &credential).expect("env file");
+        let lines: Vec<&str> = file.expose().lines().collect();
+        assert!(lines.contains(&"WOODPECKER_AGENT_SECRET=tok"), "{lines:?}");
+        assert!(lines.contains(&"CISCALE_AGENT_TOKEN=tok"), "{lines:?}");
+        assert!(lines.contains(&"WOODPECKER_SERVER=ci:9000"), "{lines:?}");
+    }
 }

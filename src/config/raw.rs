@@ -87,6 +87,9 @@ pub enum RawCiSource {
         server: String,
         /// Admin API token.
         token: RawSecret,
+        /// gRPC address the agents connect to (their `WOODPECKER_SERVER`) [host of `server`, port 9000].
+        #[serde(default)]
+        grpc_address: Option<String>,
     },
     /// An Azure DevOps organization.
     AzurePipelines {

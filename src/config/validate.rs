@@ -73,6 +73,30 @@ fn ptr(segments: &[&str]) -> String {
     super::check::pointer(&path)
 }
 
+/// Why a Woodpecker filter label cannot work, if it cannot. Agents receive their labels as one
+/// `WOODPECKER_AGENT_LABELS=key=value,key=value` string, split at `,` and then at the first `=`, and a `!` in front
+/// of a key marks it required: so keys must be non-empty after the `!`, and hold no `=`, `,` or white space;
+/// values hold no `,`.
+pub(crate) fn woodpecker_label_problem(key: &str, value: &str) -> Option<&'static str> {
+    let name = key.strip_prefix('!').unwrap_or(key);
+    if key.is_empty() {
+        return Some("the key is empty");
+    }
+    if name.is_empty() {
+        return Some("`!` needs a key after it (`\"!key\": value` requires that value on the job)");
+    }
+    if name.starts_with('!') {
+        return Some("a key takes at most one `!`");
+    }
+    if name.contains(['=', ',']) || name.chars().any(char::is_whitespace) {
+        return Some("keys cannot hold `=`, `,` or white space");
+    }
+    if value.contains(',') {
+        return Some("values cannot hold `,` (agents receive labels as one comma-separated list)");
+    }
+    None
+}
+
 /// A hint turning `5 minutes` / `1 hour 30 min` into Go's `5m` / `1h30m`, when the input reads that way.
 pub(crate) fn duration_hint(input: &str) -> String {
     let fallback = "write a Go duration such as `30s`, `5m` or `1h30m`".to_owned();
@@ -328,9 +352,14 @@ impl Validator<'_> {
                 continue;
             };
             let kind = match raw {
-                RawCiSource::Woodpecker { server, token } => CiKind::Woodpecker {
+                RawCiSource::Woodpecker {
+                    server,
+                    token,
+                    grpc_address,
+                } => CiKind::Woodpecker {
                     server,
                     token: Secret::new(token.0),
+                    grpc_address,
                 },
                 RawCiSource::AzurePipelines {
                     organization_url,
@@ -612,6 +641,18 @@ impl Validator<'_> {
                 }
             }
             Some(CiKind::Fake(_)) | None => {}
+        }
+        for (key, value) in &raw.ci.labels {
+            if let Some(why) = woodpecker_label_problem(key, value) {
+                let escaped = super::check::pointer(&[Seg::Key(key.clone())]);
+                let span = self.key_span(&format!("{pointer}/ci/labels{escaped}"));
+                self.problems.push(
+                    span,
+                    format!("invalid label `{key}` in {place}: {why}"),
+                    Some("write `key: value`, `key: \"*\"` or `\"!key\": value` (agents take jobs whose labels they match)".to_owned()),
+                );
+                ok = false;
+            }
         }
 
         // Backend binding.

@@ -6,10 +6,22 @@ use std::collections::BTreeMap;
 /// Task labels under this prefix are set by Woodpecker itself and never take part in matching.
 pub(super) const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
 
-/// Woodpecker's rule (server/rpc `createFilterFunc`): the agent takes the task iff
+/// Task label naming the repository (`owner/name`); the server puts it on every task.
+pub const WOODPECKER_REPO_LABEL: &str = "repo";
+/// Task label naming the repository's organisation id; the server puts it on every task.
+pub const WOODPECKER_ORG_LABEL: &str = "org-id";
+
+/// Woodpecker's rule (`pipeline.MatchLabels`, used by server/scheduler/filter.go): the agent takes the task iff
 /// - every agent label `!key: value` (a *required* label) is carried by the task with exactly that value, and
 /// - every task label with a non-empty value, except internal `woodpecker-ci.org/*` ones, exists on the agent
 ///   (as `key` or `!key`) with the value `*` or exactly the task's value.
+///
+/// `agent_labels` are the labels ciscale gives the pool's agents (`WOODPECKER_AGENT_LABELS`). The agent's
+/// filter holds more than those, and every real task carries `repo` and `org-id`, so they matter: the agent
+/// adds `repo=*` unless its labels name `repo`, and the server sets `org-id=*` over anything the agent says for
+/// a global agent (one made by `POST /api/agents`, as ciscale's are). Without them no pool would match a real
+/// task. The agent's other defaults (`hostname`, `platform`, `backend`) depend on the machine; a pool that
+/// selects on them names them in its labels.
 pub fn woodpecker_matches(agent_labels: &BTreeMap<String, String>, task_labels: &BTreeMap<String, String>) -> bool {
     // Required labels are checked before internal labels are stripped, as Woodpecker does.
     let required_present = agent_labels.iter().all(|(key, value)| match key.strip_prefix('!') {
@@ -23,7 +35,15 @@ pub fn woodpecker_matches(agent_labels: &BTreeMap<String, String>, task_labels: 
         if task_value.is_empty() || key.starts_with(WOODPECKER_INTERNAL_PREFIX) {
             return true;
         }
-        let agent_value = agent_labels.get(key).or_else(|| agent_labels.get(&format!("!{key}")));
+        let agent_value = if key == WOODPECKER_ORG_LABEL {
+            Some("*")
+        } else {
+            agent_labels
+                .get(key)
+                .map(String::as_str)
+                .or_else(|| (key == WOODPECKER_REPO_LABEL).then_some("*"))
+                .or_else(|| agent_labels.get(&format!("!{key}")).map(String::as_str))
+        };
         matches!(agent_value, Some(value) if value == "*" || value == task_value)
     })
 }
@@ -82,6 +102,25 @@ mod tests {
         let wildcard_required = labels(&[("!gpu", "*")]);
         assert!(woodpecker_matches(&wildcard_required, &labels(&[("gpu", "*")])));
         assert!(!woodpecker_matches(&wildcard_required, &labels(&[("gpu", "yes")])));
+    }
+
+    #[test]
+    fn woodpecker_server_labels_of_real_tasks() {
+        // Every real task carries `repo` and `org-id`; a pool that names neither still takes it, as the agent
+        // defaults `repo=*` and the server enforces `org-id=*` on global agents.
+        let task = labels(&[("repo", "acme/app"), ("org-id", "7"), ("platform", "linux/amd64")]);
+        assert!(woodpecker_matches(&labels(&[("platform", "linux/amd64")]), &task));
+        // The agent's own `repo` label replaces the default...
+        assert!(!woodpecker_matches(&labels(&[("repo", "acme/other"), ("platform", "*")]), &task));
+        assert!(woodpecker_matches(&labels(&[("repo", "acme/app"), ("platform", "*")]), &task));
+        // ...but `org-id` is the server's: an agent label cannot narrow it.
+        assert!(woodpecker_matches(&labels(&[("org-id", "1"), ("platform", "*")]), &task));
+        // A required `!repo` still requires it, on top of the default wildcard.
+        assert!(!woodpecker_matches(&labels(&[("!repo", "acme/other"), ("platform", "*")]), &task));
+        assert!(woodpecker_matches(&labels(&[("!repo", "acme/app"), ("platform", "*")]), &task));
+        // Anything else the task names still has to be there.
+        let gpu_task = labels(&[("repo", "a/b"), ("gpu", "1")]);
+        assert!(!woodpecker_matches(&labels(&[("platform", "linux/amd64")]), &gpu_task));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::model::{
 
 pub mod fake;
 mod registry;
+pub mod woodpecker;
 
 pub use registry::connect;
 
@@ -137,6 +138,10 @@ pub trait Backend: Send + Sync + Debug {
         Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "exec" })
     }
 }
+
+/// Key in [`AgentCredential::env`] naming the variable the CI's agent reads its token from (Woodpecker:
+/// `WOODPECKER_AGENT_SECRET`). The env stays secret-free: bootstrap writes the token under that name too.
+pub const TOKEN_ENV_NAME_KEY: &str = "CISCALE_AGENT_TOKEN_ENV";
 
 /// A freshly registered agent's own credential.
 #[derive(Debug, Clone)]

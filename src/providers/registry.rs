@@ -36,6 +36,9 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     for (name, spec) in &desired.ci {
         let source: Arc<dyn CiSource> = match &spec.kind {
             CiKind::Fake(fake) => Arc::new(world_for(fake)?.ci()),
+            CiKind::Woodpecker { server, token, grpc_address } => {
+                Arc::new(super::woodpecker::Woodpecker::new(server, token.clone(), grpc_address.as_deref())?)
+            }
             other => return Err(not_yet(other.name(), "ci source")),
         };
         providers.ci.insert(name.clone(), source);

@@ -219,6 +219,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 kind: CiKind::Woodpecker {
                     server: "https://ci.example.com".into(),
                     token: secret("WOODPECKER_TOKEN"),
+                    grpc_address: None,
                 },
             },
         ),

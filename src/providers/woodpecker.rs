@@ -1,0 +1,515 @@
+//! The Woodpecker CI source: reads the queue and the agent records of a Woodpecker server over its REST API
+//! (admin token), registers one agent per instance (each with its own token), drains and deletes agent records.
+//!
+//! One observation is two calls: `GET /api/queue/info` and `GET /api/agents` (more pages only past
+//! [`AGENTS_PER_PAGE`] agents). Every request carries a connect and a total timeout, and every failure maps onto
+//! [`Error`] so that a cycle fails cleanly and the next one retries. The admin token never leaves this module
+//! except as the `Authorization` header: it is a [`Secret`], and no message or `Debug` output holds it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use super::{AgentCredential, CiSource, Error, RegisterAgent, Result};
+use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
+
+const PROVIDER: &str = "woodpecker";
+/// Page size of `GET /api/agents`: the server's documented default, which every version accepts (a larger one
+/// may be capped silently, and a short page would then look like the last one).
+pub const AGENTS_PER_PAGE: usize = 50;
+/// A server that keeps returning full pages is not believed past this many agents.
+const MAX_AGENT_PAGES: usize = 1000;
+/// gRPC port agents connect to when the config names no `grpcAddress` (Woodpecker's default).
+pub const DEFAULT_GRPC_PORT: u16 = 9000;
+/// Env keys the agent reads (Woodpecker agent configuration).
+pub const SERVER_ENV: &str = "WOODPECKER_SERVER";
+pub const LABELS_ENV: &str = "WOODPECKER_AGENT_LABELS";
+pub const SECRET_ENV: &str = "WOODPECKER_AGENT_SECRET";
+
+/// Connect and total timeouts of every request.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    /// A Woodpecker API call answers in milliseconds; 15 s total rides out a slow database without letting one
+    /// hung call hold a cycle (the poll interval is 10 s by default).
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            total: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A Woodpecker server, as a [`CiSource`].
+pub struct Woodpecker {
+    http: reqwest::Client,
+    /// Server URL without a trailing `/`.
+    server: String,
+    token: Secret,
+    grpc_address: String,
+}
+
+impl fmt::Debug for Woodpecker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Woodpecker")
+            .field("server", &self.server)
+            .field("token", &self.token)
+            .field("grpc_address", &self.grpc_address)
+            .finish()
+    }
+}
+
+impl Woodpecker {
+    /// A client of the server at `server` (`https://ci.example.com`). `grpc_address` is what agents get as
+    /// `WOODPECKER_SERVER`; `None`: the host of `server` with port 9000.
+    pub fn new(server: &str, token: Secret, grpc_address: Option<&str>) -> Result<Self> {
+        Self::with_timeouts(server, token, grpc_address, Timeouts::default())
+    }
+
+    pub fn with_timeouts(server: &str, token: Secret, grpc_address: Option<&str>, timeouts: Timeouts) -> Result<Self> {
+        let invalid = |message: String| Error::Invalid {
+            provider: PROVIDER.to_owned(),
+            message,
+        };
+        let url = reqwest::Url::parse(server)
+            .map_err(|error| invalid(format!("`server` `{server}` is not a URL: {error}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(format!(
+                "`server` `{server}` must be an http:// or https:// URL"
+            )));
+        }
+        let grpc_address = match grpc_address {
+            Some(address) if !address.trim().is_empty() => address.trim().to_owned(),
+            _ => {
+                let host = url
+                    .host_str()
+                    .ok_or_else(|| invalid(format!("`server` `{server}` has no host")))?;
+                format!("{host}:{DEFAULT_GRPC_PORT}")
+            }
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.total)
+            .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| Error::Other {
+                provider: PROVIDER.to_owned(),
+                source: Box::new(error),
+            })?;
+        Ok(Self {
+            http,
+            server: server.trim_end_matches('/').to_owned(),
+            token,
+            grpc_address,
+        })
+    }
+
+    /// What agents get as `WOODPECKER_SERVER`.
+    pub fn grpc_address(&self) -> &str {
+        &self.grpc_address
+    }
+
+    // -- API calls -------------------------------------------------------------------------------------------
+
+    async fn queue_info(&self) -> Result<QueueInfo> {
+        self.json(Method::GET, "/api/queue/info", None, None).await
+    }
+
+    async fn list_agents(&self) -> Result<Vec<WireAgent>> {
+        let mut agents: Vec<WireAgent> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for page in 1..=MAX_AGENT_PAGES {
+            let path = format!("/api/agents?page={page}&perPage={AGENTS_PER_PAGE}");
+            let batch: Option<Vec<WireAgent>> = self.json(Method::GET, &path, None, None).await?;
+            let batch = batch.unwrap_or_default();
+            let full = batch.len() >= AGENTS_PER_PAGE;
+            // An agent created between two pages shifts the rest by one: keep each id once.
+            agents.extend(batch.into_iter().filter(|agent| seen.insert(agent.id)));
+            if !full {
+                break;
+            }
+        }
+        Ok(agents)
+    }
+
+    async fn create_agent(&self, name: &str) -> Result<WireAgent> {
+        let body = serde_json::json!({ "name": name, "no_schedule": false });
+        self.json(Method::POST, "/api/agents", Some(body), None).await
+    }
+
+    async fn patch_no_schedule(&self, id: &AgentId, no_schedule: bool) -> Result<()> {
+        let number = agent_number(id)?;
+        let path = format!("/api/agents/{number}");
+        // The server's PATCH overwrites the name with whatever the body says (an absent name blanks it), so the
+        // current name is read first and sent back with the new flag.
+        let current: WireAgent = self.json(Method::GET, &path, None, Some(id)).await?;
+        if current.no_schedule == no_schedule {
+            return Ok(());
+        }
+        let body = serde_json::json!({ "name": current.name, "no_schedule": no_schedule });
+        let _: WireAgent = self.json(Method::PATCH, &path, Some(body), Some(id)).await?;
+        Ok(())
+    }
+
+    async fn delete_agent(&self, id: &AgentId) -> Result<()> {
+        let number = agent_number(id)?;
+        self.send(Method::DELETE, &format!("/api/agents/{number}"), None, Some(id))
+            .await
+            .map(drop)
+    }
+
+    /// Sends one request and decodes its JSON answer.
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        agent: Option<&AgentId>,
+    ) -> Result<T> {
+        let endpoint = endpoint_name(&method, path);
+        let bytes = self.send(method, path, body, agent).await?;
+        serde_json::from_slice(&bytes).map_err(|error| Error::Other {
+            provider: PROVIDER.to_owned(),
+            source: Box::new(BadResponse {
+                endpoint,
+                detail: error.to_string(),
+            }),
+        })
+    }
+
+    /// Sends one request; maps transport failures and error statuses onto [`Error`].
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        agent: Option<&AgentId>,
+    ) -> Result<Vec<u8>> {
+        let endpoint = endpoint_name(&method, path);
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.server))
+            .bearer_auth(self.token.expose());
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|error| transport_error(&endpoint, &error))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|error| transport_error(&endpoint, &error))?;
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        Err(status_error(&endpoint, status, retry_after, agent, &bytes))
+    }
+}
+
+#[async_trait]
+impl CiSource for Woodpecker {
+    fn kind(&self) -> &'static str {
+        PROVIDER
+    }
+
+    async fn observe(&self) -> Result<CiObservation> {
+        let queue = self.queue_info().await?;
+        let agents = self.list_agents().await?;
+        let running = tasks(queue.running);
+        let busy: BTreeSet<&AgentId> = running.iter().filter_map(|task| task.agent_id.as_ref()).collect();
+        let agents = agents
+            .into_iter()
+            .map(|agent| {
+                let id = AgentId::new(agent.id.to_string());
+                Agent {
+                    busy: busy.contains(&id),
+                    id,
+                    name: agent.name,
+                    no_schedule: agent.no_schedule,
+                    last_contact: unix_time(agent.last_contact),
+                    last_work: unix_time(agent.last_work),
+                    labels: agent.custom_labels.unwrap_or_default(),
+                }
+            })
+            .collect();
+        // Tasks waiting on dependencies are left out: they may never run (a failed dependency), and they become
+        // pending the moment they can, which the next cycle sees.
+        Ok(CiObservation {
+            agents,
+            queue: Queue {
+                pending: tasks(queue.pending),
+                running,
+            },
+        })
+    }
+
+    async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
+        let existing = self
+            .list_agents()
+            .await?
+            .into_iter()
+            .find(|agent| agent.name == request.name);
+        let agent = match existing {
+            // The admin API shows an agent's token: the existing record is taken over as it is (same id).
+            Some(agent) if agent.token.as_ref().is_some_and(|token| !token.expose().is_empty()) => agent,
+            // A server that hides tokens cannot re-issue one for an existing agent, so the record is deleted and
+            // made anew (new id, new token) — unless it runs a job, which must never be cut off.
+            Some(agent) => {
+                let id = AgentId::new(agent.id.to_string());
+                let queue = self.queue_info().await?;
+                if tasks(queue.running)
+                    .iter()
+                    .any(|task| task.agent_id.as_ref() == Some(&id))
+                {
+                    return Err(Error::AlreadyExists {
+                        what: format!("woodpecker agent `{}` (id {id}, running a job)", request.name),
+                    });
+                }
+                match self.delete_agent(&id).await {
+                    Ok(()) | Err(Error::NotFound { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+                self.create_agent(&request.name).await?
+            }
+            None => self.create_agent(&request.name).await?,
+        };
+        let token = agent
+            .token
+            .filter(|token| !token.expose().is_empty())
+            .ok_or_else(|| Error::Other {
+                provider: PROVIDER.to_owned(),
+                source: Box::new(BadResponse {
+                    endpoint: "POST /api/agents".to_owned(),
+                    detail: format!("agent `{}` came back without a token", request.name),
+                }),
+            })?;
+        let mut env = BTreeMap::from([
+            (SERVER_ENV.to_owned(), self.grpc_address.clone()),
+            (super::TOKEN_ENV_NAME_KEY.to_owned(), SECRET_ENV.to_owned()),
+        ]);
+        if !request.labels.is_empty() {
+            let labels: Vec<String> = request
+                .labels
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
+            env.insert(LABELS_ENV.to_owned(), labels.join(","));
+        }
+        Ok(AgentCredential {
+            agent_id: AgentId::new(agent.id.to_string()),
+            token,
+            env,
+        })
+    }
+
+    async fn drain(&self, id: &AgentId) -> Result<()> {
+        self.patch_no_schedule(id, true).await
+    }
+
+    async fn undrain(&self, id: &AgentId) -> Result<()> {
+        self.patch_no_schedule(id, false).await
+    }
+
+    async fn deregister(&self, id: &AgentId) -> Result<()> {
+        self.delete_agent(id).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Wire types: every field optional or defaulted, as older servers leave fields out and send `null` arrays.
+// ---------------------------------------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+struct QueueInfo {
+    #[serde(default)]
+    pending: Option<Vec<WireTask>>,
+    #[serde(default)]
+    running: Option<Vec<WireTask>>,
+}
+
+#[derive(Deserialize)]
+struct WireTask {
+    #[serde(deserialize_with = "string_or_number")]
+    id: String,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    agent_id: Option<i64>,
+}
+
+/// Never `Debug`: it holds the agent's token.
+#[derive(Deserialize)]
+struct WireAgent {
+    id: i64,
+    #[serde(default)]
+    name: String,
+    #[serde(default, deserialize_with = "optional_secret")]
+    token: Option<Secret>,
+    #[serde(default)]
+    last_contact: Option<i64>,
+    #[serde(default)]
+    last_work: Option<i64>,
+    #[serde(default)]
+    no_schedule: bool,
+    #[serde(default)]
+    custom_labels: Option<BTreeMap<String, String>>,
+}
+
+fn tasks(wire: Option<Vec<WireTask>>) -> Vec<Task> {
+    wire.unwrap_or_default()
+        .into_iter()
+        .map(|task| Task {
+            id: TaskId::new(task.id),
+            labels: task.labels.unwrap_or_default(),
+            demands: Vec::new(),
+            // 0 is Go's zero value: no agent.
+            agent_id: task
+                .agent_id
+                .filter(|id| *id > 0)
+                .map(|id| AgentId::new(id.to_string())),
+        })
+        .collect()
+}
+
+/// Unix seconds; 0 (Go's zero value) means never.
+fn unix_time(seconds: Option<i64>) -> Option<Timestamp> {
+    seconds
+        .filter(|seconds| *seconds > 0)
+        .and_then(|seconds| Timestamp::from_second(seconds).ok())
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(i64),
+    }
+    Ok(match Id::deserialize(deserializer)? {
+        Id::Text(text) => text,
+        Id::Number(number) => number.to_string(),
+    })
+}
+
+fn optional_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Secret>, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.map(Secret::new))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------------------------
+
+/// An answer that is not what the API documents.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected answer from `{endpoint}`: {detail}")]
+pub struct BadResponse {
+    pub endpoint: String,
+    pub detail: String,
+}
+
+/// `GET /api/agents/{id}` style name of a request, for messages (no query string, no host).
+fn endpoint_name(method: &Method, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    format!("{method} {path}")
+}
+
+fn agent_number(id: &AgentId) -> Result<i64> {
+    id.as_str().parse::<i64>().map_err(|_| Error::NotFound {
+        what: format!("woodpecker agent `{id}` (ids are numbers)"),
+    })
+}
+
+fn transport_error(endpoint: &str, error: &reqwest::Error) -> Error {
+    let why = if error.is_timeout() {
+        "timed out".to_owned()
+    } else if error.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        // The URL is left out (`without_url`) to keep messages short; it holds no secret either way.
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    };
+    Error::Unavailable {
+        provider: PROVIDER.to_owned(),
+        message: format!("`{endpoint}` {why}"),
+    }
+}
+
+fn status_error(
+    endpoint: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    agent: Option<&AgentId>,
+    body: &[u8],
+) -> Error {
+    let provider = PROVIDER.to_owned();
+    // Server error bodies are short plain text; a long one is cut, never quoted whole.
+    let text: String = String::from_utf8_lossy(body).trim().chars().take(200).collect();
+    let said = if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    };
+    match status.as_u16() {
+        401 => Error::Unauthenticated {
+            provider,
+            message: format!(
+                "the token was refused (`{endpoint}` answered 401)\nhint: use a personal access token of a \
+                 Woodpecker admin (user settings → personal access token)"
+            ),
+        },
+        403 => Error::Unauthenticated {
+            provider,
+            message: format!(
+                "the token is not an admin token: `{endpoint}` needs admin rights\nhint: use a personal access \
+                 token of a Woodpecker admin (`WOODPECKER_ADMIN` on the server)"
+            ),
+        },
+        404 => match agent {
+            Some(id) => Error::NotFound {
+                what: format!("woodpecker agent `{id}`"),
+            },
+            None => Error::Invalid {
+                provider,
+                message: format!("`{endpoint}` answered 404\nhint: is `server` the Woodpecker URL?"),
+            },
+        },
+        409 => Error::AlreadyExists {
+            what: format!("woodpecker record (`{endpoint}` answered 409{said})"),
+        },
+        429 => Error::RateLimited { provider, retry_after },
+        500..=599 => Error::Unavailable {
+            provider,
+            message: format!("`{endpoint}` answered {status}{said}"),
+        },
+        _ => Error::Invalid {
+            provider,
+            message: format!("`{endpoint}` answered {status}{said}"),
+        },
+    }
+}

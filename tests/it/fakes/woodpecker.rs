@@ -1,0 +1,576 @@
+//! A stateful Woodpecker server fake on loopback: the queue (pending and running tasks), agent records with
+//! their own tokens, the admin-token check, per-endpoint request counters and fault injection (5xx, 429 with
+//! Retry-After, delays past a client's timeout, malformed JSON). Every request path and body it receives and
+//! every JSON body it serves is checked against the published Swagger spec; [`FakeWoodpecker::spec_violations`]
+//! lists what did not match.
+//!
+//! It mimics the server where ciscale depends on it: `PATCH /api/agents/{id}` overwrites `name` and
+//! `no_schedule` from the body (an absent name blanks it, as the real server does), list pagination with
+//! `page`/`perPage`, tokens shown to the admin.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::spec::Spec;
+
+/// The admin token the fake accepts.
+pub const ADMIN_TOKEN: &str = "wp-admin-token-5f2c9e1d";
+/// A valid token of a user who is not an admin (answered with 403 on admin endpoints).
+pub const USER_TOKEN: &str = "wp-user-token-0b7a44c3";
+
+/// A way one request fails.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer with this status and a plain-text body.
+    Status(u16),
+    /// 429 with `Retry-After: seconds`.
+    RateLimited { retry_after_secs: u64 },
+    /// Wait this long before answering normally (past a client's timeout).
+    Delay(Duration),
+    /// Answer 200 with a body that is not JSON.
+    MalformedJson,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeTask {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_id: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeAgent {
+    pub id: i64,
+    pub name: String,
+    pub token: String,
+    pub no_schedule: bool,
+    pub last_contact: i64,
+    pub last_work: i64,
+    pub capacity: i64,
+    pub custom_labels: BTreeMap<String, String>,
+    pub created: i64,
+}
+
+#[derive(Default)]
+struct State {
+    agents: BTreeMap<i64, FakeAgent>,
+    next_agent: i64,
+    next_task: u64,
+    pending: Vec<FakeTask>,
+    running: Vec<FakeTask>,
+    /// Requests by `METHOD /path/template`.
+    counts: BTreeMap<String, u64>,
+    requests: u64,
+    /// Faults for the next requests, in order.
+    next_faults: VecDeque<Fault>,
+    /// Every `n`th request fails with the next fault of the cycle.
+    every: Option<(u64, Vec<Fault>, usize)>,
+    faults_injected: u64,
+    /// A raw body served once for an endpoint key, instead of the real answer (old-server shapes).
+    raw_once: BTreeMap<String, String>,
+    violations: Vec<String>,
+}
+
+/// The running fake. Dropping it stops the server.
+pub struct FakeWoodpecker {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Arc<Mutex<State>>,
+    spec: Spec,
+}
+
+fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+impl FakeWoodpecker {
+    /// Starts the fake on `127.0.0.1:0` in a thread of its own (usable from sync and async tests alike).
+    pub fn start() -> FakeWoodpecker {
+        let spec = Spec::load("woodpecker-swagger.json");
+        let state = Arc::new(Mutex::new(State {
+            next_agent: 1,
+            next_task: 1,
+            ..State::default()
+        }));
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            spec,
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let addr = listener.local_addr().expect("local addr");
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("fake runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let app =
+                    axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                        let shared = shared.clone();
+                        async move { handle(shared, method, uri, headers, body).await }
+                    });
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        });
+        FakeWoodpecker {
+            addr,
+            state,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // -- test helpers ----------------------------------------------------------------------------------------
+
+    /// Queues a pending task with these labels (plus the `repo`/`org-id` the server puts on every task).
+    pub fn add_task(&self, labels: &[(&str, &str)]) -> String {
+        let mut state = self.state();
+        let id = state.next_task.to_string();
+        state.next_task += 1;
+        let mut all: BTreeMap<String, String> = BTreeMap::from([
+            ("repo".to_owned(), "acme/app".to_owned()),
+            ("org-id".to_owned(), "1".to_owned()),
+        ]);
+        all.extend(
+            labels
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned())),
+        );
+        state.pending.push(FakeTask {
+            id: id.clone(),
+            labels: all,
+            agent_id: None,
+        });
+        id
+    }
+
+    /// Moves a pending task to running on `agent_id`; the agent has just been in contact.
+    pub fn start_task(&self, task_id: &str, agent_id: i64) {
+        let mut state = self.state();
+        let index = state
+            .pending
+            .iter()
+            .position(|task| task.id == task_id)
+            .expect("pending task");
+        let mut task = state.pending.remove(index);
+        task.agent_id = Some(agent_id);
+        state.running.push(task);
+        let agent = state.agents.get_mut(&agent_id).expect("agent");
+        agent.last_contact = now();
+        agent.last_work = now();
+    }
+
+    /// Finishes a running task: gone from the queue, its agent's `last_work` is now.
+    pub fn finish_task(&self, task_id: &str) {
+        let mut state = self.state();
+        let index = state
+            .running
+            .iter()
+            .position(|task| task.id == task_id)
+            .expect("running task");
+        let task = state.running.remove(index);
+        if let Some(agent) = task.agent_id.and_then(|id| state.agents.get_mut(&id)) {
+            agent.last_work = now();
+            agent.last_contact = now();
+        }
+    }
+
+    pub fn set_agent_times(&self, agent_id: i64, last_contact: i64, last_work: i64) {
+        let mut state = self.state();
+        let agent = state.agents.get_mut(&agent_id).expect("agent");
+        agent.last_contact = last_contact;
+        agent.last_work = last_work;
+    }
+
+    /// Registers an agent directly (as an admin would in the UI); returns its id.
+    pub fn add_agent(&self, name: &str) -> i64 {
+        let mut state = self.state();
+        create_agent(&mut state, name, false).id
+    }
+
+    pub fn agents(&self) -> Vec<FakeAgent> {
+        self.state().agents.values().cloned().collect()
+    }
+
+    pub fn agent_by_name(&self, name: &str) -> Option<FakeAgent> {
+        self.state().agents.values().find(|agent| agent.name == name).cloned()
+    }
+
+    pub fn pending(&self) -> Vec<FakeTask> {
+        self.state().pending.clone()
+    }
+
+    pub fn running(&self) -> Vec<FakeTask> {
+        self.state().running.clone()
+    }
+
+    /// Requests seen for `METHOD /path/template`, e.g. `GET /api/queue/info`, `PATCH /api/agents/{agent_id}`.
+    pub fn count(&self, endpoint: &str) -> u64 {
+        self.state().counts.get(endpoint).copied().unwrap_or(0)
+    }
+
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.state().counts.clone()
+    }
+
+    pub fn total_requests(&self) -> u64 {
+        self.state().requests
+    }
+
+    pub fn reset_counts(&self) {
+        let mut state = self.state();
+        state.counts.clear();
+        state.requests = 0;
+    }
+
+    pub fn fail_next(&self, fault: Fault) {
+        self.state().next_faults.push_back(fault);
+    }
+
+    /// Every `n`th request from now on fails, with `faults` in turn.
+    pub fn fail_every(&self, n: u64, faults: Vec<Fault>) {
+        assert!(n > 0 && !faults.is_empty());
+        self.state().every = Some((n, faults, 0));
+    }
+
+    pub fn stop_faults(&self) {
+        let mut state = self.state();
+        state.every = None;
+        state.next_faults.clear();
+    }
+
+    pub fn faults_injected(&self) -> u64 {
+        self.state().faults_injected
+    }
+
+    /// Serves `body` once for `endpoint` (`GET /api/queue/info`) instead of the real answer, unchecked: for the
+    /// shapes older servers send (`null` arrays, missing fields), which the current spec does not describe.
+    pub fn serve_raw_once(&self, endpoint: &str, body: Value) {
+        self.state().raw_once.insert(endpoint.to_owned(), body.to_string());
+    }
+
+    /// What did not match the spec, in the traffic so far.
+    pub fn spec_violations(&self) -> Vec<String> {
+        self.state().violations.clone()
+    }
+}
+
+impl Drop for FakeWoodpecker {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn create_agent(state: &mut State, name: &str, no_schedule: bool) -> FakeAgent {
+    let id = state.next_agent;
+    state.next_agent += 1;
+    let agent = FakeAgent {
+        id,
+        name: name.to_owned(),
+        // Distinct per agent and recognisable in a leak check.
+        token: format!(
+            "wp-agent-token-{id}-{:08x}",
+            (id as u64).wrapping_mul(0x9e37_79b9) & 0xffff_ffff
+        ),
+        no_schedule,
+        last_contact: 0,
+        last_work: 0,
+        capacity: 0,
+        custom_labels: BTreeMap::new(),
+        created: now(),
+    };
+    state.agents.insert(id, agent.clone());
+    agent
+}
+
+fn agent_json(agent: &FakeAgent) -> Value {
+    json!({
+        "id": agent.id,
+        "name": agent.name,
+        "token": agent.token,
+        "created": agent.created,
+        "updated": agent.created,
+        "last_contact": agent.last_contact,
+        "last_work": agent.last_work,
+        "no_schedule": agent.no_schedule,
+        "capacity": agent.capacity,
+        "platform": if agent.last_contact > 0 { "linux/amd64" } else { "" },
+        "backend": if agent.last_contact > 0 { "docker" } else { "" },
+        "version": "",
+        "org_id": -1,
+        "owner_id": 1,
+        "custom_labels": agent.custom_labels,
+    })
+}
+
+fn task_json(task: &FakeTask, state: &State) -> Value {
+    let mut value = json!({
+        "id": task.id,
+        "labels": task.labels,
+        "dependencies": [],
+        "dep_status": {},
+        "run_on": [],
+        "pid": 0,
+        "pipeline_id": 1,
+        "repo_id": 1,
+        "name": "build",
+    });
+    if let Some(agent_id) = task.agent_id {
+        value["agent_id"] = json!(agent_id);
+        value["agent_name"] = json!(state
+            .agents
+            .get(&agent_id)
+            .map(|agent| agent.name.clone())
+            .unwrap_or_default());
+    }
+    value
+}
+
+fn text(status: StatusCode, body: &str) -> Response {
+    (status, [("content-type", "text/plain; charset=utf-8")], body.to_owned()).into_response()
+}
+
+fn json_response(body: &Value) -> Response {
+    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+/// The counter key of a request: `GET /api/agents/{agent_id}` style.
+fn endpoint_key(method: &Method, path: &str) -> String {
+    let templated: Vec<String> = path
+        .split('/')
+        .map(|segment| {
+            if segment.parse::<i64>().is_ok() {
+                "{agent_id}".to_owned()
+            } else {
+                segment.to_owned()
+            }
+        })
+        .collect();
+    format!("{method} {}", templated.join("/"))
+}
+
+async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let key = endpoint_key(&method, &path);
+    let request_body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(value) => value,
+            Err(error) => {
+                let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                state
+                    .violations
+                    .push(format!("{key}: request body is not JSON: {error}"));
+                return text(StatusCode::BAD_REQUEST, "bad body");
+            }
+        }
+    };
+
+    let fault = {
+        let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *state.counts.entry(key.clone()).or_default() += 1;
+        state.requests += 1;
+        if let Err(problem) = shared.spec.operation(method.as_str(), &path) {
+            state.violations.push(problem);
+        } else if !request_body.is_null() {
+            if let Err(problem) = shared.spec.check_request(method.as_str(), &path, &request_body) {
+                state.violations.push(problem);
+            }
+        }
+        let requests = state.requests;
+        let mut fault = state.next_faults.pop_front();
+        if fault.is_none() {
+            if let Some((n, faults, next)) = &mut state.every {
+                if requests % *n == 0 {
+                    fault = Some(faults[*next % faults.len()].clone());
+                    *next += 1;
+                }
+            }
+        }
+        if fault.is_some() {
+            state.faults_injected += 1;
+        }
+        fault
+    };
+    match fault {
+        Some(Fault::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return text(status, "injected failure");
+        }
+        Some(Fault::RateLimited { retry_after_secs }) => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", retry_after_secs.to_string())],
+                "slow down",
+            )
+                .into_response();
+        }
+        Some(Fault::MalformedJson) => {
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "{\"pending\": [tru",
+            )
+                .into_response();
+        }
+        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        None => {}
+    }
+
+    let authorization = headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    match authorization.strip_prefix("Bearer ") {
+        Some(ADMIN_TOKEN) => {}
+        Some(USER_TOKEN) => return text(StatusCode::FORBIDDEN, "access denied"),
+        _ => return text(StatusCode::UNAUTHORIZED, "not authorized"),
+    }
+
+    let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(raw) = state.raw_once.remove(&key) {
+        return (StatusCode::OK, [("content-type", "application/json")], raw).into_response();
+    }
+    let answer = route(&mut state, &method, &path, uri.query().unwrap_or(""), &request_body);
+    match answer {
+        Answer::Json(value) => {
+            if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, &value) {
+                state.violations.push(problem);
+            }
+            json_response(&value)
+        }
+        Answer::Empty => {
+            if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, &Value::Null) {
+                state.violations.push(problem);
+            }
+            text(StatusCode::OK, "")
+        }
+        Answer::Error(status, message) => text(status, message),
+    }
+}
+
+enum Answer {
+    Json(Value),
+    Empty,
+    Error(StatusCode, &'static str),
+}
+
+fn query_number(query: &str, name: &str, default: usize) -> usize {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(default)
+}
+
+fn route(state: &mut State, method: &Method, path: &str, query: &str, body: &Value) -> Answer {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("GET", ["api", "queue", "info"]) => {
+            let pending: Vec<Value> = state.pending.iter().map(|task| task_json(task, state)).collect();
+            let running: Vec<Value> = state.running.iter().map(|task| task_json(task, state)).collect();
+            Answer::Json(json!({
+                "pending": pending,
+                "waiting_on_deps": [],
+                "running": running,
+                "stats": {
+                    "worker_count": state.agents.len(),
+                    "pending_count": state.pending.len(),
+                    "waiting_on_deps_count": 0,
+                    "running_count": state.running.len(),
+                },
+                "paused": false,
+            }))
+        }
+        ("GET", ["api", "agents"]) => {
+            // The real server caps `perPage`; 50 is its default.
+            let per_page = query_number(query, "perPage", 50).clamp(1, 50);
+            let page = query_number(query, "page", 1).max(1);
+            let agents: Vec<Value> = state
+                .agents
+                .values()
+                .skip((page - 1) * per_page)
+                .take(per_page)
+                .map(agent_json)
+                .collect();
+            Answer::Json(Value::Array(agents))
+        }
+        ("POST", ["api", "agents"]) => {
+            let name = body.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let no_schedule = body.get("no_schedule").and_then(Value::as_bool).unwrap_or(false);
+            let agent = create_agent(state, &name, no_schedule);
+            Answer::Json(agent_json(&agent))
+        }
+        (_, ["api", "agents", id]) => {
+            let Ok(id) = id.parse::<i64>() else {
+                return Answer::Error(StatusCode::BAD_REQUEST, "bad id");
+            };
+            match method.as_str() {
+                "GET" => match state.agents.get(&id) {
+                    Some(agent) => Answer::Json(agent_json(agent)),
+                    None => Answer::Error(StatusCode::NOT_FOUND, "agent not found"),
+                },
+                "PATCH" => match state.agents.get_mut(&id) {
+                    Some(agent) => {
+                        // As the server does: both fields are taken from the body, present or not.
+                        agent.name = body.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+                        agent.no_schedule = body.get("no_schedule").and_then(Value::as_bool).unwrap_or(false);
+                        Answer::Json(agent_json(agent))
+                    }
+                    None => Answer::Error(StatusCode::NOT_FOUND, "agent not found"),
+                },
+                "DELETE" => match state.agents.remove(&id) {
+                    Some(_) => Answer::Empty,
+                    None => Answer::Error(StatusCode::NOT_FOUND, "agent not found"),
+                },
+                _ => Answer::Error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            }
+        }
+        ("GET", ["api", "agents", id, "tasks"]) => {
+            let id = id.parse::<i64>().unwrap_or(-1);
+            let tasks: Vec<Value> = state
+                .running
+                .iter()
+                .filter(|task| task.agent_id == Some(id))
+                .map(|task| task_json(task, state))
+                .collect();
+            Answer::Json(Value::Array(tasks))
+        }
+        _ => Answer::Error(StatusCode::NOT_FOUND, "404 page not found"),
+    }
+}
