@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{AgentSpec, Secret};
+use crate::model::{AgentSpec, CiKind, Secret};
 use crate::providers::AgentCredential;
 
 /// Where the credential file goes inside a container instance.
@@ -31,12 +31,35 @@ pub enum BootstrapError {
 /// agent's own id and token, one `KEY=value` a line, sorted by key. On a clash the later source wins (a secret
 /// overrides a plain value; nobody overrides the token).
 pub fn bootstrap_env(agent: &AgentSpec, credential: &AgentCredential) -> Result<Secret, BootstrapError> {
+    agent_env_file(agent, credential, None)
+}
+
+/// The env key the CI's own agent reads its token from, when it is not [`TOKEN_ENV`]: the agent container of a
+/// cloud instance is the CI's stock image, with no ciscale wrapper to translate.
+pub fn native_token_env(kind: &CiKind) -> Option<&'static str> {
+    match kind {
+        CiKind::Woodpecker { .. } => Some("WOODPECKER_AGENT_SECRET"),
+        CiKind::AzurePipelines { .. } => Some("AZP_TOKEN"),
+        CiKind::Fake(_) => None,
+    }
+}
+
+/// [`bootstrap_env`], plus the agent's token under `native_token_env` too (see [`native_token_env`]). The pool's
+/// `secret_env` may set that key itself (a pre-shared agent secret) and then wins.
+pub fn agent_env_file(
+    agent: &AgentSpec,
+    credential: &AgentCredential,
+    native_token_env: Option<&str>,
+) -> Result<Secret, BootstrapError> {
     let mut entries: BTreeMap<&str, &str> = BTreeMap::new();
     for (key, value) in &agent.env {
         entries.insert(key, value);
     }
     for (key, value) in &credential.env {
         entries.insert(key, value);
+    }
+    if let Some(key) = native_token_env {
+        entries.insert(key, credential.token.expose());
     }
     for (key, value) in &agent.secret_env {
         entries.insert(key, value.expose());

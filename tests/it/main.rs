@@ -6,5 +6,7 @@ mod config;
 mod conformance;
 mod converge;
 mod fake;
+mod fakes;
+mod hcloud;
 mod plan_props;
 mod scenarios;
