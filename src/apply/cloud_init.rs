@@ -55,9 +55,14 @@ struct WriteFile {
 /// The cloud-config document that runs `image` with the env file `env_file` (as [`super::bootstrap_env`] writes
 /// it). `image` of `None` is [`DEFAULT_AGENT_IMAGE`].
 pub fn cloud_init(image: Option<&str>, env_file: &Secret) -> Result<Secret, CloudInitError> {
-    let image = image.map(str::trim).filter(|image| !image.is_empty()).unwrap_or(DEFAULT_AGENT_IMAGE);
+    let image = image
+        .map(str::trim)
+        .filter(|image| !image.is_empty())
+        .unwrap_or(DEFAULT_AGENT_IMAGE);
     if !is_image_reference(image) {
-        return Err(CloudInitError::InvalidImage { image: image.to_owned() });
+        return Err(CloudInitError::InvalidImage {
+            image: image.to_owned(),
+        });
     }
     let quoted_image = format!("'{image}'");
     let start_script = format!(
@@ -112,9 +117,24 @@ iptables -C DOCKER-USER -d {METADATA_ADDRESS}/32 -j REJECT 2>/dev/null \
                 permissions: "0600",
                 content: env_file.expose().to_owned(),
             },
-            WriteFile { path: BLOCK_SCRIPT_PATH, owner: "root:root", permissions: "0755", content: block_script },
-            WriteFile { path: BLOCK_UNIT_PATH, owner: "root:root", permissions: "0644", content: block_unit },
-            WriteFile { path: START_SCRIPT_PATH, owner: "root:root", permissions: "0700", content: start_script },
+            WriteFile {
+                path: BLOCK_SCRIPT_PATH,
+                owner: "root:root",
+                permissions: "0755",
+                content: block_script,
+            },
+            WriteFile {
+                path: BLOCK_UNIT_PATH,
+                owner: "root:root",
+                permissions: "0644",
+                content: block_unit,
+            },
+            WriteFile {
+                path: START_SCRIPT_PATH,
+                owner: "root:root",
+                permissions: "0700",
+                content: start_script,
+            },
         ],
         runcmd: vec![vec![START_SCRIPT_PATH.to_owned()]],
     };
@@ -129,7 +149,9 @@ fn is_image_reference(image: &str) -> bool {
     !image.is_empty()
         && image.len() <= 512
         && !image.starts_with(['-', '.', '/', ':', '@'])
-        && image.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@' | '+'))
+        && image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@' | '+'))
 }
 
 #[cfg(test)]
@@ -138,7 +160,11 @@ mod tests {
 
     #[test]
     fn image_references_are_checked() {
-        for good in ["woodpeckerci/woodpecker-agent:v3", "localhost:5000/a/b@sha256:abcdef", "agent"] {
+        for good in [
+            "woodpeckerci/woodpecker-agent:v3",
+            "localhost:5000/a/b@sha256:abcdef",
+            "agent",
+        ] {
             assert!(is_image_reference(good), "{good}");
         }
         for bad in ["", "a b", "a'b", "a;rm -rf /", "$(id)", "-rm", "a\nb"] {

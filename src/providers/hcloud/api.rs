@@ -80,8 +80,16 @@ impl Api {
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|error| Error::Other { provider: PROVIDER.to_owned(), source: Box::new(error) })?;
-        Ok(Self { client, endpoint: endpoint.trim_end_matches('/').to_owned(), token, timeout })
+            .map_err(|error| Error::Other {
+                provider: PROVIDER.to_owned(),
+                source: Box::new(error),
+            })?;
+        Ok(Self {
+            client,
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            token,
+            timeout,
+        })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -103,17 +111,28 @@ impl Api {
             .bearer_auth(self.token.expose())
             .query(query);
         if let Some(body) = body {
-            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_json());
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_json());
         }
-        let response = request.send().await.map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response.text().await.map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
         if status.is_success() {
             return serde_json::from_str(&text).map_err(|error| {
                 Failure::Mapped(Error::Other {
                     provider: PROVIDER.to_owned(),
-                    source: Box::new(Unreadable { request: request_name, detail: error.to_string() }),
+                    source: Box::new(Unreadable {
+                        request: request_name,
+                        detail: error.to_string(),
+                    }),
                 })
             });
         }
@@ -121,7 +140,9 @@ impl Api {
             Ok(body) => (body.error.code, body.error.message),
             Err(_) => (String::new(), format!("HTTP {status} without an error body")),
         };
-        let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then(|| retry_after(&headers)).flatten();
+        let retry_after = (status == StatusCode::TOO_MANY_REQUESTS)
+            .then(|| retry_after(&headers))
+            .flatten();
         Err(Failure::Api(ApiFailure { status, code, message }, retry_after))
     }
 
@@ -134,7 +155,10 @@ impl Api {
         } else {
             format!("`{request}` failed: {}", without_url(error))
         };
-        Error::Unavailable { provider: PROVIDER.to_owned(), message }
+        Error::Unavailable {
+            provider: PROVIDER.to_owned(),
+            message,
+        }
     }
 }
 
@@ -172,14 +196,24 @@ pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// Codes meaning "this server type / location has no room right now": the create fallback tries the next
 /// candidate on these.
 pub(super) fn is_capacity(failure: &ApiFailure) -> bool {
-    matches!(failure.code.as_str(), "resource_unavailable" | "placement_error" | "resource_limit_exceeded")
-        || (failure.code == "invalid_input" && failure.message.contains("unsupported location for server type"))
+    matches!(
+        failure.code.as_str(),
+        "resource_unavailable" | "placement_error" | "resource_limit_exceeded"
+    ) || (failure.code == "invalid_input" && failure.message.contains("unsupported location for server type"))
 }
 
 /// Hetzner's answer in the shared error vocabulary. The code decides where it is more precise than the status.
 pub(super) fn map_failure(failure: &ApiFailure, retry_after: Option<Duration>, what: &str) -> Error {
     let provider = PROVIDER.to_owned();
-    let message = format!("{} ({})", failure.message, if failure.code.is_empty() { "no code" } else { &failure.code });
+    let message = format!(
+        "{} ({})",
+        failure.message,
+        if failure.code.is_empty() {
+            "no code"
+        } else {
+            &failure.code
+        }
+    );
     if is_capacity(failure) {
         return Error::Capacity { provider, message };
     }
@@ -226,13 +260,34 @@ mod tests {
 
     #[test]
     fn codes_win_over_statuses() {
-        assert!(matches!(map_failure(&failure(412, "resource_unavailable"), None, "x"), Error::Capacity { .. }));
-        assert!(matches!(map_failure(&failure(409, "uniqueness_error"), None, "x"), Error::AlreadyExists { .. }));
-        assert!(matches!(map_failure(&failure(409, "conflict"), None, "x"), Error::Unavailable { .. }));
-        assert!(matches!(map_failure(&failure(423, "locked"), None, "x"), Error::Unavailable { .. }));
-        assert!(matches!(map_failure(&failure(422, "invalid_input"), None, "x"), Error::Invalid { .. }));
-        assert!(matches!(map_failure(&failure(401, ""), None, "x"), Error::Unauthenticated { .. }));
-        assert!(matches!(map_failure(&failure(502, ""), None, "x"), Error::Unavailable { .. }));
+        assert!(matches!(
+            map_failure(&failure(412, "resource_unavailable"), None, "x"),
+            Error::Capacity { .. }
+        ));
+        assert!(matches!(
+            map_failure(&failure(409, "uniqueness_error"), None, "x"),
+            Error::AlreadyExists { .. }
+        ));
+        assert!(matches!(
+            map_failure(&failure(409, "conflict"), None, "x"),
+            Error::Unavailable { .. }
+        ));
+        assert!(matches!(
+            map_failure(&failure(423, "locked"), None, "x"),
+            Error::Unavailable { .. }
+        ));
+        assert!(matches!(
+            map_failure(&failure(422, "invalid_input"), None, "x"),
+            Error::Invalid { .. }
+        ));
+        assert!(matches!(
+            map_failure(&failure(401, ""), None, "x"),
+            Error::Unauthenticated { .. }
+        ));
+        assert!(matches!(
+            map_failure(&failure(502, ""), None, "x"),
+            Error::Unavailable { .. }
+        ));
         let limited = map_failure(&failure(429, "rate_limit_exceeded"), Some(Duration::from_secs(7)), "x");
         assert!(matches!(limited, Error::RateLimited { retry_after: Some(wait), .. } if wait.as_secs() == 7));
     }
@@ -243,7 +298,10 @@ mod tests {
         headers.insert(RETRY_AFTER, "12".parse().expect("header"));
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(12)));
         let mut headers = HeaderMap::new();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         headers.insert("ratelimit-reset", (now + 30).to_string().parse().expect("header"));
         let wait = retry_after(&headers).map(|d| d.as_secs());
         assert!(matches!(wait, Some(29..=30)), "{wait:?}");

@@ -42,9 +42,18 @@ impl OpenApi {
             .unwrap_or_else(|error| panic!("cannot read API spec `{}`: {error}", path.display()));
         let document: Value = serde_json::from_str(text.trim_start_matches('\u{feff}'))
             .unwrap_or_else(|error| panic!("API spec `{}` is not JSON: {error}", path.display()));
-        let paths = document.get("paths").and_then(Value::as_object).cloned().unwrap_or_default();
+        let paths = document
+            .get("paths")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         let components = rewrite_nullable(document.get("components").cloned().unwrap_or(Value::Null));
-        Self { name: file.to_owned(), paths, components, validators: Mutex::new(HashMap::new()) }
+        Self {
+            name: file.to_owned(),
+            paths,
+            components,
+            validators: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The spec's path template for a concrete path (`/servers/42` → `/servers/{id}`), preferring literal
@@ -75,7 +84,9 @@ impl OpenApi {
     }
 
     fn operation(&self, method: &str, path: &str) -> Result<&Value, String> {
-        let template = self.template(path).ok_or_else(|| format!("{}: no path matches `{path}`", self.name))?;
+        let template = self
+            .template(path)
+            .ok_or_else(|| format!("{}: no path matches `{path}`", self.name))?;
         self.paths
             .get(&template)
             .and_then(|item| item.get(method.to_ascii_lowercase()))
@@ -104,7 +115,10 @@ impl OpenApi {
             .unwrap_or_default();
         for name in query {
             if !declared.contains(&name.as_str()) {
-                return Err(format!("{}: `{method} {path}` has no query parameter `{name}`", self.name));
+                return Err(format!(
+                    "{}: `{method} {path}` has no query parameter `{name}`",
+                    self.name
+                ));
             }
         }
         let schema = operation.pointer("/requestBody/content/application~1json/schema");
@@ -126,7 +140,9 @@ impl OpenApi {
     /// `default`).
     pub fn check_response(&self, method: &str, path: &str, status: u16, body: &Value) -> Result<(), String> {
         let operation = self.operation(method, path)?;
-        let responses = operation.get("responses").ok_or_else(|| format!("{}: no responses", self.name))?;
+        let responses = operation
+            .get("responses")
+            .ok_or_else(|| format!("{}: no responses", self.name))?;
         let class = format!("{}xx", status / 100);
         let response = responses
             .get(status.to_string())
@@ -162,12 +178,19 @@ impl OpenApi {
                 }
             }
         };
-        let errors: Vec<String> =
-            validator.iter_errors(instance).take(5).map(|error| format!("{} at `{}`", error, error.instance_path)).collect();
+        let errors: Vec<String> = validator
+            .iter_errors(instance)
+            .take(5)
+            .map(|error| format!("{} at `{}`", error, error.instance_path))
+            .collect();
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(format!("{}: {what} does not match the spec: {}", self.name, errors.join("; ")))
+            Err(format!(
+                "{}: {what} does not match the spec: {}",
+                self.name,
+                errors.join("; ")
+            ))
         }
     }
 }
@@ -178,7 +201,10 @@ fn rewrite_nullable(value: Value) -> Value {
         Value::Object(mut object) => {
             let nullable = object.get("nullable").and_then(Value::as_bool) == Some(true);
             object.remove("nullable");
-            let object: Map<String, Value> = object.into_iter().map(|(key, value)| (key, rewrite_nullable(value))).collect();
+            let object: Map<String, Value> = object
+                .into_iter()
+                .map(|(key, value)| (key, rewrite_nullable(value)))
+                .collect();
             if nullable {
                 json!({ "anyOf": [{ "type": "null" }, Value::Object(object)] })
             } else {
@@ -192,8 +218,12 @@ fn rewrite_nullable(value: Value) -> Value {
 
 #[test]
 fn nullable_is_rewritten_and_checked() {
-    let schema = rewrite_nullable(json!({ "type": "object", "properties": { "a": { "type": "string", "nullable": true } } }));
-    let validator = jsonschema::options().with_draft(jsonschema::Draft::Draft4).build(&schema).expect("compiles");
+    let schema =
+        rewrite_nullable(json!({ "type": "object", "properties": { "a": { "type": "string", "nullable": true } } }));
+    let validator = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft4)
+        .build(&schema)
+        .expect("compiles");
     assert!(validator.is_valid(&json!({ "a": null })));
     assert!(validator.is_valid(&json!({ "a": "x" })));
     assert!(!validator.is_valid(&json!({ "a": 1 })), "a wrong type still fails");
