@@ -31,24 +31,37 @@ pub enum BootstrapError {
 /// agent's own id and token, one `KEY=value` a line, sorted by key. On a clash the later source wins (a secret
 /// overrides a plain value; nobody overrides the token).
 pub fn bootstrap_env(agent: &AgentSpec, credential: &AgentCredential) -> Result<Secret, BootstrapError> {
+    agent_env_file(agent, credential, None)
+}
+
+/// [`bootstrap_env`], plus the agent's token under the name the CI's own agent reads it from: `native_token_env`,
+/// else the one the CI source announced in the credential ([`TOKEN_ENV_NAME_KEY`]; Woodpecker:
+/// `WOODPECKER_AGENT_SECRET`). The agent container of a cloud instance is the CI's stock image, with no ciscale
+/// wrapper to translate. The pool's `secret_env` may set that key itself (a pre-shared agent secret) and then wins.
+pub fn agent_env_file(
+    agent: &AgentSpec,
+    credential: &AgentCredential,
+    native_token_env: Option<&str>,
+) -> Result<Secret, BootstrapError> {
     let mut entries: BTreeMap<&str, &str> = BTreeMap::new();
     for (key, value) in &agent.env {
         entries.insert(key, value);
     }
-    for (key, value) in &credential.env {
+    for (key, value) in credential.env.iter().filter(|(key, _)| key.as_str() != TOKEN_ENV_NAME_KEY) {
         entries.insert(key, value);
+    }
+    let native_token_env = native_token_env.or(credential.env.get(TOKEN_ENV_NAME_KEY).map(String::as_str));
+    // A pre-registered agent (Picus mode) has no token of its own: its shared secret is in `secret_env`.
+    let token = Some(credential.token.expose()).filter(|token| !token.is_empty());
+    if let (Some(key), Some(token)) = (native_token_env, token) {
+        entries.insert(key, token);
     }
     for (key, value) in &agent.secret_env {
         entries.insert(key, value.expose());
     }
     entries.insert(AGENT_ID_ENV, credential.agent_id.as_str());
-    // A pre-registered agent (Picus mode) has no token of its own: its shared secret is in `secret_env`.
-    if !credential.token.expose().is_empty() {
-        entries.insert(TOKEN_ENV, credential.token.expose());
-        // The CI's agent reads its token from a variable of its own (`WOODPECKER_AGENT_SECRET`).
-        if let Some(name) = credential.env.get(TOKEN_ENV_NAME_KEY) {
-            entries.insert(name, credential.token.expose());
-        }
+    if let Some(token) = token {
+        entries.insert(TOKEN_ENV, token);
     }
 
     let mut text = String::new();
@@ -84,7 +97,7 @@ mod tests {
                 ("WOODPECKER_SERVER".to_owned(), "ci:9000".to_owned()),
             ]),
         };
-        let agent = AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new() };
+        let agent = AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None };
         let file = bootstrap_env(&agent, &credential).expect("env file");
         let lines: Vec<&str> = file.expose().lines().collect();
         assert!(lines.contains(&"WOODPECKER_AGENT_SECRET=tok"), "{lines:?}");

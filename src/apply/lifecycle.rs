@@ -27,6 +27,7 @@ use crate::providers::{
 };
 
 use super::bootstrap::{bootstrap_env, AGENT_COMMAND, CREDENTIAL_MODE, CREDENTIAL_PATH};
+use super::cloud_init::cloud_init;
 use super::retry::{is_retryable, with_retries};
 use super::{ApplyOptions, Event, Outcome, Redactor};
 
@@ -174,13 +175,19 @@ impl<'run> ChangeRun<'run> {
         let env_file = bootstrap_env(&pool.agent, &credential).map_err(|e| self.fail("write credential", e))?;
 
         let capabilities = backend.capabilities();
+        // Containers get the credential as a file once running; clouds only through user data, as cloud-init
+        // that runs the agent container.
+        let user_data = if capabilities.exec {
+            None
+        } else {
+            Some(cloud_init(pool.agent.image.as_deref(), &env_file).map_err(|e| self.fail("write user data", e))?)
+        };
         let request = CreateInstance {
             name: target.name.clone(),
             pool: pool.name.clone(),
             labels: self.instance_labels(pool)?,
             machine: prefixed(&self.change.after, "machine."),
-            // Containers get the credential as a file once running; clouds only through user data.
-            user_data: (!capabilities.exec).then(|| env_file.clone()),
+            user_data,
         };
         let id = match self.call("create instance", || backend.create(&request)).await {
             Ok(instance) => instance.id,

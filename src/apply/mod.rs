@@ -26,11 +26,16 @@ use crate::plan::{Change, Plan};
 use crate::providers::Providers;
 
 mod bootstrap;
+mod cloud_init;
 mod lifecycle;
 pub mod retry;
 
 pub use bootstrap::{
     bootstrap_env, BootstrapError, AGENT_COMMAND, AGENT_ID_ENV, CREDENTIAL_MODE, CREDENTIAL_PATH, TOKEN_ENV,
+};
+pub use bootstrap::agent_env_file;
+pub use cloud_init::{
+    cloud_init, CloudInitError, AGENT_CONTAINER, AGENT_ENV_PATH, DEFAULT_AGENT_IMAGE, METADATA_ADDRESS,
 };
 
 /// How apply runs. Defaults in brackets.

@@ -16,6 +16,7 @@ use crate::model::{
 };
 
 pub mod fake;
+pub mod hcloud;
 mod registry;
 pub mod woodpecker;
 

@@ -29,6 +29,11 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     for (name, spec) in &desired.backends {
         let backend: Arc<dyn Backend> = match &spec.kind {
             BackendKind::Fake(fake) => Arc::new(world_for(fake)?.backend()),
+            BackendKind::Hcloud { token, endpoint } => {
+                let from_env = std::env::var(super::hcloud::ENDPOINT_ENV).ok();
+                let settings = super::hcloud::HcloudSettings::new(token.clone(), endpoint.as_deref(), from_env.as_deref());
+                Arc::new(super::hcloud::Hcloud::new(settings)?)
+            }
             other => return Err(not_yet(other.name(), "backend")),
         };
         providers.backends.insert(name.clone(), backend);

@@ -249,7 +249,9 @@ async fn without_exec_the_credential_goes_into_user_data() {
     let report = run(&plan(vec![create("linux-1")]), &desired(), &providers(&world)).await;
     assert_eq!(outcomes(&report), [&Outcome::Done]);
     let snapshot = world.snapshot();
-    assert_eq!(snapshot.instances[0].user_data_sha256, Some(sha256_hex(FIRST_AGENT_ENV.as_bytes())));
+    // The env file travels inside the cloud-init that runs the agent container (the pool names no image).
+    let user_data = ciscale::apply::cloud_init(None, &Secret::new(FIRST_AGENT_ENV)).expect("cloud-init");
+    assert_eq!(snapshot.instances[0].user_data_sha256, Some(sha256_hex(user_data.expose().as_bytes())));
     assert!(snapshot.pushed_files.is_empty());
     assert!(snapshot.execs.is_empty());
 }

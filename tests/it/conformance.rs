@@ -29,6 +29,11 @@ impl Patience {
 }
 
 pub fn owned_request(owner: &str, name: &str) -> CreateInstance {
+    owned_request_on(owner, name, &BTreeMap::new())
+}
+
+/// [`owned_request`] with machine attributes, for backends that need some (a cloud needs a server type and image).
+pub fn owned_request_on(owner: &str, name: &str, machine: &BTreeMap<String, String>) -> CreateInstance {
     CreateInstance {
         name: name.to_owned(),
         pool: PoolName::new("conformance"),
@@ -36,7 +41,7 @@ pub fn owned_request(owner: &str, name: &str) -> CreateInstance {
             (OWNER_LABEL.to_owned(), owner.to_owned()),
             (POOL_LABEL.to_owned(), "conformance".to_owned()),
         ]),
-        machine: BTreeMap::new(),
+        machine: machine.clone(),
         user_data: None,
     }
 }
@@ -65,11 +70,21 @@ async fn listed(backend: &dyn Backend, request: &ListInstances) -> Vec<Instance>
 /// The [`Backend`] contract: create-if-absent, lifecycle, owner filtering, adoption, delete semantics, and
 /// push-file/exec where the capabilities say so.
 pub async fn backend_conformance(backend: Arc<dyn Backend>, owner: &str, patience: Patience) {
+    backend_conformance_on(backend, owner, patience, &BTreeMap::new()).await;
+}
+
+/// [`backend_conformance`], creating every instance with these machine attributes.
+pub async fn backend_conformance_on(
+    backend: Arc<dyn Backend>,
+    owner: &str,
+    patience: Patience,
+    machine: &BTreeMap<String, String>,
+) {
     let name = format!("{owner}-conformance-1");
     let only_owner = ListInstances { owner: owner.to_owned(), adopted: Vec::new() };
 
     // create → listed with its labels
-    let created = backend.create(&owned_request(owner, &name)).await.expect("create");
+    let created = backend.create(&owned_request_on(owner, &name, machine)).await.expect("create");
     assert_eq!(created.name, name);
     assert!(
         matches!(created.state, InstanceState::Pending | InstanceState::Running),
@@ -84,7 +99,7 @@ pub async fn backend_conformance(backend: Arc<dyn Backend>, owner: &str, patienc
     assert_eq!(instances.iter().filter(|instance| instance.name == name).count(), 1);
 
     // create-if-absent by name
-    let again = backend.create(&owned_request(owner, &name)).await;
+    let again = backend.create(&owned_request_on(owner, &name, machine)).await;
     assert!(matches!(again, Err(Error::AlreadyExists { .. })), "second create of `{name}`: {again:?}");
     assert_eq!(
         listed(backend.as_ref(), &only_owner).await.iter().filter(|instance| instance.name == name).count(),
@@ -136,7 +151,7 @@ pub async fn backend_conformance(backend: Arc<dyn Backend>, owner: &str, patienc
     // an instance of another owner is never listed, unless adopted by id
     let other_owner = format!("{owner}-other");
     let foreign_name = format!("{owner}-conformance-foreign");
-    let foreign = backend.create(&owned_request(&other_owner, &foreign_name)).await.expect("create foreign");
+    let foreign = backend.create(&owned_request_on(&other_owner, &foreign_name, machine)).await.expect("create foreign");
     let instances = listed(backend.as_ref(), &only_owner).await;
     assert!(instances.iter().all(|instance| instance.owner() == Some(owner)), "only owned instances: {instances:?}");
     assert!(instances.iter().all(|instance| instance.id != foreign.id));

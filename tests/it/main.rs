@@ -7,6 +7,7 @@ mod conformance;
 mod converge;
 mod fake;
 mod fakes;
+mod hcloud;
 mod metrics;
 mod picus;
 mod plan_props;

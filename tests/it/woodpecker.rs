@@ -414,6 +414,8 @@ pools:
         let mut command = Command::new(env!("CARGO_BIN_EXE_ciscale"));
         command
             .current_dir(self.dir.path())
+            // Each sandbox locks on its own: tests run concurrently with the same owner id.
+            .env("CISCALE_LOCK_DIR", self.dir.path().join("locks"))
             .env_remove("CISCALE_LOG")
             .env("NO_COLOR", "1")
             .env("WP_TOKEN", ENV_TOKEN)

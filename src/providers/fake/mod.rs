@@ -180,6 +180,13 @@ impl FakeWorld {
         self.update(|state| state.exec_capability = exec);
     }
 
+    /// Whether the agents' instances live on another backend (an HTTP fake of a cloud) instead of this world: the
+    /// simulation then treats every registered agent as running on a running instance (see
+    /// [`WorldState::instances_elsewhere`]).
+    pub fn set_instances_elsewhere(&self, elsewhere: bool) {
+        self.update(|state| state.instances_elsewhere = elsewhere);
+    }
+
     /// Plays the CI and its agents for one step: agents whose instance (same name) runs check in; running tasks
     /// that ran their time finish (the agent's `last_work` is now; an ephemeral agent's instance powers off);
     /// pending tasks go, in order, to a checked-in, undrained, free agent whose labels match

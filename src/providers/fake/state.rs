@@ -27,6 +27,10 @@ pub struct WorldState {
     pub now: Option<Timestamp>,
     /// Whether the fake backend reports the `exec` capability (containers) or not (clouds with user data).
     pub exec_capability: bool,
+    /// The fake CI serves agents whose instances live on another backend (e.g. the in-repo Hetzner fake), which
+    /// this world cannot see: the simulation then counts every registered agent as on a running instance, so it
+    /// checks in as soon as it is registered. Off: an agent checks in only while its instance here runs.
+    pub instances_elsewhere: bool,
     /// In creation order.
     pub instances: Vec<FakeInstance>,
     /// In registration order.
@@ -51,6 +55,7 @@ impl Default for WorldState {
         Self {
             now: None,
             exec_capability: true,
+            instances_elsewhere: false,
             instances: Vec::new(),
             agents: Vec::new(),
             tasks: Vec::new(),
@@ -227,17 +232,25 @@ impl WorldState {
         }
     }
 
+    /// Names of the agents whose instance runs: same-named running instances of this world, or every registered
+    /// agent when the instances live elsewhere.
+    fn names_on_running_instances(&self) -> Vec<String> {
+        if self.instances_elsewhere {
+            return self.agents.iter().map(|agent| agent.name.clone()).collect();
+        }
+        self.instances
+            .iter()
+            .filter(|instance| instance.state == InstanceState::Running)
+            .map(|instance| instance.name.clone())
+            .collect()
+    }
+
     /// Plays the CI and its agents for one step; see [`super::FakeWorld::simulate`].
     pub fn simulate(&mut self) {
         let now = self.now();
 
         // Agents whose instance runs check in.
-        let running_names: Vec<String> = self
-            .instances
-            .iter()
-            .filter(|instance| instance.state == InstanceState::Running)
-            .map(|instance| instance.name.clone())
-            .collect();
+        let running_names = self.names_on_running_instances();
         for agent in &mut self.agents {
             if running_names.contains(&agent.name) {
                 agent.last_contact = Some(now);
@@ -280,12 +293,7 @@ impl WorldState {
         }
 
         // Pending tasks go to a free, matching, checked-in agent (an instance powered off just now takes none).
-        let running_names: Vec<String> = self
-            .instances
-            .iter()
-            .filter(|instance| instance.state == InstanceState::Running)
-            .map(|instance| instance.name.clone())
-            .collect();
+        let running_names = self.names_on_running_instances();
         for index in 0..self.tasks.len() {
             if self.tasks[index].agent_id.is_some() {
                 continue;

@@ -1,6 +1,8 @@
-//! In-repo HTTP fakes of the services ciscale talks to, and the spec checker they share.
+//! In-repo HTTP fakes of the services ciscale talks to, and the spec checkers that hold them to the specs.
 // Helpers are shared by several test modules; not every one uses all of them.
 #![allow(dead_code)]
 
+pub mod hcloud;
+pub mod openapi;
 pub mod spec;
 pub mod woodpecker;

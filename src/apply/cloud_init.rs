@@ -1,0 +1,174 @@
+//! The cloud-init user data that turns a fresh cloud server (Hetzner, EC2) into a CI agent: install Docker if the
+//! image lacks it, block the cloud metadata endpoint for containers, and run the agent container from the env file
+//! [`super::bootstrap_env`] wrote.
+//!
+//! Quoting is by construction, not by escaping: the document is serialised as YAML by a YAML serialiser, the env
+//! values reach Docker through `--env-file` (which takes everything after the first `=` literally, so spaces,
+//! quotes and `$` survive; line breaks are refused earlier), and the only value on a command line, the image
+//! reference, is checked against Docker's reference grammar and single-quoted. Secrets live only in the env file
+//! section: mode 0600, root-owned, removed once the container is created (Docker keeps the env in the container's
+//! config, so the restart policy does not need the file).
+
+use serde::Serialize;
+
+use crate::model::Secret;
+
+/// The agent image when a pool names none.
+pub const DEFAULT_AGENT_IMAGE: &str = "woodpeckerci/woodpecker-agent:latest";
+/// Where the env file is written on the server (removed after `docker run`).
+pub const AGENT_ENV_PATH: &str = "/etc/ciscale/agent.env";
+/// The name of the agent container.
+pub const AGENT_CONTAINER: &str = "ciscale-agent";
+/// The link-local address clouds serve instance metadata (and user data, which holds the agent token) on.
+pub const METADATA_ADDRESS: &str = "169.254.169.254";
+
+const START_SCRIPT_PATH: &str = "/usr/local/sbin/ciscale-agent-start";
+const BLOCK_SCRIPT_PATH: &str = "/usr/local/sbin/ciscale-metadata-block";
+const BLOCK_UNIT_PATH: &str = "/etc/systemd/system/ciscale-metadata-block.service";
+
+/// Why user data could not be written. Never holds a value: values may be secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloudInitError {
+    #[error(
+        "agent image `{image}` is not a valid image reference\nhint: e.g. `woodpeckerci/woodpecker-agent:v3` or \
+         `registry.example.com/agent@sha256:...`"
+    )]
+    InvalidImage { image: String },
+    #[error("cannot write the cloud-init document: {0}")]
+    Serialize(String),
+}
+
+#[derive(Serialize)]
+struct CloudConfig {
+    write_files: Vec<WriteFile>,
+    runcmd: Vec<Vec<String>>,
+}
+
+#[derive(Serialize)]
+struct WriteFile {
+    path: &'static str,
+    owner: &'static str,
+    permissions: &'static str,
+    content: String,
+}
+
+/// The cloud-config document that runs `image` with the env file `env_file` (as [`super::bootstrap_env`] writes
+/// it). `image` of `None` is [`DEFAULT_AGENT_IMAGE`].
+pub fn cloud_init(image: Option<&str>, env_file: &Secret) -> Result<Secret, CloudInitError> {
+    let image = image
+        .map(str::trim)
+        .filter(|image| !image.is_empty())
+        .unwrap_or(DEFAULT_AGENT_IMAGE);
+    if !is_image_reference(image) {
+        return Err(CloudInitError::InvalidImage {
+            image: image.to_owned(),
+        });
+    }
+    let quoted_image = format!("'{image}'");
+    let start_script = format!(
+        r#"#!/bin/sh
+# Written by ciscale: runs the CI agent container. Runs once, from cloud-init.
+set -eu
+if ! command -v docker >/dev/null 2>&1; then
+    curl -fsSL --retry 5 https://get.docker.com | sh
+fi
+systemctl daemon-reload
+systemctl enable ciscale-metadata-block.service
+systemctl start ciscale-metadata-block.service
+systemctl enable --now docker
+# Again, now that Docker has (re)built its chains: the rule must be in place before the agent runs.
+{BLOCK_SCRIPT_PATH}
+attempt=0
+until docker pull {quoted_image}; do
+    attempt=$((attempt + 1))
+    [ "$attempt" -lt 10 ] || exit 1
+    sleep 10
+done
+docker rm -f {AGENT_CONTAINER} >/dev/null 2>&1 || true
+docker run --detach --name {AGENT_CONTAINER} --restart always \
+    --env-file {AGENT_ENV_PATH} \
+    --volume /var/run/docker.sock:/var/run/docker.sock \
+    {quoted_image}
+rm -f {AGENT_ENV_PATH}
+"#
+    );
+    // DOCKER-USER is the chain Docker leaves to the administrator and never flushes; creating it before Docker
+    // starts (the unit runs before docker.service at boot) closes the window in which a restarted container
+    // could reach the metadata service.
+    let block_script = format!(
+        r#"#!/bin/sh
+# Written by ciscale: containers (build steps) must not read this server's user data, which holds the agent token.
+set -eu
+iptables -N DOCKER-USER 2>/dev/null || true
+iptables -C DOCKER-USER -d {METADATA_ADDRESS}/32 -j REJECT 2>/dev/null \
+    || iptables -I DOCKER-USER -d {METADATA_ADDRESS}/32 -j REJECT
+"#
+    );
+    let block_unit = format!(
+        "[Unit]\nDescription=ciscale: block the cloud metadata endpoint for containers\nBefore=docker.service\n\
+         \n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart={BLOCK_SCRIPT_PATH}\n\n[Install]\n\
+         WantedBy=multi-user.target\n"
+    );
+    let document = CloudConfig {
+        write_files: vec![
+            WriteFile {
+                path: AGENT_ENV_PATH,
+                owner: "root:root",
+                permissions: "0600",
+                content: env_file.expose().to_owned(),
+            },
+            WriteFile {
+                path: BLOCK_SCRIPT_PATH,
+                owner: "root:root",
+                permissions: "0755",
+                content: block_script,
+            },
+            WriteFile {
+                path: BLOCK_UNIT_PATH,
+                owner: "root:root",
+                permissions: "0644",
+                content: block_unit,
+            },
+            WriteFile {
+                path: START_SCRIPT_PATH,
+                owner: "root:root",
+                permissions: "0700",
+                content: start_script,
+            },
+        ],
+        runcmd: vec![vec![START_SCRIPT_PATH.to_owned()]],
+    };
+    // The serialiser's errors never quote the values it was given.
+    let yaml = serde_yaml::to_string(&document).map_err(|error| CloudInitError::Serialize(error.to_string()))?;
+    Ok(Secret::new(format!("#cloud-config\n{yaml}")))
+}
+
+/// Docker's image reference grammar, loosely: `[registry[:port]/]path[:tag][@digest]` out of letters, digits and
+/// `. _ - / : @ +`. Enough to keep quotes, spaces, `$` and line breaks off the command line.
+fn is_image_reference(image: &str) -> bool {
+    !image.is_empty()
+        && image.len() <= 512
+        && !image.starts_with(['-', '.', '/', ':', '@'])
+        && image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@' | '+'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_are_checked() {
+        for good in [
+            "woodpeckerci/woodpecker-agent:v3",
+            "localhost:5000/a/b@sha256:abcdef",
+            "agent",
+        ] {
+            assert!(is_image_reference(good), "{good}");
+        }
+        for bad in ["", "a b", "a'b", "a;rm -rf /", "$(id)", "-rm", "a\nb"] {
+            assert!(!is_image_reference(bad), "{bad:?}");
+        }
+    }
+}
