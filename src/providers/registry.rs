@@ -29,6 +29,11 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     for (name, spec) in &desired.backends {
         let backend: Arc<dyn Backend> = match &spec.kind {
             BackendKind::Fake(fake) => Arc::new(world_for(fake)?.backend()),
+            BackendKind::Aws { region, endpoint } => Arc::new(super::aws::Ec2::new(super::aws::Ec2Settings {
+                region: region.clone(),
+                endpoint: endpoint.clone(),
+                ..Default::default()
+            })),
             other => return Err(not_yet(other.name(), "backend")),
         };
         providers.backends.insert(name.clone(), backend);

@@ -65,6 +65,18 @@ async fn listed(backend: &dyn Backend, request: &ListInstances) -> Vec<Instance>
 /// The [`Backend`] contract: create-if-absent, lifecycle, owner filtering, adoption, delete semantics, and
 /// push-file/exec where the capabilities say so.
 pub async fn backend_conformance(backend: Arc<dyn Backend>, owner: &str, patience: Patience) {
+    backend_conformance_with_machine(backend, owner, patience, &BTreeMap::new()).await;
+}
+
+/// [`backend_conformance`] for backends that cannot create an instance without machine keys (an EC2 AMI and
+/// instance type): every create of the suite carries `machine`.
+pub async fn backend_conformance_with_machine(
+    backend: Arc<dyn Backend>,
+    owner: &str,
+    patience: Patience,
+    machine: &BTreeMap<String, String>,
+) {
+    let owned_request = |owner: &str, name: &str| CreateInstance { machine: machine.clone(), ..owned_request(owner, name) };
     let name = format!("{owner}-conformance-1");
     let only_owner = ListInstances { owner: owner.to_owned(), adopted: Vec::new() };
 

@@ -44,6 +44,10 @@ pub struct WorldState {
     pub faults: Vec<ArmedFault>,
     /// Counters behind the deterministic ids.
     pub counters: Counters,
+    /// Names of machines that run outside the fake world (a real backend, e.g. moto's EC2, in end-to-end
+    /// tests): `simulate` lets the agents of these names check in and take jobs as if a fake instance of that
+    /// name were running. Whoever drives the test keeps the list in step with the real backend.
+    pub external_running: Vec<String>,
 }
 
 impl Default for WorldState {
@@ -60,6 +64,7 @@ impl Default for WorldState {
             execs: Vec::new(),
             faults: Vec::new(),
             counters: Counters::default(),
+            external_running: Vec::new(),
         }
     }
 }
@@ -237,6 +242,7 @@ impl WorldState {
             .iter()
             .filter(|instance| instance.state == InstanceState::Running)
             .map(|instance| instance.name.clone())
+            .chain(self.external_running.iter().cloned())
             .collect();
         for agent in &mut self.agents {
             if running_names.contains(&agent.name) {
@@ -285,6 +291,7 @@ impl WorldState {
             .iter()
             .filter(|instance| instance.state == InstanceState::Running)
             .map(|instance| instance.name.clone())
+            .chain(self.external_running.iter().cloned())
             .collect();
         for index in 0..self.tasks.len() {
             if self.tasks[index].agent_id.is_some() {
