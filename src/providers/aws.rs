@@ -33,8 +33,7 @@ use aws_sdk_ec2::config::{ConfigBag, Credentials, Intercept, Region, RuntimeComp
 use aws_sdk_ec2::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceStateName, InstanceType,
-    LaunchTemplateSpecification, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
-    TagSpecification,
+    LaunchTemplateSpecification, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
 };
 use aws_sdk_ec2::Client;
 use jiff::Timestamp;
@@ -96,7 +95,11 @@ impl fmt::Debug for Ec2 {
 impl Ec2 {
     /// No network call and no configuration lookup happen here: both wait for the first API call.
     pub fn new(settings: Ec2Settings) -> Self {
-        Self { settings: Arc::new(settings), client: Arc::new(OnceCell::new()), calls: CallCounter::default() }
+        Self {
+            settings: Arc::new(settings),
+            client: Arc::new(OnceCell::new()),
+            calls: CallCounter::default(),
+        }
     }
 
     /// EC2 requests sent so far per API action (`DescribeInstances`, `RunInstances`, ...), SDK retries included:
@@ -106,13 +109,19 @@ impl Ec2 {
     }
 
     async fn client(&self) -> Result<&Client> {
-        self.client.get_or_try_init(|| build_client(&self.settings, self.calls.clone())).await
+        self.client
+            .get_or_try_init(|| build_client(&self.settings, self.calls.clone()))
+            .await
     }
 
     /// Every instance matching `filters` (or with one of `ids`), all pages.
     async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<Instance>> {
         let client = self.client().await?;
-        let mut pages = client.describe_instances().set_filters(Some(filters)).into_paginator().send();
+        let mut pages = client
+            .describe_instances()
+            .set_filters(Some(filters))
+            .into_paginator()
+            .send();
         let mut instances = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|error| classify(error, "DescribeInstances", None))?;
@@ -134,18 +143,30 @@ impl Ec2 {
     }
 
     /// One `RunInstances` attempt.
-    async fn run_instance(&self, request: &CreateInstance, spec: &LaunchSpec, attempt: &Attempt<'_>) -> Result<Instance> {
+    async fn run_instance(
+        &self,
+        request: &CreateInstance,
+        spec: &LaunchSpec,
+        attempt: &Attempt<'_>,
+    ) -> Result<Instance> {
         let client = self.client().await?;
         let tags: Vec<Tag> = request
             .labels
             .iter()
             .map(|(key, value)| Tag::builder().key(key).value(value).build())
-            .chain(std::iter::once(Tag::builder().key(NAME_TAG).value(&request.name).build()))
+            .chain(std::iter::once(
+                Tag::builder().key(NAME_TAG).value(&request.name).build(),
+            ))
             .collect();
         // Instance AND volumes are tagged in the same call: there is no moment an untagged instance exists.
         let tag_specs = [ResourceType::Instance, ResourceType::Volume]
             .into_iter()
-            .map(|kind| TagSpecification::builder().resource_type(kind).set_tags(Some(tags.clone())).build())
+            .map(|kind| {
+                TagSpecification::builder()
+                    .resource_type(kind)
+                    .set_tags(Some(tags.clone()))
+                    .build()
+            })
             .collect();
         let mut call = client
             .run_instances()
@@ -177,24 +198,37 @@ impl Ec2 {
                 .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
                 .build();
             call = call.instance_market_options(
-                InstanceMarketOptionsRequest::builder().market_type(MarketType::Spot).spot_options(spot).build(),
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(spot)
+                    .build(),
             );
         }
         if let Some(user_data) = &request.user_data {
             call = call.user_data(base64(user_data_script(user_data.expose()).as_bytes()));
         }
-        let output = call.send().await.map_err(|error| classify(error, "RunInstances", None))?;
-        let created = output.instances().first().and_then(to_instance).ok_or_else(|| Error::Other {
-            provider: PROVIDER.to_owned(),
-            source: format!("`RunInstances` for `{}` returned no instance", request.name).into(),
-        })?;
+        let output = call
+            .send()
+            .await
+            .map_err(|error| classify(error, "RunInstances", None))?;
+        let created = output
+            .instances()
+            .first()
+            .and_then(to_instance)
+            .ok_or_else(|| Error::Other {
+                provider: PROVIDER.to_owned(),
+                source: format!("`RunInstances` for `{}` returned no instance", request.name).into(),
+            })?;
         // Some EC2 answers (and emulators) leave the tags out of the RunInstances response: they were requested,
         // so report them.
         let mut created = created;
         for (key, value) in &request.labels {
             created.labels.entry(key.clone()).or_insert_with(|| value.clone());
         }
-        created.labels.entry(NAME_TAG.to_owned()).or_insert_with(|| request.name.clone());
+        created
+            .labels
+            .entry(NAME_TAG.to_owned())
+            .or_insert_with(|| request.name.clone());
         created.name = request.name.clone();
         Ok(created)
     }
@@ -216,23 +250,35 @@ impl Backend for Ec2 {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { exec: false, keeps_stopped: true }
+        Capabilities {
+            exec: false,
+            keeps_stopped: true,
+        }
     }
 
     async fn observe(&self, request: &ListInstances) -> Result<BackendObservation> {
         let mut by_id: BTreeMap<InstanceId, Instance> = BTreeMap::new();
-        for instance in self.describe(vec![filter(&format!("tag:{OWNER_LABEL}"), [request.owner.as_str()])]).await? {
+        for instance in self
+            .describe(vec![filter(&format!("tag:{OWNER_LABEL}"), [request.owner.as_str()])])
+            .await?
+        {
             by_id.insert(instance.id.clone(), instance);
         }
         let adopted: BTreeSet<&str> = request.adopted.iter().map(InstanceId::as_str).collect();
         let adopted: Vec<&str> = adopted.into_iter().collect();
         for chunk in adopted.chunks(MAX_FILTER_VALUES) {
             // A filter (unlike `InstanceIds`) leaves an unknown id out instead of failing the whole call.
-            for instance in self.describe(vec![filter("instance-id", chunk.iter().copied())]).await? {
+            for instance in self
+                .describe(vec![filter("instance-id", chunk.iter().copied())])
+                .await?
+            {
                 by_id.insert(instance.id.clone(), instance);
             }
         }
-        Ok(BackendObservation { instances: by_id.into_values().collect(), prices: BTreeMap::new() })
+        Ok(BackendObservation {
+            instances: by_id.into_values().collect(),
+            prices: BTreeMap::new(),
+        })
     }
 
     async fn create(&self, request: &CreateInstance) -> Result<Instance> {
@@ -248,7 +294,9 @@ impl Backend for Ec2 {
         }
         let spec = LaunchSpec::parse(&request.machine)?;
         if !self.find_named(owner, &request.name).await?.is_empty() {
-            return Err(Error::AlreadyExists { what: format!("EC2 instance `{}`", request.name) });
+            return Err(Error::AlreadyExists {
+                what: format!("EC2 instance `{}`", request.name),
+            });
         }
 
         let mut refusals = Vec::new();
@@ -274,9 +322,16 @@ impl Backend for Ec2 {
         Err(Error::Capacity {
             provider: PROVIDER.to_owned(),
             message: if refusals.is_empty() {
-                format!("every `RunInstances` for `{}` replayed a terminated instance", request.name)
+                format!(
+                    "every `RunInstances` for `{}` replayed a terminated instance",
+                    request.name
+                )
             } else {
-                format!("no candidate for `{}` could be launched: {}", request.name, refusals.join("; "))
+                format!(
+                    "no candidate for `{}` could be launched: {}",
+                    request.name,
+                    refusals.join("; ")
+                )
             },
         })
     }
@@ -300,14 +355,29 @@ impl Backend for Ec2 {
 
     async fn start(&self, id: &InstanceId) -> Result<()> {
         let client = self.client().await?;
-        let Err(error) = client.start_instances().instance_ids(id.as_str()).send().await else {
-            return Ok(());
+        let refused_state = match client.start_instances().instance_ids(id.as_str()).send().await {
+            Ok(output) => {
+                // EC2 refuses to start a terminated instance; emulators may "start" it: refuse it the same way.
+                let previous = output
+                    .starting_instances()
+                    .iter()
+                    .find(|change| change.instance_id() == Some(id.as_str()))
+                    .and_then(|change| change.previous_state())
+                    .map(|state| map_state(state.name()));
+                match previous {
+                    Some(state @ (InstanceState::Terminated | InstanceState::Deleting)) => state,
+                    _ => return Ok(()),
+                }
+            }
+            Err(error) => {
+                let refusal = classify(error, "StartInstances", Some(id));
+                if !is_incorrect_state(&refusal) {
+                    return Err(refusal);
+                }
+                self.state_after_refusal(id, refusal).await?
+            }
         };
-        let refusal = classify(error, "StartInstances", Some(id));
-        if !is_incorrect_state(&refusal) {
-            return Err(refusal);
-        }
-        match self.state_after_refusal(id, refusal).await? {
+        match refused_state {
             InstanceState::Pending | InstanceState::Running => Ok(()),
             // Seen on the next cycle as stopped and started then; apply's retries may catch it sooner.
             InstanceState::Stopping => Err(Error::Unavailable {
@@ -389,7 +459,9 @@ async fn build_client(settings: &Ec2Settings, calls: CallCounter) -> Result<Clie
         .operation_attempt_timeout(Duration::from_secs(30))
         .operation_timeout(Duration::from_secs(90))
         .build();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(retry).timeout_config(timeouts);
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(retry)
+        .timeout_config(timeouts);
     if let Some(region) = &settings.region {
         loader = loader.region(Region::new(region.clone()));
     }
@@ -418,7 +490,10 @@ struct CallCounter {
 
 impl CallCounter {
     fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -439,7 +514,12 @@ impl Intercept for CallCounter {
             .split('&')
             .find_map(|pair| pair.strip_prefix("Action=").map(str::to_owned))
             .unwrap_or_else(|| "unknown".to_owned());
-        *self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).entry(action).or_default() += 1;
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(action)
+            .or_default() += 1;
         Ok(())
     }
 }
@@ -462,12 +542,20 @@ struct LaunchSpec {
 }
 
 fn comma_list(value: &str) -> Vec<String> {
-    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl LaunchSpec {
     fn parse(machine: &BTreeMap<String, String>) -> Result<Self> {
-        let invalid = |message: String| Error::Invalid { provider: PROVIDER.to_owned(), message };
+        let invalid = |message: String| Error::Invalid {
+            provider: PROVIDER.to_owned(),
+            message,
+        };
         let mut spec = LaunchSpec::default();
         for (key, value) in machine {
             let single = || Some(value.trim().to_owned()).filter(|value| !value.is_empty());
@@ -483,19 +571,29 @@ impl LaunchSpec {
                     spec.spot = match value.trim() {
                         "true" => true,
                         "false" | "" => false,
-                        other => return Err(invalid(format!("machine key `spot` is `{other}`, not `true` or `false`"))),
+                        other => {
+                            return Err(invalid(format!(
+                                "machine key `spot` is `{other}`, not `true` or `false`"
+                            )))
+                        }
                     }
                 }
                 other => {
                     return Err(invalid(format!(
                         "unknown machine key `{other}` for an EC2 pool\nhint: known keys are {}",
-                        MACHINE_KEYS.iter().map(|key| format!("`{key}`")).collect::<Vec<_>>().join(", ")
+                        MACHINE_KEYS
+                            .iter()
+                            .map(|key| format!("`{key}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )))
                 }
             }
         }
         if machine.contains_key("ami") && machine.contains_key("imageId") {
-            return Err(invalid("machine keys `ami` and `imageId` are the same thing; set one".to_owned()));
+            return Err(invalid(
+                "machine keys `ami` and `imageId` are the same thing; set one".to_owned(),
+            ));
         }
         if spec.launch_template.is_none() {
             if spec.ami.is_none() {
@@ -525,7 +623,13 @@ impl LaunchSpec {
         let markets: &[bool] = if self.spot { &[true, false] } else { &[false] };
         markets
             .iter()
-            .flat_map(|&spot| types.iter().map(move |&instance_type| Attempt { instance_type, spot, generation: 0 }))
+            .flat_map(|&spot| {
+                types.iter().map(move |&instance_type| Attempt {
+                    instance_type,
+                    spot,
+                    generation: 0,
+                })
+            })
             .collect()
     }
 }
@@ -586,7 +690,11 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for (index, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
             if index <= chunk.len() {
@@ -604,7 +712,10 @@ fn base64(bytes: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 
 fn filter<'v>(name: &str, values: impl IntoIterator<Item = &'v str>) -> Filter {
-    Filter::builder().name(name).set_values(Some(values.into_iter().map(str::to_owned).collect())).build()
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values.into_iter().map(str::to_owned).collect()))
+        .build()
 }
 
 fn map_state(state: Option<&InstanceStateName>) -> InstanceState {
@@ -655,7 +766,9 @@ fn to_instance(ec2: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
 }
 
 fn not_found(id: &InstanceId) -> Error {
-    Error::NotFound { what: format!("EC2 instance `{id}`") }
+    Error::NotFound {
+        what: format!("EC2 instance `{id}`"),
+    }
 }
 
 fn is_incorrect_state(error: &Error) -> bool {
@@ -703,7 +816,10 @@ where
     match &error {
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => {}
         SdkError::TimeoutError(_) => {
-            return Error::Unavailable { provider: PROVIDER.to_owned(), message: format!("`{action}` timed out") };
+            return Error::Unavailable {
+                provider: PROVIDER.to_owned(),
+                message: format!("`{action}` timed out"),
+            };
         }
         _ => {
             let detail = DisplayErrorContext(&error).to_string();
@@ -718,7 +834,10 @@ where
                 };
             }
             if matches!(error, SdkError::ConstructionFailure(_)) {
-                return Error::Invalid { provider: PROVIDER.to_owned(), message: format!("`{action}`: {detail}") };
+                return Error::Invalid {
+                    provider: PROVIDER.to_owned(),
+                    message: format!("`{action}`: {detail}"),
+                };
             }
             return Error::Unavailable {
                 provider: PROVIDER.to_owned(),
@@ -742,9 +861,15 @@ fn classify_code(
     let Some(code) = code else {
         let shown = status.map_or_else(|| "no status".to_owned(), |status| format!("HTTP {status}"));
         return if matches!(status, Some(500..=599)) {
-            Error::Unavailable { provider, message: format!("`{action}` failed with {shown}") }
+            Error::Unavailable {
+                provider,
+                message: format!("`{action}` failed with {shown}"),
+            }
         } else {
-            Error::Other { provider, source: format!("`{action}` failed with {shown}: {said}").into() }
+            Error::Other {
+                provider,
+                source: format!("`{action}` failed with {shown}: {said}").into(),
+            }
         };
     };
     let text = format!("`{code}`: {said} (`{action}`)");
@@ -758,30 +883,49 @@ fn classify_code(
         };
     }
     if THROTTLING_CODES.contains(&code) {
-        return Error::RateLimited { provider, retry_after: None };
+        return Error::RateLimited {
+            provider,
+            retry_after: None,
+        };
     }
     if CAPACITY_CODES.contains(&code) {
-        return Error::Capacity { provider, message: text };
+        return Error::Capacity {
+            provider,
+            message: text,
+        };
     }
     if code == "InvalidInstanceID.NotFound" {
         return match instance {
             Some(id) => not_found(id),
-            None => Error::NotFound { what: format!("EC2 instance ({said})") },
+            None => Error::NotFound {
+                what: format!("EC2 instance ({said})"),
+            },
         };
     }
     if code == "InvalidInstanceID.Malformed" {
         let what = instance.map_or_else(|| said.to_owned(), |id| format!("`{id}`"));
         return Error::Invalid {
             provider,
-            message: format!("{what} is not an EC2 instance id (`{code}`)\nhint: EC2 instance ids look like `i-0123456789abcdef0`"),
+            message: format!(
+                "{what} is not an EC2 instance id (`{code}`)\nhint: EC2 instance ids look like `i-0123456789abcdef0`"
+            ),
         };
     }
     if code == "IncorrectInstanceState" {
         // Start/stop look at the instance's state to decide; anything else may simply try again later.
-        return Error::Unavailable { provider, message: text };
+        return Error::Unavailable {
+            provider,
+            message: text,
+        };
     }
     if SERVER_CODES.contains(&code) || matches!(status, Some(500..=599)) {
-        return Error::Unavailable { provider, message: text };
+        return Error::Unavailable {
+            provider,
+            message: text,
+        };
     }
-    Error::Invalid { provider, message: text }
+    Error::Invalid {
+        provider,
+        message: text,
+    }
 }
