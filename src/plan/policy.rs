@@ -522,6 +522,19 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     let mut stopped: Vec<&Member<'_>> = Vec::new();
     for member in &members {
         match member.instance.state {
+            // An adopted instance cannot be replaced by ciscale: say why it does not serve, every cycle.
+            InstanceState::Stopping if !create_mode => notes.push(format!(
+                "{} ({}): stopping; it can be started again once it has stopped",
+                member.name(),
+                member.instance.id
+            )),
+            InstanceState::Terminated | InstanceState::Deleting if !create_mode => notes.push(format!(
+                "{} ({}): adopted instance is {} and can never be started again; remove it from \
+                 `startStop.instances`",
+                member.name(),
+                member.instance.id,
+                member.instance.state
+            )),
             InstanceState::Terminated | InstanceState::Deleting | InstanceState::Stopping => {}
             InstanceState::Stopped => {
                 if create_mode && policy.ephemeral && member.busy {
@@ -543,6 +556,15 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
                     serving.push(member);
                 }
             }
+        }
+    }
+
+    if let InstanceMode::StartStop { instances: adopted } = &pool.backend.mode {
+        for adoption in adopted.iter().filter(|adoption| !members.iter().any(|m| m.instance.id == adoption.id)) {
+            notes.push(format!(
+                "adopted instance `{}` was not found on backend `{backend_name}`; check its id and region",
+                adoption.id
+            ));
         }
     }
 

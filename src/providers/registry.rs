@@ -34,6 +34,11 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
                 let settings = super::hcloud::HcloudSettings::new(token.clone(), endpoint.as_deref(), from_env.as_deref());
                 Arc::new(super::hcloud::Hcloud::new(settings)?)
             }
+            BackendKind::Aws { region, endpoint } => Arc::new(super::aws::Ec2::new(super::aws::Ec2Settings {
+                region: region.clone(),
+                endpoint: endpoint.clone(),
+                ..Default::default()
+            })),
             other => return Err(not_yet(other.name(), "backend")),
         };
         providers.backends.insert(name.clone(), backend);

@@ -1,6 +1,7 @@
 //! One integration test binary (heavy dependencies are linked once).
 
 mod apply;
+mod aws;
 mod cli;
 mod config;
 mod conformance;

@@ -48,6 +48,10 @@ pub struct WorldState {
     pub faults: Vec<ArmedFault>,
     /// Counters behind the deterministic ids.
     pub counters: Counters,
+    /// Names of machines that run outside the fake world (a real backend, e.g. moto's EC2, in end-to-end
+    /// tests): `simulate` lets the agents of these names check in and take jobs as if a fake instance of that
+    /// name were running. Whoever drives the test keeps the list in step with the real backend.
+    pub external_running: Vec<String>,
 }
 
 impl Default for WorldState {
@@ -65,6 +69,7 @@ impl Default for WorldState {
             execs: Vec::new(),
             faults: Vec::new(),
             counters: Counters::default(),
+            external_running: Vec::new(),
         }
     }
 }
@@ -242,6 +247,7 @@ impl WorldState {
             .iter()
             .filter(|instance| instance.state == InstanceState::Running)
             .map(|instance| instance.name.clone())
+            .chain(self.external_running.iter().cloned())
             .collect()
     }
 
