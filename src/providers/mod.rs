@@ -16,6 +16,7 @@ use crate::model::{
 };
 
 pub mod fake;
+pub mod incus;
 mod registry;
 
 pub use registry::connect;

@@ -29,6 +29,9 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     for (name, spec) in &desired.backends {
         let backend: Arc<dyn Backend> = match &spec.kind {
             BackendKind::Fake(fake) => Arc::new(world_for(fake)?.backend()),
+            BackendKind::Incus { socket, project } => {
+                Arc::new(super::incus::Incus::new(socket.as_deref(), project.as_deref()))
+            }
             other => return Err(not_yet(other.name(), "backend")),
         };
         providers.backends.insert(name.clone(), backend);

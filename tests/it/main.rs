@@ -6,5 +6,6 @@ mod config;
 mod conformance;
 mod converge;
 mod fake;
+mod incus;
 mod plan_props;
 mod scenarios;
