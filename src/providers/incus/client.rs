@@ -32,6 +32,16 @@ pub(crate) fn encode(value: &str) -> String {
     utf8_percent_encode(value, QUERY_VALUE).to_string()
 }
 
+/// An Incus list filter `key eq value`. incusd 6.0.4 refuses a quoted value without whitespace ("unterminated
+/// quote") and compares a single-quoted one with its quotes, so values are quoted only when they must be.
+pub(crate) fn filter_eq(key: &str, value: &str) -> String {
+    if value.chars().any(char::is_whitespace) {
+        format!("{key} eq \"{}\"", value.replace('"', "\\\""))
+    } else {
+        format!("{key} eq {value}")
+    }
+}
+
 mod bytes_body {
     /// A whole request body in memory (JSON, a pushed file): Incus bodies are small.
     pub type Body = http_body_util::Full<hyper::body::Bytes>;

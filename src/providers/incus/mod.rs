@@ -192,7 +192,7 @@ impl Backend for Incus {
     }
 
     async fn observe(&self, request: &ListInstances) -> Result<BackendObservation> {
-        let filter = format!("config.{LABEL_KEY_PREFIX}{OWNER_LABEL} eq \"{}\"", request.owner.replace('"', "\\\""));
+        let filter = client::filter_eq(&format!("config.{LABEL_KEY_PREFIX}{OWNER_LABEL}"), &request.owner);
         let path = format!("/1.0/instances?recursion=1&filter={}", encode(&filter));
         let listed = self.client.send(Call::get(path)).await?.into_sync();
         let objects = listed.as_array().ok_or_else(|| Error::Other {

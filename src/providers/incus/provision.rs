@@ -239,7 +239,7 @@ fn malformed(message: &str) -> Error {
 }
 
 async fn remove_builders(incus: &Incus, name: &str) -> Result<(), Error> {
-    let filter = format!("config.{LABEL_KEY_PREFIX}{BUILDER_LABEL} eq \"{}\"", name.replace('"', "\\\""));
+    let filter = super::client::filter_eq(&format!("config.{LABEL_KEY_PREFIX}{BUILDER_LABEL}"), name);
     let listed = incus
         .client()
         .send(Call::get(format!("/1.0/instances?recursion=1&filter={}", encode(&filter))))
