@@ -42,7 +42,10 @@ pub struct InstanceSpec {
 }
 
 fn invalid(message: String) -> Error {
-    Error::Invalid { provider: PROVIDER.into(), message }
+    Error::Invalid {
+        provider: PROVIDER.into(),
+        message,
+    }
 }
 
 impl InstanceSpec {
@@ -50,7 +53,9 @@ impl InstanceSpec {
         let image = machine
             .get("image")
             .filter(|image| !image.trim().is_empty())
-            .ok_or_else(|| invalid("the pool's `machine` has no `image`\nhint: name an image alias, e.g. `image: ci-agent`".into()))?
+            .ok_or_else(|| {
+                invalid("the pool's `machine` has no `image`\nhint: name an image alias, e.g. `image: ci-agent`".into())
+            })?
             // A comma list is a fallback list elsewhere; for Incus the first alias is the one used.
             .split(',')
             .next()
@@ -76,16 +81,25 @@ impl InstanceSpec {
                 }
                 "tmpfsSize" => {
                     let bytes = parse_size(value).ok_or_else(|| {
-                        invalid(format!("`tmpfsSize: {value}` is not a size\nhint: write e.g. `4GiB` or `512MiB`"))
+                        invalid(format!(
+                            "`tmpfsSize: {value}` is not a size\nhint: write e.g. `4GiB` or `512MiB`"
+                        ))
                     })?;
                     config.insert(
                         "raw.lxc".into(),
-                        format!("lxc.mount.entry = {TMPFS_TARGET} rw,nosuid,nodev,mode=1777,size={bytes},create=dir 0 0"),
+                        format!(
+                            "lxc.mount.entry = {TMPFS_TARGET} rw,nosuid,nodev,mode=1777,size={bytes},create=dir 0 0"
+                        ),
                     );
                 }
                 "profiles" => {
                     profiles = Some(
-                        value.split(',').map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned).collect(),
+                        value
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|name| !name.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
                     );
                 }
                 other if other.contains('.') => {
@@ -99,7 +113,12 @@ impl InstanceSpec {
                 }
             }
         }
-        Ok(Self { image, config, devices: Map::new(), profiles })
+        Ok(Self {
+            image,
+            config,
+            devices: Map::new(),
+            profiles,
+        })
     }
 }
 
@@ -139,7 +158,10 @@ pub fn attributes_of(config: &BTreeMap<&str, &str>, _devices: &Value, profiles: 
 fn tmpfs_size(raw_lxc: &str) -> Option<u64> {
     let line = raw_lxc.lines().find(|line| line.contains(TMPFS_TARGET))?;
     let options = line.split_whitespace().find(|word| word.contains("size="))?;
-    options.split(',').find_map(|option| option.strip_prefix("size=")).and_then(|size| size.parse().ok())
+    options
+        .split(',')
+        .find_map(|option| option.strip_prefix("size="))
+        .and_then(|size| size.parse().ok())
 }
 
 /// Bytes from `4GiB`, `512MiB`, `1G`, `100M`, `2048` (binary units, as Incus and LXC read them).
@@ -161,7 +183,12 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 /// The largest exact binary unit: `4GiB`, `512MiB`, `1000B`.
 pub fn format_size(bytes: u64) -> String {
-    for (unit, factor) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+    for (unit, factor) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
         if bytes >= factor && bytes % factor == 0 {
             return format!("{}{unit}", bytes / factor);
         }
@@ -197,14 +224,18 @@ mod tests {
         assert_eq!(spec.config["boot.host_shutdown_action"], "force-stop");
         assert_eq!(spec.config["security.privileged"], "false");
         assert_eq!(spec.config[IMAGE_KEY], "agent");
-        assert!(spec.config["raw.lxc"].contains("size=1073741824"), "{}", spec.config["raw.lxc"]);
+        assert!(
+            spec.config["raw.lxc"].contains("size=1073741824"),
+            "{}",
+            spec.config["raw.lxc"]
+        );
         assert_eq!(spec.profiles, Some(vec!["default".to_owned(), "docker".to_owned()]));
     }
 
     #[test]
     fn attributes_round_trip_what_was_asked() {
-        let spec =
-            InstanceSpec::from_machine(&machine(&[("image", "agent"), ("cpu", "2"), ("tmpfsSize", "1GiB")])).expect("valid");
+        let spec = InstanceSpec::from_machine(&machine(&[("image", "agent"), ("cpu", "2"), ("tmpfsSize", "1GiB")]))
+            .expect("valid");
         let config: BTreeMap<&str, &str> = spec.config.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let attributes = attributes_of(&config, &Value::Null, &["default"]);
         assert_eq!(attributes["image"], "agent");
@@ -215,7 +246,10 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_honour() {
-        assert!(InstanceSpec::from_machine(&machine(&[("cpu", "2")])).is_err(), "no image");
+        assert!(
+            InstanceSpec::from_machine(&machine(&[("cpu", "2")])).is_err(),
+            "no image"
+        );
         assert!(InstanceSpec::from_machine(&machine(&[("image", "a"), ("tmpfsSize", "lots")])).is_err());
         assert!(InstanceSpec::from_machine(&machine(&[("image", "a"), ("serverType", "cx22")])).is_err());
     }

@@ -53,7 +53,11 @@ impl Incus {
     pub fn new(socket: Option<&str>, project: Option<&str>) -> Self {
         let socket = socket
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os("INCUS_SOCKET").filter(|value| !value.is_empty()).map(PathBuf::from))
+            .or_else(|| {
+                std::env::var_os("INCUS_SOCKET")
+                    .filter(|value| !value.is_empty())
+                    .map(PathBuf::from)
+            })
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
         Self {
             client: Client {
@@ -90,7 +94,11 @@ impl Incus {
 
     /// The raw instance object (`GET /1.0/instances/NAME`): config, devices, profiles, status.
     pub async fn instance_json(&self, name: &str) -> Result<Value> {
-        Ok(self.client.send(Call::get(format!("/1.0/instances/{}", encode(name)))).await?.into_sync())
+        Ok(self
+            .client
+            .send(Call::get(format!("/1.0/instances/{}", encode(name))))
+            .await?
+            .into_sync())
     }
 
     /// Stops an instance: cleanly within the stop timeout, else by force. Already stopped, or an ephemeral one
@@ -98,8 +106,10 @@ impl Incus {
     async fn stop_instance(&self, name: &str) -> Result<()> {
         let path = format!("/1.0/instances/{}/state", encode(name));
         let clean = json!({ "action": "stop", "timeout": self.stop_timeout.as_secs(), "force": false });
-        let result =
-            self.client.send_and_wait(Call::json(Method::PUT, &path, &clean), self.stop_timeout + OP_SLACK).await;
+        let result = self
+            .client
+            .send_and_wait(Call::json(Method::PUT, &path, &clean), self.stop_timeout + OP_SLACK)
+            .await;
         match result {
             Ok(_) => Ok(()),
             Err(error) if already(&error, "already stopped") || already(&error, "not running") => Ok(()),
@@ -107,7 +117,11 @@ impl Incus {
             Err(error) => {
                 tracing::debug!(instance = name, %error, "clean stop failed; forcing");
                 let force = json!({ "action": "stop", "timeout": -1, "force": true });
-                match self.client.send_and_wait(Call::json(Method::PUT, &path, &force), self.operation_timeout).await {
+                match self
+                    .client
+                    .send_and_wait(Call::json(Method::PUT, &path, &force), self.operation_timeout)
+                    .await
+                {
                     Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
                     Err(error) if already(&error, "already stopped") || already(&error, "not running") => Ok(()),
                     Err(error) => Err(error),
@@ -148,7 +162,10 @@ pub fn instance_from_json(value: &Value) -> Result<Instance> {
         provider: PROVIDER.into(),
         source: format!("instance object without a valid `{what}`").into(),
     };
-    let name = value.get("name").and_then(Value::as_str).ok_or_else(|| malformed("name"))?;
+    let name = value
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| malformed("name"))?;
     let status = value.get("status").and_then(Value::as_str).unwrap_or("Unknown");
     let created_at = value
         .get("created_at")
@@ -157,12 +174,17 @@ pub fn instance_from_json(value: &Value) -> Result<Instance> {
         .ok_or_else(|| malformed("created_at"))?;
     let empty = serde_json::Map::new();
     let config = value.get("config").and_then(Value::as_object).unwrap_or(&empty);
-    let config: BTreeMap<&str, &str> =
-        config.iter().filter_map(|(key, value)| value.as_str().map(|value| (key.as_str(), value))).collect();
+    let config: BTreeMap<&str, &str> = config
+        .iter()
+        .filter_map(|(key, value)| value.as_str().map(|value| (key.as_str(), value)))
+        .collect();
     let labels = config
         .iter()
         .filter(|(key, _)| **key != machine::IMAGE_KEY)
-        .filter_map(|(key, value)| key.strip_prefix(LABEL_KEY_PREFIX).map(|label| (label.to_owned(), (*value).to_owned())))
+        .filter_map(|(key, value)| {
+            key.strip_prefix(LABEL_KEY_PREFIX)
+                .map(|label| (label.to_owned(), (*value).to_owned()))
+        })
         .collect();
     let devices = value.get("devices").cloned().unwrap_or(Value::Null);
     let profiles: Vec<&str> = value
@@ -188,7 +210,10 @@ impl Backend for Incus {
 
     fn capabilities(&self) -> Capabilities {
         // Ephemeral containers vanish when stopped.
-        Capabilities { exec: true, keeps_stopped: false }
+        Capabilities {
+            exec: true,
+            keeps_stopped: false,
+        }
     }
 
     async fn observe(&self, request: &ListInstances) -> Result<BackendObservation> {
@@ -219,7 +244,10 @@ impl Backend for Incus {
             }
         }
         instances.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(BackendObservation { instances, prices: BTreeMap::new() })
+        Ok(BackendObservation {
+            instances,
+            prices: BTreeMap::new(),
+        })
     }
 
     async fn create(&self, request: &CreateInstance) -> Result<Instance> {
@@ -242,12 +270,17 @@ impl Backend for Incus {
         }
         match self
             .client
-            .send_and_wait(Call::json(Method::POST, "/1.0/instances", &body), self.operation_timeout)
+            .send_and_wait(
+                Call::json(Method::POST, "/1.0/instances", &body),
+                self.operation_timeout,
+            )
             .await
         {
             Ok(_) => {}
             Err(Error::AlreadyExists { .. }) => {
-                return Err(Error::AlreadyExists { what: format!("incus instance `{}`", request.name) })
+                return Err(Error::AlreadyExists {
+                    what: format!("incus instance `{}`", request.name),
+                })
             }
             Err(Error::NotFound { what }) => {
                 return Err(Error::Invalid {
@@ -266,7 +299,9 @@ impl Backend for Incus {
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
         match self.instance_json(id.as_str()).await {
             Ok(object) => instance_from_json(&object),
-            Err(Error::NotFound { .. }) => Err(Error::NotFound { what: format!("incus instance `{id}`") }),
+            Err(Error::NotFound { .. }) => Err(Error::NotFound {
+                what: format!("incus instance `{id}`"),
+            }),
             Err(error) => Err(error),
         }
     }
@@ -274,10 +309,16 @@ impl Backend for Incus {
     async fn start(&self, id: &InstanceId) -> Result<()> {
         let path = format!("/1.0/instances/{}/state", encode(id.as_str()));
         let body = json!({ "action": "start", "timeout": self.operation_timeout.as_secs() });
-        match self.client.send_and_wait(Call::json(Method::PUT, path, &body), self.operation_timeout).await {
+        match self
+            .client
+            .send_and_wait(Call::json(Method::PUT, path, &body), self.operation_timeout)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(error) if already(&error, "already running") => Ok(()),
-            Err(Error::NotFound { .. }) => Err(Error::NotFound { what: format!("incus instance `{id}`") }),
+            Err(Error::NotFound { .. }) => Err(Error::NotFound {
+                what: format!("incus instance `{id}`"),
+            }),
             Err(error) => Err(error),
         }
     }
@@ -292,10 +333,26 @@ impl Backend for Incus {
     async fn delete(&self, id: &InstanceId) -> Result<()> {
         let instance = self.get(id).await?;
         if instance.state != InstanceState::Stopped {
-            self.stop_instance(id.as_str()).await?;
+            // Deleting throws the container away (the planner deletes only drained, idle agents): no point
+            // waiting for a clean shutdown, which an init that ignores SIGPWR would stretch to the stop timeout.
+            let path = format!("/1.0/instances/{}/state", encode(id.as_str()));
+            let force = json!({ "action": "stop", "timeout": -1, "force": true });
+            match self
+                .client
+                .send_and_wait(Call::json(Method::PUT, path, &force), self.operation_timeout)
+                .await
+            {
+                Ok(_) | Err(Error::NotFound { .. }) => {}
+                Err(error) if already(&error, "already stopped") || already(&error, "not running") => {}
+                Err(error) => return Err(error),
+            }
         }
         let path = format!("/1.0/instances/{}", encode(id.as_str()));
-        match self.client.send_and_wait(Call::delete(path), self.operation_timeout).await {
+        match self
+            .client
+            .send_and_wait(Call::delete(path), self.operation_timeout)
+            .await
+        {
             // An ephemeral instance deletes itself once stopped: gone after our stop is done.
             Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
             Err(error) => Err(error),
@@ -319,7 +376,11 @@ impl Backend for Incus {
             ],
         };
         let content = file.content.expose().as_bytes().to_vec();
-        match self.client.send(call("file", &file.path, file.mode, content.clone())).await {
+        match self
+            .client
+            .send(call("file", &file.path, file.mode, content.clone()))
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(Error::NotFound { .. }) => {}
             Err(error) => return Err(error),
@@ -328,12 +389,21 @@ impl Backend for Incus {
         // (private to the file's owner) and push again. Only the direct parent is created: credential paths are
         // one folder deep on a tmpfs (`/run/ciscale/...`).
         self.get(id).await?;
-        let parent = Path::new(&file.path).parent().and_then(Path::to_str).filter(|parent| !parent.is_empty());
+        let parent = Path::new(&file.path)
+            .parent()
+            .and_then(Path::to_str)
+            .filter(|parent| !parent.is_empty());
         let Some(parent) = parent else {
-            return Err(Error::Invalid { provider: PROVIDER.into(), message: format!("cannot push to `{}`", file.path) });
+            return Err(Error::Invalid {
+                provider: PROVIDER.into(),
+                message: format!("cannot push to `{}`", file.path),
+            });
         };
         self.client.send(call("directory", parent, 0o700, Vec::new())).await?;
-        self.client.send(call("file", &file.path, file.mode, content)).await.map(|_| ())
+        self.client
+            .send(call("file", &file.path, file.mode, content))
+            .await
+            .map(|_| ())
     }
 
     async fn exec(&self, id: &InstanceId, exec: &Exec) -> Result<ExecOutput> {
@@ -349,17 +419,27 @@ impl Backend for Incus {
         });
         let reply = match self.client.send(Call::json(Method::POST, path, &body)).await {
             Ok(reply) => reply,
-            Err(Error::NotFound { .. }) => return Err(Error::NotFound { what: format!("incus instance `{id}`") }),
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::NotFound {
+                    what: format!("incus instance `{id}`"),
+                })
+            }
             Err(error) => return Err(error),
         };
         let Reply::Async { operation } = reply else {
-            return Err(Error::Other { provider: PROVIDER.into(), source: "exec did not start an operation".into() });
+            return Err(Error::Other {
+                provider: PROVIDER.into(),
+                source: "exec did not start an operation".into(),
+            });
         };
         if !exec.wait {
             return Ok(ExecOutput { exit_code: None });
         }
         let metadata = self.client.wait(&operation, self.operation_timeout).await?;
-        let exit_code = metadata.get("return").and_then(Value::as_i64).and_then(|code| i32::try_from(code).ok());
+        let exit_code = metadata
+            .get("return")
+            .and_then(Value::as_i64)
+            .and_then(|code| i32::try_from(code).ok());
         Ok(ExecOutput { exit_code })
     }
 }
@@ -400,11 +480,23 @@ mod tests {
         assert_eq!(instance.state, InstanceState::Running);
         assert_eq!(instance.owner(), Some("builds"));
         assert_eq!(instance.labels.get("ciscale.pool").map(String::as_str), Some("docker"));
-        assert!(!instance.labels.contains_key("ciscale.image"), "the image alias is an attribute, not a label");
-        assert_eq!(instance.attributes.get("image").map(String::as_str), Some("azure-agent"));
+        assert!(
+            !instance.labels.contains_key("ciscale.image"),
+            "the image alias is an attribute, not a label"
+        );
+        assert_eq!(
+            instance.attributes.get("image").map(String::as_str),
+            Some("azure-agent")
+        );
         assert_eq!(instance.attributes.get("cpu").map(String::as_str), Some("4"));
-        assert_eq!(instance.attributes.get("limits.memory").map(String::as_str), Some("8GiB"));
-        assert_eq!(instance.attributes.get("profiles").map(String::as_str), Some("default,docker"));
+        assert_eq!(
+            instance.attributes.get("limits.memory").map(String::as_str),
+            Some("8GiB")
+        );
+        assert_eq!(
+            instance.attributes.get("profiles").map(String::as_str),
+            Some("default,docker")
+        );
     }
 
     #[test]
