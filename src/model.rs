@@ -500,6 +500,8 @@ pub struct ImageSpec {
     pub base: String,
     pub scripts: Vec<std::path::PathBuf>,
     pub keep: u32,
+    /// URL of the CI agent tarball; provisioning scripts get it as `AGENT_URL`.
+    pub agent_url: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ use ciscale::providers::{self, Providers};
 mod apply;
 mod observe;
 mod plan;
+mod provision;
 mod schema;
 mod validate;
 mod version;
@@ -98,6 +99,8 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Observe the world and write it out (for `plan --observed`)
     Observe(observe::ObserveArgs),
+    /// Build the images of the config's `images:` section (Incus) and move their aliases
+    Provision(provision::ProvisionArgs),
     /// Print the JSON schema of the config file
     Schema(schema::SchemaArgs),
     /// Print the version
@@ -120,6 +123,7 @@ impl Command {
             Command::Watch(args) => watch::run(args, ui).await,
             Command::Validate(args) => validate::run(args, ui),
             Command::Observe(args) => observe::run(args, ui).await,
+            Command::Provision(args) => provision::run(args, ui).await,
             Command::Schema(args) => schema::run(args),
             Command::Version(args) => version::run(args),
         }

@@ -44,7 +44,9 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     let cancel = watch::shutdown_signal();
     let options = WatchOptions { cycles: args.cycles, ..WatchOptions::default() };
     tracing::info!(owner = %desired.owner, pools = desired.pools.len(), interval = %desired.poll_interval, "watching");
-    watch::run(&desired, &providers, &options, &cancel, |report| {
+    // Incus backends wake the loop on their lifecycle events; the interval stays as the safety net.
+    let triggers = watch::triggers::from_config(&desired);
+    watch::run_with_triggers(&desired, &providers, &options, &cancel, triggers, |report| {
         if let Some(metrics) = &metrics {
             metrics.record_cycle(report);
         }

@@ -341,4 +341,8 @@ pub struct RawImage {
     #[serde(default)]
     #[schemars(range(min = 1))]
     pub keep: Option<u32>,
+    /// URL of the CI agent tarball, given to the scripts as `AGENT_URL` (a host loopback URL is reachable from
+    /// the builder through a proxy device).
+    #[serde(default)]
+    pub agent_url: Option<String>,
 }

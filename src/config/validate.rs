@@ -506,6 +506,7 @@ impl Validator<'_> {
                         .map(|script| self.resolve_path(script))
                         .collect(),
                     keep: raw.keep.unwrap_or(DEFAULT_IMAGE_KEEP),
+                    agent_url: raw.agent_url,
                 },
             );
         }

@@ -18,6 +18,7 @@ use crate::model::{
 pub mod aws;
 pub mod fake;
 pub mod hcloud;
+pub mod incus;
 mod registry;
 pub mod woodpecker;
 

@@ -39,7 +39,9 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
                 endpoint: endpoint.clone(),
                 ..Default::default()
             })),
-            other => return Err(not_yet(other.name(), "backend")),
+            BackendKind::Incus { socket, project } => {
+                Arc::new(super::incus::Incus::new(socket.as_deref(), project.as_deref()))
+            }
         };
         providers.backends.insert(name.clone(), backend);
     }

@@ -5,11 +5,12 @@
 //! every decision comes from a fresh observation, so a restart (or cron running `apply` instead) acts the same.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
 use crate::apply::{self, ApplyOptions, NoProgress};
@@ -20,6 +21,7 @@ use crate::providers::Providers;
 pub mod lock;
 pub mod metrics;
 pub mod signals;
+pub mod triggers;
 
 pub use signals::shutdown_signal;
 
@@ -69,6 +71,15 @@ pub struct CycleReport {
     pub hourly_cost: BTreeMap<String, f64>,
 }
 
+/// A request for a reconcile before the poll interval ends (an Incus instance went away, an event stream
+/// reconnected and may have missed something). The interval stays as the safety net.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    /// Where it came from (`backend lxd`).
+    pub source: String,
+    pub reason: String,
+}
+
 /// Runs cycles until `cancel` turns true (or `options.cycles` are done). In-flight changes of the current cycle
 /// are finished before returning: `apply` starts no new change once `cancel` is set.
 pub async fn run(
@@ -76,8 +87,32 @@ pub async fn run(
     providers: &Providers,
     options: &WatchOptions,
     cancel: &watch::Receiver<bool>,
+    on_cycle: impl FnMut(&CycleReport),
+) {
+    run_with_triggers(desired, providers, options, cancel, Vec::new(), on_cycle).await;
+}
+
+/// [`run`], also woken by `triggers`. Triggers that arrive during a cycle start the next one right after it
+/// (they coalesce into one); after failures they do not cut the backoff short.
+pub async fn run_with_triggers(
+    desired: &Desired,
+    providers: &Providers,
+    options: &WatchOptions,
+    cancel: &watch::Receiver<bool>,
+    triggers: Vec<mpsc::Receiver<Trigger>>,
     mut on_cycle: impl FnMut(&CycleReport),
 ) {
+    let wake = Arc::new(Notify::new());
+    let mut relays = tokio::task::JoinSet::new();
+    for mut trigger in triggers {
+        let wake = Arc::clone(&wake);
+        relays.spawn(async move {
+            while let Some(Trigger { source, reason }) = trigger.recv().await {
+                tracing::debug!(%source, %reason, "reconcile triggered");
+                wake.notify_one();
+            }
+        });
+    }
     let mut consecutive_failures: u32 = 0;
     let mut cycle: u64 = 0;
     let mut cancel_wait = cancel.clone();
@@ -100,8 +135,16 @@ pub async fn run(
         if options.cycles.is_some_and(|cycles| cycle >= cycles) {
             break;
         }
+        let woken = async {
+            if consecutive_failures == 0 {
+                wake.notified().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = woken => {}
             _ = cancel_wait.wait_for(|cancelled| *cancelled) => break,
         }
     }

@@ -414,6 +414,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 PathBuf::from("/abs/x.sh"),
             ],
             keep: 2,
+            agent_url: None,
         },
     )]);
     assert_eq!(desired.images, expected_images);

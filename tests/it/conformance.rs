@@ -73,7 +73,9 @@ pub async fn backend_conformance(backend: Arc<dyn Backend>, owner: &str, patienc
     backend_conformance_on(backend, owner, patience, &BTreeMap::new()).await;
 }
 
-/// [`backend_conformance`], creating every instance with these machine attributes.
+/// [`backend_conformance`] with the `machine` every create uses (a backend that needs an image names it here).
+/// A backend without [`Capabilities::keeps_stopped`](ciscale::providers::Capabilities) (ephemeral containers)
+/// is checked for the other half of that promise: a stopped instance is gone, and its name is free again.
 pub async fn backend_conformance_on(
     backend: Arc<dyn Backend>,
     owner: &str,
@@ -138,11 +140,22 @@ pub async fn backend_conformance_on(
 
     // stop / start, idempotent
     backend.stop(&id).await.expect("stop");
-    wait_for_state(backend.as_ref(), &id, InstanceState::Stopped, patience).await;
-    backend.stop(&id).await.expect("stop of a stopped instance succeeds");
     if capabilities.keeps_stopped {
+        wait_for_state(backend.as_ref(), &id, InstanceState::Stopped, patience).await;
+        backend.stop(&id).await.expect("stop of a stopped instance succeeds");
         let listed_stopped = listed(backend.as_ref(), &only_owner).await;
         assert!(listed_stopped.iter().any(|instance| instance.id == id), "a stopped instance is still listed");
+    } else {
+        wait_until_gone(backend.as_ref(), &id, patience).await;
+        assert!(
+            !listed(backend.as_ref(), &only_owner).await.iter().any(|instance| instance.id == id),
+            "a stopped instance of a backend that keeps none is not listed"
+        );
+        let stop_gone = backend.stop(&id).await;
+        assert!(matches!(stop_gone, Err(Error::NotFound { .. })), "stop of a vanished instance: {stop_gone:?}");
+        // Its name is free again: the replacement of a finished ephemeral agent can take it.
+        let recreated = backend.create(&owned_request_on(owner, &name, machine)).await.expect("create again after stop");
+        assert_eq!(recreated.id, id);
     }
     backend.start(&id).await.expect("start");
     wait_for_state(backend.as_ref(), &id, InstanceState::Running, patience).await;
@@ -192,6 +205,21 @@ pub async fn backend_conformance_on(
     );
 
     backend.delete(&foreign.id).await.expect("clean up the foreign instance");
+}
+
+/// Polls `get` until the instance is gone (`NotFound`, or `Terminated` where the cloud keeps a record).
+pub async fn wait_until_gone(backend: &dyn Backend, id: &InstanceId, patience: Patience) {
+    let mut last = None;
+    for _ in 0..patience.attempts {
+        match backend.get(id).await {
+            Err(Error::NotFound { .. }) => return,
+            Ok(instance) if instance.state == InstanceState::Terminated => return,
+            Ok(instance) => last = Some(instance.state.to_string()),
+            Err(error) => last = Some(error.to_string()),
+        }
+        tokio::time::sleep(patience.interval).await;
+    }
+    panic!("instance `{id}` is still there; last seen: {last:?}");
 }
 
 /// The [`CiSource`] contract: register is create-if-absent by name, drain/undrain are idempotent, deregister

@@ -9,6 +9,7 @@ mod converge;
 mod fake;
 mod fakes;
 mod hcloud;
+mod incus;
 mod metrics;
 mod picus;
 mod plan_props;

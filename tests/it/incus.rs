@@ -1,0 +1,630 @@
+//! The Incus backend against a real daemon (`scripts/test` installs and starts one via `scripts/incus-setup`
+//! and exports `CISCALE_TEST_INCUS_SOCKET` / `CISCALE_TEST_INCUS_IMAGE`). Without them these tests fail, unless
+//! `CISCALE_SKIP_INCUS=1` asks to skip them.
+//!
+//! Every test uses its own owner id, so tests run in parallel on one daemon without seeing each other.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ciscale::model::{InstanceId, InstanceState, Secret};
+use ciscale::providers::incus::provision::{self, ProvisionRequest};
+use ciscale::providers::incus::Incus;
+use ciscale::providers::{Backend, CreateInstance, Error, Exec, ListInstances, PushFile};
+
+use crate::conformance::{backend_conformance_on, owned_request, wait_for_state, Patience};
+
+const PATIENCE: Patience = Patience {
+    attempts: 200,
+    interval: Duration::from_millis(50),
+};
+
+/// The daemon and test image, or `None` when skipping was asked for.
+fn daemon() -> Option<(Incus, String)> {
+    if std::env::var("CISCALE_SKIP_INCUS").is_ok_and(|value| value == "1") {
+        eprintln!("\n!!! SKIPPING the Incus tests: CISCALE_SKIP_INCUS=1 !!!\n");
+        return None;
+    }
+    let (Ok(socket), Ok(image)) = (
+        std::env::var("CISCALE_TEST_INCUS_SOCKET"),
+        std::env::var("CISCALE_TEST_INCUS_IMAGE"),
+    ) else {
+        panic!(
+            "the Incus tests need a running daemon: run them through `scripts/test` (it runs `scripts/incus-setup` and \
+             exports CISCALE_TEST_INCUS_SOCKET and CISCALE_TEST_INCUS_IMAGE), or set CISCALE_SKIP_INCUS=1 to skip them"
+        );
+    };
+    Some((Incus::new(Some(&socket), None), image))
+}
+
+/// An owner id unique to this test run, valid in instance names.
+fn owner(test: &str) -> String {
+    format!("it{}-{test}", std::process::id() % 100_000)
+}
+
+fn machine(image: &str, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut machine = BTreeMap::from([("image".to_owned(), image.to_owned())]);
+    machine.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    machine
+}
+
+async fn run(incus: &Incus, id: &InstanceId, script: &str) -> Option<i32> {
+    let exec = Exec {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        wait: true,
+    };
+    incus.exec(id, &exec).await.expect("exec").exit_code
+}
+
+async fn owned(incus: &Incus, owner: &str) -> Vec<ciscale::model::Instance> {
+    incus
+        .observe(&ListInstances {
+            owner: owner.to_owned(),
+            adopted: Vec::new(),
+        })
+        .await
+        .expect("observe")
+        .instances
+}
+
+async fn cleanup(incus: &Incus, owner: &str) {
+    for instance in owned(incus, owner).await {
+        drop(incus.delete(&instance.id).await);
+    }
+}
+
+#[tokio::test]
+async fn incus_backend_conformance() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("conf");
+    backend_conformance_on(Arc::new(incus.clone()), &owner, PATIENCE, &machine(&image, &[])).await;
+    cleanup(&incus, &owner).await;
+}
+
+#[tokio::test]
+async fn container_gets_the_limits_devices_and_keys_asked_for() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("limits");
+    let name = format!("{owner}-1");
+    let mut request = owned_request(&owner, &name);
+    request.machine = machine(
+        &image,
+        &[
+            ("cpu", "1"),
+            ("memory", "256MiB"),
+            ("tmpfsSize", "64MiB"),
+            ("nesting", "true"),
+            ("hostShutdownAction", "force-stop"),
+            ("profiles", "default"),
+        ],
+    );
+    request.labels.insert("ciscale.agent-hash".into(), "abc123".into());
+    let created = incus.create(&request).await.expect("create");
+    let object = incus.instance_json(&name).await.expect("read back");
+    let config = &object["config"];
+    assert_eq!(config["limits.cpu"], "1");
+    assert_eq!(config["limits.memory"], "256MiB");
+    assert_eq!(config["security.nesting"], "true");
+    assert_eq!(config["boot.host_shutdown_action"], "force-stop");
+    assert_eq!(config["user.ciscale.owner"], owner.as_str());
+    assert_eq!(config["user.ciscale.pool"], "conformance");
+    assert_eq!(config["user.ciscale.agent-hash"], "abc123");
+    assert_eq!(object["ephemeral"], true);
+    assert_eq!(object["profiles"], serde_json::json!(["default"]));
+    assert_eq!(created.attributes.get("tmpfsSize").map(String::as_str), Some("64MiB"));
+    assert_eq!(
+        created.attributes.get("image").map(String::as_str),
+        Some(image.as_str())
+    );
+    assert_eq!(
+        created.labels.get("ciscale.agent-hash").map(String::as_str),
+        Some("abc123")
+    );
+
+    wait_for_state(&incus, &created.id, InstanceState::Running, PATIENCE).await;
+    // The tmpfs on /tmp really is there, with the size asked for (64 MiB = 65536k in mount options).
+    assert_eq!(
+        run(
+            &incus,
+            &created.id,
+            "grep ' /tmp tmpfs ' /proc/mounts | grep -q size=65536k"
+        )
+        .await,
+        Some(0)
+    );
+    assert_eq!(
+        run(&incus, &created.id, "exit 42").await,
+        Some(42),
+        "exec reads non-zero exit codes"
+    );
+    assert_eq!(run(&incus, &created.id, "true").await, Some(0));
+    cleanup(&incus, &owner).await;
+}
+
+#[tokio::test]
+async fn secret_file_is_0400_and_the_wrapper_deletes_it() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("secret");
+    let mut request = owned_request(&owner, &format!("{owner}-1"));
+    request.machine = machine(&image, &[]);
+    let created = incus.create(&request).await.expect("create");
+    wait_for_state(&incus, &created.id, InstanceState::Running, PATIENCE).await;
+
+    let file = PushFile {
+        path: "/run/ciscale/agent.env".into(),
+        content: Secret::new("CISCALE_AGENT_ID=7\nCISCALE_AGENT_TOKEN=s3cret\n"),
+        mode: 0o400,
+        uid: 1000,
+        gid: 1000,
+    };
+    incus
+        .push_file(&created.id, &file)
+        .await
+        .expect("push into a folder that does not exist yet");
+    assert_eq!(
+        run(
+            &incus,
+            &created.id,
+            "[ \"$(stat -c %a:%u:%g /run/ciscale/agent.env)\" = 400:1000:1000 ]"
+        )
+        .await,
+        Some(0),
+        "mode 0400, owned by the agent user"
+    );
+    assert_eq!(
+        run(
+            &incus,
+            &created.id,
+            "grep -qx CISCALE_AGENT_TOKEN=s3cret /run/ciscale/agent.env"
+        )
+        .await,
+        Some(0)
+    );
+    assert_eq!(
+        run(&incus, &created.id, "[ \"$(stat -c %a /run/ciscale)\" = 700 ]").await,
+        Some(0)
+    );
+    assert_eq!(
+        run(&incus, &created.id, "grep ' /run tmpfs ' /proc/mounts >/dev/null").await,
+        Some(0),
+        "on a tmpfs"
+    );
+
+    // The image's wrapper (scripts/incus-setup) reads the credential, deletes it and keeps running.
+    let wrapper = Exec {
+        command: vec!["/usr/local/bin/ciscale-agent".into()],
+        env: BTreeMap::new(),
+        wait: false,
+    };
+    assert_eq!(
+        incus
+            .exec(&created.id, &wrapper)
+            .await
+            .expect("start wrapper")
+            .exit_code,
+        None
+    );
+    let mut gone = false;
+    for _ in 0..PATIENCE.attempts {
+        if run(
+            &incus,
+            &created.id,
+            "[ -e /run/ciscale/agent.ran ] && [ ! -e /run/ciscale/agent.env ]",
+        )
+        .await
+            == Some(0)
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(PATIENCE.interval).await;
+    }
+    assert!(gone, "the wrapper ran and the credential file is gone");
+
+    let missing = incus
+        .push_file(&InstanceId::new(format!("{owner}-missing")), &file)
+        .await;
+    assert!(matches!(missing, Err(Error::NotFound { .. })), "{missing:?}");
+    cleanup(&incus, &owner).await;
+}
+
+#[tokio::test]
+async fn create_to_agent_exec_latency() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("latency");
+    let mut request = owned_request(&owner, &format!("{owner}-1"));
+    request.machine = machine(&image, &[]);
+    let clock = Instant::now();
+    let created = incus.create(&request).await.expect("create");
+    let file = PushFile {
+        path: "/run/ciscale/agent.env".into(),
+        content: Secret::new("CISCALE_AGENT_TOKEN=t\n"),
+        mode: 0o400,
+        uid: 0,
+        gid: 0,
+    };
+    incus.push_file(&created.id, &file).await.expect("push");
+    let exec = Exec {
+        command: vec!["/usr/local/bin/ciscale-agent".into()],
+        env: BTreeMap::new(),
+        wait: false,
+    };
+    incus.exec(&created.id, &exec).await.expect("exec");
+    let latency = clock.elapsed();
+    eprintln!("MEASURED incus create → credential pushed → agent exec started: {latency:?}");
+    assert_eq!(
+        created.state,
+        InstanceState::Running,
+        "create returns a started container"
+    );
+    cleanup(&incus, &owner).await;
+}
+
+#[tokio::test]
+async fn a_foreign_instance_of_the_same_name_is_refused_not_adopted() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("foreign");
+    let name = format!("{owner}-1");
+    let mut theirs = owned_request(&format!("{owner}-x"), &name);
+    theirs.machine = machine(&image, &[]);
+    incus.create(&theirs).await.expect("create theirs");
+    let mut ours: CreateInstance = owned_request(&owner, &name);
+    ours.machine = machine(&image, &[]);
+    let again = incus.create(&ours).await;
+    assert!(matches!(again, Err(Error::AlreadyExists { .. })), "{again:?}");
+    assert!(
+        owned(&incus, &owner).await.is_empty(),
+        "the other owner's instance is not listed as ours"
+    );
+    cleanup(&incus, &format!("{owner}-x")).await;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// watch on events, kill -9 of apply
+// ---------------------------------------------------------------------------------------------------------------
+
+fn config_yaml(owner: &str, image: &str, state_file: Option<&std::path::Path>, poll: &str, scale: &str) -> String {
+    let socket = std::env::var("CISCALE_TEST_INCUS_SOCKET").unwrap_or_default();
+    let state = state_file
+        .map(|path| format!("\n    stateFile: {}", path.display()))
+        .unwrap_or_default();
+    format!(
+        "id: {owner}\npollInterval: {poll}\nci:\n  sim:\n    kind: fake{state}\nbackends:\n  lxd:\n    kind: incus\n    \
+         socket: {socket}\npools:\n  - name: p\n    ci:\n      source: sim\n    backend:\n      name: lxd\n      \
+         machine:\n        image: {image}\n    scale:\n{scale}\n"
+    )
+}
+
+#[tokio::test]
+async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("events");
+    // An hour between cycles: a replacement within the test's bound can only come from the event.
+    let yaml = config_yaml(
+        &owner,
+        &image,
+        None,
+        "1h",
+        "      min: 1\n      max: 1\n      ephemeral: true",
+    );
+    let desired = ciscale::config::load_str("events.yaml", &yaml, &|_| None).expect("valid config");
+    let providers = ciscale::providers::connect(&desired).expect("connect");
+    let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
+    let options = ciscale::watch::WatchOptions {
+        apply: ciscale::apply::ApplyOptions {
+            poll: Duration::from_millis(50),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cycles = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::clone(&cycles);
+    let loop_task = tokio::spawn(async move {
+        let triggers = ciscale::watch::triggers::from_config(&desired);
+        ciscale::watch::run_with_triggers(&desired, &providers, &options, &cancel, triggers, |report| {
+            counted.store(report.cycle, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await;
+    });
+
+    let first = wait_owned_running(&incus, &owner, None).await;
+    // Let the first cycle finish, so the poweroff below is an event the loop has to react to.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cycles_before = cycles.load(std::sync::atomic::Ordering::SeqCst);
+    let powered_off_at = Instant::now();
+    let since = jiff::Timestamp::now();
+    let poweroff = Exec {
+        command: vec!["poweroff".into(), "-f".into()],
+        env: BTreeMap::new(),
+        wait: false,
+    };
+    drop(incus.exec(&first.id, &poweroff).await);
+    let replacement = wait_owned_running(&incus, &owner, Some(since)).await;
+    let latency = powered_off_at.elapsed();
+    eprintln!("MEASURED replacement latency (poweroff → new container running, via the event): {latency:?}");
+    assert!(replacement.created_at > first.created_at);
+    assert!(
+        cycles.load(std::sync::atomic::Ordering::SeqCst) > cycles_before,
+        "the event woke the loop"
+    );
+    let listed = owned(&incus, &owner).await;
+    assert_eq!(
+        listed.iter().filter(|instance| instance.state.is_active()).count(),
+        1,
+        "replaced, not added: {listed:?}"
+    );
+
+    cancel_tx.send_replace(true);
+    drop(loop_task.await);
+    cleanup(&incus, &owner).await;
+}
+
+/// Waits (bounded) for an owned running instance created after `since`.
+async fn wait_owned_running(incus: &Incus, owner: &str, since: Option<jiff::Timestamp>) -> ciscale::model::Instance {
+    for _ in 0..3000 {
+        let found = owned(incus, owner).await.into_iter().find(|instance| {
+            instance.state == InstanceState::Running && since.is_none_or(|since| instance.created_at > since)
+        });
+        if let Some(instance) = found {
+            return instance;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no running instance of `{owner}` appeared within 30s");
+}
+
+#[tokio::test]
+async fn kill_9_of_apply_mid_create_then_rerun_converges() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("kill9");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = config_yaml(
+        &owner,
+        &image,
+        Some(&dir.path().join("world.json")),
+        "10s",
+        "      min: 3\n      max: 3",
+    );
+    let config = dir.path().join("ciscale.yaml");
+    std::fs::write(&config, yaml).expect("write config");
+    let ciscale = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ciscale"));
+        command.args(args).arg("-c").arg(&config).env("NO_COLOR", "1");
+        command
+    };
+
+    let mut apply = ciscale(&["apply", "--auto-approve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn apply");
+    // Kill it as soon as the first container exists: the other creates are in flight or not started.
+    for _ in 0..3000 {
+        if !owned(&incus, &owner).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    apply.kill().expect("kill -9");
+    drop(apply.wait());
+
+    let rerun = ciscale(&["apply", "--auto-approve"]).output().expect("rerun apply");
+    assert!(
+        rerun.status.success(),
+        "rerun: {}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    let plan = ciscale(&["plan", "--detailed-exitcode"]).output().expect("plan");
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "converged: {}",
+        String::from_utf8_lossy(&plan.stdout)
+    );
+    let instances = owned(&incus, &owner).await;
+    let names: std::collections::BTreeSet<_> = instances.iter().map(|instance| instance.name.clone()).collect();
+    assert_eq!(instances.len(), 3, "no duplicate, no orphan: {names:?}");
+    assert_eq!(names.len(), 3);
+    assert!(instances
+        .iter()
+        .all(|instance| instance.state == InstanceState::Running));
+    cleanup(&incus, &owner).await;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// provision
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Serves `body` to every request on a loopback port (the stub agent tarball).
+async fn serve_once_forever(body: Vec<u8>) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                drop(stream.read(&mut request).await);
+                let head = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                drop(stream.write_all(head.as_bytes()).await);
+                drop(stream.write_all(&body).await);
+            });
+        }
+    });
+    port
+}
+
+fn stub_agent_tarball(dir: &std::path::Path) -> Vec<u8> {
+    let root = dir.join("agent");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    std::fs::write(root.join("run.sh"), "#!/bin/sh\necho stub agent\n").expect("write");
+    let status = std::process::Command::new("tar")
+        .args(["-czf", "agent.tar.gz", "-C", "agent", "--mode=0755", "run.sh"])
+        .current_dir(dir)
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    std::fs::read(dir.join("agent.tar.gz")).expect("read tarball")
+}
+
+fn image_spec(
+    base: &str,
+    scripts: Vec<std::path::PathBuf>,
+    keep: u32,
+    agent_url: Option<String>,
+) -> ciscale::model::ImageSpec {
+    ciscale::model::ImageSpec {
+        backend: "lxd".into(),
+        base: base.to_owned(),
+        scripts,
+        keep,
+        agent_url,
+    }
+}
+
+#[tokio::test]
+async fn provision_builds_publishes_swaps_the_alias_atomically_and_prunes() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("prov");
+    let alias = format!("{owner}-agent");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = serve_once_forever(stub_agent_tarball(dir.path())).await;
+    let fetch = dir.path().join("10-agent.sh");
+    std::fs::write(
+        &fetch,
+        "#!/bin/sh\nset -e\nip link set lo up\nmkdir -p /opt/agent\nwget -q -O /tmp/agent.tgz \"$AGENT_URL\"\n\
+         tar -xzf /tmp/agent.tgz -C /opt/agent\nrm /tmp/agent.tgz\n",
+    )
+    .expect("write script");
+    let mark = dir.path().join("20-mark.sh");
+    std::fs::write(&mark, "#!/bin/sh\necho \"$CISCALE_IMAGE\" >/etc/ciscale-image\n").expect("write script");
+    let request = ProvisionRequest {
+        name: alias.clone(),
+        owner: owner.clone(),
+        spec: image_spec(
+            &image,
+            vec![fetch, mark],
+            2,
+            Some(format!("http://127.0.0.1:{port}/agent.tar.gz")),
+        ),
+        agent_url: Some(format!("http://127.0.0.1:{port}/agent.tar.gz")),
+    };
+    let quiet = |_: &str| {};
+
+    let first = provision::provision(&incus, &request, &quiet)
+        .await
+        .expect("first provision");
+    assert_eq!(first.previous, None, "the alias was created");
+    assert_eq!(
+        provision::alias_target(&incus, &alias).await.expect("alias"),
+        Some(first.fingerprint.clone())
+    );
+
+    // A container from the new image has the agent from the loopback tarball and the scripts' work.
+    let mut agent = owned_request(&owner, &format!("{owner}-check"));
+    agent.machine = machine(&alias, &[]);
+    let checked = incus.create(&agent).await.expect("create from the provisioned alias");
+    let expected = format!("[ -x /opt/agent/run.sh ] && grep -qx '{alias}' /etc/ciscale-image");
+    assert_eq!(
+        run(&incus, &checked.id, &expected).await,
+        Some(0),
+        "the image holds the agent and the scripts' work"
+    );
+    cleanup(&incus, &owner).await;
+
+    // Second build while instances are being created from the alias: none may fail for a missing alias.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let creator = {
+        let (incus, owner, alias, stop) = (incus.clone(), owner.clone(), alias.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut created = 0u32;
+            let mut index = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                index += 1;
+                let mut request = owned_request(&owner, &format!("{owner}-swap-{index}"));
+                request.machine = machine(&alias, &[]);
+                match incus.create(&request).await {
+                    Ok(instance) => {
+                        created += 1;
+                        drop(incus.delete(&instance.id).await);
+                    }
+                    Err(error) => return Err(format!("create #{index} from `{alias}` during the swap: {error}")),
+                }
+            }
+            Ok(created)
+        })
+    };
+    let second = provision::provision(&incus, &request, &quiet)
+        .await
+        .expect("second provision");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let created = creator
+        .await
+        .expect("creator task")
+        .expect("every create during the swap succeeded");
+    assert!(created > 0, "the loop created instances while provisioning");
+    assert_eq!(second.previous.as_deref(), Some(first.fingerprint.as_str()));
+    assert_eq!(
+        provision::alias_target(&incus, &alias).await.expect("alias"),
+        Some(second.fingerprint.clone())
+    );
+
+    // Keep 2: the third build prunes the first.
+    let third = provision::provision(&incus, &request, &quiet)
+        .await
+        .expect("third provision");
+    assert_eq!(third.pruned, vec![first.fingerprint.clone()]);
+    let versions = provision::versions(&incus, &alias).await.expect("versions");
+    assert_eq!(versions, vec![third.fingerprint.clone(), second.fingerprint.clone()]);
+    eprintln!("provision: {created} instances created from `{alias}` during the alias swap, none failed");
+
+    cleanup(&incus, &owner).await;
+    for fingerprint in versions {
+        drop(
+            std::process::Command::new("incus")
+                .args(["image", "delete", &fingerprint])
+                .status(),
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failing_provision_script_is_named_and_the_builder_is_removed() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("provfail");
+    let alias = format!("{owner}-agent");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let failing = dir.path().join("broken.sh");
+    std::fs::write(&failing, "#!/bin/sh\nexit 5\n").expect("write");
+    let request = ProvisionRequest {
+        name: alias.clone(),
+        owner: owner.clone(),
+        spec: image_spec(&image, vec![failing], 3, None),
+        agent_url: None,
+    };
+    let error = provision::provision(&incus, &request, &|_: &str| {})
+        .await
+        .expect_err("a failing script fails");
+    let text = error.to_string();
+    assert!(text.contains("broken.sh") && text.contains("code 5"), "{error:?}");
+    assert_eq!(
+        provision::alias_target(&incus, &alias).await.expect("alias"),
+        None,
+        "nothing was published"
+    );
+    let listed = std::process::Command::new("incus")
+        .args(["list", "-c", "n", "-f", "csv"])
+        .output()
+        .expect("incus list");
+    let names = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        !names.contains(&format!("ciscale-build-{alias}")),
+        "the builder is gone: {names}"
+    );
+}
