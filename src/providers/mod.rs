@@ -15,6 +15,7 @@ use crate::model::{
     AgentId, BackendName, BackendObservation, CiName, CiObservation, Instance, InstanceId, PoolName, Secret,
 };
 
+pub mod azure_pipelines;
 pub mod fake;
 mod registry;
 

@@ -36,6 +36,19 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     for (name, spec) in &desired.ci {
         let source: Arc<dyn CiSource> = match &spec.kind {
             CiKind::Fake(fake) => Arc::new(world_for(fake)?.ci()),
+            CiKind::AzurePipelines { organization_url, pat, agent_pat } => {
+                Arc::new(super::azure_pipelines::AzurePipelines::new(super::azure_pipelines::AzureSettings {
+                    agent_pat: agent_pat.clone(),
+                    // The source reads only the Azure pools its own pools are bound to.
+                    pools: desired
+                        .pools
+                        .iter()
+                        .filter(|pool| &pool.ci.source == name)
+                        .filter_map(|pool| Some((pool.name.clone(), pool.ci.azure_pool.clone()?)))
+                        .collect(),
+                    ..super::azure_pipelines::AzureSettings::new(organization_url.clone(), pat.clone())
+                })?)
+            }
             other => return Err(not_yet(other.name(), "ci source")),
         };
         providers.ci.insert(name.clone(), source);
