@@ -442,3 +442,193 @@ fn the_spec_check_rejects_what_the_spec_does_not_say() {
     };
     assert!(spec.check(&bad_date).is_err(), "formats are checked");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// End to end: `ciscale watch` with the Azure fake and the fake backend
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The test plays the agents: an instance that appears runs `config.sh` (comes online), asks for a job, runs
+/// it, and powers off — its ephemeral container is gone, its record stays offline for ciscale to remove.
+#[test]
+fn watch_refills_a_fixed_ephemeral_pool_and_serves_a_queue_driven_one() {
+    use ciscale::model::{FakeSpec, InstanceState, POOL_LABEL};
+    use ciscale::providers::fake::FakeWorld;
+    use std::io::Read as _;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let fake = AzureFake::start(PAT);
+    fake.add_pool("Fixed");
+    fake.add_pool("Queue");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"id: e2e
+pollInterval: 200ms
+ci:
+  azure: {{ kind: azure-pipelines, organizationUrl: "{url}", pat: "${{AZP_ADMIN_PAT}}", agentPat: "${{AZP_AGENT_PAT}}" }}
+backends:
+  sim: {{ kind: fake, stateFile: world.json }}
+pools:
+  - name: fixed
+    ci: {{ source: azure, azurePool: Fixed }}
+    backend: {{ name: sim, machine: {{ image: agent }} }}
+    scale: {{ min: 2, max: 2, ephemeral: true }}
+  - name: queue
+    ci: {{ source: azure, azurePool: Queue, capabilities: {{ docker: "" }} }}
+    backend: {{ name: sim, machine: {{ image: agent }} }}
+    scale: {{ min: 0, max: 3, ephemeral: true }}
+"#,
+        url = fake.org_url()
+    );
+    std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
+    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+        .expect("open the world");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .args(["watch", "--json", "-c", "ciscale.yaml"])
+        .env_remove("CISCALE_LOG")
+        .env("NO_COLOR", "1")
+        .env("AZP_ADMIN_PAT", PAT)
+        .env("AZP_AGENT_PAT", AGENT_PAT)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start watch");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let stdout_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+
+    // name → (agent id, the request it runs)
+    let mut online: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
+    let mut finished_agents: Vec<String> = Vec::new();
+    let mut queued = None;
+    let mut created: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let outcome = loop {
+        let snapshot = world.snapshot();
+        for instance in snapshot.instances.iter().filter(|instance| instance.state == InstanceState::Running) {
+            created.insert(instance.name.clone());
+            if !online.contains_key(&instance.name) && !finished_agents.contains(&instance.name) {
+                let (azure_pool, capabilities) = match instance.labels.get(POOL_LABEL).map(String::as_str) {
+                    Some("fixed") => ("Fixed", BTreeMap::new()),
+                    _ => ("Queue", BTreeMap::from([("docker".to_owned(), String::new())])),
+                };
+                let id = fake.agent_online_with(azure_pool, &instance.name, capabilities);
+                online.insert(instance.name.clone(), (id, None));
+            }
+        }
+        // Agents run their job to the end, then power off (the container deletes itself), or ask for one.
+        for (name, (id, job)) in online.iter_mut() {
+            match job {
+                Some(request) => {
+                    fake.finish(*request, "succeeded");
+                    fake.agent_offline(*id);
+                    world.update(|state| state.instances.retain(|instance| &instance.name != name));
+                    finished_agents.push(name.clone());
+                }
+                None => *job = fake.take_next(*id),
+            }
+        }
+        online.retain(|name, _| !finished_agents.contains(name));
+
+        // Once the fixed pool is up, the jobs come.
+        let fixed_online = online.keys().filter(|name| name.starts_with("e2e-fixed-")).count();
+        if queued.is_none() && fixed_online == 2 {
+            let fixed = fake.add_request("Fixed", &[]);
+            let docker = [fake.add_request("Queue", &["docker"]), fake.add_request("Queue", &["docker"])];
+            let gpu = fake.add_request("Queue", &["gpu"]);
+            queued = Some((fixed, docker, gpu));
+        }
+
+        if let Some((fixed, docker, gpu)) = queued {
+            let requests = fake.requests();
+            let done = |id: u64| requests.iter().any(|request| request.id == id && !request.is_unfinished());
+            let active = |pool: &str| {
+                world
+                    .snapshot()
+                    .instances
+                    .iter()
+                    .filter(|i| i.state.is_active() && i.labels.get(POOL_LABEL).map(String::as_str) == Some(pool))
+                    .count()
+            };
+            let records_removed = finished_agents.iter().all(|name| fake.agent_named(name).is_none());
+            if done(fixed)
+                && docker.iter().all(|id| done(*id))
+                && !done(gpu)
+                && records_removed
+                && active("fixed") == 2
+                && online.keys().filter(|name| name.starts_with("e2e-fixed-")).count() == 2
+                && active("queue") == 0
+            {
+                break Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            break Err(format!(
+                "did not converge: online {online:?}, finished {finished_agents:?}, requests {:?}, instances {:?}",
+                fake.requests(),
+                world.snapshot().instances
+            ));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(format!("watch exited early with {status}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().expect("watch ends");
+    let (out, err) = (stdout_reader.join().unwrap_or_default(), stderr_reader.join().unwrap_or_default());
+    if let Err(why) = outcome {
+        panic!("{why}\n--- stdout\n{out}\n--- stderr\n{err}");
+    }
+    assert_eq!(status.code(), Some(0), "{err}");
+    for secret in [PAT, AGENT_PAT] {
+        assert!(!out.contains(secret) && !err.contains(secret), "a PAT leaked:\n{out}\n{err}");
+    }
+
+    // The fixed pool was refilled after its agent ran its job; the queue pool grew for the two docker jobs only.
+    let fixed_created = created.iter().filter(|name| name.starts_with("e2e-fixed-")).count();
+    let queue_created = created.iter().filter(|name| name.starts_with("e2e-queue-")).count();
+    assert_eq!(fixed_created, 3, "2 at start + 1 replacement: {created:?}");
+    assert_eq!(queue_created, 2, "one per docker job, none for the gpu job: {created:?}");
+
+    // Each agent got the scoped agent PAT (never the admin PAT) and what `config.sh` needs, in a 0400 file.
+    let pushed = world.snapshot().pushed_files;
+    assert_eq!(pushed.len(), 5, "{pushed:?}");
+    assert_eq!(world.snapshot().counters.instances, 5, "no instance was created twice");
+    let mut digests_checked = 0;
+    for file in &pushed {
+        let name = file.instance.as_str();
+        let instance_name = world
+            .snapshot()
+            .instances
+            .iter()
+            .find(|instance| instance.id == file.instance)
+            .map(|instance| instance.name.clone());
+        assert_eq!(file.mode, 0o400);
+        // Instances that powered off are gone from the world; the file's digest is checked for those still there.
+        if let Some(instance_name) = instance_name {
+            let azure_pool = if instance_name.starts_with("e2e-fixed-") { "Fixed" } else { "Queue" };
+            let expected = format!(
+                "AZP_AGENT_NAME={instance_name}\nAZP_ONCE=true\nAZP_POOL={azure_pool}\nAZP_URL={}\n\
+                 CISCALE_AGENT_ID={UNREGISTERED_PREFIX}{instance_name}\nCISCALE_AGENT_TOKEN={AGENT_PAT}\n",
+                fake.org_url()
+            );
+            assert_eq!(file.sha256, ciscale::providers::fake::sha256_hex(expected.as_bytes()), "credential of {name}");
+            digests_checked += 1;
+        }
+    }
+    assert_eq!(digests_checked, 2, "the two fixed agents still running");
+}
