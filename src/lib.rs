@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod import;
 pub mod model;
 pub mod observe;
 pub mod plan;

@@ -233,6 +233,44 @@ mod tests {
     }
 
     #[test]
+    fn null_and_missing_fields_are_absent_not_errors() {
+        let agents: List<WireAgent> = serde_json::from_str(
+            r#"{"count": 2, "value": [
+                {"id": 1, "name": "a", "enabled": null, "status": null, "assignedRequest": null,
+                 "lastCompletedRequest": {"requestId": 9, "result": "succeeded", "finishTime": null}},
+                {"id": 2, "name": "b", "status": "Online", "assignedRequest":
+                    {"requestId": 10, "result": null, "demands": null, "reservedAgent": {"id": 2}}}
+            ]}"#,
+        )
+        .expect("agents");
+        let now = at("2024-05-01T10:00:00Z");
+        let first = agent_to_model(&agents.value[0], "P", now);
+        assert!(!first.busy && !first.no_schedule && first.last_contact.is_none() && first.last_work.is_none());
+        let second = agent_to_model(&agents.value[1], "P", now);
+        assert!(second.busy, "an unfinished assigned request");
+        assert_eq!(second.last_contact, Some(now), "status compares case-insensitively");
+
+        let empty: List<WireJobRequest> = serde_json::from_str(r#"{"count": 0, "value": null}"#).expect("null list");
+        assert!(empty.value.is_empty());
+        let requests: List<WireJobRequest> = serde_json::from_str(
+            r#"{"value": [
+                {"requestId": 1, "result": null, "demands": null},
+                {"requestId": 2, "result": null, "assignTime": "0001-01-01T00:00:00", "reservedAgent": null},
+                {"requestId": 3, "result": null, "assignTime": "2024-05-01T09:00:00.5Z"},
+                {"requestId": 4, "result": "canceled", "finishTime": "2024-05-01T09:00:00Z"},
+                {"requestId": 5, "finishTime": "2024-05-01T09:00:00Z"}
+            ]}"#,
+        )
+        .expect("requests");
+        let (pending, running) = requests_to_queue(&requests.value, "P");
+        let ids = |tasks: &[Task]| tasks.iter().map(|task| task.id.as_str().to_owned()).collect::<Vec<_>>();
+        assert_eq!(ids(&pending), ["1", "2"], "Azure's zero date is no assignment");
+        assert_eq!(ids(&running), ["3"], "assigned without a reserved agent still runs");
+        assert_eq!(running[0].agent_id, None);
+        assert!(serde_json::from_str::<List<WireAgent>>(r#"{"value": [{"name": "no id"}]}"#).is_err());
+    }
+
+    #[test]
     fn demands_as_text_or_objects() {
         let demands: Vec<WireDemand> = serde_json::from_str(
             r#"["docker", " Agent.Version -gtVersion 3.0 ", {"name": "Agent.OS", "value": "Linux"}, {"name": "java"}, {"name": "node", "value": null}]"#,

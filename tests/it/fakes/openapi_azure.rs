@@ -64,17 +64,30 @@ impl Swagger {
         let shared_parameters = document.get("parameters").cloned().unwrap_or(json!({}));
         let mut operations = Vec::new();
         for section in ["paths", "x-ms-paths"] {
-            let Some(paths) = document.get(section).and_then(Value::as_object) else { continue };
+            let Some(paths) = document.get(section).and_then(Value::as_object) else {
+                continue;
+            };
             for (key, item) in paths {
                 let path = key.split('?').next().unwrap_or(key);
                 let template: Vec<String> = path.trim_matches('/').split('/').map(str::to_owned).collect();
                 let Some(item) = item.as_object() else { continue };
-                let path_level: Vec<Value> = item.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default();
+                let path_level: Vec<Value> = item
+                    .get("parameters")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
                 for (method, operation) in item {
-                    if !matches!(method.as_str(), "get" | "put" | "post" | "delete" | "patch" | "head" | "options") {
+                    if !matches!(
+                        method.as_str(),
+                        "get" | "put" | "post" | "delete" | "patch" | "head" | "options"
+                    ) {
                         continue;
                     }
-                    let own = operation.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default();
+                    let own = operation
+                        .get("parameters")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
                     let parameters = path_level
                         .iter()
                         .chain(own.iter())
@@ -95,13 +108,18 @@ impl Swagger {
             }
         }
         let definitions = document.get("definitions").cloned().unwrap_or(json!({}));
-        Ok(Self { definitions, operations })
+        Ok(Self {
+            definitions,
+            operations,
+        })
     }
 
     /// Whether the spec describes this method and path at all.
     pub fn covers(&self, method: &str, path: &str) -> bool {
         let segments = split_path(path);
-        self.operations.iter().any(|operation| operation.method == method && template_matches(&operation.template, &segments))
+        self.operations
+            .iter()
+            .any(|operation| operation.method == method && template_matches(&operation.template, &segments))
     }
 
     /// Checks one exchange; `Err` lists what is wrong against every candidate operation.
@@ -113,7 +131,10 @@ impl Swagger {
             .filter(|operation| operation.method == exchange.method && template_matches(&operation.template, &segments))
             .collect();
         if candidates.is_empty() {
-            return Err(format!("{} {}: no operation in the spec", exchange.method, exchange.path));
+            return Err(format!(
+                "{} {}: no operation in the spec",
+                exchange.method, exchange.path
+            ));
         }
         let mut problems = Vec::new();
         for operation in candidates {
@@ -122,17 +143,32 @@ impl Swagger {
                 Err(found) => problems.push(format!("  against `{}`:\n    {}", operation.key, found.join("\n    "))),
             }
         }
-        Err(format!("{} {}:\n{}", exchange.method, exchange.path, problems.join("\n")))
+        Err(format!(
+            "{} {}:\n{}",
+            exchange.method,
+            exchange.path,
+            problems.join("\n")
+        ))
     }
 
-    fn check_against(&self, operation: &Operation, segments: &[String], exchange: &Exchange) -> Result<(), Vec<String>> {
+    fn check_against(
+        &self,
+        operation: &Operation,
+        segments: &[String],
+        exchange: &Exchange,
+    ) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         let of = |place: &'static str| {
-            operation.parameters.iter().filter(move |p| p.get("in").and_then(Value::as_str) == Some(place))
+            operation
+                .parameters
+                .iter()
+                .filter(move |p| p.get("in").and_then(Value::as_str) == Some(place))
         };
 
         for (template, actual) in operation.template.iter().zip(segments) {
-            let Some(name) = template.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')) else { continue };
+            let Some(name) = template.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')) else {
+                continue;
+            };
             match of("path").find(|p| p.get("name").and_then(Value::as_str) == Some(name)) {
                 Some(parameter) => {
                     if let Err(problem) = check_scalar(parameter, actual) {
@@ -161,7 +197,11 @@ impl Swagger {
         match (of("body").next(), &exchange.request_body) {
             (Some(parameter), Some(body)) => {
                 if let Some(schema) = parameter.get("schema") {
-                    problems.extend(self.validate(schema, body).into_iter().map(|problem| format!("request body: {problem}")));
+                    problems.extend(
+                        self.validate(schema, body)
+                            .into_iter()
+                            .map(|problem| format!("request body: {problem}")),
+                    );
                 }
             }
             (Some(parameter), None) if parameter.get("required").and_then(Value::as_bool) == Some(true) => {
@@ -186,7 +226,11 @@ impl Swagger {
                     } else {
                         body
                     };
-                    problems.extend(self.validate(schema, checked).into_iter().map(|problem| format!("response: {problem}")));
+                    problems.extend(
+                        self.validate(schema, checked)
+                            .into_iter()
+                            .map(|problem| format!("response: {problem}")),
+                    );
                 }
                 (Some(Some(_)), None) => problems.push("the declared response body is missing".to_owned()),
                 (Some(None), Some(body)) => problems.push(format!("an undeclared response body is sent: {body}")),
@@ -204,34 +248,57 @@ impl Swagger {
     pub fn validate(&self, schema: &Value, instance: &Value) -> Vec<String> {
         let mut root: Map<String, Value> = schema.as_object().cloned().unwrap_or_default();
         root.insert("definitions".to_owned(), self.definitions.clone());
-        let validator = match jsonschema::draft4::options().should_validate_formats(true).build(&Value::Object(root)) {
+        let validator = match jsonschema::draft4::options()
+            .should_validate_formats(true)
+            .build(&Value::Object(root))
+        {
             Ok(validator) => validator,
             Err(error) => return vec![format!("the spec's schema does not compile: {error}")],
         };
-        validator.iter_errors(instance).map(|error| format!("{} at `{}`", error, error.instance_path)).collect()
+        validator
+            .iter_errors(instance)
+            .map(|error| format!("{} at `{}`", error, error.instance_path))
+            .collect()
     }
 
     /// The schema of a named definition, as a `$ref` (for parts of the API the spec leaves out).
     pub fn definition(&self, name: &str) -> Value {
-        assert!(self.definitions.get(name).is_some(), "the spec has no definition `{name}`");
+        assert!(
+            self.definitions.get(name).is_some(),
+            "the spec has no definition `{name}`"
+        );
         json!({ "$ref": format!("#/definitions/{name}") })
     }
 }
 
 fn split_path(path: &str) -> Vec<String> {
-    path.split('?').next().unwrap_or(path).trim_matches('/').split('/').map(str::to_owned).collect()
+    path.split('?')
+        .next()
+        .unwrap_or(path)
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect()
 }
 
 fn template_matches(template: &[String], segments: &[String]) -> bool {
     template.len() == segments.len()
-        && template.iter().zip(segments).all(|(part, actual)| (part.starts_with('{') && part.ends_with('}')) || part == actual)
+        && template
+            .iter()
+            .zip(segments)
+            .all(|(part, actual)| (part.starts_with('{') && part.ends_with('}')) || part == actual)
 }
 
 fn resolve_parameter(parameter: &Value, shared: &Value) -> Result<Value, String> {
     match parameter.get("$ref").and_then(Value::as_str) {
         Some(reference) => {
-            let name = reference.strip_prefix("#/parameters/").ok_or_else(|| format!("unsupported `$ref` {reference}"))?;
-            shared.get(name).cloned().ok_or_else(|| format!("unresolved `$ref` {reference}"))
+            let name = reference
+                .strip_prefix("#/parameters/")
+                .ok_or_else(|| format!("unsupported `$ref` {reference}"))?;
+            shared
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("unresolved `$ref` {reference}"))
         }
         None => Ok(parameter.clone()),
     }
@@ -242,8 +309,14 @@ fn check_scalar(parameter: &Value, value: &str) -> Result<(), String> {
     let kind = parameter.get("type").and_then(Value::as_str).unwrap_or("string");
     let format = parameter.get("format").and_then(Value::as_str);
     match (kind, format) {
-        ("integer", Some("int32")) => value.parse::<i32>().map(|_| ()).map_err(|_| "not an int32".to_owned())?,
-        ("integer", _) => value.parse::<i64>().map(|_| ()).map_err(|_| "not an integer".to_owned())?,
+        ("integer", Some("int32")) => value
+            .parse::<i32>()
+            .map(|_| ())
+            .map_err(|_| "not an int32".to_owned())?,
+        ("integer", _) => value
+            .parse::<i64>()
+            .map(|_| ())
+            .map_err(|_| "not an integer".to_owned())?,
         ("boolean", _) if !matches!(value, "true" | "false") => return Err("not `true`/`false`".to_owned()),
         _ => {}
     }
