@@ -423,6 +423,50 @@ async fn an_idle_cycle_costs_two_calls_per_azure_pool() {
     assert_eq!(fake.total_calls(), 5 * 4, "2 calls per pool per cycle, 2 pools");
 }
 
+/// A `Write` target the log lines of one test go to.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_nearly_used_up_rate_limit_budget_is_warned_about() {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let fake = AzureFake::start(PAT);
+    fake.add_pool("Linux");
+    let ci = source(&fake, &[("linux", "Linux")]);
+    fake.set_rate_limit_headers(150, 200);
+    ci.observe().await.expect("observe with plenty of budget");
+    let text =
+        || String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned();
+    assert!(
+        !text().contains("rate-limit budget"),
+        "no warning with 75 % left: {}",
+        text()
+    );
+    fake.set_rate_limit_headers(5, 200);
+    ci.observe().await.expect("a low budget still answers");
+    assert!(text().contains("rate-limit budget is nearly used up"), "{}", text());
+    assert!(!text().contains(PAT));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Wire format against the published spec
 // ---------------------------------------------------------------------------------------------------------------

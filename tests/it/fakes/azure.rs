@@ -592,7 +592,7 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
-    let query: Vec<(String, String)> = uri.query().map(|query| url_pairs(query)).unwrap_or_default();
+    let query: Vec<(String, String)> = uri.query().map(url_pairs).unwrap_or_default();
     let (route, pool_id, agent_id) = route_of(&path);
     let request_body: Option<Value> = if body.is_empty() {
         None
