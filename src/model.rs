@@ -20,6 +20,9 @@ pub const POOL_LABEL: &str = "ciscale.pool";
 pub const AGENT_HASH_LABEL: &str = "ciscale.agent-hash";
 /// Label a CI agent is registered with when it runs one job and then powers its instance off (ephemeral pools).
 pub const EPHEMERAL_LABEL: &str = "ciscale.ephemeral";
+/// Task (and agent) label naming the Azure Pipelines agent pool a job request waits in: a request counts only
+/// for pools bound to that Azure pool, whatever its demands.
+pub const AZURE_POOL_LABEL: &str = "azure-pool";
 
 macro_rules! id_newtype {
     ($(#[$doc:meta])* $name:ident) => {
@@ -271,7 +274,13 @@ pub enum CiKind {
         /// gRPC address agents connect to (`WOODPECKER_SERVER`); `None`: the host of `server`, port 9000.
         grpc_address: Option<String>,
     },
-    AzurePipelines { organization_url: String, pat: Secret },
+    AzurePipelines {
+        organization_url: String,
+        pat: Secret,
+        /// The PAT handed to agents for their self-registration (`config.sh --token`); `None`: the source's own
+        /// `pat` is handed out (Azure has no per-agent tokens; see `providers::azure_pipelines`).
+        agent_pat: Option<Secret>,
+    },
     /// The in-memory fake (tests, demos, offline trials).
     Fake(FakeSpec),
 }

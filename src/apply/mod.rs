@@ -293,7 +293,12 @@ impl Redactor {
         for source in desired.ci.values() {
             match &source.kind {
                 CiKind::Woodpecker { token, .. } => redactor.add(token.expose()),
-                CiKind::AzurePipelines { pat, .. } => redactor.add(pat.expose()),
+                CiKind::AzurePipelines { pat, agent_pat, .. } => {
+                    redactor.add(pat.expose());
+                    if let Some(agent_pat) = agent_pat {
+                        redactor.add(agent_pat.expose());
+                    }
+                }
                 CiKind::Fake(_) => {}
             }
         }

@@ -13,6 +13,7 @@ use ciscale::model::{Desired, Observed};
 use ciscale::providers::{self, Providers};
 
 mod apply;
+mod import;
 mod observe;
 mod plan;
 mod provision;
@@ -105,6 +106,8 @@ pub enum Command {
     Schema(schema::SchemaArgs),
     /// Print the version
     Version(version::VersionArgs),
+    /// Convert another tool's config into a ciscale config (printed on stdout)
+    Import(import::ImportArgs),
 }
 
 impl Command {
@@ -126,6 +129,7 @@ impl Command {
             Command::Provision(args) => provision::run(args, ui).await,
             Command::Schema(args) => schema::run(args),
             Command::Version(args) => version::run(args),
+            Command::Import(args) => import::run(args),
         }
     }
 }

@@ -178,12 +178,12 @@ fn flow_value_len(rest: &str) -> usize {
 }
 
 /// For a file that does not parse (so secret fields cannot be found by structure): blanks the value after any
-/// `token:` or `pat:` on a line, unless it is only `${VAR}` references.
+/// `token:`, `pat:` or `agentPat:` on a line, unless it is only `${VAR}` references.
 fn redact_unparsed(text: &str) -> String {
     let mut spans = Vec::new();
     let mut line_start = 0;
     for line in text.split_inclusive('\n') {
-        for key in ["token:", "pat:"] {
+        for key in ["token:", "pat:", "agentPat:"] {
             let mut search = 0;
             while let Some(found) = line[search..].find(key) {
                 let value_start = search + found + key.len();

@@ -97,6 +97,10 @@ pub enum RawCiSource {
         organization_url: String,
         /// Personal access token (agent pools: read & manage).
         pat: RawSecret,
+        /// PAT handed to the agents to register themselves, scoped to "Agent Pools (read, manage)" only
+        /// [the source's `pat`, with a warning: Azure has no per-agent tokens].
+        #[serde(default)]
+        agent_pat: Option<RawSecret>,
     },
     /// The in-memory fake CI (tests, demos, offline trials).
     Fake {

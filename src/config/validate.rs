@@ -364,9 +364,11 @@ impl Validator<'_> {
                 RawCiSource::AzurePipelines {
                     organization_url,
                     pat,
+                    agent_pat,
                 } => CiKind::AzurePipelines {
                     organization_url,
                     pat: Secret::new(pat.0),
+                    agent_pat: agent_pat.map(|agent_pat| Secret::new(agent_pat.0)),
                 },
                 RawCiSource::Fake {
                     state_file,

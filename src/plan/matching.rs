@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::model::AZURE_POOL_LABEL;
+
 /// Task labels under this prefix are set by Woodpecker itself and never take part in matching.
 pub(super) const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
 
@@ -48,29 +50,52 @@ pub fn woodpecker_matches(agent_labels: &BTreeMap<String, String>, task_labels: 
     })
 }
 
-/// Azure Pipelines demands: `name` needs the capability to exist, `name -equals value` needs its value to be
-/// `value`. Other operators (`-gtVersion`, ...) are only checked for existence, and `Agent.Version` demands are
-/// ignored (every agent the pool runs is recent enough by construction). Azure compares capability names and
-/// `-equals` values case-insensitively, so we do too.
+/// Azure Pipelines demands, as the job request lists them (`name` or `name -operator value`): `name` needs the
+/// capability to exist, `name -equals value` needs its value to be `value` (the value may contain spaces:
+/// `Agent.OS -equals Windows NT`). Other operators (`-gtVersion`, ...) are only checked for existence, and
+/// demands on the capability `Agent.Version` are ignored (every agent the pool runs is recent enough by
+/// construction). Azure compares capability names and `-equals` values case-insensitively, so we do too.
 pub fn azure_matches(capabilities: &BTreeMap<String, String>, demands: &[String]) -> bool {
     demands.iter().all(|demand| {
-        let demand = demand.trim();
-        if demand.is_empty() || demand.to_ascii_lowercase().starts_with("agent.version") {
+        let Some((name, operator, expected)) = split_demand(demand) else {
+            return true;
+        };
+        if name.eq_ignore_ascii_case("Agent.Version") {
             return true;
         }
-        let mut parts = demand.splitn(3, char::is_whitespace);
-        let name = parts.next().unwrap_or_default();
-        let operator = parts.next();
-        let expected = parts.next().map(str::trim);
         let capability = capabilities.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value);
         match (capability, operator) {
             (None, _) => false,
-            (Some(value), Some(op)) if op.eq_ignore_ascii_case("-equals") => {
-                value.eq_ignore_ascii_case(expected.unwrap_or_default())
-            }
+            (Some(value), Some(op)) if op.eq_ignore_ascii_case("-equals") => value.eq_ignore_ascii_case(expected),
             (Some(_), _) => true,
         }
     })
+}
+
+/// `name [-operator [value...]]`, split on runs of whitespace; the value is the rest of the line, trimmed.
+/// `None` for a blank demand.
+fn split_demand(demand: &str) -> Option<(&str, Option<&str>, &str)> {
+    let demand = demand.trim();
+    let (name, rest) = demand.split_once(char::is_whitespace).unwrap_or((demand, ""));
+    if name.is_empty() {
+        return None;
+    }
+    let rest = rest.trim_start();
+    if rest.is_empty() {
+        return Some((name, None, ""));
+    }
+    let (operator, value) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    Some((name, Some(operator), value.trim()))
+}
+
+/// A job request waiting in an Azure agent pool (task label [`AZURE_POOL_LABEL`]) can only be taken by agents
+/// of that pool, whatever its demands: pool names compare case-insensitively, as Azure's do. A task without the
+/// label (the fake CI's) is not restricted.
+pub fn azure_pool_matches(pool: Option<&str>, task_labels: &BTreeMap<String, String>) -> bool {
+    match task_labels.get(AZURE_POOL_LABEL) {
+        Some(task_pool) => pool.is_some_and(|pool| pool.eq_ignore_ascii_case(task_pool)),
+        None => true,
+    }
 }
 
 #[cfg(test)]
@@ -134,5 +159,30 @@ mod tests {
         assert!(azure_matches(&caps, &["Agent.Version -gtVersion 3.220.0".into()]));
         assert!(azure_matches(&caps, &["java -gtVersion 11".into()]));
         assert!(!azure_matches(&caps, &["docker".into(), "node".into()]));
+    }
+
+    #[test]
+    fn azure_demand_spacing_and_values_with_spaces() {
+        let caps = labels(&[("Agent.OS", "Windows NT"), ("docker", "")]);
+        // Runs of whitespace between the parts, and around the demand.
+        assert!(azure_matches(&caps, &["  Agent.OS   -equals   Windows NT ".into()]));
+        assert!(!azure_matches(&caps, &["Agent.OS  -equals  Linux".into()]));
+        // `-equals` with no value needs an empty capability value.
+        assert!(azure_matches(&caps, &["docker -equals".into()]));
+        assert!(!azure_matches(&caps, &["Agent.OS -equals".into()]));
+        // Only the capability `Agent.Version` is ignored, not every name that starts like it.
+        assert!(azure_matches(&caps, &["AGENT.VERSION -gtVersion 9.9.9".into()]));
+        assert!(!azure_matches(&caps, &["Agent.VersionSuffix".into()]));
+        // A blank demand asks for nothing.
+        assert!(azure_matches(&caps, &["   ".into()]));
+    }
+
+    #[test]
+    fn azure_pool_label_restricts_to_that_pool() {
+        let in_default = labels(&[(AZURE_POOL_LABEL, "Default")]);
+        assert!(azure_pool_matches(Some("default"), &in_default));
+        assert!(!azure_pool_matches(Some("gpu"), &in_default));
+        assert!(!azure_pool_matches(None, &in_default));
+        assert!(azure_pool_matches(Some("gpu"), &BTreeMap::new()), "unlabelled tasks are not restricted");
     }
 }

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::cost::estimate_cost;
 use super::fasthash::{FastMap, FastSet};
-use super::matching::{azure_matches, woodpecker_matches, WOODPECKER_INTERNAL_PREFIX};
+use super::matching::{azure_matches, azure_pool_matches, woodpecker_matches, WOODPECKER_INTERNAL_PREFIX};
 use super::{Action, AgentTarget, Change, InstanceTarget, Plan, PoolStatus, Summary, FORMAT_VERSION};
 use crate::model::{
     Agent, AgentId, AgentRef, AgentSpec, BackendName, Billing, CiKind, CiName, CiObservation, Desired, Instance,
@@ -187,7 +187,9 @@ fn match_rule(desired: &Desired, source: &CiName) -> MatchRule {
 fn pool_matches(rule: MatchRule, pool: &PoolSpec, labels: &BTreeMap<String, String>, demands: &[String]) -> bool {
     match rule {
         MatchRule::Woodpecker => woodpecker_matches(&pool.ci.labels, labels),
-        MatchRule::Azure => azure_matches(&pool.ci.capabilities, demands),
+        MatchRule::Azure => {
+            azure_pool_matches(pool.ci.azure_pool.as_deref(), labels) && azure_matches(&pool.ci.capabilities, demands)
+        }
         MatchRule::Both => woodpecker_matches(&pool.ci.labels, labels) && azure_matches(&pool.ci.capabilities, demands),
     }
 }
@@ -250,6 +252,10 @@ impl<'a> LabelProjection<'a> {
         let mut required = FastSet::default();
         let mut exact = FastSet::default();
         for pool in pools {
+            // Azure requests carry their pool's name, which matching compares exactly.
+            if pool.ci.azure_pool.is_some() {
+                exact.insert(crate::model::AZURE_POOL_LABEL);
+            }
             for (key, value) in &pool.ci.labels {
                 match key.strip_prefix('!') {
                     Some(required_key) => {

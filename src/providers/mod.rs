@@ -16,6 +16,7 @@ use crate::model::{
 };
 
 pub mod aws;
+pub mod azure_pipelines;
 pub mod fake;
 pub mod hcloud;
 pub mod incus;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::fake::FakeWorld;
-use super::{Backend, CiSource, Error, Providers, Result};
+use super::{Backend, CiSource, Providers, Result};
 use crate::model::{BackendKind, CiKind, Desired, FakeSpec};
 
 /// Connects to every provider the config names. No network call is made here: the first call is the first
@@ -51,15 +51,23 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
             CiKind::Woodpecker { server, token, grpc_address } => {
                 Arc::new(super::woodpecker::Woodpecker::new(server, token.clone(), grpc_address.as_deref())?)
             }
-            other => return Err(not_yet(other.name(), "ci source")),
+            CiKind::AzurePipelines { organization_url, pat, agent_pat } => {
+                Arc::new(super::azure_pipelines::AzurePipelines::new(super::azure_pipelines::AzureSettings {
+                    agent_pat: agent_pat.clone(),
+                    // The source reads only the Azure pools its own pools are bound to.
+                    pools: desired
+                        .pools
+                        .iter()
+                        .filter(|pool| &pool.ci.source == name)
+                        .filter_map(|pool| Some((pool.name.clone(), pool.ci.azure_pool.clone()?)))
+                        .collect(),
+                    ..super::azure_pipelines::AzureSettings::new(organization_url.clone(), pat.clone())
+                })?)
+            }
         };
         providers.ci.insert(name.clone(), source);
     }
     Ok(providers)
-}
-
-fn not_yet(kind: &str, what: &'static str) -> Error {
-    Error::Unsupported { provider: kind.to_owned(), operation: what }
 }
 
 fn fake_specs(desired: &Desired) -> impl Iterator<Item = &FakeSpec> {

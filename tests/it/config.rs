@@ -200,6 +200,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 kind: CiKind::AzurePipelines {
                     organization_url: "https://dev.azure.com/acme".into(),
                     pat: secret("AZP_TOKEN"),
+                    agent_pat: None,
                 },
             },
         ),

@@ -225,6 +225,33 @@ pub async fn wait_until_gone(backend: &dyn Backend, id: &InstanceId, patience: P
 /// The [`CiSource`] contract: register is create-if-absent by name, drain/undrain are idempotent, deregister
 /// of a missing agent is `NotFound`.
 pub async fn ci_conformance(ci: Arc<dyn CiSource>, prefix: &str) {
+    ci_contract(ci, prefix, Registration::CreatesRecord).await;
+}
+
+/// A future a test returns from its "agent comes online" hook.
+pub type Online<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>;
+
+/// How agent records come to exist: the capability flag of the CI half of the suite.
+pub enum Registration<'a> {
+    /// `register` creates the record (Woodpecker, the fake): it is listed right away under the returned id.
+    CreatesRecord,
+    /// The agent registers itself (Azure Pipelines: `config.sh` on the instance): `register` only hands out a
+    /// credential, and the record appears once the agent runs. The hook plays that agent: it is called with the
+    /// agent's name and must make the CI list an agent of that name.
+    SelfRegistering(&'a dyn Fn(String) -> Online<'a>),
+}
+
+/// [`ci_conformance`] for a CI whose agents register themselves: before the agent comes online no record is
+/// listed; after it, the record behaves exactly as the contract says (and `register` again returns its id).
+pub async fn ci_conformance_self_registering<'a>(
+    ci: Arc<dyn CiSource>,
+    prefix: &str,
+    come_online: &'a dyn Fn(String) -> Online<'a>,
+) {
+    ci_contract(ci, prefix, Registration::SelfRegistering(come_online)).await;
+}
+
+async fn ci_contract(ci: Arc<dyn CiSource>, prefix: &str, registration: Registration<'_>) {
     let name = format!("{prefix}-conformance-agent");
     let request = RegisterAgent {
         name: name.clone(),
@@ -234,32 +261,47 @@ pub async fn ci_conformance(ci: Arc<dyn CiSource>, prefix: &str) {
 
     let first = ci.register(&request).await.expect("register");
     assert!(!first.token.expose().is_empty(), "a registered agent gets a token");
+    let agent_id = match registration {
+        Registration::CreatesRecord => first.agent_id.clone(),
+        Registration::SelfRegistering(come_online) => {
+            let observed = ci.observe().await.expect("observe");
+            assert!(
+                observed.agents.iter().all(|agent| agent.name != name),
+                "a self-registering CI lists no record before the agent registered: {:?}",
+                observed.agents
+            );
+            come_online(name.clone()).await;
+            let observed = ci.observe().await.expect("observe");
+            let found = observed.agents.iter().find(|agent| agent.name == name).expect("the agent is listed once online");
+            found.id.clone()
+        }
+    };
     let observed = ci.observe().await.expect("observe");
-    let agent = observed.agents.iter().find(|agent| agent.id == first.agent_id).expect("the new agent is listed");
+    let agent = observed.agents.iter().find(|agent| agent.id == agent_id).expect("the new agent is listed");
     assert_eq!(agent.name, name);
     assert!(!agent.no_schedule, "a new agent takes jobs");
     assert!(!agent.busy, "a new agent runs nothing");
 
     let second = ci.register(&request).await.expect("register again");
-    assert_eq!(second.agent_id, first.agent_id, "register is create-if-absent by name");
+    assert_eq!(second.agent_id, agent_id, "register is create-if-absent by name");
     let observed = ci.observe().await.expect("observe");
     assert_eq!(observed.agents.iter().filter(|agent| agent.name == name).count(), 1, "no duplicate agent");
 
     let no_schedule = |observed: &ciscale::model::CiObservation| {
-        observed.agents.iter().find(|agent| agent.id == first.agent_id).map(|agent| agent.no_schedule)
+        observed.agents.iter().find(|agent| agent.id == agent_id).map(|agent| agent.no_schedule)
     };
-    ci.drain(&first.agent_id).await.expect("drain");
-    ci.drain(&first.agent_id).await.expect("drain is idempotent");
+    ci.drain(&agent_id).await.expect("drain");
+    ci.drain(&agent_id).await.expect("drain is idempotent");
     assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(true));
-    ci.undrain(&first.agent_id).await.expect("undrain");
-    ci.undrain(&first.agent_id).await.expect("undrain is idempotent");
+    ci.undrain(&agent_id).await.expect("undrain");
+    ci.undrain(&agent_id).await.expect("undrain is idempotent");
     assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(false));
 
-    ci.deregister(&first.agent_id).await.expect("deregister");
+    ci.deregister(&agent_id).await.expect("deregister");
     assert_eq!(no_schedule(&ci.observe().await.expect("observe")), None, "a deregistered agent is not listed");
-    let again = ci.deregister(&first.agent_id).await;
+    let again = ci.deregister(&agent_id).await;
     assert!(matches!(again, Err(Error::NotFound { .. })), "second deregister: {again:?}");
-    let drained_missing = ci.drain(&first.agent_id).await;
+    let drained_missing = ci.drain(&agent_id).await;
     assert!(matches!(drained_missing, Err(Error::NotFound { .. })), "drain of a missing agent: {drained_missing:?}");
 }
 

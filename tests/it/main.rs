@@ -2,6 +2,7 @@
 
 mod apply;
 mod aws;
+mod azure;
 mod cli;
 mod config;
 mod conformance;

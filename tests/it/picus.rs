@@ -156,3 +156,29 @@ ci:
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("`PICUS_WOODPECKER_AGENT_ID` is not set"));
 }
+
+#[test]
+fn import_picus_prints_a_config_that_validates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .env_clear()
+        .envs(compose_env())
+        .args(["import", "picus"])
+        .output()
+        .expect("ciscale runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let yaml = String::from_utf8_lossy(&output.stdout).into_owned();
+    for secret in [WOODPECKER_TOKEN, AGENT_SECRET, HCLOUD_TOKEN] {
+        assert!(!yaml.contains(secret), "secret in the printed config:\n{yaml}");
+    }
+    std::fs::write(dir.path().join("ciscale.yaml"), &yaml).expect("write");
+    let validated = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .env_clear()
+        .envs(compose_env())
+        .args(["validate"])
+        .output()
+        .expect("ciscale runs");
+    assert!(validated.status.success(), "{}\n{yaml}", String::from_utf8_lossy(&validated.stderr));
+}

@@ -2,7 +2,9 @@
 // Helpers are shared by several test modules; not every one uses all of them.
 #![allow(dead_code)]
 
+pub mod azure;
 pub mod hcloud;
 pub mod openapi;
+pub mod openapi_azure;
 pub mod spec;
 pub mod woodpecker;
