@@ -1,9 +1,9 @@
 //! The lifecycle steps of each [`Action`]. Each step is idempotent, so a change interrupted anywhere (crash,
 //! kill -9, cancelled future) converges when the next plan asks for it again.
 //!
-//! - Create: register agent → create instance (an existing owned one of that name is taken over) → wait ready →
-//!   (containers) push credential file → start agent.
-//! - Start: start instance → wait ready → undrain agent.
+//! - Create: register agent → create instance (an existing owned one of that name is taken over) → (containers)
+//!   wait ready → push credential file → start agent. A cloud instance starts its agent from its user data.
+//! - Start: start instance → (containers) wait ready → undrain agent.
 //! - Stop: stop instance. Drain: drain agent.
 //! - Delete: check owner → delete instance (gone = done) → deregister agent (gone = done).
 //! - Replace: Delete, then Create with the pool's current spec. Deregister: deregister agent (gone = done).
@@ -95,7 +95,11 @@ impl<'run> ChangeRun<'run> {
             Action::Start => {
                 let (backend, id) = self.existing_instance()?;
                 self.call("start instance", || backend.start(&id)).await.map_err(|e| self.failed("start instance", &e))?;
-                self.wait_ready(&backend, &id).await?;
+                // As for a create: an agent that starts with its instance needs nothing more from us, and its boot
+                // is observed on later cycles rather than waited for here.
+                if backend.capabilities().exec {
+                    self.wait_ready(&backend, &id).await?;
+                }
                 if let Some(agent) = &change.agent {
                     let ci = self.ci(&agent.ci)?;
                     self.call("undrain agent", || ci.undrain(&agent.id))
@@ -198,9 +202,12 @@ impl<'run> ChangeRun<'run> {
             Err(error) => return Err(self.failed("create instance", &error)),
         };
         tracing::info!(instance = %id, "instance created");
-        self.wait_ready(&backend, &id).await?;
 
+        // A cloud instance starts its agent from its user data: nothing is left to do here, and waiting for it
+        // to boot (a minute on some clouds) would only hold up the cycle. Whether it came up is observed on later
+        // cycles (the agent checks in, or the bootstrap timeout replaces it).
         if capabilities.exec {
+            self.wait_ready(&backend, &id).await?;
             let file = PushFile {
                 path: CREDENTIAL_PATH.to_owned(),
                 content: env_file,

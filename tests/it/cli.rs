@@ -309,6 +309,7 @@ fn apply_on_a_terminal(sandbox: &Sandbox, answer: &str) -> Output {
         .current_dir(sandbox.dir.path())
         .env("NO_COLOR", "1")
         .env("E2E_SECRET", SECRET)
+        .env("CISCALE_LOCK_DIR", sandbox.path("locks"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
