@@ -182,3 +182,78 @@ fn import_picus_prints_a_config_that_validates() {
         .expect("ciscale runs");
     assert!(validated.status.success(), "{}\n{yaml}", String::from_utf8_lossy(&validated.stderr));
 }
+
+/// Picus mode end to end: Picus's own environment, no config file, `watch` against the Woodpecker and Hetzner
+/// fakes. Job appears → a server is created with the forwarded agent env → the hand-registered agent is undrained
+/// → the job runs and finishes → after `PICUS_MAX_IDLE_TIME` the agent is drained and the server deleted, while the
+/// agent record (registered by hand) stays.
+#[test]
+fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
+    use crate::fakes::hcloud::HcloudFake;
+    use crate::fakes::woodpecker::{FakeWoodpecker, ADMIN_TOKEN};
+    use std::time::{Duration, Instant};
+
+    let woodpecker = FakeWoodpecker::start();
+    let agent_id = woodpecker.add_agent("picus-agent");
+    let (hetzner, _runtime) = HcloudFake::start_in_background(HCLOUD_TOKEN);
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    let mut env = compose_env();
+    env.insert("PICUS_WOODPECKER_SERVER".to_owned(), woodpecker.url());
+    env.insert("PICUS_WOODPECKER_TOKEN".to_owned(), ADMIN_TOKEN.to_owned());
+    env.insert("PICUS_WOODPECKER_AGENT_ID".to_owned(), agent_id.to_string());
+    env.insert("PICUS_HCLOUD_SERVER_TYPE".to_owned(), "cx22".to_owned());
+    env.insert("PICUS_POLL_INTERVAL".to_owned(), "1s".to_owned());
+    env.insert("PICUS_MAX_IDLE_TIME".to_owned(), "2s".to_owned());
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .env_clear()
+        .envs(&env)
+        .env("HCLOUD_ENDPOINT", hetzner.endpoint())
+        .env("CISCALE_LOCK_DIR", dir.path().join("locks"))
+        .env("NO_COLOR", "1")
+        .args(["watch", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start watch in Picus mode");
+
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "gave up waiting: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let task = woodpecker.add_task(&[("platform", "linux/amd64"), ("backend", "docker")]);
+    wait("a server for the job", &|| !hetzner.servers().is_empty());
+    let server = hetzner.servers().remove(0);
+    assert_eq!(server.name, "my-woodpecker-instance-picus-1");
+    assert_eq!(server.server_type, "cx22");
+    assert_eq!(server.labels.get("ciscale.owner").map(String::as_str), Some("my-woodpecker-instance"));
+    let user_data = server.user_data.clone().unwrap_or_default();
+    assert!(user_data.contains("WOODPECKER_AGENT_SECRET=") && user_data.contains(AGENT_SECRET), "shared secret forwarded");
+    assert!(user_data.contains("WOODPECKER_SERVER=woodpecker.example.com:443"), "agent env forwarded");
+    assert!(!user_data.contains(ADMIN_TOKEN), "the admin token never leaves the ciscale host");
+    wait("the agent undrained", &|| woodpecker.agent_by_name("picus-agent").is_some_and(|agent| !agent.no_schedule));
+
+    woodpecker.start_task(&task, agent_id);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(hetzner.servers().len(), 1, "a busy agent's server stays");
+    woodpecker.finish_task(&task);
+    let now = jiff::Timestamp::now().as_second();
+    woodpecker.set_agent_times(agent_id, now, now);
+
+    wait("the server deleted after the idle time", &|| hetzner.servers().is_empty());
+    let agent = woodpecker.agent_by_name("picus-agent").expect("the hand-registered agent stays");
+    assert!(agent.no_schedule, "drained before its server went");
+    assert!(woodpecker.spec_violations().is_empty(), "{:?}", woodpecker.spec_violations());
+
+    drop(Command::new("kill").args(["-TERM", &watch.id().to_string()]).status());
+    let output = watch.wait_with_output().expect("watch stops");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for secret in [ADMIN_TOKEN, AGENT_SECRET, HCLOUD_TOKEN] {
+        assert!(!stderr.contains(secret), "secret in the logs");
+    }
+}
