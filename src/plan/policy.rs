@@ -877,10 +877,11 @@ type AdoptedInstanceRef = crate::model::AdoptedInstance;
 fn drift_of(instance: &Instance, pool: &PoolSpec, hash: &str) -> Vec<(String, String, String)> {
     let mut drift = Vec::new();
     for (key, value) in &pool.backend.machine {
-        let want = first_candidate(value);
+        // A comma list is a capacity fallback: an instance created from any of its candidates is as wanted, or a
+        // fallback server would be replaced (and replaced again) while the first choice stays unavailable.
         if let Some(have) = instance.attributes.get(key) {
-            if have != want {
-                drift.push((key.clone(), have.clone(), want.to_owned()));
+            if !value.split(',').map(str::trim).any(|candidate| candidate == have) {
+                drift.push((key.clone(), have.clone(), first_candidate(value).to_owned()));
             }
         }
     }
