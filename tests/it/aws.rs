@@ -37,7 +37,7 @@ const E2E_DEADLINE: Duration = Duration::from_secs(180);
 // ---------------------------------------------------------------------------------------------------------------
 
 /// moto's URL, after resetting it once per test binary run. `None` only when the run asked to skip explicitly.
-fn moto() -> Option<String> {
+pub(crate) fn moto() -> Option<String> {
     static RESET: OnceLock<()> = OnceLock::new();
     let Ok(url) = std::env::var("CISCALE_TEST_MOTO") else {
         if std::env::var("CISCALE_SKIP_MOTO").is_ok_and(|value| value == "1") {
@@ -89,7 +89,7 @@ fn ec2_backend(endpoint: &str) -> Ec2 {
 }
 
 /// A plain SDK client, for what a test does behind ciscale's back (adopted instances, user data, states).
-fn sdk_client(endpoint: &str) -> aws_sdk_ec2::Client {
+pub(crate) fn sdk_client(endpoint: &str) -> aws_sdk_ec2::Client {
     let config = aws_sdk_ec2::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -141,7 +141,7 @@ async fn moto_instances(client: &aws_sdk_ec2::Client, owner: &str) -> Vec<(Strin
         .collect()
 }
 
-async fn moto_state(client: &aws_sdk_ec2::Client, id: &str) -> InstanceStateName {
+pub(crate) async fn moto_state(client: &aws_sdk_ec2::Client, id: &str) -> InstanceStateName {
     let output = client
         .describe_instances()
         .instance_ids(id)
@@ -371,7 +371,7 @@ fn providers_with(backend: &Ec2) -> Providers {
 }
 
 /// An instance without ciscale's tags (as a Picus user's existing builder is), stopped; returns its id.
-async fn launch_plain_instance(client: &aws_sdk_ec2::Client, name: &str) -> String {
+pub(crate) async fn launch_plain_instance(client: &aws_sdk_ec2::Client, name: &str) -> String {
     let output = client
         .run_instances()
         .image_id(AMI)

@@ -257,3 +257,82 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
         assert!(!stderr.contains(secret), "secret in the logs");
     }
 }
+
+/// Picus's AWS mode end to end: the Picus environment unchanged, an existing (stopped) EC2 instance in moto and
+/// the Woodpecker fake. Job → the instance is started and its agent undrained → job done → after the idle time the
+/// agent is drained and the instance stopped (never terminated); the agent record stays.
+#[test]
+fn watch_in_picus_aws_mode_starts_and_stops_the_named_instance() {
+    use crate::fakes::woodpecker::{FakeWoodpecker, ADMIN_TOKEN};
+    use aws_sdk_ec2::types::InstanceStateName;
+    use std::time::{Duration, Instant};
+
+    let Some(moto) = crate::aws::moto() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = crate::aws::sdk_client(&moto);
+    let instance = runtime.block_on(crate::aws::launch_plain_instance(&client, "picus-builder"));
+    let state = |id: &str| runtime.block_on(crate::aws::moto_state(&client, id));
+
+    let woodpecker = FakeWoodpecker::start();
+    let agent_id = woodpecker.add_agent("picus-builder");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let env: BTreeMap<String, String> = [
+        ("PICUS_WOODPECKER_SERVER", woodpecker.url().as_str()),
+        ("PICUS_WOODPECKER_TOKEN", ADMIN_TOKEN),
+        ("PICUS_WOODPECKER_AGENT_ID", agent_id.to_string().as_str()),
+        ("PICUS_AGENT_WOODPECKER_FILTER_LABELS", "platform=linux/amd64,repo=*,org-id=*"),
+        ("PICUS_PROVIDER_TYPE", "aws"),
+        ("PICUS_AWS_INSTANCE_ID", instance.as_str()),
+        ("PICUS_POLL_INTERVAL", "1s"),
+        ("PICUS_MAX_IDLE_TIME", "2s"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_ENDPOINT_URL", moto.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .env_clear()
+        .envs(&env)
+        .env("CISCALE_LOCK_DIR", dir.path().join("locks"))
+        .env("NO_COLOR", "1")
+        .args(["watch", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start watch in Picus aws mode");
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "gave up waiting: {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(state(&instance), InstanceStateName::Stopped, "no job, no start");
+    let task = woodpecker.add_task(&[("platform", "linux/amd64")]);
+    wait("the instance started", &|| state(&instance) == InstanceStateName::Running);
+    wait("the agent undrained", &|| woodpecker.agent_by_name("picus-builder").is_some_and(|agent| !agent.no_schedule));
+
+    woodpecker.start_task(&task, agent_id);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(state(&instance), InstanceStateName::Running, "a busy agent's instance keeps running");
+    woodpecker.finish_task(&task);
+    let now = jiff::Timestamp::now().as_second();
+    woodpecker.set_agent_times(agent_id, now, now);
+
+    wait("the instance stopped after the idle time", &|| state(&instance) == InstanceStateName::Stopped);
+    let agent = woodpecker.agent_by_name("picus-builder").expect("the agent record stays");
+    assert!(agent.no_schedule, "drained before its instance stopped");
+
+    drop(Command::new("kill").args(["-TERM", &watch.id().to_string()]).status());
+    let output = watch.wait_with_output().expect("watch stops");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!String::from_utf8_lossy(&output.stderr).contains(ADMIN_TOKEN), "token in the logs");
+}
