@@ -191,7 +191,7 @@ fn import_picus_prints_a_config_that_validates() {
 fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
     use crate::fakes::hcloud::HcloudFake;
     use crate::fakes::woodpecker::{FakeWoodpecker, ADMIN_TOKEN};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let woodpecker = FakeWoodpecker::start();
     let agent_id = woodpecker.add_agent("picus-agent");
@@ -205,28 +205,10 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
     env.insert("PICUS_HCLOUD_SERVER_TYPE".to_owned(), "cx22".to_owned());
     env.insert("PICUS_POLL_INTERVAL".to_owned(), "1s".to_owned());
     env.insert("PICUS_MAX_IDLE_TIME".to_owned(), "2s".to_owned());
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_ciscale"))
-        .current_dir(dir.path())
-        .env_clear()
-        .envs(&env)
-        .env("HCLOUD_ENDPOINT", hetzner.endpoint())
-        .env("CISCALE_LOCK_DIR", dir.path().join("locks"))
-        .env("NO_COLOR", "1")
-        .args(["watch", "--json"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start watch in Picus mode");
-
-    let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !done() {
-            assert!(Instant::now() < deadline, "gave up waiting: {what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    env.insert("HCLOUD_ENDPOINT".to_owned(), hetzner.endpoint().to_owned());
+    let watch = spawn_watch(dir.path(), &env);
     let task = woodpecker.add_task(&[("platform", "linux/amd64"), ("backend", "docker")]);
-    wait("a server for the job", &|| !hetzner.servers().is_empty());
+    wait_until("a server for the job", &|| !hetzner.servers().is_empty());
     let server = hetzner.servers().remove(0);
     assert_eq!(server.name, "my-woodpecker-instance-picus-1");
     assert_eq!(server.server_type, "cx22");
@@ -235,7 +217,7 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
     assert!(user_data.contains("WOODPECKER_AGENT_SECRET=") && user_data.contains(AGENT_SECRET), "shared secret forwarded");
     assert!(user_data.contains("WOODPECKER_SERVER=woodpecker.example.com:443"), "agent env forwarded");
     assert!(!user_data.contains(ADMIN_TOKEN), "the admin token never leaves the ciscale host");
-    wait("the agent undrained", &|| woodpecker.agent_by_name("picus-agent").is_some_and(|agent| !agent.no_schedule));
+    wait_until("the agent undrained", &|| woodpecker.agent_by_name("picus-agent").is_some_and(|agent| !agent.no_schedule));
 
     woodpecker.start_task(&task, agent_id);
     std::thread::sleep(Duration::from_millis(1500));
@@ -244,15 +226,12 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
     let now = jiff::Timestamp::now().as_second();
     woodpecker.set_agent_times(agent_id, now, now);
 
-    wait("the server deleted after the idle time", &|| hetzner.servers().is_empty());
+    wait_until("the server deleted after the idle time", &|| hetzner.servers().is_empty());
     let agent = woodpecker.agent_by_name("picus-agent").expect("the hand-registered agent stays");
     assert!(agent.no_schedule, "drained before its server went");
     assert!(woodpecker.spec_violations().is_empty(), "{:?}", woodpecker.spec_violations());
 
-    drop(Command::new("kill").args(["-TERM", &watch.id().to_string()]).status());
-    let output = watch.wait_with_output().expect("watch stops");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = stop(watch);
     for secret in [ADMIN_TOKEN, AGENT_SECRET, HCLOUD_TOKEN] {
         assert!(!stderr.contains(secret), "secret in the logs");
     }
@@ -265,7 +244,7 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
 fn watch_in_picus_aws_mode_starts_and_stops_the_named_instance() {
     use crate::fakes::woodpecker::{FakeWoodpecker, ADMIN_TOKEN};
     use aws_sdk_ec2::types::InstanceStateName;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let Some(moto) = crate::aws::moto() else {
         return;
@@ -295,30 +274,13 @@ fn watch_in_picus_aws_mode_starts_and_stops_the_named_instance() {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_ciscale"))
-        .current_dir(dir.path())
-        .env_clear()
-        .envs(&env)
-        .env("CISCALE_LOCK_DIR", dir.path().join("locks"))
-        .env("NO_COLOR", "1")
-        .args(["watch", "--json"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start watch in Picus aws mode");
-    let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !done() {
-            assert!(Instant::now() < deadline, "gave up waiting: {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let watch = spawn_watch(dir.path(), &env);
 
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(state(&instance), InstanceStateName::Stopped, "no job, no start");
     let task = woodpecker.add_task(&[("platform", "linux/amd64")]);
-    wait("the instance started", &|| state(&instance) == InstanceStateName::Running);
-    wait("the agent undrained", &|| woodpecker.agent_by_name("picus-builder").is_some_and(|agent| !agent.no_schedule));
+    wait_until("the instance started", &|| state(&instance) == InstanceStateName::Running);
+    wait_until("the agent undrained", &|| woodpecker.agent_by_name("picus-builder").is_some_and(|agent| !agent.no_schedule));
 
     woodpecker.start_task(&task, agent_id);
     std::thread::sleep(Duration::from_millis(1500));
@@ -327,12 +289,42 @@ fn watch_in_picus_aws_mode_starts_and_stops_the_named_instance() {
     let now = jiff::Timestamp::now().as_second();
     woodpecker.set_agent_times(agent_id, now, now);
 
-    wait("the instance stopped after the idle time", &|| state(&instance) == InstanceStateName::Stopped);
+    wait_until("the instance stopped after the idle time", &|| state(&instance) == InstanceStateName::Stopped);
     let agent = woodpecker.agent_by_name("picus-builder").expect("the agent record stays");
     assert!(agent.no_schedule, "drained before its instance stopped");
 
+    assert!(!stop(watch).contains(ADMIN_TOKEN), "token in the logs");
+}
+
+/// `ciscale watch --json` in `dir` with exactly this environment (nothing inherited), logs captured.
+fn spawn_watch(dir: &std::path::Path, env: &BTreeMap<String, String>) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir)
+        .env_clear()
+        .envs(env)
+        .env("CISCALE_LOCK_DIR", dir.join("locks"))
+        .env("NO_COLOR", "1")
+        .args(["watch", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ciscale watch")
+}
+
+/// SIGTERM, then the daemon's stderr once it exited cleanly.
+fn stop(watch: std::process::Child) -> String {
     drop(Command::new("kill").args(["-TERM", &watch.id().to_string()]).status());
     let output = watch.wait_with_output().expect("watch stops");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(!String::from_utf8_lossy(&output.stderr).contains(ADMIN_TOKEN), "token in the logs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    stderr
+}
+
+/// Polls `done` until it holds; bounded, so a broken build fails instead of hanging.
+fn wait_until(what: &str, done: &dyn Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "gave up waiting: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
