@@ -25,6 +25,8 @@ use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::query::url_pairs;
+
 /// The organization name in the fake's URLs (`http://127.0.0.1:PORT/fakeorg`).
 pub const ORGANIZATION: &str = "fakeorg";
 pub const AGENT_VERSION: &str = "4.248.0";
@@ -729,43 +731,6 @@ fn sign_in_page() -> Response {
         .headers_mut()
         .insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
     response
-}
-
-fn url_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(key), percent_decode(value))
-        })
-        .collect()
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => out.push(b' '),
-            b'%' if index + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[index + 1..index + 3])
-                    .ok()
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-                match hex {
-                    Some(byte) => {
-                        out.push(byte);
-                        index += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn flag(query: &[(String, String)], key: &str) -> bool {

@@ -4,6 +4,7 @@
 
 pub mod azure;
 pub mod hcloud;
+pub mod query;
 pub mod openapi;
 pub mod openapi_azure;
 pub mod spec;
