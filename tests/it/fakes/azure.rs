@@ -136,6 +136,35 @@ pub struct Exchange {
     pub route: Route,
 }
 
+impl<'a> From<&'a Exchange> for super::spec::Exchange<'a> {
+    fn from(exchange: &'a Exchange) -> Self {
+        super::spec::Exchange {
+            method: &exchange.method,
+            path: &exchange.path,
+            request: Some(super::spec::Request {
+                query: exchange
+                    .query
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
+                    .collect(),
+                body: exchange.request_body.as_ref(),
+            }),
+            response: Some(super::spec::Response {
+                status: exchange.status,
+                body: exchange.response_body.as_ref(),
+            }),
+        }
+    }
+}
+
+/// The published Azure DevOps task-agent spec, with the service's quirks: every list answer is wrapped as
+/// `{count, value}`, and error answers are not documented.
+pub fn azure_spec() -> super::spec::Spec {
+    super::spec::Spec::load("ado-taskAgent-7.1.json")
+        .lists_wrapped_in_count_value()
+        .errors_undocumented()
+}
+
 #[derive(Debug)]
 struct State {
     pat: String,

@@ -5,7 +5,5 @@
 pub mod azure;
 pub mod hcloud;
 pub mod query;
-pub mod openapi;
-pub mod openapi_azure;
 pub mod spec;
 pub mod woodpecker;
