@@ -16,6 +16,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+use super::http::{self, error_chain, retry_after, ErrorAnswer};
 use super::{AgentCredential, CiSource, Error, RegisterAgent, Result};
 use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
 
@@ -208,12 +209,7 @@ impl Woodpecker {
             .await
             .map_err(|error| transport_error(&endpoint, &error))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(response.headers());
         let bytes = response
             .bytes()
             .await
@@ -444,15 +440,8 @@ fn transport_error(endpoint: &str, error: &reqwest::Error) -> Error {
     } else if error.is_connect() {
         "cannot connect".to_owned()
     } else {
-        // The URL is left out (`without_url`) to keep messages short; it holds no secret either way.
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        text
+        // reqwest's text names the URL, which holds no secret (the token travels in a header).
+        error_chain(error)
     };
     Error::Unavailable {
         provider: PROVIDER.to_owned(),
@@ -499,17 +488,14 @@ fn status_error(
                 message: format!("`{endpoint}` answered 404\nhint: is `server` the Woodpecker URL?"),
             },
         },
-        409 => Error::AlreadyExists {
-            what: format!("woodpecker record (`{endpoint}` answered 409{said})"),
-        },
-        429 => Error::RateLimited { provider, retry_after },
-        500..=599 => Error::Unavailable {
-            provider,
-            message: format!("`{endpoint}` answered {status}{said}"),
-        },
-        _ => Error::Invalid {
-            provider,
-            message: format!("`{endpoint}` answered {status}{said}"),
-        },
+        // 409, 429, 5xx and the rest as every HTTP provider reads them.
+        _ => http::status_error(ErrorAnswer {
+            provider: PROVIDER,
+            status,
+            retry_after,
+            what: &format!("woodpecker record (`{endpoint}` answered 409{said})"),
+            message: &format!("`{endpoint}` answered {status}{said}"),
+            credential_hint: "",
+        }),
     }
 }

@@ -12,8 +12,7 @@ use ciscale::providers::azure_pipelines::{AzurePipelines, AzureSettings, UNREGIS
 use ciscale::providers::{CiSource, Error, RegisterAgent};
 
 use crate::conformance::{ci_conformance_self_registering, Online};
-use crate::fakes::azure::{AzureFake, BadAuth, Fault, FaultKind, Route};
-use crate::fakes::openapi_azure::load_azure_spec;
+use crate::fakes::azure::{azure_spec, AzureFake, BadAuth, Fault, FaultKind, Route};
 
 const PAT: &str = "azp-admin-pat-0123456789abcdef";
 const AGENT_PAT: &str = "azp-agent-pat-fedcba9876543210";
@@ -473,7 +472,7 @@ async fn a_nearly_used_up_rate_limit_budget_is_warned_about() {
 
 #[tokio::test]
 async fn client_and_fake_speak_the_published_spec() {
-    let spec = load_azure_spec();
+    let spec = azure_spec();
     let fake = AzureFake::start(PAT);
     fake.add_pool("Linux");
     let ci = source(&fake, &[("linux", "Linux")]);
@@ -560,7 +559,7 @@ async fn client_and_fake_speak_the_published_spec() {
 #[test]
 fn the_spec_check_rejects_what_the_spec_does_not_say() {
     use crate::fakes::azure::Exchange;
-    let spec = load_azure_spec();
+    let spec = azure_spec();
     let good = Exchange {
         method: "PATCH".into(),
         path: "/org/_apis/distributedtask/pools/1/agents/5".into(),

@@ -307,6 +307,8 @@ fn apply_on_a_terminal(sandbox: &Sandbox, answer: &str) -> Output {
     let mut child = Command::new("script")
         .args(["-q", "-e", "-c", &command, "/dev/null"])
         .current_dir(sandbox.dir.path())
+        // The sandbox's own lock dir, as every other run of it: tests share the owner id.
+        .env("CISCALE_LOCK_DIR", sandbox.path("locks"))
         .env("NO_COLOR", "1")
         .env("E2E_SECRET", SECRET)
         .env("CISCALE_LOCK_DIR", sandbox.path("locks"))

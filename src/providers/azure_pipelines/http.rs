@@ -13,6 +13,8 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
 use crate::model::Secret;
+use crate::providers::http::retry_after;
+use crate::providers::http::{error_chain, status_error, ErrorAnswer};
 use crate::providers::{Error, Result};
 
 pub(super) const PROVIDER: &str = "azure-pipelines";
@@ -200,37 +202,6 @@ impl Http {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// `Retry-After` in seconds (Azure sends whole seconds; an HTTP date is read too), else the
-/// `X-RateLimit-Reset` epoch second.
-pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::trim);
-    if let Some(value) = header(RETRY_AFTER.as_str()) {
-        if let Ok(seconds) = value.parse::<f64>() {
-            if seconds.is_finite() && seconds >= 0.0 {
-                return Some(Duration::from_secs_f64(seconds));
-            }
-        }
-        if let Ok(date) = jiff::fmt::rfc2822::parse(value) {
-            let wait = date.timestamp().duration_since(jiff::Timestamp::now());
-            return Some(Duration::try_from(wait).unwrap_or(Duration::ZERO));
-        }
-    }
-    let reset: i64 = header("x-ratelimit-reset")?.parse().ok()?;
-    let reset = jiff::Timestamp::from_second(reset).ok()?;
-    Some(Duration::try_from(reset.duration_since(jiff::Timestamp::now())).unwrap_or(Duration::ZERO))
-}
-
 /// Azure announces throttling before refusing: `Retry-After` on a successful answer means requests are being
 /// delayed, and `X-RateLimit-Remaining` says how much of the budget is left.
 fn warn_on_rate_limit_headers(headers: &HeaderMap, status: StatusCode) {
@@ -293,28 +264,14 @@ pub(crate) fn map_status(
                 status.as_u16()
             ),
         }),
-        401 | 403 => Err(Error::Unauthenticated {
-            provider: provider(),
-            message: format!("{what}: {}{}\n{bad_pat_hint}", status, server_message(body, is_html)),
-        }),
-        404 => Err(Error::NotFound {
-            what: not_found.to_owned(),
-        }),
-        409 => Err(Error::AlreadyExists {
-            what: not_found.to_owned(),
-        }),
-        429 => Err(Error::RateLimited {
-            provider: provider(),
+        _ => Err(status_error(ErrorAnswer {
+            provider: PROVIDER,
+            status,
             retry_after: retry_after(headers),
-        }),
-        500..=599 => Err(Error::Unavailable {
-            provider: provider(),
-            message: format!("{what}: {}{}", status, server_message(body, is_html)),
-        }),
-        _ => Err(Error::Invalid {
-            provider: provider(),
-            message: format!("{what}: {}{}", status, server_message(body, is_html)),
-        }),
+            what: not_found,
+            message: &format!("{what}: {}{}", status, server_message(body, is_html)),
+            credential_hint: bad_pat_hint,
+        })),
     }
 }
 

@@ -8,17 +8,19 @@
 //! `base_path_mapping` is exactly our `endpoint`), and its derived `Debug` prints the bearer token.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::model::Secret;
+use crate::providers::http::retry_after;
+use crate::providers::http::{status_error, ErrorAnswer};
 use crate::providers::Error;
 
 pub(super) const PROVIDER: &str = "hcloud";
+const TOKEN_HINT: &str = "hint: check the project API token (it needs read & write)";
 
 /// What Hetzner answered when a request failed: the `error` object of its error response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,17 +184,6 @@ fn without_url(error: &reqwest::Error) -> String {
     text
 }
 
-/// How long a 429 asks to wait: `Retry-After` (seconds) or Hetzner's `RateLimit-Reset` (a UNIX timestamp).
-pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let header = |name| headers.get(name).and_then(|value| value.to_str().ok()).map(str::trim);
-    if let Some(seconds) = header(RETRY_AFTER.as_str()).and_then(|value| value.parse::<u64>().ok()) {
-        return Some(Duration::from_secs(seconds));
-    }
-    let reset = header("ratelimit-reset").and_then(|value| value.parse::<u64>().ok())?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(reset.saturating_sub(now).max(1)))
-}
-
 /// Codes meaning "this server type / location has no room right now": the create fallback tries the next
 /// candidate on these.
 pub(super) fn is_capacity(failure: &ApiFailure) -> bool {
@@ -224,7 +215,7 @@ pub(super) fn map_failure(failure: &ApiFailure, retry_after: Option<Duration>, w
         "unauthorized" | "forbidden" | "token_readonly" => {
             return Error::Unauthenticated {
                 provider,
-                message: format!("{message}\nhint: check the project API token (it needs read & write)"),
+                message: format!("{message}\n{TOKEN_HINT}"),
             }
         }
         // The resource is busy with another action, or the API is in maintenance: the same call works later.
@@ -233,21 +224,22 @@ pub(super) fn map_failure(failure: &ApiFailure, retry_after: Option<Duration>, w
         }
         _ => {}
     }
-    match failure.status.as_u16() {
-        401 | 403 => Error::Unauthenticated {
-            provider,
-            message: format!("{message}\nhint: check the project API token (it needs read & write)"),
-        },
-        404 => Error::NotFound { what: what.to_owned() },
-        409 => Error::AlreadyExists { what: what.to_owned() },
-        429 => Error::RateLimited { provider, retry_after },
-        500..=599 => Error::Unavailable { provider, message },
-        _ => Error::Invalid { provider, message },
-    }
+    status_error(ErrorAnswer {
+        provider: PROVIDER,
+        status: failure.status,
+        retry_after,
+        what,
+        message: &message,
+        credential_hint: TOKEN_HINT,
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use reqwest::header::{HeaderMap, RETRY_AFTER};
+
     use super::*;
 
     fn failure(status: u16, code: &str) -> ApiFailure {

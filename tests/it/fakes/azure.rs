@@ -25,6 +25,8 @@ use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::query::url_pairs;
+
 /// The organization name in the fake's URLs (`http://127.0.0.1:PORT/fakeorg`).
 pub const ORGANIZATION: &str = "fakeorg";
 pub const AGENT_VERSION: &str = "4.248.0";
@@ -132,6 +134,35 @@ pub struct Exchange {
     pub status: u16,
     pub response_body: Option<Value>,
     pub route: Route,
+}
+
+impl<'a> From<&'a Exchange> for super::spec::Exchange<'a> {
+    fn from(exchange: &'a Exchange) -> Self {
+        super::spec::Exchange {
+            method: &exchange.method,
+            path: &exchange.path,
+            request: Some(super::spec::Request {
+                query: exchange
+                    .query
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
+                    .collect(),
+                body: exchange.request_body.as_ref(),
+            }),
+            response: Some(super::spec::Response {
+                status: exchange.status,
+                body: exchange.response_body.as_ref(),
+            }),
+        }
+    }
+}
+
+/// The published Azure DevOps task-agent spec, with the service's quirks: every list answer is wrapped as
+/// `{count, value}`, and error answers are not documented.
+pub fn azure_spec() -> super::spec::Spec {
+    super::spec::Spec::load("ado-taskAgent-7.1.json")
+        .lists_wrapped_in_count_value()
+        .errors_undocumented()
 }
 
 #[derive(Debug)]
@@ -729,43 +760,6 @@ fn sign_in_page() -> Response {
         .headers_mut()
         .insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
     response
-}
-
-fn url_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(key), percent_decode(value))
-        })
-        .collect()
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => out.push(b' '),
-            b'%' if index + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[index + 1..index + 3])
-                    .ok()
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-                match hex {
-                    Some(byte) => {
-                        out.push(byte);
-                        index += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn flag(query: &[(String, String)], key: &str) -> bool {

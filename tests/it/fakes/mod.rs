@@ -4,7 +4,6 @@
 
 pub mod azure;
 pub mod hcloud;
-pub mod openapi;
-pub mod openapi_azure;
+pub mod query;
 pub mod spec;
 pub mod woodpecker;

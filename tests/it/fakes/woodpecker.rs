@@ -18,6 +18,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use super::query::url_pairs;
 use super::spec::Spec;
 
 /// The admin token the fake accepts.
@@ -404,12 +405,14 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
         let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         *state.counts.entry(key.clone()).or_default() += 1;
         state.requests += 1;
-        if let Err(problem) = shared.spec.operation(method.as_str(), &path) {
+        let query_pairs = url_pairs(uri.query().unwrap_or(""));
+        let query: Vec<(&str, &str)> = query_pairs
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        let body = (!request_body.is_null()).then_some(&request_body);
+        if let Err(problem) = shared.spec.check_request(method.as_str(), &path, &query, body) {
             state.violations.push(problem);
-        } else if !request_body.is_null() {
-            if let Err(problem) = shared.spec.check_request(method.as_str(), &path, &request_body) {
-                state.violations.push(problem);
-            }
         }
         let requests = state.requests;
         let mut fault = state.next_faults.pop_front();
@@ -468,13 +471,13 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
     let answer = route(&mut state, &method, &path, uri.query().unwrap_or(""), &request_body);
     match answer {
         Answer::Json(value) => {
-            if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, &value) {
+            if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, Some(&value)) {
                 state.violations.push(problem);
             }
             json_response(&value)
         }
         Answer::Empty => {
-            if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, &Value::Null) {
+            if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, None) {
                 state.violations.push(problem);
             }
             text(StatusCode::OK, "")
