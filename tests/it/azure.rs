@@ -14,8 +14,8 @@ use ciscale::providers::{CiSource, Error, RegisterAgent};
 use crate::conformance::{ci_conformance_self_registering, Online};
 use crate::fakes::azure::{azure_spec, AzureFake, BadAuth, Fault, FaultKind, Route};
 
-const PAT: &str = "azp-admin-pat-0123456789abcdef";
-const AGENT_PAT: &str = "azp-agent-pat-fedcba9876543210";
+pub(crate) const PAT: &str = "azp-admin-pat-0123456789abcdef";
+pub(crate) const AGENT_PAT: &str = "azp-agent-pat-fedcba9876543210";
 
 fn settings(fake: &AzureFake, pools: &[(&str, &str)]) -> AzureSettings {
     AzureSettings {
@@ -631,14 +631,88 @@ fn the_spec_check_rejects_what_the_spec_does_not_say() {
 // End to end: `ciscale watch` with the Azure fake and the fake backend
 // ---------------------------------------------------------------------------------------------------------------
 
+/// `ciscale watch --json -c ciscale.yaml` of the real binary in `dir`, with both PATs in its environment and its
+/// output read on threads (a full pipe would stall it). Killed if dropped while running, so a failing test
+/// leaves no daemon behind that keeps creating instances.
+pub(crate) struct WatchProcess {
+    child: Option<std::process::Child>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl WatchProcess {
+    pub(crate) fn start(dir: &std::path::Path) -> Self {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+            .current_dir(dir)
+            .args(["watch", "--json", "-c", "ciscale.yaml"])
+            .env_remove("CISCALE_LOG")
+            .env("NO_COLOR", "1")
+            .env("AZP_ADMIN_PAT", PAT)
+            .env("AZP_AGENT_PAT", AGENT_PAT)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start watch");
+        let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                text
+            })
+        };
+        let stdout = child.stdout.take().map(|pipe| read_all(Box::new(pipe)));
+        let stderr = child.stderr.take().map(|pipe| read_all(Box::new(pipe)));
+        Self {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// `Some(status)` once the process has ended on its own.
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM (the graceful stop a service manager sends), then the exit status, stdout and stderr.
+    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, String, String) {
+        let mut child = self.child.take().expect("running");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().expect("watch ends");
+        let joined = |reader: Option<std::thread::JoinHandle<String>>| {
+            reader.and_then(|reader| reader.join().ok()).unwrap_or_default()
+        };
+        (status, joined(self.stdout.take()), joined(self.stderr.take()))
+    }
+}
+
+impl Drop for WatchProcess {
+    /// Kills a watch still running; when a test failed, shows what it printed (the failure's best witness).
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let joined = |reader: Option<std::thread::JoinHandle<String>>| {
+                reader.and_then(|reader| reader.join().ok()).unwrap_or_default()
+            };
+            let (out, err) = (joined(self.stdout.take()), joined(self.stderr.take()));
+            eprintln!("--- watch stdout\n{out}\n--- watch stderr\n{err}");
+        }
+    }
+}
+
 /// The test plays the agents: an instance that appears runs `config.sh` (comes online), asks for a job, runs
 /// it, and powers off — its ephemeral container is gone, its record stays offline for ciscale to remove.
 #[test]
 fn watch_refills_a_fixed_ephemeral_pool_and_serves_a_queue_driven_one() {
     use ciscale::model::{FakeSpec, InstanceState, POOL_LABEL};
     use ciscale::providers::fake::FakeWorld;
-    use std::io::Read as _;
-    use std::process::{Command, Stdio};
     use std::time::Instant;
 
     let fake = AzureFake::start(PAT);
@@ -671,30 +745,7 @@ pools:
     })
     .expect("open the world");
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ciscale"))
-        .current_dir(dir.path())
-        .args(["watch", "--json", "-c", "ciscale.yaml"])
-        .env_remove("CISCALE_LOG")
-        .env("NO_COLOR", "1")
-        .env("AZP_ADMIN_PAT", PAT)
-        .env("AZP_AGENT_PAT", AGENT_PAT)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start watch");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let stdout_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let stderr_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
+    let mut watch = WatchProcess::start(dir.path());
 
     // name → (agent id, the request it runs)
     let mut online: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
@@ -779,18 +830,13 @@ pools:
                 world.snapshot().instances
             ));
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Some(status) = watch.exited() {
             break Err(format!("watch exited early with {status}"));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
 
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let status = child.wait().expect("watch ends");
-    let (out, err) = (
-        stdout_reader.join().unwrap_or_default(),
-        stderr_reader.join().unwrap_or_default(),
-    );
+    let (status, out, err) = watch.terminate();
     if let Err(why) = outcome {
         panic!("{why}\n--- stdout\n{out}\n--- stderr\n{err}");
     }

@@ -21,7 +21,7 @@ const PATIENCE: Patience = Patience {
 };
 
 /// The daemon and test image, or `None` when skipping was asked for.
-fn daemon() -> Option<(Incus, String)> {
+pub(crate) fn daemon() -> Option<(Incus, String)> {
     if std::env::var("CISCALE_SKIP_INCUS").is_ok_and(|value| value == "1") {
         eprintln!("\n!!! SKIPPING the Incus tests: CISCALE_SKIP_INCUS=1 !!!\n");
         return None;
@@ -39,17 +39,17 @@ fn daemon() -> Option<(Incus, String)> {
 }
 
 /// An owner id unique to this test run, valid in instance names.
-fn owner(test: &str) -> String {
+pub(crate) fn owner(test: &str) -> String {
     format!("it{}-{test}", std::process::id() % 100_000)
 }
 
-fn machine(image: &str, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+pub(crate) fn machine(image: &str, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
     let mut machine = BTreeMap::from([("image".to_owned(), image.to_owned())]);
     machine.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     machine
 }
 
-async fn run(incus: &Incus, id: &InstanceId, script: &str) -> Option<i32> {
+pub(crate) async fn run(incus: &Incus, id: &InstanceId, script: &str) -> Option<i32> {
     let exec = Exec {
         command: vec!["sh".into(), "-c".into(), script.into()],
         env: BTreeMap::new(),
@@ -58,7 +58,7 @@ async fn run(incus: &Incus, id: &InstanceId, script: &str) -> Option<i32> {
     incus.exec(id, &exec).await.expect("exec").exit_code
 }
 
-async fn owned(incus: &Incus, owner: &str) -> Vec<ciscale::model::Instance> {
+pub(crate) async fn owned(incus: &Incus, owner: &str) -> Vec<ciscale::model::Instance> {
     incus
         .observe(&ListInstances {
             owner: owner.to_owned(),
@@ -69,7 +69,7 @@ async fn owned(incus: &Incus, owner: &str) -> Vec<ciscale::model::Instance> {
         .instances
 }
 
-async fn cleanup(incus: &Incus, owner: &str) {
+pub(crate) async fn cleanup(incus: &Incus, owner: &str) {
     for instance in owned(incus, owner).await {
         drop(incus.delete(&instance.id).await);
     }
@@ -362,7 +362,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
 }
 
 /// Waits (bounded) for an owned running instance created after `since`.
-async fn wait_owned_running(incus: &Incus, owner: &str, since: Option<jiff::Timestamp>) -> ciscale::model::Instance {
+pub(crate) async fn wait_owned_running(incus: &Incus, owner: &str, since: Option<jiff::Timestamp>) -> ciscale::model::Instance {
     for _ in 0..3000 {
         let found = owned(incus, owner).await.into_iter().find(|instance| {
             instance.state == InstanceState::Running && since.is_none_or(|since| instance.created_at > since)

@@ -3,6 +3,7 @@
 mod apply;
 mod aws;
 mod azure;
+mod azure_incus;
 mod cli;
 mod config;
 mod conformance;
