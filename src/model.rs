@@ -537,6 +537,11 @@ pub struct BackendObservation {
     /// Hourly price per machine type (e.g. Hetzner server type), for the plan's cost line.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prices: BTreeMap<String, Price>,
+    /// Images the pools on this backend create from ([`ListInstances::images`](crate::providers::ListInstances))
+    /// that the backend does not have (an Incus image alias not yet built by `ciscale provision`). Creates
+    /// from them would fail, so the planner holds them back. Empty for backends that cannot tell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_images: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

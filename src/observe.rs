@@ -46,7 +46,11 @@ pub async fn observe(desired: &Desired, providers: &Providers, observed_at: Time
             .get(name)
             .ok_or_else(|| ObserveError::Missing { what: "backend", name: name.to_string() })?
             .clone();
-        let request = ListInstances { owner: desired.owner.clone(), adopted: adopted_on(desired, name) };
+        let request = ListInstances {
+            owner: desired.owner.clone(),
+            adopted: adopted_on(desired, name),
+            images: images_on(desired, name),
+        };
         let name = name.clone();
         let span = tracing::debug_span!("observe_backend", backend = %name);
         calls.spawn(async move { Part::Backend(name, backend.observe(&request).await) }.instrument(span));
@@ -81,6 +85,18 @@ pub async fn observe(desired: &Desired, providers: &Providers, observed_at: Time
         }
     }
     Ok(observed)
+}
+
+/// The `machine.image` values of the pools that create instances on one backend, sorted and without repeats:
+/// the backend says which of them it lacks, so the plan can ask for `ciscale provision` instead of failing creates.
+fn images_on(desired: &Desired, backend: &BackendName) -> Vec<String> {
+    let images: BTreeSet<String> = desired
+        .pools
+        .iter()
+        .filter(|pool| &pool.backend.backend == backend && matches!(pool.backend.mode, InstanceMode::Create))
+        .filter_map(|pool| pool.backend.machine.get("image").cloned())
+        .collect();
+    images.into_iter().collect()
 }
 
 /// Instance ids the config adopts on one backend (start/stop pools), sorted and without repeats.

@@ -193,12 +193,13 @@ impl<'run> ChangeRun<'run> {
             machine: prefixed(&self.change.after, "machine."),
             user_data,
         };
-        let id = match self.call("create instance", || backend.create(&request)).await {
-            Ok(instance) => instance.id,
+        let (id, running) = match self.call("create instance", || backend.create(&request)).await {
+            // A backend whose create waits for the start (Incus) returns it running: no need to ask again.
+            Ok(instance) => (instance.id, instance.state == InstanceState::Running),
             // A previous apply died after creating it (or its response was lost): carry on with that one. On a
             // user-data backend it holds the credential of the earlier registration; if the CI rotated it, the
             // agent never checks in and the planner's bootstrap timeout replaces the instance.
-            Err(Error::AlreadyExists { .. }) => self.find_owned(&backend, &target.name).await?,
+            Err(Error::AlreadyExists { .. }) => (self.find_owned(&backend, &target.name).await?, false),
             Err(error) => return Err(self.failed("create instance", &error)),
         };
         tracing::info!(instance = %id, "instance created");
@@ -207,7 +208,9 @@ impl<'run> ChangeRun<'run> {
         // to boot (a minute on some clouds) would only hold up the cycle. Whether it came up is observed on later
         // cycles (the agent checks in, or the bootstrap timeout replaces it).
         if capabilities.exec {
-            self.wait_ready(&backend, &id).await?;
+            if !running {
+                self.wait_ready(&backend, &id).await?;
+            }
             let file = PushFile {
                 path: CREDENTIAL_PATH.to_owned(),
                 content: env_file,
@@ -235,7 +238,7 @@ impl<'run> ChangeRun<'run> {
     /// never taken over.
     async fn find_owned(&self, backend: &Arc<dyn Backend>, name: &str) -> Result<InstanceId, StepFailure> {
         let owner = &self.shared.desired.owner;
-        let request = ListInstances { owner: owner.clone(), adopted: Vec::new() };
+        let request = ListInstances { owner: owner.clone(), adopted: Vec::new(), images: Vec::new() };
         let observation = self
             .call("find existing instance", || backend.observe(&request))
             .await

@@ -500,6 +500,16 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     let mut changes = Vec::new();
     let mut notes = Vec::new();
 
+    // An image the backend lacks (an Incus alias `ciscale provision` has not built yet): every create from it would
+    // fail, so none is planned, and drifted instances keep serving until their replacement can be created.
+    let missing_image = pool.backend.machine.get("image").filter(|image| {
+        let observed = cx.observed.backends.get(backend_name);
+        create_mode && observed.is_some_and(|backend| backend.missing_images.contains(image))
+    });
+    if let Some(image) = missing_image {
+        notes.push(format!("image alias `{image}` is missing on backend `{backend_name}`: run `ciscale provision`"));
+    }
+
     let members = gather_members(cx, &hash);
     let claimed = members.iter().map(|member| (backend_name_ref(cx, backend_name), &member.instance.id)).collect();
 
@@ -610,7 +620,9 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
             continue;
         }
         let what = describe_drift(&member.drift);
-        if member.busy {
+        if let Some(image) = missing_image {
+            notes.push(format!("{}: spec changed ({what}); replaced once image `{image}` exists", member.name()));
+        } else if member.busy {
             notes.push(format!("{}: spec changed ({what}); waiting for agent to go idle", member.name()));
         } else if member.agent.is_some() {
             changes.push(change(member, Action::Drain, format!("spec changed: {what}")));
@@ -646,6 +658,10 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         }
         if !member.drift.is_empty() && create_mode && need > 0 {
             need -= 1;
+            if let Some(image) = missing_image {
+                notes.push(format!("{}: drained for replacement, waiting for image `{image}`", member.name()));
+                continue;
+            }
             let mut replace =
                 change(member, Action::Replace, format!("spec changed: {}", describe_drift(&member.drift)));
             for (key, have, want) in &member.drift {
@@ -693,7 +709,9 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     // Rule 1c: create what is still missing. `need` never exceeds `max - active`, so in-flight creates,
     // resumes and starts together stay within `max`.
     if need > 0 {
-        if create_mode {
+        if let Some(image) = missing_image {
+            notes.push(format!("{} held back until image `{image}` exists", plural(need, "create")));
+        } else if create_mode {
             let mut names = NameAllocator::new(cx);
             // Built once per pool: every create of the pool carries the same labels and machine.
             let mut create_after = BTreeMap::new();
@@ -1197,7 +1215,7 @@ mod tests {
     fn observed(instances: Vec<Instance>, agents: Vec<Agent>, pending: Vec<Task>) -> Observed {
         Observed {
             observed_at: ts(NOW),
-            backends: [("cloud".into(), BackendObservation { instances, prices: BTreeMap::new() })].into(),
+            backends: [("cloud".into(), BackendObservation { instances, prices: BTreeMap::new(), missing_images: Vec::new() })].into(),
             ci: [("wp".into(), CiObservation { agents, queue: Queue { pending, running: Vec::new() } })].into(),
         }
     }

@@ -278,6 +278,7 @@ impl Backend for Ec2 {
         Ok(BackendObservation {
             instances: by_id.into_values().collect(),
             prices: BTreeMap::new(),
+            missing_images: Vec::new(),
         })
     }
 

@@ -79,6 +79,10 @@ pub struct ListInstances {
     pub owner: String,
     /// Instances named explicitly in the config (start/stop mode), returned whatever their labels.
     pub adopted: Vec<InstanceId>,
+    /// The `machine.image` values of the pools that create on this backend, sorted, without repeats. A backend
+    /// that can check them cheaply (one call per cycle) reports the absent ones in
+    /// [`BackendObservation::missing_images`]; the others ignore this.
+    pub images: Vec<String>,
 }
 
 /// A file to place inside a container instance.

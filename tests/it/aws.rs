@@ -198,6 +198,7 @@ async fn create_tags_instance_and_volumes_and_sends_the_bootstrap_as_user_data()
         .observe(&ListInstances {
             owner: owner.clone(),
             adopted: Vec::new(),
+            images: Vec::new(),
         })
         .await
         .expect("observe");
@@ -407,6 +408,7 @@ async fn start_stop_of_an_adopted_instance_and_every_state_it_can_be_in() {
     let adopted = ListInstances {
         owner: fresh_owner("adopted"),
         adopted: vec![id.clone()],
+        images: Vec::new(),
     };
     let observed = backend.observe(&adopted).await.expect("observe");
     let seen = observed

@@ -83,7 +83,7 @@ pub async fn backend_conformance_on(
     machine: &BTreeMap<String, String>,
 ) {
     let name = format!("{owner}-conformance-1");
-    let only_owner = ListInstances { owner: owner.to_owned(), adopted: Vec::new() };
+    let only_owner = ListInstances { owner: owner.to_owned(), adopted: Vec::new(), images: Vec::new() };
 
     // create → listed with its labels
     let created = backend.create(&owned_request_on(owner, &name, machine)).await.expect("create");
@@ -168,13 +168,14 @@ pub async fn backend_conformance_on(
     let instances = listed(backend.as_ref(), &only_owner).await;
     assert!(instances.iter().all(|instance| instance.owner() == Some(owner)), "only owned instances: {instances:?}");
     assert!(instances.iter().all(|instance| instance.id != foreign.id));
-    let with_adopted = ListInstances { owner: owner.to_owned(), adopted: vec![foreign.id.clone()] };
+    let with_adopted = ListInstances { owner: owner.to_owned(), adopted: vec![foreign.id.clone()], images: Vec::new() };
     let instances = listed(backend.as_ref(), &with_adopted).await;
     assert!(instances.iter().any(|instance| instance.id == foreign.id), "the adopted instance is listed");
     assert!(instances.iter().any(|instance| instance.id == id), "owned ones are still listed with adoption");
     let unknown_adopted = ListInstances {
         owner: owner.to_owned(),
         adopted: vec![InstanceId::new(format!("{owner}-conformance-never-created"))],
+        images: Vec::new(),
     };
     assert!(
         backend.observe(&unknown_adopted).await.is_ok(),

@@ -81,7 +81,7 @@ async fn observe_reports_prices_and_counts_calls() {
     world.set_price("cx22", Price { hourly: 0.006, currency: "EUR".to_owned() });
     let backend = world.backend();
     let observation =
-        backend.observe(&ListInstances { owner: OWNER.to_owned(), adopted: Vec::new() }).await.expect("observe");
+        backend.observe(&ListInstances { owner: OWNER.to_owned(), adopted: Vec::new(), images: Vec::new() }).await.expect("observe");
     assert_eq!(observation.prices.get("cx22").map(|price| price.hourly), Some(0.006));
     backend.observe(&ListInstances::default()).await.expect("observe");
     assert_eq!(world.calls(Op::BackendObserve), 2);

@@ -66,6 +66,7 @@ fn owned() -> ListInstances {
     ListInstances {
         owner: OWNER.to_owned(),
         adopted: Vec::new(),
+        images: Vec::new(),
     }
 }
 
@@ -197,6 +198,7 @@ async fn adopted_servers_are_read_by_id_and_a_missing_one_is_left_out() {
     let request = ListInstances {
         owner: OWNER.to_owned(),
         adopted: vec![InstanceId::new(adopted.to_string()), InstanceId::new("999999")],
+        images: Vec::new(),
     };
     let observation = hcloud.observe(&request).await.expect("observe");
     assert_eq!(observation.instances.len(), 1);

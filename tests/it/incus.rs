@@ -63,6 +63,7 @@ pub(crate) async fn owned(incus: &Incus, owner: &str) -> Vec<ciscale::model::Ins
         .observe(&ListInstances {
             owner: owner.to_owned(),
             adopted: Vec::new(),
+            images: Vec::new(),
         })
         .await
         .expect("observe")
@@ -300,6 +301,14 @@ fn config_yaml(owner: &str, image: &str, state_file: Option<&std::path::Path>, p
 #[tokio::test]
 async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
     let Some((incus, image)) = daemon() else { return };
+    // `CISCALE_LOG=ciscale=debug` shows every step with its time, to see where the latency goes.
+    let _logs = std::env::var("CISCALE_LOG").ok().map(|filter| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    });
     let owner = owner("events");
     // An hour between cycles: a replacement within the test's bound can only come from the event.
     let yaml = config_yaml(
@@ -312,24 +321,43 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
     let desired = ciscale::config::load_str("events.yaml", &yaml, &|_| None).expect("valid config");
     let providers = ciscale::providers::connect(&desired).expect("connect");
     let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
-    let options = ciscale::watch::WatchOptions {
-        apply: ciscale::apply::ApplyOptions {
-            poll: Duration::from_millis(50),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    // The executor's defaults (a 2 s poll between retries), as `ciscale watch` runs: the replacement path must not
+    // depend on a short poll.
+    let options = ciscale::watch::WatchOptions::default();
     let cycles = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = Arc::clone(&cycles);
+    // (started at, ended at) of every cycle, to split the latency into phases.
+    let cycle_times = Arc::new(std::sync::Mutex::new(Vec::<(jiff::Timestamp, jiff::Timestamp)>::new()));
+    let timed = Arc::clone(&cycle_times);
     let loop_task = tokio::spawn(async move {
         let triggers = ciscale::watch::triggers::from_config(&desired);
         ciscale::watch::run_with_triggers(&desired, &providers, &options, &cancel, triggers, |report| {
             counted.store(report.cycle, std::sync::atomic::Ordering::SeqCst);
+            let ended = report.started_at + jiff::SignedDuration::from_millis(report.duration_ms as i64);
+            timed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((report.started_at, ended));
         })
         .await;
     });
+    // A second listener on the same stream: when the event reached ciscale (the loop's own listener gets it at
+    // the same moment).
+    let mut events = ciscale::providers::incus::events::subscribe(incus.clone(), owner.clone());
 
     let first = wait_owned_running(&incus, &owner, None).await;
+    // A real agent image has many files, and Incus lists a stopped ephemeral container as `Running` until they
+    // are deleted (seconds for a real image): give this one a few thousand, so the phases below show whether the
+    // replacement waits for that deletion.
+    assert_eq!(
+        run(
+            &incus,
+            &first.id,
+            "mkdir -p /var/agent && i=0 && while [ $i -lt 4000 ]; do echo $i >/var/agent/f$i; i=$((i+1)); done"
+        )
+        .await,
+        Some(0)
+    );
     // Let the first cycle finish, so the poweroff below is an event the loop has to react to.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cycles_before = cycles.load(std::sync::atomic::Ordering::SeqCst);
@@ -341,9 +369,80 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
         wait: false,
     };
     drop(incus.exec(&first.id, &poweroff).await);
+    // When each lifecycle event of the first container arrived (`instance-shutdown`, then `instance-deleted`).
+    let gone_events = {
+        let name = first.name.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Ok(Some(signal)) = tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+                if let ciscale::providers::incus::events::Signal::InstanceGone { name: gone, action } = signal {
+                    if gone == name {
+                        let deleted = action == "instance-deleted";
+                        seen.push((jiff::Timestamp::now(), action));
+                        if deleted {
+                            break;
+                        }
+                    }
+                }
+            }
+            seen
+        })
+    };
     let replacement = wait_owned_running(&incus, &owner, Some(since)).await;
     let latency = powered_off_at.elapsed();
+    let seen_running = jiff::Timestamp::now();
     eprintln!("MEASURED replacement latency (poweroff → new container running, via the event): {latency:?}");
+    // Phases, from the test's listener, the loop's cycle reports and the replacement's creation time.
+    let ms = |from: jiff::Timestamp, to: jiff::Timestamp| to.duration_since(from).as_millis();
+    let gone_events = gone_events.await.expect("listener task");
+    let (event_at, action) = gone_events
+        .first()
+        .cloned()
+        .expect("the test's listener saw the first container go");
+    {
+        // The creating cycle reports when it is done (after the agent's exec), which may be a moment after the
+        // container was seen running.
+        let mut cycle = None;
+        for _ in 0..300 {
+            cycle = cycle_times
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .copied()
+                .find(|(started, ended)| *started <= replacement.created_at && replacement.created_at <= *ended);
+            if cycle.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        eprintln!("  poweroff → `{action}` event received: {} ms", ms(since, event_at));
+        match cycle {
+            Some((started, ended)) => {
+                eprintln!("  event → reconciling cycle started: {} ms", ms(event_at, started));
+                eprintln!(
+                    "  cycle start → replacement created (observe, plan, register, create request): {} ms",
+                    ms(started, replacement.created_at)
+                );
+                eprintln!(
+                    "  created → cycle done (start, wait ready, push credential, exec agent): {} ms",
+                    ms(replacement.created_at, ended)
+                );
+            }
+            None => eprintln!("  (no cycle report covers the replacement's creation time)"),
+        }
+        eprintln!(
+            "  created → seen running by the test: {} ms",
+            ms(replacement.created_at, seen_running)
+        );
+    }
+    if let Some((deleted_at, _)) = gone_events.iter().find(|(_, action)| action == "instance-deleted") {
+        eprintln!(
+            "  (`{action}` → `instance-deleted` of the old container: {} ms; the replacement was created {} ms \
+             after `{action}`)",
+            ms(event_at, *deleted_at),
+            ms(event_at, replacement.created_at)
+        );
+    }
     assert!(replacement.created_at > first.created_at);
     assert!(
         cycles.load(std::sync::atomic::Ordering::SeqCst) > cycles_before,
@@ -627,4 +726,49 @@ async fn a_failing_provision_script_is_named_and_the_builder_is_removed() {
         !names.contains(&format!("ciscale-build-{alias}")),
         "the builder is gone: {names}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// plan: a missing image alias
+// ---------------------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn plan_names_a_missing_image_alias_and_holds_back_its_creates() {
+    let Some((_incus, image)) = daemon() else { return };
+    let owner = owner("noimage");
+    let missing = format!("{owner}-never-provisioned");
+    let socket = std::env::var("CISCALE_TEST_INCUS_SOCKET").unwrap_or_default();
+    let yaml = format!(
+        "id: {owner}\nci:\n  sim:\n    kind: fake\nbackends:\n  lxd:\n    kind: incus\n    socket: {socket}\npools:\n\
+         \x20 - name: built\n    ci:\n      source: sim\n    backend:\n      name: lxd\n      machine:\n        \
+         image: {image}\n    scale:\n      min: 1\n      max: 1\n\
+         \x20 - name: unbuilt\n    ci:\n      source: sim\n    backend:\n      name: lxd\n      machine:\n        \
+         image: {missing}\n    scale:\n      min: 1\n      max: 1\n"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ciscale.yaml");
+    std::fs::write(&config, yaml).expect("write config");
+    let plan = std::process::Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .args(["plan", "-c"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run plan");
+    let stdout = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.status.success(), "plan: {}", String::from_utf8_lossy(&plan.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "image alias `{missing}` is missing on backend `lxd`: run `ciscale provision`"
+        )),
+        "the missing alias is named: {stdout}"
+    );
+    assert!(
+        !stdout.contains(&format!("image alias `{image}` is missing")),
+        "the existing alias is not: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("create {owner}-built-1")) && !stdout.contains(&format!("create {owner}-unbuilt-")),
+        "only the pool whose image exists creates: {stdout}"
+    );
+    assert!(stdout.contains("Plan: 1 to create"), "{stdout}");
 }

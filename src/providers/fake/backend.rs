@@ -82,7 +82,7 @@ impl Backend for FakeBackend {
                     instances.push(instance.to_model());
                 }
             }
-            Ok(BackendObservation { instances, prices: state.prices.clone() })
+            Ok(BackendObservation { instances, prices: state.prices.clone(), missing_images: Vec::new() })
         })
     }
 

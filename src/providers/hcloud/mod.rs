@@ -219,7 +219,7 @@ impl Backend for Hcloud {
                 BTreeMap::new()
             }
         };
-        Ok(BackendObservation { instances, prices })
+        Ok(BackendObservation { instances, prices, missing_images: Vec::new() })
     }
 
     async fn create(&self, request: &CreateInstance) -> Result<Instance> {

@@ -91,6 +91,7 @@ async fn follow(incus: &Incus, owner: &str, sender: &mpsc::Sender<Signal>) -> Re
         .observe(&ListInstances {
             owner: owner.to_owned(),
             adopted: Vec::new(),
+            images: Vec::new(),
         })
         .await?;
     let mut owned: BTreeSet<String> = listed.instances.into_iter().map(|instance| instance.name).collect();

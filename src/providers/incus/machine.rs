@@ -31,6 +31,12 @@ pub const IMAGE_KEY: &str = "user.ciscale.image";
 /// Marker in the `raw.lxc` line that holds the `/tmp` tmpfs, so it can be found again.
 const TMPFS_TARGET: &str = "tmpfs tmp tmpfs";
 
+/// The image alias a `machine.image` value creates from. A comma list is a fallback list elsewhere; for Incus
+/// the first alias is the one used.
+pub fn image_alias(image: &str) -> &str {
+    image.split(',').next().unwrap_or_default().trim()
+}
+
 /// What [`super::Incus::create`] sends, derived from a machine map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceSpec {
@@ -53,15 +59,10 @@ impl InstanceSpec {
         let image = machine
             .get("image")
             .filter(|image| !image.trim().is_empty())
+            .map(|image| image_alias(image).to_owned())
             .ok_or_else(|| {
                 invalid("the pool's `machine` has no `image`\nhint: name an image alias, e.g. `image: ci-agent`".into())
-            })?
-            // A comma list is a fallback list elsewhere; for Incus the first alias is the one used.
-            .split(',')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+            })?;
         let mut config = BTreeMap::from([(IMAGE_KEY.to_owned(), image.clone())]);
         let mut profiles = None;
         for (key, value) in machine {
@@ -252,6 +253,14 @@ mod tests {
         );
         assert!(InstanceSpec::from_machine(&machine(&[("image", "a"), ("tmpfsSize", "lots")])).is_err());
         assert!(InstanceSpec::from_machine(&machine(&[("image", "a"), ("serverType", "cx22")])).is_err());
+    }
+
+    #[test]
+    fn the_first_alias_of_a_list_is_the_one_created_from() {
+        assert_eq!(image_alias("agent-v2, agent-v1"), "agent-v2");
+        assert_eq!(image_alias(" agent "), "agent");
+        let spec = InstanceSpec::from_machine(&machine(&[("image", "agent-v2,agent-v1")])).expect("valid");
+        assert_eq!(spec.image, "agent-v2");
     }
 
     #[test]
