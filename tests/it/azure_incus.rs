@@ -53,7 +53,7 @@ impl Drop for Containers {
     fn drop(&mut self) {
         let listed = self.runtime.block_on(self.incus.observe(&ListInstances {
             owner: self.owner.clone(),
-            adopted: Vec::new(),
+            ..ListInstances::default()
         }));
         for instance in listed.map(|observed| observed.instances).unwrap_or_default() {
             drop(self.runtime.block_on(self.incus.delete(&instance.id)));
