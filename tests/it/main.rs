@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod conformance;
 mod converge;
+mod daemon;
 mod fake;
 mod fakes;
 mod hcloud;
