@@ -1,5 +1,5 @@
 //! `watch` as a daemon: create throttling and circuit breakers, `Retry-After` between cycles, SIGHUP reloads,
-//! API economy (calls per cycle whatever the pool count).
+//! API economy (calls per cycle whatever the pool count), shell completions and the man page.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Lines, Read as _, Write as _};
@@ -319,4 +319,119 @@ fn sighup_reloads_a_valid_config_and_keeps_the_last_good_one_otherwise() {
     assert!(text.contains("config reload failed; the running config stays in effect"), "{text}");
     assert!(text.contains("ciscale.yaml:12:"), "names the place: {text}");
     assert!(text.contains("idleTimout") && text.contains("idleTimeout"), "names the problem: {text}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Completions and man page
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn bash_completions_know_the_subcommands() {
+    let output = run(ciscale().args(["completions", "bash"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let script = stdout(&output);
+    assert!(script.contains("complete -F"), "a bash completion script: {script}");
+    for word in ["plan", "apply", "watch", "--detailed-exitcode", "--lock-timeout"] {
+        assert!(script.contains(word), "mentions `{word}`");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let output = run(ciscale().args(["completions", shell]));
+        assert!(output.status.success() && output.stdout.len() > 100, "{shell}: {}", stderr(&output));
+    }
+    let unknown = run(ciscale().args(["completions", "tcsh"]));
+    assert_eq!(unknown.status.code(), Some(2), "clap refuses an unknown shell");
+}
+
+#[test]
+fn the_man_page_is_roff_generated_from_the_cli() {
+    let output = run(ciscale().arg("man"));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let page = stdout(&output);
+    assert!(page.lines().any(|line| line.starts_with(".TH CISCALE 1 ")), "a roff title line: {page}");
+    assert!(page.contains("\n.SH NAME\n") && page.contains("\n.SH SYNOPSIS\n"), "roff sections: {page}");
+    // roff escapes hyphens.
+    for word in ["plan", "watch", "completions", "Keeps self\\-hosted CI agents"] {
+        assert!(page.contains(word), "mentions `{word}`: {page}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Deployment files
+// ---------------------------------------------------------------------------------------------------------------
+
+fn repo_file(relative: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+#[test]
+fn the_picus_compose_file_runs_on_its_picus_variables_alone() {
+    let compose: serde_yaml::Value = serde_yaml::from_str(&repo_file("deploy/docker-compose.picus.yml")).expect("YAML");
+    let service = &compose["services"]["picus"];
+    assert_eq!(service["image"].as_str(), Some("ciscale"));
+    assert_eq!(service["command"].as_str(), Some("watch"));
+    let environment: Vec<(String, String)> = service["environment"]
+        .as_sequence()
+        .expect("a list of NAME=value")
+        .iter()
+        .filter_map(|entry| entry.as_str()?.split_once('=').map(|(name, value)| (name.to_owned(), value.to_owned())))
+        .collect();
+    assert!(environment.iter().all(|(name, _)| name.starts_with("PICUS_")), "Picus's own variables: {environment:?}");
+
+    // Nothing but those variables and no config file, as in the container.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .env_clear()
+        .envs(environment)
+        .current_dir(scratch.path())
+        .args(["validate", "-c", "ciscale.yaml"])
+        .output()
+        .expect("runs");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("owner `my-woodpecker-instance`, 1 pool(s)"), "{}", stdout(&output));
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_verifies() {
+    let unit = repo_file("deploy/ciscale.service");
+    let directives: Vec<&str> = unit.lines().map(str::trim).filter(|line| !line.starts_with('#')).collect();
+    for expected in [
+        "ExecStart=/usr/local/bin/ciscale watch --config /etc/ciscale/ciscale.yaml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RuntimeDirectory=ciscale",
+        "Environment=CISCALE_LOCK_DIR=/run/ciscale",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+    ] {
+        assert!(directives.contains(&expected), "`{expected}` missing from the unit");
+    }
+    assert!(directives.iter().any(|line| line.starts_with("TimeoutStopSec=")), "a stop timeout");
+
+    // systemd's own check, where systemd is installed: the unit with this build's binary and its man page.
+    let Ok(analyze) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze not installed: only the directives were checked");
+        return;
+    };
+    assert!(analyze.status.success());
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let man_dir = scratch.path().join("man/man1");
+    std::fs::create_dir_all(&man_dir).expect("man dir");
+    let page = run(ciscale().arg("man"));
+    std::fs::write(man_dir.join("ciscale.1"), &page.stdout).expect("man page");
+    let local = unit.replace("/usr/local/bin/ciscale", env!("CARGO_BIN_EXE_ciscale"));
+    let unit_path = scratch.path().join("ciscale.service");
+    std::fs::write(&unit_path, local).expect("unit");
+    let verified = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .env("MANPATH", scratch.path().join("man"))
+        .output()
+        .expect("systemd-analyze runs");
+    assert!(verified.status.success(), "{}{}", stdout(&verified), stderr(&verified));
+    assert!(stderr(&verified).trim().is_empty(), "no warnings: {}", stderr(&verified));
 }
