@@ -312,6 +312,8 @@ fn apply_on_a_terminal(sandbox: &Sandbox, answer: &str) -> Output {
     let mut child = Command::new("script")
         .args(["-q", "-e", "-c", &command, "/dev/null"])
         .current_dir(sandbox.dir.path())
+        // The sandbox's own lock dir: other test runs on this host use the same owner id.
+        .env("CISCALE_LOCK_DIR", sandbox.path("locks"))
         .env("NO_COLOR", "1")
         .env("E2E_SECRET", SECRET)
         .stdin(Stdio::piped())
