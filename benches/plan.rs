@@ -67,7 +67,11 @@ fn world() -> (Desired, Observed, Timestamp) {
             .map(|b| {
                 (
                     BackendName::new(format!("cloud{b}")),
-                    BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::Hourly },
+                    BackendSpec {
+                        kind: BackendKind::Fake(FakeSpec::default()),
+                        billing: Billing::Hourly,
+                        create_limit: None,
+                    },
                 )
             })
             .collect(),

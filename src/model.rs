@@ -312,6 +312,66 @@ pub struct BackendSpec {
     pub kind: BackendKind,
     /// How the backend bills; drives billing-aware teardown.
     pub billing: Billing,
+    /// How fast `watch` may create instances here; `None`: no limit.
+    pub create_limit: Option<CreateLimit>,
+}
+
+/// A token bucket on creates: `rate.count` creates per `rate.per` on average, at most `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateLimit {
+    pub rate: CreateRate,
+    /// Creates allowed back to back after a quiet spell [the rate's count].
+    pub burst: u32,
+}
+
+/// A rate written `10/m`: `count` creates per `per` (`s`, `m`, `h`, or a Go duration such as `10/30s`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CreateRate {
+    pub count: u32,
+    pub per: std::time::Duration,
+}
+
+impl FromStr for CreateRate {
+    type Err = String;
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let Some((count, per)) = input.split_once('/') else {
+            return Err("it has no `/` between the count and the period".to_owned());
+        };
+        let count: u32 = count.trim().parse().map_err(|_| format!("`{}` is not a whole number", count.trim()))?;
+        if count == 0 {
+            return Err("the count must be at least 1".to_owned());
+        }
+        let per = match per.trim() {
+            "s" | "sec" | "second" => std::time::Duration::from_secs(1),
+            "m" | "min" | "minute" => std::time::Duration::from_secs(60),
+            "h" | "hour" => std::time::Duration::from_secs(3600),
+            other if other.starts_with(|c: char| c.is_ascii_digit()) => {
+                other.parse::<GoDuration>().map_err(|error| error.why)?.0
+            }
+            other => return Err(format!("`{other}` is not a period: `s`, `m`, `h` or a duration such as `30s`")),
+        };
+        if per.is_zero() {
+            return Err("the period must be longer than zero".to_owned());
+        }
+        Ok(Self { count, per })
+    }
+}
+
+impl fmt::Display for CreateRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.per.as_secs() {
+            1 if self.per.subsec_nanos() == 0 => write!(f, "{}/s", self.count),
+            60 if self.per.subsec_nanos() == 0 => write!(f, "{}/m", self.count),
+            3600 if self.per.subsec_nanos() == 0 => write!(f, "{}/h", self.count),
+            _ => write!(f, "{}/{}", self.count, GoDuration(self.per)),
+        }
+    }
+}
+
+impl fmt::Debug for CreateRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CreateRate({self})")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -434,6 +494,10 @@ pub struct ScalePolicy {
     pub billing_margin: Option<GoDuration>,
     /// Time windows that override `min`, `max` and `min_idle`; the first window containing "now" wins [none].
     pub schedule: Vec<ScheduleWindow>,
+    /// `watch` stops creating in this pool after this many creates in a row failed; 0 never stops [5].
+    pub breaker_threshold: u32,
+    /// How long it stops before trying one create again [5m].
+    pub breaker_cooldown: GoDuration,
 }
 
 /// A recurring time window in which a pool's bounds differ (e.g. weekdays 08–18 in Berlin: keep 2 warm).
@@ -498,6 +562,8 @@ impl Default for ScalePolicy {
             bootstrap_timeout: GoDuration::from_secs(10 * 60),
             billing_margin: Some(GoDuration::from_secs(5 * 60)),
             schedule: Vec::new(),
+            breaker_threshold: 5,
+            breaker_cooldown: GoDuration::from_secs(5 * 60),
         }
     }
 }

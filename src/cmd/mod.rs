@@ -13,7 +13,9 @@ use ciscale::model::{Desired, Observed};
 use ciscale::providers::{self, Providers};
 
 mod apply;
+mod completions;
 mod import;
+mod man;
 mod observe;
 mod plan;
 mod provision;
@@ -108,6 +110,10 @@ pub enum Command {
     Version(version::VersionArgs),
     /// Convert another tool's config into a ciscale config (printed on stdout)
     Import(import::ImportArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(completions::CompletionsArgs),
+    /// Print the man page (roff)
+    Man(man::ManArgs),
 }
 
 impl Command {
@@ -130,6 +136,8 @@ impl Command {
             Command::Schema(args) => schema::run(args),
             Command::Version(args) => version::run(args),
             Command::Import(args) => import::run(args),
+            Command::Completions(args) => completions::run(args),
+            Command::Man(args) => man::run(args),
         }
     }
 }

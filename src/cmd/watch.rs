@@ -1,4 +1,5 @@
-//! `ciscale watch`: the daemon. Observe, plan and apply every poll interval; SIGTERM finishes in-flight steps.
+//! `ciscale watch`: the daemon. Observe, plan and apply every poll interval; SIGTERM finishes in-flight steps;
+//! SIGHUP reloads the config (an invalid one is logged and the running one stays).
 
 use std::io::Write as _;
 
@@ -7,8 +8,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 
+use ciscale::model::Desired;
 use ciscale::watch::metrics::{self, Metrics};
-use ciscale::watch::{self, WatchOptions};
+use ciscale::watch::{self, Reloaded, WatchOptions};
+use tokio::sync::mpsc;
 
 use super::{ConfigArg, Ui, EXIT_OK};
 
@@ -46,7 +49,8 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     tracing::info!(owner = %desired.owner, pools = desired.pools.len(), interval = %desired.poll_interval, "watching");
     // Incus backends wake the loop on their lifecycle events; the interval stays as the safety net.
     let triggers = watch::triggers::from_config(&desired);
-    watch::run_with_triggers(&desired, &providers, &options, &cancel, triggers, |report| {
+    let reloads = listen_for_reloads(args.config.clone(), &desired, metrics.clone());
+    watch::run_reloadable(desired, providers, &options, &cancel, triggers, reloads, |report| {
         if let Some(metrics) = &metrics {
             metrics.record_cycle(report);
         }
@@ -71,4 +75,96 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     .await;
     tracing::info!("stopped");
     Ok(EXIT_OK)
+}
+
+/// On every SIGHUP: read and validate the config again and hand it to the loop, which switches at its next cycle.
+/// `None` where there is no SIGHUP (or its handler cannot be installed): the config then stays as started.
+fn listen_for_reloads(
+    config: ConfigArg,
+    running: &Desired,
+    metrics: Option<Arc<Metrics>>,
+) -> Option<mpsc::Receiver<Reloaded>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed before the first cycle, so a HUP from then on reloads instead of ending the process.
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "could not listen for SIGHUP; config reloads are unavailable");
+                return None;
+            }
+        };
+        let (sender, receiver) = mpsc::channel(4);
+        let (owner, listen) = (running.owner.clone(), running.metrics.as_ref().map(|spec| spec.listen));
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!(config = %config.config.display(), "SIGHUP: reloading the config");
+                match reload(&config, &owner, listen, metrics.as_ref()) {
+                    Ok(reloaded) => {
+                        if sender.send(reloaded).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => tracing::error!(
+                        "config reload failed; the running config stays in effect:\n{}",
+                        error_text(&error)
+                    ),
+                }
+            }
+        });
+        Some(receiver)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (config, running, metrics);
+        None
+    }
+}
+
+/// Loads, validates and connects a new config. What a running daemon cannot change (its owner id, which its lock
+/// is held for; the metrics address it listens on) is refused or kept with a warning.
+fn reload(
+    config: &ConfigArg,
+    owner: &str,
+    listen: Option<std::net::SocketAddr>,
+    metrics: Option<&Arc<Metrics>>,
+) -> anyhow::Result<Reloaded> {
+    let desired = super::load_config(config)?;
+    if desired.owner != owner {
+        return Err(super::hinted(
+            format!("the new config's `id` is `{}`, the running one acts for `{owner}`", desired.owner),
+            "a running `watch` keeps its owner id (it holds that owner's lock): restart it to change `id`",
+        ));
+    }
+    let new_listen = desired.metrics.as_ref().map(|spec| spec.listen);
+    if new_listen != listen {
+        tracing::warn!("`metrics.listen` changed; the metrics endpoint moves on the next restart");
+    }
+    let mut providers = super::connect(&desired)?;
+    if let Some(metrics) = metrics {
+        providers = metrics::instrument(&providers, metrics);
+    }
+    let triggers = watch::triggers::from_config(&desired);
+    Ok(Reloaded { desired, providers, triggers })
+}
+
+/// An error as plain text for a log line: config problems one `file:line:col: error: ...` line each, other errors
+/// with their causes and hint.
+fn error_text(error: &anyhow::Error) -> String {
+    if let Some(config_error) = error.downcast_ref::<ciscale::config::ConfigError>() {
+        return super::render_config_error(config_error, false).trim_end().to_owned();
+    }
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+    }
+    if let Some(hint) =
+        error.chain().find_map(|cause| cause.downcast_ref::<super::Hinted>()).and_then(|h| h.hint.as_deref())
+    {
+        text.push_str("\n  hint: ");
+        text.push_str(hint);
+    }
+    text
 }

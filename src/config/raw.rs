@@ -132,6 +132,13 @@ pub enum RawBackend {
         /// Billing granularity [hourly].
         #[serde(default)]
         billing: Option<Billing>,
+        /// Creates allowed per period, e.g. `10/m` or `1/30s` [no limit]; beyond it creates wait for a later cycle.
+        #[serde(default)]
+        create_rate: Option<String>,
+        /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
+        #[serde(default)]
+        #[schemars(range(min = 1))]
+        create_burst: Option<u32>,
     },
     /// An AWS EC2 account (credentials from the usual AWS environment / profile chain).
     Aws {
@@ -144,6 +151,13 @@ pub enum RawBackend {
         /// Billing granularity [per-second].
         #[serde(default)]
         billing: Option<Billing>,
+        /// Creates allowed per period, e.g. `10/m` or `1/30s` [no limit]; beyond it creates wait for a later cycle.
+        #[serde(default)]
+        create_rate: Option<String>,
+        /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
+        #[serde(default)]
+        #[schemars(range(min = 1))]
+        create_burst: Option<u32>,
     },
     /// An Incus host (system containers).
     Incus {
@@ -156,6 +170,13 @@ pub enum RawBackend {
         /// Billing granularity [per-second].
         #[serde(default)]
         billing: Option<Billing>,
+        /// Creates allowed per period, e.g. `10/m` or `1/30s` [no limit]; beyond it creates wait for a later cycle.
+        #[serde(default)]
+        create_rate: Option<String>,
+        /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
+        #[serde(default)]
+        #[schemars(range(min = 1))]
+        create_burst: Option<u32>,
     },
     /// The in-memory fake backend (tests, demos, offline trials).
     Fake {
@@ -168,6 +189,13 @@ pub enum RawBackend {
         /// Billing granularity [per-second].
         #[serde(default)]
         billing: Option<Billing>,
+        /// Creates allowed per period, e.g. `10/m` or `1/30s` [no limit]; beyond it creates wait for a later cycle.
+        #[serde(default)]
+        create_rate: Option<String>,
+        /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
+        #[serde(default)]
+        #[schemars(range(min = 1))]
+        create_burst: Option<u32>,
     },
 }
 
@@ -307,6 +335,14 @@ pub struct RawScale {
     /// Time windows overriding `min`, `max` and `minIdle`; the first window containing "now" wins.
     #[serde(default)]
     pub schedule: Vec<RawWindow>,
+    /// `watch` stops creating in this pool after this many creates in a row failed (circuit breaker); 0 never
+    /// stops [5].
+    #[serde(default)]
+    pub breaker_threshold: Option<u32>,
+    /// How long the pool stops creating before one create is tried again [5m].
+    #[serde(default)]
+    #[schemars(with = "Option<GoDuration>")]
+    pub breaker_cooldown: Option<String>,
 }
 
 /// A recurring window, e.g. weekdays 08:00–17:59 in Berlin: `{ cron: "* 8-17 * * 1-5", timezone: Europe/Berlin }`.

@@ -14,7 +14,8 @@ use super::raw::{RawBackend, RawCiSource, RawImage, RawPool, RawScale};
 use crate::model::{
     AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
     BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GoDuration,
-    CronPattern, ImageSpec, InstanceId, InstanceMode, MetricsSpec, PoolName, PoolSpec, ScalePolicy, ScheduleWindow, Secret,
+    CreateLimit, CreateRate, CronPattern, ImageSpec, InstanceId, InstanceMode, MetricsSpec, PoolName, PoolSpec,
+    ScalePolicy, ScheduleWindow, Secret,
 };
 
 const DEFAULT_POLL_INTERVAL: GoDuration = GoDuration::from_secs(10);
@@ -284,6 +285,38 @@ impl Validator<'_> {
         }
     }
 
+    /// `createRate` / `createBurst` of a backend: both absent is no limit; a burst alone is refused (a burst of
+    /// what rate?).
+    fn create_limit(
+        &mut self,
+        pointer: &str,
+        name: &str,
+        rate: Option<&str>,
+        burst: Option<u32>,
+    ) -> Option<CreateLimit> {
+        let Some(rate) = rate else {
+            if burst.is_some() {
+                self.problems.push(
+                    self.key_span(&format!("{pointer}/createBurst")),
+                    format!("`createBurst` of backend `{name}` needs a `createRate`"),
+                    Some("add e.g. `createRate: 10/m`, or remove `createBurst`".to_owned()),
+                );
+            }
+            return None;
+        };
+        match rate.parse::<CreateRate>() {
+            Ok(rate) => Some(CreateLimit { rate, burst: burst.unwrap_or(rate.count).max(1) }),
+            Err(why) => {
+                self.problems.push(
+                    self.value_span(&format!("{pointer}/createRate")),
+                    format!("invalid `createRate` `{rate}` of backend `{name}`: {why}"),
+                    Some("write creates per period: `10/m`, `2/s`, `100/h` or `1/30s`".to_owned()),
+                );
+                None
+            }
+        }
+    }
+
     fn resolve_path(&self, path: &str) -> PathBuf {
         let path = Path::new(path);
         if path.is_absolute() {
@@ -388,46 +421,63 @@ impl Validator<'_> {
                 complete = false;
                 continue;
             };
-            let (kind, billing) = match raw {
+            let (kind, billing, create_rate, create_burst) = match raw {
                 RawBackend::Hcloud {
                     token,
                     endpoint,
                     billing,
+                    create_rate,
+                    create_burst,
                 } => (
                     BackendKind::Hcloud {
                         token: Secret::new(token.0),
                         endpoint,
                     },
                     billing.unwrap_or(Billing::Hourly),
+                    create_rate,
+                    create_burst,
                 ),
                 RawBackend::Aws {
                     region,
                     endpoint,
                     billing,
+                    create_rate,
+                    create_burst,
                 } => (
                     BackendKind::Aws { region, endpoint },
                     billing.unwrap_or(Billing::PerSecond),
+                    create_rate,
+                    create_burst,
                 ),
                 RawBackend::Incus {
                     socket,
                     project,
                     billing,
+                    create_rate,
+                    create_burst,
                 } => (
                     BackendKind::Incus { socket, project },
                     billing.unwrap_or(Billing::PerSecond),
+                    create_rate,
+                    create_burst,
                 ),
                 RawBackend::Fake {
                     state_file,
                     simulate,
                     billing,
+                    create_rate,
+                    create_burst,
                 } => (
                     BackendKind::Fake(self.fake_spec(state_file, simulate)),
                     billing.unwrap_or(Billing::PerSecond),
+                    create_rate,
+                    create_burst,
                 ),
             };
+            let create_limit = self.create_limit(&pointer, name, create_rate.as_deref(), create_burst);
             backends.insert(
                 BackendName::new(name.clone()),
-                BackendSpec { kind, billing },
+                BackendSpec { kind, billing, create_limit },
             );
         }
 
@@ -885,6 +935,13 @@ impl Validator<'_> {
             raw.bootstrap_timeout.as_deref(),
             defaults.bootstrap_timeout,
         );
+        let breaker_cooldown = self.duration(
+            &at("breakerCooldown"),
+            "breakerCooldown",
+            &place_suffix,
+            raw.breaker_cooldown.as_deref(),
+            defaults.breaker_cooldown,
+        );
         let default_margin = defaults
             .billing_margin
             .unwrap_or(GoDuration::from_secs(5 * 60));
@@ -922,6 +979,8 @@ impl Validator<'_> {
             ephemeral: raw.ephemeral.unwrap_or(defaults.ephemeral),
             bootstrap_timeout: bootstrap_timeout?,
             billing_margin,
+            breaker_threshold: raw.breaker_threshold.unwrap_or(defaults.breaker_threshold),
+            breaker_cooldown: breaker_cooldown?,
         })
     }
 }

@@ -1163,7 +1163,11 @@ mod tests {
             ci: [("wp".into(), CiSourceSpec { kind: CiKind::Fake(FakeSpec::default()) })].into(),
             backends: [(
                 "cloud".into(),
-                BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond },
+                BackendSpec {
+                    kind: BackendKind::Fake(FakeSpec::default()),
+                    billing: Billing::PerSecond,
+                    create_limit: None,
+                },
             )]
             .into(),
             pools: vec![pool],

@@ -72,6 +72,8 @@ pub struct Metrics {
     cycles: Counter,
     cycle_failures: Counter,
     hourly_cost: Family<CurrencyLabels, Gauge<f64, AtomicU64>>,
+    circuit_open: Family<PoolLabels, Gauge>,
+    held_back: Counter,
     health: Mutex<Health>,
 }
 
@@ -117,6 +119,10 @@ impl Metrics {
         registry.register("cycle_failures", "Cycles that could not observe or plan", cycle_failures.clone());
         let hourly_cost = Family::<CurrencyLabels, Gauge<f64, AtomicU64>>::default();
         registry.register("hourly_cost", "Hourly cost of the instances after the last plan, per currency", hourly_cost.clone());
+        let circuit_open = Family::<PoolLabels, Gauge>::default();
+        registry.register("circuit_open", "1 while a pool's create circuit breaker is open or half-open", circuit_open.clone());
+        let held_back = Counter::default();
+        registry.register("creates_held_back", "Creates held back for a later cycle by a create rate or a circuit breaker", held_back.clone());
         Self {
             registry,
             agents,
@@ -130,6 +136,8 @@ impl Metrics {
             cycles,
             cycle_failures,
             hourly_cost,
+            circuit_open,
+            held_back,
             health: Mutex::new(Health { started: Instant::now(), last_success: None, last_error: None, allowed_silence }),
         }
     }
@@ -156,8 +164,11 @@ impl Metrics {
             self.agents.get_or_create(&PoolStateLabels { pool: pool.clone(), state: "busy".into() }).set(status.busy.into());
             self.agents.get_or_create(&PoolStateLabels { pool: pool.clone(), state: "idle".into() }).set(status.idle.into());
             self.desired_agents.get_or_create(&PoolLabels { pool: pool.clone() }).set(status.desired.into());
+            let open = report.circuits_open.contains(&status.pool);
+            self.circuit_open.get_or_create(&PoolLabels { pool: pool.clone() }).set(i64::from(open));
             self.pending_jobs.get_or_create(&PoolLabels { pool }).set(status.pending_jobs.into());
         }
+        self.held_back.inc_by(u64::try_from(report.held_back).unwrap_or(u64::MAX));
         for (action, count) in &report.applied_by_action {
             self.actions.get_or_create(&ActionLabels { action: action.clone() }).inc_by((*count).into());
         }

@@ -61,7 +61,7 @@ fn desired() -> Desired {
         ci: BTreeMap::from([(CiName::new("ci"), CiSourceSpec { kind: CiKind::Fake(FakeSpec::default()) })]),
         backends: BTreeMap::from([(
             BackendName::new("fake"),
-            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond },
+            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None },
         )]),
         pools: vec![pool],
         images: BTreeMap::new(),

@@ -11,38 +11,44 @@ use ciscale::model::{FakeSpec, InstanceState};
 use ciscale::providers::fake::FakeWorld;
 
 /// A secret only the config's environment knows; it must never show up in any output.
-const SECRET: &str = "s3cr3t-e2e-value-4242";
+pub(crate) const SECRET: &str = "s3cr3t-e2e-value-4242";
 
-fn ciscale() -> Command {
+pub(crate) fn ciscale() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ciscale"));
     command.env_remove("CISCALE_LOG").env_remove("CISCALE_CONFIG").env("NO_COLOR", "1").env("E2E_SECRET", SECRET);
     command.stdin(Stdio::null());
     command
 }
 
-fn run(mut command: impl std::borrow::BorrowMut<Command>) -> Output {
+pub(crate) fn run(mut command: impl std::borrow::BorrowMut<Command>) -> Output {
     let output = command.borrow_mut().output().expect("the ciscale binary runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET), "secret leaked:\n{stdout}\n{stderr}");
     output
 }
 
-fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// A scratch folder with a config whose fake CI and fake backend share `world.json`.
-struct Sandbox {
-    dir: tempfile::TempDir,
+pub(crate) struct Sandbox {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Sandbox {
-    fn new(scale: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+    pub(crate) fn new(scale: &str) -> Self {
+        let sandbox = Self { dir: tempfile::tempdir().expect("temp dir") };
+        sandbox.write_config(scale);
+        sandbox
+    }
+
+    /// (Re)writes `ciscale.yaml` with this `scale:` for the pool.
+    pub(crate) fn write_config(&self, scale: &str) {
         let config = format!(
             r#"id: e2e
 pollInterval: 1s
@@ -58,32 +64,31 @@ pools:
     scale: {scale}
 "#
         );
-        std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
-        Self { dir }
+        std::fs::write(self.path("ciscale.yaml"), config).expect("write config");
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn config(&self) -> PathBuf {
+    pub(crate) fn config(&self) -> PathBuf {
         self.path("ciscale.yaml")
     }
 
-    fn world(&self) -> FakeWorld {
+    pub(crate) fn world(&self) -> FakeWorld {
         FakeWorld::open(&FakeSpec { state_file: Some(self.path("world.json")), simulate: false }).expect("open world")
     }
 
-    fn push_linux_task(&self) {
+    pub(crate) fn push_linux_task(&self) {
         // Jobs that finish as soon as an agent takes them keep the whole life cycle within a few poll intervals.
         self.world().push_task_for(BTreeMap::from([("platform".to_owned(), "linux".to_owned())]), Duration::ZERO);
     }
 
-    fn active_instances(&self) -> usize {
+    pub(crate) fn active_instances(&self) -> usize {
         self.world().snapshot().instances.iter().filter(|instance| instance.state.is_active()).count()
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut command = ciscale();
         // Each sandbox locks on its own: tests run concurrently with the same owner id.
         command.current_dir(self.dir.path()).env("CISCALE_LOCK_DIR", self.path("locks"));
@@ -311,7 +316,6 @@ fn apply_on_a_terminal(sandbox: &Sandbox, answer: &str) -> Output {
         .env("CISCALE_LOCK_DIR", sandbox.path("locks"))
         .env("NO_COLOR", "1")
         .env("E2E_SECRET", SECRET)
-        .env("CISCALE_LOCK_DIR", sandbox.path("locks"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -112,7 +112,9 @@ backends:
     kind: hcloud
     token: ${HCLOUD_TOKEN}
     endpoint: http://127.0.0.1:4000
-  ec2: { kind: aws, region: eu-central-1, endpoint: http://127.0.0.1:5000 }
+    createRate: 10/m
+    createBurst: 3
+  ec2: { kind: aws, region: eu-central-1, endpoint: http://127.0.0.1:5000, createRate: 1/30s }
   lxd: { kind: incus, socket: /var/lib/incus/unix.socket, project: ci }
   sim: { kind: fake, stateFile: /tmp/world.json }
 pools:
@@ -136,6 +138,8 @@ pools:
       ephemeral: false
       bootstrapTimeout: 10m
       billingMargin: 7m
+      breakerThreshold: 3
+      breakerCooldown: 2m
   - name: azure
     ci:
       source: azure
@@ -236,6 +240,11 @@ fn a_full_config_maps_to_the_expected_desired() {
                     endpoint: Some("http://127.0.0.1:5000".into()),
                 },
                 billing: Billing::PerSecond,
+                // The burst defaults to the rate's count.
+                create_limit: Some(CreateLimit {
+                    rate: CreateRate { count: 1, per: std::time::Duration::from_secs(30) },
+                    burst: 1,
+                }),
             },
         ),
         (
@@ -246,6 +255,10 @@ fn a_full_config_maps_to_the_expected_desired() {
                     endpoint: Some("http://127.0.0.1:4000".into()),
                 },
                 billing: Billing::Hourly,
+                create_limit: Some(CreateLimit {
+                    rate: CreateRate { count: 10, per: std::time::Duration::from_secs(60) },
+                    burst: 3,
+                }),
             },
         ),
         (
@@ -256,6 +269,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                     project: Some("ci".into()),
                 },
                 billing: Billing::PerSecond,
+                create_limit: None,
             },
         ),
         (
@@ -266,6 +280,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                     simulate: false,
                 }),
                 billing: Billing::PerSecond,
+                create_limit: None,
             },
         ),
     ]);
@@ -307,6 +322,8 @@ fn a_full_config_maps_to_the_expected_desired() {
                 bootstrap_timeout: minutes(10),
                 billing_margin: Some(minutes(7)),
                 schedule: Vec::new(),
+                breaker_threshold: 3,
+                breaker_cooldown: minutes(2),
             },
         },
         PoolSpec {

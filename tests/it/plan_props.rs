@@ -212,6 +212,7 @@ fn build(
                 bootstrap_timeout: GoDuration::from_secs(600),
                 billing_margin: draft.margin.map(|m| GoDuration::from_secs(m * 60)),
                 schedule: Vec::new(),
+                ..ScalePolicy::default()
             },
         });
     }
@@ -226,7 +227,7 @@ fn build(
             .iter()
             .zip([Billing::PerSecond, Billing::Hourly])
             .map(|(name, billing)| {
-                (BackendName::new(*name), BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing })
+                (BackendName::new(*name), BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing, create_limit: None })
             })
             .collect(),
         pools: desired_pools,
