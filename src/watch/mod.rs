@@ -277,7 +277,7 @@ async fn reconcile(
     let observed = match crate::observe::observe(desired, providers, started_at).await {
         Ok(observed) => observed,
         Err(error) => {
-            let text = error_chain(&error);
+            let text = crate::providers::http::error_chain(&error);
             tracing::warn!(error = %text, "observation failed; will retry");
             report.error = Some(text);
             report.retry_after_secs = rate_limited_for(&error).map(|after| after.as_secs_f64());
@@ -351,17 +351,6 @@ fn rate_limited_for(error: &crate::observe::ObserveError) -> Option<Duration> {
         | ObserveError::Ci { source: crate::providers::Error::RateLimited { retry_after, .. }, .. } => *retry_after,
         _ => None,
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
