@@ -16,5 +16,6 @@ mod incus;
 mod metrics;
 mod picus;
 mod plan_props;
+mod safety;
 mod scenarios;
 mod woodpecker;

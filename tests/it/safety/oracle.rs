@@ -1,0 +1,446 @@
+//! The safety promises, each a small function of a deployment's config ([`Desired`]), a [`Plan`] and the
+//! [`Truth`] about the world the plan was made for.
+//!
+//! Written from the promises, never from the planner: nothing here calls a helper of `ciscale::plan` (no name
+//! grammar, no ownership rule, no matching, no index). What a change *does* is read from the documented contract
+//! of [`Action`] (`src/plan/mod.rs`, and the lifecycle steps in `src/apply/lifecycle.rs`) and spelled out once in
+//! [`effects`]; whose a record is, which agent runs where and which agent is busy comes from the [`Truth`], which
+//! whoever built the world knows (the generators in `world.rs` built it; an end-to-end test learns it from its
+//! own history, see `ledger.rs`). The observation the planner saw is deliberately not an input: a promise must
+//! hold for the world as it is, not as it looked.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use ciscale::model::{
+    AgentId, AgentRef, BackendName, CiName, Desired, InstanceId, InstanceMode, InstanceState, PoolName,
+};
+use ciscale::plan::{Action, Change, Plan};
+
+/// An instance, by the backend account it lives in and its provider id.
+pub type InstanceKey = (BackendName, InstanceId);
+/// A CI agent record, by its CI source and its CI-side id.
+pub type AgentKey = (CiName, AgentId);
+
+/// Whose an instance is, from the point of view of one deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceOwner {
+    /// This deployment created it.
+    Created,
+    /// This deployment's config adopts it by id (start/stop mode): it may start and stop it, never delete it.
+    Adopted,
+    /// Anything else: another deployment's, a person's.
+    Foreign,
+}
+
+/// Whose an agent record is, from the point of view of one deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentOwner {
+    /// This deployment registered it: it may drain, undrain and deregister it.
+    Registered,
+    /// This deployment's config names it (a pre-registered agent, the agent of an adopted instance): it may
+    /// drain and undrain it, never deregister it.
+    Named,
+    /// Anything else, however much its name looks like ours.
+    Foreign,
+}
+
+/// One instance that exists (whether or not a listing shows it yet).
+#[derive(Debug, Clone)]
+pub struct TrueInstance {
+    pub name: String,
+    pub state: InstanceState,
+    pub owner: InstanceOwner,
+    /// For [`InstanceOwner::Created`]: the pool it was created for; for [`InstanceOwner::Adopted`]: the pool that
+    /// adopts it.
+    pub pool: Option<PoolName>,
+}
+
+/// One agent record of a CI source.
+#[derive(Debug, Clone)]
+pub struct TrueAgent {
+    pub name: String,
+    pub owner: AgentOwner,
+    /// Running a job right now, whatever the CI's flags say.
+    pub busy: bool,
+    /// The instance the agent runs on, if it runs on one of a backend's instances.
+    pub runs_on: Option<InstanceKey>,
+}
+
+/// What is true about the world at the moment a plan is judged, from one deployment's point of view.
+#[derive(Debug, Clone, Default)]
+pub struct Truth {
+    pub instances: BTreeMap<InstanceKey, TrueInstance>,
+    pub agents: BTreeMap<AgentKey, TrueAgent>,
+    /// Creates of this deployment that were started and have not finished (their instance may not exist yet),
+    /// per pool: they count against `max` like instances do.
+    pub creates_in_flight: BTreeMap<PoolName, u32>,
+}
+
+impl Truth {
+    fn busy_agents_on(&self, instance: &InstanceKey) -> Vec<(&AgentKey, &TrueAgent)> {
+        self.agents.iter().filter(|(_, agent)| agent.busy && agent.runs_on.as_ref() == Some(instance)).collect()
+    }
+}
+
+/// A broken promise: which one, the change (or pool) that broke it, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub promise: &'static str,
+    pub subject: String,
+    pub why: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}] {}: {}", self.promise, self.subject, self.why)
+    }
+}
+
+pub const NOT_OURS: &str = "never touch what is not ours";
+pub const NOT_BUSY: &str = "never kill a busy agent";
+pub const MAX: &str = "never exceed max";
+pub const WELL_FORMED: &str = "every change can be carried out";
+
+fn describe(change: &Change) -> String {
+    let instance = change.instance.as_ref().map(|target| match &target.id {
+        Some(id) => format!("instance `{}` ({id})", target.name),
+        None => format!("new instance `{}`", target.name),
+    });
+    let agent = change.agent.as_ref().map(|target| format!("agent `{}` (id {})", target.name, target.id));
+    let targets: Vec<String> = instance.into_iter().chain(agent).collect();
+    format!("{} in pool `{}` on {}", change.action, change.pool, targets.join(" + "))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// What a change does
+// ---------------------------------------------------------------------------------------------------------------
+
+/// One call a change makes to a backend or a CI source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// A new instance with this deployment's labels.
+    CreateInstance { backend: BackendName, name: String },
+    /// A new agent record (apply registers the agent of a new instance under the instance's name, unless the
+    /// pool runs a pre-registered agent).
+    RegisterAgent { ci: CiName, name: String },
+    StartInstance(InstanceKey),
+    StopInstance(InstanceKey),
+    DeleteInstance(InstanceKey),
+    DrainAgent(AgentKey),
+    UndrainAgent(AgentKey),
+    DeregisterAgent(AgentKey),
+}
+
+/// The calls a change makes, from [`Action`]'s documented contract:
+/// - Create: register an agent (or, with a pre-registered agent named in the change, undrain that one), create the
+///   instance.
+/// - Start: start the instance, undrain its agent. Stop: stop the instance. Drain: drain the agent.
+/// - Delete: delete the instance, deregister its agent — except an agent the config names as pre-registered,
+///   which apply keeps.
+/// - Replace: Delete, then Create under the same name. Deregister: deregister the agent.
+///
+/// A change that lacks the target its action needs makes no call (apply fails it); [`well_formed`] reports it.
+pub fn effects(change: &Change, desired: &Desired) -> Vec<Effect> {
+    let instance_key = || {
+        change.instance.as_ref().and_then(|target| target.id.clone().map(|id| (target.backend.clone(), id)))
+    };
+    let agent_key = || change.agent.as_ref().map(|target| (target.ci.clone(), target.id.clone()));
+    let pool = desired.pool(&change.pool);
+    let create = |effects: &mut Vec<Effect>| {
+        let Some(target) = &change.instance else { return };
+        // A pool that is not in the config cannot create (apply fails the change before any call).
+        let Some(pool) = pool else { return };
+        match (&pool.agent.preregistered, agent_key()) {
+            // The pool's pre-registered agent runs on the new instance: it is undrained, not registered.
+            (Some(_), Some(agent)) => effects.push(Effect::UndrainAgent(agent)),
+            // Apply cannot find the pre-registered agent: it fails before any call.
+            (Some(_), None) => return,
+            (None, _) => effects.push(Effect::RegisterAgent { ci: pool.ci.source.clone(), name: target.name.clone() }),
+        }
+        effects.push(Effect::CreateInstance { backend: target.backend.clone(), name: target.name.clone() });
+    };
+    let delete = |effects: &mut Vec<Effect>| {
+        if let Some(instance) = instance_key() {
+            effects.push(Effect::DeleteInstance(instance));
+        }
+        if let Some(agent) = agent_key() {
+            if !is_preregistered(desired, &agent, change.agent.as_ref().map(|a| a.name.as_str())) {
+                effects.push(Effect::DeregisterAgent(agent));
+            }
+        }
+    };
+    let mut effects = Vec::new();
+    match change.action {
+        Action::Create => create(&mut effects),
+        Action::Start => {
+            effects.extend(instance_key().map(Effect::StartInstance));
+            effects.extend(agent_key().map(Effect::UndrainAgent));
+        }
+        Action::Stop => effects.extend(instance_key().map(Effect::StopInstance)),
+        Action::Drain => effects.extend(agent_key().map(Effect::DrainAgent)),
+        Action::Delete => delete(&mut effects),
+        Action::Replace => {
+            delete(&mut effects);
+            create(&mut effects);
+        }
+        Action::Deregister => effects.extend(agent_key().map(Effect::DeregisterAgent)),
+    }
+    effects
+}
+
+/// Whether the config names this agent as a pool's pre-registered agent (apply never deregisters those).
+fn is_preregistered(desired: &Desired, agent: &AgentKey, name: Option<&str>) -> bool {
+    desired.pools.iter().any(|pool| {
+        pool.ci.source == agent.0
+            && match &pool.agent.preregistered {
+                Some(AgentRef::Id(id)) => *id == agent.1,
+                Some(AgentRef::Name(wanted)) => Some(wanted.as_str()) == name,
+                None => false,
+            }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The promises
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Every change names the target its action needs: an instance with an id for start/stop/delete/replace, a new
+/// instance (no id) for a create, an agent for drain/deregister. Apply fails anything else, so this is not about
+/// harm, but a plan that cannot be carried out hides what it meant to do from the other promises.
+pub fn well_formed(plan: &Plan) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for change in &plan.changes {
+        let instance_id = change.instance.as_ref().map(|target| target.id.is_some());
+        let ok = match change.action {
+            Action::Create => instance_id == Some(false),
+            Action::Start | Action::Stop | Action::Delete | Action::Replace => instance_id == Some(true),
+            Action::Drain | Action::Deregister => change.agent.is_some(),
+        };
+        if !ok {
+            violations.push(Violation {
+                promise: WELL_FORMED,
+                subject: describe(change),
+                why: "the change lacks the target its action needs".to_owned(),
+            });
+        }
+    }
+    violations
+}
+
+/// Promise 1, never touch what is not ours: every call targets a new instance, an instance this deployment created
+/// (delete, stop, start) or adopted in its config (start, stop), or an agent record it registered (deregister) or
+/// that it registered or its config names (drain, undrain). A new agent is never registered under the name of a
+/// record that is not ours (CIs that key agents by name would hand that record over). Foreign records — another
+/// deployment's, a person's, look-alike names — are never the target of anything.
+pub fn never_touches_foreign(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for change in &plan.changes {
+        let mut fail = |why: String| {
+            violations.push(Violation { promise: NOT_OURS, subject: describe(change), why });
+        };
+        for effect in effects(change, desired) {
+            match &effect {
+                Effect::StartInstance(key) | Effect::StopInstance(key) | Effect::DeleteInstance(key) => {
+                    // An instance that no longer exists is not touched (apply: gone = done).
+                    let Some(instance) = truth.instances.get(key) else { continue };
+                    let allowed = match (&effect, instance.owner) {
+                        (_, InstanceOwner::Created) => true,
+                        (Effect::DeleteInstance(_), InstanceOwner::Adopted) => false,
+                        (_, InstanceOwner::Adopted) => true,
+                        (_, InstanceOwner::Foreign) => false,
+                    };
+                    if !allowed {
+                        fail(format!("{effect:?} on `{}`, which is {:?} (not created by this deployment)", instance.name, instance.owner));
+                    }
+                }
+                Effect::DrainAgent(key) | Effect::UndrainAgent(key) => {
+                    if let Some(agent) = truth.agents.get(key) {
+                        if agent.owner == AgentOwner::Foreign {
+                            fail(format!("{effect:?} on agent `{}`, which this deployment neither registered nor names", agent.name));
+                        }
+                    }
+                }
+                Effect::DeregisterAgent(key) => {
+                    if let Some(agent) = truth.agents.get(key) {
+                        if agent.owner != AgentOwner::Registered {
+                            fail(format!("{effect:?} on agent `{}`, which this deployment did not register ({:?})", agent.name, agent.owner));
+                        }
+                    }
+                }
+                Effect::RegisterAgent { ci, name } => {
+                    let taken = truth
+                        .agents
+                        .iter()
+                        .find(|((source, _), agent)| source == ci && &agent.name == name && agent.owner == AgentOwner::Foreign);
+                    if let Some(((_, id), _)) = taken {
+                        fail(format!("registers agent `{name}`, the name of a foreign agent record (id {id})"));
+                    }
+                }
+                Effect::CreateInstance { .. } => {}
+            }
+        }
+    }
+    violations
+}
+
+/// Promise 2, never kill a busy agent: no instance is stopped or deleted (or replaced) while an agent that runs
+/// on it is busy, whatever the agent is called; no busy agent is deregistered. And no agent is deregistered from
+/// under a live instance it runs on (unless the same change deletes that instance): the instance would be left
+/// running an agent the CI no longer knows.
+pub fn never_kills_busy(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for change in &plan.changes {
+        let effects = effects(change, desired);
+        let deleted: BTreeSet<&InstanceKey> = effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::DeleteInstance(key) => Some(key),
+                _ => None,
+            })
+            .collect();
+        for effect in &effects {
+            match effect {
+                Effect::StopInstance(key) | Effect::DeleteInstance(key) => {
+                    for ((_, id), agent) in truth.busy_agents_on(key) {
+                        violations.push(Violation {
+                            promise: NOT_BUSY,
+                            subject: describe(change),
+                            why: format!("{effect:?} while agent `{}` (id {id}) runs a job on it", agent.name),
+                        });
+                    }
+                }
+                Effect::DeregisterAgent(key) => {
+                    let Some(agent) = truth.agents.get(key) else { continue };
+                    if agent.busy {
+                        violations.push(Violation {
+                            promise: NOT_BUSY,
+                            subject: describe(change),
+                            why: format!("deregisters agent `{}` while it runs a job", agent.name),
+                        });
+                    }
+                    let live_host = agent.runs_on.as_ref().filter(|host| !deleted.contains(host)).and_then(|host| {
+                        truth.instances.get(host).filter(|instance| is_live(instance.state)).map(|i| (host, i))
+                    });
+                    if let Some(((_, id), instance)) = live_host {
+                        violations.push(Violation {
+                            promise: NOT_BUSY,
+                            subject: describe(change),
+                            why: format!(
+                                "deregisters agent `{}` while its instance `{}` ({id}) is {}",
+                                agent.name, instance.name, instance.state
+                            ),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    violations
+}
+
+/// Exists and is not on its way out: everything but terminated and deleting. (A deleting instance's slot cannot be
+/// saved by waiting, and its agent is already gone with it.)
+fn is_live(state: InstanceState) -> bool {
+    !matches!(state, InstanceState::Terminated | InstanceState::Deleting)
+}
+
+/// The `max` in force for a pool at the plan's time (a schedule window overrides the pool's own).
+fn max_of(desired: &Desired, pool: &PoolName, plan: &Plan) -> Option<u32> {
+    let spec = desired.pool(pool)?;
+    let window = spec.scale.schedule.iter().find(|window| window.contains(plan.planned_at));
+    Some(window.and_then(|window| window.max).unwrap_or(spec.scale.max))
+}
+
+/// Promise 3, never exceed `max`, per pool of the config. Counted: every instance of the pool that exists (listed
+/// yet or not, drained, busy, stopped, starting — every state but terminated and deleting) plus creates in
+/// flight. A plan that creates must keep that count plus its creates within `max`; a plan that creates or starts
+/// must keep the running ones (all those but the stopped) plus its creates and starts within `max`. Already at or
+/// above `max`, nothing is added. A delete in the same plan frees no slot: apply runs changes concurrently and a
+/// delete may fail. A replace is one out, one in: it adds nothing.
+pub fn never_exceeds_max(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for pool in &desired.pools {
+        let Some(max) = max_of(desired, &pool.name, plan) else { continue };
+        let members: Vec<(&InstanceKey, &TrueInstance)> = truth
+            .instances
+            .iter()
+            .filter(|(_, instance)| {
+                instance.owner != InstanceOwner::Foreign && instance.pool.as_ref() == Some(&pool.name) && is_live(instance.state)
+            })
+            .collect();
+        let in_flight = truth.creates_in_flight.get(&pool.name).copied().unwrap_or(0);
+        let existing = members.len() as u32 + in_flight;
+        let running = members.iter().filter(|(_, instance)| instance.state != InstanceState::Stopped).count() as u32 + in_flight;
+        let mut creates = 0u32;
+        let mut starts = 0u32;
+        for change in plan.changes.iter().filter(|change| change.pool == pool.name && change.action != Action::Replace) {
+            for effect in effects(change, desired) {
+                match effect {
+                    Effect::CreateInstance { .. } => creates += 1,
+                    Effect::StartInstance(key) => {
+                        if truth.instances.get(&key).is_some_and(|instance| instance.state == InstanceState::Stopped) {
+                            starts += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let creates_only = matches!(pool.backend.mode, InstanceMode::Create);
+        if creates > 0 && existing + creates > max {
+            violations.push(Violation {
+                promise: MAX,
+                subject: format!("pool `{}`", pool.name),
+                why: format!(
+                    "{creates} create(s) with {} instance(s) existing and {in_flight} create(s) in flight: {} > max {max}",
+                    members.len(),
+                    existing + creates
+                ),
+            });
+        } else if (creates > 0 || starts > 0) && running + creates + starts > max {
+            violations.push(Violation {
+                promise: MAX,
+                subject: format!("pool `{}`", pool.name),
+                why: format!(
+                    "{creates} create(s) and {starts} start(s) of stopped instances with {running} running \
+                     (in flight included): {} > max {max}{}",
+                    running + creates + starts,
+                    if creates_only { "" } else { " (start/stop pool)" }
+                ),
+            });
+        }
+    }
+    violations
+}
+
+/// Promises 1–3 (and well-formedness) for one plan.
+pub fn check(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
+    let mut violations = well_formed(plan);
+    violations.extend(never_touches_foreign(desired, plan, truth));
+    violations.extend(never_kills_busy(desired, plan, truth));
+    violations.extend(never_exceeds_max(desired, plan, truth));
+    violations
+}
+
+/// Promise 5, determinism: the same inputs give the same plan, byte for byte (JSON and human rendering).
+pub fn deterministic(
+    desired: &Desired,
+    observed: &ciscale::model::Observed,
+    now: jiff::Timestamp,
+) -> Vec<Violation> {
+    use ciscale::plan::render::{render_human, render_json, RenderOptions};
+    let first = ciscale::plan::plan(desired, observed, now);
+    let second = ciscale::plan::plan(desired, observed, now);
+    let options = RenderOptions { color: false };
+    let mut violations = Vec::new();
+    if render_json(&first) != render_json(&second) || render_human(&first, &options) != render_human(&second, &options) {
+        violations.push(Violation {
+            promise: "same inputs, same plan",
+            subject: format!("owner `{}`", desired.owner),
+            why: "two plans of the same inputs differ".to_owned(),
+        });
+    }
+    violations
+}
