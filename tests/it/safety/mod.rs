@@ -13,3 +13,4 @@ pub mod scenario;
 pub mod world;
 
 mod props;
+mod regressions;

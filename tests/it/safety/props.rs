@@ -52,20 +52,20 @@ fn step() -> impl Strategy<Value = Step> {
         5 => cycle(),
         3 => mask().prop_map(|mask| Step::CheckIn { mask }),
         3 => mask().prop_map(|mask| Step::TakeJobs { mask }),
-        1 => any::<u8>().prop_map(|skip| Step::DrainedTakesJob { skip }),
+        2 => any::<u8>().prop_map(|skip| Step::DrainedTakesJob { skip }),
         2 => mask().prop_map(|mask| Step::FinishJobs { mask }),
         3 => prop_oneof![Just(1i64), Just(3), Just(11), Just(31), Just(61)].prop_map(|minutes| Step::Advance { minutes }),
         2 => (0..7u8, any::<u8>(), any::<bool>(), 0..2usize)
             .prop_map(|(look, pick, standalone, platform)| Step::HandRegister { look, pick, standalone, platform }),
-        1 => prop_oneof![
-            any::<u8>().prop_map(ConfigChange::RemovePool),
-            any::<u8>().prop_map(ConfigChange::BumpImage),
-            any::<u8>().prop_map(ConfigChange::LowerMax),
-            any::<u8>().prop_map(ConfigChange::RaiseMax),
+        2 => prop_oneof![
+            1 => any::<u8>().prop_map(ConfigChange::RemovePool),
+            2 => any::<u8>().prop_map(ConfigChange::BumpImage),
+            1 => any::<u8>().prop_map(ConfigChange::LowerMax),
+            1 => any::<u8>().prop_map(ConfigChange::RaiseMax),
         ]
         .prop_map(Step::Config),
-        1 => Just(Step::SavePlan),
-        1 => Just(Step::ApplySaved),
+        2 => Just(Step::SavePlan),
+        2 => Just(Step::ApplySaved),
     ]
 }
 
@@ -87,7 +87,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         prop_oneof![Just(BusySign::Both), Just(BusySign::Flag), Just(BusySign::Task)],
         any::<bool>(),
         prop::collection::vec(warm_up(), 0..=6),
-        prop::collection::vec(step(), 0..=16),
+        prop::collection::vec(step(), 0..=20),
     )
         .prop_map(|(owners, ours, theirs, busy_sign, keeps_terminated, warm, steps)| Scenario {
             owners,
@@ -131,10 +131,13 @@ fn every_plan_keeps_the_promises() {
     };
     let promises = promises();
     let mut runner = TestRunner::new(config);
-    let plans = std::cell::Cell::new(0usize);
+    let total = std::cell::Cell::new(scenario::Judged::default());
     let result = runner.run(&scenario(), |scenario| {
         match scenario::run(&scenario, &promises) {
-            Ok(judged) => plans.set(plans.get() + judged),
+            Ok(judged) => {
+                let sum = total.get();
+                total.set(scenario::Judged { plans: sum.plans + judged.plans, late_applies: sum.late_applies + judged.late_applies });
+            }
             Err(failure) => return Err(TestCaseError::fail(failure.report)),
         }
         Ok(())
@@ -142,9 +145,13 @@ fn every_plan_keeps_the_promises() {
     if let Err(error) = result {
         panic!("{error}");
     }
-    // A generator that stopped producing plans would make the property pass vacuously.
-    let plans = plans.get();
-    assert!(plans >= cases() as usize, "only {plans} plans judged over {} histories", cases());
+    // A generator that stopped producing plans (or saved plans applied late) would pass vacuously.
+    let total = total.get();
+    eprintln!("judged {} plans and {} saved plans applied late over {} histories", total.plans, total.late_applies, cases());
+    assert!(total.plans >= cases() as usize, "only {} plans judged over {} histories", total.plans, cases());
+    if promises.contains(&Promise::LateApply) {
+        assert!(total.late_applies >= (cases() as usize).div_ceil(20), "only {} saved plans applied late", total.late_applies);
+    }
 }
 
 /// The generators build configs directly (see `scenario`); the config loader must read their YAML to the same

@@ -484,7 +484,10 @@ impl World {
             attributes: prefixed(&change.after, "machine."),
             maker: Maker::Deployment(who),
             pool: Some(pool.name.clone()),
-            unlisted: late,
+            // A lagging listing is only knowable through what the create left elsewhere: the agent record it
+            // registered. A pre-registered agent's instance leaves nothing until work in flight is an input of
+            // the planner (issue #9), so until then only registering pools are listed late.
+            unlisted: late && pool.agent.preregistered.is_none(),
         });
         if let Some(agent) = self.agent_mut(&agent_id) {
             agent.runs_on = Some(id);
@@ -572,7 +575,7 @@ fn adopted_pools(desired: &Desired) -> BTreeMap<InstanceId, PoolName> {
 }
 
 /// Whether the config names this agent record: a pool's pre-registered agent, or the agent of an instance it
-/// adopts (named by id, by name, or — without either — the agent that runs on that instance).
+/// adopts (by id, by name, or — without either — by the instance's own name, as `AdoptedInstance::agent` says).
 fn names_agent(desired: &Desired, world: &World, agent: &WorldAgent) -> bool {
     let refers = |reference: &AgentRef| match reference {
         AgentRef::Id(id) => *id == agent.id,
@@ -583,10 +586,7 @@ fn names_agent(desired: &Desired, world: &World, agent: &WorldAgent) -> bool {
             || match &pool.backend.mode {
                 InstanceMode::StartStop { instances } => instances.iter().any(|adopted| match &adopted.agent {
                     Some(reference) => refers(reference),
-                    None => {
-                        agent.runs_on.as_ref() == Some(&adopted.id)
-                            && world.instance(&adopted.id).is_some_and(|i| i.maker == Maker::Person)
-                    }
+                    None => world.instance(&adopted.id).is_some_and(|instance| instance.name == agent.name),
                 }),
                 InstanceMode::Create => false,
             }
