@@ -15,7 +15,6 @@ mod hcloud;
 mod incus;
 mod metrics;
 mod picus;
-mod plan_props;
 mod safety;
 mod scenarios;
 mod woodpecker;

@@ -120,10 +120,16 @@ fn describe(change: &Change) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// A new instance with this deployment's labels.
-    CreateInstance { backend: BackendName, name: String },
+    CreateInstance {
+        backend: BackendName,
+        name: String,
+    },
     /// A new agent record (apply registers the agent of a new instance under the instance's name, unless the
     /// pool runs a pre-registered agent).
-    RegisterAgent { ci: CiName, name: String },
+    RegisterAgent {
+        ci: CiName,
+        name: String,
+    },
     StartInstance(InstanceKey),
     StopInstance(InstanceKey),
     DeleteInstance(InstanceKey),
@@ -142,9 +148,8 @@ pub enum Effect {
 ///
 /// A change that lacks the target its action needs makes no call (apply fails it); [`well_formed`] reports it.
 pub fn effects(change: &Change, desired: &Desired) -> Vec<Effect> {
-    let instance_key = || {
-        change.instance.as_ref().and_then(|target| target.id.clone().map(|id| (target.backend.clone(), id)))
-    };
+    let instance_key =
+        || change.instance.as_ref().and_then(|target| target.id.clone().map(|id| (target.backend.clone(), id)));
     let agent_key = || change.agent.as_ref().map(|target| (target.ci.clone(), target.id.clone()));
     let pool = desired.pool(&change.pool);
     let create = |effects: &mut Vec<Effect>| {
@@ -251,28 +256,36 @@ pub fn never_touches_foreign(desired: &Desired, plan: &Plan, truth: &Truth) -> V
                         (_, InstanceOwner::Foreign) => false,
                     };
                     if !allowed {
-                        fail(format!("{effect:?} on `{}`, which is {:?} (not created by this deployment)", instance.name, instance.owner));
+                        fail(format!(
+                            "{effect:?} on `{}`, which is {:?} (not created by this deployment)",
+                            instance.name, instance.owner
+                        ));
                     }
                 }
                 Effect::DrainAgent(key) | Effect::UndrainAgent(key) => {
                     if let Some(agent) = truth.agents.get(key) {
                         if agent.owner == AgentOwner::Foreign {
-                            fail(format!("{effect:?} on agent `{}`, which this deployment neither registered nor names", agent.name));
+                            fail(format!(
+                                "{effect:?} on agent `{}`, which this deployment neither registered nor names",
+                                agent.name
+                            ));
                         }
                     }
                 }
                 Effect::DeregisterAgent(key) => {
                     if let Some(agent) = truth.agents.get(key) {
                         if agent.owner != AgentOwner::Registered {
-                            fail(format!("{effect:?} on agent `{}`, which this deployment did not register ({:?})", agent.name, agent.owner));
+                            fail(format!(
+                                "{effect:?} on agent `{}`, which this deployment did not register ({:?})",
+                                agent.name, agent.owner
+                            ));
                         }
                     }
                 }
                 Effect::RegisterAgent { ci, name } => {
-                    let taken = truth
-                        .agents
-                        .iter()
-                        .find(|((source, _), agent)| source == ci && &agent.name == name && agent.owner == AgentOwner::Foreign);
+                    let taken = truth.agents.iter().find(|((source, _), agent)| {
+                        source == ci && &agent.name == name && agent.owner == AgentOwner::Foreign
+                    });
                     if let Some(((_, id), _)) = taken {
                         fail(format!("registers agent `{name}`, the name of a foreign agent record (id {id})"));
                     }
@@ -367,15 +380,19 @@ pub fn never_exceeds_max(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<V
             .instances
             .iter()
             .filter(|(_, instance)| {
-                instance.owner != InstanceOwner::Foreign && instance.pool.as_ref() == Some(&pool.name) && is_live(instance.state)
+                instance.owner != InstanceOwner::Foreign
+                    && instance.pool.as_ref() == Some(&pool.name)
+                    && is_live(instance.state)
             })
             .collect();
         let in_flight = truth.creates_in_flight.get(&pool.name).copied().unwrap_or(0);
         let existing = members.len() as u32 + in_flight;
-        let running = members.iter().filter(|(_, instance)| instance.state != InstanceState::Stopped).count() as u32 + in_flight;
+        let running =
+            members.iter().filter(|(_, instance)| instance.state != InstanceState::Stopped).count() as u32 + in_flight;
         let mut creates = 0u32;
         let mut starts = 0u32;
-        for change in plan.changes.iter().filter(|change| change.pool == pool.name && change.action != Action::Replace) {
+        for change in plan.changes.iter().filter(|change| change.pool == pool.name && change.action != Action::Replace)
+        {
             for effect in effects(change, desired) {
                 match effect {
                     Effect::CreateInstance { .. } => creates += 1,
@@ -425,17 +442,14 @@ pub fn check(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
 }
 
 /// Promise 5, determinism: the same inputs give the same plan, byte for byte (JSON and human rendering).
-pub fn deterministic(
-    desired: &Desired,
-    observed: &ciscale::model::Observed,
-    now: jiff::Timestamp,
-) -> Vec<Violation> {
+pub fn deterministic(desired: &Desired, observed: &ciscale::model::Observed, now: jiff::Timestamp) -> Vec<Violation> {
     use ciscale::plan::render::{render_human, render_json, RenderOptions};
     let first = ciscale::plan::plan(desired, observed, now);
     let second = ciscale::plan::plan(desired, observed, now);
     let options = RenderOptions { color: false };
     let mut violations = Vec::new();
-    if render_json(&first) != render_json(&second) || render_human(&first, &options) != render_human(&second, &options) {
+    if render_json(&first) != render_json(&second) || render_human(&first, &options) != render_human(&second, &options)
+    {
         violations.push(Violation {
             promise: "same inputs, same plan",
             subject: format!("owner `{}`", desired.owner),

@@ -97,7 +97,15 @@ pub struct World {
 
 impl World {
     pub fn new(now: Timestamp, busy_sign: BusySign, keeps_terminated: bool) -> Self {
-        Self { now, instances: Vec::new(), agents: Vec::new(), tasks: Vec::new(), busy_sign, keeps_terminated, next_id: 0 }
+        Self {
+            now,
+            instances: Vec::new(),
+            agents: Vec::new(),
+            tasks: Vec::new(),
+            busy_sign,
+            keeps_terminated,
+            next_id: 0,
+        }
     }
 
     fn next(&mut self) -> u64 {
@@ -225,7 +233,10 @@ impl World {
         let drained: Vec<usize> = (0..self.agents.len())
             .filter(|&index| {
                 let agent = &self.agents[index];
-                agent.no_schedule && self.machine_runs(agent) && agent.last_contact.is_some() && !self.is_busy(&agent.id)
+                agent.no_schedule
+                    && self.machine_runs(agent)
+                    && agent.last_contact.is_some()
+                    && !self.is_busy(&agent.id)
             })
             .collect();
         if drained.is_empty() {
@@ -468,7 +479,11 @@ impl World {
             return;
         }
         // The backend refuses a second instance of one name (Incus, Hetzner); apply then takes over an owned one.
-        if self.instances.iter().any(|instance| instance.name == target.name && instance.state != InstanceState::Terminated) {
+        if self
+            .instances
+            .iter()
+            .any(|instance| instance.name == target.name && instance.state != InstanceState::Terminated)
+        {
             return;
         }
         let mut labels: BTreeMap<String, String> = prefixed(&change.after, "label.");
@@ -501,7 +516,8 @@ impl World {
     /// the delete went through.
     fn delete(&mut self, desired: &Desired, change: &Change, crash: bool) -> bool {
         if let Some(id) = self.target_instance(change) {
-            let owned = self.instance(&id).is_some_and(|instance| instance.labels.get(OWNER_LABEL) == Some(&desired.owner));
+            let owned =
+                self.instance(&id).is_some_and(|instance| instance.labels.get(OWNER_LABEL) == Some(&desired.owner));
             if !owned {
                 return false;
             }
@@ -553,7 +569,10 @@ fn picks(mask: u32, index: usize) -> bool {
 }
 
 fn prefixed(attributes: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
-    attributes.iter().filter_map(|(key, value)| key.strip_prefix(prefix).map(|key| (key.to_owned(), value.clone()))).collect()
+    attributes
+        .iter()
+        .filter_map(|(key, value)| key.strip_prefix(prefix).map(|key| (key.to_owned(), value.clone())))
+        .collect()
 }
 
 fn adopted_ids(desired: &Desired) -> Vec<InstanceId> {
