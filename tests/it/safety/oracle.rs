@@ -458,3 +458,212 @@ pub fn deterministic(desired: &Desired, observed: &ciscale::model::Observed, now
     }
     violations
 }
+
+/// The oracle must tell a safe plan from an unsafe one: each promise is shown a plan it must pass and one it must
+/// fail, built by hand (the property tests only ever see plans the planner made).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciscale::model::Observed;
+    use ciscale::plan::{AgentTarget, InstanceTarget};
+
+    const CONFIG: &str = r#"
+id: acme
+ci: { ci: { kind: fake } }
+backends: { cloud: { kind: fake } }
+pools:
+  - { name: linux, ci: { source: ci, labels: { platform: linux } }, backend: { name: cloud }, scale: { max: 2 } }
+  - name: picus
+    ci: { source: ci, labels: { platform: arm } }
+    backend: { name: cloud }
+    agent: { preregistered: { name: picus-agent } }
+  - name: adopted
+    ci: { source: ci }
+    backend: { name: cloud, startStop: { instances: [{ id: i-a1 }, { id: i-a2 }] } }
+    scale: { max: 1 }
+"#;
+
+    fn desired() -> Desired {
+        ciscale::config::load_str("oracle.yaml", CONFIG, &|_| None).expect("valid config")
+    }
+
+    fn plan_of(desired: &Desired, changes: Vec<Change>) -> Plan {
+        let template = ciscale::plan::plan(desired, &Observed::default(), jiff::Timestamp::UNIX_EPOCH);
+        Plan { changes, ..template }
+    }
+
+    fn instance_key(id: &str) -> InstanceKey {
+        (BackendName::new("cloud"), InstanceId::new(id))
+    }
+
+    fn agent_key(id: &str) -> AgentKey {
+        (CiName::new("ci"), AgentId::new(id))
+    }
+
+    fn change(
+        pool: &str,
+        action: Action,
+        instance: Option<(&str, Option<&str>)>,
+        agent: Option<(&str, &str)>,
+    ) -> Change {
+        Change {
+            pool: PoolName::new(pool),
+            action,
+            instance: instance.map(|(name, id)| InstanceTarget {
+                backend: BackendName::new("cloud"),
+                id: id.map(InstanceId::new),
+                name: name.to_owned(),
+            }),
+            agent: agent.map(|(name, id)| AgentTarget {
+                ci: CiName::new("ci"),
+                id: AgentId::new(id),
+                name: name.to_owned(),
+            }),
+            reason: "test".to_owned(),
+            before: BTreeMap::new(),
+            after: BTreeMap::new(),
+        }
+    }
+
+    /// `acme-linux-1` (ours, running, its agent busy), `acme-linux-2` (ours, drained, idle), a foreign
+    /// `acme-arm-linux-1` with its agent, two adopted machines (stopped), the pre-registered `picus-agent` (busy,
+    /// on `acme-picus-1`), a person's `acme-runner`.
+    fn truth() -> Truth {
+        let instance = |name: &str, state, owner, pool: Option<&str>| TrueInstance {
+            name: name.to_owned(),
+            state,
+            owner,
+            pool: pool.map(PoolName::new),
+        };
+        let agent = |name: &str, owner, busy, runs_on: Option<&str>| TrueAgent {
+            name: name.to_owned(),
+            owner,
+            busy,
+            runs_on: runs_on.map(instance_key),
+        };
+        use InstanceOwner::*;
+        use InstanceState::*;
+        Truth {
+            instances: BTreeMap::from([
+                (instance_key("i-1"), instance("acme-linux-1", Running, Created, Some("linux"))),
+                (instance_key("i-2"), instance("acme-linux-2", Running, Created, Some("linux"))),
+                (instance_key("i-f"), instance("acme-arm-linux-1", Running, Foreign, None)),
+                (instance_key("i-a1"), instance("builder-1", Stopped, Adopted, Some("adopted"))),
+                (instance_key("i-a2"), instance("builder-2", Stopped, Adopted, Some("adopted"))),
+                (instance_key("i-p"), instance("acme-picus-1", Running, Created, Some("picus"))),
+            ]),
+            agents: BTreeMap::from([
+                (agent_key("1"), agent("acme-linux-1", AgentOwner::Registered, true, Some("i-1"))),
+                (agent_key("2"), agent("acme-linux-2", AgentOwner::Registered, false, Some("i-2"))),
+                (agent_key("3"), agent("acme-arm-linux-1", AgentOwner::Foreign, false, Some("i-f"))),
+                (agent_key("4"), agent("picus-agent", AgentOwner::Named, true, Some("i-p"))),
+                (agent_key("5"), agent("acme-runner", AgentOwner::Foreign, false, None)),
+                (agent_key("6"), agent("acme-linux-9", AgentOwner::Registered, false, None)),
+            ]),
+            creates_in_flight: BTreeMap::new(),
+        }
+    }
+
+    fn promises_broken(changes: Vec<Change>) -> Vec<&'static str> {
+        let desired = desired();
+        let mut broken: Vec<&str> =
+            check(&desired, &plan_of(&desired, changes), &truth()).iter().map(|v| v.promise).collect();
+        broken.dedup();
+        broken
+    }
+
+    #[test]
+    fn effects_follow_the_action_contract() {
+        let desired = desired();
+        let picus_create = change("picus", Action::Create, Some(("acme-picus-2", None)), Some(("picus-agent", "4")));
+        assert_eq!(
+            effects(&picus_create, &desired),
+            vec![
+                Effect::UndrainAgent(agent_key("4")),
+                Effect::CreateInstance { backend: BackendName::new("cloud"), name: "acme-picus-2".to_owned() }
+            ]
+        );
+        // Apply keeps a pre-registered agent when its instance goes.
+        let picus_delete =
+            change("picus", Action::Delete, Some(("acme-picus-1", Some("i-p"))), Some(("picus-agent", "4")));
+        assert_eq!(effects(&picus_delete, &desired), vec![Effect::DeleteInstance(instance_key("i-p"))]);
+        let create = change("linux", Action::Create, Some(("acme-linux-3", None)), None);
+        assert_eq!(
+            effects(&create, &desired)[0],
+            Effect::RegisterAgent { ci: CiName::new("ci"), name: "acme-linux-3".to_owned() }
+        );
+    }
+
+    #[test]
+    fn what_is_not_ours_is_never_touched() {
+        assert!(promises_broken(vec![change(
+            "linux",
+            Action::Delete,
+            Some(("acme-linux-2", Some("i-2"))),
+            Some(("acme-linux-2", "2"))
+        )])
+        .is_empty());
+        assert!(
+            promises_broken(vec![change("adopted", Action::Start, Some(("builder-1", Some("i-a1"))), None)]).is_empty()
+        );
+        assert!(
+            promises_broken(vec![change("linux", Action::Deregister, None, Some(("acme-linux-9", "6")))]).is_empty()
+        );
+        for unsafe_change in [
+            change("linux", Action::Delete, Some(("acme-arm-linux-1", Some("i-f"))), None),
+            change("adopted", Action::Delete, Some(("builder-1", Some("i-a1"))), None),
+            change("runner", Action::Deregister, None, Some(("acme-runner", "5"))),
+            change("linux", Action::Drain, None, Some(("acme-arm-linux-1", "3"))),
+            // A pre-registered agent is the config's to drain, not to deregister.
+            change("gone", Action::Deregister, None, Some(("picus-agent", "4"))),
+            // Registering under a foreign record's name hands that record over on CIs that key agents by name.
+            change("linux", Action::Create, Some(("acme-runner", None)), None),
+        ] {
+            assert!(promises_broken(vec![unsafe_change.clone()]).contains(&NOT_OURS), "{unsafe_change:?}");
+        }
+    }
+
+    #[test]
+    fn a_busy_agent_is_never_killed_whatever_it_is_called() {
+        // The busy pre-registered agent is not named after its instance.
+        let orphan_delete = change("gone", Action::Delete, Some(("acme-picus-1", Some("i-p"))), None);
+        assert_eq!(promises_broken(vec![orphan_delete]), vec![NOT_BUSY]);
+        let busy_delete =
+            change("linux", Action::Delete, Some(("acme-linux-1", Some("i-1"))), Some(("acme-linux-1", "1")));
+        assert_eq!(promises_broken(vec![busy_delete]), vec![NOT_BUSY]);
+        // The agent of a live instance is not pulled from under it...
+        let live_deregister = change("linux", Action::Deregister, None, Some(("acme-linux-2", "2")));
+        assert_eq!(promises_broken(vec![live_deregister]), vec![NOT_BUSY]);
+        // ... but goes with it.
+        let idle_delete =
+            change("linux", Action::Delete, Some(("acme-linux-2", Some("i-2"))), Some(("acme-linux-2", "2")));
+        assert!(promises_broken(vec![idle_delete]).is_empty());
+        // Draining a busy agent kills nothing: it finishes its job first.
+        assert!(promises_broken(vec![change("linux", Action::Drain, None, Some(("acme-linux-1", "1")))]).is_empty());
+    }
+
+    #[test]
+    fn max_counts_every_instance_that_exists() {
+        // `linux` has two instances (one busy, one drained) and `max: 2`: no create, even with a delete beside it.
+        let create = change("linux", Action::Create, Some(("acme-linux-3", None)), None);
+        assert_eq!(promises_broken(vec![create.clone()]), vec![MAX]);
+        let delete = change("linux", Action::Delete, Some(("acme-linux-2", Some("i-2"))), Some(("acme-linux-2", "2")));
+        assert_eq!(promises_broken(vec![delete, create]), vec![MAX]);
+        // A replace is one out, one in.
+        let replace =
+            change("linux", Action::Replace, Some(("acme-linux-2", Some("i-2"))), Some(("acme-linux-2", "2")));
+        assert!(promises_broken(vec![replace]).is_empty());
+        // Start/stop pool with `max: 1` and two stopped machines: one start, not two.
+        let start = |name: &str, id: &str| change("adopted", Action::Start, Some((name, Some(id))), None);
+        assert!(promises_broken(vec![start("builder-1", "i-a1")]).is_empty());
+        assert_eq!(promises_broken(vec![start("builder-1", "i-a1"), start("builder-2", "i-a2")]), vec![MAX]);
+        // A create in flight takes a slot: `picus` (max 1) has one instance already.
+        let mut truth = truth();
+        truth.instances.remove(&instance_key("i-p"));
+        truth.creates_in_flight.insert(PoolName::new("picus"), 1);
+        let desired = desired();
+        let picus_create = change("picus", Action::Create, Some(("acme-picus-2", None)), Some(("picus-agent", "4")));
+        let violations = never_exceeds_max(&desired, &plan_of(&desired, vec![picus_create]), &truth);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+    }
+}
