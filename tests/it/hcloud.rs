@@ -554,6 +554,8 @@ fn cloud_init_refuses_line_breaks_and_odd_images_without_showing_values() {
 /// A scratch folder with a config: a fake CI (file-backed, simulating, whose agents run on the Hetzner fake) and
 /// the Hetzner backend on the fake.
 struct Sandbox {
+    /// Every plan of this sandbox's `watch` is judged by the safety oracle (dropped before `dir`).
+    trace: crate::safety::ledger::PlanTrace,
     dir: tempfile::TempDir,
     fake: HcloudFake,
     _runtime: tokio::runtime::Runtime,
@@ -595,6 +597,7 @@ pools:
         }
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
         let sandbox = Self {
+            trace: crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml")),
             dir,
             fake,
             _runtime: runtime,
@@ -630,6 +633,7 @@ pools:
             .args(args)
             .arg("-c")
             .arg(self.path("ciscale.yaml"));
+        self.trace.env(&mut command);
         command
     }
 

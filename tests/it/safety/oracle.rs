@@ -12,9 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use ciscale::model::{
-    AgentId, AgentRef, BackendName, CiName, Desired, InstanceId, InstanceMode, InstanceState, PoolName,
-};
+use ciscale::model::{AgentId, AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolName};
 use ciscale::plan::{Action, Change, Plan};
 
 /// An instance, by the backend account it lives in and its provider id.
@@ -366,29 +364,27 @@ fn max_of(desired: &Desired, pool: &PoolName, plan: &Plan) -> Option<u32> {
     Some(window.and_then(|window| window.max).unwrap_or(spec.scale.max))
 }
 
-/// Promise 3, never exceed `max`, per pool of the config. Counted: every instance of the pool that exists (listed
-/// yet or not, drained, busy, stopped, starting — every state but terminated and deleting) plus creates in
-/// flight. A plan that creates must keep that count plus its creates within `max`; a plan that creates or starts
-/// must keep the running ones (all those but the stopped) plus its creates and starts within `max`. Already at or
-/// above `max`, nothing is added. A delete in the same plan frees no slot: apply runs changes concurrently and a
-/// delete may fail. A replace is one out, one in: it adds nothing.
+/// Promise 3, never exceed `max`, per pool of the config. Counted: every instance of the pool that exists and is
+/// not stopped (listed yet or not; running, starting, drained, busy, stopping — issue #9's list), plus creates in
+/// flight. A plan that adds instances (creates, and starts of stopped ones) must keep that count plus what it adds
+/// within `max`; already at or above `max`, it adds nothing. A delete in the same plan frees no slot: apply runs
+/// changes concurrently and a delete may fail. A replace is one out, one in: it adds nothing. Stopped instances
+/// are not counted until started (a finished ephemeral agent's, an adopted machine that is off): they run nothing.
 pub fn never_exceeds_max(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
     let mut violations = Vec::new();
     for pool in &desired.pools {
         let Some(max) = max_of(desired, &pool.name, plan) else { continue };
-        let members: Vec<(&InstanceKey, &TrueInstance)> = truth
+        let counted = truth
             .instances
-            .iter()
-            .filter(|(_, instance)| {
+            .values()
+            .filter(|instance| {
                 instance.owner != InstanceOwner::Foreign
                     && instance.pool.as_ref() == Some(&pool.name)
                     && is_live(instance.state)
+                    && instance.state != InstanceState::Stopped
             })
-            .collect();
+            .count() as u32;
         let in_flight = truth.creates_in_flight.get(&pool.name).copied().unwrap_or(0);
-        let existing = members.len() as u32 + in_flight;
-        let running =
-            members.iter().filter(|(_, instance)| instance.state != InstanceState::Stopped).count() as u32 + in_flight;
         let mut creates = 0u32;
         let mut starts = 0u32;
         for change in plan.changes.iter().filter(|change| change.pool == pool.name && change.action != Action::Replace)
@@ -405,26 +401,15 @@ pub fn never_exceeds_max(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<V
                 }
             }
         }
-        let creates_only = matches!(pool.backend.mode, InstanceMode::Create);
-        if creates > 0 && existing + creates > max {
+        let added = creates + starts;
+        if added > 0 && counted + in_flight + added > max {
             violations.push(Violation {
                 promise: MAX,
                 subject: format!("pool `{}`", pool.name),
                 why: format!(
-                    "{creates} create(s) with {} instance(s) existing and {in_flight} create(s) in flight: {} > max {max}",
-                    members.len(),
-                    existing + creates
-                ),
-            });
-        } else if (creates > 0 || starts > 0) && running + creates + starts > max {
-            violations.push(Violation {
-                promise: MAX,
-                subject: format!("pool `{}`", pool.name),
-                why: format!(
-                    "{creates} create(s) and {starts} start(s) of stopped instances with {running} running \
-                     (in flight included): {} > max {max}{}",
-                    running + creates + starts,
-                    if creates_only { "" } else { " (start/stop pool)" }
+                    "{creates} create(s) and {starts} start(s) with {counted} instance(s) up and {in_flight} \
+                     create(s) in flight: {} > max {max}",
+                    counted + in_flight + added
                 ),
             });
         }
