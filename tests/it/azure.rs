@@ -669,7 +669,7 @@ impl WatchProcess {
         let stderr = child.stderr.take().map(|pipe| read_all(Box::new(pipe)));
         Self {
             child: Some(child),
-            _trace: crate::safety::ledger::PlanTrace::new(dir, dir.join("ciscale.yaml")),
+            _trace: crate::safety::ledger::PlanTrace::new(dir, dir.join("ciscale.yaml")).forbid(&[PAT, AGENT_PAT]),
             stdout,
             stderr,
         }

@@ -46,7 +46,9 @@ pub(crate) struct Sandbox {
 impl Sandbox {
     pub(crate) fn new(scale: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let trace = crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml"));
+        // The fake CI's per-agent tokens all start `fake-token-`.
+        let trace = crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml"))
+            .forbid(&[SECRET, "fake-token-"]);
         let sandbox = Self { trace, dir };
         sandbox.write_config(scale);
         sandbox

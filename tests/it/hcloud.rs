@@ -597,7 +597,8 @@ pools:
         }
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
         let sandbox = Self {
-            trace: crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml")),
+            trace: crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml"))
+                .forbid(&[TOKEN, AGENT_SECRET]),
             dir,
             fake,
             _runtime: runtime,

@@ -321,7 +321,7 @@ fn picus_trace(dir: &std::path::Path, env: &BTreeMap<String, String>) -> crate::
     let yaml = ciscale::import::picus::config_from_env(env).expect("a complete Picus environment");
     let config = dir.join("picus-as-config.yaml");
     std::fs::write(&config, yaml).expect("write config");
-    crate::safety::ledger::PlanTrace::new(dir, config)
+    crate::safety::ledger::PlanTrace::new(dir, config).forbid(&[AGENT_SECRET, crate::fakes::woodpecker::ADMIN_TOKEN])
 }
 
 /// SIGTERM, then the daemon's stderr once it exited cleanly.

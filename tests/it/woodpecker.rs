@@ -397,7 +397,8 @@ pools:
             ));
         }
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
-        let trace = crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml"));
+        let trace =
+            crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml")).forbid(&[ENV_TOKEN]);
         Self { trace, dir }
     }
 

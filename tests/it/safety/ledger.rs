@@ -240,11 +240,24 @@ pub struct PlanTrace {
     config: PathBuf,
     earlier: std::sync::Mutex<Vec<Desired>>,
     declared: std::sync::Mutex<Vec<String>>,
+    secrets: Vec<String>,
 }
 
 impl PlanTrace {
     pub fn new(dir: &Path, config: PathBuf) -> Self {
-        Self { path: dir.join("plan-trace.jsonl"), config, earlier: Default::default(), declared: Default::default() }
+        Self {
+            path: dir.join("plan-trace.jsonl"),
+            config,
+            earlier: Default::default(),
+            declared: Default::default(),
+            secrets: Vec::new(),
+        }
+    }
+
+    /// Secrets the test hands to ciscale: the trace must hold none of them.
+    pub fn forbid(mut self, secrets: &[&str]) -> Self {
+        self.secrets.extend(secrets.iter().map(|secret| (*secret).to_owned()));
+        self
     }
 
     pub fn env(&self, command: &mut std::process::Command) {
@@ -273,6 +286,9 @@ impl Drop for PlanTrace {
         let traced = std::fs::read_to_string(&self.path).unwrap_or_default();
         if traced.trim().is_empty() {
             return;
+        }
+        for secret in &self.secrets {
+            assert!(!traced.contains(secret.as_str()), "a secret is in the plan trace {}", self.path.display());
         }
         let mut configs = std::mem::take(&mut *self.earlier.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         configs.extend(try_load_config(&self.config));
