@@ -37,26 +37,30 @@ fn pool_draft(create_only: bool) -> impl Strategy<Value = PoolDraft> {
         0..=1u32,
         prop_oneof![Just(1u32), Just(5), Just(30)],
         prop_oneof![Just(2u32), Just(10)],
-        mode,
+        (mode, prop::bool::weighted(0.2)),
     )
-        .prop_map(|(name, platform, min, max, min_idle, idle_timeout_min, bootstrap_timeout_min, mode)| {
-            // Validation's bounds: a pre-registered agent serves one instance; an adopted pool has its instances.
-            let max = match &mode {
-                PoolMode::Create => max,
-                PoolMode::Preregistered { .. } => 1,
-                PoolMode::StartStop { adopted, .. } => max.min(u32::from(*adopted)),
-            };
-            PoolDraft {
-                name,
-                platform,
-                min: min.min(max),
-                max,
-                min_idle,
-                idle_timeout_min,
-                bootstrap_timeout_min,
-                mode,
-            }
-        })
+        .prop_map(
+            |(name, platform, min, max, min_idle, idle_timeout_min, bootstrap_timeout_min, (mode, ephemeral))| {
+                // Validation's bounds: a pre-registered agent serves one instance; an adopted pool has its instances.
+                let max = match &mode {
+                    PoolMode::Create => max,
+                    PoolMode::Preregistered { .. } => 1,
+                    PoolMode::StartStop { adopted, .. } => max.min(u32::from(*adopted)),
+                };
+                PoolDraft {
+                    name,
+                    platform,
+                    min: min.min(max),
+                    max,
+                    min_idle,
+                    idle_timeout_min,
+                    bootstrap_timeout_min,
+                    // Ephemeral agents are made by the pool; pre-registered and adopted ones are not.
+                    ephemeral: ephemeral && mode == PoolMode::Create,
+                    mode,
+                }
+            },
+        )
 }
 
 fn cycle() -> impl Strategy<Value = Step> {

@@ -16,6 +16,7 @@ fn pool(name: &str, max: u32, mode: PoolMode) -> PoolDraft {
         min_idle: 0,
         idle_timeout_min: 1,
         bootstrap_timeout_min: 2,
+        ephemeral: false,
         mode,
     }
 }

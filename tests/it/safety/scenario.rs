@@ -64,6 +64,8 @@ pub struct PoolDraft {
     pub min_idle: u32,
     pub idle_timeout_min: u32,
     pub bootstrap_timeout_min: u32,
+    /// Agents run one job, then power their instance off (create mode only).
+    pub ephemeral: bool,
     pub mode: PoolMode,
 }
 
@@ -205,6 +207,7 @@ impl Deployment {
                         min_idle: pool.min_idle,
                         idle_timeout: GoDuration::from_secs(u64::from(pool.idle_timeout_min) * 60),
                         bootstrap_timeout: GoDuration::from_secs(u64::from(pool.bootstrap_timeout_min) * 60),
+                        ephemeral: pool.ephemeral,
                         // Per-second billing: no paid hour to wait for.
                         billing_margin: None,
                         ..ScalePolicy::default()
@@ -267,12 +270,13 @@ impl Deployment {
             let _ = writeln!(yaml, " }}");
             let _ = writeln!(
                 yaml,
-                "    scale: {{ min: {}, max: {}, minIdle: {}, idleTimeout: {}m, bootstrapTimeout: {}m }}",
+                "    scale: {{ min: {}, max: {}, minIdle: {}, idleTimeout: {}m, bootstrapTimeout: {}m, ephemeral: {} }}",
                 pool.min.min(pool.max),
                 pool.max,
                 pool.min_idle,
                 pool.idle_timeout_min,
-                pool.bootstrap_timeout_min
+                pool.bootstrap_timeout_min,
+                pool.ephemeral
             );
         }
         yaml

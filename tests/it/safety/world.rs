@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use ciscale::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, CiName, CiObservation, Desired, Instance, InstanceId,
-    InstanceMode, InstanceState, Observed, PoolName, Queue, Task, TaskId, OWNER_LABEL, POOL_LABEL,
+    InstanceMode, InstanceState, Observed, PoolName, Queue, Task, TaskId, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
 };
 use ciscale::plan::{Action, Change};
 use jiff::{SignedDuration, Timestamp};
@@ -62,6 +62,8 @@ pub struct WorldAgent {
     pub runs_on: Option<InstanceId>,
     /// Runs on a machine outside the backend (a person's runner): it checks in and takes jobs on its own.
     pub standalone: bool,
+    /// Jobs it finished: an ephemeral agent takes one job, then powers its instance off.
+    pub jobs_done: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +128,7 @@ impl World {
             maker: Maker::Person,
             runs_on: None,
             standalone,
+            jobs_done: 0,
         });
         id
     }
@@ -198,6 +201,7 @@ impl World {
     fn can_take(&self, agent: &WorldAgent, task: &WorldTask) -> bool {
         self.machine_runs(agent)
             && agent.last_contact.is_some()
+            && !(is_ephemeral(agent) && agent.jobs_done > 0)
             && !self.is_busy(&agent.id)
             && task.labels.iter().all(|(key, value)| agent.labels.get(key).is_some_and(|offered| offered == value))
     }
@@ -264,8 +268,17 @@ impl World {
             !done
         });
         for agent_id in finished {
+            let mut power_off = None;
             if let Some(agent) = self.agent_mut(&agent_id) {
                 agent.last_work = Some(now);
+                agent.jobs_done += 1;
+                if is_ephemeral(agent) {
+                    power_off = agent.runs_on.clone();
+                }
+            }
+            // An ephemeral agent's wrapper powers its instance off after the one job.
+            if let Some(instance) = power_off.and_then(|id| self.instance_mut(&id)) {
+                instance.state = InstanceState::Stopped;
             }
         }
     }
@@ -460,16 +473,22 @@ impl World {
                 Some(existing) => existing.id.clone(),
                 None => {
                     let id = AgentId::new(self.next().to_string());
+                    // Apply registers the pool's labels, and marks agents of ephemeral pools.
+                    let mut labels = pool.ci.labels.clone();
+                    if pool.scale.ephemeral {
+                        labels.insert(EPHEMERAL_LABEL.to_owned(), "true".to_owned());
+                    }
                     self.agents.push(WorldAgent {
                         id: id.clone(),
                         name: target.name.clone(),
-                        labels: pool.ci.labels.clone(),
+                        labels,
                         no_schedule: false,
                         last_contact: None,
                         last_work: None,
                         maker: Maker::Deployment(who),
                         runs_on: None,
                         standalone: false,
+                        jobs_done: 0,
                     });
                     id
                 }
@@ -561,6 +580,10 @@ impl World {
             self.agents.iter().filter(|agent| agent.runs_on.as_ref() == Some(instance)).map(|a| a.id.clone()).collect();
         self.tasks.retain(|task| !task.agent.as_ref().is_some_and(|agent| on_it.contains(agent)));
     }
+}
+
+fn is_ephemeral(agent: &WorldAgent) -> bool {
+    agent.labels.get(EPHEMERAL_LABEL).is_some_and(|value| value == "true")
 }
 
 /// Bit `index` of `mask` (positions past 31 reuse the low bits).
