@@ -182,6 +182,13 @@ fn plan_trace() -> anyhow::Result<Option<watch::PlanInspector>> {
         .append(true)
         .open(&path)
         .with_context(|| format!("cannot open the plan trace `{}` (`CISCALE_PLAN_TRACE`)", path.display()))?;
+    // A process killed mid-line leaves the file without its last newline: end that torn line, so this process's
+    // first line stays whole.
+    let torn = last_byte(&path).is_some_and(|last| last != b'\n');
+    if torn {
+        std::io::Write::write_all(&mut &file, b"\n")
+            .with_context(|| format!("cannot write the plan trace `{}`", path.display()))?;
+    }
     let file = std::sync::Mutex::new(file);
     Ok(Some(watch::PlanInspector::new(move |desired, observed, plan| {
         #[derive(serde::Serialize)]
@@ -200,4 +207,13 @@ fn plan_trace() -> anyhow::Result<Option<watch::PlanInspector>> {
             }
         }
     })))
+}
+
+fn last_byte(path: &std::path::Path) -> Option<u8> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(path).ok()?;
+    file.seek(std::io::SeekFrom::End(-1)).ok()?;
+    let mut byte = [0u8];
+    file.read_exact(&mut byte).ok()?;
+    Some(byte[0])
 }

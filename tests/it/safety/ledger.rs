@@ -213,8 +213,8 @@ pub fn assert_trace_safe(path: &Path, configs: &[Desired], declared: &[String]) 
     ledger.declare_ours(declared.iter().cloned());
     let (mut judged, mut torn) = (0, 0);
     for line in text.lines().filter(|line| !line.trim().is_empty()) {
-        // A process killed while writing leaves a torn line (run into the next process's first line). Skipping it
-        // loses nothing: the cycle was killed between its plan and its apply, so it made nothing.
+        // A process killed while writing leaves a torn line (the next process ends it). Skipping it loses nothing:
+        // that cycle was killed between its plan and its apply, so it made nothing.
         let Ok(traced) = serde_json::from_str::<TraceLine>(line) else {
             torn += 1;
             continue;
