@@ -304,6 +304,7 @@ struct BackendIndex<'a> {
     /// Instances labelled with our owner, by pool label value (`None`: no pool label).
     owned_by_pool: FastMap<Option<&'a str>, Vec<&'a Instance>>,
     by_id: FastMap<&'a InstanceId, &'a Instance>,
+    by_name: FastMap<&'a str, &'a Instance>,
 }
 
 fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a BackendName, BackendIndex<'a>> {
@@ -313,8 +314,12 @@ fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a
         .map(|(name, backend)| {
             let mut owned_by_pool: FastMap<Option<&str>, Vec<&Instance>> = FastMap::default();
             let mut by_id = FastMap::with_capacity_and_hasher(backend.instances.len(), Default::default());
+            let mut by_name = FastMap::with_capacity_and_hasher(backend.instances.len(), Default::default());
             for instance in &backend.instances {
                 by_id.entry(&instance.id).or_insert(instance);
+                if instance.state != InstanceState::Terminated {
+                    by_name.entry(instance.name.as_str()).or_insert(instance);
+                }
                 if instance.owner() == Some(desired.owner.as_str()) {
                     owned_by_pool
                         .entry(instance.labels.get(POOL_LABEL).map(String::as_str))
@@ -322,9 +327,60 @@ fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a
                         .push(instance);
                 }
             }
-            (name, BackendIndex { owned_by_pool, by_id })
+            (name, BackendIndex { owned_by_pool, by_id, by_name })
         })
         .collect()
+}
+
+/// [`Observed::in_flight`], indexed by the targets it works on.
+struct InFlightIndex<'a> {
+    work: &'a [crate::model::InFlight],
+    instances_by_id: FastSet<(&'a BackendName, &'a InstanceId)>,
+    instances_by_name: FastSet<(&'a BackendName, &'a str)>,
+    agents: FastSet<(&'a CiName, &'a AgentId)>,
+}
+
+impl<'a> InFlightIndex<'a> {
+    fn new(observed: &'a Observed) -> Self {
+        let mut index = Self {
+            work: &observed.in_flight,
+            instances_by_id: FastSet::default(),
+            instances_by_name: FastSet::default(),
+            agents: FastSet::default(),
+        };
+        for work in &observed.in_flight {
+            if let Some(target) = &work.instance {
+                index.instances_by_name.insert((&target.backend, target.name.as_str()));
+                if let Some(id) = &target.id {
+                    index.instances_by_id.insert((&target.backend, id));
+                }
+            }
+            if let Some(agent) = &work.agent {
+                index.agents.insert((&agent.ci, &agent.id));
+            }
+        }
+        index
+    }
+
+    /// Whether a planned change acts on something work in flight acts on.
+    fn touches(&self, change: &Change) -> bool {
+        let instance = change.instance.as_ref().is_some_and(|target| {
+            self.instances_by_name.contains(&(&target.backend, target.name.as_str()))
+                || target.id.as_ref().is_some_and(|id| self.instances_by_id.contains(&(&target.backend, id)))
+        });
+        let agent = change.agent.as_ref().is_some_and(|agent| self.agents.contains(&(&agent.ci, &agent.id)));
+        instance || agent
+    }
+
+    /// Creates of `pool` in flight whose instance `backend` does not list (by name) yet.
+    fn unlisted_creates(&self, pool: &PoolName, backend: Option<&BackendIndex<'_>>) -> u32 {
+        let listed = |name: &str| backend.is_some_and(|backend| backend.by_name.contains_key(name));
+        self.work
+            .iter()
+            .filter(|work| &work.pool == pool && work.action == Action::Create)
+            .filter(|work| work.instance.as_ref().is_some_and(|target| !listed(&target.name)))
+            .count() as u32
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -337,11 +393,13 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
     let backend_indexes = index_backends(desired, observed);
     let pending = assign_pending(desired, observed);
+    let in_flight = InFlightIndex::new(observed);
     let used_names: FastSet<&str> = observed
         .backends
         .values()
         .flat_map(|backend| backend.instances.iter().map(|instance| instance.name.as_str()))
         .chain(observed.ci.values().flat_map(|ci| ci.agents.iter().map(|agent| agent.name.as_str())))
+        .chain(observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())))
         .collect();
 
     let mut changes = Vec::new();
@@ -359,6 +417,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
             backend: backend_indexes.get(&pool.backend.backend),
             pending_jobs: pending[pool_index],
             used_names: &used_names,
+            in_flight: &in_flight,
             now,
         };
         let outcome = plan_pool(&context);
@@ -371,6 +430,8 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
 
     changes.extend(plan_orphan_instances(desired, observed, &ci_indexes, &claimed));
     changes.extend(plan_orphan_agents(desired, observed, &ci_indexes));
+    // Work in flight is already being done: planning it again would run it twice (or undo it half way).
+    changes.retain(|change| !in_flight.touches(change));
 
     let pool_rank: FastMap<&PoolName, usize> = desired.pools.iter().enumerate().map(|(i, p)| (&p.name, i)).collect();
     // Cached keys: comparing through the rank map on every comparison costs more than the rest of the sort.
@@ -449,6 +510,7 @@ struct PoolContext<'a> {
     pending_jobs: u32,
     /// Names of every observed instance and agent record (built once: pools must not rescan the world).
     used_names: &'a FastSet<&'a str>,
+    in_flight: &'a InFlightIndex<'a>,
     now: Timestamp,
 }
 
@@ -600,7 +662,9 @@ fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     if wanted > policy.max {
         notes.push(format!("demand wants {wanted} agents, capped at max {}", policy.max));
     }
-    let active = serving.len() as u32;
+    // Creates in flight whose instance the backend does not list yet are capacity on its way.
+    let creating = cx.in_flight.unlisted_creates(&pool.name, cx.backend);
+    let active = serving.len() as u32 + creating;
     let busy = serving.iter().filter(|member| member.busy).count() as u32;
     let idle = serving.iter().filter(|member| member.agent.is_some() && !member.busy).count() as u32;
     let scale_up_reason = format!(
@@ -1221,6 +1285,7 @@ mod tests {
             observed_at: ts(NOW),
             backends: [("cloud".into(), BackendObservation { instances, prices: BTreeMap::new(), missing_images: Vec::new() })].into(),
             ci: [("wp".into(), CiObservation { agents, queue: Queue { pending, running: Vec::new() } })].into(),
+            in_flight: Vec::new(),
         }
     }
 
@@ -1285,6 +1350,54 @@ mod tests {
         );
         assert_eq!(plan.changes[1].reason, "idle for 31m (idle timeout 30m)");
         assert!(plan.pools[0].notes.iter().any(|note| note.starts_with("ci-linux-4: idle for 15m")));
+    }
+
+    fn in_flight(action: Action, name: &str, id: Option<&str>, agent: Option<&str>) -> crate::model::InFlight {
+        crate::model::InFlight {
+            pool: "linux".into(),
+            action,
+            instance: Some(InstanceTarget { backend: "cloud".into(), id: id.map(InstanceId::new), name: name.into() }),
+            agent: agent.map(|agent| AgentTarget { ci: "wp".into(), id: AgentId::new(agent), name: name.into() }),
+            since: ts("2026-01-01T11:59:00Z"),
+        }
+    }
+
+    #[test]
+    fn creates_in_flight_count_towards_max_and_keep_their_names() {
+        let desired = desired(ScalePolicy { max: 2, ..ScalePolicy::default() });
+        let pending = (0..5).map(|i| task(&format!("t{i}"), "linux/amd64")).collect();
+        let mut observed = observed(Vec::new(), Vec::new(), pending);
+        observed.in_flight.push(in_flight(Action::Create, "ci-linux-1", None, None));
+        let plan = plan(&desired, &observed, ts(NOW));
+        // One create is on its way, so one more reaches max; its name is not handed out twice.
+        assert_eq!(actions(&plan), vec![(Action::Create, "ci-linux-2".to_owned())]);
+        assert_eq!(plan.pools[0].active, 1);
+    }
+
+    #[test]
+    fn targets_of_work_in_flight_are_not_planned_again() {
+        let desired = desired(ScalePolicy { max: 3, ..ScalePolicy::default() });
+        let hash = agent_hash(&desired.pools[0].agent);
+        let mut observed = observed(
+            vec![
+                owned("ci-linux-1", InstanceState::Running, "2026-01-01T10:00:00Z", &hash),
+                owned("ci-linux-2", InstanceState::Running, "2026-01-01T10:00:00Z", &hash),
+            ],
+            vec![
+                agent("ci-linux-1", false, true, Some("2026-01-01T11:00:00Z")),
+                agent("ci-linux-2", false, false, Some("2026-01-01T11:00:00Z")),
+            ],
+            Vec::new(),
+        );
+        let without = plan(&desired, &observed, ts(NOW));
+        assert_eq!(
+            actions(&without),
+            vec![(Action::Delete, "ci-linux-1".to_owned()), (Action::Drain, "ci-linux-2".to_owned())]
+        );
+        observed.in_flight.push(in_flight(Action::Delete, "ci-linux-1", Some("id-ci-linux-1"), Some("a-ci-linux-1")));
+        observed.in_flight.push(in_flight(Action::Drain, "ci-linux-2", Some("id-ci-linux-2"), Some("a-ci-linux-2")));
+        let with = plan(&desired, &observed, ts(NOW));
+        assert!(with.changes.is_empty(), "{:?}", actions(&with));
     }
 
     #[test]
