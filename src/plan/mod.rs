@@ -12,12 +12,24 @@ use crate::model::{InFlight, PoolName};
 pub use crate::model::{Action, AgentTarget, InstanceTarget};
 
 mod cost;
+mod demand;
+mod digest;
 mod fasthash;
+mod index;
+mod machine;
 pub mod matching;
-mod policy;
+mod orphans;
+mod ownership;
+mod planner;
+mod pool;
 pub mod render;
+#[cfg(test)]
+mod tests;
+mod text;
 
-pub use policy::{agent_hash, fingerprint, instance_name, plan};
+pub use digest::{agent_hash, fingerprint};
+pub use ownership::instance_name;
+pub use planner::plan;
 
 /// Version of the plan JSON / plan file format. Bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
