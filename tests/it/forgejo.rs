@@ -279,9 +279,15 @@ async fn an_idle_cycle_is_two_calls_and_runners_are_read_page_by_page() {
     assert_eq!(forgejo.observe().await.expect("observe").agents.len(), 120);
     assert_eq!(fake.count("GET /api/v1/admin/actions/runners"), 6);
 
-    // Without the header, a short page is the last: with pages of 50 nothing is lost.
-    fake.set_max_response_items(50);
+    // Without the count, `Link` says whether a next page exists.
     fake.drop_total_count();
+    fake.reset_counts();
+    assert_eq!(forgejo.observe().await.expect("observe").agents.len(), 120);
+    assert_eq!(fake.count("GET /api/v1/admin/actions/runners"), 6);
+
+    // Without either, a short page is the last: with pages of 50 nothing is lost.
+    fake.set_max_response_items(50);
+    fake.drop_link();
     fake.reset_counts();
     assert_eq!(forgejo.observe().await.expect("observe").agents.len(), 120);
     assert_eq!(fake.count("GET /api/v1/admin/actions/runners"), 3);

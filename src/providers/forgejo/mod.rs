@@ -7,7 +7,7 @@
 //! - `GET {scope}/actions/runners/jobs`: the queue, every waiting and running job of the scope in one answer (the
 //!   handler is not paginated: `db.Find` without list options);
 //! - `GET {scope}/actions/runners?page=N&limit=50`: the runner records, page by page until `X-Total-Count` of them
-//!   are read.
+//!   are read (without that header: while `Link` names a `next` page; without either: until a short page).
 //!
 //! `{scope}` is `/api/v1/admin`, `/api/v1/orgs/{org}`, `/api/v1/repos/{owner}/{repo}` or `/api/v1/user`
 //! ([`Scope`]). Forgejo scopes jobs and runners alike (`FindTaskOptions`/`FindRunnerOptions` by owner and
@@ -301,10 +301,13 @@ impl Forgejo {
             read += got;
             // A runner registered between two pages shifts the rest by one: keep each id once.
             runners.extend(batch.into_iter().filter(|runner| seen.insert(runner.id)));
-            let done = match total {
-                Some(total) => read >= total,
-                // Without the header, a short page is the last one.
-                None => got < RUNNERS_PER_PAGE,
+            let link = headers.get("link").and_then(|value| value.to_str().ok());
+            let done = match (total, link) {
+                (Some(total), _) => read >= total,
+                // Without the count (a proxy dropped it), the `Link` header says whether a next page exists...
+                (None, Some(link)) => !link.split(',').any(|part| part.contains("rel=\"next\"")),
+                // ...and without either, a short page is the last one.
+                (None, None) => got < RUNNERS_PER_PAGE,
             };
             if done || got == 0 {
                 break;

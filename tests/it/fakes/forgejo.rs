@@ -172,8 +172,9 @@ struct State {
     faults_injected: u64,
     /// A raw body served once for an endpoint key, instead of the real answer (older servers' shapes).
     raw_once: BTreeMap<String, String>,
-    /// Answers without `X-Total-Count` (a proxy that drops it).
+    /// Answers without `X-Total-Count`, without `Link` (a proxy that drops them).
     no_total_count: bool,
+    no_link: bool,
     violations: Vec<String>,
 }
 
@@ -235,6 +236,7 @@ impl FakeForgejo {
             faults_injected: 0,
             raw_once: BTreeMap::new(),
             no_total_count: false,
+            no_link: false,
             violations: Vec::new(),
         }));
         let shared = Arc::new(Shared { state: state.clone(), spec: spec() });
@@ -456,6 +458,10 @@ impl FakeForgejo {
 
     pub fn drop_total_count(&self) {
         self.state().no_total_count = true;
+    }
+
+    pub fn drop_link(&self) {
+        self.state().no_link = true;
     }
 
     /// Requests seen for `METHOD /path` with runner ids as `{runner_id}`, e.g.
@@ -832,6 +838,8 @@ fn route(
             let mut headers = Vec::new();
             if !state.no_total_count {
                 headers.push(("x-total-count", total.to_string()));
+            }
+            if !state.no_link {
                 let pages = total.div_ceil(limit).max(1);
                 let mut links = Vec::new();
                 if page < pages {
