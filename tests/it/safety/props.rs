@@ -68,8 +68,9 @@ fn cycle() -> impl Strategy<Value = Step> {
         prop_oneof![2 => Just(0usize), 1 => Just(1usize)],
         prop_oneof![4 => Just(None), 1 => (0..8u8).prop_map(Some)],
         prop::bool::weighted(0.2),
+        prop::bool::weighted(0.25),
     )
-        .prop_map(|(who, crash, late)| Step::Cycle { who, crash, late })
+        .prop_map(|(who, crash, late, slow)| Step::Cycle { who, crash, late, slow })
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -80,6 +81,8 @@ fn step() -> impl Strategy<Value = Step> {
         3 => mask().prop_map(|mask| Step::TakeJobs { mask }),
         2 => any::<u8>().prop_map(|skip| Step::DrainedTakesJob { skip }),
         2 => mask().prop_map(|mask| Step::FinishJobs { mask }),
+        2 => (prop_oneof![2 => Just(0usize), 1 => Just(1usize)], prop::bool::weighted(0.2))
+            .prop_map(|(who, late)| Step::Finish { who, late }),
         3 => prop_oneof![Just(1i64), Just(3), Just(11), Just(31), Just(61)].prop_map(|minutes| Step::Advance { minutes }),
         2 => (0..7u8, any::<u8>(), any::<bool>(), 0..2usize)
             .prop_map(|(look, pick, standalone, platform)| Step::HandRegister { look, pick, standalone, platform }),
@@ -99,7 +102,7 @@ fn step() -> impl Strategy<Value = Step> {
 fn warm_up() -> impl Strategy<Value = Step> {
     prop_oneof![
         (0..2usize).prop_map(|platform| Step::Jobs { platform, count: 2 }),
-        (0..2usize).prop_map(|who| Step::Cycle { who, crash: None, late: false }),
+        (0..2usize).prop_map(|who| Step::Cycle { who, crash: None, late: false, slow: false }),
         Just(Step::CheckIn { mask: u32::MAX }),
         Just(Step::TakeJobs { mask: u32::MAX }),
     ]

@@ -86,10 +86,17 @@ pub enum Step {
         count: u8,
     },
     /// Deployment `who` plans, the plan is judged, then carried out (the change at `crash` dies half-way; with
-    /// `late` the instances it creates are not listed until time passes).
+    /// `late` the instances it creates are not listed until time passes; with `slow` its creates stay in flight
+    /// until [`Step::Finish`]).
     Cycle {
         who: usize,
         crash: Option<u8>,
+        late: bool,
+        slow: bool,
+    },
+    /// Deployment `who`'s creates in flight finish (`late`: their instances are not listed until time passes).
+    Finish {
+        who: usize,
         late: bool,
     },
     CheckIn {
@@ -498,7 +505,7 @@ impl<'p> Sim<'p> {
     /// Plans for deployment `who` and judges the plan against the truth now.
     fn plan_and_judge(&mut self, who: usize, step: usize) -> Result<(Plan, Desired, Observed), Failure> {
         let desired = self.deployments[who].desired().clone();
-        let observed = self.world.observe(&desired);
+        let observed = self.world.observe(who, &desired);
         let plan = plan::plan(&desired, &observed, self.world.now);
         self.judged.plans += 1;
         let truth = self.world.truth(who, &desired);
@@ -580,13 +587,23 @@ impl<'p> Sim<'p> {
                     self.world.push_task(PLATFORMS[platform % PLATFORMS.len()]);
                 }
             }
-            Step::Cycle { who, crash, late } => {
+            Step::Cycle { who, crash, late, slow } => {
                 if *who >= self.deployments.len() {
                     return Ok(());
                 }
                 let (plan, desired, _) = self.plan_and_judge(*who, index)?;
-                let crash_at = crash.map(|at| usize::from(at) % plan.changes.len().max(1));
-                self.world.apply(*who, &desired, &plan.changes, crash_at, *late);
+                if *slow {
+                    self.world.start(*who, &desired, &plan.changes);
+                } else {
+                    let crash_at = crash.map(|at| usize::from(at) % plan.changes.len().max(1));
+                    self.world.apply(*who, &desired, &plan.changes, crash_at, *late);
+                }
+            }
+            Step::Finish { who, late } => {
+                if *who < self.deployments.len() {
+                    let desired = self.deployments[*who].desired().clone();
+                    self.world.finish(*who, &desired, *late);
+                }
             }
             Step::CheckIn { mask } => self.world.check_in(*mask),
             Step::TakeJobs { mask } => self.world.take_jobs(*mask),
@@ -617,7 +634,7 @@ impl<'p> Sim<'p> {
             Step::ApplySaved => {
                 let Some((saved, _)) = self.saved.take() else { return Ok(()) };
                 let desired = self.deployments[0].desired().clone();
-                let fresh = self.world.observe(&desired);
+                let fresh = self.world.observe(0, &desired);
                 let kept: Vec<Change> = saved
                     .changes
                     .iter()
@@ -681,7 +698,7 @@ pub fn run(scenario: &Scenario, promises: &[Promise]) -> Result<Judged, Failure>
     // Promise 5 on the final world, once per history.
     if !sim.deployments.is_empty() {
         let desired = sim.deployments[0].desired().clone();
-        let observed = sim.world.observe(&desired);
+        let observed = sim.world.observe(0, &desired);
         let violations = oracle::deterministic(&desired, &observed, sim.world.now);
         if !violations.is_empty() {
             let truth = sim.world.truth(0, &desired);

@@ -84,6 +84,15 @@ pub enum BusySign {
     Task,
 }
 
+/// A create a deployment started and has not finished: its agent is registered, its instance not made yet (the
+/// `watch` loop's work outlives the cycle that planned it and is shown to the next plans as work in flight).
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub who: usize,
+    pub change: Change,
+    pub since: Timestamp,
+}
+
 /// What the world holds right now.
 #[derive(Debug, Clone)]
 pub struct World {
@@ -91,6 +100,7 @@ pub struct World {
     pub instances: Vec<WorldInstance>,
     pub agents: Vec<WorldAgent>,
     pub tasks: Vec<WorldTask>,
+    pub in_flight: Vec<Work>,
     pub busy_sign: BusySign,
     /// Deleted instances stay listed as terminated for a while (EC2) instead of vanishing.
     pub keeps_terminated: bool,
@@ -104,6 +114,7 @@ impl World {
             instances: Vec::new(),
             agents: Vec::new(),
             tasks: Vec::new(),
+            in_flight: Vec::new(),
             busy_sign,
             keeps_terminated,
             next_id: 0,
@@ -296,9 +307,10 @@ impl World {
 
     // -- a deployment's view ---------------------------------------------------------------------------------
 
-    /// What `observe` returns for this config: per backend the instances labelled with its owner id plus the
-    /// ones it adopts by id (as `ListInstances` asks), per CI source every agent and the whole queue.
-    pub fn observe(&self, desired: &Desired) -> Observed {
+    /// What deployment `who` observes with this config: per backend the instances labelled with its owner id plus
+    /// the ones it adopts by id (as `ListInstances` asks), per CI source every agent and the whole queue, and its
+    /// own work in flight.
+    pub fn observe(&self, who: usize, desired: &Desired) -> Observed {
         let adopted = adopted_ids(desired);
         let instances: Vec<Instance> = self
             .instances
@@ -339,7 +351,13 @@ impl World {
             pending: self.tasks.iter().filter(|task| task.agent.is_none()).map(to_task).collect(),
             running: self.tasks.iter().filter(|task| task.agent.is_some()).map(to_task).collect(),
         };
-        let mut observed = Observed { observed_at: self.now, ..Observed::default() };
+        let in_flight = self
+            .in_flight
+            .iter()
+            .filter(|work| work.who == who)
+            .map(|work| work.change.in_flight(work.since))
+            .collect();
+        let mut observed = Observed { observed_at: self.now, in_flight, ..Observed::default() };
         for backend in desired.backends.keys() {
             let listing = if backend.as_str() == BACKEND { instances.clone() } else { Vec::new() };
             observed.backends.insert(backend.clone(), BackendObservation { instances: listing, ..Default::default() });
@@ -395,7 +413,15 @@ impl World {
                 ((ci.clone(), agent.id.clone()), truth)
             })
             .collect();
-        Truth { instances, agents, creates_in_flight: BTreeMap::new() }
+        // A create in flight takes its slot until its instance exists.
+        let mut creates_in_flight: BTreeMap<PoolName, u32> = BTreeMap::new();
+        for work in self.in_flight.iter().filter(|work| work.who == who && work.change.action == Action::Create) {
+            let name = work.change.instance.as_ref().map(|target| target.name.as_str());
+            if !self.instances.iter().any(|instance| Some(instance.name.as_str()) == name) {
+                *creates_in_flight.entry(work.change.pool.clone()).or_default() += 1;
+            }
+        }
+        Truth { instances, agents, creates_in_flight }
     }
 
     // -- carrying out a deployment's plan --------------------------------------------------------------------
@@ -455,6 +481,27 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Starts `changes` for deployment `who` the way a loop whose work outlives its cycle does: creates register
+    /// their agent and stay in flight ([`World::finish`] makes their instances); everything else is carried out.
+    pub fn start(&mut self, who: usize, desired: &Desired, changes: &[Change]) {
+        let (creates, rest): (Vec<Change>, Vec<Change>) =
+            changes.iter().cloned().partition(|change| change.action == Action::Create);
+        self.apply(who, desired, &rest, None, false);
+        for change in creates {
+            // The first step only: as if it died right after registering.
+            self.create(who, desired, &change, true, false);
+            self.in_flight.push(Work { who, change, since: self.now });
+        }
+    }
+
+    /// Finishes deployment `who`'s creates in flight (`late`: the backend does not list them yet).
+    pub fn finish(&mut self, who: usize, desired: &Desired, late: bool) {
+        let (mine, others): (Vec<Work>, Vec<Work>) = self.in_flight.drain(..).partition(|work| work.who == who);
+        self.in_flight = others;
+        let changes: Vec<Change> = mine.into_iter().map(|work| work.change).collect();
+        self.apply(who, desired, &changes, None, late);
     }
 
     fn target_instance(&self, change: &Change) -> Option<InstanceId> {
