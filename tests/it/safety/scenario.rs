@@ -635,12 +635,7 @@ impl<'p> Sim<'p> {
                 let Some((saved, _)) = self.saved.take() else { return Ok(()) };
                 let desired = self.deployments[0].desired().clone();
                 let fresh = self.world.observe(0, &desired);
-                let kept: Vec<Change> = saved
-                    .changes
-                    .iter()
-                    .filter(|change| still_safe(&saved, change, &desired, &fresh, self.world.now))
-                    .cloned()
-                    .collect();
+                let kept = still_safe(&saved, &desired, &fresh, self.world.now);
                 let late = Plan { changes: kept.clone(), ..saved.clone() };
                 if !kept.is_empty() {
                     self.judged.late_applies += 1;
@@ -676,11 +671,15 @@ fn indent(text: &str) -> String {
 
 /// The saved-plan check `apply PLANFILE` makes before a change's first step.
 ///
-/// Stand-in until the per-change precondition check of issue #9 lands (expected as
-/// `plan::preconditions(change, desired, observed, now)`): today `apply` refuses the whole plan when the config
-/// hash or the observation's fingerprint changed (`src/cmd/apply.rs`), and carries out every change otherwise.
-fn still_safe(saved: &Plan, _change: &Change, desired: &Desired, fresh: &Observed, _now: Timestamp) -> bool {
-    saved.config_hash == desired.config_hash && saved.observed_fingerprint == plan::fingerprint(fresh)
+/// The changes of a saved plan that `apply PLANFILE` carries out after observing again at `now`: none when the
+/// config changed (the hash differs); otherwise, today, all of them if the observation's fingerprint is unchanged
+/// and none if it changed (`src/cmd/apply.rs`). Stand-in until the per-change check of issue #9 lands
+/// (`plan::preconditions`, on the planner's branch): then the changes whose preconditions hold.
+fn still_safe(saved: &Plan, desired: &Desired, fresh: &Observed, _now: Timestamp) -> Vec<Change> {
+    if saved.config_hash != desired.config_hash || saved.observed_fingerprint != plan::fingerprint(fresh) {
+        return Vec::new();
+    }
+    saved.changes.clone()
 }
 
 /// Every config a scenario starts with, as YAML and as built directly (for `loads_like_the_config_loader`).
