@@ -233,9 +233,12 @@ pub fn well_formed(plan: &Plan) -> Vec<Violation> {
 
 /// Promise 1, never touch what is not ours: every call targets a new instance, an instance this deployment created
 /// (delete, stop, start) or adopted in its config (start, stop), or an agent record it registered (deregister) or
-/// that it registered or its config names (drain, undrain). A new agent is never registered under the name of a
-/// record that is not ours (CIs that key agents by name would hand that record over). Foreign records — another
-/// deployment's, a person's, look-alike names — are never the target of anything.
+/// that it registered, its config names, or that runs on an instance it created (drain, undrain: draining a
+/// person's agent that runs on our instance — a pre-registered agent whose pool left the config — is how that
+/// instance is taken down without killing a job; it is reversible and never followed by a deregister). A new
+/// agent is never registered under the name of a record that is not ours (CIs that key agents by name would hand
+/// that record over). Foreign records — another deployment's, a person's, look-alike names — are never the
+/// target of anything else.
 pub fn never_touches_foreign(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
     let mut violations = Vec::new();
     for change in &plan.changes {
@@ -262,9 +265,14 @@ pub fn never_touches_foreign(desired: &Desired, plan: &Plan, truth: &Truth) -> V
                 }
                 Effect::DrainAgent(key) | Effect::UndrainAgent(key) => {
                     if let Some(agent) = truth.agents.get(key) {
-                        if agent.owner == AgentOwner::Foreign {
+                        let on_our_instance =
+                            agent.runs_on.as_ref().and_then(|host| truth.instances.get(host)).is_some_and(|instance| {
+                                instance.owner == InstanceOwner::Created && is_live(instance.state)
+                            });
+                        if agent.owner == AgentOwner::Foreign && !on_our_instance {
                             fail(format!(
-                                "{effect:?} on agent `{}`, which this deployment neither registered nor names",
+                                "{effect:?} on agent `{}`, which this deployment neither registered nor names, and \
+                                 which runs on no instance of it",
                                 agent.name
                             ));
                         }
@@ -368,7 +376,8 @@ fn max_of(desired: &Desired, pool: &PoolName, plan: &Plan) -> Option<u32> {
 /// not stopped (listed yet or not; running, starting, drained, busy, stopping — issue #9's list), plus creates in
 /// flight. A plan that adds instances (creates, and starts of stopped ones) must keep that count plus what it adds
 /// within `max`; already at or above `max`, it adds nothing. A delete in the same plan frees no slot: apply runs
-/// changes concurrently and a delete may fail. A replace is one out, one in: it adds nothing. Stopped instances
+/// changes concurrently and a delete may fail. A replace is one out, one in: it adds nothing; nor does a create
+/// under the name of an instance of ours that exists (create-if-absent takes it over). Stopped instances
 /// are not counted until started (a finished ephemeral agent's, an adopted machine that is off): they run nothing.
 pub fn never_exceeds_max(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<Violation> {
     let mut violations = Vec::new();
@@ -391,6 +400,9 @@ pub fn never_exceeds_max(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<V
         {
             for effect in effects(change, desired) {
                 match effect {
+                    // Create-if-absent: under the name of an instance of ours that exists (a create whose listing
+                    // lags, made again), apply takes that instance over instead of making another.
+                    Effect::CreateInstance { backend, name } if exists_as_ours(truth, &backend, &name) => {}
                     Effect::CreateInstance { .. } => creates += 1,
                     Effect::StartInstance(key) => {
                         if truth.instances.get(&key).is_some_and(|instance| instance.state == InstanceState::Stopped) {
@@ -415,6 +427,12 @@ pub fn never_exceeds_max(desired: &Desired, plan: &Plan, truth: &Truth) -> Vec<V
         }
     }
     violations
+}
+
+fn exists_as_ours(truth: &Truth, backend: &BackendName, name: &str) -> bool {
+    truth.instances.iter().any(|((on, _), instance)| {
+        on == backend && instance.name == name && instance.owner == InstanceOwner::Created && is_live(instance.state)
+    })
 }
 
 /// Promises 1–3 (and well-formedness) for one plan.
@@ -606,6 +624,27 @@ pools:
         ] {
             assert!(promises_broken(vec![unsafe_change.clone()]).contains(&NOT_OURS), "{unsafe_change:?}");
         }
+    }
+
+    #[test]
+    fn a_persons_agent_on_our_instance_may_be_drained_but_never_deregistered() {
+        // The pre-registered agent of a pool that left the config is a person's record again, but it runs on an
+        // instance we created: draining it is how that instance goes without killing a job.
+        let desired = desired();
+        let mut truth = truth();
+        truth.agents.insert(
+            agent_key("7"),
+            TrueAgent {
+                name: "builder".to_owned(),
+                owner: AgentOwner::Foreign,
+                busy: false,
+                runs_on: Some(instance_key("i-2")),
+            },
+        );
+        let drain = change("gone", Action::Drain, None, Some(("builder", "7")));
+        assert!(never_touches_foreign(&desired, &plan_of(&desired, vec![drain]), &truth).is_empty());
+        let deregister = change("gone", Action::Deregister, None, Some(("builder", "7")));
+        assert_eq!(never_touches_foreign(&desired, &plan_of(&desired, vec![deregister]), &truth).len(), 1);
     }
 
     #[test]

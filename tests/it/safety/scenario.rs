@@ -122,9 +122,10 @@ pub enum Step {
         platform: usize,
     },
     Config(ConfigChange),
-    /// Our deployment plans (judged as usual) and keeps the plan for later.
+    /// Our deployment plans (`plan --out`; judged as usual) and keeps the plan for later.
     SavePlan,
-    /// The kept plan is applied now: changes that pass the saved-plan check are judged against today's world.
+    /// The kept plan is applied now (`apply PLANFILE`): changes that pass the saved-plan check are judged against
+    /// today's world.
     ApplySaved,
 }
 
@@ -420,7 +421,7 @@ struct Sim<'p> {
 pub struct Judged {
     /// Plans judged when they were made.
     pub plans: usize,
-    /// Saved plans judged when applied a cycle late (with at least one change still to do).
+    /// Saved plans judged when applied a cycle late (after the saved-plan check, whatever it left).
     pub late_applies: usize,
 }
 
@@ -626,6 +627,10 @@ impl<'p> Sim<'p> {
                 if self.deployments.is_empty() {
                     return Ok(());
                 }
+                // One-shot commands and `watch` do not run at once (`apply` waits for the owner lock `watch` holds):
+                // a `watch` with work in flight was stopped first, finishing its work (as on SIGTERM).
+                let desired = self.deployments[0].desired().clone();
+                self.world.finish(0, &desired, false);
                 let (plan, desired, _) = self.plan_and_judge(0, index)?;
                 // Only a plan that was right when it was made can show harm done by applying it late.
                 let fine_then = oracle::check(&desired, &plan, &self.world.truth(0, &desired)).is_empty();
@@ -634,12 +639,12 @@ impl<'p> Sim<'p> {
             Step::ApplySaved => {
                 let Some((saved, _)) = self.saved.take() else { return Ok(()) };
                 let desired = self.deployments[0].desired().clone();
+                // See `SavePlan`: a `watch` of ours was stopped first.
+                self.world.finish(0, &desired, false);
                 let fresh = self.world.observe(0, &desired);
                 let kept = still_safe(&saved, &desired, &fresh, self.world.now);
                 let late = Plan { changes: kept.clone(), ..saved.clone() };
-                if !kept.is_empty() {
-                    self.judged.late_applies += 1;
-                }
+                self.judged.late_applies += 1;
                 let truth = self.world.truth(0, &desired);
                 let violations = if self.promises.contains(&Promise::LateApply) {
                     oracle::check(&desired, &late, &truth)

@@ -198,14 +198,21 @@ impl World {
 
     // -- the CI and its agents -------------------------------------------------------------------------------
 
-    /// Agents whose machine runs check in (those `mask` picks, by position; a broken image never checks in).
+    /// Agents whose machine runs check in (those `mask` picks, by position; a broken image never checks in). An
+    /// instance whose agent has booted far enough to check in is listed by then: a listing lags by seconds, a
+    /// boot takes longer.
     pub fn check_in(&mut self, mask: u32) {
         let now = self.now;
         let runs: Vec<bool> = self.agents.iter().map(|agent| self.machine_runs(agent)).collect();
+        let mut booted = Vec::new();
         for (index, agent) in self.agents.iter_mut().enumerate() {
             if runs[index] && picks(mask, index) {
                 agent.last_contact = Some(now);
+                booted.extend(agent.runs_on.clone());
             }
+        }
+        for instance in self.instances.iter_mut().filter(|instance| booted.contains(&instance.id)) {
+            instance.unlisted = false;
         }
     }
 
