@@ -313,3 +313,34 @@ fn a_create_in_flight_counts_against_max() {
         },
     );
 }
+
+/// Found against the planner branch of issue #9: two creates stay in flight longer than `bootstrapTimeout` (a
+/// slow cloud, a short timeout) and finish while the backend does not list their instances yet; meanwhile the
+/// other deployment's agent took one of the two jobs. Both agent records are older than the window in which a
+/// record without an instance counts as a create in flight: one is made again under its name (create-if-absent
+/// takes the instance over, fine), the other — no longer wanted — is taken for a leftover and deregistered from
+/// under the instance that was just made.
+#[test]
+fn an_instance_made_long_after_its_agent_registered_keeps_its_agent() {
+    expect_kept(
+        Promise::NotBusy,
+        &Scenario {
+            owners: owners("acme", "acme-arm"),
+            ours: vec![pool("linux", 2, PoolMode::Create)],
+            theirs: vec![pool("linux", 1, PoolMode::Create)],
+            busy_sign: BusySign::Both,
+            keeps_terminated: false,
+            steps: vec![
+                jobs(2),
+                cycle(1),
+                Step::Cycle { who: 0, crash: None, late: false, slow: true },
+                Step::Advance { minutes: 3 },
+                Step::Finish { who: 0, late: true },
+                // Only the first agent (the other deployment's) checks in, and takes a job.
+                Step::CheckIn { mask: 1 },
+                Step::TakeJobs { mask: ALL },
+                cycle(0),
+            ],
+        },
+    );
+}
