@@ -9,15 +9,18 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use ciscale::apply::{self, ApplyOptions, Outcome, Progress};
-use ciscale::plan::{self, render, Change, Plan};
+use ciscale::config::Secrets;
+use ciscale::plan::{self, render, Change};
 
+use super::plan::PlanFile;
 use super::{hinted, ConfigArg, Ui, EXIT_ERROR, EXIT_OK};
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// A plan saved by `ciscale plan --out`; without it, ciscale plans now and asks before acting
+    /// A plan saved by `ciscale plan --out` (its config is the one it was made from, unless `-c` names one);
+    /// without it, ciscale plans now and asks before acting
     #[arg(value_name = "PLANFILE")]
     pub plan_file: Option<PathBuf>,
     /// Do not ask for confirmation (cron, CI)
@@ -31,16 +34,29 @@ pub struct ApplyArgs {
 }
 
 pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    // A plan file names the config it was made from; a config named with `-c` (or `CISCALE_CONFIG`) wins, and
+    // must then be that same config (the hash check below).
+    let saved = args.plan_file.as_deref().map(read_plan_file).transpose()?;
+    let recorded = saved.as_ref().and_then(|file| file.config_path.clone());
+    let config = match (&recorded, args.config.is_explicit()) {
+        (Some(recorded), false) => ConfigArg { config: Some(recorded.clone()) },
+        _ => args.config.clone(),
+    };
+    let desired = super::load_config(&config, Secrets::Needed)?;
     let _lock = args.lock.acquire(&desired).await?;
     let providers = super::connect(&desired)?;
 
-    let plan = match &args.plan_file {
-        Some(path) => {
-            let saved = read_plan_file(path)?;
+    let plan = match (saved, &args.plan_file) {
+        (Some(saved), Some(path)) => {
+            let saved = saved.plan;
             if saved.config_hash != desired.config_hash {
+                let made_from = recorded.as_ref().map(|recorded| format!(" (`{}`)", recorded.display())).unwrap_or_default();
                 return Err(hinted(
-                    format!("the plan in `{}` was made from a different config than `{}`", path.display(), args.config.config.display()),
+                    format!(
+                        "the plan in `{}` was made from a different config{made_from} than `{}`",
+                        path.display(),
+                        config.path().display()
+                    ),
                     "run `ciscale plan --out FILE` again with the current config",
                 ));
             }
@@ -53,7 +69,7 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
             }
             saved
         }
-        None => {
+        _ => {
             let observed = super::observe_live(&desired, &providers).await?;
             let plan = plan::plan(&desired, &observed, observed.observed_at);
             print!("{}", render::render_human(&plan, &render::RenderOptions { color: ui.stdout_color }));
@@ -87,21 +103,26 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
     Ok(if failed > 0 { EXIT_ERROR } else { EXIT_OK })
 }
 
-fn read_plan_file(path: &Path) -> anyhow::Result<Plan> {
+fn read_plan_file(path: &Path) -> anyhow::Result<PlanFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("could not read the plan file `{}`", path.display()))?;
-    let plan: Plan = serde_json::from_str(&text).map_err(|error| {
+    let file: PlanFile = serde_json::from_str(&text).map_err(|error| {
         hinted(
             format!("{}:{}:{}: not a ciscale plan file: {error}", path.display(), error.line(), error.column()),
             "write one with `ciscale plan --out FILE`",
         )
     })?;
-    if plan.format_version != plan::FORMAT_VERSION {
+    if file.plan.format_version != plan::FORMAT_VERSION {
         return Err(hinted(
-            format!("the plan file `{}` has format {}, this ciscale reads format {}", path.display(), plan.format_version, plan::FORMAT_VERSION),
+            format!(
+                "the plan file `{}` has format {}, this ciscale reads format {}",
+                path.display(),
+                file.plan.format_version,
+                plan::FORMAT_VERSION
+            ),
             "make the plan with the same ciscale version that applies it",
         ));
     }
-    Ok(plan)
+    Ok(file)
 }
 
 /// Terraform's confirmation: only the word `yes` goes ahead. Without a terminal nobody can answer, so that is an

@@ -20,7 +20,7 @@ pub struct ProvisionArgs {
 }
 
 pub async fn run(args: ProvisionArgs, ui: &Ui) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Needed)?;
     if let Some(unknown) = args.images.iter().find(|name| !desired.images.contains_key(*name)) {
         return Err(hinted(
             format!("image `{unknown}` is not in the config"),

@@ -30,7 +30,7 @@ pub struct WatchArgs {
 }
 
 pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Needed)?;
     let _lock = args.lock.acquire(&desired).await?;
     let mut providers = super::connect(&desired)?;
     let mut metrics = None;
@@ -99,7 +99,7 @@ fn listen_for_reloads(
         let (owner, listen) = (running.owner.clone(), running.metrics.as_ref().map(|spec| spec.listen));
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                tracing::info!(config = %config.config.display(), "SIGHUP: reloading the config");
+                tracing::info!(config = %config.path().display(), "SIGHUP: reloading the config");
                 match reload(&config, &owner, listen, metrics.as_ref()) {
                     Ok(reloaded) => {
                         if sender.send(reloaded).await.is_err() {
@@ -130,7 +130,7 @@ fn reload(
     listen: Option<std::net::SocketAddr>,
     metrics: Option<&Arc<Metrics>>,
 ) -> anyhow::Result<Reloaded> {
-    let desired = super::load_config(config)?;
+    let desired = super::load_config(config, ciscale::config::Secrets::Needed)?;
     if desired.owner != owner {
         return Err(super::hinted(
             format!("the new config's `id` is `{}`, the running one acts for `{owner}`", desired.owner),
@@ -152,19 +152,17 @@ fn reload(
 /// An error as plain text for a log line: config problems one `file:line:col: error: ...` line each, other errors
 /// with their causes and hint.
 fn error_text(error: &anyhow::Error) -> String {
-    if let Some(config_error) = error.downcast_ref::<ciscale::config::ConfigError>() {
-        return super::render_config_error(config_error, false).trim_end().to_owned();
+    if let Some(diagnostics) = error.downcast_ref::<ciscale::config::ConfigError>().and_then(|e| e.diagnostics()) {
+        return super::render_config_error(diagnostics, false).trim_end().to_owned();
     }
     let mut text = error.to_string();
     for cause in error.chain().skip(1) {
         text.push_str(": ");
         text.push_str(&cause.to_string());
     }
-    if let Some(hint) =
-        error.chain().find_map(|cause| cause.downcast_ref::<super::Hinted>()).and_then(|h| h.hint.as_deref())
-    {
+    if let Some(hint) = super::hint_of(error) {
         text.push_str("\n  hint: ");
-        text.push_str(hint);
+        text.push_str(&hint);
     }
     text
 }
