@@ -101,7 +101,10 @@ impl LockArgs {
                 held.to_string(),
                 "wait for it to finish, pass `--lock-timeout 5m` to wait, or stop the other one (cron and `watch` should not both run)",
             ),
-            other => anyhow::Error::new(other),
+            other => match other.hint() {
+                Some(hint) => hinted(other.to_string(), hint),
+                None => anyhow::Error::new(other),
+            },
         })
     }
 }

@@ -24,7 +24,8 @@ pub struct WatchArgs {
     pub json: bool,
     #[command(flatten)]
     pub lock: super::LockArgs,
-    /// Stop after this many cycles (for trials and tests); default: run until SIGTERM
+    /// Stop after this many cycles (for trials and tests) and exit 1 if the last one failed; default: run until
+    /// SIGTERM
     #[arg(long, value_name = "N")]
     pub cycles: Option<u64>,
 }
@@ -50,7 +51,11 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     // Incus backends wake the loop on their lifecycle events; the interval stays as the safety net.
     let triggers = watch::triggers::from_config(&desired);
     let reloads = listen_for_reloads(args.config.clone(), &desired, metrics.clone());
+    // With `--cycles`, the exit code says how the last cycle went (a trial or a test wants to know); a daemon
+    // stopped by SIGTERM exits 0.
+    let mut last_failed = None;
     watch::run_reloadable(desired, providers, &options, &cancel, triggers, reloads, |report| {
+        last_failed = Some(report.error.is_some() || report.failed > 0);
         if let Some(metrics) = &metrics {
             metrics.record_cycle(report);
         }
@@ -74,7 +79,13 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     })
     .await;
     tracing::info!("stopped");
-    Ok(EXIT_OK)
+    match last_failed {
+        Some(true) if args.cycles.is_some() => Err(super::hinted(
+            "the last cycle failed",
+            "see the log above (with `--json`: the last line's `error` and `failed`)",
+        )),
+        _ => Ok(EXIT_OK),
+    }
 }
 
 /// On every SIGHUP: read and validate the config again and hand it to the loop, which switches at its next cycle.
