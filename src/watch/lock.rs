@@ -10,8 +10,9 @@
 //! - the directory is created private (0700); an existing one must be a real directory (not a symlink), not
 //!   writable by everyone, and owned by the current user or root (root itself may use another user's directory,
 //!   such as the daemon's `/run/ciscale`: the file checks below protect it there);
-//! - the file is opened with `O_NOFOLLOW` (a symlink is refused, never followed), created 0600, never truncated
-//!   on open, and must be a regular file with a single link (a hard link to `/etc/shadow` is refused);
+//! - the file is opened with `O_NOFOLLOW` (a symlink is refused, never followed), created 0644 (less with the
+//!   umask), never truncated on open, and must be a regular file with a single link (a hard link to `/etc/shadow`
+//!   is refused);
 //! - the stamp is written over the start of the file, padded to a fixed width, so the file is never truncated.
 
 use std::fs::{File, TryLockError};
@@ -60,6 +61,9 @@ impl LockError {
     }
 }
 
+/// `O_NOFOLLOW | O_CLOEXEC`: a symlink in place of the lock file is an error (`ELOOP`), never followed.
+const NOFOLLOW_CLOEXEC: i32 = (rustix::fs::OFlags::NOFOLLOW.bits() | rustix::fs::OFlags::CLOEXEC.bits()) as i32;
+
 /// Width the stamp is padded to, so a shorter stamp fully covers a longer earlier one without truncating.
 const STAMP_WIDTH: usize = 80;
 
@@ -79,14 +83,29 @@ impl OwnerLock {
         };
         private_dir(dir)?;
         let path = dir.join(format!("{owner}.lock"));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32 | rustix::fs::OFlags::CLOEXEC.bits() as i32)
-            .open(&path)
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .create(write)
+                .truncate(false)
+                // Readable by all: it holds a pid and a time, and a daemon must be able to lock a file a root cron
+                // job created (and the reverse).
+                .mode(0o644)
+                .custom_flags(NOFOLLOW_CLOEXEC)
+                .open(&path)
+        };
+        // A file another user made (root's cron, the daemon's user) may be read-only for us: `flock` works on a
+        // read-only descriptor, only the stamp is not written then.
+        let mut writable = true;
+        let opened = match open(true) {
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                writable = false;
+                open(false)
+            }
+            other => other,
+        };
+        let mut file = opened
             .map_err(|source| match source.raw_os_error() {
                 // ELOOP: the name is a symlink.
                 Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => LockError::Unsafe {
@@ -129,9 +148,11 @@ impl OwnerLock {
             std::process::id(),
             jiff::Timestamp::now().round(jiff::Unit::Second).unwrap_or_default()
         );
-        let padded = format!("{stamp:<STAMP_WIDTH$}\n");
-        let written = file.seek(SeekFrom::Start(0)).and_then(|_| file.write_all(padded.as_bytes()));
-        written.map_err(io(&path))?;
+        if writable {
+            let padded = format!("{stamp:<STAMP_WIDTH$}\n");
+            let written = file.seek(SeekFrom::Start(0)).and_then(|_| file.write_all(padded.as_bytes()));
+            written.map_err(io(&path))?;
+        }
         Ok(Self { file, path })
     }
 
@@ -229,8 +250,8 @@ mod tests {
         drop(OwnerLock::acquire(&fresh, "acme", Duration::ZERO).expect("lock"));
         let mode = std::fs::metadata(&fresh).expect("dir").permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "{mode:o}");
-        let file_mode = std::fs::metadata(fresh.join("acme.lock")).expect("file").permissions().mode() & 0o777;
-        assert_eq!(file_mode, 0o600, "{file_mode:o}");
+        let file_mode = std::fs::metadata(fresh.join("acme.lock")).expect("file").permissions().mode() & 0o022;
+        assert_eq!(file_mode, 0, "nobody else may write it: {file_mode:o}");
 
         let open = dir.path().join("open");
         std::fs::create_dir(&open).expect("dir");

@@ -188,7 +188,7 @@ impl Http {
 
     fn transport_error(&self, error: &reqwest::Error, what: &str) -> Error {
         let message = if error.is_timeout() {
-            format!("{what}: no answer from `{}` within {}s", self.base, self.timeout.as_secs_f64())
+            format!("{what}: no answer within {}s from `{}`", self.timeout.as_secs_f64(), self.base)
         } else {
             // The URL holds no credential: the PAT travels in a header.
             let url = http::shown_url(error).map(|url| format!(" (`{url}`)")).unwrap_or_default();
