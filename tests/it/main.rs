@@ -17,6 +17,7 @@ mod incus;
 mod metrics;
 mod newcomer;
 mod picus;
+mod readme;
 mod plan_props;
 mod scenarios;
 mod woodpecker;
