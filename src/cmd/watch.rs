@@ -54,6 +54,9 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     // With `--cycles`, the exit code says how the last cycle went (a trial or a test wants to know); a daemon
     // stopped by SIGTERM exits 0.
     let mut last_failed = None;
+    // What the last logged cycle saw: a quiet cycle that sees the same is logged at debug, not info, so the
+    // journal holds changes rather than one identical line every few seconds.
+    let mut last_seen: Option<String> = None;
     watch::run_reloadable(desired, providers, &options, &cancel, triggers, reloads, |report| {
         last_failed = Some(report.error.is_some() || report.failed > 0);
         if let Some(metrics) = &metrics {
@@ -68,13 +71,32 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
         } else if let Some(error) = &report.error {
             tracing::warn!(cycle = report.cycle, "cycle failed: {error}");
         } else {
-            tracing::info!(
-                cycle = report.cycle,
-                applied = report.applied,
-                failed = report.failed,
-                ms = report.duration_ms,
-                "cycle done"
-            );
+            let seen = serde_json::to_string(&(&report.planned, &report.pools)).unwrap_or_default();
+            let quiet = report.applied == 0 && report.failed == 0 && last_seen.as_ref() == Some(&seen);
+            if quiet {
+                tracing::debug!(cycle = report.cycle, ms = report.duration_ms, "cycle done, nothing changed");
+            } else {
+                let pools = report
+                    .pools
+                    .iter()
+                    .map(|pool| {
+                        format!(
+                            "{}: jobs {} pending, {} running; agents {} active, {} desired",
+                            pool.pool, pool.pending_jobs, pool.running_jobs, pool.active, pool.desired
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::info!(
+                    cycle = report.cycle,
+                    applied = report.applied,
+                    failed = report.failed,
+                    ms = report.duration_ms,
+                    pools,
+                    "cycle done"
+                );
+            }
+            last_seen = Some(seen);
         }
     })
     .await;
