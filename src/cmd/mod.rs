@@ -72,13 +72,17 @@ impl ConfigArg {
 
     /// The file to read: the one named, else `ciscale.yaml` in the current folder.
     pub fn path(&self) -> &Path {
-        self.config.as_deref().unwrap_or(Path::new(Self::DEFAULT))
+        self.named().unwrap_or(Path::new(Self::DEFAULT))
     }
 
     /// Named with `-c` or `CISCALE_CONFIG`: then it must exist (no fallback to the Picus environment), and it
-    /// wins over the config a plan file names.
+    /// wins over the config a plan file names. An empty `CISCALE_CONFIG=` names nothing.
     pub fn is_explicit(&self) -> bool {
-        self.config.is_some()
+        self.named().is_some()
+    }
+
+    fn named(&self) -> Option<&Path> {
+        self.config.as_deref().filter(|path| !path.as_os_str().is_empty())
     }
 }
 
