@@ -428,6 +428,11 @@ fn the_plan_says_which_numbers_are_jobs_and_which_agents_and_shows_a_block_once(
     assert!(text.contains("pool `linux`: jobs 0 pending, 0 running; agents 0 active (0 busy, 0 idle), 3 desired"), "{text}");
     assert_eq!(text.matches("+ machine.serverType = small").count(), 1, "{text}");
     assert_eq!(text.matches("(attributes as for e2e-linux-1)").count(), 2, "{text}");
+    // Creates for no job name the rule that wants them.
+    assert!(text.contains("(desired 3 for `min` 3, max 3)"), "{text}");
+    sandbox.write_config("{ minIdle: 1, max: 2 }");
+    let warm = stdout(&run(sandbox.command(&["plan"])));
+    assert!(warm.contains("(desired 1: 0 for jobs + `minIdle` 1, max 2)"), "{warm}");
 }
 
 #[test]
