@@ -12,6 +12,7 @@ mod daemon;
 mod deploy;
 mod fake;
 mod fakes;
+mod forgejo;
 mod hcloud;
 mod incus;
 mod metrics;
