@@ -207,6 +207,7 @@ impl<'run> ChangeRun<'run> {
             Err(error) => return Err(self.failed("create instance", &error)),
         };
         tracing::info!(instance = %id, "instance created");
+        let _ = self.events.send(Event::Created(self.index, id.clone()));
 
         // A cloud instance starts its agent from its user data: nothing is left to do here, and waiting for it
         // to boot (a minute on some clouds) would only hold up the cycle. Whether it came up is observed on later

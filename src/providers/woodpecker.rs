@@ -16,7 +16,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use super::http::{self, error_chain, retry_after, ErrorAnswer};
+use super::http::{self, retry_after, ErrorAnswer};
 use super::{AgentCredential, CiSource, Error, RegisterAgent, Result};
 use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
 
@@ -435,17 +435,9 @@ fn agent_number(id: &AgentId) -> Result<i64> {
 }
 
 fn transport_error(endpoint: &str, error: &reqwest::Error) -> Error {
-    let why = if error.is_timeout() {
-        "timed out".to_owned()
-    } else if error.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        // reqwest's text names the URL, which holds no secret (the token travels in a header).
-        error_chain(error)
-    };
     Error::Unavailable {
         provider: PROVIDER.to_owned(),
-        message: format!("`{endpoint}` {why}"),
+        message: http::transport_message(endpoint, error),
     }
 }
 

@@ -285,13 +285,23 @@ fn target(plan: &mut PoolPlan<'_, '_>, members: &[Member<'_>], classes: &Classes
     let active = classes.serving.len() as u32 + creating;
     let busy = classes.serving.iter().filter(|member| member.busy).count() as u32;
     let idle = classes.serving.iter().filter(|member| member.agent.is_some() && !member.busy).count() as u32;
+    // A create for no job names the rule that wants it (`min`, `minIdle`), so the plan explains itself.
+    let for_jobs = demand.div_ceil(jobs_per_agent);
+    let rule = if wanted < policy.min {
+        format!(" for `min` {}, max {}", policy.min, policy.max)
+    } else if policy.min_idle > 0 && wanted > policy.max {
+        format!(": {for_jobs} for jobs + `minIdle` {}, capped at max {}", policy.min_idle, policy.max)
+    } else if policy.min_idle > 0 {
+        format!(": {for_jobs} for jobs + `minIdle` {}, max {}", policy.min_idle, policy.max)
+    } else {
+        format!(", max {}", policy.max)
+    };
     let scale_up_reason = format!(
-        "{} waiting, {} running, {} active (desired {}, max {})",
+        "{} waiting, {} running, {} active (desired {}{rule})",
         plural(cx.pending_jobs, "job"),
         running_on_serving,
         active,
         desired_count,
-        policy.max
     );
     Target { desired_count, active, running_jobs, busy, idle, scale_up_reason }
 }
