@@ -16,8 +16,9 @@ use super::demand::assign_pending;
 use super::digest::fingerprint;
 use super::fasthash::{FastMap, FastSet};
 use super::index::{index_backends, CiIndex, InFlightIndex};
-use super::orphans::{plan_orphan_agents, plan_orphan_instances};
+use super::orphans::plan_orphan_instances;
 use super::pool::{plan_pool, PoolContext};
+use super::records;
 use super::{Action, Change, Plan, Summary, FORMAT_VERSION};
 use crate::model::{BackendName, CiName, Desired, InstanceId, Observed, PoolName};
 
@@ -36,8 +37,12 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         .chain(observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())))
         .collect();
 
+    let records = records::find(desired, observed, &ci_indexes, now);
+
     let mut changes = Vec::new();
     let mut pools = Vec::with_capacity(desired.pools.len());
+    // Names of stale agent records a create of this plan takes over: they are not deregistered.
+    let mut reused: FastSet<String> = FastSet::default();
     // (backend, instance id) of every instance some pool claimed: the rest of our labelled ones are orphans.
     // The value is the claiming pool's index (the cost estimate prices instances by their pool's machine).
     let mut claimed: FastMap<(&BackendName, &InstanceId), usize> = FastMap::default();
@@ -52,18 +57,22 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
             pending_jobs: pending[pool_index],
             used_names: &used_names,
             in_flight: &in_flight,
+            records: &records,
             now,
         };
         let outcome = plan_pool(&context);
         for (backend, id) in outcome.claimed {
             claimed.entry((backend, id)).or_insert(pool_index);
         }
+        reused.extend(outcome.reused);
         changes.extend(outcome.changes);
         pools.push(outcome.status);
     }
 
-    changes.extend(plan_orphan_instances(desired, observed, &ci_indexes, &claimed));
-    changes.extend(plan_orphan_agents(desired, observed, &ci_indexes));
+    let (orphans, mut notes) = plan_orphan_instances(desired, observed, &ci_indexes, &claimed);
+    changes.extend(orphans);
+    changes.extend(records::deregister_stale(&records, &reused, now));
+    notes.extend(records.notes.iter().cloned());
     // Work in flight is already being done: planning it again would run it twice (or undo it half way).
     changes.retain(|change| !in_flight.touches(change));
 
@@ -84,6 +93,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         planned_at: now,
         pools,
         changes,
+        notes,
         summary,
         cost,
     }

@@ -52,6 +52,14 @@ pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
         out.push('\n');
     }
 
+    // Outside every pool: orphans kept and why, records that only look like ours.
+    for note in &plan.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    if !plan.notes.is_empty() {
+        out.push('\n');
+    }
+
     let summary = &plan.summary;
     if plan.changes.is_empty() {
         out.push_str("No changes.\n");
@@ -217,6 +225,7 @@ mod tests {
             pools: Vec::new(),
             summary: Summary { delete: changes.len() as u32, ..Summary::default() },
             changes,
+            notes: Vec::new(),
             cost: Cost { hourly, unpriced_before: 0, unpriced_after: 0 },
         }
     }
@@ -232,6 +241,7 @@ mod tests {
             }),
             agent: None,
             reason: "orphan".into(),
+            cause: None,
             before: [("serverType".to_owned(), "cx22".to_owned())].into(),
             after: BTreeMap::new(),
         }

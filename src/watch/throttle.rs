@@ -340,6 +340,7 @@ pools:
             instance: Some(InstanceTarget { backend: BackendName::new(backend), id: None, name: name.to_owned() }),
             agent: None,
             reason: String::new(),
+            cause: None,
             before: BTreeMap::new(),
             after: BTreeMap::new(),
         }
@@ -380,6 +381,7 @@ pools:
             planned_at: at(0),
             pools,
             changes,
+            notes: Vec::new(),
             summary,
             cost: crate::plan::Cost::default(),
         }
