@@ -23,6 +23,7 @@ mod orphans;
 mod ownership;
 mod planner;
 mod pool;
+mod preconditions;
 mod records;
 pub mod render;
 #[cfg(test)]
@@ -32,6 +33,7 @@ mod text;
 pub use digest::{agent_hash, fingerprint};
 pub use ownership::instance_name;
 pub use planner::plan;
+pub use preconditions::{preconditions, PreconditionFailed};
 pub use capacity::counts_towards_max;
 pub use ownership::{name_digest, parse_name, OwnedName, DIGEST_LEN, MAX_OWNER_AND_POOL_LEN};
 
@@ -149,8 +151,8 @@ pub struct Plan {
     pub ciscale_version: String,
     /// [`crate::model::Desired::config_hash`] of the config planned with.
     pub config_hash: String,
-    /// [`fingerprint`] of the observation planned from; apply refuses a plan file whose fingerprint no longer
-    /// matches a fresh observation.
+    /// [`fingerprint`] of the observation planned from. `apply PLANFILE` says when a fresh observation differs,
+    /// and checks each change's [`preconditions`] against it (it no longer refuses the whole plan).
     pub observed_fingerprint: String,
     pub planned_at: Timestamp,
     pub pools: Vec<PoolStatus>,

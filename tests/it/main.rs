@@ -16,5 +16,6 @@ mod incus;
 mod metrics;
 mod picus;
 mod plan_props;
+mod saved_plan;
 mod scenarios;
 mod woodpecker;
