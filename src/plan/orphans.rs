@@ -26,7 +26,8 @@ pub(super) fn plan_orphan_instances(
     ci_indexes: &BTreeMap<&CiName, CiIndex<'_>>,
     claimed: &FastMap<(&BackendName, &InstanceId), usize>,
 ) -> (Vec<Change>, Vec<String>) {
-    let unaccounted_busy = unaccounted_busy_agents(desired, observed, ci_indexes);
+    // Built on first need: most plans have no orphan at all.
+    let mut unaccounted_busy: Option<Vec<(&CiName, String)>> = None;
     let mut changes = Vec::new();
     let mut notes = Vec::new();
     for (backend_name, backend) in &observed.backends {
@@ -65,7 +66,9 @@ pub(super) fn plan_orphan_instances(
                 ));
                 continue;
             }
-            let suspects: Vec<&str> = unaccounted_busy
+            let unaccounted =
+                unaccounted_busy.get_or_insert_with(|| unaccounted_busy_agents(desired, observed, ci_indexes));
+            let suspects: Vec<&str> = unaccounted
                 .iter()
                 .filter(|(ci, _)| sources.iter().any(|source| source.name == *ci))
                 .map(|(_, agent)| agent.as_str())

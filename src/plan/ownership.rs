@@ -115,8 +115,8 @@ pub(super) fn record_since(agent: &Agent) -> Option<jiff::Timestamp> {
 /// second one), then `{owner}-{pool}-{digest}-{n}` with the lowest `n` whose name no observed instance (any
 /// backend, any state), agent record (any CI source) or work in flight uses.
 pub(super) struct NameAllocator<'a> {
-    owner: &'a str,
-    pool: &'a PoolName,
+    /// `{owner}-{pool}-{digest}-`, hashed once per pool rather than once per candidate name.
+    prefix: String,
     used: &'a FastSet<&'a str>,
     reusable: std::vec::IntoIter<&'a str>,
     next_index: u32,
@@ -124,7 +124,8 @@ pub(super) struct NameAllocator<'a> {
 
 impl<'a> NameAllocator<'a> {
     pub fn new(owner: &'a str, pool: &'a PoolName, used: &'a FastSet<&'a str>, reusable: Vec<&'a str>) -> Self {
-        Self { owner, pool, used, reusable: reusable.into_iter(), next_index: 1 }
+        let prefix = format!("{owner}-{pool}-{}-", name_digest(owner, pool.as_str()));
+        Self { prefix, used, reusable: reusable.into_iter(), next_index: 1 }
     }
 
     pub fn next(&mut self) -> String {
@@ -132,7 +133,7 @@ impl<'a> NameAllocator<'a> {
             return name.to_owned();
         }
         loop {
-            let name = instance_name(self.owner, self.pool, self.next_index);
+            let name = format!("{}{}", self.prefix, self.next_index);
             self.next_index += 1;
             if !self.used.contains(name.as_str()) {
                 return name;
