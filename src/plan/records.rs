@@ -9,8 +9,10 @@
 //! - a record of ours by the name grammar that has not run a job yet is **a create in flight** while it is
 //!   younger than its pool's `bootstrapTimeout` ([`record_since`]): apply registers the agent before it creates
 //!   the instance (and deregisters it again when the backend refuses the create), and a backend may list a new
-//!   instance late (Incus right after a crash, EC2's eventually consistent listing), so the pool counts it as
-//!   capacity on its way and towards `max`. A record that ran a job had its instance, which is gone (a finished
+//!   instance late (Incus right after a crash, EC2's eventually consistent listing), so the pool counts it
+//!   towards `max`, and while capacity is wanted it creates it again *under its name*: create-if-absent finds an
+//!   instance that was made (and finishes its bootstrap) or makes the one a killed apply never did, and never a
+//!   second one. A record that ran a job had its instance, which is gone (a finished
 //!   ephemeral agent). Past the window, or after a job, it is **stale**. A stale record that never ran a job
 //!   gives its name to the pool's next create (create-if-absent takes over the record, and an instance listed
 //!   late is found rather than doubled); every stale record that no create reuses is deregistered once idle;
@@ -50,7 +52,7 @@ impl LoneRecord<'_> {
         &self.agent.name
     }
 
-    /// Counts towards its pool's `max` (and as capacity on its way): in its window, or running a job.
+    /// Counts towards its pool's `max`: in its window, or running a job.
     pub fn counts(&self) -> bool {
         self.in_window || self.busy
     }
@@ -211,7 +213,11 @@ pub(super) fn pool_notes(record: &LoneRecord<'_>, now: Timestamp) -> Option<Stri
             record.name()
         ))
     } else if record.in_window {
-        Some(format!("{}: agent record without an instance yet{age}: counted as a create in flight", record.name()))
+        Some(format!(
+            "{}: agent record without an instance yet{age}: a create in flight, counted towards max (created again \
+             under its name while capacity is wanted)",
+            record.name()
+        ))
     } else {
         None
     }

@@ -298,25 +298,32 @@ fn stopped_instances_count_in_create_mode() {
 
 #[test]
 fn a_record_of_ours_without_instance_is_a_create_in_flight_then_reused() {
-    let desired = desired(ScalePolicy { max: 1, ..ScalePolicy::default() });
+    let desired = desired(ScalePolicy { max: 2, ..ScalePolicy::default() });
     let mut record = agent(&name(1), false, false, None);
     record.last_contact = None;
     record.created_at = Some(ts("2026-01-01T11:58:00Z"));
-    let young = observed(Vec::new(), vec![record.clone()], jobs(2));
+    let young = observed(Vec::new(), vec![record.clone()], jobs(5));
     let plan_young = plan(&desired, &young, ts(NOW));
-    // Within the bootstrap timeout: counted (max 1 reached), not deregistered, nothing created.
-    assert!(plan_young.changes.is_empty(), "{:?}", actions(&plan_young));
-    assert_eq!(plan_young.pools[0].active, 1);
+    // Within the bootstrap timeout: created again under its own name (create-if-absent finds an instance that
+    // was made), and it counts towards max with the one fresh create: never three.
+    assert_eq!(actions(&plan_young), vec![(Action::Create, name(1)), (Action::Create, name(2))]);
 
-    // Past it: its name goes to the next create (which takes the record over), so it is not deregistered.
+    // It counts towards max even when nothing more is wanted: a serving busy member and the record fill max 2.
+    let hash = agent_hash(&desired.pools[0].agent);
+    let busy_member = owned(&name(3), InstanceState::Running, "2026-01-01T11:00:00Z", &hash);
+    let full = observed(vec![busy_member], vec![record.clone(), agent(&name(3), true, false, None)], jobs(5));
+    let plan_full = plan(&desired, &full, ts(NOW));
+    assert_eq!(actions(&plan_full), vec![(Action::Create, name(1))], "only the unfinished create, again");
+
+    // Past the window: its name goes to the next create (which takes the record over), not deregistered.
     let later = ts("2026-01-01T12:30:00Z");
-    let plan_stale = plan(&desired, &young, later);
-    assert_eq!(actions(&plan_stale), vec![(Action::Create, name(1))]);
+    let one_job = observed(Vec::new(), vec![record.clone()], jobs(1));
+    assert_eq!(actions(&plan(&desired, &one_job, later)), vec![(Action::Create, name(1))]);
 
-    // Past it and nothing to create: deregistered.
+    // Past the window and nothing to create: deregistered. Within it and nothing to create: left alone.
     let idle = observed(Vec::new(), vec![record], Vec::new());
-    let plan_idle = plan(&desired, &idle, later);
-    assert_eq!(actions(&plan_idle), vec![(Action::Deregister, name(1))]);
+    assert_eq!(actions(&plan(&desired, &idle, later)), vec![(Action::Deregister, name(1))]);
+    assert!(plan(&desired, &idle, ts(NOW)).changes.is_empty());
 }
 
 #[test]

@@ -157,6 +157,10 @@ struct Target<'a> {
     idle: u32,
     /// Shown as the reason of every change that adds capacity.
     scale_up_reason: String,
+    /// Agent records of the pool without an instance whose create may not have happened (within their
+    /// window, see `records`): already counted towards `max`, so a create under their name needs no room. A
+    /// create that did happen is found under that name (create-if-absent) rather than doubled.
+    unfinished: Vec<&'a str>,
     /// Stale agent records of the pool whose names its next creates reuse, lowest index first.
     reusable: Vec<&'a str>,
 }
@@ -318,6 +322,7 @@ fn target<'a>(
     // Creates on their way: work in flight whose instance is not listed yet, and the pool's agent records
     // without an instance that still count (see `records`). Each name once.
     let mut creating: Vec<&str> = cx.in_flight.unlisted_creates(&pool.name, cx.backend);
+    let mut unfinished = Vec::new();
     let mut reusable = Vec::new();
     for record in cx.records.of_pool(&pool.name, &pool.ci.source) {
         if creating.contains(&record.name()) || cx.in_flight.names_instance(&pool.backend.backend, record.name()) {
@@ -326,12 +331,18 @@ fn target<'a>(
         if let Some(note) = records::pool_notes(record, cx.now) {
             plan.notes.push(note);
         }
-        if record.counts() {
+        if record.busy {
+            // A job runs on it somewhere: capacity (and towards max), never created again.
             creating.push(record.agent.name.as_str());
+        } else if record.in_window {
+            unfinished.push(record.agent.name.as_str());
         } else if record.reusable() {
             reusable.push(record.agent.name.as_str());
         }
     }
+    // Work in flight and busy records are capacity on its way; unfinished creates count towards max only (they
+    // are created again under their names while capacity is wanted).
+    let in_room = (creating.len() + unfinished.len()) as u32;
     let creating = creating.len() as u32;
     // Starts in flight (a stopped instance started, a drained agent resumed) are capacity on its way too.
     let starting = members
@@ -368,14 +379,14 @@ fn target<'a>(
         (drained, "drained"),
         (stopped, "stopped"),
         (other, "stopping or being removed"),
-        (creating, "being created"),
+        (in_room, "being created"),
     ]
     .into_iter()
     .filter(|(count, _)| *count > 0)
     .map(|(count, what)| format!("{count} {what}"))
     .collect();
-    let room = Room { max: policy.max, counted: counted_members + creating, parts };
-    let target = Target { desired_count, active, running_jobs, busy, idle, scale_up_reason, reusable };
+    let room = Room { max: policy.max, counted: counted_members + in_room, parts };
+    let target = Target { desired_count, active, running_jobs, busy, idle, scale_up_reason, unfinished, reusable };
     (target, room)
 }
 

@@ -87,12 +87,18 @@ pub(super) fn create(plan: &mut PoolPlan<'_, '_>, need: u32, target: &Target<'_>
         plan.notes.push(format!("{} more wanted, but no more adopted instances to start", need));
         return Vec::new();
     }
-    let granted = need.min(room.left());
-    room.counted += granted;
+    // Unfinished creates of the pool are created again first, under their own names: they counted towards
+    // `max` already. Every other create needs room.
+    let again = need.min(target.unfinished.len() as u32);
+    let fresh = (need - again).min(room.left());
+    room.counted += fresh;
+    let granted = again + fresh;
     if granted < need {
         plan.notes.push(room.note(need, granted));
     }
-    let mut names = NameAllocator::new(&cx.desired.owner, &pool.name, cx.used_names, target.reusable.clone());
+    let names_first: Vec<&str> =
+        target.unfinished.iter().take(again as usize).chain(target.reusable.iter()).copied().collect();
+    let mut names = NameAllocator::new(&cx.desired.owner, &pool.name, cx.used_names, names_first);
     let mut reused = Vec::new();
     // Built once per pool: every create of the pool carries the same labels and machine.
     let mut create_after = BTreeMap::new();
