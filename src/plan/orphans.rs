@@ -82,7 +82,7 @@ pub(super) fn plan_orphan_instances(
                 continue;
             }
             // Drained first while it can take jobs: the label-linked agent (a pre-registered one) included.
-            let serving = linked.by_label.first().or(linked.by_name.first()).filter(|(_, agent)| !agent.no_schedule);
+            let serving = linked.by_label.iter().chain(&linked.by_name).find(|(_, agent)| !agent.no_schedule);
             let (action, agent) = match serving {
                 Some((ci, agent)) if instance.state.is_active() => (Action::Drain, Some(ci.target(agent))),
                 // Deleted with the agent named after it (a record of ours, deregistered after the delete); an agent

@@ -380,3 +380,18 @@ fn never_registered_removal_says_its_cause() {
     assert_eq!(actions(&plan), vec![(Action::Delete, name(1))]);
     assert_eq!(plan.changes[0].cause, Some(super::Cause::BootstrapTimeout));
 }
+
+#[test]
+fn an_orphan_is_deleted_only_once_every_agent_linked_to_it_is_drained() {
+    let desired = desired(ScalePolicy::default());
+    let mut orphan = owned("ci-gone-1", InstanceState::Running, "2026-01-01T10:00:00Z", "x");
+    orphan.labels.insert(POOL_LABEL.to_owned(), "gone".to_owned());
+    orphan.labels.insert(crate::model::AGENT_LABEL.to_owned(), "7".to_owned());
+    let mut labelled = agent("picus-agent", false, true, None);
+    labelled.id = AgentId::new("7");
+    let named = agent("ci-gone-1", false, false, None);
+    let observed = observed(vec![orphan], vec![labelled, named], Vec::new());
+    let plan = plan(&desired, &observed, ts(NOW));
+    assert_eq!(actions(&plan), vec![(Action::Drain, "ci-gone-1".to_owned())]);
+    assert_eq!(plan.changes[0].agent.as_ref().map(|agent| agent.name.as_str()), Some("ci-gone-1"));
+}
