@@ -46,6 +46,8 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
     let _lock = args.lock.acquire(&desired).await?;
     let providers = super::connect(&desired)?;
 
+    // Changes of a saved plan that are no longer safe, with why.
+    let mut refused: Vec<(Change, plan::PreconditionFailed)> = Vec::new();
     let plan = match (saved, &args.plan_file) {
         (Some(saved), Some(path)) => {
             let saved = saved.plan;
@@ -68,14 +70,22 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
                     hint,
                 ));
             }
+            // Not refused as a whole when the world moved on: each change is checked for what makes it safe now
+            // (see `plan::preconditions`), and only those that are no longer safe are left out.
             let observed = super::observe_live(&desired, &providers).await?;
             if plan::fingerprint(&observed) != saved.observed_fingerprint {
-                return Err(hinted(
-                    format!("the plan in `{}` is stale: the instances or agents changed since it was made", path.display()),
-                    "run `ciscale plan --out FILE` again, or `ciscale apply` without a plan file",
-                ));
+                eprintln!("the instances or agents changed since the plan was made: checking each change against them");
             }
-            saved
+            let checks = plan::preconditions(&saved.changes, &desired, &observed, observed.observed_at);
+            let mut safe = saved.clone();
+            safe.changes.clear();
+            for (change, check) in saved.changes.into_iter().zip(checks) {
+                match check {
+                    Ok(()) => safe.changes.push(change),
+                    Err(failed) => refused.push((change, failed)),
+                }
+            }
+            safe
         }
         _ => {
             let observed = super::observe_live(&desired, &providers).await?;
@@ -90,9 +100,16 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
             plan
         }
     };
+    for (change, failed) in &refused {
+        eprintln!("error: {} {} is no longer safe: {failed}", change.action.verb(), describe(change));
+    }
     if !plan.has_changes() {
-        println!("No changes.");
-        return Ok(EXIT_OK);
+        if refused.is_empty() {
+            println!("No changes.");
+            return Ok(EXIT_OK);
+        }
+        println!("Apply complete: 0 done, 0 failed, 0 skipped, {} no longer safe.", refused.len());
+        return Err(stale_hint());
     }
 
     let cancel = ciscale::watch::shutdown_signal();
@@ -102,13 +119,25 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
     progress.clear();
 
     let failed = report.failed();
-    println!("Apply complete: {} done, {} failed, {} skipped.", report.succeeded(), failed, report.skipped());
+    let no_longer_safe =
+        if args.plan_file.is_some() { format!(", {} no longer safe", refused.len()) } else { String::new() };
+    println!("Apply complete: {} done, {} failed, {} skipped{no_longer_safe}.", report.succeeded(), failed, report.skipped());
     for (change, outcome) in &report.outcomes {
         if let Outcome::Failed { step, error } = outcome {
             eprintln!("error: {} {} failed at `{step}`: {error}", change.action.verb(), describe(change));
         }
     }
+    if !refused.is_empty() {
+        return Err(stale_hint());
+    }
     Ok(if failed > 0 { EXIT_ERROR } else { EXIT_OK })
+}
+
+fn stale_hint() -> anyhow::Error {
+    hinted(
+        "some changes of the saved plan were left out: the world changed since it was made",
+        "run `ciscale plan --out FILE` again, or `ciscale apply` without a plan file",
+    )
 }
 
 fn read_plan_file(path: &Path) -> anyhow::Result<PlanFile> {

@@ -18,6 +18,8 @@ use crate::model::{
     ScalePolicy, ScheduleWindow, Secret,
 };
 
+use crate::plan::MAX_OWNER_AND_POOL_LEN;
+
 const DEFAULT_POLL_INTERVAL: GoDuration = GoDuration::from_secs(10);
 const DEFAULT_IMAGE_KEEP: u32 = 3;
 
@@ -754,6 +756,25 @@ impl Validator<'_> {
                 format!("invalid pool name `{}`", raw.name),
                 Some(
                     "use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names"
+                        .to_owned(),
+                ),
+            );
+            ok = false;
+        }
+        // Instance (and agent) names are `{owner}-{pool}-{digest}-{n}` and must stay a valid hostname.
+        let owner = self.document.get("id").and_then(Value::as_str).unwrap_or_default();
+        let together = owner.len() + raw.name.len();
+        if is_valid_name(&raw.name) && together > MAX_OWNER_AND_POOL_LEN {
+            self.problems.push(
+                self.value_span(&format!("{pointer}/name")),
+                format!(
+                    "pool name `{}` is too long for owner id `{owner}`: together they have {together} characters, \
+                     at most {MAX_OWNER_AND_POOL_LEN} fit",
+                    raw.name
+                ),
+                Some(
+                    "instance names are `<id>-<pool>-<digest>-<n>` and must stay within the 63 characters of a \
+                     hostname: shorten the pool name or the id"
                         .to_owned(),
                 ),
             );

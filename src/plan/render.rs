@@ -54,6 +54,14 @@ pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
         out.push('\n');
     }
 
+    // Outside every pool: orphans kept and why, records that only look like ours.
+    for note in &plan.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    if !plan.notes.is_empty() {
+        out.push('\n');
+    }
+
     let summary = &plan.summary;
     if plan.changes.is_empty() {
         out.push_str("No changes.\n");
@@ -244,6 +252,7 @@ mod tests {
             pools: Vec::new(),
             summary: Summary { delete: changes.len() as u32, ..Summary::default() },
             changes,
+            notes: Vec::new(),
             cost: Cost { hourly, unpriced_before: 0, unpriced_after: 0 },
         }
     }
@@ -259,6 +268,7 @@ mod tests {
             }),
             agent: None,
             reason: "orphan".into(),
+            cause: None,
             before: [("serverType".to_owned(), "cx22".to_owned())].into(),
             after: BTreeMap::new(),
         }
@@ -286,6 +296,7 @@ mod tests {
             reason: "demand".into(),
             before: BTreeMap::new(),
             after: [("machine.serverType".to_owned(), server_type.to_owned())].into(),
+            cause: None,
         };
         let plan = sample(vec![create("a-1", "cx22"), create("a-2", "cx22"), create("a-3", "cx32")], BTreeMap::new());
         let text = render_human(&plan, &RenderOptions::default());

@@ -244,6 +244,7 @@ impl CiSource for Woodpecker {
                     last_contact: unix_time(agent.last_contact),
                     last_work: unix_time(agent.last_work),
                     labels: agent.custom_labels.unwrap_or_default(),
+                    created_at: unix_time(agent.created),
                 }
             })
             .collect();
@@ -364,6 +365,10 @@ struct WireAgent {
     last_contact: Option<i64>,
     #[serde(default)]
     last_work: Option<i64>,
+    /// Unix seconds; the spec marks no field required, and a server that leaves it out loses nothing but the
+    /// "create in flight" window of a record without an instance (the planner falls back to `last_contact`).
+    #[serde(default)]
+    created: Option<i64>,
     #[serde(default)]
     no_schedule: bool,
     #[serde(default)]

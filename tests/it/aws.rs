@@ -929,7 +929,7 @@ async fn watch_creates_an_instance_for_a_job_and_terminates_it_when_idle() {
     e2e.push_linux_task();
     let mut watch = e2e.spawn(&["watch"]);
 
-    let name = format!("{}-linux-1", e2e.owner);
+    let name = ciscale::plan::instance_name(&e2e.owner, &ciscale::model::PoolName::new("linux"), 1);
     e2e.run_until(
         &mut watch,
         "an instance runs and its agent took the job",

@@ -784,7 +784,8 @@ async fn plan_names_a_missing_image_alias_and_holds_back_its_creates() {
         "the existing alias is not: {stdout}"
     );
     assert!(
-        stdout.contains(&format!("create {owner}-built-1")) && !stdout.contains(&format!("create {owner}-unbuilt-")),
+        stdout.contains(&format!("create {}", ciscale::plan::instance_name(&owner, &"built".into(), 1)))
+            && !stdout.contains(&format!("create {owner}-unbuilt-")),
         "only the pool whose image exists creates: {stdout}"
     );
     assert!(stdout.contains("Plan: 1 to create"), "{stdout}");

@@ -20,5 +20,6 @@ mod newcomer;
 mod picus;
 mod readme;
 mod plan_props;
+mod saved_plan;
 mod scenarios;
 mod woodpecker;

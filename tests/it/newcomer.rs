@@ -427,7 +427,8 @@ fn the_plan_says_which_numbers_are_jobs_and_which_agents_and_shows_a_block_once(
     let text = stdout(&output);
     assert!(text.contains("pool `linux`: jobs 0 pending, 0 running; agents 0 active (0 busy, 0 idle), 3 desired"), "{text}");
     assert_eq!(text.matches("+ machine.serverType = small").count(), 1, "{text}");
-    assert_eq!(text.matches("(attributes as for e2e-linux-1)").count(), 2, "{text}");
+    let first = ciscale::plan::instance_name("e2e", &"linux".into(), 1);
+    assert_eq!(text.matches(&format!("(attributes as for {first})")).count(), 2, "{text}");
     // Creates for no job name the rule that wants them.
     assert!(text.contains("(desired 3 for `min` 3, max 3)"), "{text}");
     sandbox.write_config("{ minIdle: 1, max: 2 }");

@@ -73,6 +73,7 @@ impl CiSource for FakeCi {
                         labels: request.labels.clone(),
                         token_sha256: String::new(),
                         jobs_done: 0,
+                        created_at: Some(state.now()),
                     });
                     id
                 }

@@ -131,6 +131,9 @@ pub struct FakeAgent {
     /// Jobs this agent has finished (an ephemeral agent takes no job after its first).
     #[serde(default)]
     pub jobs_done: u32,
+    /// When it was registered (absent in state files from before it was kept).
+    #[serde(default)]
+    pub created_at: Option<Timestamp>,
 }
 
 impl FakeAgent {
@@ -220,6 +223,7 @@ impl WorldState {
                 last_contact: agent.last_contact,
                 last_work: agent.last_work,
                 labels: agent.labels.clone(),
+                created_at: agent.created_at,
             })
             .collect()
     }
