@@ -1089,6 +1089,67 @@ async fn watch_creates_an_instance_for_a_job_and_terminates_it_when_idle() {
     assert!(e2e.world().snapshot().tasks.is_empty(), "the job ran");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_data_ciscale_sends_is_the_cloud_init_that_runs_the_agent_image() {
+    let Some(endpoint) = moto() else { return };
+    let machine = format!("{{ name: ec2, machine: {{ instanceType: t3.micro, ami: {AMI} }} }}");
+    let e2e = E2e::new("e2e-userdata", &endpoint, &machine, "{ max: 1 }");
+    e2e.push_linux_task();
+    let applied = e2e.command(&["apply", "--auto-approve"]).output().expect("apply");
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let instances = moto_instances(&e2e.client, &e2e.owner).await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+
+    let attribute = e2e
+        .client
+        .describe_instance_attribute()
+        .instance_id(&instances[0].0)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .expect("describe user data");
+    let encoded = attribute.user_data().and_then(|value| value.value()).expect("user data set");
+    let user_data = String::from_utf8(decode_base64(encoded)).expect("utf-8 user data");
+    // What the README promises: the cloud-init Hetzner servers get too. No wrapper script, no
+    // `/usr/local/bin/ciscale-agent` (that one is the Incus images' wrapper, started by exec).
+    assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
+    assert!(!user_data.contains(ciscale::apply::AGENT_COMMAND), "{user_data}");
+    let document: serde_json::Value = serde_yaml::from_str(&user_data).expect("cloud-config is YAML");
+    let files = document["write_files"].as_array().expect("write_files");
+    let file = |path: &str| {
+        files
+            .iter()
+            .find(|file| file["path"] == path)
+            .unwrap_or_else(|| panic!("no `{path}` in {user_data}"))
+    };
+    let env_file = file(ciscale::apply::AGENT_ENV_PATH);
+    assert_eq!(env_file["permissions"], "0600");
+    assert_eq!(env_file["owner"], "root:root");
+    // The env file holds this agent's own, current credential.
+    let env = env_file["content"].as_str().expect("env file text");
+    let token = env
+        .lines()
+        .find_map(|line| line.strip_prefix("CISCALE_AGENT_TOKEN="))
+        .expect("the agent's token");
+    let world = e2e.world().snapshot();
+    assert_eq!(world.agents.len(), 1);
+    assert_eq!(world.agents[0].token_sha256, ciscale::providers::fake::sha256_hex(token.as_bytes()));
+    assert!(env.contains(&format!("CISCALE_AGENT_ID={}\n", world.agents[0].id)), "{env}");
+    // The agent image of the pool runs with that env file, and build containers cannot read the user data back.
+    let start = file("/usr/local/sbin/ciscale-agent-start")["content"].as_str().expect("start script");
+    assert!(start.contains("docker run --detach --name ciscale-agent"), "{start}");
+    assert!(start.contains(&format!("--env-file {}", ciscale::apply::AGENT_ENV_PATH)), "{start}");
+    assert!(start.contains("'agent:1'"), "{start}");
+    assert!(start.contains(&format!("rm -f {}", ciscale::apply::AGENT_ENV_PATH)), "{start}");
+    let block = file("/usr/local/sbin/ciscale-metadata-block")["content"].as_str().expect("block script");
+    assert!(block.contains(&format!("-d {}/32 -j REJECT", ciscale::apply::METADATA_ADDRESS)), "{block}");
+    assert_eq!(document["runcmd"], serde_json::json!([["/usr/local/sbin/ciscale-agent-start"]]));
+
+    for (id, _, _) in instances {
+        drop(e2e.client.terminate_instances().instance_ids(id).send().await);
+    }
+}
+
 async fn describe_tags(client: &aws_sdk_ec2::Client, id: &str) -> BTreeMap<String, String> {
     let output = client
         .describe_instances()
