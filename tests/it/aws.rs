@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::conformance::{backend_conformance_on, Patience};
 
-const AMI: &str = "ami-12c6146b";
+pub(crate) const AMI: &str = "ami-12c6146b";
 /// moto's transitions are instant; a few looks are plenty, the interval only spares its CPU.
 const MOTO_PATIENCE: Patience = Patience {
     attempts: 50,
@@ -107,7 +107,7 @@ fn machine() -> BTreeMap<String, String> {
 }
 
 /// Every instance moto holds with `tag:ciscale.owner=owner`, terminated ones included: (id, Name, state).
-async fn moto_instances(client: &aws_sdk_ec2::Client, owner: &str) -> Vec<(String, String, InstanceStateName)> {
+pub(crate) async fn moto_instances(client: &aws_sdk_ec2::Client, owner: &str) -> Vec<(String, String, InstanceStateName)> {
     let output = client
         .describe_instances()
         .filters(

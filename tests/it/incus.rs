@@ -508,30 +508,28 @@ async fn kill_9_of_apply_mid_create_then_rerun_converges() {
     }
     apply.kill().expect("kill -9");
     drop(apply.wait());
-    // incusd finishes a create the killed apply had started on its own. A rerun racing that operation can create
-    // a spare container (known issue, see the closing note of #5); the restart here comes once the server settled,
-    // as a cron rerun or a restarted daemon would. Bounded: at most 10 s.
-    for _ in 0..50 {
-        let operations = std::process::Command::new("incus")
-            .args(["operation", "list", "--format", "csv"])
-            .output()
-            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
-            .unwrap_or_default();
-        let creating = operations
-            .lines()
-            .any(|line| line.contains("RUNNING") && (line.contains("Creating instance") || line.contains("Starting instance")));
-        if !creating {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
+    // At once, as a restarted daemon or the next cron run would: incusd may still be finishing a create the killed
+    // apply had sent. The rerun must count that create (its agent record is there, its container not listed yet)
+    // and reuse its name rather than add a container: never above `max`, never a duplicate.
     let rerun = ciscale(&["apply", "--auto-approve"]).output().expect("rerun apply");
     assert!(
         rerun.status.success(),
         "rerun: {}",
         String::from_utf8_lossy(&rerun.stderr)
     );
+    // Counted once incusd has finished what it was doing (bounded: 10 s), so a create the killed apply had sent
+    // cannot finish unseen after the count.
+    for _ in 0..50 {
+        let operations = std::process::Command::new("incus")
+            .args(["operation", "list", "--format", "csv"])
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .unwrap_or_default();
+        if !operations.lines().any(|line| line.contains("RUNNING") && line.contains("Creating instance")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let plan = ciscale(&["plan", "--detailed-exitcode"]).output().expect("plan");
     assert_eq!(
         plan.status.code(),

@@ -31,7 +31,8 @@ const MISMATCH_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Respon
     IdempotentParameterMismatch</Code><Message>Arguments on this idempotent request are inconsistent with arguments \
     used in previous request(s).</Message></Error></Errors><RequestID>ec2-proxy</RequestID></Response>";
 
-/// Called before a `TerminateInstances` or `StopInstances` reaches moto, with the action and one instance id.
+/// Called before a `TerminateInstances`, `StopInstances` or `StartInstances` reaches moto, with the action and one
+/// instance id.
 pub type Hook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// One thing that reached EC2 through the proxy.
@@ -40,7 +41,11 @@ pub enum Ec2Event {
     /// A fresh launch (not a replay): the instance, its `Name` and `ciscale.pool` tags, and the live launched
     /// instances of that pool right after it (terminations requested count as gone).
     Launch { id: String, name: String, pool: String, live_in_pool: usize },
+    /// A terminate of an instance launched here (it no longer counts as live).
     Terminate { id: String },
+    /// Any stop or start.
+    Stop { id: String },
+    Start { id: String },
 }
 
 #[derive(Default)]
@@ -207,7 +212,7 @@ async fn handle(state: &Arc<Mutex<State>>, upstream: &Upstream, headers: HeaderM
             }
             xml(status, answer)
         }
-        Some(action @ ("TerminateInstances" | "StopInstances")) => {
+        Some(action @ ("TerminateInstances" | "StopInstances" | "StartInstances")) => {
             let ids: Vec<String> = pairs
                 .iter()
                 .filter(|(key, _)| key.starts_with("InstanceId."))
@@ -219,11 +224,15 @@ async fn handle(state: &Arc<Mutex<State>>, upstream: &Upstream, headers: HeaderM
                 if let Some(hook) = &hook {
                     hook(action, id);
                 }
-                if action == "TerminateInstances" {
-                    let mut state = lock(state);
-                    if state.live.remove(id).is_some() {
-                        state.journal.push(Ec2Event::Terminate { id: id.clone() });
+                let mut state = lock(state);
+                match action {
+                    "TerminateInstances" => {
+                        if state.live.remove(id).is_some() {
+                            state.journal.push(Ec2Event::Terminate { id: id.clone() });
+                        }
                     }
+                    "StopInstances" => state.journal.push(Ec2Event::Stop { id: id.clone() }),
+                    _ => state.journal.push(Ec2Event::Start { id: id.clone() }),
                 }
             }
             let (status, answer) = upstream.send(&headers, body.to_vec()).await;

@@ -5,6 +5,7 @@
 pub mod azure;
 pub mod ec2;
 pub mod hcloud;
+pub mod incus_proxy;
 pub mod query;
 pub mod spec;
 pub mod woodpecker;
