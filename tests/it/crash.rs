@@ -41,7 +41,7 @@ const HOLD: Duration = Duration::from_secs(4);
 /// How late incusd acts on a create whose sender was killed (see `IncusProxy::set_hold_request`).
 const LATE_CREATE: Duration = Duration::from_millis(1500);
 /// Longest wait for a chosen call to happen before the kill is made at a random moment instead.
-const TARGET_PATIENCE: Duration = Duration::from_secs(20);
+const TARGET_PATIENCE: Duration = Duration::from_secs(12);
 /// Longest wait for the world to become quiet after the last kill.
 const CONVERGE_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -100,13 +100,16 @@ trait Backdrop: Send + Sync {
     async fn created_live(&self) -> Vec<String>;
     /// Adopted instances running now.
     async fn adopted_running(&self) -> Vec<String>;
-    /// Holds the answer of the next `target` call the backend sees; `false` when this backdrop cannot.
-    fn arm(&self, target: Target, world: &FakeWorld) -> bool;
+    /// Whether [`Self::arm`] can hold `target` (a backend call).
+    fn supports(&self, target: Target) -> bool;
+    /// Holds the answer of the next `target` call the backend sees.
+    fn arm(&self, target: Target, world: &FakeWorld);
     fn disarm(&self, world: &FakeWorld);
     /// Backend holds that fired so far.
     fn held(&self, world: &WorldState) -> usize;
-    /// (pool, instances of it right after a create) for every create that reached the backend.
-    fn creates(&self, world: &WorldState) -> Vec<(String, usize)>;
+    /// (pool, its instances right after) for every create that reached the backend: their names where known,
+    /// else as many placeholders.
+    fn creates(&self, world: &WorldState) -> Vec<(String, Vec<String>)>;
     /// Every time an instance was deleted or stopped while its agent ran a job.
     fn busy_losses(&self, world: &WorldState) -> Vec<String>;
     /// What reached the backend so far, in order (`create`, `delete`, ...), where the fake world's journal does not
@@ -363,27 +366,33 @@ pools:
         let mut targeted_hits: BTreeMap<String, usize> = BTreeMap::new();
         let mut random_kills = 0;
         let mut covered: BTreeSet<String> = BTreeSet::new();
+        let targets: Vec<Target> =
+            TARGETS.into_iter().filter(|target| target.ci_op().is_some() || self.backdrop.supports(*target)).collect();
         let mut next_target = 0;
         for kill in 1..=kills {
             let journal_before = self.journal_len();
-            let targeted = schedule.chance(35);
+            let targeted = schedule.chance(50);
             let mut what = String::new();
             if targeted {
-                let target = TARGETS[next_target % TARGETS.len()];
+                let target = targets[next_target % targets.len()];
                 next_target += 1;
                 let state = self.world.snapshot();
                 let (ci_before, backend_before) = (state.held.len(), self.backdrop.held(&state));
-                let armed = match target.ci_op() {
-                    Some(op) => {
-                        self.world.hold_after(op, HOLD);
-                        true
-                    }
+                match target.ci_op() {
+                    Some(op) => self.world.hold_after(op, HOLD),
                     None => self.backdrop.arm(target, &self.world),
-                };
-                if armed && self.wait_held(target, ci_before, backend_before, &mut child).await {
+                }
+                if matches!(target, Target::Create | Target::Register) {
+                    // A burst for the create pool: it scales up towards `max`, where a create too many shows.
+                    for _ in 0..schedule.rng.random_range(2..4usize) {
+                        self.world.push_task_for(job_for("a"), schedule.millis(500..3000));
+                        *jobs_pushed.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                    }
+                }
+                if self.wait_held(target, ci_before, backend_before, &mut child).await {
                     what = format!("right after {target:?}");
                     *targeted_hits.entry(format!("{target:?}")).or_default() += 1;
-                } else if armed {
+                } else {
                     what = format!("random: no {target:?} within {}s", TARGET_PATIENCE.as_secs());
                 }
                 self.world.update(|state| state.holds.clear());
@@ -486,7 +495,7 @@ pools:
 #[derive(Debug, Default)]
 struct Seen {
     /// (pool, its instances right after) for every create that reached the backend.
-    creates: Vec<(String, usize)>,
+    creates: Vec<(String, Vec<String>)>,
     /// Instances deleted or stopped while their agent ran a job (the backdrop's own account).
     losses: Vec<String>,
     /// The fake world's journal (the CI's operations, and the backend's on the fake world).
@@ -501,10 +510,13 @@ struct Seen {
 /// Every broken promise, in words; empty when all held.
 fn broken_promises(seen: &Seen) -> Vec<String> {
     let mut broken = Vec::new();
-    for (pool, count) in &seen.creates {
+    for (pool, instances) in &seen.creates {
         let max = if pool == "a" { MAX } else { 2 };
-        if *count > max {
-            broken.push(format!("pool `{pool}` had {count} instances right after a create (max {max})"));
+        if instances.len() > max {
+            broken.push(format!(
+                "pool `{pool}` had {} instances right after a create (max {max}): {instances:?}",
+                instances.len()
+            ));
         }
     }
     broken.extend(seen.losses.iter().cloned());
@@ -533,14 +545,20 @@ fn broken_promises(seen: &Seen) -> Vec<String> {
     broken
 }
 
-/// (pool, instances of it right after) for every create in the fake world's journal.
-fn fake_journal_creates(state: &WorldState) -> Vec<(String, usize)> {
+/// (pool, instances of it right after) for every create in the fake world's journal, which counts them: the
+/// names are placeholders but for the one created.
+fn fake_journal_creates(state: &WorldState) -> Vec<(String, Vec<String>)> {
     state
         .journal
         .iter()
         .flatten()
         .filter(|entry| entry.op == "backend.create")
-        .map(|entry| (entry.pool.clone().unwrap_or_default(), entry.in_pool.unwrap_or(0) as usize))
+        .map(|entry| {
+            let others = (entry.in_pool.unwrap_or(1) as usize).saturating_sub(1);
+            let mut names = vec!["(another)".to_owned(); others];
+            names.push(entry.target.clone());
+            (entry.pool.clone().unwrap_or_default(), names)
+        })
         .collect()
 }
 
@@ -587,16 +605,17 @@ impl Backdrop for FakeBackdrop {
             .map(|instance| instance.name.clone())
             .collect()
     }
-    fn arm(&self, target: Target, world: &FakeWorld) -> bool {
+    fn supports(&self, target: Target) -> bool {
+        matches!(target, Target::Create | Target::Delete | Target::Stop | Target::Start)
+    }
+    fn arm(&self, target: Target, world: &FakeWorld) {
         let op = match target {
-            Target::Create => Op::Create,
             Target::Delete => Op::Delete,
             Target::Stop => Op::Stop,
             Target::Start => Op::Start,
-            _ => return false,
+            _ => Op::Create,
         };
         world.hold_after(op, HOLD);
-        true
     }
     fn disarm(&self, world: &FakeWorld) {
         world.update(|state| state.holds.clear());
@@ -604,7 +623,7 @@ impl Backdrop for FakeBackdrop {
     fn held(&self, world: &WorldState) -> usize {
         world.held.iter().filter(|op| op.starts_with("backend.")).count()
     }
-    fn creates(&self, world: &WorldState) -> Vec<(String, usize)> {
+    fn creates(&self, world: &WorldState) -> Vec<(String, Vec<String>)> {
         fake_journal_creates(world)
     }
     fn busy_losses(&self, world: &WorldState) -> Vec<String> {
@@ -732,12 +751,11 @@ impl Backdrop for MotoBackdrop {
         }
         running
     }
-    fn arm(&self, target: Target, _world: &FakeWorld) -> bool {
-        if target != Target::Create {
-            return false;
-        }
+    fn supports(&self, target: Target) -> bool {
+        target == Target::Create
+    }
+    fn arm(&self, _target: Target, _world: &FakeWorld) {
         self.proxy.set_hold(Some(HOLD));
-        true
     }
     fn disarm(&self, _world: &FakeWorld) {
         self.proxy.set_hold(None);
@@ -745,7 +763,7 @@ impl Backdrop for MotoBackdrop {
     fn held(&self, _world: &WorldState) -> usize {
         self.proxy.held() as usize
     }
-    fn creates(&self, _world: &WorldState) -> Vec<(String, usize)> {
+    fn creates(&self, _world: &WorldState) -> Vec<(String, Vec<String>)> {
         self.proxy
             .journal()
             .into_iter()
@@ -901,17 +919,16 @@ impl Backdrop for IncusBackdrop {
             .map(|(id, state)| format!("{id} ({state})"))
             .collect()
     }
-    fn arm(&self, target: Target, _world: &FakeWorld) -> bool {
-        if target != Target::Create {
-            return false;
-        }
+    fn supports(&self, target: Target) -> bool {
+        target == Target::Create
+    }
+    fn arm(&self, _target: Target, _world: &FakeWorld) {
         if self.armed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
             // Long enough for the next run to start and look before incusd acts on the dead run's create.
             self.proxy.set_hold_request(Some(LATE_CREATE));
         } else {
             self.proxy.set_hold(Some(HOLD));
         }
-        true
     }
     fn disarm(&self, _world: &FakeWorld) {
         self.proxy.set_hold(None);
@@ -919,7 +936,7 @@ impl Backdrop for IncusBackdrop {
     fn held(&self, _world: &WorldState) -> usize {
         self.proxy.held() as usize
     }
-    fn creates(&self, _world: &WorldState) -> Vec<(String, usize)> {
+    fn creates(&self, _world: &WorldState) -> Vec<(String, Vec<String>)> {
         self.proxy
             .journal()
             .into_iter()
@@ -984,14 +1001,14 @@ async fn kill_9_anywhere_on_incus() {
 fn every_broken_promise_is_reported_and_a_clean_run_passes() {
     let names = |names: &[&str]| names.iter().map(|name| (*name).to_owned()).collect::<BTreeSet<String>>();
     let clean = || Seen {
-        creates: vec![("a".to_owned(), MAX), ("a".to_owned(), 1)],
+        creates: vec![("a".to_owned(), vec!["x".to_owned(); MAX]), ("a".to_owned(), vec!["x".to_owned()])],
         agents: names(&["s-agent-1"]),
         adopted_agents: names(&["s-agent-1"]),
         ..Seen::default()
     };
     assert_eq!(broken_promises(&clean()), Vec::<String>::new());
     let cases: Vec<(&str, Seen)> = vec![
-        ("above max", Seen { creates: vec![("a".to_owned(), MAX + 1)], ..clean() }),
+        ("above max", Seen { creates: vec![("a".to_owned(), vec!["x".to_owned(); MAX + 1])], ..clean() }),
         ("busy loss", Seen { losses: vec!["instance `x`: delete while its agent ran a job".to_owned()], ..clean() }),
         ("left instance", Seen { created_left: vec!["o-a-1".to_owned()], ..clean() }),
         ("adopted running", Seen { adopted_running: vec!["s-agent-1".to_owned()], ..clean() }),
@@ -1037,7 +1054,8 @@ async fn the_journal_sees_a_busy_agent_lose_its_instance_and_its_record() {
         journal: state.journal.clone().unwrap_or_default(),
         ..Seen::default()
     };
-    assert_eq!(seen.creates, vec![("a".to_owned(), 1), ("a".to_owned(), 2)]);
+    let counts: Vec<(&str, usize)> = seen.creates.iter().map(|(pool, names)| (pool.as_str(), names.len())).collect();
+    assert_eq!(counts, vec![("a", 1), ("a", 2)]);
     assert_eq!(
         broken_promises(&seen),
         vec![

@@ -38,9 +38,9 @@ pub type Hook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 /// One thing that reached EC2 through the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ec2Event {
-    /// A fresh launch (not a replay): the instance, its `Name` and `ciscale.pool` tags, and the live launched
-    /// instances of that pool right after it (terminations requested count as gone).
-    Launch { id: String, name: String, pool: String, live_in_pool: usize },
+    /// A fresh launch (not a replay): the instance, its `Name` and `ciscale.pool` tags, and the names of the live
+    /// launched instances of that pool right after it (terminations requested count as gone).
+    Launch { id: String, name: String, pool: String, live_in_pool: Vec<String> },
     /// A terminate of an instance launched here (it no longer counts as live).
     Terminate { id: String },
     /// Any stop or start.
@@ -199,7 +199,12 @@ async fn handle(state: &Arc<Mutex<State>>, upstream: &Upstream, headers: HeaderM
                 state.launched_at.insert(id.clone(), Instant::now());
                 state.launched.insert(id.clone(), (name.clone(), pool.clone()));
                 state.live.insert(id.clone(), pool.clone());
-                let live_in_pool = state.live.values().filter(|p| **p == pool).count();
+                let live_in_pool = state
+                    .live
+                    .iter()
+                    .filter(|(_, p)| **p == pool)
+                    .map(|(id, _)| state.launched.get(id).map_or_else(|| id.clone(), |(name, _)| name.clone()))
+                    .collect();
                 state.journal.push(Ec2Event::Launch { id, name, pool, live_in_pool });
                 if state.hold.is_some() {
                     state.held += 1;

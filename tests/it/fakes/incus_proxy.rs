@@ -23,8 +23,8 @@ pub type Hook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 /// One thing that reached incusd through the proxy for the owner's containers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IncusEvent {
-    /// A create incusd accepted, and the owner's live containers of that pool right after it.
-    Create { name: String, pool: String, live_in_pool: usize },
+    /// A create incusd accepted, and the owner's live containers of that pool right after it (names).
+    Create { name: String, pool: String, live_in_pool: Vec<String> },
     /// A container of the owner deleted or stopped (an ephemeral one deletes itself when stopped).
     Gone { name: String },
     /// Any other container stopped or started (an adopted one).
@@ -235,7 +235,7 @@ async fn relay(mut client: UnixStream, upstream: &Path, state: &Mutex<State>) ->
             let mut state = lock(state);
             if accepted {
                 state.live.insert(name.clone(), pool.clone());
-                let live_in_pool = state.live.values().filter(|p| **p == pool).count();
+                let live_in_pool = state.live.iter().filter(|(_, p)| **p == pool).map(|(n, _)| n.clone()).collect();
                 state.journal.push(IncusEvent::Create { name, pool, live_in_pool });
                 let hold = state.hold.filter(|_| !state.hold_request);
                 if hold.is_some() {
