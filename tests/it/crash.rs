@@ -16,7 +16,7 @@
 //!
 //! `CISCALE_CRASH_KILLS` sets the kills per world (default [`DEFAULT_KILLS`]; `scripts/test` sets 20, so CI runs
 //! 60 in all); `CISCALE_CRASH_SEED` replays a kill schedule (every run prints its seed; the processes' timing still
-//! varies from run to run).
+//! varies from run to run); `CISCALE_CRASH_KEEP=1` keeps each world's folder (config, run logs, fake world).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -90,8 +90,8 @@ trait Backdrop: Send + Sync {
     fn machine_yaml(&self) -> String;
     /// The adopted instances of the start/stop pool: (instance id, agent name).
     fn adopted(&self) -> Vec<(String, String)>;
-    /// Environment the `ciscale` processes need.
-    fn env(&self) -> Vec<(String, String)> {
+    /// Environment the `ciscale` processes need; `dir` is the run's folder.
+    fn env(&self, _dir: &Path) -> Vec<(String, String)> {
         Vec::new()
     }
     /// Plays the machines: tells the fake CI which agents' machines run now.
@@ -230,12 +230,15 @@ pools:
             .current_dir(self.dir.path())
             .args(["watch", "-c", "ciscale.yaml"])
             .env_remove("CISCALE_LOG")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_ENDPOINT_URL_EC2")
             .env("NO_COLOR", "1")
             .env("CISCALE_LOCK_DIR", self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        for (key, value) in self.backdrop.env() {
+        for (key, value) in self.backdrop.env(self.dir.path()) {
             command.env(key, value);
         }
         command.spawn().expect("start ciscale watch")
@@ -479,6 +482,11 @@ pools:
             self.runs
         ));
         self.backdrop.cleanup().await;
+        if std::env::var_os("CISCALE_CRASH_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            let kept = self.dir.path().display().to_string();
+            self.note(format!("logs and the world kept in {kept}"));
+        }
         assert!(
             broken.is_empty(),
             "crash harness on {name} (seed {}): {} promise(s) broken:\n  {}\n{}",
@@ -706,13 +714,17 @@ impl Backdrop for MotoBackdrop {
     fn adopted(&self) -> Vec<(String, String)> {
         self.adopted.clone()
     }
-    fn env(&self) -> Vec<(String, String)> {
+    fn env(&self, dir: &Path) -> Vec<(String, String)> {
+        // Empty AWS config files of its own: nothing from the machine's AWS set-up, no instance-metadata lookups.
+        let empty = dir.join("aws-empty");
+        drop(std::fs::write(&empty, ""));
+        let empty = empty.display().to_string();
         [
             ("AWS_ACCESS_KEY_ID", "testing"),
             ("AWS_SECRET_ACCESS_KEY", "testing"),
             ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("AWS_CONFIG_FILE", "/nonexistent/ciscale-crash-aws-config"),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/ciscale-crash-aws-credentials"),
+            ("AWS_CONFIG_FILE", empty.as_str()),
+            ("AWS_SHARED_CREDENTIALS_FILE", empty.as_str()),
         ]
         .into_iter()
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
