@@ -217,15 +217,17 @@ impl Ec2 {
                 },
             }
         }
-        Err(Error::Unavailable {
+        // Not worth retrying today: every further try would walk the same spent tokens.
+        Err(Error::Other {
             provider: PROVIDER.to_owned(),
-            message: format!(
+            source: format!(
                 "`{}` was launched {} times today already: EC2 still remembers every client token this create could \
                  use\nhint: it can be created again tomorrow (UTC); a pool that replaces its instances this often may \
                  need a larger `max` or a longer `idleTimeout`",
                 request.name,
                 MAX_GENERATIONS + 1
-            ),
+            )
+            .into(),
         })
     }
 
@@ -722,7 +724,9 @@ enum RunAnswer {
 /// EC2's answer to a client token reused with other parameters.
 const IDEMPOTENT_PARAMETER_MISMATCH: &str = "IdempotentParameterMismatch";
 /// Client tokens a create may use per candidate and UTC day after the day-less first one (see [`client_token`]).
-const MAX_GENERATIONS: u32 = 32;
+/// EC2 lists a terminated instance for about an hour and the planner does not reuse a name while it is listed, so
+/// a name lives at most about 24 times a day.
+const MAX_GENERATIONS: u32 = 48;
 /// Looks at the listing for the instance of a mismatched token, and the pause between them: long enough for EC2's
 /// eventually consistent listing to show an instance launched a moment ago, short for a path that is rare.
 const TOKEN_LOOKS: u32 = 3;

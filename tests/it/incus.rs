@@ -474,6 +474,52 @@ pub(crate) async fn wait_owned_running(incus: &Incus, owner: &str, since: Option
     panic!("no running instance of `{owner}` appeared within 30s");
 }
 
+/// Sends a create straight to incusd without waiting for it: what a ciscale killed right after sending leaves.
+async fn create_without_waiting(socket: &str, name: &str, owner: &str, image: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = serde_json::json!({
+        "name": name,
+        "type": "container",
+        "ephemeral": true,
+        "start": true,
+        "source": { "type": "image", "alias": image },
+        "config": { "user.ciscale.owner": owner, "user.ciscale.pool": "conformance" },
+    })
+    .to_string();
+    let mut stream = tokio::net::UnixStream::connect(socket).await.expect("connect to incusd");
+    let request = format!(
+        "POST /1.0/instances HTTP/1.1\r\nHost: incus\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send the create");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+}
+
+#[tokio::test]
+async fn creating_a_name_incusd_is_still_creating_waits_for_it_and_finds_it_there() {
+    let Some((incus, image)) = daemon() else { return };
+    let owner = owner("busy");
+    let name = format!("{owner}-1");
+    let mut request = owned_request(&owner, &name);
+    request.machine = machine(&image, &[]);
+    let socket = std::env::var("CISCALE_TEST_INCUS_SOCKET").expect("socket");
+    create_without_waiting(&socket, &name, &owner, &image).await;
+    // incusd refuses the second create of the name in its operation ("busy running a create operation") while the
+    // first runs, or ("UNIQUE constraint failed") once it is done: either way, the name exists.
+    let created = incus.create(&request).await;
+    assert!(
+        matches!(&created, Err(Error::AlreadyExists { .. })),
+        "create-if-absent, not an error to retry: {created:?}"
+    );
+    let listed = owned(&incus, &owner).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    wait_for_state(&incus, &listed[0].id, InstanceState::Running, PATIENCE).await;
+    cleanup(&incus, &owner).await;
+}
+
 #[tokio::test]
 async fn kill_9_of_apply_mid_create_then_rerun_converges() {
     let Some((incus, image)) = daemon() else { return };
