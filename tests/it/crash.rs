@@ -165,6 +165,31 @@ fn job_for(pool: &str) -> BTreeMap<String, String> {
     BTreeMap::from([("pool".to_owned(), pool.to_owned())])
 }
 
+/// A running `ciscale watch`; killed when dropped (a failing test must not leave one behind).
+struct Watch(Child);
+
+impl std::ops::Deref for Watch {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Watch {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            drop(self.0.kill());
+        }
+        drop(self.0.wait());
+    }
+}
+
 /// One harness run in a scratch folder.
 struct Harness {
     dir: tempfile::TempDir,
@@ -222,7 +247,7 @@ pools:
         }
     }
 
-    fn spawn(&mut self) -> Child {
+    fn spawn(&mut self) -> Watch {
         self.runs += 1;
         let log = std::fs::File::create(self.run_log(self.runs)).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_ciscale"));
@@ -241,7 +266,7 @@ pools:
         for (key, value) in self.backdrop.env(self.dir.path()) {
             command.env(key, value);
         }
-        command.spawn().expect("start ciscale watch")
+        Watch(command.spawn().expect("start ciscale watch"))
     }
 
     fn run_log(&self, run: usize) -> PathBuf {
@@ -425,6 +450,7 @@ pools:
                 random_kills += 1;
             }
             self.kill(&mut child);
+            drop(child);
             let ops = self.ops_since(journal_before);
             covered.extend(Self::op_names(&ops));
             self.note(format!("kill {kill}/{kills} {what}; the run did: [{}]", ops.join(", ")));
@@ -884,6 +910,21 @@ impl IncusBackdrop {
             states.push((id.clone(), state.unwrap_or(InstanceState::Unknown)));
         }
         states
+    }
+}
+
+/// A failing run must not leave containers on the shared daemon: the owner's and the adopted ones go.
+impl Drop for IncusBackdrop {
+    fn drop(&mut self) {
+        let owned = Command::new("incus")
+            .args(["list", &format!("user.ciscale.owner={}", self.owner), "--format", "csv", "--columns", "n"])
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .unwrap_or_default();
+        let adopted = self.adopted.iter().map(|(id, _)| id.clone());
+        for name in owned.lines().map(str::to_owned).chain(adopted) {
+            drop(Command::new("incus").args(["delete", "--force", &name]).output());
+        }
     }
 }
 

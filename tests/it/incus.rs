@@ -558,11 +558,6 @@ async fn kill_9_of_apply_mid_create_then_rerun_converges() {
     // apply had sent. The rerun must count that create (its agent record is there, its container not listed yet)
     // and reuse its name rather than add a container: never above `max`, never a duplicate.
     let rerun = ciscale(&["apply", "--auto-approve"]).output().expect("rerun apply");
-    assert!(
-        rerun.status.success(),
-        "rerun: {}",
-        String::from_utf8_lossy(&rerun.stderr)
-    );
     // Counted once incusd has finished what it was doing (bounded: 10 s), so a create the killed apply had sent
     // cannot finish unseen after the count.
     for _ in 0..50 {
@@ -577,20 +572,26 @@ async fn kill_9_of_apply_mid_create_then_rerun_converges() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let plan = ciscale(&["plan", "--detailed-exitcode"]).output().expect("plan");
-    assert_eq!(
-        plan.status.code(),
-        Some(0),
-        "converged: {}",
-        String::from_utf8_lossy(&plan.stdout)
-    );
     let instances = owned(&incus, &owner).await;
+    // Cleaned up before the verdict: a failure must not leave containers on the shared daemon.
+    cleanup(&incus, &owner).await;
+    assert!(
+        rerun.status.success(),
+        "rerun: {}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
     let names: std::collections::BTreeSet<_> = instances.iter().map(|instance| instance.name.clone()).collect();
     assert_eq!(instances.len(), 3, "no duplicate, no orphan: {names:?}");
     assert_eq!(names.len(), 3);
     assert!(instances
         .iter()
         .all(|instance| instance.state == InstanceState::Running));
-    cleanup(&incus, &owner).await;
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "converged: {}",
+        String::from_utf8_lossy(&plan.stdout)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
