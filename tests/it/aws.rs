@@ -803,21 +803,24 @@ async fn live_named(client: &aws_sdk_ec2::Client, owner: &str, name: &str) -> Ve
 async fn a_create_retried_unseen_gets_the_first_instance_even_with_a_fresh_credential() {
     let Some(endpoint) = moto() else { return };
     let proxy = crate::fakes::ec2::Ec2Proxy::start(&endpoint).await;
-    // Long enough that the retries below cannot find the first instance by its `Name`, short enough that the
-    // look-up after a refused token finds it: EC2's listing after a crash, in slow motion.
-    proxy.set_listing_lag(Duration::from_secs(2));
+    // EC2's listing right after a launch, in slow motion: the retries below cannot find the first instance by its
+    // `Name`, only by its client token.
+    proxy.set_listing_lag(Duration::from_secs(600));
     let backend = ec2_backend(&proxy.url);
     let client = sdk_client(&endpoint);
     let owner = fresh_owner("token-retry");
     let name = format!("{owner}-linux-1");
 
     let first = backend.create(&life(&owner, &name, "7", "tok-a")).await.expect("first try");
+    let launched = Instant::now();
     // The answer was "lost": the same request again (same agent record, same credential) replays the launch.
     let replayed = backend.create(&life(&owner, &name, "7", "tok-a")).await.expect("retry");
     assert_eq!(replayed.id, first.id);
     assert_eq!(proxy.replays_and_mismatches(), (1, 0));
     // The retry after a crash re-registered the agent, which got a fresh token: other user data, same token.
-    // EC2 refuses it as mismatched; the instance that token launched is this create's.
+    // EC2 refuses it as mismatched; the instance that token launched is this create's. The listing shows it a
+    // second from now: after the first look for it, before the last.
+    proxy.set_listing_lag(launched.elapsed() + Duration::from_secs(1));
     let retaken = backend.create(&life(&owner, &name, "7", "tok-b")).await.expect("retry with a fresh credential");
     assert_eq!(retaken.id, first.id);
     assert_eq!(retaken.name, name);
