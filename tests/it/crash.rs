@@ -576,6 +576,9 @@ fn broken_promises(seen: &Seen) -> Vec<String> {
     if !seen.jobs_left.is_empty() {
         broken.push(format!("jobs that never finished: {:?}", seen.jobs_left));
     }
+    // Once is enough: a create retried for a name that exists reports the same instances again.
+    let mut reported = BTreeSet::new();
+    broken.retain(|line| reported.insert(line.clone()));
     broken
 }
 
