@@ -205,6 +205,7 @@ impl<'run> ChangeRun<'run> {
             labels,
             machine: prefixed(&self.change.after, "machine."),
             user_data,
+            attempt: Some(credential.agent_id.as_str().to_owned()),
         };
         let (id, running) = match self.call("create instance", || backend.create(&request)).await {
             // A backend whose create waits for the start (Incus) returns it running: no need to ask again.

@@ -59,6 +59,7 @@ fn request(name: &str, machine: BTreeMap<String, String>) -> CreateInstance {
         ]),
         machine,
         user_data: None,
+        attempt: None,
     }
 }
 

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod conformance;
 mod converge;
+mod crash;
 mod daemon;
 mod deploy;
 mod fake;
