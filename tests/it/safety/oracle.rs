@@ -523,6 +523,7 @@ pools:
                 name: name.to_owned(),
             }),
             reason: "test".to_owned(),
+            cause: None,
             before: BTreeMap::new(),
             after: BTreeMap::new(),
         }

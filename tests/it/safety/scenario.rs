@@ -676,15 +676,14 @@ fn indent(text: &str) -> String {
 
 /// The saved-plan check `apply PLANFILE` makes before a change's first step.
 ///
-/// The changes of a saved plan that `apply PLANFILE` carries out after observing again at `now`: none when the
-/// config changed (the hash differs); otherwise, today, all of them if the observation's fingerprint is unchanged
-/// and none if it changed (`src/cmd/apply.rs`). Stand-in until the per-change check of issue #9 lands
-/// (`plan::preconditions`, on the planner's branch): then the changes whose preconditions hold.
-fn still_safe(saved: &Plan, desired: &Desired, fresh: &Observed, _now: Timestamp) -> Vec<Change> {
-    if saved.config_hash != desired.config_hash || saved.observed_fingerprint != plan::fingerprint(fresh) {
+/// The changes of a saved plan that `apply PLANFILE` carries out after observing again at `now`
+/// (`src/cmd/apply.rs`): none when the config changed (the hash differs), else those whose preconditions hold.
+fn still_safe(saved: &Plan, desired: &Desired, fresh: &Observed, now: Timestamp) -> Vec<Change> {
+    if saved.config_hash != desired.config_hash {
         return Vec::new();
     }
-    saved.changes.clone()
+    let checks = plan::preconditions(&saved.changes, desired, fresh, now);
+    saved.changes.iter().zip(checks).filter(|(_, check)| check.is_ok()).map(|(change, _)| change.clone()).collect()
 }
 
 /// Every config a scenario starts with, as YAML and as built directly (for `loads_like_the_config_loader`).

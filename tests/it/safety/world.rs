@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use ciscale::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, CiName, CiObservation, Desired, Instance, InstanceId,
-    InstanceMode, InstanceState, Observed, PoolName, Queue, Task, TaskId, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
+    InstanceMode, InstanceState, Observed, PoolName, Queue, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
 };
 use ciscale::plan::{Action, Change};
 use jiff::{SignedDuration, Timestamp};
@@ -64,6 +64,8 @@ pub struct WorldAgent {
     pub standalone: bool,
     /// Jobs it finished: an ephemeral agent takes one job, then powers its instance off.
     pub jobs_done: u32,
+    /// When the CI created the record.
+    pub registered_at: Timestamp,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +142,7 @@ impl World {
             runs_on: None,
             standalone,
             jobs_done: 0,
+            registered_at: self.now,
         });
         id
     }
@@ -346,6 +349,7 @@ impl World {
                 last_contact: agent.last_contact,
                 last_work: agent.last_work,
                 labels: agent.labels.clone(),
+                created_at: Some(agent.registered_at),
             })
             .collect();
         let to_task = |task: &WorldTask| Task {
@@ -543,6 +547,7 @@ impl World {
                         runs_on: None,
                         standalone: false,
                         jobs_done: 0,
+                        registered_at: self.now,
                     });
                     id
                 }
@@ -562,6 +567,9 @@ impl World {
         let mut labels: BTreeMap<String, String> = prefixed(&change.after, "label.");
         labels.entry(OWNER_LABEL.to_owned()).or_insert_with(|| desired.owner.clone());
         labels.entry(POOL_LABEL.to_owned()).or_insert_with(|| pool.name.to_string());
+        // Apply links the instance to the agent record it runs (the record ids here are plain numbers, which fit a
+        // label value everywhere).
+        labels.insert(AGENT_LABEL.to_owned(), agent_id.to_string());
         let id = InstanceId::new(format!("i-{}", self.next()));
         self.instances.push(WorldInstance {
             id: id.clone(),
