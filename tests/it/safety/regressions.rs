@@ -215,6 +215,30 @@ fn an_instance_listed_late_counts_against_max() {
     );
 }
 
+/// Found by the random histories after the planner of issue #9 landed: an apply dies right after registering the
+/// first of three agents, the other two instances are made but not listed yet, and `max` is lowered from 3 to 2.
+/// All three records are in their window and count (3 of max 2), yet two were created again under their names,
+/// as if a create again could never add an instance: the first record's create never happened, so it did.
+#[test]
+fn unfinished_creates_are_not_made_again_above_max() {
+    expect_kept(
+        Promise::Max,
+        &Scenario {
+            owners: owners("acme", "acme-arm"),
+            ours: vec![PoolDraft { min_idle: 1, ..pool("linux", 3, PoolMode::Create) }],
+            theirs: vec![],
+            busy_sign: BusySign::Both,
+            keeps_terminated: false,
+            steps: vec![
+                jobs(2),
+                Step::Cycle { who: 0, crash: Some(0), late: true, slow: false },
+                Step::Config(ConfigChange::LowerMax(0)),
+                cycle(0),
+            ],
+        },
+    );
+}
+
 /// An instance whose agent never checked in is deleted and replaced in the same plan: while the delete runs (or
 /// fails), the pool has two instances with `max: 1`. The replacement waits for the slot.
 #[test]
