@@ -15,14 +15,15 @@
 //!   killed apply never did, and never a second one. Past the window, or after a job, it is **stale**;
 //! - a stale record is deregistered (once idle, and unless a create of this plan takes it over) only when its
 //!   instance is **gone for good** ([`LoneRecord::gone_for_good`]): it ran a job or made contact (its instance
-//!   was listed by then, and is not now: a finished ephemeral agent, a deleted server), or its pool left the
-//!   config (no create takes its name any more, and an instance of it listed late is an orphan, removed by rule
-//!   7). A record of a configured pool that never made contact is never deregistered on its age alone: its age
+//!   was listed by then, and is not now: a finished ephemeral agent, a deleted server). A record that never
+//!   made contact is never deregistered on its age alone: its age
 //!   tells when it was registered, not when its instance was made — a create may take over its name long after
 //!   (and the new instance not be listed yet), or finish late in the window and be listed late. Such an
 //!   instance gets its own `bootstrapTimeout` from its creation (rule 4, which removes it *with* its record if
 //!   its agent never comes up). So the record is kept, with a note, and gives its name to the pool's next
-//!   create (create-if-absent takes over the record, and an instance listed late is found rather than doubled);
+//!   create (create-if-absent takes over the record, and an instance listed late is found rather than doubled).
+//!   A pool that left the config makes no more creates: its records are kept with a note to remove them by hand
+//!   (an instance of one that shows up is an orphan, deleted by rule 7 *with* the record named after it);
 //! - a record that runs a job is never deregistered, and counts towards its pool's `max` whatever its age (a
 //!   job runs somewhere);
 //! - anything else is not ours. Those whose name starts with `{owner}-` get a "not ours, left alone" note.
@@ -53,8 +54,8 @@ pub(super) struct LoneRecord<'a> {
     /// Younger than its pool's bootstrap timeout: a create whose instance is not listed yet.
     pub in_window: bool,
     /// Its instance, if it ever had one, cannot show up any more: it ran a job or made contact (its instance was
-    /// listed by then, and is not now), or its pool left the config and it is past its window. Only such a record
-    /// is deregistered (see the module docs), and it is never reused.
+    /// listed by then, and is not now). Only such a record is deregistered (see the module docs), and it is
+    /// never reused.
     pub gone_for_good: bool,
 }
 
@@ -147,16 +148,23 @@ pub(super) fn find<'a>(
                     // that finished, say), not on its way.
                     let in_window = agent.last_work.is_none()
                         && since.is_some_and(|since| now.duration_since(since) < policy.bootstrap_timeout.signed());
-                    let gone_for_good = agent.last_work.is_some()
-                        || agent.last_contact.is_some()
-                        || (configured_pool.is_none() && !in_window);
+                    let gone_for_good = agent.last_work.is_some() || agent.last_contact.is_some();
+                    let busy = ci.is_busy(agent);
+                    if configured_pool.is_none() && !in_window && !busy && !gone_for_good {
+                        records.notes.push(format!(
+                            "kept: agent `{}` ({} {}) of pool `{}`, which is no longer in the config, has no instance \
+                             and never made contact, but an instance of it may not be listed yet; deregister it by \
+                             hand once no instance of that name exists",
+                            agent.name, ci_name, agent.id, owned.pool
+                        ));
+                    }
                     records.lone.entry(owned.pool).or_default().push(LoneRecord {
                         ci,
                         agent,
                         pool: owned.pool,
                         index: owned.index,
                         since,
-                        busy: ci.is_busy(agent),
+                        busy,
                         in_window,
                         gone_for_good,
                     });

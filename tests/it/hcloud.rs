@@ -598,8 +598,10 @@ pools:
         }
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
         let sandbox = Self {
+            // Without the endpoint in the config, the tests hand it over in `HCLOUD_ENDPOINT`.
             trace: crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml"))
-                .forbid(&[TOKEN, AGENT_SECRET]),
+                .forbid(&[TOKEN, AGENT_SECRET])
+                .env_var("HCLOUD_ENDPOINT", fake.endpoint()),
             dir,
             fake,
             _runtime: runtime,

@@ -325,7 +325,9 @@ fn picus_trace(dir: &std::path::Path, env: &BTreeMap<String, String>) -> crate::
     let yaml = ciscale::import::picus::config_from_env(env).expect("a complete Picus environment");
     let config = dir.join("picus-as-config.yaml");
     std::fs::write(&config, yaml).expect("write config");
-    crate::safety::ledger::PlanTrace::new(dir, config).forbid(&[AGENT_SECRET, crate::fakes::woodpecker::ADMIN_TOKEN])
+    let trace =
+        crate::safety::ledger::PlanTrace::new(dir, config).forbid(&[AGENT_SECRET, crate::fakes::woodpecker::ADMIN_TOKEN]);
+    env.iter().fold(trace, |trace, (name, value)| trace.env_var(name, value))
 }
 
 /// SIGTERM, then the daemon's stderr once it exited cleanly.

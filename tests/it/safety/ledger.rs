@@ -212,6 +212,7 @@ pub fn assert_trace_safe(path: &Path, configs: &[Desired], declared: &[String]) 
     let mut ledger = Ledger::new();
     ledger.declare_ours(declared.iter().cloned());
     let (mut judged, mut torn) = (0, 0);
+    let mut unjudged_hashes: Vec<String> = Vec::new();
     for line in text.lines().filter(|line| !line.trim().is_empty()) {
         // A process killed while writing leaves a torn line (the next process ends it). Skipping it loses nothing:
         // that cycle was killed between its plan and its apply, so it made nothing.
@@ -224,10 +225,21 @@ pub fn assert_trace_safe(path: &Path, configs: &[Desired], declared: &[String]) 
                 ledger.record(desired, &traced.observed, &traced.plan);
                 judged += 1;
             }
-            None => ledger.learn(&traced.plan),
+            None => {
+                if !unjudged_hashes.contains(&traced.config_hash) {
+                    unjudged_hashes.push(traced.config_hash.clone());
+                }
+                ledger.learn(&traced.plan)
+            }
         }
     }
-    assert!(judged > 0, "{}: no cycle made from the test's config: watch never planned with it", path.display());
+    assert!(
+        judged > 0,
+        "{}: no cycle made from the test's config: watch never planned with it (traced config hashes {unjudged_hashes:?}, \
+         the test's {:?})",
+        path.display(),
+        configs.iter().map(|desired| &desired.config_hash).collect::<Vec<_>>()
+    );
     ledger.assert_safe();
     eprintln!("safety oracle: {judged} traced cycles judged, {torn} torn lines skipped ({})", path.display());
     judged
@@ -245,6 +257,7 @@ pub struct PlanTrace {
     earlier: std::sync::Mutex<Vec<Desired>>,
     declared: std::sync::Mutex<Vec<String>>,
     secrets: Vec<String>,
+    env: BTreeMap<String, String>,
 }
 
 impl PlanTrace {
@@ -255,7 +268,15 @@ impl PlanTrace {
             earlier: Default::default(),
             declared: Default::default(),
             secrets: Vec::new(),
+            env: BTreeMap::new(),
         }
+    }
+
+    /// An environment variable the test gives the `ciscale` processes that the config reads (such as
+    /// `HCLOUD_ENDPOINT`): the config is loaded with it for judging.
+    pub fn env_var(mut self, name: &str, value: &str) -> Self {
+        self.env.insert(name.to_owned(), value.to_owned());
+        self
     }
 
     /// Secrets the test hands to ciscale: the trace must hold none of them.
@@ -275,7 +296,7 @@ impl PlanTrace {
 
     /// Keeps the config file's current content (when it is valid) for judging the cycles made from it.
     pub fn remember(&self) {
-        if let Some(desired) = try_load_config(&self.config) {
+        if let Some(desired) = try_load_config(&self.config, &self.env) {
             self.earlier.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(desired);
         }
     }
@@ -295,15 +316,17 @@ impl Drop for PlanTrace {
             assert!(!traced.contains(secret.as_str()), "a secret is in the plan trace {}", self.path.display());
         }
         let mut configs = std::mem::take(&mut *self.earlier.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        configs.extend(try_load_config(&self.config));
+        configs.extend(try_load_config(&self.config, &self.env));
         let declared = self.declared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         assert_trace_safe(&self.path, &configs, &declared);
     }
 }
 
-/// Loads a test's config file the way `ciscale` does, with every `${VAR}` resolved to a placeholder (secrets play
-/// no part in the promises or in the config hash); `None` when it does not load.
-fn try_load_config(path: &Path) -> Option<Desired> {
+/// Loads a test's config file the way `ciscale` does, with the variables the test gave `ciscale` that change what
+/// the config means (an endpoint on this machine lowers the poll floor) and every other `${VAR}` resolved to a
+/// placeholder (secrets play no part in the promises or in the config hash); `None` when it does not load.
+fn try_load_config(path: &Path, env: &BTreeMap<String, String>) -> Option<Desired> {
     let text = std::fs::read_to_string(path).ok()?;
-    ciscale::config::load_str(&path.display().to_string(), &text, &|_| Some("placeholder".to_owned())).ok()
+    let resolve = |name: &str| Some(env.get(name).cloned().unwrap_or_else(|| "placeholder".to_owned()));
+    ciscale::config::load_str(&path.display().to_string(), &text, &resolve).ok()
 }

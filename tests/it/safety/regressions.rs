@@ -173,6 +173,31 @@ fn the_agent_of_an_instance_listed_late_is_kept() {
     );
 }
 
+/// Found by the random histories once records that never made contact were kept: a create stays in flight for
+/// 11 minutes (a bootstrap timeout of 2), finishes while the backend does not list it yet, and its pool is removed
+/// from the config. The record of a removed pool was still deregistered once past its window, from under the
+/// instance just made.
+#[test]
+fn the_record_of_a_removed_pool_keeps_its_instance_listed_late() {
+    expect_kept(
+        Promise::NotBusy,
+        &Scenario {
+            owners: owners("acme", "acme-arm"),
+            ours: vec![PoolDraft { min_idle: 1, ..pool("linux", 1, PoolMode::Create) }, pool("arm", 1, PoolMode::Create)],
+            theirs: vec![],
+            busy_sign: BusySign::Both,
+            keeps_terminated: false,
+            steps: vec![
+                Step::Cycle { who: 0, crash: None, late: false, slow: true },
+                Step::Advance { minutes: 11 },
+                Step::Finish { who: 0, late: true },
+                Step::Config(ConfigChange::RemovePool(0)),
+                cycle(0),
+            ],
+        },
+    );
+}
+
 // -- promise 3: never exceed max ------------------------------------------------------------------------------
 
 /// Issue #9 item 2: with `max: 1`, the pool's only instance was drained for a new image and still runs a job;
