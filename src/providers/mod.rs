@@ -51,7 +51,37 @@ pub enum Error {
     Other { provider: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
+/// The text of an error whose own text held a secret, with the secret taken out (see [`Error::redacted`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RedactedError(pub String);
+
 impl Error {
+    /// The same error with every secret `redactor` knows taken out of its texts. The variant, and so every retry
+    /// and fallback decision, stays; an [`Error::Other`] whose cause chain held a secret gets that chain as one
+    /// redacted text instead.
+    pub fn redacted(self, redactor: &crate::redact::Redactor) -> Error {
+        let clean = |text: String| redactor.redact(&text);
+        match self {
+            Error::NotFound { what } => Error::NotFound { what: clean(what) },
+            Error::AlreadyExists { what } => Error::AlreadyExists { what: clean(what) },
+            Error::RateLimited { provider, retry_after } => Error::RateLimited { provider, retry_after },
+            Error::Unauthenticated { provider, message } => Error::Unauthenticated { provider, message: clean(message) },
+            Error::Capacity { provider, message } => Error::Capacity { provider, message: clean(message) },
+            Error::Unavailable { provider, message } => Error::Unavailable { provider, message: clean(message) },
+            Error::Invalid { provider, message } => Error::Invalid { provider, message: clean(message) },
+            Error::Unsupported { provider, operation } => Error::Unsupported { provider, operation },
+            Error::Other { provider, source } => {
+                let chain = http::error_chain(source.as_ref());
+                if redactor.leaks(&chain) {
+                    Error::Other { provider, source: Box::new(RedactedError(redactor.redact(&chain))) }
+                } else {
+                    Error::Other { provider, source }
+                }
+            }
+        }
+    }
+
     /// Worth trying again later (the same request may succeed).
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::RateLimited { .. } | Error::Unavailable { .. } | Error::Capacity { .. })
