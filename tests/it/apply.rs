@@ -259,6 +259,97 @@ async fn without_exec_the_credential_goes_into_user_data() {
     assert!(snapshot.execs.is_empty());
 }
 
+/// The fake CI declaring another CI's capabilities (its launch above all), and optionally writing its own user data.
+#[derive(Debug)]
+struct Declaring {
+    inner: ciscale::providers::fake::FakeCi,
+    capabilities: ciscale::providers::CiCapabilities,
+}
+
+#[async_trait::async_trait]
+impl CiSource for Declaring {
+    fn kind(&self) -> &'static str {
+        "declaring"
+    }
+    fn capabilities(&self) -> ciscale::providers::CiCapabilities {
+        self.capabilities
+    }
+    fn cloud_user_data(&self, env_file: &Secret) -> ciscale::providers::Result<Secret> {
+        Ok(Secret::new(format!("#own-user-data\n{}", env_file.expose())))
+    }
+    async fn observe(&self) -> ciscale::providers::Result<ciscale::model::CiObservation> {
+        self.inner.observe().await
+    }
+    async fn register(
+        &self,
+        request: &ciscale::providers::RegisterAgent,
+    ) -> ciscale::providers::Result<AgentCredential> {
+        self.inner.register(request).await
+    }
+    async fn drain(&self, id: &AgentId) -> ciscale::providers::Result<()> {
+        self.inner.drain(id).await
+    }
+    async fn undrain(&self, id: &AgentId) -> ciscale::providers::Result<()> {
+        self.inner.undrain(id).await
+    }
+    async fn deregister(&self, id: &AgentId) -> ciscale::providers::Result<()> {
+        self.inner.deregister(id).await
+    }
+}
+
+/// On a cloud server the agent is what the pool's CI launches: an Azure pool boots its own image with the PAT as
+/// `AZP_TOKEN` (and without an image is refused before anything is created), a Woodpecker pool without an image
+/// boots Woodpecker's agent, and a source that writes its own user data (Forgejo) has it used as it is.
+#[tokio::test]
+async fn a_cloud_server_boots_the_agent_its_ci_launches() {
+    use ciscale::providers::{azure_pipelines, forgejo, woodpecker};
+    let boot = |capabilities, image: Option<&str>| {
+        let world = FakeWorld::new();
+        world.set_exec_capability(false);
+        let mut desired = desired();
+        desired.pools[0].agent.image = image.map(str::to_owned);
+        let mut providers = providers(&world);
+        providers.ci.insert(CiName::new("ci"), Arc::new(Declaring { inner: world.ci(), capabilities }));
+        async move {
+            let report = run(&plan(vec![create("linux-1")]), &desired, &providers).await;
+            (world, report)
+        }
+    };
+    let with_token_as = |name: &str| {
+        let mut lines: Vec<String> = FIRST_AGENT_ENV.lines().map(str::to_owned).collect();
+        lines.push(format!("{name}=fake-token-1-1"));
+        lines.sort();
+        lines.iter().map(|line| format!("{line}\n")).collect::<String>()
+    };
+    let user_data_sha = |world: &FakeWorld| world.snapshot().instances[0].user_data_sha256.clone();
+
+    let (world, report) = boot(azure_pipelines::CAPABILITIES, Some("acme/azp-agent:4")).await;
+    assert_eq!(outcomes(&report), [&Outcome::Done]);
+    let expected = ciscale::apply::cloud_init(Some("acme/azp-agent:4"), &Secret::new(with_token_as("AZP_TOKEN")))
+        .expect("cloud-init");
+    assert_eq!(user_data_sha(&world), Some(sha256_hex(expected.expose().as_bytes())));
+
+    let (world, report) = boot(azure_pipelines::CAPABILITIES, None).await;
+    let [Outcome::Failed { step, error }] = outcomes(&report)[..] else { panic!("{report:?}") };
+    assert_eq!(step, "write user data");
+    assert!(error.contains("names no `agent.image`") && error.contains("AZP_TOKEN"), "{error}");
+    assert!(world.snapshot().instances.is_empty());
+
+    let (world, report) = boot(woodpecker::CAPABILITIES, None).await;
+    assert_eq!(outcomes(&report), [&Outcome::Done]);
+    let expected = ciscale::apply::cloud_init(
+        Some("woodpeckerci/woodpecker-agent:latest"),
+        &Secret::new(with_token_as("WOODPECKER_AGENT_SECRET")),
+    )
+    .expect("cloud-init");
+    assert_eq!(user_data_sha(&world), Some(sha256_hex(expected.expose().as_bytes())));
+
+    let (world, report) = boot(forgejo::CAPABILITIES, Some("ignored/image")).await;
+    assert_eq!(outcomes(&report), [&Outcome::Done]);
+    let own = format!("#own-user-data\n{}", with_token_as("FORGEJO_RUNNER_TOKEN"));
+    assert_eq!(user_data_sha(&world), Some(sha256_hex(own.as_bytes())));
+}
+
 #[tokio::test]
 async fn an_ephemeral_pool_registers_ephemeral_agents() {
     let world = FakeWorld::new();
