@@ -449,16 +449,36 @@ pub struct PoolSpec {
     pub scale: ScalePolicy,
 }
 
-/// Which CI source feeds the pool and which of its jobs the pool's agents can take.
+/// Which CI source feeds the pool and what its agents offer to that source's jobs. The shape is the same for
+/// every CI; what it means is the source's [`Matching`] rule, which the planner applies to it and to each job's
+/// [`Task`] (`plan::matching`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CiBinding {
     pub source: CiName,
-    /// Woodpecker agent labels (`key: value`, `key: "*"`, `"!key": value`).
+    /// The labels the agents are registered with and offer: Woodpecker agent labels (`key: value`, `key: "*"`,
+    /// `"!key": value`), Forgejo runner labels (`name: how`), and for Azure the agent pool as
+    /// [`AZURE_POOL_LABEL`] (the config's `azurePool`).
     pub labels: BTreeMap<String, String>,
-    /// Azure Pipelines agent pool name.
-    pub azure_pool: Option<String>,
-    /// Azure capabilities the agents offer (`name` or `name=value`), matched against job demands.
+    /// Capabilities the agents offer (`name` or `name=value`), matched against job demands (Azure, the fake).
     pub capabilities: BTreeMap<String, String>,
+}
+
+/// How a CI source decides which agent may take a job, declared by the source's room
+/// (`providers::CiCapabilities::matching`) and applied by the planner to a pool's [`CiBinding`] and a job's
+/// [`Task`]. Named by the rule, not by the CI, so a new source reuses a rule where its CI's is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matching {
+    /// Key/value filters (Woodpecker's `MatchLabels`): every job label must be offered with its value or `*`,
+    /// and every offered `!key` must be on the job with that value.
+    LabelFilter,
+    /// Demands against capabilities (Azure Pipelines), within the agent pool the job waits in (the job's and the
+    /// pool's [`AZURE_POOL_LABEL`]).
+    PoolDemands,
+    /// A label set (`runs-on` of Forgejo and GitHub Actions): every label the job demands must be among the names
+    /// of the offered labels; `case_insensitive` as the CI compares them.
+    LabelSet { case_insensitive: bool },
+    /// [`Matching::LabelFilter`] and demands against capabilities at once (the fake CI speaks both).
+    LabelFilterAndDemands,
 }
 
 /// Where and how the pool's instances run.
@@ -860,10 +880,12 @@ pub struct Queue {
 #[serde(deny_unknown_fields)]
 pub struct Task {
     pub id: TaskId,
-    /// Woodpecker task labels (`repo`, `platform`, custom keys, internal `woodpecker-ci.org/*`).
+    /// Key/value attributes the CI gives the job (Woodpecker task labels such as `repo`, `platform` and internal
+    /// `woodpecker-ci.org/*`; the Azure agent pool it waits in; the Forgejo job's handle).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Azure Pipelines demands (`name` or `name -equals value`).
+    /// What the job demands of an agent, in its CI's words (Azure demands `name` or `name -equals value`; the
+    /// `runs-on` labels of Forgejo and GitHub).
     #[serde(default)]
     pub demands: Vec<String>,
     /// The agent running it (running tasks only).

@@ -962,8 +962,14 @@ impl Validator<'_> {
             name: PoolName::new(raw.name),
             ci: CiBinding {
                 source: CiName::new(raw.ci.source),
-                labels: raw.ci.labels,
-                azure_pool: raw.ci.azure_pool,
+                // The Azure agent pool is one more label the agents offer (Azure pools have no other labels).
+                labels: {
+                    let mut labels = raw.ci.labels;
+                    if let Some(azure_pool) = raw.ci.azure_pool {
+                        labels.insert(crate::model::AZURE_POOL_LABEL.to_owned(), azure_pool);
+                    }
+                    labels
+                },
                 capabilities: raw.ci.capabilities,
             },
             backend: BackendBinding {

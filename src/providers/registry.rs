@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::fake::FakeWorld;
 use super::{Backend, CiCapabilities, CiSource, Providers, Result};
-use crate::model::{BackendKind, CiKind, Desired, FakeSpec};
+use crate::model::{BackendKind, CiKind, Desired, FakeSpec, AZURE_POOL_LABEL};
 
 /// Connects to every provider the config names. No network call is made here: the first call is the first
 /// observation, so a `plan --observed` never needs this at all.
@@ -59,7 +59,7 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
                         .pools
                         .iter()
                         .filter(|pool| &pool.ci.source == name)
-                        .filter_map(|pool| Some((pool.name.clone(), pool.ci.azure_pool.clone()?)))
+                        .filter_map(|pool| Some((pool.name.clone(), pool.ci.labels.get(AZURE_POOL_LABEL)?.clone())))
                         .collect(),
                     ..super::azure_pipelines::AzureSettings::new(organization_url.clone(), pat.clone())
                 })?)

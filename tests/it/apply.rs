@@ -39,7 +39,6 @@ fn desired() -> Desired {
         ci: CiBinding {
             source: CiName::new("ci"),
             labels: BTreeMap::from([("platform".to_owned(), "linux/amd64".to_owned())]),
-            azure_pool: None,
             capabilities: BTreeMap::new(),
         },
         backend: BackendBinding {

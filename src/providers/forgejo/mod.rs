@@ -111,6 +111,7 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     per_agent_credentials: true,
     single_job: true,
     job_bound: true,
+    matching: crate::model::Matching::LabelSet { case_insensitive: false },
     launch: Launch {
         agent: "Forgejo runner",
         token_env: Some(TOKEN_ENV),
