@@ -24,6 +24,11 @@ pub const AGENT_HASH_LABEL: &str = "ciscale.agent-hash";
 pub const AGENT_LABEL: &str = "ciscale.agent";
 /// Label a CI agent is registered with when it runs one job and then powers its instance off (ephemeral pools).
 pub const EPHEMERAL_LABEL: &str = "ciscale.ephemeral";
+/// Task and agent label naming the one job an agent is bound to, for CI sources whose agents serve exactly the job
+/// they were registered for (`providers::CiCapabilities::job_bound`; Forgejo: the job's handle). On a task: its
+/// own; on an agent: the job it was made for; on a create (`label.ciscale.job` in the change's `after`, and so on
+/// the instance): the job apply registers the agent for.
+pub const JOB_LABEL: &str = "ciscale.job";
 /// Task (and agent) label naming the Azure Pipelines agent pool a job request waits in: a request counts only
 /// for pools bound to that Azure pool, whatever its demands.
 pub const AZURE_POOL_LABEL: &str = "azure-pool";
@@ -294,8 +299,37 @@ pub enum CiKind {
         /// `pat` is handed out (Azure has no per-agent tokens; see `providers::azure_pipelines`).
         agent_pat: Option<Secret>,
     },
+    /// A Forgejo instance's Actions (Forgejo 15 and later).
+    Forgejo {
+        server: String,
+        token: Secret,
+        scope: ForgejoScope,
+        /// The URL runners reach Forgejo at; `None`: `server`.
+        runner_url: Option<String>,
+        /// The forgejo-runner release cloud servers download; `None`: pools of the source run in containers.
+        runner_release: Option<RunnerReleaseSpec>,
+    },
     /// The in-memory fake (tests, demos, offline trials).
     Fake(FakeSpec),
+}
+
+/// Whose Forgejo jobs and runners a source serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForgejoScope {
+    /// Every repository of the instance (a site administrator's token).
+    Instance,
+    Organization(String),
+    Repository { owner: String, repo: String },
+    /// The repositories of the token's own user.
+    User,
+}
+
+/// A pinned forgejo-runner release (validated: 12.8 or later, a SHA-256 digest, `amd64` or `arm64`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerReleaseSpec {
+    pub version: String,
+    pub sha256: String,
+    pub arch: String,
 }
 
 /// Settings of the in-memory fake world shared by the fake backend and the fake CI.
@@ -318,6 +352,7 @@ impl CiKind {
             CiKind::AzurePipelines { pat, agent_pat, organization_url: _ } => {
                 std::iter::once(pat).chain(agent_pat.as_ref()).collect()
             }
+            CiKind::Forgejo { token, server: _, scope: _, runner_url: _, runner_release: _ } => vec![token],
             CiKind::Fake(_) => Vec::new(),
         }
     }
@@ -326,6 +361,7 @@ impl CiKind {
         match self {
             CiKind::Woodpecker { .. } => "woodpecker",
             CiKind::AzurePipelines { .. } => "azure-pipelines",
+            CiKind::Forgejo { .. } => "forgejo",
             CiKind::Fake(_) => "fake",
         }
     }

@@ -48,6 +48,9 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     for (name, spec) in &desired.ci {
         let source: Arc<dyn CiSource> = match &spec.kind {
             CiKind::Fake(fake) => Arc::new(world_for(fake)?.ci()),
+            CiKind::Forgejo { server, token, scope, runner_url, runner_release } => {
+                Arc::new(forgejo(server, token, scope, runner_url.as_deref(), runner_release.as_ref())?)
+            }
             CiKind::Woodpecker { server, token, grpc_address } => {
                 Arc::new(super::woodpecker::Woodpecker::new(server, token.clone(), grpc_address.as_deref())?)
             }
@@ -89,6 +92,40 @@ pub fn ci_capabilities(kind: &CiKind) -> CiCapabilities {
     match kind {
         CiKind::Woodpecker { .. } => super::woodpecker::CAPABILITIES,
         CiKind::AzurePipelines { .. } => super::azure_pipelines::CAPABILITIES,
+        CiKind::Forgejo { .. } => super::forgejo::CAPABILITIES,
         CiKind::Fake(_) => super::fake::CI_CAPABILITIES,
     }
+}
+
+/// The Forgejo source of a config entry (validated by the config already; re-checked here, never trusted).
+fn forgejo(
+    server: &str,
+    token: &crate::model::Secret,
+    scope: &crate::model::ForgejoScope,
+    runner_url: Option<&str>,
+    runner_release: Option<&crate::model::RunnerReleaseSpec>,
+) -> Result<super::forgejo::Forgejo> {
+    use super::forgejo::{launch, Forgejo, ForgejoSettings, Scope};
+    let scope = match scope {
+        crate::model::ForgejoScope::Instance => Scope::Instance,
+        crate::model::ForgejoScope::Organization(org) => Scope::Organization(org.clone()),
+        crate::model::ForgejoScope::Repository { owner, repo } => Scope::Repository { owner: owner.clone(), repo: repo.clone() },
+        crate::model::ForgejoScope::User => Scope::User,
+    };
+    let invalid = |message: String| super::Error::Invalid { provider: "forgejo".to_owned(), message };
+    let runner_release = runner_release
+        .map(|release| {
+            let arch = match release.arch.as_str() {
+                "amd64" => launch::Arch::Amd64,
+                "arm64" => launch::Arch::Arm64,
+                other => return Err(invalid(format!("runner arch `{other}` is neither `amd64` nor `arm64`"))),
+            };
+            launch::RunnerRelease::new(&release.version, arch, &release.sha256).map_err(|error| invalid(error.to_string()))
+        })
+        .transpose()?;
+    Forgejo::new(ForgejoSettings {
+        runner_url: runner_url.map(str::to_owned),
+        runner_release,
+        ..ForgejoSettings::new(server, token.clone(), scope)
+    })
 }

@@ -886,6 +886,13 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             pat: Secret::new("tok-AZURE-pat"),
             agent_pat: Some(Secret::new("tok-AZURE-agent-pat")),
         },
+        CiKind::Forgejo {
+            server: "http://forgejo.invalid".to_owned(),
+            token: Secret::new("tok-FORGEJO-access"),
+            scope: ciscale::model::ForgejoScope::Instance,
+            runner_url: None,
+            runner_release: None,
+        },
         CiKind::Fake(FakeSpec::default()),
     ];
     let backends = vec![
@@ -899,6 +906,7 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
         match kind {
             CiKind::Woodpecker { .. } => tokens.push("tok-WOODPECKER-api"),
             CiKind::AzurePipelines { .. } => tokens.extend(["tok-AZURE-pat", "tok-AZURE-agent-pat"]),
+            CiKind::Forgejo { .. } => tokens.push("tok-FORGEJO-access"),
             CiKind::Fake(_) => {}
         }
     }

@@ -47,7 +47,7 @@ fn every_example_validates() {
 /// `API_HOST` deliberately not.
 fn fixture_env(name: &str) -> Option<String> {
     match name {
-        "WOODPECKER_TOKEN" | "AZP_TOKEN" | "GIT_TOKEN" => Some(format!("secret-value-of-{name}")),
+        "WOODPECKER_TOKEN" | "AZP_TOKEN" | "GIT_TOKEN" | "FORGEJO_TOKEN" => Some(format!("secret-value-of-{name}")),
         "EMPTY_TOKEN" => Some(String::new()),
         _ => None,
     }
