@@ -3,6 +3,27 @@
 //!
 //! Object-store style: small required method sets, request structs (so fields can be added without breaking
 //! callers), and one `#[non_exhaustive]` error enum that retries and fallbacks decide on.
+//!
+//! # Adding a CI source
+//! Adding a CI source is: its room, its config variant, its registry arm, its fake and its conformance run.
+//! - **Its room**: `providers/<name>/`, a [`CiSource`] and its `CAPABILITIES` ([`CiCapabilities`]: drain,
+//!   per-agent credentials, single-job, job-bound, its [`crate::model::Matching`] rule, its [`Launch`]). The
+//!   planner, validation and apply read these, never the kind: a rule, a launch or job-bound planning that
+//!   exists already is reused as it is.
+//! - **Its config variant**: a `RawCiSource` variant (`config/raw.rs`), a `CiKind` variant (`model.rs`, whose
+//!   exhaustive `secrets` and `name` make it say what its secrets are, so the one redactor cannot miss them) and
+//!   its mapping with located checks in `config/validate.rs` (whose per-pool `match` over the kinds is
+//!   exhaustive too). The JSON schema is generated (`CISCALE_UPDATE_SCHEMA=1`).
+//! - **Its registry arm**: in `registry.rs`, `connect` and [`ci_capabilities`] (both exhaustive).
+//! - **Its fake** (`tests/it/fakes/`, checked against the service's spec) and **its conformance run**
+//!   (`tests/it/conformance.rs` on that fake), plus its kind in the exhaustive list of the redaction test
+//!   (`tests/it/apply.rs`, which does not compile until it is there).
+//!
+//! Counted on Forgejo's wiring: outside its room it touched `config/raw.rs`, `model.rs`, `config/validate.rs`,
+//! `providers/registry.rs` (and `config/mod.rs`, optionally, for the hint of its token variable). Forgejo was
+//! also the first job-bound source, which added the generic job-bound planning once (`plan/jobs.rs`, the
+//! `ciscale.job` label of a create in `plan/pool/scale_up.rs`, `RegisterAgent::for_job` in apply); a later
+//! job-bound source reuses it.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
