@@ -35,7 +35,8 @@
 //! Forgejo shows a runner's token only in the answer that created it, so `register` of a name that exists cannot
 //! hand out that runner's credential again: it deletes the record and makes a new one (new id, new token) —
 //! unless the existing one is busy, which is refused with [`Error::AlreadyExists`]. Runner names are not unique
-//! in Forgejo; `register` keeps them unique.
+//! in Forgejo; `register` keeps them unique. A job has one runner: registering another name for a job that has a
+//! runner is refused with [`Error::AlreadyExists`] too (a plan made before an overlapping create registered).
 //!
 //! # No drain
 //! Forgejo's API has no call that stops a runner from taking jobs (runners can be listed, created and deleted,
@@ -402,12 +403,19 @@ impl CiSource for Forgejo {
         }
         let labels = label_specs(&request.labels).map_err(invalid)?;
 
-        let existing: Vec<WireRunner> = self
-            .list_runners()
-            .await?
-            .into_iter()
-            .filter(|runner| runner.name == request.name)
-            .collect();
+        let runners = self.list_runners().await?;
+        // One job, one runner: a plan made before another create for this job registered (a `watch` cycle
+        // that overlaps a slow create) must not make a second runner, which would wait for ever.
+        if let Some(handle) = &request.for_job {
+            if let Some(other) =
+                runners.iter().find(|runner| runner.name != request.name && bound_handle(runner).as_ref() == Some(handle))
+            {
+                return Err(Error::AlreadyExists {
+                    what: format!("a forgejo runner for job `{handle}` (`{}`, id {})", other.name, other.id),
+                });
+            }
+        }
+        let existing: Vec<WireRunner> = runners.into_iter().filter(|runner| runner.name == request.name).collect();
         if !existing.is_empty() {
             let running = running_handles(&self.list_jobs().await?);
             if let Some(runner) = existing.iter().find(|runner| busy(runner, &running)) {
