@@ -1110,6 +1110,29 @@ impl Validator<'_> {
         let cloud = backends
             .get(&BackendName::new(raw.backend.name.clone()))
             .filter(|backend| matches!(backend.kind, BackendKind::Hcloud { .. } | BackendKind::Aws { .. }));
+        // A source that writes its own cloud user data (Forgejo) needs what that download is: its pinned release.
+        let forgejo_without_release = matches!(
+            ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind),
+            Some(CiKind::Forgejo { runner_release: None, .. })
+        );
+        if let Some(cloud) = cloud.filter(|_| forgejo_without_release && matches!(mode, InstanceMode::Create)) {
+            self.problems.push(
+                self.value_span(&format!("{pointer}/backend/name")).or_else(|| self.value_span(&format!("{pointer}/name"))),
+                format!(
+                    "{place} runs Forgejo runners on backend `{}` ({}), whose servers download forgejo-runner, but ci \
+                     source `{}` names no `runnerRelease`",
+                    raw.backend.name,
+                    cloud.kind.name(),
+                    raw.ci.source
+                ),
+                Some(format!(
+                    "add `runnerRelease: {{version: 12.10.1, sha256: ...}}` to ci source `{}` (the digest from the \
+                     release's `.sha256` file), or run the pool on Incus with an image from `ciscale provision`",
+                    raw.ci.source
+                )),
+            );
+            ok = false;
+        }
         if let (Some(cloud), Some(needs), Some(launch)) = (
             cloud.filter(|_| agent.image.is_none() && matches!(mode, InstanceMode::Create)),
             needs_image,
