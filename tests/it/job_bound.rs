@@ -200,3 +200,35 @@ proptest! {
         }
     }
 }
+
+/// A CI that cannot drain gets no drain: a runner idle past its idle timeout (made for a job that was cancelled)
+/// goes at once — delete, which deregisters it — and the plan holds when applied later from a file; a busy one
+/// is left alone.
+#[test]
+fn an_idle_runner_of_a_ci_that_cannot_drain_is_deleted_not_drained() {
+    let jobs = [JobDraft { runs_on: vec![0], agent: Some(true) }, JobDraft { runs_on: vec![0], agent: Some(true) }];
+    let (desired, mut observed) = build(&[(0, 4)], &jobs, 0);
+    // Both jobs are gone from the queue (cancelled); the first runner still runs something, the second idles
+    // since its container came up two hours ago.
+    let ci = observed.ci.get_mut(&CiName::new("forgejo")).expect("ci");
+    ci.queue.pending.clear();
+    ci.agents[0].busy = true;
+    for instance in &mut observed.backends.get_mut(&BackendName::new("lxd")).expect("lxd").instances {
+        instance.created_at = now() - jiff::SignedDuration::from_hours(2);
+    }
+    let (busy, idle) = (ci.agents[0].name.clone(), ci.agents[1].name.clone());
+
+    let plan = plan::plan(&desired, &observed, now());
+    let actions: Vec<(Action, &str)> = plan
+        .changes
+        .iter()
+        .map(|change| (change.action, change.instance.as_ref().map_or("-", |instance| instance.name.as_str())))
+        .collect();
+    assert_eq!(actions, [(Action::Delete, idle.as_str())], "{:#?}", plan.changes);
+    assert!(plan.changes[0].agent.is_some(), "the delete deregisters the runner too");
+    assert!(plan.changes[0].reason.contains("cannot drain"), "{}", plan.changes[0].reason);
+    assert!(!actions.iter().any(|(_, name)| *name == busy));
+    // Applied later from a file: the world is unchanged, so the delete still holds.
+    let checked = plan::preconditions(&plan.changes, &desired, &observed, now());
+    assert!(checked.iter().all(Result::is_ok), "{checked:?}");
+}
