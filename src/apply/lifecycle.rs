@@ -27,7 +27,7 @@ use crate::providers::{
     Result,
 };
 
-use super::bootstrap::{agent_env_file, bootstrap_env, AGENT_COMMAND, CREDENTIAL_MODE, CREDENTIAL_PATH};
+use super::bootstrap::{agent_env_file, bootstrap_env, CREDENTIAL_MODE, CREDENTIAL_PATH};
 use super::cloud_init::cloud_init;
 use super::retry::{is_retryable, with_retries};
 use super::{ApplyOptions, Event, Outcome, Redactor};
@@ -250,7 +250,7 @@ impl<'run> ChangeRun<'run> {
                 .await
                 .map_err(|e| self.failed("push credential", &e))?;
             // Fire and forget: the agent runs for as long as the instance does.
-            let exec = Exec { command: vec![AGENT_COMMAND.to_owned()], env: BTreeMap::new(), wait: false };
+            let exec = Exec { command: vec![launch.container_command.to_owned()], env: BTreeMap::new(), wait: false };
             self.call("start agent", || backend.exec(&id, &exec)).await.map_err(|e| self.failed("start agent", &e))?;
         }
         if pool.agent.preregistered.is_some() {

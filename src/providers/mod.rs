@@ -231,6 +231,9 @@ pub struct RegisterAgent {
     pub for_job: Option<String>,
 }
 
+/// The wrapper a container image made by `ciscale provision` holds, for every CI so far ([`Launch`]).
+pub const CONTAINER_AGENT_COMMAND: &str = "/usr/local/bin/ciscale-agent";
+
 /// What a CI source can do beyond the required set, and how its agent is launched. The planner, config
 /// validation and apply decide on these, never on the kind. Each room declares its own as a constant
 /// (`CAPABILITIES`), which [`ci_capabilities`] finds for a config's kind and [`CiSource::capabilities`] returns.
@@ -265,6 +268,7 @@ impl CiCapabilities {
         matching: crate::model::Matching::LabelFilter,
         launch: Launch {
             agent: "CI",
+            container_command: crate::providers::CONTAINER_AGENT_COMMAND,
             token_env: None,
             cloud: CloudLaunch::Docker { default_image: None, needs: "an image that runs the CI's agent from its env" },
         },
@@ -273,14 +277,18 @@ impl CiCapabilities {
 
 /// How a CI source's agent starts on an instance.
 ///
-/// In a container instance (a backend with [`Capabilities::exec`], Incus) it is the same for every CI: the image
-/// (made by `ciscale provision` with the CI's provisioning script) holds `/usr/local/bin/ciscale-agent`, which
-/// apply execs after pushing the credential as a 0400 env file; the wrapper turns that file into whatever the
-/// CI's agent reads. On a cloud server (Hetzner, EC2) the user data does it all, as [`CloudLaunch`] says.
+/// In a container instance (a backend with [`Capabilities::exec`], Incus) the image (the pool's `machine.image`,
+/// made by `ciscale provision` with the CI's provisioning script) holds a wrapper, [`Launch::container_command`],
+/// which apply execs after pushing the credential as a 0400 env file (`apply::CREDENTIAL_PATH`); the wrapper
+/// turns that file into whatever the CI's agent reads. On a cloud server (Hetzner, EC2) the user data does it
+/// all, as [`CloudLaunch`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Launch {
     /// The agent's name for messages: `Woodpecker`, `Azure Pipelines`, `Forgejo runner`.
     pub agent: &'static str,
+    /// What apply execs in a container once the credential file is there (every CI so far:
+    /// `/usr/local/bin/ciscale-agent`, the wrapper its provisioning script installs).
+    pub container_command: &'static str,
     /// The variable the CI's own agent reads its credential from (`WOODPECKER_AGENT_SECRET`, `AZP_TOKEN`):
     /// a cloud server runs the CI's stock agent, with no ciscale wrapper to translate, so the env file carries
     /// the token under this name too. `None`: only the name the credential announces (`CISCALE_AGENT_TOKEN_ENV`).

@@ -45,6 +45,7 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     matching: crate::model::Matching::LabelFilter,
     launch: Launch {
         agent: "Woodpecker",
+        container_command: crate::providers::CONTAINER_AGENT_COMMAND,
         token_env: Some(SECRET_ENV),
         cloud: CloudLaunch::Docker {
             default_image: Some(AGENT_IMAGE),

@@ -73,6 +73,7 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     matching: crate::model::Matching::PoolDemands,
     launch: Launch {
         agent: "Azure Pipelines",
+        container_command: crate::providers::CONTAINER_AGENT_COMMAND,
         token_env: Some(ENV_TOKEN),
         cloud: CloudLaunch::Docker {
             default_image: None,

@@ -50,6 +50,7 @@ pub const CI_CAPABILITIES: CiCapabilities = CiCapabilities {
     matching: crate::model::Matching::LabelFilterAndDemands,
     launch: Launch {
         agent: "fake CI",
+        container_command: crate::providers::CONTAINER_AGENT_COMMAND,
         token_env: None,
         cloud: CloudLaunch::Docker {
             default_image: Some(crate::providers::woodpecker::AGENT_IMAGE),

@@ -115,6 +115,7 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     matching: crate::model::Matching::LabelSet { case_insensitive: false },
     launch: Launch {
         agent: "Forgejo runner",
+        container_command: crate::providers::CONTAINER_AGENT_COMMAND,
         token_env: Some(TOKEN_ENV),
         cloud: CloudLaunch::OwnUserData,
     },
