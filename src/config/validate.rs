@@ -1174,6 +1174,15 @@ impl Validator<'_> {
                     ok = false;
                 }
             }
+            if scale.jobs_per_agent > 1 {
+                let at = format!("{pointer}/scale/jobsPerAgent");
+                self.problems.push(
+                    self.value_span(&at),
+                    format!("`jobsPerAgent` of {place} must be 1: its ci source binds every agent to one job"),
+                    None,
+                );
+                ok = false;
+            }
             if !matches!(mode, InstanceMode::Create) {
                 self.problems.push(
                     self.key_span(&format!("{pointer}/backend/instances")).or_else(|| self.value_span(&format!("{pointer}/name"))),
