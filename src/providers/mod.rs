@@ -22,8 +22,10 @@
 //! Counted on Forgejo's wiring: outside its room it touched `config/raw.rs`, `model.rs`, `config/validate.rs`,
 //! `providers/registry.rs` (and `config/mod.rs`, optionally, for the hint of its token variable). Forgejo was
 //! also the first job-bound source, which added the generic job-bound planning once (`plan/jobs.rs`, the
-//! `ciscale.job` label of a create in `plan/pool/scale_up.rs`, `RegisterAgent::for_job` in apply); a later
-//! job-bound source reuses it.
+//! `ciscale.job` label of a create in `plan/pool/scale_up.rs`, `RegisterAgent::for_job` in apply), and the first
+//! that cannot drain, which taught the planner to delete an idle agent instead of draining it
+//! (`plan/planner.rs`, `plan/preconditions.rs`); a later source with these capabilities (GitHub's cannot drain
+//! either) reuses both as they are.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
