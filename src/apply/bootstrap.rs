@@ -12,7 +12,7 @@ pub const CREDENTIAL_PATH: &str = "/run/ciscale/agent.env";
 /// Permission bits of the credential file: readable by its owner (root) only.
 pub const CREDENTIAL_MODE: u32 = 0o400;
 /// The wrapper started inside a container instance; it reads [`CREDENTIAL_PATH`] and runs the CI's agent.
-pub const AGENT_COMMAND: &str = "/usr/local/bin/ciscale-agent";
+pub const AGENT_COMMAND: &str = crate::providers::CONTAINER_AGENT_COMMAND;
 /// The env key holding the agent's own token.
 pub const TOKEN_ENV: &str = "CISCALE_AGENT_TOKEN";
 /// The env key holding the agent's CI-side id.

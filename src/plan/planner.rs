@@ -30,6 +30,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
     let backend_indexes = index_backends(desired, observed);
     let pending = assign_pending(desired, observed);
+    let unserved_jobs = super::jobs::unserved(desired, observed);
     let in_flight = InFlightIndex::new(observed);
     let used_names: FastSet<&str> = observed
         .backends
@@ -57,6 +58,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
             ci: ci_indexes.get(&pool.ci.source),
             backend: backend_indexes.get(&pool.backend.backend),
             pending_jobs: pending[pool_index],
+            unserved_jobs: &unserved_jobs[pool_index],
             used_names: &used_names,
             in_flight: &in_flight,
             records: &records,
@@ -77,6 +79,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     changes.extend(orphans);
     changes.extend(records::deregister_stale(&records, &reused, now));
     notes.extend(records.notes.iter().cloned());
+    delete_instead_of_drain(desired, observed, &mut changes);
     // Work in flight is already being done: planning it again would run it twice (or undo it half way).
     changes.retain(|change| !in_flight.touches(change));
 
@@ -100,6 +103,31 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         notes,
         summary,
         cost,
+    }
+}
+
+/// A CI that cannot drain (`CiCapabilities::drain` false: Forgejo) gets no drain: an idle agent's instance goes
+/// at once (delete, then deregister), which is all a drain was for — a drained agent is removed once idle. An
+/// agent of such a CI that runs a job is left to finish it (a drain would only have failed).
+fn delete_instead_of_drain(desired: &Desired, observed: &Observed, changes: &mut Vec<Change>) {
+    let undrainable = |change: &Change| {
+        change.action == Action::Drain
+            && change.agent.as_ref().is_some_and(|agent| {
+                desired.ci.get(&agent.ci).is_some_and(|spec| !crate::providers::ci_capabilities(&spec.kind).drain)
+            })
+    };
+    let busy = |change: &Change| {
+        change.agent.as_ref().is_some_and(|target| {
+            observed.ci.get(&target.ci).is_some_and(|ci| {
+                ci.agents.iter().any(|agent| agent.id == target.id && agent.busy)
+                    || ci.queue.running.iter().any(|task| task.agent_id.as_ref() == Some(&target.id))
+            })
+        })
+    };
+    changes.retain(|change| !(undrainable(change) && (busy(change) || change.instance.is_none())));
+    for change in changes.iter_mut().filter(|change| undrainable(change)) {
+        change.action = Action::Delete;
+        change.reason = format!("{}; its CI cannot drain, so the idle agent goes now", change.reason);
     }
 }
 

@@ -191,8 +191,14 @@ impl<'a> World<'_, 'a> {
             }
             return Ok(());
         }
-        // An instance that can take jobs goes only once its agent is drained (the plan drained it first).
-        if instance.state.is_active() {
+        // An instance that can take jobs goes only once its agent is drained (the plan drained it first), unless
+        // its CI cannot drain: then an idle agent goes as it is (the busy check above holds).
+        let drainable = self
+            .desired
+            .pool(&change.pool)
+            .and_then(|pool| self.desired.ci.get(&pool.ci.source))
+            .is_none_or(|spec| crate::providers::ci_capabilities(&spec.kind).drain);
+        if instance.state.is_active() && drainable {
             if let Some((_, agent)) = linked.iter().find(|(_, agent)| !agent.no_schedule) {
                 return fail(format!("agent `{}` is no longer drained", agent.name));
             }

@@ -645,6 +645,11 @@ pub(crate) struct WatchProcess {
 
 impl WatchProcess {
     pub(crate) fn start(dir: &std::path::Path) -> Self {
+        Self::start_with(dir, &[("AZP_ADMIN_PAT", PAT), ("AZP_AGENT_PAT", AGENT_PAT)])
+    }
+
+    /// [`WatchProcess::start`] with these variables (the config's secrets) in its environment.
+    pub(crate) fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_ciscale"))
             .current_dir(dir)
@@ -653,8 +658,7 @@ impl WatchProcess {
             // Its own lock folder: other runs on this host (another engineer's, a second suite) act for `e2e` too.
             .env("CISCALE_LOCK_DIR", dir)
             .env("NO_COLOR", "1")
-            .env("AZP_ADMIN_PAT", PAT)
-            .env("AZP_AGENT_PAT", AGENT_PAT)
+            .envs(env.iter().copied())
             .env(crate::safety::ledger::TRACE_ENV, dir.join("plan-trace.jsonl"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -951,7 +955,7 @@ fn import_of_an_incus_azure_pipelines_config_is_equivalent_and_valid() {
                 pool.scale.min,
                 pool.scale.max,
                 pool.scale.ephemeral,
-                pool.ci.azure_pool.as_deref(),
+                pool.ci.labels.get(ciscale::model::AZURE_POOL_LABEL).map(String::as_str),
             )
         })
         .collect();

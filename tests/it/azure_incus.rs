@@ -26,23 +26,23 @@ const BOUND: Duration = Duration::from_secs(60);
 
 /// The Incus side of the test: a runtime for the async client, and the owner whose containers are removed when
 /// the test ends, passed or failed.
-struct Containers {
-    runtime: tokio::runtime::Runtime,
-    incus: Incus,
-    owner: String,
+pub(crate) struct Containers {
+    pub(crate) runtime: tokio::runtime::Runtime,
+    pub(crate) incus: Incus,
+    pub(crate) owner: String,
 }
 
 impl Containers {
-    fn block_on<F: Future>(&self, future: F) -> F::Output {
+    pub(crate) fn block_on<F: Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
     }
 
-    fn owned(&self) -> Vec<Instance> {
+    pub(crate) fn owned(&self) -> Vec<Instance> {
         self.block_on(owned(&self.incus, &self.owner))
     }
 
     /// Runs `script` in the container; its exit code.
-    fn run(&self, instance: &Instance, script: &str) -> Option<i32> {
+    pub(crate) fn run(&self, instance: &Instance, script: &str) -> Option<i32> {
         self.block_on(run(&self.incus, &instance.id, script))
     }
 }
@@ -62,7 +62,7 @@ impl Drop for Containers {
 }
 
 /// Polls `probe` every 50 ms until it yields, for at most [`BOUND`]; fails early if `watch` died.
-fn until<T>(what: &str, watch: &mut WatchProcess, mut probe: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn until<T>(what: &str, watch: &mut WatchProcess, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + BOUND;
     loop {
         if let Some(found) = probe() {

@@ -184,6 +184,28 @@ async fn register_of_an_existing_name_replaces_it_unless_it_is_busy() {
     assert_spec_clean(&fake);
 }
 
+/// A job has one runner: registering a second name for a job that has a runner is refused, nothing is made, and
+/// the job can still get a runner once the first is gone.
+#[tokio::test]
+async fn a_job_that_has_a_runner_gets_no_second_one() {
+    let fake = FakeForgejo::start();
+    let forgejo = client(&fake, USER_TOKEN, acme());
+    let (_, handle) = fake.add_job(ACME_WEB, "build", &["debian"]);
+    let first = forgejo.register(&register_request("fj-linux-1", Some(&handle))).await.expect("register");
+    match forgejo.register(&register_request("fj-linux-2", Some(&handle))).await {
+        Err(Error::AlreadyExists { what }) => assert!(what.contains(&handle) && what.contains("fj-linux-1"), "{what}"),
+        other => panic!("a second runner for one job: {other:?}"),
+    }
+    assert!(fake.runner_named("fj-linux-2").is_empty(), "nothing registered: {:?}", fake.runners());
+    // Another job is not held up; and once the first runner is gone, the job can have a new one.
+    let (_, other) = fake.add_job(ACME_WEB, "test", &["debian"]);
+    forgejo.register(&register_request("fj-linux-3", Some(&other))).await.expect("another job");
+    forgejo.deregister(&first.agent_id).await.expect("deregister");
+    forgejo.register(&register_request("fj-linux-2", Some(&handle))).await.expect("after the first is gone");
+    assert_eq!(fake.runners().len(), 2);
+    assert_spec_clean(&fake);
+}
+
 #[tokio::test]
 async fn busy_is_active_or_in_contact_while_its_job_runs() {
     let fake = FakeForgejo::start();

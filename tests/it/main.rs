@@ -14,6 +14,8 @@ mod deploy;
 mod fake;
 mod fakes;
 mod forgejo;
+mod forgejo_incus;
+mod job_bound;
 mod hcloud;
 mod incus;
 mod metrics;

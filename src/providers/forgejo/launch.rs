@@ -35,7 +35,7 @@ pub const MIN_RUNNER_VERSION: &str = "12.8.0";
 /// Where the runner binary is installed.
 pub const RUNNER_BINARY: &str = "/usr/local/bin/forgejo-runner";
 /// The wrapper the image and the cloud-init install; apply's container launch execs this path.
-pub const AGENT_COMMAND: &str = "/usr/local/bin/ciscale-agent";
+pub const AGENT_COMMAND: &str = crate::providers::CONTAINER_AGENT_COMMAND;
 /// Where a container gets its credential (apply's push, mode 0400).
 pub const CONTAINER_ENV_FILE: &str = "/run/ciscale/agent.env";
 /// Where a cloud server gets its credential (cloud-init's `write_files`, mode 0400).

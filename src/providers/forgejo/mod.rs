@@ -35,7 +35,8 @@
 //! Forgejo shows a runner's token only in the answer that created it, so `register` of a name that exists cannot
 //! hand out that runner's credential again: it deletes the record and makes a new one (new id, new token) —
 //! unless the existing one is busy, which is refused with [`Error::AlreadyExists`]. Runner names are not unique
-//! in Forgejo; `register` keeps them unique.
+//! in Forgejo; `register` keeps them unique. A job has one runner: registering another name for a job that has a
+//! runner is refused with [`Error::AlreadyExists`] too (a plan made before an overlapping create registered).
 //!
 //! # No drain
 //! Forgejo's API has no call that stops a runner from taking jobs (runners can be listed, created and deleted,
@@ -70,7 +71,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
 use crate::providers::{
-    AgentCredential, CiCapabilities, CiSource, Error, RegisterAgent, Result, TOKEN_ENV_NAME_KEY,
+    AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result, TOKEN_ENV_NAME_KEY,
 };
 
 mod client;
@@ -88,7 +89,7 @@ use wire::{RegisterRunner, Registered, RunnerStatus, WireJob, WireRunner};
 pub(crate) const PROVIDER: &str = "forgejo";
 /// Task label (and agent label) holding a job attempt's handle: on a task, the job's own; on an agent, the one
 /// of the job it was made for.
-pub const HANDLE_LABEL: &str = "forgejo.handle";
+pub const HANDLE_LABEL: &str = crate::model::JOB_LABEL;
 /// Page size of `GET {scope}/actions/runners`: Forgejo's default `MAX_RESPONSE_ITEMS`, which caps `limit`. A
 /// server configured with a lower cap answers shorter pages; `X-Total-Count` still says when all are read.
 pub const RUNNERS_PER_PAGE: usize = 50;
@@ -102,6 +103,23 @@ pub const HANDLE_ENV: &str = "FORGEJO_RUNNER_HANDLE";
 pub const LABELS_ENV: &str = "FORGEJO_RUNNER_LABELS";
 /// The env key the runner's token is written under (named through [`TOKEN_ENV_NAME_KEY`]).
 pub const TOKEN_ENV: &str = "FORGEJO_RUNNER_TOKEN";
+
+/// No drain (the API has none); every runner has its own token (shown once, in the create's answer), serves one
+/// job — the one it was registered for — and is then deleted by Forgejo. On a cloud server the source writes the
+/// user data itself ([`launch::cloud_init`]: the pinned runner release of [`ForgejoSettings::runner_release`]).
+pub const CAPABILITIES: CiCapabilities = CiCapabilities {
+    drain: false,
+    per_agent_credentials: true,
+    single_job: true,
+    job_bound: true,
+    matching: crate::model::Matching::LabelSet { case_insensitive: false },
+    launch: Launch {
+        agent: "Forgejo runner",
+        container_command: crate::providers::CONTAINER_AGENT_COMMAND,
+        token_env: Some(TOKEN_ENV),
+        cloud: CloudLaunch::OwnUserData,
+    },
+};
 
 /// Whose jobs and runners: where runners are registered and which jobs they may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +207,9 @@ pub struct ForgejoSettings {
     pub runner_url: Option<String>,
     /// Total timeout of each request.
     pub timeout: Duration,
+    /// The runner a cloud server downloads ([`CiSource::cloud_user_data`]); `None`: pools of this source run in
+    /// containers only (their image has the runner, from `ciscale provision`).
+    pub runner_release: Option<launch::RunnerRelease>,
 }
 
 impl ForgejoSettings {
@@ -199,6 +220,7 @@ impl ForgejoSettings {
             scope,
             runner_url: None,
             timeout: DEFAULT_TIMEOUT,
+            runner_release: None,
         }
     }
 }
@@ -209,6 +231,7 @@ pub struct Forgejo {
     server: String,
     scope: Scope,
     runner_url: String,
+    runner_release: Option<launch::RunnerRelease>,
 }
 
 impl fmt::Debug for Forgejo {
@@ -262,6 +285,7 @@ impl Forgejo {
             server,
             scope: settings.scope,
             runner_url,
+            runner_release: settings.runner_release,
         })
     }
 
@@ -341,11 +365,20 @@ impl CiSource for Forgejo {
     }
 
     fn capabilities(&self) -> CiCapabilities {
-        CiCapabilities {
-            drain: false,
-            single_job: true,
-            job_bound: true,
-        }
+        CAPABILITIES
+    }
+
+    fn cloud_user_data(&self, env_file: &Secret) -> Result<Secret> {
+        let release = self.runner_release.as_ref().ok_or_else(|| Error::Invalid {
+            provider: PROVIDER.to_owned(),
+            message: "a cloud server downloads forgejo-runner, and the source names no `runnerRelease`\nhint: set \
+                      `runnerRelease: {version: 12.10.1, sha256: ...}` (the digest from the release's `.sha256` file)"
+                .to_owned(),
+        })?;
+        launch::cloud_init(release, env_file).map_err(|error| Error::Invalid {
+            provider: PROVIDER.to_owned(),
+            message: error.to_string(),
+        })
     }
 
     async fn observe(&self) -> Result<CiObservation> {
@@ -371,12 +404,19 @@ impl CiSource for Forgejo {
         }
         let labels = label_specs(&request.labels).map_err(invalid)?;
 
-        let existing: Vec<WireRunner> = self
-            .list_runners()
-            .await?
-            .into_iter()
-            .filter(|runner| runner.name == request.name)
-            .collect();
+        let runners = self.list_runners().await?;
+        // One job, one runner: a plan made before another create for this job registered (a `watch` cycle
+        // that overlaps a slow create) must not make a second runner, which would wait for ever.
+        if let Some(handle) = &request.for_job {
+            if let Some(other) =
+                runners.iter().find(|runner| runner.name != request.name && bound_handle(runner).as_ref() == Some(handle))
+            {
+                return Err(Error::AlreadyExists {
+                    what: format!("a forgejo runner for job `{handle}` (`{}`, id {})", other.name, other.id),
+                });
+            }
+        }
+        let existing: Vec<WireRunner> = runners.into_iter().filter(|runner| runner.name == request.name).collect();
         if !existing.is_empty() {
             let running = running_handles(&self.list_jobs().await?);
             if let Some(runner) = existing.iter().find(|runner| busy(runner, &running)) {

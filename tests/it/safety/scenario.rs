@@ -195,7 +195,6 @@ impl Deployment {
                     ci: CiBinding {
                         source: CiName::new(CI),
                         labels: BTreeMap::from([("platform".to_owned(), PLATFORMS[pool.platform].to_owned())]),
-                        azure_pool: None,
                         capabilities: BTreeMap::new(),
                     },
                     backend: BackendBinding {
