@@ -19,6 +19,7 @@ pub mod aws;
 pub mod azure_pipelines;
 pub mod fake;
 pub mod forgejo;
+pub mod github;
 pub mod hcloud;
 pub(crate) mod http;
 pub mod incus;

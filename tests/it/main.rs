@@ -14,6 +14,7 @@ mod deploy;
 mod fake;
 mod fakes;
 mod forgejo;
+mod github;
 mod hcloud;
 mod incus;
 mod metrics;
