@@ -262,6 +262,15 @@ impl Desired {
     pub fn pool(&self, name: &PoolName) -> Option<&PoolSpec> {
         self.pools.iter().find(|pool| &pool.name == name)
     }
+
+    /// Every secret the config holds: each CI source's and backend's ([`CiKind::secrets`],
+    /// [`BackendKind::secrets`]) and each pool's `secret_env`. What [`crate::redact::Redactor`] takes out of text.
+    pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        let ci = self.ci.values().flat_map(|source| source.kind.secrets());
+        let backends = self.backends.values().flat_map(|backend| backend.kind.secrets());
+        let pools = self.pools.iter().flat_map(|pool| pool.agent.secret_env.values());
+        ci.chain(backends).chain(pools)
+    }
 }
 
 /// A CI server ciscale reads the queue from and registers agents with.
@@ -301,6 +310,18 @@ pub struct FakeSpec {
 }
 
 impl CiKind {
+    /// The source's own credentials. Exhaustive on purpose (no `_` arm): a new kind must say what its secrets
+    /// are, or nothing would redact them.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        match self {
+            CiKind::Woodpecker { token, server: _, grpc_address: _ } => vec![token],
+            CiKind::AzurePipelines { pat, agent_pat, organization_url: _ } => {
+                std::iter::once(pat).chain(agent_pat.as_ref()).collect()
+            }
+            CiKind::Fake(_) => Vec::new(),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             CiKind::Woodpecker { .. } => "woodpecker",
@@ -387,6 +408,17 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// The backend's own credentials; exhaustive like [`CiKind::secrets`]. EC2 takes its credentials from the
+    /// environment's chain (never from the config), Incus from its socket's permissions.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        match self {
+            BackendKind::Hcloud { token, endpoint: _ } => vec![token],
+            BackendKind::Aws { region: _, endpoint: _ } => Vec::new(),
+            BackendKind::Incus { socket: _, project: _ } => Vec::new(),
+            BackendKind::Fake(_) => Vec::new(),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             BackendKind::Hcloud { .. } => "hcloud",

@@ -70,6 +70,8 @@ pub async fn observe(desired: &Desired, providers: &Providers, observed_at: Time
     }
 
     let mut observed = Observed { observed_at, ..Observed::default() };
+    // Provider errors can echo what they were sent: no observation error leaves here with a secret in it.
+    let redactor = crate::redact::Redactor::from_desired(desired);
     // Every call is waited for, so every failing provider is reported, not only the first to fail.
     let mut failures = Vec::new();
     while let Some(joined) = calls.join_next().await {
@@ -88,11 +90,13 @@ pub async fn observe(desired: &Desired, providers: &Providers, observed_at: Time
             Part::Backend(name, Ok(observation)) => {
                 observed.backends.insert(name, observation);
             }
-            Part::Backend(name, Err(source)) => failures.push(ObserveError::Backend { name, source }),
+            Part::Backend(name, Err(source)) => {
+                failures.push(ObserveError::Backend { name, source: source.redacted(&redactor) })
+            }
             Part::Ci(name, Ok(observation)) => {
                 observed.ci.insert(name, observation);
             }
-            Part::Ci(name, Err(source)) => failures.push(ObserveError::Ci { name, source }),
+            Part::Ci(name, Err(source)) => failures.push(ObserveError::Ci { name, source: source.redacted(&redactor) }),
         }
     }
     if failures.len() > 1 {

@@ -1,6 +1,7 @@
-//! The cloud-init user data that turns a fresh cloud server (Hetzner, EC2) into a CI agent: install Docker if the
-//! image lacks it, block the cloud metadata endpoint for containers, and run the agent container from the env file
-//! [`super::bootstrap_env`] wrote.
+//! The cloud-init user data that turns a fresh cloud server (Hetzner, EC2) into a CI agent, for CI sources whose
+//! launch is an agent container ([`crate::providers::CloudLaunch::Docker`]; the image is the pool's or the CI's
+//! default): install Docker if the image lacks it, block the cloud metadata endpoint for containers, and run the
+//! agent container from the env file [`super::agent_env_file`] wrote.
 //!
 //! Quoting is by construction, not by escaping: the document is serialised as YAML by a YAML serialiser, the env
 //! values reach Docker through `--env-file` (which takes everything after the first `=` literally, so spaces,
@@ -13,8 +14,9 @@ use serde::Serialize;
 
 use crate::model::Secret;
 
-/// The agent image when a pool names none.
-pub const DEFAULT_AGENT_IMAGE: &str = "woodpeckerci/woodpecker-agent:latest";
+/// The image [`cloud_init`] runs when given none: Woodpecker's. Apply never relies on it: it passes the pool's
+/// `agent.image` or the default of the pool's CI source ([`crate::providers::CloudLaunch::Docker`]).
+pub const DEFAULT_AGENT_IMAGE: &str = crate::providers::woodpecker::AGENT_IMAGE;
 /// Where the env file is written on the server (removed after `docker run`).
 pub const AGENT_ENV_PATH: &str = "/etc/ciscale/agent.env";
 /// The name of the agent container.

@@ -23,11 +23,11 @@ use crate::model::{
 };
 use crate::plan::{Action, AgentTarget, Change, InstanceTarget};
 use crate::providers::{
-    AgentCredential, Backend, CiSource, CreateInstance, Error, Exec, ListInstances, Providers, PushFile, RegisterAgent,
+    AgentCredential, Backend, CiSource, CloudLaunch, CreateInstance, Error, Exec, ListInstances, Providers, PushFile, RegisterAgent,
     Result,
 };
 
-use super::bootstrap::{bootstrap_env, AGENT_COMMAND, CREDENTIAL_MODE, CREDENTIAL_PATH};
+use super::bootstrap::{agent_env_file, bootstrap_env, AGENT_COMMAND, CREDENTIAL_MODE, CREDENTIAL_PATH};
 use super::cloud_init::cloud_init;
 use super::retry::{is_retryable, with_retries};
 use super::{ApplyOptions, Event, Outcome, Redactor};
@@ -181,16 +181,18 @@ impl<'run> ChangeRun<'run> {
                 credential
             }
         };
-        let env_file = bootstrap_env(&pool.agent, &credential).map_err(|e| self.fail("write credential", e))?;
-
         let capabilities = backend.capabilities();
-        // Containers get the credential as a file once running; clouds only through user data, as cloud-init
-        // that runs the agent container.
-        let user_data = if capabilities.exec {
-            None
+        let launch = ci.capabilities().launch;
+        // Containers get the credential as a file once running, read by the image's wrapper; clouds only through
+        // user data, which runs the CI's own agent as the source's launch says (with the token under the name
+        // that agent reads).
+        let env_file = if capabilities.exec {
+            bootstrap_env(&pool.agent, &credential)
         } else {
-            Some(cloud_init(pool.agent.image.as_deref(), &env_file).map_err(|e| self.fail("write user data", e))?)
-        };
+            agent_env_file(&pool.agent, &credential, launch.token_env)
+        }
+        .map_err(|e| self.fail("write credential", e))?;
+        let user_data = if capabilities.exec { None } else { Some(self.cloud_user_data(pool, &ci, &env_file)?) };
         let mut labels = self.instance_labels(pool)?;
         // The link from the instance to its agent record, for when the agent is not named after it (a
         // pre-registered agent): an orphaned instance is then never deleted under a busy agent.
@@ -257,6 +259,27 @@ impl<'run> ChangeRun<'run> {
                 .map_err(|e| self.failed("undrain agent", &e))?;
         }
         Ok(())
+    }
+
+    /// The user data of a cloud server for the pool's CI: the agent container (the pool's image, else the CI's
+    /// default), or the source's own user data ([`CloudLaunch::OwnUserData`]).
+    fn cloud_user_data(&self, pool: &PoolSpec, ci: &Arc<dyn CiSource>, env_file: &Secret) -> Result<Secret, StepFailure> {
+        const STEP: &str = "write user data";
+        match ci.capabilities().launch.cloud {
+            CloudLaunch::Docker { default_image, needs } => {
+                let Some(image) = pool.agent.image.as_deref().or(default_image) else {
+                    return Err(self.fail(
+                        STEP,
+                        format!(
+                            "pool `{}` names no `agent.image` and ci source `{}` has no default for cloud servers\nhint: {needs}",
+                            pool.name, pool.ci.source
+                        ),
+                    ));
+                };
+                cloud_init(Some(image), env_file).map_err(|e| self.fail(STEP, e))
+            }
+            CloudLaunch::OwnUserData => ci.cloud_user_data(env_file).map_err(|e| self.failed(STEP, &e)),
+        }
     }
 
     /// Finds the instance named `name` among those this config owns; one with that name that it does not own is

@@ -21,7 +21,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::model::{BackendKind, CiKind, Desired};
+use crate::model::Desired;
+pub(crate) use crate::redact::Redactor;
 use crate::plan::{Change, Plan};
 use crate::providers::Providers;
 
@@ -283,51 +284,4 @@ fn same_target_groups(changes: &[Change]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = groups.into_iter().map(|(_, members)| members).collect();
     groups.sort_by_key(|members| members.first().copied());
     groups
-}
-
-/// Replaces every known secret value in a text with `***`: provider errors can echo what they were sent.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Redactor {
-    secrets: Vec<String>,
-}
-
-impl Redactor {
-    fn from_desired(desired: &Desired) -> Self {
-        let mut redactor = Self::default();
-        for source in desired.ci.values() {
-            match &source.kind {
-                CiKind::Woodpecker { token, .. } => redactor.add(token.expose()),
-                CiKind::AzurePipelines { pat, agent_pat, .. } => {
-                    redactor.add(pat.expose());
-                    if let Some(agent_pat) = agent_pat {
-                        redactor.add(agent_pat.expose());
-                    }
-                }
-                CiKind::Fake(_) => {}
-            }
-        }
-        for backend in desired.backends.values() {
-            if let BackendKind::Hcloud { token, .. } = &backend.kind {
-                redactor.add(token.expose());
-            }
-        }
-        for pool in &desired.pools {
-            for secret in pool.agent.secret_env.values() {
-                redactor.add(secret.expose());
-            }
-        }
-        redactor
-    }
-
-    pub(crate) fn add(&mut self, secret: &str) {
-        if !secret.is_empty() && !self.secrets.iter().any(|known| known == secret) {
-            self.secrets.push(secret.to_owned());
-            // Longest first, so a secret containing another is replaced whole.
-            self.secrets.sort_by_key(|known| std::cmp::Reverse(known.len()));
-        }
-    }
-
-    pub(crate) fn redact(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_owned(), |text, secret| text.replace(secret.as_str(), "***"))
-    }
 }

@@ -923,29 +923,35 @@ impl Validator<'_> {
         );
         let agent = raw.agent.clone().unwrap_or_default();
         let preregistered = self.preregistered(pointer, &place, &agent, &mode, scale.as_ref());
-        // Cloud backends boot `agent.image` from cloud-init, and its default is Woodpecker's agent: an Azure
-        // Pipelines pool there must name its own until CI sources carry their own launch defaults.
-        let azure_source = matches!(
-            ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind),
-            Some(CiKind::AzurePipelines { .. })
-        );
+        // Cloud backends boot the agent from cloud-init, as the CI source's launch says: an agent container (the
+        // pool's `agent.image`, else the source's default) or user data the source writes itself. A source
+        // without a default image (Azure: Microsoft publishes none) needs the pool to name one.
+        let launch = ci
+            .get(&CiName::new(raw.ci.source.clone()))
+            .map(|source| crate::providers::ci_capabilities(&source.kind).launch);
+        let needs_image = match launch.map(|launch| launch.cloud) {
+            Some(crate::providers::CloudLaunch::Docker { default_image: None, needs }) => Some(needs),
+            _ => None,
+        };
         let cloud = backends
             .get(&BackendName::new(raw.backend.name.clone()))
             .filter(|backend| matches!(backend.kind, BackendKind::Hcloud { .. } | BackendKind::Aws { .. }));
-        if let Some(cloud) = cloud.filter(|_| azure_source && agent.image.is_none() && matches!(mode, InstanceMode::Create)) {
+        if let (Some(cloud), Some(needs), Some(launch)) = (
+            cloud.filter(|_| agent.image.is_none() && matches!(mode, InstanceMode::Create)),
+            needs_image,
+            launch,
+        ) {
             let span = self.key_span(&format!("{pointer}/agent")).or_else(|| self.value_span(&format!("{pointer}/name")));
             self.problems.push(
                 span,
                 format!(
-                    "{place} runs Azure Pipelines agents on backend `{}` ({}) but sets no `agent.image`",
+                    "{place} runs {} agents on backend `{}` ({}) but sets no `agent.image`, and the ci source has \
+                     no default agent image for cloud servers",
+                    launch.agent,
                     raw.backend.name,
                     cloud.kind.name()
                 ),
-                Some(
-                    "the default agent image is Woodpecker's: set `agent.image` to an Azure Pipelines agent container \
-                     image that registers itself from `AZP_URL`, `AZP_POOL`, `AZP_AGENT_NAME` and its token"
-                        .to_owned(),
-                ),
+                Some(needs.to_owned()),
             );
             ok = false;
         }

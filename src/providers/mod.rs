@@ -26,7 +26,7 @@ pub mod incus;
 mod registry;
 pub mod woodpecker;
 
-pub use registry::connect;
+pub use registry::{ci_capabilities, connect};
 
 /// Every way a provider call can fail, in the terms retries and fallbacks decide on.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,37 @@ pub enum Error {
     Other { provider: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
+/// The text of an error whose own text held a secret, with the secret taken out (see [`Error::redacted`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RedactedError(pub String);
+
 impl Error {
+    /// The same error with every secret `redactor` knows taken out of its texts. The variant, and so every retry
+    /// and fallback decision, stays; an [`Error::Other`] whose cause chain held a secret gets that chain as one
+    /// redacted text instead.
+    pub fn redacted(self, redactor: &crate::redact::Redactor) -> Error {
+        let clean = |text: String| redactor.redact(&text);
+        match self {
+            Error::NotFound { what } => Error::NotFound { what: clean(what) },
+            Error::AlreadyExists { what } => Error::AlreadyExists { what: clean(what) },
+            Error::RateLimited { provider, retry_after } => Error::RateLimited { provider, retry_after },
+            Error::Unauthenticated { provider, message } => Error::Unauthenticated { provider, message: clean(message) },
+            Error::Capacity { provider, message } => Error::Capacity { provider, message: clean(message) },
+            Error::Unavailable { provider, message } => Error::Unavailable { provider, message: clean(message) },
+            Error::Invalid { provider, message } => Error::Invalid { provider, message: clean(message) },
+            Error::Unsupported { provider, operation } => Error::Unsupported { provider, operation },
+            Error::Other { provider, source } => {
+                let chain = http::error_chain(source.as_ref());
+                if redactor.leaks(&chain) {
+                    Error::Other { provider, source: Box::new(RedactedError(redactor.redact(&chain))) }
+                } else {
+                    Error::Other { provider, source }
+                }
+            }
+        }
+    }
+
     /// Worth trying again later (the same request may succeed).
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::RateLimited { .. } | Error::Unavailable { .. } | Error::Capacity { .. })
@@ -181,23 +211,70 @@ pub struct RegisterAgent {
     pub for_job: Option<String>,
 }
 
-/// What a CI source can do beyond the required set. The planner and apply decide on these, never on the kind.
+/// What a CI source can do beyond the required set, and how its agent is launched. The planner, config
+/// validation and apply decide on these, never on the kind. Each room declares its own as a constant
+/// (`CAPABILITIES`), which [`ci_capabilities`] finds for a config's kind and [`CiSource::capabilities`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CiCapabilities {
     /// `drain`/`undrain` work: the CI can be told to hand an agent no new jobs (Woodpecker `no_schedule`, Azure
     /// disabled). Without it they return [`Error::Unsupported`], and an agent is only removed when it is idle.
     pub drain: bool,
+    /// `register` hands every agent a credential of its own, which deregistering it revokes (Woodpecker, Forgejo).
+    /// Without it every agent gets the same shared credential (Azure: a PAT), which a machine keeps until it goes.
+    pub per_agent_credentials: bool,
     /// Every agent runs one job and is then gone: the CI removes its record (Forgejo ephemeral runners), so a
     /// finished agent is replaced rather than reused.
     pub single_job: bool,
     /// `register` can bind the new agent to one queued job ([`RegisterAgent::for_job`]): the CI hands that
     /// agent that job and no other, so demand is met by one agent per waiting job.
     pub job_bound: bool,
+    /// How the agent is started on an instance when the pool says nothing more.
+    pub launch: Launch,
 }
 
 impl CiCapabilities {
-    /// What Woodpecker and Azure Pipelines agents are: long-lived, drainable, taking any matching job.
-    pub const LONG_LIVED: CiCapabilities = CiCapabilities { drain: true, single_job: false, job_bound: false };
+    /// Long-lived, drainable agents that take any matching job, each with its own credential, launched as a
+    /// container image the pool names: what a source that declares nothing else gets.
+    pub const LONG_LIVED: CiCapabilities = CiCapabilities {
+        drain: true,
+        per_agent_credentials: true,
+        single_job: false,
+        job_bound: false,
+        launch: Launch {
+            agent: "CI",
+            token_env: None,
+            cloud: CloudLaunch::Docker { default_image: None, needs: "an image that runs the CI's agent from its env" },
+        },
+    };
+}
+
+/// How a CI source's agent starts on an instance.
+///
+/// In a container instance (a backend with [`Capabilities::exec`], Incus) it is the same for every CI: the image
+/// (made by `ciscale provision` with the CI's provisioning script) holds `/usr/local/bin/ciscale-agent`, which
+/// apply execs after pushing the credential as a 0400 env file; the wrapper turns that file into whatever the
+/// CI's agent reads. On a cloud server (Hetzner, EC2) the user data does it all, as [`CloudLaunch`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    /// The agent's name for messages: `Woodpecker`, `Azure Pipelines`, `Forgejo runner`.
+    pub agent: &'static str,
+    /// The variable the CI's own agent reads its credential from (`WOODPECKER_AGENT_SECRET`, `AZP_TOKEN`):
+    /// a cloud server runs the CI's stock agent, with no ciscale wrapper to translate, so the env file carries
+    /// the token under this name too. `None`: only the name the credential announces (`CISCALE_AGENT_TOKEN_ENV`).
+    pub token_env: Option<&'static str>,
+    pub cloud: CloudLaunch,
+}
+
+/// What a cloud server's user data runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudLaunch {
+    /// cloud-init installs Docker and runs an agent container with the credential as its env file
+    /// (`apply::cloud_init`). The pool's `agent.image`, else `default_image`; with neither a pool cannot run on a
+    /// cloud, and `needs` says what its image must do.
+    Docker { default_image: Option<&'static str>, needs: &'static str },
+    /// The source writes the whole user data itself ([`CiSource::cloud_user_data`]): Forgejo downloads a pinned
+    /// runner release, checked by its SHA-256, and runs one job as an unprivileged user.
+    OwnUserData,
 }
 
 /// A CI server: where the queue is read and agents are registered.
@@ -213,6 +290,11 @@ pub trait CiSource: Send + Sync + Debug {
     fn kind(&self) -> &'static str;
     fn capabilities(&self) -> CiCapabilities {
         CiCapabilities::LONG_LIVED
+    }
+    /// The user data of a cloud server that runs one agent with the env file `env_file` (the credential as
+    /// apply writes it), for a source whose launch is [`CloudLaunch::OwnUserData`].
+    fn cloud_user_data(&self, _env_file: &Secret) -> Result<Secret> {
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "cloud_user_data" })
     }
     async fn observe(&self) -> Result<CiObservation>;
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential>;

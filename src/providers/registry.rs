@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::fake::FakeWorld;
-use super::{Backend, CiSource, Providers, Result};
+use super::{Backend, CiCapabilities, CiSource, Providers, Result};
 use crate::model::{BackendKind, CiKind, Desired, FakeSpec};
 
 /// Connects to every provider the config names. No network call is made here: the first call is the first
@@ -80,4 +80,15 @@ fn fake_specs(desired: &Desired) -> impl Iterator<Item = &FakeSpec> {
         _ => None,
     });
     backends.chain(ci)
+}
+
+/// What a configured CI source can do and how its agents launch, known from the config alone (the planner and
+/// config validation have no live source): each room's own `CAPABILITIES`, which its [`CiSource::capabilities`]
+/// also returns.
+pub fn ci_capabilities(kind: &CiKind) -> CiCapabilities {
+    match kind {
+        CiKind::Woodpecker { .. } => super::woodpecker::CAPABILITIES,
+        CiKind::AzurePipelines { .. } => super::azure_pipelines::CAPABILITIES,
+        CiKind::Fake(_) => super::fake::CI_CAPABILITIES,
+    }
 }

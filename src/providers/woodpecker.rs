@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use super::http::{self, retry_after, ErrorAnswer};
-use super::{AgentCredential, CiSource, Error, RegisterAgent, Result};
+use super::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
 
 const PROVIDER: &str = "woodpecker";
@@ -32,6 +32,25 @@ pub const DEFAULT_GRPC_PORT: u16 = 9000;
 pub const SERVER_ENV: &str = "WOODPECKER_SERVER";
 pub const LABELS_ENV: &str = "WOODPECKER_AGENT_LABELS";
 pub const SECRET_ENV: &str = "WOODPECKER_AGENT_SECRET";
+/// The agent image a cloud server runs when the pool names none.
+pub const AGENT_IMAGE: &str = "woodpeckerci/woodpecker-agent:latest";
+
+/// Long-lived, drainable agents (`no_schedule`), each with the token `POST /api/agents` made for it; on a cloud
+/// server the stock agent image, which reads `WOODPECKER_SERVER`, `WOODPECKER_AGENT_SECRET` and the labels.
+pub const CAPABILITIES: CiCapabilities = CiCapabilities {
+    drain: true,
+    per_agent_credentials: true,
+    single_job: false,
+    job_bound: false,
+    launch: Launch {
+        agent: "Woodpecker",
+        token_env: Some(SECRET_ENV),
+        cloud: CloudLaunch::Docker {
+            default_image: Some(AGENT_IMAGE),
+            needs: "a Woodpecker agent image (it reads `WOODPECKER_SERVER` and `WOODPECKER_AGENT_SECRET`)",
+        },
+    },
+};
 
 /// Connect and total timeouts of every request.
 #[derive(Debug, Clone, Copy)]
@@ -223,6 +242,10 @@ impl Woodpecker {
 
 #[async_trait]
 impl CiSource for Woodpecker {
+    fn capabilities(&self) -> CiCapabilities {
+        CAPABILITIES
+    }
+
     fn kind(&self) -> &'static str {
         PROVIDER
     }

@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 use super::CycleReport;
 use crate::model::{AgentId, BackendObservation, CiObservation, Instance, InstanceId, InstanceState};
 use crate::providers::{
-    AgentCredential, Backend, Capabilities, CiSource, CreateInstance, Error, Exec, ExecOutput, ListInstances, Providers,
+    AgentCredential, Backend, Capabilities, CiCapabilities, CiSource, CreateInstance, Error, Exec, ExecOutput, ListInstances, Providers,
     PushFile, RegisterAgent, Result,
 };
 
@@ -412,6 +412,12 @@ impl CountedCi {
 impl CiSource for CountedCi {
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+    fn capabilities(&self) -> CiCapabilities {
+        self.inner.capabilities()
+    }
+    fn cloud_user_data(&self, env_file: &crate::model::Secret) -> Result<crate::model::Secret> {
+        self.inner.cloud_user_data(env_file)
     }
     async fn observe(&self) -> Result<CiObservation> {
         let result = self.inner.observe().await;

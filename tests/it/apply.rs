@@ -259,6 +259,97 @@ async fn without_exec_the_credential_goes_into_user_data() {
     assert!(snapshot.execs.is_empty());
 }
 
+/// The fake CI declaring another CI's capabilities (its launch above all), and optionally writing its own user data.
+#[derive(Debug)]
+struct Declaring {
+    inner: ciscale::providers::fake::FakeCi,
+    capabilities: ciscale::providers::CiCapabilities,
+}
+
+#[async_trait::async_trait]
+impl CiSource for Declaring {
+    fn kind(&self) -> &'static str {
+        "declaring"
+    }
+    fn capabilities(&self) -> ciscale::providers::CiCapabilities {
+        self.capabilities
+    }
+    fn cloud_user_data(&self, env_file: &Secret) -> ciscale::providers::Result<Secret> {
+        Ok(Secret::new(format!("#own-user-data\n{}", env_file.expose())))
+    }
+    async fn observe(&self) -> ciscale::providers::Result<ciscale::model::CiObservation> {
+        self.inner.observe().await
+    }
+    async fn register(
+        &self,
+        request: &ciscale::providers::RegisterAgent,
+    ) -> ciscale::providers::Result<AgentCredential> {
+        self.inner.register(request).await
+    }
+    async fn drain(&self, id: &AgentId) -> ciscale::providers::Result<()> {
+        self.inner.drain(id).await
+    }
+    async fn undrain(&self, id: &AgentId) -> ciscale::providers::Result<()> {
+        self.inner.undrain(id).await
+    }
+    async fn deregister(&self, id: &AgentId) -> ciscale::providers::Result<()> {
+        self.inner.deregister(id).await
+    }
+}
+
+/// On a cloud server the agent is what the pool's CI launches: an Azure pool boots its own image with the PAT as
+/// `AZP_TOKEN` (and without an image is refused before anything is created), a Woodpecker pool without an image
+/// boots Woodpecker's agent, and a source that writes its own user data (Forgejo) has it used as it is.
+#[tokio::test]
+async fn a_cloud_server_boots_the_agent_its_ci_launches() {
+    use ciscale::providers::{azure_pipelines, forgejo, woodpecker};
+    let boot = |capabilities, image: Option<&str>| {
+        let world = FakeWorld::new();
+        world.set_exec_capability(false);
+        let mut desired = desired();
+        desired.pools[0].agent.image = image.map(str::to_owned);
+        let mut providers = providers(&world);
+        providers.ci.insert(CiName::new("ci"), Arc::new(Declaring { inner: world.ci(), capabilities }));
+        async move {
+            let report = run(&plan(vec![create("linux-1")]), &desired, &providers).await;
+            (world, report)
+        }
+    };
+    let with_token_as = |name: &str| {
+        let mut lines: Vec<String> = FIRST_AGENT_ENV.lines().map(str::to_owned).collect();
+        lines.push(format!("{name}=fake-token-1-1"));
+        lines.sort();
+        lines.iter().map(|line| format!("{line}\n")).collect::<String>()
+    };
+    let user_data_sha = |world: &FakeWorld| world.snapshot().instances[0].user_data_sha256.clone();
+
+    let (world, report) = boot(azure_pipelines::CAPABILITIES, Some("acme/azp-agent:4")).await;
+    assert_eq!(outcomes(&report), [&Outcome::Done]);
+    let expected = ciscale::apply::cloud_init(Some("acme/azp-agent:4"), &Secret::new(with_token_as("AZP_TOKEN")))
+        .expect("cloud-init");
+    assert_eq!(user_data_sha(&world), Some(sha256_hex(expected.expose().as_bytes())));
+
+    let (world, report) = boot(azure_pipelines::CAPABILITIES, None).await;
+    let [Outcome::Failed { step, error }] = outcomes(&report)[..] else { panic!("{report:?}") };
+    assert_eq!(step, "write user data");
+    assert!(error.contains("names no `agent.image`") && error.contains("AZP_TOKEN"), "{error}");
+    assert!(world.snapshot().instances.is_empty());
+
+    let (world, report) = boot(woodpecker::CAPABILITIES, None).await;
+    assert_eq!(outcomes(&report), [&Outcome::Done]);
+    let expected = ciscale::apply::cloud_init(
+        Some("woodpeckerci/woodpecker-agent:latest"),
+        &Secret::new(with_token_as("WOODPECKER_AGENT_SECRET")),
+    )
+    .expect("cloud-init");
+    assert_eq!(user_data_sha(&world), Some(sha256_hex(expected.expose().as_bytes())));
+
+    let (world, report) = boot(forgejo::CAPABILITIES, Some("ignored/image")).await;
+    assert_eq!(outcomes(&report), [&Outcome::Done]);
+    let own = format!("#own-user-data\n{}", with_token_as("FORGEJO_RUNNER_TOKEN"));
+    assert_eq!(user_data_sha(&world), Some(sha256_hex(own.as_bytes())));
+}
+
 #[tokio::test]
 async fn an_ephemeral_pool_registers_ephemeral_agents() {
     let world = FakeWorld::new();
@@ -779,6 +870,178 @@ async fn secrets_never_reach_outcomes_progress_or_logs() {
     for text in texts {
         assert!(!text.contains(SECRET), "secret_env leaked: {text}");
         assert!(!text.contains("fake-token-"), "an agent token leaked: {text}");
+    }
+}
+
+/// Every provider kind with a token of its own (each recognisable), for the redaction test. The `match`es have no
+/// `_` arm: adding a kind breaks this until its secrets are listed here too.
+fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>) {
+    let ci = vec![
+        CiKind::Woodpecker {
+            server: "http://woodpecker.invalid".to_owned(),
+            token: Secret::new("tok-WOODPECKER-api"),
+            grpc_address: None,
+        },
+        CiKind::AzurePipelines {
+            organization_url: "https://dev.azure.invalid/acme".to_owned(),
+            pat: Secret::new("tok-AZURE-pat"),
+            agent_pat: Some(Secret::new("tok-AZURE-agent-pat")),
+        },
+        CiKind::Fake(FakeSpec::default()),
+    ];
+    let backends = vec![
+        BackendKind::Hcloud { token: Secret::new("tok-HCLOUD-api"), endpoint: None },
+        BackendKind::Aws { region: None, endpoint: None },
+        BackendKind::Incus { socket: None, project: None },
+        BackendKind::Fake(FakeSpec::default()),
+    ];
+    let mut tokens = Vec::new();
+    for kind in &ci {
+        match kind {
+            CiKind::Woodpecker { .. } => tokens.push("tok-WOODPECKER-api"),
+            CiKind::AzurePipelines { .. } => tokens.extend(["tok-AZURE-pat", "tok-AZURE-agent-pat"]),
+            CiKind::Fake(_) => {}
+        }
+    }
+    for kind in &backends {
+        match kind {
+            BackendKind::Hcloud { .. } => tokens.push("tok-HCLOUD-api"),
+            BackendKind::Aws { .. } | BackendKind::Incus { .. } | BackendKind::Fake(_) => {}
+        }
+    }
+    (ci, backends, tokens)
+}
+
+/// A provider that answers every call with an error quoting every secret it could have been sent.
+#[derive(Debug)]
+struct Leaky(String);
+
+impl Leaky {
+    fn error(&self, extra: &str) -> Error {
+        let echoed = format!("server said: {} {extra}", self.0);
+        Error::Other { provider: "leaky".to_owned(), source: Box::new(std::io::Error::other(echoed)) }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Leaky {
+    fn kind(&self) -> &'static str {
+        "leaky"
+    }
+    async fn observe(&self, _request: &ListInstances) -> ciscale::providers::Result<BackendObservation> {
+        Err(Error::Unauthenticated { provider: "leaky".to_owned(), message: self.0.clone() })
+    }
+    async fn create(&self, request: &CreateInstance) -> ciscale::providers::Result<Instance> {
+        Err(self.error(request.user_data.as_ref().map(Secret::expose).unwrap_or_default()))
+    }
+    async fn get(&self, _id: &InstanceId) -> ciscale::providers::Result<Instance> {
+        Err(self.error(""))
+    }
+    async fn start(&self, _id: &InstanceId) -> ciscale::providers::Result<()> {
+        Err(self.error(""))
+    }
+    async fn stop(&self, _id: &InstanceId) -> ciscale::providers::Result<()> {
+        Err(self.error(""))
+    }
+    async fn delete(&self, _id: &InstanceId) -> ciscale::providers::Result<()> {
+        Err(self.error(""))
+    }
+}
+
+#[async_trait::async_trait]
+impl CiSource for Leaky {
+    fn kind(&self) -> &'static str {
+        "leaky"
+    }
+    async fn observe(&self) -> ciscale::providers::Result<ciscale::model::CiObservation> {
+        Err(self.error(""))
+    }
+    async fn register(
+        &self,
+        _request: &ciscale::providers::RegisterAgent,
+    ) -> ciscale::providers::Result<AgentCredential> {
+        Err(Error::Invalid { provider: "leaky".to_owned(), message: self.0.clone() })
+    }
+    async fn drain(&self, _id: &AgentId) -> ciscale::providers::Result<()> {
+        Err(self.error(""))
+    }
+    async fn undrain(&self, _id: &AgentId) -> ciscale::providers::Result<()> {
+        Err(self.error(""))
+    }
+    async fn deregister(&self, _id: &AgentId) -> ciscale::providers::Result<()> {
+        Err(self.error(""))
+    }
+}
+
+/// Every secret of every provider kind, the pools' `secret_env` and the agents' fresh tokens, echoed back by
+/// providers that fail: none reaches the observation error `plan`/`apply`/`watch` show, the apply outcomes, the
+/// watch cycle report or the log.
+#[tokio::test]
+async fn a_token_of_every_provider_kind_never_reaches_plan_apply_watch_or_logs() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (ci_kinds, backend_kinds, tokens) = every_kind_with_tokens();
+    let mut desired = desired();
+    for (index, kind) in ci_kinds.into_iter().enumerate() {
+        desired.ci.insert(CiName::new(format!("ci-{index}")), CiSourceSpec { kind });
+    }
+    for (index, kind) in backend_kinds.into_iter().enumerate() {
+        let spec = BackendSpec { kind, billing: Billing::PerSecond, create_limit: None };
+        desired.backends.insert(BackendName::new(format!("be-{index}")), spec);
+    }
+    let everything = format!("{} {SECRET}", tokens.join(" "));
+    let world = FakeWorld::new();
+    let leaky = Arc::new(Leaky(everything.clone()));
+    let mut providers = providers(&world);
+    for name in desired.ci.keys().filter(|name| name.as_str() != "ci") {
+        providers.ci.insert(name.clone(), leaky.clone());
+    }
+    for name in desired.backends.keys().filter(|name| name.as_str() != "fake") {
+        providers.backends.insert(name.clone(), leaky.clone());
+    }
+
+    // The observation (what `plan`, `apply` and `observe` print when it fails) and a watch cycle.
+    let observe_error = ciscale::observe::observe(&desired, &providers, jiff::Timestamp::now())
+        .await
+        .expect_err("every leaky provider fails");
+    let observe_text = format!("{observe_error} {observe_error:?} {}", {
+        let mut chain = String::new();
+        let mut cause: Option<&dyn std::error::Error> = Some(&observe_error);
+        while let Some(error) = cause {
+            chain.push_str(&error.to_string());
+            cause = error.source();
+        }
+        chain
+    });
+    assert!(observe_text.contains("server said: ***"), "redacted, not dropped: {observe_text}");
+    let (_cancel, cancelled) = watch::channel(false);
+    let mut reports = Vec::new();
+    let watch_options = ciscale::watch::WatchOptions { cycles: Some(1), ..Default::default() };
+    ciscale::watch::run(&desired, &providers, &watch_options, &cancelled, |report| reports.push(format!("{report:?}"))).await;
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].contains("***"), "the cycle failed on the leaky providers: {}", reports[0]);
+
+    // An apply whose create (cloud user data: the agent's fresh token and the secret env) is echoed back.
+    let mut apply_providers = providers_with(leaky.clone(), &world);
+    apply_providers.ci.insert(CiName::new("ci-0"), leaky.clone());
+    let report = apply(&plan(vec![create("linux-1")]), &desired, &apply_providers, &options(), &NoProgress, &cancelled).await;
+    let [Outcome::Failed { step, error }] = outcomes(&report)[..] else { panic!("{report:?}") };
+    assert_eq!(step, "create instance");
+    assert!(error.contains("server said: ***"), "{error}");
+    assert_eq!(world.snapshot().agents.len(), 1, "an agent was registered, with a fresh token (`fake-token-…`)");
+
+    let logged = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+    assert!(logged.contains("create instance"), "the log was captured: {logged}");
+    for text in [observe_text, reports.join("\n"), format!("{report:?}"), logged] {
+        for token in tokens.iter().copied().chain([SECRET, "fake-token-"]) {
+            assert!(!text.contains(token), "`{token}` leaked: {text}");
+        }
     }
 }
 

@@ -42,7 +42,7 @@ use jiff::Timestamp;
 use reqwest::Method;
 
 use crate::model::{AgentId, CiObservation, PoolName, Queue, Secret, EPHEMERAL_LABEL};
-use crate::providers::{AgentCredential, CiSource, Error, RegisterAgent, Result};
+use crate::providers::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 
 mod http;
 mod wire;
@@ -58,6 +58,29 @@ pub const ENV_URL: &str = "AZP_URL";
 pub const ENV_POOL: &str = "AZP_POOL";
 pub const ENV_AGENT_NAME: &str = "AZP_AGENT_NAME";
 pub const ENV_ONCE: &str = "AZP_ONCE";
+/// The variable Microsoft's documented agent container (`start.sh` of "Run a self-hosted agent in Docker") reads
+/// the PAT for `config.sh --token` from.
+pub const ENV_TOKEN: &str = "AZP_TOKEN";
+
+/// Long-lived agents that can be disabled (drain); no per-agent credential (every agent gets the same PAT, see
+/// the module docs). Microsoft publishes no agent container image — its docs have users build one from a
+/// Dockerfile and `start.sh` — so a pool on a cloud server names its own, and the PAT goes in as `AZP_TOKEN`.
+pub const CAPABILITIES: CiCapabilities = CiCapabilities {
+    drain: true,
+    per_agent_credentials: false,
+    single_job: false,
+    job_bound: false,
+    launch: Launch {
+        agent: "Azure Pipelines",
+        token_env: Some(ENV_TOKEN),
+        cloud: CloudLaunch::Docker {
+            default_image: None,
+            needs: "set `agent.image` to an Azure Pipelines agent container image that registers itself from \
+                    `AZP_URL`, `AZP_POOL`, `AZP_AGENT_NAME` and `AZP_TOKEN` (Microsoft's \"Run a self-hosted agent in \
+                    Docker\" Dockerfile and `start.sh` build one)",
+        },
+    },
+};
 /// Every request's timeout unless the settings say otherwise: Azure answers list calls in well under a second;
 /// 30 s covers a slow organization without stalling a watch cycle for long.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -299,6 +322,10 @@ impl AzurePipelines {
 
 #[async_trait]
 impl CiSource for AzurePipelines {
+    fn capabilities(&self) -> CiCapabilities {
+        CAPABILITIES
+    }
+
     fn kind(&self) -> &'static str {
         PROVIDER
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use crate::model::{AgentId, CiObservation, Secret};
-use crate::providers::{AgentCredential, CiSource, Error, RegisterAgent, Result};
+use crate::providers::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 
 use super::state::{sha256_hex, FakeAgent, WorldState};
 use super::{FakeWorld, Op};
@@ -40,10 +40,31 @@ fn issue_token(state: &mut WorldState, agent: &AgentId) -> Secret {
     Secret::new(format!("fake-token-{agent}-{}", state.counters.tokens))
 }
 
+/// Woodpecker-like: long-lived, drainable agents with tokens of their own; on a cloud server Woodpecker's agent
+/// image, so demos and tests on cloud backends boot something real.
+pub const CI_CAPABILITIES: CiCapabilities = CiCapabilities {
+    drain: true,
+    per_agent_credentials: true,
+    single_job: false,
+    job_bound: false,
+    launch: Launch {
+        agent: "fake CI",
+        token_env: None,
+        cloud: CloudLaunch::Docker {
+            default_image: Some(crate::providers::woodpecker::AGENT_IMAGE),
+            needs: "any agent image",
+        },
+    },
+};
+
 #[async_trait]
 impl CiSource for FakeCi {
     fn kind(&self) -> &'static str {
         "fake"
+    }
+
+    fn capabilities(&self) -> CiCapabilities {
+        CI_CAPABILITIES
     }
 
     async fn observe(&self) -> Result<CiObservation> {

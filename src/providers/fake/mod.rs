@@ -30,7 +30,7 @@ mod fault;
 mod state;
 
 pub use backend::FakeBackend;
-pub use ci::FakeCi;
+pub use ci::{FakeCi, CI_CAPABILITIES};
 pub use fault::{Fault, FaultKind, Op};
 pub use state::{
     labels_match, sha256_hex, ArmedFault, Counters, ExecRecord, FakeAgent, FakeInstance, FakeTask, JournalEntry,

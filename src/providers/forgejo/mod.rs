@@ -70,7 +70,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
 use crate::providers::{
-    AgentCredential, CiCapabilities, CiSource, Error, RegisterAgent, Result, TOKEN_ENV_NAME_KEY,
+    AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result, TOKEN_ENV_NAME_KEY,
 };
 
 mod client;
@@ -102,6 +102,21 @@ pub const HANDLE_ENV: &str = "FORGEJO_RUNNER_HANDLE";
 pub const LABELS_ENV: &str = "FORGEJO_RUNNER_LABELS";
 /// The env key the runner's token is written under (named through [`TOKEN_ENV_NAME_KEY`]).
 pub const TOKEN_ENV: &str = "FORGEJO_RUNNER_TOKEN";
+
+/// No drain (the API has none); every runner has its own token (shown once, in the create's answer), serves one
+/// job — the one it was registered for — and is then deleted by Forgejo. On a cloud server the source writes the
+/// user data itself ([`launch::cloud_init`]: the pinned runner release of [`ForgejoSettings::runner_release`]).
+pub const CAPABILITIES: CiCapabilities = CiCapabilities {
+    drain: false,
+    per_agent_credentials: true,
+    single_job: true,
+    job_bound: true,
+    launch: Launch {
+        agent: "Forgejo runner",
+        token_env: Some(TOKEN_ENV),
+        cloud: CloudLaunch::OwnUserData,
+    },
+};
 
 /// Whose jobs and runners: where runners are registered and which jobs they may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +204,9 @@ pub struct ForgejoSettings {
     pub runner_url: Option<String>,
     /// Total timeout of each request.
     pub timeout: Duration,
+    /// The runner a cloud server downloads ([`CiSource::cloud_user_data`]); `None`: pools of this source run in
+    /// containers only (their image has the runner, from `ciscale provision`).
+    pub runner_release: Option<launch::RunnerRelease>,
 }
 
 impl ForgejoSettings {
@@ -199,6 +217,7 @@ impl ForgejoSettings {
             scope,
             runner_url: None,
             timeout: DEFAULT_TIMEOUT,
+            runner_release: None,
         }
     }
 }
@@ -209,6 +228,7 @@ pub struct Forgejo {
     server: String,
     scope: Scope,
     runner_url: String,
+    runner_release: Option<launch::RunnerRelease>,
 }
 
 impl fmt::Debug for Forgejo {
@@ -262,6 +282,7 @@ impl Forgejo {
             server,
             scope: settings.scope,
             runner_url,
+            runner_release: settings.runner_release,
         })
     }
 
@@ -341,11 +362,20 @@ impl CiSource for Forgejo {
     }
 
     fn capabilities(&self) -> CiCapabilities {
-        CiCapabilities {
-            drain: false,
-            single_job: true,
-            job_bound: true,
-        }
+        CAPABILITIES
+    }
+
+    fn cloud_user_data(&self, env_file: &Secret) -> Result<Secret> {
+        let release = self.runner_release.as_ref().ok_or_else(|| Error::Invalid {
+            provider: PROVIDER.to_owned(),
+            message: "a cloud server downloads forgejo-runner, and the source names no `runnerRelease`\nhint: set \
+                      `runnerRelease: {version: 12.10.1, sha256: ...}` (the digest from the release's `.sha256` file)"
+                .to_owned(),
+        })?;
+        launch::cloud_init(release, env_file).map_err(|error| Error::Invalid {
+            provider: PROVIDER.to_owned(),
+            message: error.to_string(),
+        })
     }
 
     async fn observe(&self) -> Result<CiObservation> {
