@@ -294,8 +294,45 @@ pub enum CiKind {
         /// `pat` is handed out (Azure has no per-agent tokens; see `providers::azure_pipelines`).
         agent_pat: Option<Secret>,
     },
+    /// GitHub Actions (github.com or GitHub Enterprise Server); see `providers::github`.
+    Github(GithubSpec),
     /// The in-memory fake (tests, demos, offline trials).
     Fake(FakeSpec),
+}
+
+/// A GitHub Actions source, as the config gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GithubSpec {
+    /// The API root; `None`: `https://api.github.com` (GitHub Enterprise Server: `https://HOST/api/v3`).
+    pub endpoint: Option<String>,
+    pub scope: GithubScope,
+    pub auth: GithubAuth,
+    /// The runner group new runners join (organisation and enterprise scopes), by name or number; `None`: the
+    /// default group.
+    pub runner_group: Option<String>,
+    /// The repositories whose queues are read (`owner/name`); `None`: the scope's own (see `providers::github`).
+    pub repositories: Option<Vec<String>>,
+    /// Quiet repositories polled per cycle (a rotation, for large organisations); `None`: all of them.
+    pub repositories_per_cycle: Option<u32>,
+}
+
+/// Where a GitHub source's runners are registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GithubScope {
+    /// `owner/name`.
+    Repository(String),
+    Organization(String),
+    Enterprise(String),
+}
+
+/// How a GitHub source authenticates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GithubAuth {
+    /// A GitHub App installation: the app's id (or client id), the installation's id and the app's private key
+    /// (PEM).
+    App { app_id: String, installation_id: u64, private_key: Secret },
+    /// A personal access token (fine-grained or classic).
+    Token(Secret),
 }
 
 /// Settings of the in-memory fake world shared by the fake backend and the fake CI.
@@ -318,6 +355,17 @@ impl CiKind {
             CiKind::AzurePipelines { pat, agent_pat, organization_url: _ } => {
                 std::iter::once(pat).chain(agent_pat.as_ref()).collect()
             }
+            CiKind::Github(GithubSpec {
+                auth,
+                endpoint: _,
+                scope: _,
+                runner_group: _,
+                repositories: _,
+                repositories_per_cycle: _,
+            }) => match auth {
+                GithubAuth::App { private_key, app_id: _, installation_id: _ } => vec![private_key],
+                GithubAuth::Token(token) => vec![token],
+            },
             CiKind::Fake(_) => Vec::new(),
         }
     }
@@ -326,6 +374,7 @@ impl CiKind {
         match self {
             CiKind::Woodpecker { .. } => "woodpecker",
             CiKind::AzurePipelines { .. } => "azure-pipelines",
+            CiKind::Github(_) => "github",
             CiKind::Fake(_) => "fake",
         }
     }

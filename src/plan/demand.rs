@@ -12,6 +12,8 @@ use crate::model::{CiKind, CiName, Desired, Observed, PoolSpec, Task};
 enum MatchRule {
     Woodpecker,
     Azure,
+    /// GitHub Actions: every `runs-on` label among the pool's runner labels, ignoring case.
+    Github,
     Both,
 }
 
@@ -19,6 +21,7 @@ fn match_rule(desired: &Desired, source: &CiName) -> MatchRule {
     match desired.ci.get(source).map(|spec| &spec.kind) {
         Some(CiKind::Woodpecker { .. }) => MatchRule::Woodpecker,
         Some(CiKind::AzurePipelines { .. }) => MatchRule::Azure,
+        Some(CiKind::Github(_)) => MatchRule::Github,
         Some(CiKind::Fake(_)) | None => MatchRule::Both,
     }
 }
@@ -28,6 +31,11 @@ fn pool_matches(rule: MatchRule, pool: &PoolSpec, labels: &BTreeMap<String, Stri
         MatchRule::Woodpecker => woodpecker_matches(&pool.ci.labels, labels),
         MatchRule::Azure => {
             azure_pool_matches(pool.ci.azure_pool.as_deref(), labels) && azure_matches(&pool.ci.capabilities, demands)
+        }
+        MatchRule::Github => {
+            let offered: Vec<&str> =
+                pool.ci.labels.keys().map(String::as_str).filter(|label| !label.starts_with("ciscale.")).collect();
+            crate::providers::github::matching::job_matches(demands, &offered)
         }
         MatchRule::Both => woodpecker_matches(&pool.ci.labels, labels) && azure_matches(&pool.ci.capabilities, demands),
     }

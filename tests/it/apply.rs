@@ -12,7 +12,7 @@ use ciscale::apply::{
 };
 use ciscale::model::{
     AgentId, AgentSpec, BackendBinding, BackendKind, BackendName, BackendSpec, Billing, CiBinding, CiKind, CiName,
-    BackendObservation, CiSourceSpec, Desired, FakeSpec, GoDuration, Instance, InstanceId, InstanceMode, InstanceState, PoolName,
+    BackendObservation, CiSourceSpec, Desired, FakeSpec, GithubAuth, GithubScope, GithubSpec, GoDuration, Instance, InstanceId, InstanceMode, InstanceState, PoolName,
     PoolSpec, ScalePolicy, Secret, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
 };
 use ciscale::plan::{Action, AgentTarget, Change, Cost, InstanceTarget, Plan, Summary};
@@ -887,6 +887,26 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             pat: Secret::new("tok-AZURE-pat"),
             agent_pat: Some(Secret::new("tok-AZURE-agent-pat")),
         },
+        CiKind::Github(GithubSpec {
+            endpoint: None,
+            scope: GithubScope::Organization("acme".to_owned()),
+            auth: GithubAuth::App {
+                app_id: "1".to_owned(),
+                installation_id: 2,
+                private_key: Secret::new("tok-GITHUB-app-private-key"),
+            },
+            runner_group: None,
+            repositories: None,
+            repositories_per_cycle: None,
+        }),
+        CiKind::Github(GithubSpec {
+            endpoint: None,
+            scope: GithubScope::Repository("acme/app".to_owned()),
+            auth: GithubAuth::Token(Secret::new("tok-GITHUB-pat")),
+            runner_group: None,
+            repositories: None,
+            repositories_per_cycle: None,
+        }),
         CiKind::Fake(FakeSpec::default()),
     ];
     let backends = vec![
@@ -900,6 +920,8 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
         match kind {
             CiKind::Woodpecker { .. } => tokens.push("tok-WOODPECKER-api"),
             CiKind::AzurePipelines { .. } => tokens.extend(["tok-AZURE-pat", "tok-AZURE-agent-pat"]),
+            CiKind::Github(GithubSpec { auth: GithubAuth::App { .. }, .. }) => tokens.push("tok-GITHUB-app-private-key"),
+            CiKind::Github(GithubSpec { auth: GithubAuth::Token(_), .. }) => tokens.push("tok-GITHUB-pat"),
             CiKind::Fake(_) => {}
         }
     }

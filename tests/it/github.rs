@@ -616,13 +616,15 @@ async fn register_makes_a_just_in_time_runner_with_implicit_and_pool_labels() {
     let group = fake.add_runner_group("ciscale");
     let github = source(GithubSettings {
         runner_group: Some(RunnerGroup::Name("CISCALE".to_owned())),
+        owner: Some("acme".to_owned()),
         ..app_settings(&fake, org())
     });
-    let request = register_request("acme-linux-1", &[("gpu", ""), ("ciscale-owner", "acme")]);
+    // The pool's labels by their keys (`linux` is the implicit `Linux` already); ciscale's own keys stay home.
+    let request = register_request("acme-linux-1", &[("gpu", ""), ("linux", ""), ("ciscale.ephemeral", "true")]);
     let credential = github.register(&request).await.expect("register");
     let runner = fake.runner_by_name("acme-linux-1").expect("registered");
     assert_eq!(credential.agent_id.as_str(), runner.id.to_string());
-    assert_eq!(runner.labels, ["self-hosted", "Linux", "X64", "ciscale-owner:acme", "gpu"]);
+    assert_eq!(runner.labels, ["self-hosted", "Linux", "X64", "gpu", "ciscale-owner:acme"]);
     assert_eq!(runner.group_id, group, "the group named in the settings, looked up by name");
     assert!(runner.ephemeral);
     assert_eq!(Some(credential.token.expose()), runner.jit_config.as_deref(), "the JIT config is the credential");
@@ -967,7 +969,7 @@ fn the_install_and_cloud_scripts_are_valid_shell_and_cloud_config() {
         .iter()
         .find(|file| file["path"].as_str() == Some(launch::ENV_FILE))
         .expect("the env file");
-    assert_eq!(env["permissions"].as_str(), Some("0600"));
+    assert_eq!(env["permissions"].as_str(), Some("0400"), "root only, read once by the wrapper");
     assert_eq!(env["content"].as_str(), Some("ACTIONS_RUNNER_INPUT_JITCONFIG=abc\n"));
     for file in files {
         let content = file["content"].as_str().expect("content");
@@ -988,4 +990,90 @@ fn the_install_and_cloud_scripts_are_valid_shell_and_cloud_config() {
         "the wrapper starts last, after install and the metadata block"
     );
     assert!(!format!("{user_data:?}").contains("abc"));
+}
+
+/// The provisioning script the GitHub example's image is built with is exactly what the room installs: the
+/// pinned release, its checksum and the wrapper (`CISCALE_UPDATE_EXAMPLES=1` rewrites it).
+#[test]
+fn the_examples_provisioning_script_is_the_rooms_install_script() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/provision/github-runner.sh");
+    let release = RunnerRelease::for_arch(RunnerArch::X64).expect("x64");
+    let script = launch::install_script(release);
+    if std::env::var_os("CISCALE_UPDATE_EXAMPLES").is_some() {
+        std::fs::write(&path, &script).expect("write the example script");
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == script,
+        "examples/provision/github-runner.sh is stale; rewrite it with `CISCALE_UPDATE_EXAMPLES=1 cargo test --test it \
+         github::the_examples_provisioning_script`"
+    );
+}
+
+// -- the config ---------------------------------------------------------------------------------------------------
+
+/// A `kind: github` config against the fake: it loads into the exact spec (implicit labels on the pool), the
+/// registry connects it, the planner's match counts the jobs its runners can take, and the connected source
+/// registers runners with the pool's labels and the owner label.
+#[tokio::test]
+async fn a_github_config_is_connected_and_matched_end_to_end() {
+    use ciscale::model::{CiKind, CiName, GithubAuth, GithubScope, GithubSpec, PoolName};
+    let fake = FakeGithub::start();
+    fake.add_repo("acme/app");
+    fake.queue_run("acme/app", &[&["self-hosted", "linux", "docker"], &["self-hosted", "gpu"], &["ubuntu-latest"]]);
+    let text = format!(
+        "id: gh\nci:\n  github:\n    kind: github\n    endpoint: {}\n    organization: {ORG}\n    app:\n      appId: {APP_ID}\n      \
+         installationId: {INSTALLATION_ID}\n      privateKey: ${{GITHUB_APP_KEY}}\nbackends:\n  f: {{ kind: fake }}\npools:\n  \
+         - name: linux\n    ci: {{ source: github, labels: {{ docker: \"\" }} }}\n    backend: {{ name: f }}\n",
+        fake.url()
+    );
+    let env = |name: &str| (name == "GITHUB_APP_KEY").then(|| APP_KEY.to_owned());
+    let desired = ciscale::config::load_str("github.yaml", &text, &env).expect("loads");
+    let CiKind::Github(spec) = &desired.ci[&CiName::new("github")].kind else {
+        panic!("a github source: {:?}", desired.ci);
+    };
+    assert_eq!(
+        spec,
+        &GithubSpec {
+            endpoint: Some(fake.url()),
+            scope: GithubScope::Organization(ORG.to_owned()),
+            auth: GithubAuth::App {
+                app_id: APP_ID.to_string(),
+                installation_id: INSTALLATION_ID,
+                private_key: Secret::new(APP_KEY),
+            },
+            runner_group: None,
+            repositories: None,
+            repositories_per_cycle: None,
+        }
+    );
+    let pool = desired.pool(&PoolName::new("linux")).expect("pool");
+    let offered: Vec<&str> = pool.ci.labels.keys().map(String::as_str).collect();
+    assert_eq!(offered, ["Linux", "X64", "docker", "self-hosted"], "the implicit labels are offered too");
+    assert!(!format!("{desired:?}").contains("PRIVATE KEY"), "the key is a secret");
+
+    let providers = ciscale::providers::connect(&desired).expect("connect");
+    let github = providers.ci[&CiName::new("github")].clone();
+    assert_eq!(github.kind(), "github");
+    assert_eq!(github.capabilities(), ciscale::providers::github::CAPABILITIES);
+    assert_eq!(ciscale::providers::ci_capabilities(&desired.ci[&CiName::new("github")].kind), github.capabilities());
+
+    // The plan counts the one job the pool's runners can take (not the GPU one, not the GitHub-hosted one).
+    let observed = ciscale::observe::observe(&desired, &providers, jiff::Timestamp::now()).await.expect("observe");
+    assert_eq!(observed.ci[&CiName::new("github")].queue.pending.len(), 3);
+    let plan = ciscale::plan::plan(&desired, &observed, jiff::Timestamp::now());
+    let creates = plan.changes.iter().filter(|change| matches!(change.action, ciscale::plan::Action::Create)).count();
+    assert_eq!(creates, 1, "one runner for the one matching job: {plan:?}");
+
+    let name = "gh-linux-b37072-1";
+    let request = RegisterAgent {
+        name: name.to_owned(),
+        pool: PoolName::new("linux"),
+        labels: pool.ci.labels.clone(),
+        for_job: None,
+    };
+    github.register(&request).await.expect("register");
+    let runner = fake.runner_by_name(name).expect("registered");
+    assert_eq!(runner.labels, ["self-hosted", "Linux", "X64", "docker", "ciscale-owner:gh"]);
+    assert_spec_clean(&fake);
 }

@@ -5,7 +5,7 @@
 //! - **Containers (Incus)**: `ciscale provision` builds an image with [`install_script`] (the runner in
 //!   [`RUNNER_HOME`], owned by the unprivileged [`RUNNER_USER`], and the wrapper at [`AGENT_COMMAND`]). Per
 //!   instance ciscale pushes the agent env file (mode 0400) to [`ENV_FILE`] and execs the wrapper.
-//! - **Clouds (Hetzner, EC2)**: the user data ([`cloud_user_data`]) writes the env file (0600, root), installs the
+//! - **Clouds (Hetzner, EC2)**: the user data ([`cloud_user_data`]) writes the env file (0400, root), installs the
 //!   pinned release after checking its SHA-256, keeps the runner user away from the cloud metadata endpoint (it
 //!   serves the user data, which holds the config) and starts the wrapper as a systemd unit.
 //!
@@ -198,7 +198,7 @@ struct WriteFile {
 }
 
 /// The cloud-config document that makes a fresh Debian/Ubuntu server run one GitHub runner: `env_file` is the
-/// agent env file (it holds the runner's config; written 0600 for root, read and deleted by the wrapper).
+/// agent env file (it holds the runner's config; written 0400 for root, read and deleted by the wrapper).
 pub fn cloud_user_data(release: &RunnerRelease, env_file: &Secret) -> Result<Secret, String> {
     let command = |parts: &[&str]| parts.iter().map(|part| (*part).to_owned()).collect::<Vec<_>>();
     let document = CloudConfig {
@@ -206,7 +206,7 @@ pub fn cloud_user_data(release: &RunnerRelease, env_file: &Secret) -> Result<Sec
             WriteFile {
                 path: ENV_FILE,
                 owner: "root:root",
-                permissions: "0600",
+                permissions: "0400",
                 content: env_file.expose().to_owned(),
             },
             WriteFile {

@@ -44,8 +44,10 @@
 //! refuses to remove a busy one (422), which surfaces as [`Error::Invalid`]. Runner records carry no contact or
 //! work times; see [`wire::WireRunner`] for how `last_contact`/`last_work` are read.
 //!
-//! Ownership: a runner can carry a label ciscale chooses, e.g. [`owner_label`] (`ciscale-owner:<id>`); extra
-//! labels never hurt matching, so it can prove a record ours.
+//! Ownership: runners are named by the planner (`{owner}-{pool}-{digest}-{n}`, `plan::ownership`), and each also
+//! carries [`owner_label`] (`ciscale-owner:<id>`, from [`GithubSettings::owner`]): extra labels never hurt
+//! matching, and a record with both is ours beyond doubt. Pool labels become runner labels by their keys;
+//! ciscale's own `ciscale.*` keys are not passed on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -56,8 +58,8 @@ use futures_util::stream::{self, StreamExt};
 use jiff::Timestamp;
 use reqwest::Method;
 
-use crate::model::{AgentId, CiObservation, Queue, Task};
-use crate::providers::{AgentCredential, CiCapabilities, CiSource, Error, RegisterAgent, Result};
+use crate::model::{AgentId, CiObservation, Queue, Secret, Task};
+use crate::providers::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 
 pub mod auth;
 pub mod http;
@@ -89,6 +91,22 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONCURRENCY: usize = 4;
 /// Key of the ownership label ([`owner_label`]).
 pub const OWNER_LABEL_KEY: &str = "ciscale-owner";
+
+/// No drain (GitHub has none); every runner has its own credential (the just-in-time config, which removing the
+/// runner revokes), takes one job — any its labels match, GitHub picks which — and goes with it. The runner
+/// reads the config from [`launch::JIT_CONFIG_ENV`]; on a cloud server the source writes the whole user data
+/// ([`launch::cloud_user_data`]: the pinned runner release, checked by its SHA-256, run as an unprivileged user).
+pub const CAPABILITIES: CiCapabilities = CiCapabilities {
+    drain: false,
+    per_agent_credentials: true,
+    single_job: true,
+    job_bound: false,
+    launch: Launch {
+        agent: "GitHub Actions runner",
+        token_env: Some(launch::JIT_CONFIG_ENV),
+        cloud: CloudLaunch::OwnUserData,
+    },
+};
 
 /// The ownership label of a config's runners: `ciscale-owner:<owner>`.
 pub fn owner_label(owner: &str) -> String {
@@ -177,6 +195,9 @@ pub struct GithubSettings {
     pub timeout: Duration,
     /// How long before expiry an installation token is replaced.
     pub token_renew_margin: Duration,
+    /// The config's owner id: every runner gets the label [`owner_label`] (`ciscale-owner:<id>`), a second
+    /// proof besides its name that the record is ours. `None`: no such label.
+    pub owner: Option<String>,
 }
 
 impl GithubSettings {
@@ -194,6 +215,39 @@ impl GithubSettings {
             concurrency: DEFAULT_CONCURRENCY,
             timeout: DEFAULT_TIMEOUT,
             token_renew_margin: auth::DEFAULT_RENEW_MARGIN,
+            owner: None,
+        }
+    }
+
+    /// The settings of a configured `kind: github` source of the config owned by `owner`.
+    pub fn from_spec(spec: &crate::model::GithubSpec, owner: &str) -> Self {
+        use crate::model::{GithubAuth, GithubScope};
+        let scope = match &spec.scope {
+            GithubScope::Repository(repository) => {
+                let (owner, name) = repository.split_once('/').unwrap_or((repository.as_str(), ""));
+                Scope::Repository { owner: owner.to_owned(), name: name.to_owned() }
+            }
+            GithubScope::Organization(org) => Scope::Organization { org: org.clone() },
+            GithubScope::Enterprise(enterprise) => Scope::Enterprise { enterprise: enterprise.clone() },
+        };
+        let auth = match &spec.auth {
+            GithubAuth::App { app_id, installation_id, private_key } => Auth::App {
+                app_id: app_id.clone(),
+                installation_id: *installation_id,
+                private_key: private_key.clone(),
+            },
+            GithubAuth::Token(token) => Auth::Token(token.clone()),
+        };
+        Self {
+            endpoint: spec.endpoint.clone().unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
+            runner_group: spec.runner_group.as_ref().map(|group| match group.parse::<u64>() {
+                Ok(id) => RunnerGroup::Id(id),
+                Err(_) => RunnerGroup::Name(group.clone()),
+            }),
+            repositories: spec.repositories.clone().map(Repositories::Listed),
+            repositories_per_observe: spec.repositories_per_cycle.map(|count| count as usize),
+            owner: Some(owner.to_owned()),
+            ..Self::new(scope, auth)
         }
     }
 }
@@ -228,6 +282,7 @@ pub struct GithubActions {
     platform: Option<RunnerPlatform>,
     work_folder: String,
     repositories_per_observe: Option<usize>,
+    owner: Option<String>,
     concurrency: usize,
     sweep: Mutex<Sweep>,
 }
@@ -319,6 +374,7 @@ impl GithubActions {
             platform: settings.platform,
             work_folder: settings.work_folder,
             repositories_per_observe: settings.repositories_per_observe,
+            owner: settings.owner,
             concurrency: settings.concurrency.max(1),
             sweep: Mutex::new(Sweep::default()),
         })
@@ -347,16 +403,11 @@ impl GithubActions {
         }
     }
 
-    /// The labels a runner registered for `request` gets: implicit ones, then the request's (`key`, or
-    /// `key:value` when the value is not empty).
+    /// The labels a runner registered for `request` gets: the implicit ones, the pool's (a GitHub label is a
+    /// name: the keys; ciscale's own `ciscale.*` keys are no runner labels), then the ownership label.
     pub fn runner_labels(&self, request: &RegisterAgent) -> Vec<String> {
-        matching::runner_labels(
-            request
-                .labels
-                .iter()
-                .map(|(key, value)| matching::label_from_pair(key, value)),
-            self.platform,
-        )
+        let pool = request.labels.keys().filter(|key| !key.starts_with("ciscale.")).cloned();
+        matching::runner_labels(pool.chain(self.owner.as_deref().map(owner_label)), self.platform)
     }
 
     // -- repositories ----------------------------------------------------------------------------------------
@@ -596,12 +647,21 @@ impl CiSource for GithubActions {
     }
 
     fn capabilities(&self) -> CiCapabilities {
-        // A just-in-time runner takes any one job its labels match (GitHub picks which): single-job, not bound.
-        CiCapabilities {
-            drain: false,
-            single_job: true,
-            job_bound: false,
-        }
+        CAPABILITIES
+    }
+
+    /// The pinned runner release for the runners' architecture, installed and started by cloud-init.
+    fn cloud_user_data(&self, env_file: &Secret) -> Result<Secret> {
+        let arch = self.platform.unwrap_or_default().arch;
+        let release = launch::RunnerRelease::for_arch(arch).ok_or_else(|| {
+            invalid(format!(
+                "no runner release is pinned for `{}` cloud servers\nhint: run `{}` runners in containers (Incus), \
+                 or use `X64`/`ARM64` servers",
+                arch.label(),
+                arch.label()
+            ))
+        })?;
+        launch::cloud_user_data(release, env_file).map_err(|error| invalid(format!("cannot write user data: {error}")))
     }
 
     async fn observe(&self) -> Result<CiObservation> {
