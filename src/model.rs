@@ -24,6 +24,11 @@ pub const AGENT_HASH_LABEL: &str = "ciscale.agent-hash";
 pub const AGENT_LABEL: &str = "ciscale.agent";
 /// Label a CI agent is registered with when it runs one job and then powers its instance off (ephemeral pools).
 pub const EPHEMERAL_LABEL: &str = "ciscale.ephemeral";
+/// Task and agent label naming the one job an agent is bound to, for CI sources whose agents serve exactly the job
+/// they were registered for (`providers::CiCapabilities::job_bound`; Forgejo: the job's handle). On a task: its
+/// own; on an agent: the job it was made for; on a create (`label.ciscale.job` in the change's `after`, and so on
+/// the instance): the job apply registers the agent for.
+pub const JOB_LABEL: &str = "ciscale.job";
 /// Task (and agent) label naming the Azure Pipelines agent pool a job request waits in: a request counts only
 /// for pools bound to that Azure pool, whatever its demands.
 pub const AZURE_POOL_LABEL: &str = "azure-pool";
@@ -296,6 +301,16 @@ pub enum CiKind {
     },
     /// GitHub Actions (github.com or GitHub Enterprise Server); see `providers::github`.
     Github(GithubSpec),
+    /// A Forgejo instance's Actions (Forgejo 15 and later).
+    Forgejo {
+        server: String,
+        token: Secret,
+        scope: ForgejoScope,
+        /// The URL runners reach Forgejo at; `None`: `server`.
+        runner_url: Option<String>,
+        /// The forgejo-runner release cloud servers download; `None`: pools of the source run in containers.
+        runner_release: Option<RunnerReleaseSpec>,
+    },
     /// The in-memory fake (tests, demos, offline trials).
     Fake(FakeSpec),
 }
@@ -335,6 +350,25 @@ pub enum GithubAuth {
     Token(Secret),
 }
 
+/// Whose Forgejo jobs and runners a source serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForgejoScope {
+    /// Every repository of the instance (a site administrator's token).
+    Instance,
+    Organization(String),
+    Repository { owner: String, repo: String },
+    /// The repositories of the token's own user.
+    User,
+}
+
+/// A pinned forgejo-runner release (validated: 12.8 or later, a SHA-256 digest, `amd64` or `arm64`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerReleaseSpec {
+    pub version: String,
+    pub sha256: String,
+    pub arch: String,
+}
+
 /// Settings of the in-memory fake world shared by the fake backend and the fake CI.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FakeSpec {
@@ -366,6 +400,7 @@ impl CiKind {
                 GithubAuth::App { private_key, app_id: _, installation_id: _ } => vec![private_key],
                 GithubAuth::Token(token) => vec![token],
             },
+            CiKind::Forgejo { token, server: _, scope: _, runner_url: _, runner_release: _ } => vec![token],
             CiKind::Fake(_) => Vec::new(),
         }
     }
@@ -375,6 +410,7 @@ impl CiKind {
             CiKind::Woodpecker { .. } => "woodpecker",
             CiKind::AzurePipelines { .. } => "azure-pipelines",
             CiKind::Github(_) => "github",
+            CiKind::Forgejo { .. } => "forgejo",
             CiKind::Fake(_) => "fake",
         }
     }
@@ -498,16 +534,36 @@ pub struct PoolSpec {
     pub scale: ScalePolicy,
 }
 
-/// Which CI source feeds the pool and which of its jobs the pool's agents can take.
+/// Which CI source feeds the pool and what its agents offer to that source's jobs. The shape is the same for
+/// every CI; what it means is the source's [`Matching`] rule, which the planner applies to it and to each job's
+/// [`Task`] (`plan::matching`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CiBinding {
     pub source: CiName,
-    /// Woodpecker agent labels (`key: value`, `key: "*"`, `"!key": value`).
+    /// The labels the agents are registered with and offer: Woodpecker agent labels (`key: value`, `key: "*"`,
+    /// `"!key": value`), Forgejo runner labels (`name: how`), and for Azure the agent pool as
+    /// [`AZURE_POOL_LABEL`] (the config's `azurePool`).
     pub labels: BTreeMap<String, String>,
-    /// Azure Pipelines agent pool name.
-    pub azure_pool: Option<String>,
-    /// Azure capabilities the agents offer (`name` or `name=value`), matched against job demands.
+    /// Capabilities the agents offer (`name` or `name=value`), matched against job demands (Azure, the fake).
     pub capabilities: BTreeMap<String, String>,
+}
+
+/// How a CI source decides which agent may take a job, declared by the source's room
+/// (`providers::CiCapabilities::matching`) and applied by the planner to a pool's [`CiBinding`] and a job's
+/// [`Task`]. Named by the rule, not by the CI, so a new source reuses a rule where its CI's is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matching {
+    /// Key/value filters (Woodpecker's `MatchLabels`): every job label must be offered with its value or `*`,
+    /// and every offered `!key` must be on the job with that value.
+    LabelFilter,
+    /// Demands against capabilities (Azure Pipelines), within the agent pool the job waits in (the job's and the
+    /// pool's [`AZURE_POOL_LABEL`]).
+    PoolDemands,
+    /// A label set (`runs-on` of Forgejo and GitHub Actions): every label the job demands must be among the names
+    /// of the offered labels; `case_insensitive` as the CI compares them.
+    LabelSet { case_insensitive: bool },
+    /// [`Matching::LabelFilter`] and demands against capabilities at once (the fake CI speaks both).
+    LabelFilterAndDemands,
 }
 
 /// Where and how the pool's instances run.
@@ -909,10 +965,12 @@ pub struct Queue {
 #[serde(deny_unknown_fields)]
 pub struct Task {
     pub id: TaskId,
-    /// Woodpecker task labels (`repo`, `platform`, custom keys, internal `woodpecker-ci.org/*`).
+    /// Key/value attributes the CI gives the job (Woodpecker task labels such as `repo`, `platform` and internal
+    /// `woodpecker-ci.org/*`; the Azure agent pool it waits in; the Forgejo job's handle).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Azure Pipelines demands (`name` or `name -equals value`).
+    /// What the job demands of an agent, in its CI's words (Azure demands `name` or `name -equals value`; the
+    /// `runs-on` labels of Forgejo and GitHub).
     #[serde(default)]
     pub demands: Vec<String>,
     /// The agent running it (running tasks only).

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::model::{
-    AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, Secret, AGENT_LABEL, EPHEMERAL_LABEL,
+    AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, Secret, AGENT_LABEL, EPHEMERAL_LABEL, JOB_LABEL,
     OWNER_LABEL, POOL_LABEL,
 };
 use crate::plan::{Action, AgentTarget, Change, InstanceTarget};
@@ -170,7 +170,8 @@ impl<'run> ChangeRun<'run> {
                     name: target.name.clone(),
                     pool: pool.name.clone(),
                     labels: agent_labels,
-                    for_job: None,
+                    // The job the plan made this create for (job-bound sources); the instance carries it too.
+                    for_job: self.change.after.get(&format!("label.{JOB_LABEL}")).cloned(),
                 };
                 let credential = self
                     .call("register agent", || ci.register(&register))

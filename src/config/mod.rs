@@ -364,8 +364,11 @@ fn secret_role(checked: &check::Checked, pointer: &str) -> (String, Option<&'sta
         ),
         ["ci", name, "token"] => (
             format!("the admin token of ci source `{name}`"),
-            (kind_of("ci", name) == "woodpecker")
-                .then_some("a personal access token of a Woodpecker admin (the admin's user settings → personal access token)"),
+            match kind_of("ci", name).as_str() {
+                "woodpecker" => Some("a personal access token of a Woodpecker admin (the admin's user settings → personal access token)"),
+                "forgejo" => Some("a Forgejo access token with `read:` and `write:` permission on the scope (admin, organization, repository or user), from Settings → Applications"),
+                _ => None,
+            },
         ),
         ["ci", name, "pat"] => (
             format!("the PAT of ci source `{name}`"),

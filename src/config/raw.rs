@@ -165,6 +165,33 @@ pub enum RawCiSource {
         #[serde(default)]
         repositories_per_cycle: Option<u32>,
     },
+    /// A Forgejo instance (15 or later) with Forgejo Actions: one ephemeral runner per waiting job.
+    Forgejo {
+        /// The Forgejo URL, e.g. `https://codeberg.org`.
+        server: String,
+        /// An access token with the scope's rights (`read:`/`write:` of `admin`, `organization`, `repository` or
+        /// `user`).
+        token: RawSecret,
+        /// Serve the jobs of this organisation (its owner's token). One of `organization`, `repository`,
+        /// `instance`, `user`.
+        #[serde(default)]
+        organization: Option<String>,
+        /// Serve the jobs of this repository, `owner/name` (an administrator's token).
+        #[serde(default)]
+        repository: Option<String>,
+        /// Serve every repository of the instance (a site administrator's token).
+        #[serde(default)]
+        instance: Option<bool>,
+        /// Serve the repositories of the token's own user.
+        #[serde(default)]
+        user: Option<bool>,
+        /// The URL runners reach Forgejo at (`forgejo-runner one-job --url`) [`server`].
+        #[serde(default)]
+        runner_url: Option<String>,
+        /// The forgejo-runner release a cloud server (hcloud, aws) downloads; pools on Incus use their image's.
+        #[serde(default)]
+        runner_release: Option<RawRunnerRelease>,
+    },
     /// The in-memory fake CI (tests, demos, offline trials).
     Fake {
         /// Persist the fake world in this JSON file (relative to the config file's folder).
@@ -186,6 +213,19 @@ pub struct RawGithubApp {
     pub installation_id: u64,
     /// The app's private key, PEM (the `.pem` file GitHub generated).
     pub private_key: RawSecret,
+}
+
+/// A pinned forgejo-runner release: what a cloud server downloads and the digest it must have.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawRunnerRelease {
+    /// `12.8.0` or later (the first with `one-job --handle`).
+    pub version: String,
+    /// The SHA-256 of the release binary, from the release's `.sha256` file.
+    pub sha256: String,
+    /// `amd64` or `arm64` [amd64].
+    #[serde(default)]
+    pub arch: Option<String>,
 }
 
 /// A backend account; `kind` selects which.

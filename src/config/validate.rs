@@ -10,13 +10,13 @@ use serde_json::Value;
 
 use super::check::{Checked, Seg};
 use super::diag::{backticked, did_you_mean, Problems, Span};
-use super::raw::{RawBackend, RawCiSource, RawGithubApp, RawImage, RawPool, RawScale, RawSecret};
+use super::raw::{RawBackend, RawCiSource, RawGithubApp, RawImage, RawPool, RawRunnerRelease, RawScale, RawSecret};
 use crate::model::{
     AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
-    BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GithubAuth, GithubScope,
-    GithubSpec, GoDuration,
+    BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, ForgejoScope, GithubAuth,
+    GithubScope, GithubSpec, GoDuration,
     CreateLimit, CreateRate, CronPattern, ImageSpec, InstanceId, InstanceMode, MetricsSpec, PoolName, PoolSpec,
-    ScalePolicy, ScheduleWindow, Secret,
+    RunnerReleaseSpec, ScalePolicy, ScheduleWindow, Secret,
 };
 
 use crate::plan::MAX_OWNER_AND_POOL_LEN;
@@ -252,6 +252,10 @@ fn ci_poll_floor(name: &CiName, kind: &CiKind) -> PollFloor {
             "every cycle reads each repository's queued and running workflow runs (two calls per repository; \
              unchanged answers are free of the hourly budget, but GitHub allows 900 a minute)",
         ),
+        CiKind::Forgejo { server, .. } if !is_loopback_url(server) => local(
+            GoDuration::from_secs(1),
+            "every cycle asks your Forgejo for its waiting jobs and its runners (two calls)",
+        ),
         _ => local(LOOPBACK_POLL_FLOOR, "nothing but this machine's CPU is spent on each cycle"),
     }
 }
@@ -423,6 +427,112 @@ impl Validator<'_> {
             path.to_owned()
         } else {
             self.base_dir.join(path)
+        }
+    }
+
+    /// Exactly one of `organization`, `repository` (`owner/name`), `instance: true`, `user: true`.
+    fn forgejo_scope(
+        &mut self,
+        pointer: &str,
+        organization: Option<String>,
+        repository: Option<String>,
+        instance: Option<bool>,
+        user: Option<bool>,
+    ) -> Option<ForgejoScope> {
+        let mut named: Vec<(&str, ForgejoScope)> = Vec::new();
+        if let Some(org) = organization {
+            if org.trim().is_empty() || org.contains('/') {
+                self.problems.push(
+                    self.value_span(&format!("{pointer}/organization")),
+                    format!("`organization` `{org}` is not an organisation name"),
+                    Some("write the organisation's name, e.g. `organization: acme`".to_owned()),
+                );
+                return None;
+            }
+            named.push(("organization", ForgejoScope::Organization(org)));
+        }
+        if let Some(repository) = repository {
+            match repository.split_once('/') {
+                Some((owner, repo)) if !owner.trim().is_empty() && !repo.trim().is_empty() && !repo.contains('/') => {
+                    named.push(("repository", ForgejoScope::Repository { owner: owner.to_owned(), repo: repo.to_owned() }));
+                }
+                _ => {
+                    self.problems.push(
+                        self.value_span(&format!("{pointer}/repository")),
+                        format!("`repository` `{repository}` is not `owner/name`"),
+                        Some("write e.g. `repository: acme/app`".to_owned()),
+                    );
+                    return None;
+                }
+            }
+        }
+        if instance == Some(true) {
+            named.push(("instance", ForgejoScope::Instance));
+        }
+        if user == Some(true) {
+            named.push(("user", ForgejoScope::User));
+        }
+        match named.len() {
+            1 => named.pop().map(|(_, scope)| scope),
+            0 => {
+                self.problems.push(
+                    self.key_span(pointer).or_else(|| self.value_span(pointer)),
+                    "a forgejo source names no scope".to_owned(),
+                    Some(
+                        "add one of `organization: NAME`, `repository: OWNER/NAME`, `instance: true` (a site \
+                         administrator's token) or `user: true`"
+                            .to_owned(),
+                    ),
+                );
+                None
+            }
+            _ => {
+                let keys: Vec<String> = named.iter().map(|(key, _)| format!("`{key}`")).collect();
+                self.problems.push(
+                    self.key_span(&format!("{pointer}/{}", named[1].0)),
+                    format!("a forgejo source serves one scope, this one names {}", keys.join(" and ")),
+                    Some("keep one; a second scope is a second source".to_owned()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A pinned runner release, checked as the cloud-init will need it.
+    fn runner_release(&mut self, pointer: &str, raw: RawRunnerRelease) -> Option<RunnerReleaseSpec> {
+        use crate::providers::forgejo::launch::{Arch, RunnerRelease};
+        let arch_text = raw.arch.clone().unwrap_or_else(|| "amd64".to_owned());
+        let arch = match arch_text.as_str() {
+            "amd64" => Arch::Amd64,
+            "arm64" => Arch::Arm64,
+            other => {
+                self.problems.push(
+                    self.value_span(&format!("{pointer}/runnerRelease/arch")),
+                    format!("runner arch `{other}` is not one forgejo-runner is released for"),
+                    Some("write `amd64` or `arm64`".to_owned()),
+                );
+                return None;
+            }
+        };
+        match RunnerRelease::new(&raw.version, arch, &raw.sha256) {
+            Ok(_) => Some(RunnerReleaseSpec {
+                version: raw.version.trim().trim_start_matches('v').to_owned(),
+                sha256: raw.sha256.trim().to_ascii_lowercase(),
+                arch: arch_text,
+            }),
+            Err(error) => {
+                let key = match error {
+                    crate::providers::forgejo::launch::LaunchError::Checksum(_) => "sha256",
+                    _ => "version",
+                };
+                let text = error.to_string();
+                let (message, hint) = match text.split_once("\nhint: ") {
+                    Some((message, hint)) => (message.to_owned(), Some(hint.to_owned())),
+                    None => (text, None),
+                };
+                self.problems.push(self.value_span(&format!("{pointer}/runnerRelease/{key}")), message, hint);
+                None
+            }
         }
     }
 
@@ -649,6 +759,33 @@ impl Validator<'_> {
                     state_file,
                     simulate,
                 } => CiKind::Fake(self.fake_spec(state_file, simulate)),
+                RawCiSource::Forgejo {
+                    server,
+                    token,
+                    organization,
+                    repository,
+                    instance,
+                    user,
+                    runner_url,
+                    runner_release,
+                } => {
+                    let scope = self.forgejo_scope(&pointer, organization, repository, instance, user);
+                    let runner_release = match runner_release {
+                        Some(release) => match self.runner_release(&pointer, release) {
+                            Some(release) => Some(release),
+                            None => {
+                                complete = false;
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    let Some(scope) = scope else {
+                        complete = false;
+                        continue;
+                    };
+                    CiKind::Forgejo { server, token: Secret::new(token.0), scope, runner_url, runner_release }
+                }
             };
             ci.insert(CiName::new(name.clone()), CiSourceSpec { kind });
         }
@@ -999,6 +1136,38 @@ impl Validator<'_> {
                     ok = false;
                 }
             }
+            Some(CiKind::Forgejo { .. }) => {
+                for (key, present) in [("azurePool", raw.ci.azure_pool.is_some()), ("capabilities", !raw.ci.capabilities.is_empty())] {
+                    if present {
+                        self.problems.push(
+                            self.key_span(&format!("{pointer}/ci/{key}")),
+                            format!("`{key}` in {place} applies only to azure-pipelines sources; `{}` is a forgejo source", raw.ci.source),
+                            Some("forgejo pools offer runner `labels` (`name: how`), matched against a job's `runs-on`".to_owned()),
+                        );
+                        ok = false;
+                    }
+                }
+                for (name, how) in &raw.ci.labels {
+                    let bad = |text: &str| text.contains([',', ':']) || text.chars().any(char::is_whitespace);
+                    if name.is_empty() || bad(name) || name.starts_with('!') || how.contains(',') || how.chars().any(char::is_whitespace) {
+                        let escaped = super::check::pointer(&[Seg::Key(name.clone())]);
+                        self.problems.push(
+                            self.key_span(&format!("{pointer}/ci/labels{escaped}")),
+                            format!("invalid runner label `{name}: {how}` in {place}"),
+                            Some("write `name: how`, e.g. `debian: docker://node:22-bookworm` or `linux: host` (a name has no `:`, `,`, `!` or spaces)".to_owned()),
+                        );
+                        ok = false;
+                    }
+                }
+                if raw.ci.labels.is_empty() {
+                    self.problems.push(
+                        self.key_span(&format!("{pointer}/ci")),
+                        format!("{place} offers no runner labels, so no Forgejo job could run on it"),
+                        Some("add `labels:` with the names jobs use in `runs-on`, e.g. `labels: {debian: \"docker://node:22-bookworm\"}`".to_owned()),
+                    );
+                    ok = false;
+                }
+            }
             Some(CiKind::Github(_)) => {
                 for key in ["azurePool", "capabilities"] {
                     let present = match key {
@@ -1032,7 +1201,12 @@ impl Validator<'_> {
             }
             Some(CiKind::Fake(_)) | None => {}
         }
-        for (key, value) in &raw.ci.labels {
+        // Forgejo's and GitHub's runner labels were checked above, by their own grammar.
+        let forgejo_source = matches!(
+            ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind),
+            Some(CiKind::Forgejo { .. } | CiKind::Github(_))
+        );
+        for (key, value) in raw.ci.labels.iter().filter(|_| !forgejo_source) {
             if let Some(why) = woodpecker_label_problem(key, value) {
                 let escaped = super::check::pointer(&[Seg::Key(key.clone())]);
                 let span = self.key_span(&format!("{pointer}/ci/labels{escaped}"));
@@ -1154,25 +1328,68 @@ impl Validator<'_> {
             );
             ok = false;
         }
+        // A source whose agents each serve the one job they were registered for (Forgejo): one agent per waiting
+        // job, made for it, gone after it. An agent kept warm, or a machine started again, would serve no job.
+        let capabilities = ci
+            .get(&CiName::new(raw.ci.source.clone()))
+            .map(|source| crate::providers::ci_capabilities(&source.kind));
+        let mut scale = scale;
+        if let (Some(_), Some(scale)) = (capabilities.filter(|c| c.job_bound), scale.as_mut()) {
+            let why = "its ci source binds every agent to one waiting job, so ciscale makes one per waiting job";
+            let windows = scale.schedule.iter().any(|window| {
+                window.min.is_some_and(|min| min > 0) || window.min_idle.is_some_and(|idle| idle > 0)
+            });
+            for (field, value) in [("min", scale.min), ("minIdle", scale.min_idle), ("schedule", u32::from(windows))] {
+                if value > 0 {
+                    let at = format!("{pointer}/scale/{field}");
+                    self.problems.push(
+                        self.value_span(&at).or_else(|| self.key_span(&at)),
+                        format!("`{field}` of {place} must be 0 (or leave it out): {why}"),
+                        Some("an agent made for no job would take none: demand alone sizes the pool".to_owned()),
+                    );
+                    ok = false;
+                }
+            }
+            if !matches!(mode, InstanceMode::Create) {
+                self.problems.push(
+                    self.key_span(&format!("{pointer}/backend/instances")).or_else(|| self.value_span(&format!("{pointer}/name"))),
+                    format!("{place} starts and stops named instances, but {why}"),
+                    Some("let ciscale create the pool's instances (drop `startStop`)".to_owned()),
+                );
+                ok = false;
+            }
+        }
+        if let (Some(capabilities), Some(scale)) = (capabilities, scale.as_mut()) {
+            // An agent that runs one job and is gone is what `ephemeral` means: say it once, here.
+            scale.ephemeral |= capabilities.single_job;
+        }
         let (Some(scale), true, Ok(preregistered)) = (scale, ok, preregistered) else {
             return None;
         };
-        let mut labels = raw.ci.labels;
-        if matches!(ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind), Some(CiKind::Github(_))) {
-            // Every GitHub runner carries `self-hosted` and its OS and architecture (ciscale registers them: a
-            // just-in-time runner gets no others), so jobs written for any self-hosted runner match the pool.
-            for implicit in crate::providers::github::RunnerPlatform::default().implicit_labels() {
-                if !labels.keys().any(|label| label.eq_ignore_ascii_case(implicit)) {
-                    labels.insert(implicit.to_owned(), String::new());
-                }
-            }
-        }
+        let github_source =
+            matches!(ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind), Some(CiKind::Github(_)));
         Some(PoolSpec {
             name: PoolName::new(raw.name),
             ci: CiBinding {
                 source: CiName::new(raw.ci.source),
-                labels,
-                azure_pool: raw.ci.azure_pool,
+                // The Azure agent pool is one more label the agents offer (Azure pools have no other labels).
+                labels: {
+                    let mut labels = raw.ci.labels;
+                    if let Some(azure_pool) = raw.ci.azure_pool {
+                        labels.insert(crate::model::AZURE_POOL_LABEL.to_owned(), azure_pool);
+                    }
+                    if github_source {
+                        // Every GitHub runner carries `self-hosted` and its OS and architecture (ciscale registers
+                        // them: a just-in-time runner gets no others), so jobs written for any self-hosted runner
+                        // match the pool.
+                        for implicit in crate::providers::github::RunnerPlatform::default().implicit_labels() {
+                            if !labels.keys().any(|label| label.eq_ignore_ascii_case(implicit)) {
+                                labels.insert(implicit.to_owned(), String::new());
+                            }
+                        }
+                    }
+                    labels
+                },
                 capabilities: raw.ci.capabilities,
             },
             backend: BackendBinding {

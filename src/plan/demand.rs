@@ -4,41 +4,16 @@
 use std::collections::BTreeMap;
 
 use super::fasthash::{FastMap, FastSet};
-use super::matching::{azure_matches, azure_pool_matches, woodpecker_matches, WOODPECKER_INTERNAL_PREFIX};
-use crate::model::{CiKind, CiName, Desired, Observed, PoolSpec, Task};
+use super::matching::{pool_matches, WOODPECKER_INTERNAL_PREFIX};
+use crate::model::{CiName, Desired, Matching, Observed, PoolSpec, Task};
 
-/// Which matching rule a CI source speaks. The fake speaks both (labels and demands).
-#[derive(Clone, Copy)]
-enum MatchRule {
-    Woodpecker,
-    Azure,
-    /// GitHub Actions: every `runs-on` label among the pool's runner labels, ignoring case.
-    Github,
-    Both,
-}
-
-fn match_rule(desired: &Desired, source: &CiName) -> MatchRule {
-    match desired.ci.get(source).map(|spec| &spec.kind) {
-        Some(CiKind::Woodpecker { .. }) => MatchRule::Woodpecker,
-        Some(CiKind::AzurePipelines { .. }) => MatchRule::Azure,
-        Some(CiKind::Github(_)) => MatchRule::Github,
-        Some(CiKind::Fake(_)) | None => MatchRule::Both,
-    }
-}
-
-fn pool_matches(rule: MatchRule, pool: &PoolSpec, labels: &BTreeMap<String, String>, demands: &[String]) -> bool {
-    match rule {
-        MatchRule::Woodpecker => woodpecker_matches(&pool.ci.labels, labels),
-        MatchRule::Azure => {
-            azure_pool_matches(pool.ci.azure_pool.as_deref(), labels) && azure_matches(&pool.ci.capabilities, demands)
-        }
-        MatchRule::Github => {
-            let offered: Vec<&str> =
-                pool.ci.labels.keys().map(String::as_str).filter(|label| !label.starts_with("ciscale.")).collect();
-            crate::providers::github::matching::job_matches(demands, &offered)
-        }
-        MatchRule::Both => woodpecker_matches(&pool.ci.labels, labels) && azure_matches(&pool.ci.capabilities, demands),
-    }
+/// The matching rule the source's room declares; a source the config does not name matches like the fake.
+fn match_rule(desired: &Desired, source: &CiName) -> Matching {
+    desired
+        .ci
+        .get(source)
+        .map(|spec| crate::providers::ci_capabilities(&spec.kind).matching)
+        .unwrap_or(Matching::LabelFilterAndDemands)
 }
 
 /// Pending jobs per pool (indexed like `desired.pools`): each job counts for the first pool in config order
@@ -99,10 +74,6 @@ impl<'a> LabelProjection<'a> {
         let mut required = FastSet::default();
         let mut exact = FastSet::default();
         for pool in pools {
-            // Azure requests carry their pool's name, which matching compares exactly.
-            if pool.ci.azure_pool.is_some() {
-                exact.insert(crate::model::AZURE_POOL_LABEL);
-            }
             for (key, value) in &pool.ci.labels {
                 match key.strip_prefix('!') {
                     Some(required_key) => {

@@ -3,7 +3,38 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::AZURE_POOL_LABEL;
+use crate::model::{Matching, PoolSpec, AZURE_POOL_LABEL};
+
+/// Whether the pool's agents may take a job with these labels and demands, by the source's rule: the one place
+/// the planner asks, for every CI.
+pub fn pool_matches(rule: Matching, pool: &PoolSpec, labels: &BTreeMap<String, String>, demands: &[String]) -> bool {
+    let offered = &pool.ci;
+    match rule {
+        Matching::LabelFilter => woodpecker_matches(&offered.labels, labels),
+        Matching::PoolDemands => {
+            azure_pool_matches(offered.labels.get(AZURE_POOL_LABEL).map(String::as_str), labels)
+                && azure_matches(&offered.capabilities, demands)
+        }
+        Matching::LabelSet { case_insensitive } => label_set_matches(&offered.labels, demands, case_insensitive),
+        Matching::LabelFilterAndDemands => {
+            woodpecker_matches(&offered.labels, labels) && azure_matches(&offered.capabilities, demands)
+        }
+    }
+}
+
+/// `runs-on` (Forgejo, GitHub Actions): every demanded label is the name of an offered label (a pool's labels are
+/// `name: how`). ciscale's own keys (`ciscale.*`) are no runner labels. As Forgejo (`ActionRunJob.ItRunsOn`, see
+/// `providers::forgejo::runs_on_matches`): a job that demands nothing, or a pool that offers no label, never
+/// matches.
+pub fn label_set_matches(offered: &BTreeMap<String, String>, demands: &[String], case_insensitive: bool) -> bool {
+    let names = || offered.keys().filter(|name| !name.starts_with("ciscale."));
+    if demands.is_empty() || names().next().is_none() {
+        return false;
+    }
+    demands.iter().all(|demand| {
+        names().any(|name| if case_insensitive { name.eq_ignore_ascii_case(demand) } else { name == demand })
+    })
+}
 
 /// Task labels under this prefix are set by Woodpecker itself and never take part in matching.
 pub(super) const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
@@ -175,6 +206,19 @@ mod tests {
         assert!(!azure_matches(&caps, &["Agent.VersionSuffix".into()]));
         // A blank demand asks for nothing.
         assert!(azure_matches(&caps, &["   ".into()]));
+    }
+
+    #[test]
+    fn label_sets_as_forgejo_and_github_match_runs_on() {
+        let offered = labels(&[("debian", "docker://node:22"), ("gpu", ""), ("ciscale.ephemeral", "true")]);
+        let demands = |list: &[&str]| list.iter().map(|label| (*label).to_owned()).collect::<Vec<_>>();
+        assert!(label_set_matches(&offered, &demands(&["debian", "gpu"]), false));
+        assert!(!label_set_matches(&offered, &demands(&["debian", "arm64"]), false));
+        assert!(!label_set_matches(&offered, &demands(&["Debian"]), false), "Forgejo compares exactly");
+        assert!(label_set_matches(&offered, &demands(&["Debian"]), true), "GitHub ignores case");
+        assert!(!label_set_matches(&offered, &demands(&["ciscale.ephemeral"]), false), "ciscale's keys are no labels");
+        assert!(!label_set_matches(&offered, &[], false), "no runs-on: runs nowhere");
+        assert!(!label_set_matches(&labels(&[("ciscale.x", "")]), &demands(&["debian"]), false));
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod demand;
 mod digest;
 mod fasthash;
 mod index;
+mod jobs;
 mod machine;
 pub mod matching;
 mod orphans;

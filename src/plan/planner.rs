@@ -30,6 +30,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
     let backend_indexes = index_backends(desired, observed);
     let pending = assign_pending(desired, observed);
+    let unserved_jobs = super::jobs::unserved(desired, observed);
     let in_flight = InFlightIndex::new(observed);
     let used_names: FastSet<&str> = observed
         .backends
@@ -57,6 +58,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
             ci: ci_indexes.get(&pool.ci.source),
             backend: backend_indexes.get(&pool.backend.backend),
             pending_jobs: pending[pool_index],
+            unserved_jobs: &unserved_jobs[pool_index],
             used_names: &used_names,
             in_flight: &in_flight,
             records: &records,

@@ -33,7 +33,6 @@ fn desired(scale: ScalePolicy) -> Desired {
         ci: CiBinding {
             source: "wp".into(),
             labels: [("platform".to_owned(), "linux/amd64".to_owned())].into(),
-            azure_pool: None,
             capabilities: BTreeMap::new(),
         },
         backend: BackendBinding {

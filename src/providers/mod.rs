@@ -228,6 +228,8 @@ pub struct CiCapabilities {
     /// `register` can bind the new agent to one queued job ([`RegisterAgent::for_job`]): the CI hands that
     /// agent that job and no other, so demand is met by one agent per waiting job.
     pub job_bound: bool,
+    /// How the planner decides which pool's agents may take a job.
+    pub matching: crate::model::Matching,
     /// How the agent is started on an instance when the pool says nothing more.
     pub launch: Launch,
 }
@@ -240,6 +242,7 @@ impl CiCapabilities {
         per_agent_credentials: true,
         single_job: false,
         job_bound: false,
+        matching: crate::model::Matching::LabelFilter,
         launch: Launch {
             agent: "CI",
             token_env: None,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::fake::FakeWorld;
 use super::{Backend, CiCapabilities, CiSource, Providers, Result};
-use crate::model::{BackendKind, CiKind, Desired, FakeSpec};
+use crate::model::{BackendKind, CiKind, Desired, FakeSpec, AZURE_POOL_LABEL};
 
 /// Connects to every provider the config names. No network call is made here: the first call is the first
 /// observation, so a `plan --observed` never needs this at all.
@@ -48,6 +48,9 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     for (name, spec) in &desired.ci {
         let source: Arc<dyn CiSource> = match &spec.kind {
             CiKind::Fake(fake) => Arc::new(world_for(fake)?.ci()),
+            CiKind::Forgejo { server, token, scope, runner_url, runner_release } => {
+                Arc::new(forgejo(server, token, scope, runner_url.as_deref(), runner_release.as_ref())?)
+            }
             CiKind::Woodpecker { server, token, grpc_address } => {
                 Arc::new(super::woodpecker::Woodpecker::new(server, token.clone(), grpc_address.as_deref())?)
             }
@@ -62,7 +65,7 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
                         .pools
                         .iter()
                         .filter(|pool| &pool.ci.source == name)
-                        .filter_map(|pool| Some((pool.name.clone(), pool.ci.azure_pool.clone()?)))
+                        .filter_map(|pool| Some((pool.name.clone(), pool.ci.labels.get(AZURE_POOL_LABEL)?.clone())))
                         .collect(),
                     ..super::azure_pipelines::AzureSettings::new(organization_url.clone(), pat.clone())
                 })?)
@@ -93,6 +96,40 @@ pub fn ci_capabilities(kind: &CiKind) -> CiCapabilities {
         CiKind::Woodpecker { .. } => super::woodpecker::CAPABILITIES,
         CiKind::AzurePipelines { .. } => super::azure_pipelines::CAPABILITIES,
         CiKind::Github(_) => super::github::CAPABILITIES,
+        CiKind::Forgejo { .. } => super::forgejo::CAPABILITIES,
         CiKind::Fake(_) => super::fake::CI_CAPABILITIES,
     }
+}
+
+/// The Forgejo source of a config entry (validated by the config already; re-checked here, never trusted).
+fn forgejo(
+    server: &str,
+    token: &crate::model::Secret,
+    scope: &crate::model::ForgejoScope,
+    runner_url: Option<&str>,
+    runner_release: Option<&crate::model::RunnerReleaseSpec>,
+) -> Result<super::forgejo::Forgejo> {
+    use super::forgejo::{launch, Forgejo, ForgejoSettings, Scope};
+    let scope = match scope {
+        crate::model::ForgejoScope::Instance => Scope::Instance,
+        crate::model::ForgejoScope::Organization(org) => Scope::Organization(org.clone()),
+        crate::model::ForgejoScope::Repository { owner, repo } => Scope::Repository { owner: owner.clone(), repo: repo.clone() },
+        crate::model::ForgejoScope::User => Scope::User,
+    };
+    let invalid = |message: String| super::Error::Invalid { provider: "forgejo".to_owned(), message };
+    let runner_release = runner_release
+        .map(|release| {
+            let arch = match release.arch.as_str() {
+                "amd64" => launch::Arch::Amd64,
+                "arm64" => launch::Arch::Arm64,
+                other => return Err(invalid(format!("runner arch `{other}` is neither `amd64` nor `arm64`"))),
+            };
+            launch::RunnerRelease::new(&release.version, arch, &release.sha256).map_err(|error| invalid(error.to_string()))
+        })
+        .transpose()?;
+    Forgejo::new(ForgejoSettings {
+        runner_url: runner_url.map(str::to_owned),
+        runner_release,
+        ..ForgejoSettings::new(server, token.clone(), scope)
+    })
 }

@@ -42,6 +42,7 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     per_agent_credentials: true,
     single_job: false,
     job_bound: false,
+    matching: crate::model::Matching::LabelFilter,
     launch: Launch {
         agent: "Woodpecker",
         token_env: Some(SECRET_ENV),

@@ -39,7 +39,6 @@ fn desired() -> Desired {
         ci: CiBinding {
             source: CiName::new("ci"),
             labels: BTreeMap::from([("platform".to_owned(), "linux/amd64".to_owned())]),
-            azure_pool: None,
             capabilities: BTreeMap::new(),
         },
         backend: BackendBinding {
@@ -959,6 +958,13 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             repositories: None,
             repositories_per_cycle: None,
         }),
+        CiKind::Forgejo {
+            server: "http://forgejo.invalid".to_owned(),
+            token: Secret::new("tok-FORGEJO-access"),
+            scope: ciscale::model::ForgejoScope::Instance,
+            runner_url: None,
+            runner_release: None,
+        },
         CiKind::Fake(FakeSpec::default()),
     ];
     let backends = vec![
@@ -974,6 +980,7 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             CiKind::AzurePipelines { .. } => tokens.extend(["tok-AZURE-pat", "tok-AZURE-agent-pat"]),
             CiKind::Github(GithubSpec { auth: GithubAuth::App { .. }, .. }) => tokens.push("tok-GITHUB-app-private-key"),
             CiKind::Github(GithubSpec { auth: GithubAuth::Token(_), .. }) => tokens.push("tok-GITHUB-pat"),
+            CiKind::Forgejo { .. } => tokens.push("tok-FORGEJO-access"),
             CiKind::Fake(_) => {}
         }
     }

@@ -947,7 +947,7 @@ fn import_of_an_incus_azure_pipelines_config_is_equivalent_and_valid() {
                 pool.scale.min,
                 pool.scale.max,
                 pool.scale.ephemeral,
-                pool.ci.azure_pool.as_deref(),
+                pool.ci.labels.get(ciscale::model::AZURE_POOL_LABEL).map(String::as_str),
             )
         })
         .collect();

@@ -47,7 +47,7 @@ fn every_example_validates() {
 /// `API_HOST` deliberately not.
 fn fixture_env(name: &str) -> Option<String> {
     match name {
-        "WOODPECKER_TOKEN" | "AZP_TOKEN" | "GIT_TOKEN" => Some(format!("secret-value-of-{name}")),
+        "WOODPECKER_TOKEN" | "AZP_TOKEN" | "GIT_TOKEN" | "FORGEJO_TOKEN" => Some(format!("secret-value-of-{name}")),
         "EMPTY_TOKEN" => Some(String::new()),
         _ => None,
     }
@@ -294,7 +294,6 @@ fn a_full_config_maps_to_the_expected_desired() {
             ci: CiBinding {
                 source: CiName::new("woodpecker"),
                 labels: map(&[("platform", "linux/amd64"), ("!gpu", "yes"), ("repo", "*")]),
-                azure_pool: None,
                 capabilities: BTreeMap::new(),
             },
             backend: BackendBinding {
@@ -332,8 +331,7 @@ fn a_full_config_maps_to_the_expected_desired() {
             name: PoolName::new("azure"),
             ci: CiBinding {
                 source: CiName::new("azure"),
-                labels: BTreeMap::new(),
-                azure_pool: Some("Default".into()),
+                labels: map(&[("azure-pool", "Default")]),
                 capabilities: map(&[("docker", ""), ("node", "20")]),
             },
             backend: BackendBinding {
@@ -360,7 +358,6 @@ fn a_full_config_maps_to_the_expected_desired() {
             ci: CiBinding {
                 source: CiName::new("woodpecker"),
                 labels: BTreeMap::new(),
-                azure_pool: None,
                 capabilities: BTreeMap::new(),
             },
             backend: BackendBinding {
@@ -401,7 +398,6 @@ fn a_full_config_maps_to_the_expected_desired() {
             ci: CiBinding {
                 source: CiName::new("woodpecker"),
                 labels: BTreeMap::new(),
-                azure_pool: None,
                 capabilities: BTreeMap::new(),
             },
             backend: BackendBinding {

@@ -193,7 +193,6 @@ fn build(
             ci: CiBinding {
                 source: CiName::new(SOURCES[draft.source]),
                 labels: label_set(draft.label_set),
-                azure_pool: None,
                 capabilities: BTreeMap::new(),
             },
             backend: BackendBinding {

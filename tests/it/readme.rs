@@ -46,7 +46,7 @@ fn walkthroughs() -> BTreeMap<String, String> {
 
 /// Secrets the examples name, removed: the offline steps must work without them.
 fn without_secrets(mut command: std::process::Command) -> std::process::Command {
-    for name in ["WOODPECKER_TOKEN", "HCLOUD_TOKEN", "GIT_TOKEN", "AZP_TOKEN"] {
+    for name in ["WOODPECKER_TOKEN", "HCLOUD_TOKEN", "GIT_TOKEN", "AZP_TOKEN", "FORGEJO_TOKEN"] {
         command.env_remove(name);
     }
     command

@@ -44,6 +44,9 @@ pub(super) struct PoolContext<'a> {
     pub ci: Option<&'a CiIndex<'a>>,
     pub backend: Option<&'a BackendIndex<'a>>,
     pub pending_jobs: u32,
+    /// For a job-bound source ([`super::jobs`]): the pool's waiting jobs no agent was made for yet, in queue
+    /// order; each create takes the next. Empty for other sources.
+    pub unserved_jobs: &'a [String],
     /// Names of every observed instance and agent record (built once: pools must not rescan the world).
     pub used_names: &'a FastSet<&'a str>,
     pub in_flight: &'a InFlightIndex<'a>,

@@ -7,7 +7,7 @@ use super::members::Member;
 use super::super::ownership::NameAllocator;
 use super::super::text::plural;
 use super::{Acted, PoolPlan, Room, Target};
-use crate::model::{AGENT_HASH_LABEL, OWNER_LABEL, POOL_LABEL};
+use crate::model::{AGENT_HASH_LABEL, JOB_LABEL, OWNER_LABEL, POOL_LABEL};
 use crate::plan::{Action, Change, InstanceTarget};
 
 /// Rule 1a: resume drained agents (idle ones first: they take a job right away). Drifted ones are replaced
@@ -114,12 +114,17 @@ pub(super) fn create(plan: &mut PoolPlan<'_, '_>, need: u32, target: &Target<'_>
         .preregistered
         .as_ref()
         .and_then(|reference| cx.ci.and_then(|ci| ci.lookup(reference).map(|agent| ci.target(agent))));
+    // A job-bound source's agent is registered for one job: each create names the next job no agent serves.
+    let mut jobs = cx.unserved_jobs.iter();
     for _ in 0..granted {
         let name = names.next();
         if target.reusable.contains(&name.as_str()) {
             reused.push(name.clone());
         }
-        let after = create_after.clone();
+        let mut after = create_after.clone();
+        if let Some(job) = jobs.next() {
+            after.insert(format!("label.{JOB_LABEL}"), job.clone());
+        }
         plan.changes.push(Change {
             pool: pool.name.clone(),
             action: Action::Create,

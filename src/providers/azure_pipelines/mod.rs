@@ -70,6 +70,7 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     per_agent_credentials: false,
     single_job: false,
     job_bound: false,
+    matching: crate::model::Matching::PoolDemands,
     launch: Launch {
         agent: "Azure Pipelines",
         token_env: Some(ENV_TOKEN),

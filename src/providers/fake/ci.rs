@@ -47,6 +47,7 @@ pub const CI_CAPABILITIES: CiCapabilities = CiCapabilities {
     per_agent_credentials: true,
     single_job: false,
     job_bound: false,
+    matching: crate::model::Matching::LabelFilterAndDemands,
     launch: Launch {
         agent: "fake CI",
         token_env: None,

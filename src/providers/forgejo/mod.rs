@@ -88,7 +88,7 @@ use wire::{RegisterRunner, Registered, RunnerStatus, WireJob, WireRunner};
 pub(crate) const PROVIDER: &str = "forgejo";
 /// Task label (and agent label) holding a job attempt's handle: on a task, the job's own; on an agent, the one
 /// of the job it was made for.
-pub const HANDLE_LABEL: &str = "forgejo.handle";
+pub const HANDLE_LABEL: &str = crate::model::JOB_LABEL;
 /// Page size of `GET {scope}/actions/runners`: Forgejo's default `MAX_RESPONSE_ITEMS`, which caps `limit`. A
 /// server configured with a lower cap answers shorter pages; `X-Total-Count` still says when all are read.
 pub const RUNNERS_PER_PAGE: usize = 50;
@@ -111,6 +111,7 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     per_agent_credentials: true,
     single_job: true,
     job_bound: true,
+    matching: crate::model::Matching::LabelSet { case_insensitive: false },
     launch: Launch {
         agent: "Forgejo runner",
         token_env: Some(TOKEN_ENV),

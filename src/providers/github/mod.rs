@@ -101,6 +101,8 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     per_agent_credentials: true,
     single_job: true,
     job_bound: false,
+    // A job's `runs-on` must all be among the runner's labels, compared ignoring case (see [`matching`]).
+    matching: crate::model::Matching::LabelSet { case_insensitive: true },
     launch: Launch {
         agent: "GitHub Actions runner",
         token_env: Some(launch::JIT_CONFIG_ENV),
