@@ -23,13 +23,18 @@
 //! the first cycle has remembered the answers (102 per cycle without ETags: 36,720 an hour at a 10 s poll,
 //! far over an App installation's 5,000–12,500).
 //!
-//! 500 repositories at a 10 s poll do not fit even with ETags: 1,006 requests a cycle is 6,000 `GET .../runs`
-//! a minute, and GitHub's secondary limit allows 900 points (one per `GET`) a minute per endpoint. They need
-//! `workflow_job` webhooks as the primary signal and a rotating poll as the safety net:
-//! [`GithubSettings::repositories_per_observe`] polls only that many quiet repositories per cycle (in name
-//! order, wrapping around), plus every repository that had queued or running jobs at its last look or was named
-//! by a webhook ([`GithubActions::note_workflow_job`]). 60 per cycle at 10 s is 720 `GET .../runs` a minute
-//! (under 900) and a full rotation every 90 s, with ETags nearly free of the primary budget.
+//! 500 repositories at a 10 s poll do not fit, ETags or not. Without them: 1,006 requests a cycle, 362,160 an
+//! hour, 29 times an App's largest budget (12,500). With them the primary budget is safe (idle cycles are all
+//! 304s), but GitHub's secondary limits count requests, 304s included as far as its documentation says:
+//! 1,006 a cycle is ~6,000 `GET`s a minute against 900 points a minute (one per `GET`), and it would also
+//! weigh on the CPU-time limit. They need `workflow_job` webhooks as the primary signal and a rotating poll as
+//! the safety net: [`GithubSettings::repositories_per_observe`] (config `repositoriesPerCycle`) polls only that
+//! many quiet repositories per cycle (in name order, wrapping around), plus every repository that had queued or
+//! running jobs at its last look or was named by a webhook ([`GithubActions::note_workflow_job`]). 60 per cycle
+//! at 10 s is 126 requests in a rotation's first cycle and 121 in the others (measured:
+//! `a_rotation_polls_500_repositories_within_the_secondary_limit`), 720 `GET .../runs` a minute (under 900),
+//! a full rotation every 90 s, and with ETags next to nothing of the primary budget. Without webhooks a job in a
+//! quiet repository waits up to one rotation (90 s) to be seen.
 //!
 //! # Runners
 //! Every runner ciscale makes is just-in-time (`POST .../actions/runners/generate-jitconfig`): its whole
