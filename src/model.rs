@@ -329,6 +329,8 @@ pub struct GithubSpec {
     pub repositories: Option<Vec<String>>,
     /// Quiet repositories polled per cycle (a rotation, for large organisations); `None`: all of them.
     pub repositories_per_cycle: Option<u32>,
+    /// The secret `workflow_job` webhooks are signed with; `None`: the source takes no webhooks.
+    pub webhook_secret: Option<Secret>,
 }
 
 /// Where a GitHub source's runners are registered.
@@ -391,15 +393,19 @@ impl CiKind {
             }
             CiKind::Github(GithubSpec {
                 auth,
+                webhook_secret,
                 endpoint: _,
                 scope: _,
                 runner_group: _,
                 repositories: _,
                 repositories_per_cycle: _,
-            }) => match auth {
-                GithubAuth::App { private_key, app_id: _, installation_id: _ } => vec![private_key],
-                GithubAuth::Token(token) => vec![token],
-            },
+            }) => {
+                let credential = match auth {
+                    GithubAuth::App { private_key, app_id: _, installation_id: _ } => private_key,
+                    GithubAuth::Token(token) => token,
+                };
+                std::iter::once(credential).chain(webhook_secret.as_ref()).collect()
+            }
             CiKind::Forgejo { token, server: _, scope: _, runner_url: _, runner_release: _ } => vec![token],
             CiKind::Fake(_) => Vec::new(),
         }

@@ -164,6 +164,10 @@ pub enum RawCiSource {
         /// [all, every cycle].
         #[serde(default)]
         repositories_per_cycle: Option<u32>,
+        /// The secret of the organisation's or repository's `workflow_job` webhook (verified with its
+        /// `X-Hub-Signature-256`); `watch` serving the webhook is the next step.
+        #[serde(default)]
+        webhook_secret: Option<RawSecret>,
     },
     /// A Forgejo instance (15 or later) with Forgejo Actions: one ephemeral runner per waiting job.
     Forgejo {

@@ -88,6 +88,7 @@ struct GithubRaw {
     token: Option<RawSecret>,
     repositories: Option<Vec<String>>,
     repositories_per_cycle: Option<u32>,
+    webhook_secret: Option<RawSecret>,
 }
 
 /// Why a Woodpecker filter label cannot work, if it cannot. Agents receive their labels as one
@@ -651,6 +652,7 @@ impl Validator<'_> {
             runner_group: raw.runner_group,
             repositories: raw.repositories,
             repositories_per_cycle: raw.repositories_per_cycle,
+            webhook_secret: raw.webhook_secret.map(|secret| Secret::new(secret.0)),
         })
     }
 
@@ -734,6 +736,7 @@ impl Validator<'_> {
                     token,
                     repositories,
                     repositories_per_cycle,
+                    webhook_secret,
                 } => {
                     let Some(spec) = self.github_spec(
                         &pointer,
@@ -748,6 +751,7 @@ impl Validator<'_> {
                             token,
                             repositories,
                             repositories_per_cycle,
+                            webhook_secret,
                         },
                     ) else {
                         complete = false;

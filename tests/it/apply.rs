@@ -949,6 +949,7 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             runner_group: None,
             repositories: None,
             repositories_per_cycle: None,
+            webhook_secret: None,
         }),
         CiKind::Github(GithubSpec {
             endpoint: None,
@@ -957,6 +958,7 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             runner_group: None,
             repositories: None,
             repositories_per_cycle: None,
+            webhook_secret: Some(Secret::new("tok-GITHUB-webhook-secret")),
         }),
         CiKind::Forgejo {
             server: "http://forgejo.invalid".to_owned(),
@@ -979,7 +981,9 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             CiKind::Woodpecker { .. } => tokens.push("tok-WOODPECKER-api"),
             CiKind::AzurePipelines { .. } => tokens.extend(["tok-AZURE-pat", "tok-AZURE-agent-pat"]),
             CiKind::Github(GithubSpec { auth: GithubAuth::App { .. }, .. }) => tokens.push("tok-GITHUB-app-private-key"),
-            CiKind::Github(GithubSpec { auth: GithubAuth::Token(_), .. }) => tokens.push("tok-GITHUB-pat"),
+            CiKind::Github(GithubSpec { auth: GithubAuth::Token(_), .. }) => {
+                tokens.extend(["tok-GITHUB-pat", "tok-GITHUB-webhook-secret"]);
+            }
             CiKind::Forgejo { .. } => tokens.push("tok-FORGEJO-access"),
             CiKind::Fake(_) => {}
         }

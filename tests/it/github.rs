@@ -1023,11 +1023,15 @@ async fn a_github_config_is_connected_and_matched_end_to_end() {
     fake.queue_run("acme/app", &[&["self-hosted", "linux", "docker"], &["self-hosted", "gpu"], &["ubuntu-latest"]]);
     let text = format!(
         "id: gh\nci:\n  github:\n    kind: github\n    endpoint: {}\n    organization: {ORG}\n    app:\n      appId: {APP_ID}\n      \
-         installationId: {INSTALLATION_ID}\n      privateKey: ${{GITHUB_APP_KEY}}\nbackends:\n  f: {{ kind: fake }}\npools:\n  \
+         installationId: {INSTALLATION_ID}\n      privateKey: ${{GITHUB_APP_KEY}}\n    webhookSecret: ${{GITHUB_WEBHOOK_SECRET}}\nbackends:\n  f: {{ kind: fake }}\npools:\n  \
          - name: linux\n    ci: {{ source: github, labels: {{ docker: \"\" }} }}\n    backend: {{ name: f }}\n",
         fake.url()
     );
-    let env = |name: &str| (name == "GITHUB_APP_KEY").then(|| APP_KEY.to_owned());
+    let env = |name: &str| match name {
+        "GITHUB_APP_KEY" => Some(APP_KEY.to_owned()),
+        "GITHUB_WEBHOOK_SECRET" => Some("hook-secret".to_owned()),
+        _ => None,
+    };
     let desired = ciscale::config::load_str("github.yaml", &text, &env).expect("loads");
     let CiKind::Github(spec) = &desired.ci[&CiName::new("github")].kind else {
         panic!("a github source: {:?}", desired.ci);
@@ -1045,6 +1049,7 @@ async fn a_github_config_is_connected_and_matched_end_to_end() {
             runner_group: None,
             repositories: None,
             repositories_per_cycle: None,
+            webhook_secret: Some(Secret::new("hook-secret")),
         }
     );
     let pool = desired.pool(&PoolName::new("linux")).expect("pool");
@@ -1075,5 +1080,22 @@ async fn a_github_config_is_connected_and_matched_end_to_end() {
     github.register(&request).await.expect("register");
     let runner = fake.runner_by_name(name).expect("registered");
     assert_eq!(runner.labels, ["self-hosted", "Linux", "X64", "docker", "ciscale-owner:gh"]);
+
+    // Webhooks through the connected source (as `watch`'s listener will call it): a signed `queued` delivery
+    // wakes the loop, a forged one is refused with 401, and a source without a secret takes none (404).
+    assert_eq!(github.webhook_max_body(), Some(webhook::DEFAULT_MAX_BODY));
+    let (_, jobs) = fake.queue_run("acme/app", &[&["self-hosted", "docker"]]);
+    let body = serde_json::to_vec(&fake.workflow_job_payload(jobs[0], "queued")).expect("json");
+    let signed = delivery_headers(&webhook::sign(&Secret::new("hook-secret"), &body), "workflow_job");
+    let notice = github.receive_webhook(&signed, &body).expect("a signed delivery");
+    assert!(notice.wake, "a queued job wakes the loop");
+    assert_eq!(notice.reason, "workflow_job queued in `acme/app`");
+    let forged = delivery_headers(&webhook::sign(&Secret::new("guess"), &body), "workflow_job");
+    let refused = github.receive_webhook(&forged, &body).expect_err("forged");
+    assert_eq!(refused.status, 401);
+    assert!(!refused.to_string().contains("hook-secret"), "{refused}");
+    let plain = source(token_settings(&fake, org()));
+    assert_eq!(plain.webhook_max_body(), None);
+    assert_eq!(plain.receive_webhook(&signed, &body).expect_err("no secret").status, 404);
     assert_spec_clean(&fake);
 }

@@ -202,6 +202,8 @@ pub struct GithubSettings {
     pub timeout: Duration,
     /// How long before expiry an installation token is replaced.
     pub token_renew_margin: Duration,
+    /// The secret `workflow_job` webhooks are signed with; `None`: the source takes no webhooks.
+    pub webhook_secret: Option<Secret>,
     /// The config's owner id: every runner gets the label [`owner_label`] (`ciscale-owner:<id>`), a second
     /// proof besides its name that the record is ours. `None`: no such label.
     pub owner: Option<String>,
@@ -222,6 +224,7 @@ impl GithubSettings {
             concurrency: DEFAULT_CONCURRENCY,
             timeout: DEFAULT_TIMEOUT,
             token_renew_margin: auth::DEFAULT_RENEW_MARGIN,
+            webhook_secret: None,
             owner: None,
         }
     }
@@ -253,6 +256,7 @@ impl GithubSettings {
             }),
             repositories: spec.repositories.clone().map(Repositories::Listed),
             repositories_per_observe: spec.repositories_per_cycle.map(|count| count as usize),
+            webhook_secret: spec.webhook_secret.clone(),
             owner: Some(owner.to_owned()),
             ..Self::new(scope, auth)
         }
@@ -290,6 +294,7 @@ pub struct GithubActions {
     work_folder: String,
     repositories_per_observe: Option<usize>,
     owner: Option<String>,
+    webhooks: Option<webhook::WebhookVerifier>,
     concurrency: usize,
     sweep: Mutex<Sweep>,
 }
@@ -367,6 +372,10 @@ impl GithubActions {
             settings.conditional_requests,
             settings.timeout,
         )?;
+        let webhooks = match settings.webhook_secret {
+            Some(secret) => Some(webhook::WebhookVerifier::new(secret).map_err(|error| invalid(error.to_string()))?),
+            None => None,
+        };
         let runner_group_id = match &settings.runner_group {
             Some(RunnerGroup::Id(id)) => Some(*id),
             Some(RunnerGroup::Name(_)) => None,
@@ -382,6 +391,7 @@ impl GithubActions {
             work_folder: settings.work_folder,
             repositories_per_observe: settings.repositories_per_observe,
             owner: settings.owner,
+            webhooks,
             concurrency: settings.concurrency.max(1),
             sweep: Mutex::new(Sweep::default()),
         })
@@ -669,6 +679,41 @@ impl CiSource for GithubActions {
             ))
         })?;
         launch::cloud_user_data(release, env_file).map_err(|error| invalid(format!("cannot write user data: {error}")))
+    }
+
+    fn webhook_max_body(&self) -> Option<usize> {
+        self.webhooks.as_ref().map(webhook::WebhookVerifier::max_body)
+    }
+
+    /// A `workflow_job` delivery names its repository for the next observation ([`Self::note_workflow_job`])
+    /// and wakes the loop when a job is queued or completed; `ping` and other events are acknowledged.
+    fn receive_webhook(
+        &self,
+        headers: &reqwest::header::HeaderMap,
+        body: &[u8],
+    ) -> std::result::Result<crate::providers::WebhookNotice, crate::providers::WebhookRefusal> {
+        let Some(verifier) = &self.webhooks else {
+            return Err(crate::providers::WebhookRefusal {
+                status: 404,
+                message: "this github source has no `webhookSecret`, so it takes no webhooks".to_owned(),
+            });
+        };
+        let delivery = verifier
+            .receive(headers, body)
+            .map_err(|error| crate::providers::WebhookRefusal { status: error.status(), message: error.to_string() })?;
+        Ok(match delivery.event {
+            webhook::Event::WorkflowJob(event) => {
+                self.note_workflow_job(&event);
+                crate::providers::WebhookNotice {
+                    wake: event.wakes_loop(),
+                    reason: format!("workflow_job {} in `{}`", event.action, event.repository),
+                }
+            }
+            webhook::Event::Ping => crate::providers::WebhookNotice { wake: false, reason: "ping".to_owned() },
+            webhook::Event::Other(name) => {
+                crate::providers::WebhookNotice { wake: false, reason: format!("`{name}` event ignored") }
+            }
+        })
     }
 
     async fn observe(&self) -> Result<CiObservation> {

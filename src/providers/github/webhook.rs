@@ -119,6 +119,18 @@ pub enum JobAction {
     Other(String),
 }
 
+impl std::fmt::Display for JobAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobAction::Queued => "queued",
+            JobAction::Waiting => "waiting",
+            JobAction::InProgress => "in_progress",
+            JobAction::Completed => "completed",
+            JobAction::Other(other) => other,
+        })
+    }
+}
+
 impl WorkflowJobEvent {
     /// Whether the delivery changes what the loop should do now: a queued job may need a runner, a completed one
     /// leaves a runner (and its instance) to clean up. `in_progress` moves demand from pending to running and
