@@ -47,7 +47,6 @@ fn world() -> (Desired, Observed, Timestamp) {
                     ("repo".to_owned(), "*".to_owned()),
                 ]
                 .into(),
-                azure_pool: None,
                 capabilities: BTreeMap::new(),
             },
             backend: BackendBinding {
