@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
 use crate::apply::{self, ApplyOptions, NoProgress};
-use crate::model::{Desired, PoolName};
+use crate::model::{Desired, Observed, PoolName};
 use crate::plan::{self, PoolStatus, Summary};
 use crate::providers::Providers;
 
@@ -37,13 +37,34 @@ pub struct WatchOptions {
     /// The longest wait after repeated failures.
     pub max_backoff: Duration,
     pub apply: ApplyOptions,
+    /// Shown every plan a cycle makes; `None` in the daemon unless `CISCALE_PLAN_TRACE` asks for a trace.
+    pub inspect: Option<PlanInspector>,
 }
 
 impl Default for WatchOptions {
     fn default() -> Self {
         // Five minutes: long enough not to hammer a provider that is down, short enough that recovery is noticed
         // well within a typical idle timeout.
-        Self { cycles: None, max_backoff: Duration::from_secs(300), apply: ApplyOptions::default() }
+        Self { cycles: None, max_backoff: Duration::from_secs(300), apply: ApplyOptions::default(), inspect: None }
+    }
+}
+
+/// Sees each plan the loop makes, with the config and the observation it was made from, right after planning
+/// (before the create throttle and apply). A test hook: the safety oracle judges every plan of the end-to-end
+/// tests through it (in-process, or from the trace `ciscale watch` writes under `CISCALE_PLAN_TRACE`). It must
+/// not block: it runs inside the cycle.
+#[derive(Clone)]
+pub struct PlanInspector(Arc<dyn Fn(&Desired, &Observed, &plan::Plan) + Send + Sync>);
+
+impl PlanInspector {
+    pub fn new(inspect: impl Fn(&Desired, &Observed, &plan::Plan) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(inspect))
+    }
+}
+
+impl std::fmt::Debug for PlanInspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlanInspector")
     }
 }
 
@@ -189,7 +210,7 @@ pub async fn run_reloadable(
         let started_at = Timestamp::now();
         let clock = std::time::Instant::now();
         let span = tracing::info_span!("reconcile", cycle);
-        let mut report = reconcile(&desired, &providers, &options.apply, cancel, cycle, started_at, &mut throttle)
+        let mut report = reconcile(&desired, &providers, options, cancel, cycle, started_at, &mut throttle)
             .instrument(span)
             .await;
 
@@ -251,7 +272,7 @@ fn spawn_relays(relays: &mut tokio::task::JoinSet<()>, wake: &Arc<Notify>, trigg
 async fn reconcile(
     desired: &Desired,
     providers: &Providers,
-    apply_options: &ApplyOptions,
+    options: &WatchOptions,
     cancel: &watch::Receiver<bool>,
     cycle: u64,
     started_at: Timestamp,
@@ -285,6 +306,9 @@ async fn reconcile(
         }
     };
     let mut plan = plan::plan(desired, &observed, observed.observed_at);
+    if let Some(inspect) = &options.inspect {
+        (inspect.0)(desired, &observed, &plan);
+    }
     // Between plan and apply: the pure plan says what is needed, the throttle what may be done now.
     report.held_back = throttle.filter(&mut plan, desired, Timestamp::now()).changes.len();
     report.circuits_open = throttle.open_circuits().into_iter().collect();
@@ -313,7 +337,7 @@ async fn reconcile(
         let target = change.instance.as_ref().map(|i| i.name.as_str()).or(change.agent.as_ref().map(|a| a.name.as_str()));
         tracing::info!(pool = %change.pool, action = %change.action, target, reason = %change.reason, "planned");
     }
-    let result = apply::apply(&plan, desired, providers, apply_options, &NoProgress, cancel).await;
+    let result = apply::apply(&plan, desired, providers, &options.apply, &NoProgress, cancel).await;
     throttle.record(&result.outcomes, desired, Timestamp::now());
     report.circuits_open = throttle.open_circuits().into_iter().collect();
     report.applied = result.succeeded();

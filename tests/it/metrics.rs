@@ -60,15 +60,19 @@ fn value(exposition: &str, series: &str) -> Option<f64> {
 }
 
 async fn run_cycles(desired: &Desired, providers: &Providers, metrics: &Arc<Metrics>, cycles: u64) {
+    // Every plan of the run is judged by the safety oracle.
+    let (inspect, ledger) = crate::safety::ledger::inspector();
     let options = WatchOptions {
         cycles: Some(cycles),
         apply: ApplyOptions { poll: Duration::from_millis(1), ..ApplyOptions::default() },
+        inspect: Some(inspect),
         ..WatchOptions::default()
     };
     let (_keep, cancel) = tokio::sync::watch::channel(false);
     let mut desired = desired.clone();
     desired.poll_interval = ciscale::model::GoDuration(Duration::from_millis(20));
     watch::run(&desired, providers, &options, &cancel, |report| metrics.record_cycle(report)).await;
+    ledger.lock().expect("ledger").assert_safe();
 }
 
 #[tokio::test(flavor = "multi_thread")]
