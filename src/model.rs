@@ -299,6 +299,8 @@ pub enum CiKind {
         /// `pat` is handed out (Azure has no per-agent tokens; see `providers::azure_pipelines`).
         agent_pat: Option<Secret>,
     },
+    /// GitHub Actions (github.com or GitHub Enterprise Server); see `providers::github`.
+    Github(GithubSpec),
     /// A Forgejo instance's Actions (Forgejo 15 and later).
     Forgejo {
         server: String,
@@ -311,6 +313,43 @@ pub enum CiKind {
     },
     /// The in-memory fake (tests, demos, offline trials).
     Fake(FakeSpec),
+}
+
+/// A GitHub Actions source, as the config gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GithubSpec {
+    /// The API root; `None`: `https://api.github.com` (GitHub Enterprise Server: `https://HOST/api/v3`).
+    pub endpoint: Option<String>,
+    pub scope: GithubScope,
+    pub auth: GithubAuth,
+    /// The runner group new runners join (organisation and enterprise scopes), by name or number; `None`: the
+    /// default group.
+    pub runner_group: Option<String>,
+    /// The repositories whose queues are read (`owner/name`); `None`: the scope's own (see `providers::github`).
+    pub repositories: Option<Vec<String>>,
+    /// Quiet repositories polled per cycle (a rotation, for large organisations); `None`: all of them.
+    pub repositories_per_cycle: Option<u32>,
+    /// The secret `workflow_job` webhooks are signed with; `None`: the source takes no webhooks.
+    pub webhook_secret: Option<Secret>,
+}
+
+/// Where a GitHub source's runners are registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GithubScope {
+    /// `owner/name`.
+    Repository(String),
+    Organization(String),
+    Enterprise(String),
+}
+
+/// How a GitHub source authenticates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GithubAuth {
+    /// A GitHub App installation: the app's id (or client id), the installation's id and the app's private key
+    /// (PEM).
+    App { app_id: String, installation_id: u64, private_key: Secret },
+    /// A personal access token (fine-grained or classic).
+    Token(Secret),
 }
 
 /// Whose Forgejo jobs and runners a source serves.
@@ -352,6 +391,21 @@ impl CiKind {
             CiKind::AzurePipelines { pat, agent_pat, organization_url: _ } => {
                 std::iter::once(pat).chain(agent_pat.as_ref()).collect()
             }
+            CiKind::Github(GithubSpec {
+                auth,
+                webhook_secret,
+                endpoint: _,
+                scope: _,
+                runner_group: _,
+                repositories: _,
+                repositories_per_cycle: _,
+            }) => {
+                let credential = match auth {
+                    GithubAuth::App { private_key, app_id: _, installation_id: _ } => private_key,
+                    GithubAuth::Token(token) => token,
+                };
+                std::iter::once(credential).chain(webhook_secret.as_ref()).collect()
+            }
             CiKind::Forgejo { token, server: _, scope: _, runner_url: _, runner_release: _ } => vec![token],
             CiKind::Fake(_) => Vec::new(),
         }
@@ -361,6 +415,7 @@ impl CiKind {
         match self {
             CiKind::Woodpecker { .. } => "woodpecker",
             CiKind::AzurePipelines { .. } => "azure-pipelines",
+            CiKind::Github(_) => "github",
             CiKind::Forgejo { .. } => "forgejo",
             CiKind::Fake(_) => "fake",
         }

@@ -131,6 +131,44 @@ pub enum RawCiSource {
         #[serde(default)]
         agent_pat: Option<RawSecret>,
     },
+    /// GitHub Actions: github.com or GitHub Enterprise Server. One just-in-time runner per instance (its config
+    /// is its only credential); name exactly one of `repository`, `organization`, `enterprise`, and one of `app`
+    /// (recommended) or `token`.
+    Github {
+        /// API root, for GitHub Enterprise Server (`https://HOST/api/v3`) and tests [https://api.github.com].
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// Runners of one repository, `owner/name`.
+        #[serde(default)]
+        repository: Option<String>,
+        /// Runners of an organisation (its repositories' jobs).
+        #[serde(default)]
+        organization: Option<String>,
+        /// Runners of an enterprise (its slug); needs `repositories`.
+        #[serde(default)]
+        enterprise: Option<String>,
+        /// Runner group of new runners, by name or id (organisations and enterprises) [the default group].
+        #[serde(default)]
+        runner_group: Option<String>,
+        /// A GitHub App installed on the scope (Actions: read; Administration or Self-hosted runners: write).
+        #[serde(default)]
+        app: Option<RawGithubApp>,
+        /// A personal access token instead of an app (fine-grained: Actions read, Administration write).
+        #[serde(default)]
+        token: Option<RawSecret>,
+        /// Repositories (`owner/name`) whose queues are read [a repository scope: that one; an app on an
+        /// organisation: the installation's; a token on an organisation: the organisation's].
+        #[serde(default)]
+        repositories: Option<Vec<String>>,
+        /// Quiet repositories polled per cycle, in turn (for hundreds of repositories; busy ones every cycle)
+        /// [all, every cycle].
+        #[serde(default)]
+        repositories_per_cycle: Option<u32>,
+        /// The secret of the organisation's or repository's `workflow_job` webhook (verified with its
+        /// `X-Hub-Signature-256`); `watch` serving the webhook is the next step.
+        #[serde(default)]
+        webhook_secret: Option<RawSecret>,
+    },
     /// A Forgejo instance (15 or later) with Forgejo Actions: one ephemeral runner per waiting job.
     Forgejo {
         /// The Forgejo URL, e.g. `https://codeberg.org`.
@@ -167,6 +205,18 @@ pub enum RawCiSource {
         #[serde(default)]
         simulate: Option<bool>,
     },
+}
+
+/// A GitHub App installation.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawGithubApp {
+    /// The app's id (a number) or its client id (`Iv1.…`).
+    pub app_id: String,
+    /// The installation's id (the number at the end of its settings URL).
+    pub installation_id: u64,
+    /// The app's private key, PEM (the `.pem` file GitHub generated).
+    pub private_key: RawSecret,
 }
 
 /// A pinned forgejo-runner release: what a cloud server downloads and the digest it must have.
@@ -289,7 +339,8 @@ pub struct RawPool {
 pub struct RawPoolCi {
     /// Name of a CI source under `ci`.
     pub source: String,
-    /// Woodpecker agent labels (`key: value`, `key: "*"`, `"!key": value`).
+    /// Woodpecker agent labels (`key: value`, `key: "*"`, `"!key": value`); GitHub runner labels (`name: ""`,
+    /// matched against a job's `runs-on`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Azure Pipelines agent pool name (azure-pipelines sources only).

@@ -10,10 +10,11 @@ use serde_json::Value;
 
 use super::check::{Checked, Seg};
 use super::diag::{backticked, did_you_mean, Problems, Span};
-use super::raw::{RawBackend, RawCiSource, RawImage, RawPool, RawRunnerRelease, RawScale};
+use super::raw::{RawBackend, RawCiSource, RawGithubApp, RawImage, RawPool, RawRunnerRelease, RawScale, RawSecret};
 use crate::model::{
     AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
-    BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, ForgejoScope, GoDuration,
+    BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, ForgejoScope, GithubAuth,
+    GithubScope, GithubSpec, GoDuration,
     CreateLimit, CreateRate, CronPattern, ImageSpec, InstanceId, InstanceMode, MetricsSpec, PoolName, PoolSpec,
     RunnerReleaseSpec, ScalePolicy, ScheduleWindow, Secret,
 };
@@ -74,6 +75,20 @@ fn ptr(segments: &[&str]) -> String {
         .map(|segment| Seg::Key((*segment).to_owned()))
         .collect();
     super::check::pointer(&path)
+}
+
+/// The fields of a `kind: github` source, for [`Validator::github_spec`].
+struct GithubRaw {
+    endpoint: Option<String>,
+    repository: Option<String>,
+    organization: Option<String>,
+    enterprise: Option<String>,
+    runner_group: Option<String>,
+    app: Option<RawGithubApp>,
+    token: Option<RawSecret>,
+    repositories: Option<Vec<String>>,
+    repositories_per_cycle: Option<u32>,
+    webhook_secret: Option<RawSecret>,
 }
 
 /// Why a Woodpecker filter label cannot work, if it cannot. Agents receive their labels as one
@@ -232,6 +247,11 @@ fn ci_poll_floor(name: &CiName, kind: &CiKind) -> PollFloor {
             GoDuration::from_secs(5),
             "Azure DevOps throttles each identity by the load of its requests over 5-minute windows, and every \
              cycle costs two calls per bound agent pool",
+        ),
+        CiKind::Github(spec) if !spec.endpoint.as_deref().is_some_and(is_loopback_url) => local(
+            GoDuration::from_secs(5),
+            "every cycle reads each repository's queued and running workflow runs (two calls per repository; \
+             unchanged answers are free of the hourly budget, but GitHub allows 900 a minute)",
         ),
         CiKind::Forgejo { server, .. } if !is_loopback_url(server) => local(
             GoDuration::from_secs(1),
@@ -517,6 +537,125 @@ impl Validator<'_> {
         }
     }
 
+    /// A GitHub source's scope and auth: exactly one of each, with the checks that need no call to GitHub.
+    fn github_spec(&mut self, pointer: &str, name: &str, raw: GithubRaw) -> Option<GithubSpec> {
+        let place = format!("ci source `{name}`");
+        let mut ok = true;
+        let scopes: Vec<(&str, GithubScope)> = [
+            raw.repository.map(|repository| ("repository", GithubScope::Repository(repository))),
+            raw.organization.map(|org| ("organization", GithubScope::Organization(org))),
+            raw.enterprise.map(|enterprise| ("enterprise", GithubScope::Enterprise(enterprise))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let scope = match scopes.as_slice() {
+            [(_, scope)] => Some(scope.clone()),
+            [] => {
+                self.problems.push(
+                    self.value_span(pointer),
+                    format!("{place} names no scope"),
+                    Some("add `organization: NAME`, `repository: OWNER/NAME` or `enterprise: SLUG`".to_owned()),
+                );
+                None
+            }
+            [_, (second, _), ..] => {
+                self.problems.push(
+                    self.key_span(&format!("{pointer}/{second}")),
+                    format!("{place} names more than one scope"),
+                    Some("keep one of `repository`, `organization`, `enterprise`: runners belong to one".to_owned()),
+                );
+                None
+            }
+        };
+        if let Some(GithubScope::Repository(repository)) = &scope {
+            let parts: Vec<&str> = repository.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|part| part.trim().is_empty()) {
+                self.problems.push(
+                    self.value_span(&format!("{pointer}/repository")),
+                    format!("`repository` of {place} is not `owner/name`: `{repository}`"),
+                    Some("write it as on GitHub, e.g. `acme/app`".to_owned()),
+                );
+                ok = false;
+            }
+            if raw.runner_group.is_some() {
+                self.problems.push(
+                    self.key_span(&format!("{pointer}/runnerGroup")),
+                    format!("`runnerGroup` of {place} has no meaning for a repository's runners"),
+                    Some("runner groups belong to organisations and enterprises: remove `runnerGroup`".to_owned()),
+                );
+                ok = false;
+            }
+        }
+        if matches!(scope, Some(GithubScope::Enterprise(_))) && raw.repositories.is_none() {
+            self.problems.push(
+                self.key_span(&format!("{pointer}/enterprise")),
+                format!("{place} serves an enterprise but lists no `repositories`"),
+                Some("GitHub has no list of an enterprise's repositories: name them in `repositories`".to_owned()),
+            );
+            ok = false;
+        }
+        for (index, repository) in raw.repositories.iter().flatten().enumerate() {
+            let parts: Vec<&str> = repository.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|part| part.trim().is_empty()) {
+                self.problems.push(
+                    self.value_span(&format!("{pointer}/repositories/{index}")),
+                    format!("repository `{repository}` of {place} is not `owner/name`"),
+                    Some("write it as on GitHub, e.g. `acme/app`".to_owned()),
+                );
+                ok = false;
+            }
+        }
+        if raw.repositories_per_cycle == Some(0) {
+            self.problems.push(
+                self.value_span(&format!("{pointer}/repositoriesPerCycle")),
+                format!("`repositoriesPerCycle` of {place} is 0"),
+                Some("poll at least one quiet repository per cycle, or remove the key to poll all of them".to_owned()),
+            );
+            ok = false;
+        }
+        let auth = match (raw.app, raw.token) {
+            (Some(app), None) => Some(GithubAuth::App {
+                app_id: app.app_id,
+                installation_id: app.installation_id,
+                private_key: Secret::new(app.private_key.0),
+            }),
+            (None, Some(token)) => Some(GithubAuth::Token(Secret::new(token.0))),
+            (None, None) => {
+                self.problems.push(
+                    self.value_span(pointer),
+                    format!("{place} has no credentials"),
+                    Some(
+                        "add `app: {appId: …, installationId: …, privateKey: \"${GITHUB_APP_KEY}\"}` (recommended) or \
+                         `token: \"${GITHUB_TOKEN}\"`"
+                            .to_owned(),
+                    ),
+                );
+                None
+            }
+            (Some(_), Some(_)) => {
+                self.problems.push(
+                    self.key_span(&format!("{pointer}/token")),
+                    format!("{place} has both `app` and `token`"),
+                    Some("keep one: an app (its own rate limit, tokens that expire by themselves) or a token".to_owned()),
+                );
+                None
+            }
+        };
+        let (Some(scope), Some(auth), true) = (scope, auth, ok) else {
+            return None;
+        };
+        Some(GithubSpec {
+            endpoint: raw.endpoint,
+            scope,
+            auth,
+            runner_group: raw.runner_group,
+            repositories: raw.repositories,
+            repositories_per_cycle: raw.repositories_per_cycle,
+            webhook_secret: raw.webhook_secret.map(|secret| Secret::new(secret.0)),
+        })
+    }
+
     fn fake_spec(&self, state_file: Option<String>, simulate: Option<bool>) -> FakeSpec {
         FakeSpec {
             state_file: state_file.map(|file| self.resolve_path(&file)),
@@ -587,6 +726,39 @@ impl Validator<'_> {
                     pat: Secret::new(pat.0),
                     agent_pat: agent_pat.map(|agent_pat| Secret::new(agent_pat.0)),
                 },
+                RawCiSource::Github {
+                    endpoint,
+                    repository,
+                    organization,
+                    enterprise,
+                    runner_group,
+                    app,
+                    token,
+                    repositories,
+                    repositories_per_cycle,
+                    webhook_secret,
+                } => {
+                    let Some(spec) = self.github_spec(
+                        &pointer,
+                        name,
+                        GithubRaw {
+                            endpoint,
+                            repository,
+                            organization,
+                            enterprise,
+                            runner_group,
+                            app,
+                            token,
+                            repositories,
+                            repositories_per_cycle,
+                            webhook_secret,
+                        },
+                    ) else {
+                        complete = false;
+                        continue;
+                    };
+                    CiKind::Github(spec)
+                }
                 RawCiSource::Fake {
                     state_file,
                     simulate,
@@ -1000,12 +1172,43 @@ impl Validator<'_> {
                     ok = false;
                 }
             }
+            Some(CiKind::Github(_)) => {
+                for key in ["azurePool", "capabilities"] {
+                    let present = match key {
+                        "azurePool" => raw.ci.azure_pool.is_some(),
+                        _ => !raw.ci.capabilities.is_empty(),
+                    };
+                    if present {
+                        self.problems.push(
+                            self.key_span(&format!("{pointer}/ci/{key}")),
+                            format!("`{key}` in {place} applies only to azure-pipelines sources; `{}` is a github source", raw.ci.source),
+                            Some("github pools offer runner labels: `labels: {gpu: \"\"}`, matched against `runs-on`".to_owned()),
+                        );
+                        ok = false;
+                    }
+                }
+                // A GitHub runner label is a name; the planner and the runner see only the key.
+                for (key, value) in &raw.ci.labels {
+                    if !value.is_empty() || key.starts_with('!') || key.starts_with("ciscale.") {
+                        let escaped = super::check::pointer(&[Seg::Key(key.clone())]);
+                        self.problems.push(
+                            self.key_span(&format!("{pointer}/ci/labels{escaped}")),
+                            format!("label `{key}` in {place} is not a github runner label"),
+                            Some(format!(
+                                "github runner labels are names, matched against a job's `runs-on`: write `{}: \"\"`",
+                                key.trim_start_matches('!')
+                            )),
+                        );
+                        ok = false;
+                    }
+                }
+            }
             Some(CiKind::Fake(_)) | None => {}
         }
-        // Forgejo's runner labels were checked above, by its own grammar.
+        // Forgejo's and GitHub's runner labels were checked above, by their own grammar.
         let forgejo_source = matches!(
             ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind),
-            Some(CiKind::Forgejo { .. })
+            Some(CiKind::Forgejo { .. } | CiKind::Github(_))
         );
         for (key, value) in raw.ci.labels.iter().filter(|_| !forgejo_source) {
             if let Some(why) = woodpecker_label_problem(key, value) {
@@ -1199,6 +1402,8 @@ impl Validator<'_> {
         let (Some(scale), true, Ok(preregistered)) = (scale, ok, preregistered) else {
             return None;
         };
+        let github_source =
+            matches!(ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind), Some(CiKind::Github(_)));
         Some(PoolSpec {
             name: PoolName::new(raw.name),
             ci: CiBinding {
@@ -1208,6 +1413,16 @@ impl Validator<'_> {
                     let mut labels = raw.ci.labels;
                     if let Some(azure_pool) = raw.ci.azure_pool {
                         labels.insert(crate::model::AZURE_POOL_LABEL.to_owned(), azure_pool);
+                    }
+                    if github_source {
+                        // Every GitHub runner carries `self-hosted` and its OS and architecture (ciscale registers
+                        // them: a just-in-time runner gets no others), so jobs written for any self-hosted runner
+                        // match the pool.
+                        for implicit in crate::providers::github::RunnerPlatform::default().implicit_labels() {
+                            if !labels.keys().any(|label| label.eq_ignore_ascii_case(implicit)) {
+                                labels.insert(implicit.to_owned(), String::new());
+                            }
+                        }
                     }
                     labels
                 },

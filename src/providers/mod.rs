@@ -42,6 +42,7 @@ pub mod aws;
 pub mod azure_pipelines;
 pub mod fake;
 pub mod forgejo;
+pub mod github;
 pub mod hcloud;
 pub(crate) mod http;
 pub mod incus;
@@ -310,6 +311,23 @@ pub enum CloudLaunch {
     OwnUserData,
 }
 
+/// What a verified webhook delivery asks of the loop ([`CiSource::receive_webhook`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookNotice {
+    /// Run a cycle now: the delivery changes what is needed (a job waits, or one finished).
+    pub wake: bool,
+    /// For the log and the trigger: `workflow_job queued in acme/app`.
+    pub reason: String,
+}
+
+/// A refused webhook delivery: the HTTP status to answer and why. Never holds a secret, a signature or the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("webhook delivery refused ({status}): {message}")]
+pub struct WebhookRefusal {
+    pub status: u16,
+    pub message: String,
+}
+
 /// A CI server: where the queue is read and agents are registered.
 ///
 /// # Contract
@@ -328,6 +346,16 @@ pub trait CiSource: Send + Sync + Debug {
     /// apply writes it), for a source whose launch is [`CloudLaunch::OwnUserData`].
     fn cloud_user_data(&self, _env_file: &Secret) -> Result<Secret> {
         Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "cloud_user_data" })
+    }
+    /// The largest webhook body the source reads, when it takes webhooks (the listener stops reading past it
+    /// and answers 413); `None`: it takes none.
+    fn webhook_max_body(&self) -> Option<usize> {
+        None
+    }
+    /// A webhook delivery (its headers and raw body) for this source: verified (a source never reads an
+    /// unverified body), read, and turned into what the loop should do. `Err`: the status to answer.
+    fn receive_webhook(&self, _headers: &reqwest::header::HeaderMap, _body: &[u8]) -> std::result::Result<WebhookNotice, WebhookRefusal> {
+        Err(WebhookRefusal { status: 404, message: format!("ci source kind `{}` takes no webhooks", self.kind()) })
     }
     async fn observe(&self) -> Result<CiObservation>;
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential>;

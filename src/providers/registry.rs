@@ -54,6 +54,9 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
             CiKind::Woodpecker { server, token, grpc_address } => {
                 Arc::new(super::woodpecker::Woodpecker::new(server, token.clone(), grpc_address.as_deref())?)
             }
+            CiKind::Github(github) => Arc::new(super::github::GithubActions::new(
+                super::github::GithubSettings::from_spec(github, &desired.owner),
+            )?),
             CiKind::AzurePipelines { organization_url, pat, agent_pat } => {
                 Arc::new(super::azure_pipelines::AzurePipelines::new(super::azure_pipelines::AzureSettings {
                     agent_pat: agent_pat.clone(),
@@ -92,6 +95,7 @@ pub fn ci_capabilities(kind: &CiKind) -> CiCapabilities {
     match kind {
         CiKind::Woodpecker { .. } => super::woodpecker::CAPABILITIES,
         CiKind::AzurePipelines { .. } => super::azure_pipelines::CAPABILITIES,
+        CiKind::Github(_) => super::github::CAPABILITIES,
         CiKind::Forgejo { .. } => super::forgejo::CAPABILITIES,
         CiKind::Fake(_) => super::fake::CI_CAPABILITIES,
     }

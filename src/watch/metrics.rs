@@ -419,6 +419,16 @@ impl CiSource for CountedCi {
     fn cloud_user_data(&self, env_file: &crate::model::Secret) -> Result<crate::model::Secret> {
         self.inner.cloud_user_data(env_file)
     }
+    fn webhook_max_body(&self) -> Option<usize> {
+        self.inner.webhook_max_body()
+    }
+    fn receive_webhook(
+        &self,
+        headers: &reqwest::header::HeaderMap,
+        body: &[u8],
+    ) -> std::result::Result<crate::providers::WebhookNotice, crate::providers::WebhookRefusal> {
+        self.inner.receive_webhook(headers, body)
+    }
     async fn observe(&self) -> Result<CiObservation> {
         let result = self.inner.observe().await;
         self.count("observe", &result);

@@ -12,7 +12,7 @@ use ciscale::apply::{
 };
 use ciscale::model::{
     AgentId, AgentSpec, BackendBinding, BackendKind, BackendName, BackendSpec, Billing, CiBinding, CiKind, CiName,
-    BackendObservation, CiSourceSpec, Desired, FakeSpec, GoDuration, Instance, InstanceId, InstanceMode, InstanceState, PoolName,
+    BackendObservation, CiSourceSpec, Desired, FakeSpec, GithubAuth, GithubScope, GithubSpec, GoDuration, Instance, InstanceId, InstanceMode, InstanceState, PoolName,
     PoolSpec, ScalePolicy, Secret, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
 };
 use ciscale::plan::{Action, AgentTarget, Change, Cost, InstanceTarget, Plan, Summary};
@@ -347,6 +347,58 @@ async fn a_cloud_server_boots_the_agent_its_ci_launches() {
     assert_eq!(outcomes(&report), [&Outcome::Done]);
     let own = format!("#own-user-data\n{}", with_token_as("FORGEJO_RUNNER_TOKEN"));
     assert_eq!(user_data_sha(&world), Some(sha256_hex(own.as_bytes())));
+}
+
+/// A GitHub pool, applied with the real GitHub source against the GitHub fake: the instance gets the runner's
+/// just-in-time config under `ACTIONS_RUNNER_INPUT_JITCONFIG` — as a 0400 file and the wrapper started in a
+/// container, or inside the source's own cloud-init (the pinned runner release) on a cloud server.
+#[tokio::test]
+async fn a_github_pool_hands_each_runner_its_just_in_time_config() {
+    use ciscale::providers::github::{self, launch, Auth, GithubActions, GithubSettings, RunnerArch, Scope};
+    use crate::fakes::github::{FakeGithub, PAT};
+    for exec in [true, false] {
+        let fake = FakeGithub::start();
+        fake.add_repo("acme/app");
+        let settings = GithubSettings {
+            endpoint: fake.url(),
+            owner: Some(OWNER.to_owned()),
+            ..GithubSettings::new(Scope::Repository { owner: "acme".to_owned(), name: "app".to_owned() }, Auth::Token(Secret::new(PAT)))
+        };
+        let source = Arc::new(GithubActions::new(settings).expect("source"));
+        let world = FakeWorld::new();
+        world.set_exec_capability(exec);
+        let mut desired = desired();
+        desired.pools[0].ci.labels = BTreeMap::from([("self-hosted".to_owned(), String::new()), ("gpu".to_owned(), String::new())]);
+        desired.pools[0].agent.env.clear();
+        desired.pools[0].agent.secret_env.clear();
+        let mut providers = providers(&world);
+        providers.ci.insert(CiName::new("ci"), source);
+        let report = run(&plan(vec![create("linux-1")]), &desired, &providers).await;
+        assert_eq!(outcomes(&report), [&Outcome::Done], "exec: {exec}");
+
+        let runner = fake.runner_by_name("linux-1").expect("a runner of the instance's name");
+        assert_eq!(runner.labels, ["self-hosted", "Linux", "X64", "gpu", &github::owner_label(OWNER)]);
+        let jit = runner.jit_config.expect("a just-in-time runner");
+        let env_file = format!(
+            "{}={jit}\nCISCALE_AGENT_ID={}\nCISCALE_AGENT_TOKEN={jit}\n",
+            launch::JIT_CONFIG_ENV,
+            runner.id
+        );
+        let snapshot = world.snapshot();
+        if exec {
+            assert_eq!(snapshot.pushed_files.len(), 1);
+            assert_eq!((snapshot.pushed_files[0].path.as_str(), snapshot.pushed_files[0].mode), (CREDENTIAL_PATH, 0o400));
+            assert_eq!(snapshot.pushed_files[0].sha256, sha256_hex(env_file.as_bytes()));
+            assert_eq!(snapshot.execs[0].command, [AGENT_COMMAND]);
+            assert_eq!(snapshot.instances[0].user_data_sha256, None);
+        } else {
+            let release = launch::RunnerRelease::for_arch(RunnerArch::X64).expect("x64");
+            let expected = launch::cloud_user_data(release, &Secret::new(env_file)).expect("user data");
+            assert_eq!(snapshot.instances[0].user_data_sha256, Some(sha256_hex(expected.expose().as_bytes())));
+            assert!(snapshot.pushed_files.is_empty() && snapshot.execs.is_empty());
+        }
+        assert!(fake.spec_violations().is_empty(), "{:?}", fake.spec_violations());
+    }
 }
 
 #[tokio::test]
@@ -886,6 +938,28 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             pat: Secret::new("tok-AZURE-pat"),
             agent_pat: Some(Secret::new("tok-AZURE-agent-pat")),
         },
+        CiKind::Github(GithubSpec {
+            endpoint: None,
+            scope: GithubScope::Organization("acme".to_owned()),
+            auth: GithubAuth::App {
+                app_id: "1".to_owned(),
+                installation_id: 2,
+                private_key: Secret::new("tok-GITHUB-app-private-key"),
+            },
+            runner_group: None,
+            repositories: None,
+            repositories_per_cycle: None,
+            webhook_secret: None,
+        }),
+        CiKind::Github(GithubSpec {
+            endpoint: None,
+            scope: GithubScope::Repository("acme/app".to_owned()),
+            auth: GithubAuth::Token(Secret::new("tok-GITHUB-pat")),
+            runner_group: None,
+            repositories: None,
+            repositories_per_cycle: None,
+            webhook_secret: Some(Secret::new("tok-GITHUB-webhook-secret")),
+        }),
         CiKind::Forgejo {
             server: "http://forgejo.invalid".to_owned(),
             token: Secret::new("tok-FORGEJO-access"),
@@ -906,6 +980,10 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
         match kind {
             CiKind::Woodpecker { .. } => tokens.push("tok-WOODPECKER-api"),
             CiKind::AzurePipelines { .. } => tokens.extend(["tok-AZURE-pat", "tok-AZURE-agent-pat"]),
+            CiKind::Github(GithubSpec { auth: GithubAuth::App { .. }, .. }) => tokens.push("tok-GITHUB-app-private-key"),
+            CiKind::Github(GithubSpec { auth: GithubAuth::Token(_), .. }) => {
+                tokens.extend(["tok-GITHUB-pat", "tok-GITHUB-webhook-secret"]);
+            }
             CiKind::Forgejo { .. } => tokens.push("tok-FORGEJO-access"),
             CiKind::Fake(_) => {}
         }

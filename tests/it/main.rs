@@ -15,6 +15,7 @@ mod fake;
 mod fakes;
 mod forgejo;
 mod forgejo_incus;
+mod github;
 mod job_bound;
 mod hcloud;
 mod incus;
