@@ -110,6 +110,8 @@ pub const CAPABILITIES: CiCapabilities = CiCapabilities {
     matching: crate::model::Matching::LabelSet { case_insensitive: true },
     launch: Launch {
         agent: "GitHub Actions runner",
+        // The wrapper `examples/provision/github-runner.sh` installs at the path every CI's image uses.
+        container_command: launch::AGENT_COMMAND,
         token_env: Some(launch::JIT_CONFIG_ENV),
         cloud: CloudLaunch::OwnUserData,
     },
