@@ -87,7 +87,7 @@ fn world() -> (Desired, Observed, Timestamp) {
     for b in 0..4 {
         observed.backends.insert(
             BackendName::new(format!("cloud{b}")),
-            BackendObservation { instances: Vec::new(), prices: prices.clone() },
+            BackendObservation { instances: Vec::new(), prices: prices.clone(), ..BackendObservation::default() },
         );
     }
     let mut agents = Vec::with_capacity(INSTANCES);
