@@ -84,6 +84,7 @@ impl Backend for FakeBackend {
             }
             Ok(BackendObservation { instances, prices: state.prices.clone(), missing_images: Vec::new() })
         })
+        .await
     }
 
     async fn create(&self, request: &CreateInstance) -> Result<Instance> {
@@ -111,6 +112,7 @@ impl Backend for FakeBackend {
             state.instances.push(instance);
             Ok(model)
         })
+        .await
     }
 
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
@@ -119,6 +121,7 @@ impl Backend for FakeBackend {
             finish_boot(instance);
             Ok(instance.to_model())
         })
+        .await
     }
 
     async fn start(&self, id: &InstanceId) -> Result<()> {
@@ -126,6 +129,7 @@ impl Backend for FakeBackend {
             find(state, id)?.state = InstanceState::Running;
             Ok(())
         })
+        .await
     }
 
     async fn stop(&self, id: &InstanceId) -> Result<()> {
@@ -133,6 +137,7 @@ impl Backend for FakeBackend {
             find(state, id)?.state = InstanceState::Stopped;
             Ok(())
         })
+        .await
     }
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {
@@ -145,6 +150,7 @@ impl Backend for FakeBackend {
                 Ok(())
             }
         })
+        .await
     }
 
     async fn push_file(&self, id: &InstanceId, file: &PushFile) -> Result<()> {
@@ -163,6 +169,7 @@ impl Backend for FakeBackend {
             });
             Ok(())
         })
+        .await
     }
 
     async fn exec(&self, id: &InstanceId, exec: &Exec) -> Result<ExecOutput> {
@@ -179,5 +186,6 @@ impl Backend for FakeBackend {
             let exit_code = if exec.command == ["false"] { 1 } else { 0 };
             Ok(ExecOutput { exit_code: exec.wait.then_some(exit_code) })
         })
+        .await
     }
 }

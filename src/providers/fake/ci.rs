@@ -54,6 +54,7 @@ impl CiSource for FakeCi {
             }
             Ok(CiObservation { agents: state.agents_model(), queue: state.queue_model() })
         })
+        .await
     }
 
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
@@ -85,6 +86,7 @@ impl CiSource for FakeCi {
                 env: BTreeMap::from([("CI_SERVER".to_owned(), "fake://".to_owned())]),
             })
         })
+        .await
     }
 
     async fn drain(&self, id: &AgentId) -> Result<()> {
@@ -92,6 +94,7 @@ impl CiSource for FakeCi {
             find(state, id)?.no_schedule = true;
             Ok(())
         })
+        .await
     }
 
     async fn undrain(&self, id: &AgentId) -> Result<()> {
@@ -99,6 +102,7 @@ impl CiSource for FakeCi {
             find(state, id)?.no_schedule = false;
             Ok(())
         })
+        .await
     }
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
@@ -115,5 +119,6 @@ impl CiSource for FakeCi {
             }
             Ok(())
         })
+        .await
     }
 }

@@ -205,18 +205,40 @@ impl FakeWorld {
         self.snapshot().calls.get(op.key()).copied().unwrap_or(0)
     }
 
-    /// Runs one provider call: counts it, lets an armed fault fail it (before or after it takes effect), and
-    /// persists whatever it changed.
-    pub(crate) fn call<T>(&self, op: Op, body: impl FnOnce(&mut WorldState) -> Result<T>) -> Result<T> {
-        let mut locked = self.lock()?;
-        let state = &mut *locked.state;
-        *state.calls.entry(op.key().to_owned()).or_default() += 1;
-        let fault = fault::check(&mut state.faults, op);
-        let result = match &fault {
-            Some(kind) if kind.when() == fault::When::Before => Err(kind.to_error(op)),
-            Some(kind) => body(state).and_then(|_| Err(kind.to_error(op))),
-            None => body(state),
+    /// Runs one provider call: counts it, lets an armed fault fail it (before or after it takes effect) or hold
+    /// it, and persists whatever it changed. The call is counted when it arrives, so a held call shows in
+    /// [`WorldState::calls`] at once.
+    pub(crate) async fn call<T>(&self, op: Op, body: impl FnOnce(&mut WorldState) -> Result<T>) -> Result<T> {
+        let hold_for = {
+            let mut locked = self.lock()?;
+            let state = &mut *locked.state;
+            *state.calls.entry(op.key().to_owned()).or_default() += 1;
+            let fault = fault::check(&mut state.faults, op);
+            let hold_for = match fault.as_ref().map(|kind| (kind, kind.when())) {
+                Some((_, fault::When::Held(hold_for))) => hold_for,
+                Some((kind, fault::When::Before)) => {
+                    self.save(&locked.state)?;
+                    return Err(kind.to_error(op));
+                }
+                Some((kind, fault::When::After)) => {
+                    let result = body(state).and_then(|_| Err(kind.to_error(op)));
+                    self.save(&locked.state)?;
+                    return result;
+                }
+                None => {
+                    let result = body(state);
+                    self.save(&locked.state)?;
+                    return result;
+                }
+            };
+            // The fault's progress is saved before the wait, so other processes see it.
+            self.save(&locked.state)?;
+            hold_for
         };
+        // Unlocked while held: the rest of the world goes on.
+        tokio::time::sleep(hold_for).await;
+        let mut locked = self.lock()?;
+        let result = body(&mut locked.state);
         self.save(&locked.state)?;
         result
     }
