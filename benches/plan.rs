@@ -71,6 +71,7 @@ fn world() -> (Desired, Observed, Timestamp) {
                         kind: BackendKind::Fake(FakeSpec::default()),
                         billing: Billing::Hourly,
                         create_limit: None,
+                        change_timeout: None,
                     },
                 )
             })

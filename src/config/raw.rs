@@ -139,6 +139,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [5m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
     /// An AWS EC2 account (credentials from the usual AWS environment / profile chain).
     Aws {
@@ -158,6 +162,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [5m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
     /// An Incus host (system containers).
     Incus {
@@ -177,6 +185,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [3m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
     /// The in-memory fake backend (tests, demos, offline trials).
     Fake {
@@ -196,6 +208,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [1m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
 }
 

@@ -1167,6 +1167,7 @@ mod tests {
                     kind: BackendKind::Fake(FakeSpec::default()),
                     billing: Billing::PerSecond,
                     create_limit: None,
+                    change_timeout: None,
                 },
             )]
             .into(),

@@ -227,7 +227,7 @@ fn build(
             .iter()
             .zip([Billing::PerSecond, Billing::Hourly])
             .map(|(name, billing)| {
-                (BackendName::new(*name), BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing, create_limit: None })
+                (BackendName::new(*name), BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing, create_limit: None, change_timeout: None })
             })
             .collect(),
         pools: desired_pools,
