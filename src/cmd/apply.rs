@@ -25,7 +25,8 @@ pub struct ApplyArgs {
     pub auto_approve: bool,
     #[command(flatten)]
     pub lock: super::LockArgs,
-    /// How many changes run at the same time
+    /// How many changes run at the same time on each backend account (drains and deregistrations: on each CI
+    /// source)
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
 }
@@ -72,7 +73,8 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
     }
 
     let cancel = ciscale::watch::shutdown_signal();
-    let options = ApplyOptions { concurrency: usize::from(args.concurrency), ..ApplyOptions::default() };
+    let concurrency = usize::from(args.concurrency);
+    let options = ApplyOptions { concurrency, ci_concurrency: concurrency, ..ApplyOptions::default() };
     let progress = Reporter::new(ui, plan.changes.len());
     let report = apply::apply(&plan, &desired, &providers, &options, &progress, &cancel).await;
     progress.clear();

@@ -30,7 +30,7 @@ const OWNER: &str = "apply-tests";
 const SECRET: &str = "s3cr3t-GIT-TOKEN-must-not-leak";
 
 fn options() -> ApplyOptions {
-    ApplyOptions { concurrency: 4, ready_timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }
+    ApplyOptions { concurrency: 4, ci_concurrency: 4, ready_timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }
 }
 
 fn desired() -> Desired {
@@ -61,7 +61,7 @@ fn desired() -> Desired {
         ci: BTreeMap::from([(CiName::new("ci"), CiSourceSpec { kind: CiKind::Fake(FakeSpec::default()) })]),
         backends: BTreeMap::from([(
             BackendName::new("fake"),
-            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None },
+            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None, change_timeout: None },
         )]),
         pools: vec![pool],
         images: BTreeMap::new(),
