@@ -12,9 +12,9 @@
 //!   never be followed by a delete), every other change goes on.
 //! - Changes on the same instance or agent run in plan order ([`same_target_groups`]); the rest run concurrently.
 //! - Concurrency is limited per provider account, never globally, so one slow account cannot hold up another:
-//!   changes that call a backend (create, start, stop, delete, replace) take one of its
-//!   [`ApplyOptions::concurrency`] slots, changes that call only a CI source (drain, deregister) one of its
-//!   [`ApplyOptions::ci_concurrency`] slots, each for as long as the change runs.
+//!   changes that call a backend (create, start, stop, delete, replace) take one of its slots
+//!   ([`default_concurrency`] by kind, or [`ApplyOptions::concurrency`]), changes that call only a CI source
+//!   (drain, deregister) one of its [`ApplyOptions::ci_concurrency`] slots, each for as long as the change runs.
 //! - Every change has a deadline ([`change_deadline`]: the backend's `changeTimeout`, else a default for its
 //!   kind), counted from the moment it has its slot. A change still running then is abandoned: its future is
 //!   dropped (steps are cancel-safe), it fails with the step it was in, and the next plan decides from what is
@@ -54,9 +54,8 @@ pub use cloud_init::{
 /// How apply runs. Defaults in brackets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyOptions {
-    /// Changes calling one backend account at once [4]: enough to create a few agents in parallel, few enough
-    /// for API rate limits (Hetzner: 3600 requests/hour/project) and for a local Incus daemon. Per account, so
-    /// creates that hang on one cloud never hold up another.
+    /// Changes calling one backend account at once; `0` [the default]: [`default_concurrency`] of the
+    /// backend's kind. Per account, so creates that hang on one cloud never hold up another.
     pub concurrency: usize,
     /// Changes that call only a CI source (drain, deregister) running at once per source [4]. A create's agent
     /// registration is one short call made inside its backend's slot.
@@ -73,11 +72,25 @@ pub struct ApplyOptions {
 impl Default for ApplyOptions {
     fn default() -> Self {
         Self {
-            concurrency: 4,
+            concurrency: 0,
             ci_concurrency: 4,
             ready_timeout: Duration::from_secs(5 * 60),
             poll: Duration::from_millis(500),
         }
+    }
+}
+
+/// Changes calling one backend account at once, by its kind (unless [`ApplyOptions::concurrency`] says):
+///
+/// - `hcloud`, `aws` [4]: enough to create a few servers in parallel, few enough for the APIs' rate limits
+///   (Hetzner: 3600 requests/hour/project; EC2 throttles mutating calls per account).
+/// - `incus` [8]: a local daemon with no rate limit, whose creates take a fraction of a second each.
+/// - `fake` [16]: an in-memory (or local file) world; only tests and trials use it.
+pub fn default_concurrency(kind: &BackendKind) -> usize {
+    match kind {
+        BackendKind::Hcloud { .. } | BackendKind::Aws { .. } => 4,
+        BackendKind::Incus { .. } => 8,
+        BackendKind::Fake(_) => 16,
     }
 }
 
@@ -256,9 +269,13 @@ impl Executor {
     pub fn new(desired: &Desired, providers: &Providers, options: &ApplyOptions) -> Self {
         let mut slots = BTreeMap::new();
         for name in desired.backends.keys().chain(providers.backends.keys()) {
-            slots
-                .entry(Slot::Backend(name.clone()))
-                .or_insert_with(|| Arc::new(Semaphore::new(options.concurrency.max(1))));
+            let size = match (options.concurrency, desired.backends.get(name)) {
+                (0, Some(spec)) => default_concurrency(&spec.kind),
+                // A backend the config does not name runs only changes that fail at once.
+                (0, None) => 1,
+                (set, _) => set,
+            };
+            slots.entry(Slot::Backend(name.clone())).or_insert_with(|| Arc::new(Semaphore::new(size)));
         }
         for name in desired.ci.keys().chain(providers.ci.keys()) {
             slots

@@ -256,8 +256,9 @@ impl LoopState {
                         self.targets.failed(key, now, desired.poll_interval.0, options.max_backoff, None);
                     }
                 }
+                // The executor has logged the failure with its span; this says what the loop makes of it.
                 let first_line = error.lines().next().unwrap_or_default();
-                tracing::warn!(
+                tracing::debug!(
                     pool = %finished.change.pool,
                     action = %finished.change.action,
                     target = target_name(&finished.change),
