@@ -168,8 +168,12 @@ impl<'run> ChangeRun<'run> {
                 ));
             }
             (None, _) => {
-                let register =
-                    RegisterAgent { name: target.name.clone(), pool: pool.name.clone(), labels: agent_labels };
+                let register = RegisterAgent {
+                    name: target.name.clone(),
+                    pool: pool.name.clone(),
+                    labels: agent_labels,
+                    for_job: None,
+                };
                 let credential = self
                     .call("register agent", || ci.register(&register))
                     .await

@@ -142,6 +142,7 @@ async fn existing(world: &FakeWorld, name: &str) -> (InstanceId, AgentId) {
         name: name.to_owned(),
         pool: PoolName::new("linux"),
         labels: BTreeMap::new(),
+        for_job: None,
     };
     let credential = world.ci().register(&request).await.expect("register");
     (created.id, credential.agent_id)
@@ -827,6 +828,7 @@ async fn preregistered_agent_is_undrained_on_create_and_kept_on_delete() {
         name: "picus-agent".to_owned(),
         pool: PoolName::new("linux"),
         labels: BTreeMap::new(),
+        for_job: None,
     };
     let registered = world.ci().register(&request).await.expect("register by hand");
     world.ci().drain(&registered.agent_id).await.expect("drained after its last server");

@@ -1006,6 +1006,7 @@ async fn watch_starts_an_adopted_instance_for_a_job_and_stops_it_when_idle() {
             name: "picus-agent".to_owned(),
             pool: PoolName::new("linux"),
             labels: BTreeMap::from([("platform".to_owned(), "linux".to_owned())]),
+            for_job: None,
         })
         .await
         .expect("register the adopted agent");

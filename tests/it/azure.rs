@@ -37,6 +37,7 @@ fn register_request(name: &str, pool: &str) -> RegisterAgent {
         name: name.to_owned(),
         pool: PoolName::new(pool),
         labels: BTreeMap::new(),
+        for_job: None,
     }
 }
 

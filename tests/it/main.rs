@@ -11,6 +11,7 @@ mod converge;
 mod daemon;
 mod fake;
 mod fakes;
+mod forgejo;
 mod hcloud;
 mod incus;
 mod metrics;

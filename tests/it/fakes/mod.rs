@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod azure;
+pub mod forgejo;
 pub mod hcloud;
 pub mod query;
 pub mod spec;
