@@ -12,6 +12,9 @@
 //! `RSS_SECS` seconds (default 60); the figure is the daemon's own VmHWM from `/proc/<pid>/status`, read just
 //! before it is stopped with SIGTERM. Run with `cargo bench --bench rss`.
 //!
+//! `MALLOC_*` and `TOKIO_*` variables of the bench's environment are passed on to the daemon (e.g.
+//! `MALLOC_ARENA_MAX=1`, `TOKIO_WORKER_THREADS=1`), to try allocator and runtime settings without a rebuild.
+//!
 //! A measurement, not a test: it exits non-zero only when the daemon died or did not stop on SIGTERM.
 
 #[allow(dead_code, unused_imports)]
@@ -26,16 +29,19 @@ use fakes::azure::AzureFake;
 use fakes::hcloud::HcloudFake;
 use fakes::woodpecker::{FakeWoodpecker, ADMIN_TOKEN};
 
+use ciscale::model::FakeSpec;
+use ciscale::providers::fake::FakeWorld;
+
 const HCLOUD_TOKEN: &str = "hcloud-token-rss-bench";
 const AZURE_PAT: &str = "azure-pat-rss-bench";
 
-/// `(VmHWM, VmRSS, Threads)` of a process, memory in KiB.
-fn status(pid: u32) -> Option<(u64, u64, u64)> {
+/// `(VmHWM, VmRSS, Threads, RssAnon, RssFile)` of a process, memory in KiB.
+fn status(pid: u32) -> Option<(u64, u64, u64, u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         text.lines().find(|line| line.starts_with(name)).and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
     };
-    Some((field("VmHWM:")?, field("VmRSS:")?, field("Threads:")?))
+    Some((field("VmHWM:")?, field("VmRSS:")?, field("Threads:")?, field("RssAnon:")?, field("RssFile:")?))
 }
 
 fn mib(kib: u64) -> f64 {
@@ -60,7 +66,12 @@ struct Measured {
     peak_kib: u64,
     rss_kib: u64,
     threads: u64,
+    /// Of `rss_kib`: heap, stacks and written data, and the binary's (and libraries') pages read from disk.
+    anon_kib: u64,
+    file_kib: u64,
     clean_stop: bool,
+    /// What the daemon did meanwhile, so a figure from an idle daemon is not mistaken for one under work.
+    activity: String,
 }
 
 /// Runs `drive` once a second for `secs` while the daemon runs, then reads its memory and stops it.
@@ -68,7 +79,7 @@ fn measure(mut child: Child, secs: u64, mut drive: impl FnMut(u64)) -> Measured 
     let pid = child.id();
     let started = Instant::now();
     let mut tick = 0;
-    let mut last = (0, 0, 0);
+    let mut last = (0, 0, 0, 0, 0);
     while started.elapsed() < Duration::from_secs(secs) {
         drive(tick);
         tick += 1;
@@ -79,8 +90,8 @@ fn measure(mut child: Child, secs: u64, mut drive: impl FnMut(u64)) -> Measured 
         last = status(pid).unwrap_or(last);
         std::thread::sleep(Duration::from_secs(1));
     }
-    let (peak_kib, rss_kib, threads) = status(pid).unwrap_or(last);
-    Measured { peak_kib, rss_kib, threads, clean_stop: stop(child) }
+    let (peak_kib, rss_kib, threads, anon_kib, file_kib) = status(pid).unwrap_or(last);
+    Measured { peak_kib, rss_kib, threads, anon_kib, file_kib, clean_stop: stop(child), activity: String::new() }
 }
 
 fn daemon(dir: &std::path::Path, env: &BTreeMap<String, String>, args: &[&str]) -> Child {
@@ -90,6 +101,7 @@ fn daemon(dir: &std::path::Path, env: &BTreeMap<String, String>, args: &[&str]) 
         .envs(env)
         .env("CISCALE_LOCK_DIR", dir.join("locks"))
         .env("NO_COLOR", "1")
+        .envs(std::env::vars().filter(|(name, _)| name.starts_with("MALLOC_") || name.starts_with("TOKIO_")))
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -124,9 +136,11 @@ fn picus_mode(secs: u64) -> Measured {
     // One job at a time: pushed, taken once its server exists, finished two seconds later; the server then idles
     // for PICUS_MAX_IDLE_TIME and is deleted before the next job comes.
     let mut job: Option<(String, u64)> = None;
-    measure(child, secs, |tick| match &job {
+    let mut jobs = 0;
+    let mut measured = measure(child, secs, |tick| match &job {
         None if hetzner.servers().is_empty() => {
             job = Some((woodpecker.add_task(&[("platform", "linux/amd64")]), tick));
+            jobs += 1;
         }
         Some((task, since)) if woodpecker.pending().iter().any(|pending| &pending.id == task) => {
             if !hetzner.servers().is_empty() && tick > *since {
@@ -134,11 +148,19 @@ fn picus_mode(secs: u64) -> Measured {
             }
         }
         Some((task, since)) if tick >= since + 3 => {
-            woodpecker.finish_task(task);
+            if woodpecker.running().iter().any(|running| &running.id == task) {
+                woodpecker.finish_task(task);
+            }
             job = None;
         }
         _ => {}
-    })
+    });
+    measured.activity = format!(
+        "{jobs} jobs, {} servers created, {} deleted",
+        hetzner.count("POST", "/servers"),
+        hetzner.exchanges().iter().filter(|exchange| exchange.method == "DELETE").count()
+    );
+    measured
 }
 
 fn many_pools(secs: u64) -> Measured {
@@ -189,7 +211,7 @@ fn many_pools(secs: u64) -> Measured {
     // what no agent ever registered on (bootstrap timeout) or what idles.
     let mut woodpecker_jobs: Vec<(String, u64)> = Vec::new();
     let mut azure_jobs: Vec<(u64, u64)> = Vec::new();
-    measure(child, secs, |tick| {
+    let mut measured = measure(child, secs, |tick| {
         let pool = tick % 10;
         if pool < 6 {
             woodpecker_jobs.push((woodpecker.add_task(&[("platform", &format!("p{pool}"))]), tick));
@@ -211,7 +233,16 @@ fn many_pools(secs: u64) -> Measured {
             }
             !done
         });
-    })
+    });
+    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+        .map(|world| world.snapshot().counters.instances)
+        .unwrap_or_default();
+    measured.activity = format!(
+        "servers created: {} + {} on the two Hetzner projects, {world} containers on the fake backend",
+        hetzner_a.count("POST", "/servers"),
+        hetzner_b.count("POST", "/servers")
+    );
+    measured
 }
 
 fn main() {
@@ -223,10 +254,14 @@ fn main() {
     ] {
         let measured = run(secs);
         println!(
-            "{name}: peak RSS {:.1} MiB (VmHWM), {:.1} MiB at the end, {} threads; {secs}s; {}",
+            "{name}: peak RSS {:.1} MiB (VmHWM), {:.1} MiB at the end ({:.1} anonymous, {:.1} file-backed), {} \
+             threads; {secs}s ({}); {}",
             mib(measured.peak_kib),
             mib(measured.rss_kib),
+            mib(measured.anon_kib),
+            mib(measured.file_kib),
             measured.threads,
+            measured.activity,
             if measured.clean_stop { "stopped cleanly on SIGTERM" } else { "did NOT stop cleanly on SIGTERM" }
         );
         clean &= measured.clean_stop;
