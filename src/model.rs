@@ -18,6 +18,10 @@ pub const OWNER_LABEL: &str = "ciscale.owner";
 pub const POOL_LABEL: &str = "ciscale.pool";
 /// Label/tag key holding a digest of the agent settings an instance was created with (spec drift detection).
 pub const AGENT_HASH_LABEL: &str = "ciscale.agent-hash";
+/// Label/tag key naming the id of the CI agent record an instance runs, written when ciscale creates it. It links
+/// the instance to its agent when the agent is not named after the instance (a pre-registered agent), so an
+/// orphaned instance is never deleted under a busy agent. Instances from before it was written lack it.
+pub const AGENT_LABEL: &str = "ciscale.agent";
 /// Label a CI agent is registered with when it runs one job and then powers its instance off (ephemeral pools).
 pub const EPHEMERAL_LABEL: &str = "ciscale.ephemeral";
 /// Task (and agent) label naming the Azure Pipelines agent pool a job request waits in: a request counts only
@@ -808,6 +812,10 @@ pub struct Agent {
     pub last_work: Option<Timestamp>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// When the CI created the record (Woodpecker `created`, Azure `createdOn`), where it says. A record of ours
+    /// without an instance counts as a create in flight for one `bootstrapTimeout` from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -62,6 +62,9 @@ pub enum ObserveError {
     },
     #[error("the config names {what} `{name}` but no provider was connected for it")]
     Missing { what: &'static str, name: String },
+    /// More than one provider failed: each is named with its cause, so a user fixes them all in one go.
+    #[error("could not observe {} providers:{}", .0.len(), .0.iter().map(|failure| format!("\n  {}", crate::providers::http::error_chain(failure))).collect::<String>())]
+    Several(Vec<ObserveError>),
 }
 
 impl ObserveError {
@@ -72,6 +75,7 @@ impl ObserveError {
             ObserveError::Ci { name, .. } => Some(Source::Ci(name.clone())),
             ObserveError::Missing { what: "backend", name } => Some(Source::Backend(BackendName::new(name.clone()))),
             ObserveError::Missing { name, .. } => Some(Source::Ci(CiName::new(name.clone()))),
+            ObserveError::Several(_) => None,
         }
     }
 
@@ -79,7 +83,7 @@ impl ObserveError {
     pub fn provider_error(&self) -> Option<&providers::Error> {
         match self {
             ObserveError::Backend { source, .. } | ObserveError::Ci { source, .. } => Some(source),
-            ObserveError::Missing { .. } => None,
+            ObserveError::Missing { .. } | ObserveError::Several(_) => None,
         }
     }
 }
@@ -153,12 +157,15 @@ enum Part {
     Ci(CiName, providers::Result<crate::model::CiObservation>),
 }
 
-/// Observes every provider once, concurrently, and fails on the first source (in source order) that did not
-/// answer. `observed_at` is the moment the observation started: the planner uses it as its "now", which keeps
+/// Observes every provider once, concurrently, and fails naming every source that did not answer (in source
+/// order), so a user fixes them all in one go. `observed_at` is the moment the observation started: the planner uses it as its "now", which keeps
 /// `plan --observed` deterministic.
 pub async fn observe(desired: &Desired, providers: &Providers, observed_at: Timestamp) -> Result<Observed, ObserveError> {
-    let observation = observe_sources(desired, providers, &sources(desired), observed_at, None).await;
-    match observation.failures.into_iter().next() {
+    let mut observation = observe_sources(desired, providers, &sources(desired), observed_at, None).await;
+    if observation.failures.len() > 1 {
+        return Err(ObserveError::Several(observation.failures));
+    }
+    match observation.failures.pop() {
         Some(error) => Err(error),
         None => Ok(observation.observed),
     }

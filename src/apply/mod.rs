@@ -192,6 +192,8 @@ pub trait Progress: Send + Sync {
     /// A step of the change begins (`register agent`, `create instance`, `wait ready`, ...).
     fn step(&self, change: &Change, step: &str);
     fn finish(&self, change: &Change, outcome: &Outcome);
+    /// A create made its instance (before the change finishes): its provider-side id, for the line a user keeps.
+    fn created(&self, _change: &Change, _instance: &crate::model::InstanceId) {}
 }
 
 /// Reports nothing.
@@ -354,7 +356,8 @@ pub async fn apply(
         match event {
             Event::Start(index) => progress.start(&plan.changes[index]),
             Event::Step(index, step) => progress.step(&plan.changes[index], &step),
-            Event::Learned(..) => {}
+            Event::Learned(index, Learned::Instance(instance)) => progress.created(&plan.changes[index], &instance),
+            Event::Learned(_, Learned::Agent(_)) => {}
             Event::Finish(index, outcome) => {
                 progress.finish(&plan.changes[index], &outcome);
                 outcomes[index] = Some(outcome);

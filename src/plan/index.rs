@@ -95,6 +95,7 @@ pub(super) struct InFlightIndex<'a> {
     instances_by_id: FastSet<(&'a BackendName, &'a InstanceId)>,
     instances_by_name: FastSet<(&'a BackendName, &'a str)>,
     agents: FastSet<(&'a CiName, &'a AgentId)>,
+    starts: FastSet<(&'a BackendName, &'a InstanceId)>,
 }
 
 impl<'a> InFlightIndex<'a> {
@@ -104,12 +105,16 @@ impl<'a> InFlightIndex<'a> {
             instances_by_id: FastSet::default(),
             instances_by_name: FastSet::default(),
             agents: FastSet::default(),
+            starts: FastSet::default(),
         };
         for work in &observed.in_flight {
             if let Some(target) = &work.instance {
                 index.instances_by_name.insert((&target.backend, target.name.as_str()));
                 if let Some(id) = &target.id {
                     index.instances_by_id.insert((&target.backend, id));
+                    if work.action == Action::Start {
+                        index.starts.insert((&target.backend, id));
+                    }
                 }
             }
             if let Some(agent) = &work.agent {
@@ -129,13 +134,29 @@ impl<'a> InFlightIndex<'a> {
         instance || agent
     }
 
-    /// Creates of `pool` in flight whose instance `backend` does not list (by name) yet.
-    pub fn unlisted_creates(&self, pool: &PoolName, backend: Option<&BackendIndex<'_>>) -> u32 {
+    /// Names of the creates of `pool` in flight whose instance `backend` does not list (by name) yet.
+    pub fn unlisted_creates(&self, pool: &PoolName, backend: Option<&BackendIndex<'_>>) -> Vec<&'a str> {
         let listed = |name: &str| backend.is_some_and(|backend| backend.by_name.contains_key(name));
         self.work
             .iter()
             .filter(|work| &work.pool == pool && work.action == Action::Create)
-            .filter(|work| work.instance.as_ref().is_some_and(|target| !listed(&target.name)))
-            .count() as u32
+            .filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str()))
+            .filter(|name| !listed(name))
+            .collect()
+    }
+
+    /// Whether some work in flight targets the instance named `name` on `backend`.
+    pub fn names_instance(&self, backend: &BackendName, name: &str) -> bool {
+        self.instances_by_name.contains(&(backend, name))
+    }
+
+    /// Whether some work in flight targets this instance (by id or by name).
+    pub fn busy_with(&self, backend: &BackendName, instance: &Instance) -> bool {
+        self.instances_by_id.contains(&(backend, &instance.id)) || self.names_instance(backend, &instance.name)
+    }
+
+    /// Whether a start of this instance is in flight.
+    pub fn starts(&self, backend: &BackendName, id: &InstanceId) -> bool {
+        self.starts.contains(&(backend, id))
     }
 }

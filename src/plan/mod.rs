@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{InFlight, PoolName};
 pub use crate::model::{Action, AgentTarget, InstanceTarget};
 
+mod capacity;
 mod cost;
 mod demand;
 mod digest;
@@ -22,6 +23,8 @@ mod orphans;
 mod ownership;
 mod planner;
 mod pool;
+mod preconditions;
+mod records;
 pub mod render;
 #[cfg(test)]
 mod tests;
@@ -30,6 +33,9 @@ mod text;
 pub use digest::{agent_hash, fingerprint};
 pub use ownership::instance_name;
 pub use planner::plan;
+pub use preconditions::{preconditions, PreconditionFailed};
+pub use capacity::counts_towards_max;
+pub use ownership::{name_digest, parse_name, OwnedName, DIGEST_LEN, MAX_OWNER_AND_POOL_LEN};
 
 /// Version of the plan JSON / plan file format. Bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
@@ -47,6 +53,9 @@ pub struct Change {
     pub agent: Option<AgentTarget>,
     /// For humans only.
     pub reason: String,
+    /// Why the change is planned, where something other than a human acts on it (see [`Cause`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
     /// Attributes now (empty for a create).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub before: BTreeMap<String, String>,
@@ -54,6 +63,18 @@ pub struct Change {
     /// with, keys `label.<k>` and `machine.<k>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub after: BTreeMap<String, String>,
+}
+
+/// A change's cause for machines, like Terraform's action reasons: `apply` checks a saved plan's change against
+/// it (a "never registered" agent must still not have registered) and the watch loop's circuit breaker counts
+/// bootstrap failures as failed creates. Only causes something acts on are named; `reason` says the rest for
+/// humans, and nothing ever branches on `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    /// The instance's agent never contacted the CI within the pool's `bootstrapTimeout` (a broken image, a bad
+    /// credential): the instance is removed (deleted, or stopped in start/stop mode).
+    BootstrapTimeout,
 }
 
 impl Change {
@@ -130,12 +151,16 @@ pub struct Plan {
     pub ciscale_version: String,
     /// [`crate::model::Desired::config_hash`] of the config planned with.
     pub config_hash: String,
-    /// [`fingerprint`] of the observation planned from; apply refuses a plan file whose fingerprint no longer
-    /// matches a fresh observation.
+    /// [`fingerprint`] of the observation planned from. `apply PLANFILE` says when a fresh observation differs,
+    /// and checks each change's [`preconditions`] against it (it no longer refuses the whole plan).
     pub observed_fingerprint: String,
     pub planned_at: Timestamp,
     pub pools: Vec<PoolStatus>,
     pub changes: Vec<Change>,
+    /// Things worth knowing outside any configured pool: orphans kept and why, agent records that look like
+    /// ours but are not provably ours ("not ours, left alone").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub summary: Summary,
     pub cost: Cost,
 }

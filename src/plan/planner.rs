@@ -15,11 +15,14 @@ use super::cost::estimate_cost;
 use super::demand::assign_pending;
 use super::digest::fingerprint;
 use super::fasthash::{FastMap, FastSet};
-use super::index::{index_backends, CiIndex, InFlightIndex};
-use super::orphans::{plan_orphan_agents, plan_orphan_instances};
+use super::index::{index_backends, BackendIndex, CiIndex, InFlightIndex};
+use super::ownership::parse_name;
+use super::text::plural;
+use super::orphans::plan_orphan_instances;
 use super::pool::{plan_pool, PoolContext};
+use super::records;
 use super::{Action, Change, Plan, Summary, FORMAT_VERSION};
-use crate::model::{BackendName, CiName, Desired, InstanceId, Observed, PoolName};
+use crate::model::{BackendName, CiName, Desired, InstanceId, InstanceMode, InstanceState, Observed, PoolName};
 
 /// Plans every pool, then the orphans, and totals the result. Pure: see the module docs.
 pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
@@ -36,8 +39,12 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         .chain(observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())))
         .collect();
 
+    let records = records::find(desired, observed, &ci_indexes, now);
+
     let mut changes = Vec::new();
     let mut pools = Vec::with_capacity(desired.pools.len());
+    // Names of stale agent records a create of this plan takes over: they are not deregistered.
+    let mut reused: FastSet<String> = FastSet::default();
     // (backend, instance id) of every instance some pool claimed: the rest of our labelled ones are orphans.
     // The value is the claiming pool's index (the cost estimate prices instances by their pool's machine).
     let mut claimed: FastMap<(&BackendName, &InstanceId), usize> = FastMap::default();
@@ -52,18 +59,24 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
             pending_jobs: pending[pool_index],
             used_names: &used_names,
             in_flight: &in_flight,
+            records: &records,
             now,
         };
         let outcome = plan_pool(&context);
         for (backend, id) in outcome.claimed {
             claimed.entry((backend, id)).or_insert(pool_index);
         }
+        reused.extend(outcome.reused);
         changes.extend(outcome.changes);
         pools.push(outcome.status);
     }
 
-    changes.extend(plan_orphan_instances(desired, observed, &ci_indexes, &claimed));
-    changes.extend(plan_orphan_agents(desired, observed, &ci_indexes));
+    let mut notes: Vec<String> = migration_note(desired, &backend_indexes, &claimed).into_iter().collect();
+    let (orphans, orphan_notes) = plan_orphan_instances(desired, observed, &ci_indexes, &claimed);
+    notes.extend(orphan_notes);
+    changes.extend(orphans);
+    changes.extend(records::deregister_stale(&records, &reused, now));
+    notes.extend(records.notes.iter().cloned());
     // Work in flight is already being done: planning it again would run it twice (or undo it half way).
     changes.retain(|change| !in_flight.touches(change));
 
@@ -84,9 +97,43 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
         planned_at: now,
         pools,
         changes,
+        notes,
         summary,
         cost,
     }
+}
+
+/// What the plan migrates: instances of create-mode pools named before names carried a digest keep their names
+/// (renaming means replacing) and go the usual way; new instances get names of the grammar (see `ownership`).
+fn migration_note(
+    desired: &Desired,
+    backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
+    claimed: &FastMap<(&BackendName, &InstanceId), usize>,
+) -> Option<String> {
+    let mut legacy: Vec<&str> = claimed
+        .iter()
+        .filter(|(_, pool)| desired.pools.get(**pool).is_some_and(|pool| matches!(pool.backend.mode, InstanceMode::Create)))
+        .filter_map(|((backend, id), _)| backends.get(backend)?.by_id.get(id).copied())
+        .filter(|instance| instance.state != InstanceState::Terminated)
+        .map(|instance| instance.name.as_str())
+        .filter(|name| parse_name(&desired.owner, name).is_none())
+        .collect();
+    if legacy.is_empty() {
+        return None;
+    }
+    legacy.sort_unstable();
+    let shown: Vec<String> = legacy.iter().take(3).map(|name| format!("`{name}`")).collect();
+    let more = if legacy.len() > 3 { format!(" and {} more", legacy.len() - 3) } else { String::new() };
+    Some(format!(
+        "migration: {} named before names carried a digest ({}{more}) {} as {} and {} the usual way; new \
+         instances are named `{}-<pool>-<digest>-<n>`",
+        plural(legacy.len() as u32, "instance"),
+        shown.join(", "),
+        if legacy.len() == 1 { "stays" } else { "stay" },
+        if legacy.len() == 1 { "it is" } else { "they are" },
+        if legacy.len() == 1 { "goes" } else { "go" },
+        desired.owner
+    ))
 }
 
 /// Apply order within a pool: free things first (deregister, delete), then replace/stop/drain, then the

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 
 use super::digest::{agent_hash, fingerprint};
-use super::ownership::pool_of_agent_name;
+use super::ownership::instance_name;
 use super::planner::{plan, target_name};
 use super::text::human_duration;
 use super::{Action, AgentTarget, InstanceTarget, Plan};
@@ -17,6 +17,11 @@ use crate::model::{
 };
 
 const NOW: &str = "2026-01-01T12:00:00Z";
+
+/// The name of the `index`-th instance of the test pool `linux` of owner `ci`.
+fn name(index: u32) -> String {
+    instance_name("ci", &"linux".into(), index)
+}
 
 fn ts(text: &str) -> Timestamp {
     text.parse().unwrap()
@@ -85,6 +90,7 @@ fn agent(name: &str, busy: bool, no_schedule: bool, last_work: Option<&str>) -> 
         last_contact: Some(ts("2026-01-01T11:59:50Z")),
         last_work: last_work.map(ts),
         labels: BTreeMap::new(),
+        created_at: Some(ts("2026-01-01T09:00:00Z")),
     }
 }
 
@@ -116,14 +122,14 @@ fn creates_up_to_max_with_lowest_free_names() {
     let hash = agent_hash(&desired.pools[0].agent);
     let pending = (0..5).map(|i| task(&format!("t{i}"), "linux/amd64")).collect();
     let observed = observed(
-        vec![owned("ci-linux-2", InstanceState::Running, "2026-01-01T11:55:00Z", &hash)],
-        vec![agent("ci-linux-2", true, false, None)],
+        vec![owned(&name(2), InstanceState::Running, "2026-01-01T11:55:00Z", &hash)],
+        vec![agent(&name(2), true, false, None)],
         pending,
     );
     let plan = plan(&desired, &observed, ts(NOW));
     assert_eq!(
         actions(&plan),
-        vec![(Action::Create, "ci-linux-1".to_owned()), (Action::Create, "ci-linux-3".to_owned())]
+        vec![(Action::Create, name(1)), (Action::Create, name(3))]
     );
     assert_eq!(plan.pools[0].desired, 3);
     assert_eq!(plan.pools[0].pending_jobs, 5);
@@ -184,10 +190,10 @@ fn creates_in_flight_count_towards_max_and_keep_their_names() {
     let desired = desired(ScalePolicy { max: 2, ..ScalePolicy::default() });
     let pending = (0..5).map(|i| task(&format!("t{i}"), "linux/amd64")).collect();
     let mut observed = observed(Vec::new(), Vec::new(), pending);
-    observed.in_flight.push(in_flight(Action::Create, "ci-linux-1", None, None));
+    observed.in_flight.push(in_flight(Action::Create, &name(1), None, None));
     let plan = plan(&desired, &observed, ts(NOW));
     // One create is on its way, so one more reaches max; its name is not handed out twice.
-    assert_eq!(actions(&plan), vec![(Action::Create, "ci-linux-2".to_owned())]);
+    assert_eq!(actions(&plan), vec![(Action::Create, name(2))]);
     assert_eq!(plan.pools[0].active, 1);
 }
 
@@ -246,20 +252,147 @@ fn fingerprint_ignores_timestamps_and_queue() {
 }
 
 #[test]
-fn agent_names_map_back_to_pools() {
-    let mut desired = desired(ScalePolicy::default());
-    let mut other = desired.pools[0].clone();
-    other.name = "linux-big".into();
-    desired.pools.push(other);
-    assert_eq!(pool_of_agent_name(&desired, "ci-linux-big-3").as_str(), "linux-big");
-    assert_eq!(pool_of_agent_name(&desired, "ci-linux-12").as_str(), "linux");
-    assert_eq!(pool_of_agent_name(&desired, "ci-gone-1").as_str(), "gone");
-}
-
-#[test]
 fn human_durations() {
     assert_eq!(human_duration(SignedDuration::from_secs(45)), "45s");
     assert_eq!(human_duration(SignedDuration::from_secs(31 * 60 + 5)), "31m");
     assert_eq!(human_duration(SignedDuration::from_secs(3600)), "1h");
     assert_eq!(human_duration(SignedDuration::from_secs(3900)), "1h5m");
+}
+
+fn jobs(count: usize) -> Vec<Task> {
+    (0..count).map(|i| task(&format!("t{i}"), "linux/amd64")).collect()
+}
+
+#[test]
+fn drained_busy_instances_count_towards_max() {
+    // The only instance is drained for drift and still runs a job; jobs wait. Before: a second instance.
+    let desired = desired(ScalePolicy { max: 1, ..ScalePolicy::default() });
+    let observed = observed(
+        vec![owned(&name(1), InstanceState::Running, "2026-01-01T10:00:00Z", "old-hash")],
+        vec![agent(&name(1), true, true, None)],
+        jobs(3),
+    );
+    let plan = plan(&desired, &observed, ts(NOW));
+    assert!(plan.changes.is_empty(), "{:?}", actions(&plan));
+    let notes = &plan.pools[0].notes;
+    assert!(
+        notes.iter().any(|note| note == "1 more wanted, but the pool has 1 of max 1 instances (1 drained): nothing added"),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn stopped_instances_count_in_create_mode() {
+    let desired = desired(ScalePolicy { max: 2, ..ScalePolicy::default() });
+    let hash = agent_hash(&desired.pools[0].agent);
+    let mut drained_drifted = owned(&name(2), InstanceState::Running, "2026-01-01T10:00:00Z", "old-hash");
+    drained_drifted.attributes.clear();
+    let observed = observed(
+        vec![owned(&name(1), InstanceState::Stopped, "2026-01-01T11:50:00Z", &hash), drained_drifted],
+        vec![agent(&name(1), false, false, None), agent(&name(2), true, true, None)],
+        jobs(4),
+    );
+    let plan = plan(&desired, &observed, ts(NOW));
+    // The stopped one is started (it counted already); nothing is created: 2 of max 2.
+    assert_eq!(actions(&plan), vec![(Action::Start, name(1))]);
+}
+
+#[test]
+fn a_record_of_ours_without_instance_is_a_create_in_flight_then_reused() {
+    let desired = desired(ScalePolicy { max: 2, ..ScalePolicy::default() });
+    let mut record = agent(&name(1), false, false, None);
+    record.last_contact = None;
+    record.created_at = Some(ts("2026-01-01T11:58:00Z"));
+    let young = observed(Vec::new(), vec![record.clone()], jobs(5));
+    let plan_young = plan(&desired, &young, ts(NOW));
+    // Within the bootstrap timeout: created again under its own name (create-if-absent finds an instance that
+    // was made), and it counts towards max with the one fresh create: never three.
+    assert_eq!(actions(&plan_young), vec![(Action::Create, name(1)), (Action::Create, name(2))]);
+
+    // It counts towards max even when nothing more is wanted: a serving busy member and the record fill max 2.
+    let hash = agent_hash(&desired.pools[0].agent);
+    let busy_member = owned(&name(3), InstanceState::Running, "2026-01-01T11:00:00Z", &hash);
+    let full = observed(vec![busy_member], vec![record.clone(), agent(&name(3), true, false, None)], jobs(5));
+    let plan_full = plan(&desired, &full, ts(NOW));
+    assert_eq!(actions(&plan_full), vec![(Action::Create, name(1))], "only the unfinished create, again");
+
+    // Past the window: its name goes to the next create (which takes the record over), not deregistered.
+    let later = ts("2026-01-01T12:30:00Z");
+    let one_job = observed(Vec::new(), vec![record.clone()], jobs(1));
+    assert_eq!(actions(&plan(&desired, &one_job, later)), vec![(Action::Create, name(1))]);
+
+    // Past the window and nothing to create: deregistered. Within it and nothing to create: left alone.
+    let idle = observed(Vec::new(), vec![record], Vec::new());
+    assert_eq!(actions(&plan(&desired, &idle, later)), vec![(Action::Deregister, name(1))]);
+    assert!(plan(&desired, &idle, ts(NOW)).changes.is_empty());
+}
+
+#[test]
+fn look_alike_and_legacy_records_are_left_alone() {
+    let desired = desired(ScalePolicy { max: 1, ..ScalePolicy::default() });
+    let other_deployment = instance_name("ci-arm", &"linux".into(), 1);
+    let observed = observed(
+        Vec::new(),
+        vec![
+            agent("ci-runner", false, false, None),
+            agent("ci-linux-3", false, false, None),
+            agent(&other_deployment, false, false, None),
+        ],
+        Vec::new(),
+    );
+    let plan = plan(&desired, &observed, ts(NOW));
+    assert!(plan.changes.is_empty(), "{:?}", actions(&plan));
+    assert_eq!(plan.notes.len(), 3, "{:?}", plan.notes);
+    assert!(plan.notes.iter().all(|note| note.starts_with("not ours, left alone: agent `ci-")));
+}
+
+#[test]
+fn orphan_instance_keeps_a_busy_agent_linked_by_label() {
+    let desired = desired(ScalePolicy::default());
+    let mut orphan = owned("ci-picus-1", InstanceState::Running, "2026-01-01T10:00:00Z", "x");
+    orphan.labels.insert(POOL_LABEL.to_owned(), "picus".to_owned());
+    orphan.labels.insert(crate::model::AGENT_LABEL.to_owned(), "7".to_owned());
+    let mut preregistered = agent("picus-agent", true, false, None);
+    preregistered.id = AgentId::new("7");
+    let busy = observed(vec![orphan.clone()], vec![preregistered.clone()], Vec::new());
+    let plan_busy = plan(&desired, &busy, ts(NOW));
+    assert!(plan_busy.changes.is_empty(), "{:?}", actions(&plan_busy));
+    assert!(plan_busy.notes.iter().any(|note| note.contains("kept while its agent `picus-agent` runs a job")));
+
+    // Idle: drained first (the pre-registered agent is the target), then deleted without deregistering it.
+    preregistered.busy = false;
+    let idle = observed(vec![orphan.clone()], vec![preregistered.clone()], Vec::new());
+    let plan_idle = plan(&desired, &idle, ts(NOW));
+    assert_eq!(actions(&plan_idle), vec![(Action::Drain, "ci-picus-1".to_owned())]);
+    assert_eq!(plan_idle.changes[0].agent.as_ref().map(|agent| agent.id.as_str()), Some("7"));
+    preregistered.no_schedule = true;
+    let drained = observed(vec![orphan], vec![preregistered], Vec::new());
+    let plan_drained = plan(&desired, &drained, ts(NOW));
+    assert_eq!(actions(&plan_drained), vec![(Action::Delete, "ci-picus-1".to_owned())]);
+    assert_eq!(plan_drained.changes[0].agent, None, "a pre-registered agent is never deregistered");
+}
+
+#[test]
+fn never_registered_removal_says_its_cause() {
+    let desired = desired(ScalePolicy::default());
+    let hash = agent_hash(&desired.pools[0].agent);
+    let observed = observed(vec![owned(&name(1), InstanceState::Running, "2026-01-01T11:00:00Z", &hash)], Vec::new(), Vec::new());
+    let plan = plan(&desired, &observed, ts(NOW));
+    assert_eq!(actions(&plan), vec![(Action::Delete, name(1))]);
+    assert_eq!(plan.changes[0].cause, Some(super::Cause::BootstrapTimeout));
+}
+
+#[test]
+fn an_orphan_is_deleted_only_once_every_agent_linked_to_it_is_drained() {
+    let desired = desired(ScalePolicy::default());
+    let mut orphan = owned("ci-gone-1", InstanceState::Running, "2026-01-01T10:00:00Z", "x");
+    orphan.labels.insert(POOL_LABEL.to_owned(), "gone".to_owned());
+    orphan.labels.insert(crate::model::AGENT_LABEL.to_owned(), "7".to_owned());
+    let mut labelled = agent("picus-agent", false, true, None);
+    labelled.id = AgentId::new("7");
+    let named = agent("ci-gone-1", false, false, None);
+    let observed = observed(vec![orphan], vec![labelled, named], Vec::new());
+    let plan = plan(&desired, &observed, ts(NOW));
+    assert_eq!(actions(&plan), vec![(Action::Drain, "ci-gone-1".to_owned())]);
+    assert_eq!(plan.changes[0].agent.as_ref().map(|agent| agent.name.as_str()), Some("ci-gone-1"));
 }

@@ -71,6 +71,11 @@ pub struct CreateInstance {
     pub machine: BTreeMap<String, String>,
     /// Bootstrap payload (cloud-init user data etc.); may hold the agent's credential.
     pub user_data: Option<Secret>,
+    /// Tells a retry of this create from a later life of the same name: the same value when the create is tried
+    /// again (after a crash or a lost response), a new one for a new life where the caller can tell. Apply passes
+    /// the id of the instance's CI agent record, which a retry finds again and a later life registers anew.
+    /// Backends whose create takes an idempotency token (EC2's `ClientToken`) fold it in; others ignore it.
+    pub attempt: Option<String>,
 }
 
 /// Which instances one list call should return.

@@ -235,6 +235,31 @@ struct LoopState {
     targets: Backoff<Target>,
     /// Finished since the last report.
     finished: Vec<Finished>,
+    notes: NoteLog,
+}
+
+/// The notes logged last time, per pool (`None`: the plan's own notes), so a note is logged when it appears or
+/// changes, not again every cycle while it stays the same (a pool held at `max` says so for hours).
+#[derive(Debug, Default)]
+pub struct NoteLog {
+    last: BTreeMap<Option<PoolName>, Vec<String>>,
+}
+
+impl NoteLog {
+    /// The notes of `key` that were not among its notes the last time it was planned; remembers `notes`.
+    pub fn fresh<'n>(&mut self, key: Option<&PoolName>, notes: &'n [String]) -> Vec<&'n str> {
+        let last = self.last.entry(key.cloned()).or_default();
+        let fresh = notes.iter().filter(|note| !last.contains(note)).map(String::as_str).collect();
+        if last.as_slice() != notes {
+            *last = notes.to_vec();
+        }
+        fresh
+    }
+
+    /// Forgets the pools a reload removed (a pool added back with the same name logs its notes afresh).
+    fn retain(&mut self, desired: &Desired) {
+        self.last.retain(|key, _| key.as_ref().is_none_or(|pool| desired.pool(pool).is_some()));
+    }
 }
 
 impl LoopState {
@@ -295,6 +320,7 @@ pub async fn run_reloadable(
         sources: Backoff::new(),
         targets: Backoff::new(),
         finished: Vec::new(),
+        notes: NoteLog::default(),
     };
     let mut pending_reload: Option<Reloaded> = None;
     let mut cycle: u64 = 0;
@@ -322,6 +348,7 @@ pub async fn run_reloadable(
             state.work.set_executor(Executor::new(&desired, &providers, &options.apply));
             state.sources = Backoff::new();
             state.targets = Backoff::new();
+            state.notes.retain(&desired);
             relays.abort_all();
             spawn_relays(&mut relays, &wake, triggers);
         }
@@ -479,8 +506,8 @@ async fn reconcile(
         return report;
     }
 
-    let observed = observation.observed;
-    let in_flight = state.work.in_flight();
+    let mut observed = observation.observed;
+    observed.in_flight = state.work.in_flight();
     let mut plan = plan::plan(desired, &observed, observed.observed_at);
     let (held, unobserved_pools) = schedule::hold_back(
         &mut plan,
@@ -488,7 +515,6 @@ async fn reconcile(
             desired,
             observed: &observed,
             unobserved: &unobserved,
-            in_flight: &in_flight,
             backoff: &state.targets,
             now: started_at,
         },
@@ -519,9 +545,12 @@ async fn reconcile(
             pending = status.pending_jobs,
             "pool status"
         );
-        for note in &status.notes {
+        for note in state.notes.fresh(Some(&status.pool), &status.notes) {
             tracing::info!("{note}");
         }
+    }
+    for note in state.notes.fresh(None, &plan.notes) {
+        tracing::info!("{note}");
     }
     report.planned = plan.summary;
     report.pools = std::mem::take(&mut plan.pools);

@@ -9,7 +9,9 @@
 //!   *absent* elsewhere (an orphan instance, an agent record without an instance, a deregistration) needs every
 //!   source, because the missing one could hold exactly what it concluded was not there.
 //! - **In flight**: work on one of its targets (instance or agent, by name or id) is still running; the next plan
-//!   after it finishes decides again.
+//!   after it finishes decides again. The planner already plans nothing on targets in `Observed::in_flight` (and
+//!   counts creates in flight towards `max`); this second guard also matches by agent *name*, which covers a
+//!   create whose agent id the loop has not learned yet.
 //! - **Backing off**: the target failed recently ([`Backoff`], per target: a failed delete of one instance never
 //!   slows another pool). Creates are backed off per pool instead, by the circuit breaker (`throttle`), because a
 //!   create's target is a name that does not exist yet.
@@ -26,7 +28,7 @@ use jiff::Timestamp;
 use crate::model::{BackendName, CiName, Desired, Observed, PoolName};
 use crate::plan::{Action, Change, Plan};
 
-use super::work::InFlight;
+use crate::model::InFlight;
 
 pub use crate::observe::{sources, Source};
 
@@ -165,11 +167,10 @@ pub struct Held {
 #[derive(Debug, Clone, Copy)]
 pub struct HoldContext<'a> {
     pub desired: &'a Desired,
-    /// What this cycle observed (and planned from).
+    /// What this cycle observed and planned from, with the work in flight (`Observed::in_flight`).
     pub observed: &'a Observed,
     /// Sources that were not observed this cycle (failed, or backing off).
     pub unobserved: &'a BTreeSet<Source>,
-    pub in_flight: &'a [InFlight],
     pub backoff: &'a Backoff<Target>,
     pub now: Timestamp,
 }
@@ -243,7 +244,7 @@ pub fn hold_back(plan: &mut Plan, cx: &HoldContext<'_>) -> (Vec<Held>, BTreeMap<
             sources_needed(&change, cx.desired).into_iter().filter(|source| cx.unobserved.contains(source)).collect();
         let hold = if !missing.is_empty() {
             Some(Hold::Unobserved { sources: missing })
-        } else if touches_in_flight(&change, cx.in_flight) {
+        } else if touches_in_flight(&change, &cx.observed.in_flight) {
             Some(Hold::InFlight)
         } else if is_create(&change) {
             None
@@ -259,7 +260,6 @@ pub fn hold_back(plan: &mut Plan, cx: &HoldContext<'_>) -> (Vec<Held>, BTreeMap<
     for Held { change, .. } in &held {
         uncount(&mut plan.summary, change.action);
     }
-    hold_creates_in_flight(plan, cx.observed, cx.in_flight, &mut held);
     (held, unobserved_pools)
 }
 
@@ -267,39 +267,6 @@ pub fn hold_back(plan: &mut Plan, cx: &HoldContext<'_>) -> (Vec<Held>, BTreeMap<
 /// per target.
 fn is_create(change: &Change) -> bool {
     change.action == Action::Create
-}
-
-/// Stand-in until the planner takes work in flight as input (`Observed::in_flight`, planner issue #9): a create in
-/// flight whose instance the backend does not list yet is capacity the planner cannot see, so it plans another
-/// create for the same need. Each such create cancels one planned create of its pool, which is what counting it
-/// as capacity would have done. (A replace counts too: its instance may be gone and not yet back.)
-fn hold_creates_in_flight(plan: &mut Plan, observed: &Observed, in_flight: &[InFlight], held: &mut Vec<Held>) {
-    let listed = |work: &InFlight| {
-        work.instance.as_ref().is_some_and(|target| {
-            observed.backends.get(&target.backend).is_some_and(|backend| {
-                backend.instances.iter().any(|instance| instance.name == target.name && instance.state.is_active())
-            })
-        })
-    };
-    let mut creating: BTreeMap<&PoolName, usize> = BTreeMap::new();
-    for work in in_flight.iter().filter(|work| matches!(work.action, Action::Create | Action::Replace) && !listed(work)) {
-        *creating.entry(&work.pool).or_default() += 1;
-    }
-    if creating.is_empty() {
-        return;
-    }
-    let mut kept = Vec::with_capacity(plan.changes.len());
-    for change in std::mem::take(&mut plan.changes) {
-        match creating.get_mut(&change.pool) {
-            Some(count) if *count > 0 && change.action == Action::Create => {
-                *count -= 1;
-                uncount(&mut plan.summary, change.action);
-                held.push(Held { change, hold: Hold::InFlight });
-            }
-            _ => kept.push(change),
-        }
-    }
-    plan.changes = kept;
 }
 
 fn uncount(summary: &mut crate::plan::Summary, action: Action) {
@@ -379,6 +346,11 @@ pools:
         Timestamp::from_second(1_700_000_000 + seconds).expect("valid")
     }
 
+    /// The name of a pool's `n`th instance and its agent, as this deployment (`t`) names them.
+    fn name(pool: &str, n: u32) -> String {
+        crate::plan::instance_name("t", &crate::model::PoolName::new(pool), n)
+    }
+
     fn instance(name: &str, pool: &str, created: i64) -> Instance {
         Instance {
             id: InstanceId::new(format!("id-{name}")),
@@ -399,6 +371,9 @@ pools:
             last_contact: Some(at(last_work)),
             last_work: Some(at(last_work)),
             labels: BTreeMap::new(),
+            // No creation time: a record without an instance is then past its bootstrap window at once, the case
+            // where a partial view would deregister it.
+            created_at: None,
         }
     }
 
@@ -418,17 +393,17 @@ pools:
         if with_a {
             observed.backends.insert(
                 BackendName::new("a"),
-                BackendObservation { instances: vec![instance("t-on-a-1", "on-a", 0), instance("t-on-a-2", "on-a", 0)], ..Default::default() },
+                BackendObservation { instances: vec![instance(&name("on-a", 1), "on-a", 0), instance(&name("on-a", 2), "on-a", 0)], ..Default::default() },
             );
         }
         observed.backends.insert(
             BackendName::new("b"),
-            BackendObservation { instances: vec![instance("t-on-b-1", "on-b", 0)], ..Default::default() },
+            BackendObservation { instances: vec![instance(&name("on-b", 1), "on-b", 0)], ..Default::default() },
         );
         observed.ci.insert(
             CiName::new("wp"),
             CiObservation {
-                agents: vec![agent("t-on-a-1", "1", 0), agent("t-on-a-2", "2", 0), agent("t-on-b-1", "3", 0)],
+                agents: vec![agent(&name("on-a", 1), "1", 0), agent(&name("on-a", 2), "2", 0), agent(&name("on-b", 1), "3", 0)],
                 queue: Queue { pending: vec![task("a", "j1"), task("b", "j2"), task("b", "j3")], running: Vec::new() },
             },
         );
@@ -436,10 +411,12 @@ pools:
         observed
     }
 
+    /// Plans `observed` with `in_flight` as the loop does (the planner sees the work in flight) and holds back.
     fn held_back(observed: &Observed, unobserved: &BTreeSet<Source>, in_flight: &[InFlight], backoff: &Backoff<Target>) -> (Plan, Vec<Held>) {
         let desired = desired();
+        let observed = &Observed { in_flight: in_flight.to_vec(), ..observed.clone() };
         let mut plan = crate::plan::plan(&desired, observed, observed.observed_at);
-        let cx = HoldContext { desired: &desired, observed, unobserved, in_flight, backoff, now: observed.observed_at };
+        let cx = HoldContext { desired: &desired, observed, unobserved, backoff, now: observed.observed_at };
         let (held, _) = hold_back(&mut plan, &cx);
         (plan, held)
     }
@@ -528,7 +505,7 @@ pools:
         // An agent record of ours with no instance anywhere: the full view deregisters it.
         let mut view = observed(true);
         if let Some(wp) = view.ci.get_mut(&CiName::new("wp")) {
-            wp.agents.push(agent("t-on-b-7", "7", 0));
+            wp.agents.push(agent(&name("on-b", 7), "7", 0));
         }
         let (full, _) = held_back(&view, &BTreeSet::new(), &[], &Backoff::new());
         assert!(full.changes.iter().any(|change| change.action == Action::Deregister), "{full:?}");
@@ -551,10 +528,12 @@ pools:
         let (full, _) = held_back(&view, &BTreeSet::new(), &[], &Backoff::new());
         let busy = full.changes.iter().find(|change| change.instance.as_ref().is_some_and(|i| i.id.is_some())).expect("a change on an existing instance").clone();
         let in_flight = [InFlight { pool: busy.pool.clone(), action: busy.action, instance: busy.instance.clone(), agent: None, since: at(3500) }];
-        let (plan, held) = held_back(&view, &BTreeSet::new(), &in_flight, &Backoff::new());
+        let (plan, _) = held_back(&view, &BTreeSet::new(), &in_flight, &Backoff::new());
         let name = busy.instance.as_ref().map(|i| i.name.clone()).unwrap_or_default();
         assert!(plan.changes.iter().all(|change| change.instance.as_ref().map(|i| &i.name) != Some(&name)), "{plan:?}");
-        assert!(held.iter().any(|held| held.hold == Hold::InFlight && held.change == busy));
+        for change in full.changes.iter().filter(|change| change.instance.as_ref().map(|i| &i.name) != Some(&name)) {
+            assert!(plan.changes.contains(change), "every other change still goes: {change:?} in {plan:?}");
+        }
     }
 
     #[test]
@@ -568,7 +547,7 @@ pools:
         let in_flight = [InFlight {
             pool: crate::model::PoolName::new("on-b"),
             action: Action::Create,
-            instance: Some(crate::plan::InstanceTarget { backend: BackendName::new("b"), id: None, name: "t-on-b-9".to_owned() }),
+            instance: Some(crate::plan::InstanceTarget { backend: BackendName::new("b"), id: None, name: name("on-b", 9) }),
             agent: None,
             since: at(3500),
         }];

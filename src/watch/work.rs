@@ -2,47 +2,20 @@
 //! controller shape: each target reconciles on its own, the loop never waits for one).
 //!
 //! A [`WorkSet`] starts changes through the executor ([`crate::apply::Executor`]: a slot per backend account or
-//! CI source, a deadline per change), knows what is in flight (for the next plan, [`InFlight`]) and hands each
-//! finished change back to the loop ([`WorkSet::next_finished`]), which is what wakes it. Dropping the set
-//! abandons whatever is still running: every step is cancel-safe, and the next run converges.
+//! CI source, a deadline per change), knows what is in flight (for the next plan,
+//! [`Observed::in_flight`](crate::model::Observed::in_flight)) and hands each finished change back to the loop
+//! ([`WorkSet::next_finished`]), which is what wakes it. Dropping the set abandons whatever is still running:
+//! every step is cancel-safe, and the next run converges.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use jiff::Timestamp;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{Id, JoinSet};
 
 use crate::apply::{self, Event, Executor, Learned, Outcome, Slot};
-use crate::model::PoolName;
-use crate::plan::{Action, AgentTarget, Change, InstanceTarget};
-
-/// A change being carried out, as the next plan must know it: its targets are not planned again, and a create
-/// counts as capacity (see `schedule::hold_back`). `instance.id` and `agent` fill in as the change learns them
-/// (the new instance's id, the agent it registered).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct InFlight {
-    pub pool: PoolName,
-    pub action: Action,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub instance: Option<InstanceTarget>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent: Option<AgentTarget>,
-    /// When the change was started.
-    pub since: Timestamp,
-}
-
-impl InFlight {
-    fn of(change: &Change, since: Timestamp) -> Self {
-        Self {
-            pool: change.pool.clone(),
-            action: change.action,
-            instance: change.instance.clone(),
-            agent: change.agent.clone(),
-            since,
-        }
-    }
-}
+pub use crate::model::InFlight;
+use crate::plan::{AgentTarget, Change};
 
 /// A change that ended: done, failed, skipped, or abandoned at its deadline (a failure whose error starts with
 /// [`apply::ABANDONED`]).
@@ -135,7 +108,9 @@ impl WorkSet {
             let run = self.executor.run_group(indexed.clone(), slot, self.cancel.clone(), self.events.clone());
             let task = self.tasks.spawn(run).id();
             for (index, change) in indexed {
-                let record = InFlight::of(&change, now);
+                // `instance.id` and `agent` fill in as the change learns them (the new instance's id, the agent
+                // it registered), so the next plan knows the new instance and agent as taken.
+                let record = change.in_flight(now);
                 self.running.insert(index, Running { change, record, task });
             }
         }

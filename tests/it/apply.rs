@@ -90,6 +90,7 @@ fn plan(changes: Vec<Change>) -> Plan {
         planned_at: "2025-01-01T10:00:00Z".parse().expect("timestamp"),
         pools: Vec::new(),
         changes,
+        notes: Vec::new(),
         summary: Summary::default(),
         cost: Cost::default(),
     }
@@ -102,6 +103,7 @@ fn change(action: Action, instance: Option<InstanceTarget>, agent: Option<AgentT
         instance,
         agent,
         reason: "test".to_owned(),
+        cause: None,
         before: BTreeMap::new(),
         after: BTreeMap::new(),
     }

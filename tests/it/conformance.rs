@@ -43,6 +43,7 @@ pub fn owned_request_on(owner: &str, name: &str, machine: &BTreeMap<String, Stri
         ]),
         machine: machine.clone(),
         user_data: None,
+        attempt: None,
     }
 }
 

@@ -241,19 +241,24 @@ pools:
     // Refused credentials: not worth a retry within the cycle, so each try is one call.
     down.inject(Fault::new(Op::BackendObserve, FaultKind::Unauthenticated, u32::MAX));
     let up = FakeWorld::new();
-    // The agents of `down`'s instances, idle: seen without their instances they look like records to clean up.
+    // The agents of `down`'s instances, idle, registered an hour ago and past their first job: seen without their
+    // instances they are stale records of ours, to be deregistered (as the end of this test shows).
+    let an_hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    let on_down = PoolName::new("on-down");
+    let names: Vec<String> = (1..=2).map(|n| ciscale::plan::instance_name("part", &on_down, n)).collect();
     up.update(|state| {
-        for (id, name) in [("1", "part-on-down-1"), ("2", "part-on-down-2")] {
+        for (id, name) in ["1", "2"].into_iter().zip(&names) {
             state.agents.push(FakeAgent {
                 id: ciscale::model::AgentId::new(id),
-                name: name.to_owned(),
-                pool: Some(PoolName::new("on-down")),
+                name: name.clone(),
+                pool: Some(on_down.clone()),
                 no_schedule: false,
-                last_contact: Some(jiff::Timestamp::now()),
-                last_work: None,
+                last_contact: Some(an_hour_ago),
+                last_work: Some(an_hour_ago),
                 labels: labels("down"),
                 token_sha256: String::new(),
-                jobs_done: 0,
+                jobs_done: 1,
+                created_at: Some(an_hour_ago),
             });
         }
         state.counters.agents = 2;
@@ -277,7 +282,7 @@ pools:
     // Nothing decided from `down`'s absence: no create for its pool, no agent record of its instances removed.
     assert_eq!(down.calls(Op::Create), 0);
     assert_eq!(up.calls(Op::Deregister), 0, "an agent whose instance may live on `down` was deregistered");
-    assert_eq!(up.snapshot().agents.iter().filter(|agent| agent.name.starts_with("part-on-down")).count(), 2);
+    assert_eq!(up.snapshot().agents.iter().filter(|agent| names.contains(&agent.name)).count(), 2);
     for report in &reports {
         assert_eq!(report.unobserved_pools, [PoolName::new("on-down")], "{report:?}");
         assert!(report.error.as_deref().is_some_and(|error| error.contains("backend `down`")), "{report:?}");
@@ -288,6 +293,12 @@ pools:
     assert_eq!(up.calls(Op::BackendObserve), 4);
     let tried = down.calls(Op::BackendObserve);
     assert!((1..4).contains(&tried), "`down` was tried in {tried} of 4 cycles");
+
+    // The records were what they looked like: once `down` answers (and lists no instance for them), they go.
+    down.update(|state| state.faults.clear());
+    let options = WatchOptions { cycles: Some(3), ..options };
+    watch::run(&desired, &providers, &options, &cancel, |_| {}).await;
+    assert_eq!(up.calls(Op::Deregister), 2, "with every source observed, the stale records are deregistered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,4 +549,30 @@ fn a_second_signal_aborts_at_once() {
     assert_eq!(status.code(), Some(ciscale::watch::signals::EXIT_ABORTED), "{text}");
     assert!(signalled.elapsed() < Duration::from_secs(10), "aborted at once, not after the hung create");
     assert!(sandbox.world().snapshot().instances.is_empty(), "the hung create was cut off before it took effect");
+}
+
+#[test]
+fn a_pool_note_is_logged_when_it_appears_not_every_cycle() {
+    // Two long jobs and `max: 1`: every cycle the pool notes that demand wants more than `max`. The log says so
+    // once; the cycle reports (stdout) carry the note every cycle.
+    let sandbox = Sandbox::new("{ max: 1 }");
+    for _ in 0..2 {
+        sandbox.world().push_task_for(labels("linux"), Duration::from_secs(3600));
+    }
+    let output =
+        crate::cli::run(sandbox.command(&["watch", "--json", "--cycles", "6"]).env("CISCALE_LOG_FORMAT", "json"));
+    let log = crate::cli::stderr(&output);
+    assert!(output.status.success(), "{log}");
+    let at_max = |text: &str| text.contains("demand wants 2 agents, capped at max 1");
+    let reports: Vec<serde_json::Value> =
+        crate::cli::stdout(&output).lines().map(|line| serde_json::from_str(line).expect("a JSON report")).collect();
+    let noted = reports.iter().filter(|report| at_max(&report["pools"].to_string())).count();
+    assert!(noted >= 3, "the pool stays at `max` for several cycles: {reports:#?}");
+    let logged: Vec<String> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| line["fields"]["message"].as_str().map(str::to_owned))
+        .filter(|message| at_max(message))
+        .collect();
+    assert_eq!(logged.len(), 1, "logged once while it stays the same: {logged:#?}\n{log}");
 }

@@ -6,7 +6,9 @@ use jiff::Timestamp;
 
 use super::super::machine::first_candidate;
 use super::PoolContext;
-use crate::model::{AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL};
+use crate::model::{
+    AdoptedInstance, Agent, AgentId, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL, AGENT_LABEL,
+};
 
 /// An instance of the pool with everything the rules look at.
 pub(super) struct Member<'a> {
@@ -64,12 +66,15 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
     let mut members: Vec<Member<'a>> = instances
         .into_iter()
         .map(|(instance, adoption)| {
-            // An adopted instance names its agent; a Picus-style pool runs its one pre-registered agent; otherwise
-            // the agent is named like its instance.
+            // An instance created since the `ciscale.agent` label exists names its agent record's id; an adopted
+            // instance names its agent in the config; a Picus-style pool runs its one pre-registered agent;
+            // otherwise the agent is named like its instance.
             let reference = adoption.and_then(|a| a.agent.as_ref()).or(cx.pool.agent.preregistered.as_ref());
-            let agent = cx.ci.and_then(|ci| match reference {
-                Some(reference) => ci.lookup(reference),
-                None => ci.agents_by_name.get(instance.name.as_str()).copied(),
+            let labelled = instance.labels.get(AGENT_LABEL).filter(|_| adoption.is_none());
+            let agent = cx.ci.and_then(|ci| match (labelled, reference) {
+                (Some(id), _) => ci.agents_by_id.get(&AgentId::new(id.clone())).copied(),
+                (None, Some(reference)) => ci.lookup(reference),
+                (None, None) => ci.agents_by_name.get(instance.name.as_str()).copied(),
             });
             let (running_tasks, flagged_busy) = match (cx.ci, agent) {
                 (Some(ci), Some(agent)) => (ci.running_on(agent), agent.busy),

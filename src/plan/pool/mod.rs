@@ -18,13 +18,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 
+use super::capacity::{counts_towards_max, effective_policy};
 use super::digest::agent_hash;
 use super::fasthash::FastSet;
 use super::index::{BackendIndex, CiIndex, InFlightIndex};
+use super::records::{self, Records};
 use super::text::plural;
-use super::{Action, Change, InstanceTarget, PoolStatus};
+use super::{Action, Cause, Change, InstanceTarget, PoolStatus};
 use crate::model::{
-    BackendName, Desired, InstanceId, InstanceMode, InstanceState, Observed, PoolSpec, ScalePolicy, ScheduleWindow,
+    BackendName, Desired, InstanceId, InstanceMode, InstanceState, Observed, PoolSpec, ScalePolicy,
 };
 
 mod members;
@@ -45,6 +47,8 @@ pub(super) struct PoolContext<'a> {
     /// Names of every observed instance and agent record (built once: pools must not rescan the world).
     pub used_names: &'a FastSet<&'a str>,
     pub in_flight: &'a InFlightIndex<'a>,
+    /// Agent records without an instance (this pool's count as creates in flight, or give their names back).
+    pub records: &'a Records<'a>,
     pub now: Timestamp,
 }
 
@@ -53,6 +57,8 @@ pub(super) struct PoolOutcome<'a> {
     pub changes: Vec<Change>,
     /// The instances this pool took as its own: every other instance with our owner label is an orphan.
     pub claimed: Vec<(&'a BackendName, &'a InstanceId)>,
+    /// Names of stale agent records of the pool its creates take over (so they are not deregistered).
+    pub reused: Vec<String>,
 }
 
 /// One pool being planned: the settings every step reads and the changes and notes the steps add.
@@ -90,14 +96,47 @@ impl PoolPlan<'_, '_> {
             }),
             agent,
             reason,
+            cause: None,
             before: BTreeMap::new(),
             after: BTreeMap::new(),
         }
     }
 
+    /// Whether work from an earlier cycle is still under way on the member (then nothing new is planned on it).
+    fn in_flight(&self, member: &Member<'_>) -> bool {
+        self.cx.in_flight.busy_with(self.backend_name(), member.instance)
+    }
+
     fn push(&mut self, member: &Member<'_>, action: Action, reason: String) {
         let change = self.change(member, action, reason);
         self.changes.push(change);
+    }
+}
+
+/// The pool's room under `max` (see [`super::capacity`]), kept up to date as steps add instances.
+struct Room {
+    max: u32,
+    /// Instances (and creates in flight) that count towards `max` now, plus those the plan adds.
+    counted: u32,
+    /// What the count is made of, for the note when the cap holds a create back.
+    parts: Vec<String>,
+}
+
+impl Room {
+    fn left(&self) -> u32 {
+        self.max.saturating_sub(self.counted)
+    }
+
+    /// The note when `wanted` more instances were wanted and only `granted` fit (already added to `counted`).
+    fn note(&self, wanted: u32, granted: u32) -> String {
+        let what = if granted == 0 { "nothing".to_owned() } else { format!("only {granted}") };
+        format!(
+            "{} more wanted, but the pool has {} of max {} instances ({}): {what} added",
+            wanted,
+            self.counted - granted,
+            self.max,
+            self.parts.join(", ")
+        )
     }
 }
 
@@ -109,7 +148,7 @@ struct Classes<'m, 'a> {
 }
 
 /// The desired count and the numbers behind it.
-struct Target {
+struct Target<'a> {
     desired_count: u32,
     /// Serving instances (running, starting, being created).
     active: u32,
@@ -118,13 +157,18 @@ struct Target {
     idle: u32,
     /// Shown as the reason of every change that adds capacity.
     scale_up_reason: String,
+    /// Agent records of the pool without an instance whose create may not have happened (within their
+    /// window, see `records`): already counted towards `max`, so a create under their name needs no room. A
+    /// create that did happen is found under that name (create-if-absent) rather than doubled.
+    unfinished: Vec<&'a str>,
+    /// Stale agent records of the pool whose names its next creates reuse, lowest index first.
+    reusable: Vec<&'a str>,
 }
 
 pub(super) fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     let pool = cx.pool;
-    let window = active_window(pool, cx.now);
-    let scheduled = window.map(|window| scheduled_policy(&pool.scale, window));
-    let policy = scheduled.as_ref().unwrap_or(&pool.scale);
+    let (policy, window) = effective_policy(pool, cx.now);
+    let policy = policy.as_ref();
     let create_mode = matches!(pool.backend.mode, InstanceMode::Create);
     let mut plan = PoolPlan {
         cx,
@@ -148,15 +192,15 @@ pub(super) fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
 
     let classes = classify(&mut plan, &members);
     note_missing_adoptions(&mut plan, &members);
-    let target = target(&mut plan, &members, &classes);
+    let (target, mut room) = target(&mut plan, &members, &classes);
 
     let drift_drained = retire::drain_drifted(&mut plan, &classes.serving);
     let mut need = target.desired_count.saturating_sub(target.active);
     let resumed = scale_up::resume_drained(&mut plan, &classes.drained, &mut need, &target);
     retire::retire_drained(&mut plan, &classes.drained, &resumed, &mut need);
-    let started = scale_up::start_stopped(&mut plan, &classes.stopped, &mut need, &target);
+    let started = scale_up::start_stopped(&mut plan, &classes.stopped, &mut need, &target, &mut room);
     retire::delete_unneeded_stopped(&mut plan, &classes.stopped, &started);
-    scale_up::create(&mut plan, need, &target);
+    let reused = scale_up::create(&mut plan, need, &target, &mut room);
     scale_down::drain_idle(&mut plan, &classes.serving, &drift_drained, &target);
 
     let status = PoolStatus {
@@ -170,21 +214,7 @@ pub(super) fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
         window: window.map(|window| window.name.clone()),
         notes: plan.notes,
     };
-    PoolOutcome { status, changes: plan.changes, claimed }
-}
-
-/// The first schedule window containing `now`: its bounds override the pool's for this plan only.
-fn active_window(pool: &PoolSpec, now: Timestamp) -> Option<&ScheduleWindow> {
-    pool.scale.schedule.iter().find(|window| window.contains(now))
-}
-
-fn scheduled_policy(scale: &ScalePolicy, window: &ScheduleWindow) -> ScalePolicy {
-    ScalePolicy {
-        min: window.min.unwrap_or(scale.min),
-        max: window.max.unwrap_or(scale.max),
-        min_idle: window.min_idle.unwrap_or(scale.min_idle),
-        ..scale.clone()
-    }
+    PoolOutcome { status, changes: plan.changes, claimed, reused }
 }
 
 /// An image the backend lacks (an Incus alias `ciscale provision` has not built yet): every create from it would
@@ -237,7 +267,9 @@ fn classify<'m, 'a>(plan: &mut PoolPlan<'_, 'a>, members: &'m [Member<'a>]) -> C
             InstanceState::Pending | InstanceState::Running | InstanceState::Unknown => {
                 if let Some(reason) = never_registered(plan.cx, member) {
                     let action = if create_mode { Action::Delete } else { Action::Stop };
-                    plan.push(member, action, reason);
+                    let mut change = plan.change(member, action, reason);
+                    change.cause = Some(Cause::BootstrapTimeout);
+                    plan.changes.push(change);
                 } else if member.drained {
                     classes.drained.push(member);
                 } else {
@@ -262,9 +294,15 @@ fn note_missing_adoptions(plan: &mut PoolPlan<'_, '_>, members: &[Member<'_>]) {
 }
 
 /// Demand: jobs waiting for this pool plus jobs running on its serving agents. Jobs on drained agents are left
-/// out on purpose: those agents are on their way out, and counting their jobs would resume them.
-fn target(plan: &mut PoolPlan<'_, '_>, members: &[Member<'_>], classes: &Classes<'_, '_>) -> Target {
+/// out on purpose: those agents are on their way out, and counting their jobs would resume them. Also the room
+/// under `max`.
+fn target<'a>(
+    plan: &mut PoolPlan<'_, 'a>,
+    members: &[Member<'_>],
+    classes: &Classes<'_, '_>,
+) -> (Target<'a>, Room) {
     let cx = plan.cx;
+    let pool = cx.pool;
     let policy = plan.policy;
     let running_on_serving: u32 = classes.serving.iter().map(|member| member.running_jobs).sum();
     let running_jobs: u32 = members
@@ -280,20 +318,86 @@ fn target(plan: &mut PoolPlan<'_, '_>, members: &[Member<'_>], classes: &Classes
     if wanted > policy.max {
         plan.notes.push(format!("demand wants {wanted} agents, capped at max {}", policy.max));
     }
-    // Creates in flight whose instance the backend does not list yet are capacity on its way.
-    let creating = cx.in_flight.unlisted_creates(&cx.pool.name, cx.backend);
-    let active = classes.serving.len() as u32 + creating;
+
+    // Creates on their way: work in flight whose instance is not listed yet, and the pool's agent records
+    // without an instance that still count (see `records`). Each name once.
+    let mut creating: Vec<&str> = cx.in_flight.unlisted_creates(&pool.name, cx.backend);
+    let mut unfinished = Vec::new();
+    let mut reusable = Vec::new();
+    for record in cx.records.of_pool(&pool.name, &pool.ci.source) {
+        if creating.contains(&record.name()) || cx.in_flight.names_instance(&pool.backend.backend, record.name()) {
+            continue;
+        }
+        if let Some(note) = records::pool_notes(record, cx.now) {
+            plan.notes.push(note);
+        }
+        if record.busy {
+            // A job runs on it somewhere: capacity (and towards max), never created again.
+            creating.push(record.agent.name.as_str());
+        } else if record.in_window {
+            unfinished.push(record.agent.name.as_str());
+        } else if record.reusable() {
+            reusable.push(record.agent.name.as_str());
+        }
+    }
+    // Work in flight and busy records are capacity on its way; unfinished creates count towards max only (they
+    // are created again under their names while capacity is wanted).
+    let in_room = (creating.len() + unfinished.len()) as u32;
+    let creating = creating.len() as u32;
+    // Starts in flight (a stopped instance started, a drained agent resumed) are capacity on its way too.
+    let starting = members
+        .iter()
+        .filter(|member| cx.in_flight.starts(&pool.backend.backend, &member.instance.id))
+        .filter(|member| !classes.serving.iter().any(|serving| serving.instance.id == member.instance.id))
+        .count() as u32;
+
+    let active = classes.serving.len() as u32 + creating + starting;
     let busy = classes.serving.iter().filter(|member| member.busy).count() as u32;
     let idle = classes.serving.iter().filter(|member| member.agent.is_some() && !member.busy).count() as u32;
+    // A create for no job names the rule that wants it (`min`, `minIdle`), so the plan explains itself.
+    let for_jobs = demand.div_ceil(jobs_per_agent);
+    let rule = if wanted < policy.min {
+        format!(" for `min` {}, max {}", policy.min, policy.max)
+    } else if policy.min_idle > 0 && wanted > policy.max {
+        format!(": {for_jobs} for jobs + `minIdle` {}, capped at max {}", policy.min_idle, policy.max)
+    } else if policy.min_idle > 0 {
+        format!(": {for_jobs} for jobs + `minIdle` {}, max {}", policy.min_idle, policy.max)
+    } else {
+        format!(", max {}", policy.max)
+    };
     let scale_up_reason = format!(
-        "{} waiting, {} running, {} active (desired {}, max {})",
+        "{} waiting, {} running, {} active (desired {}{rule})",
         plural(cx.pending_jobs, "job"),
         running_on_serving,
         active,
         desired_count,
-        policy.max
     );
-    Target { desired_count, active, running_jobs, busy, idle, scale_up_reason }
+
+    // A start in flight (start/stop mode) counts as the running instance it is about to be.
+    let counted = |member: &Member<'_>| {
+        counts_towards_max(member.instance.state, plan.create_mode)
+            || cx.in_flight.starts(&pool.backend.backend, &member.instance.id)
+    };
+    let in_class = |class: &[&Member<'_>]| class.iter().filter(|member| counted(member)).count() as u32;
+    let counted_members = members.iter().filter(|member| counted(member)).count() as u32;
+    let serving = in_class(&classes.serving);
+    let drained = in_class(&classes.drained);
+    let stopped = in_class(&classes.stopped);
+    let other = counted_members - serving - drained - stopped;
+    let parts = [
+        (serving, "serving"),
+        (drained, "drained"),
+        (stopped, "stopped"),
+        (other, "stopping or being removed"),
+        (in_room, "being created"),
+    ]
+    .into_iter()
+    .filter(|(count, _)| *count > 0)
+    .map(|(count, what)| format!("{count} {what}"))
+    .collect();
+    let room = Room { max: policy.max, counted: counted_members + in_room, parts };
+    let target = Target { desired_count, active, running_jobs, busy, idle, scale_up_reason, unfinished, reusable };
+    (target, room)
 }
 
 /// Names of members a step acted on, so a later step leaves them alone.

@@ -13,7 +13,7 @@ pub(super) fn drain_idle(
     plan: &mut PoolPlan<'_, '_>,
     serving: &[&Member<'_>],
     drift_drained: &Acted<'_>,
-    target: &Target,
+    target: &Target<'_>,
 ) {
     let excess = target.active.saturating_sub(target.desired_count);
     if excess == 0 {

@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::model::{BackendObservation, Instance, InstanceId, InstanceState, OWNER_LABEL};
+use crate::model::{BackendObservation, Instance, InstanceId, InstanceState, OWNER_LABEL, POOL_LABEL};
 use crate::providers::{
     Backend, Capabilities, CreateInstance, Error, Exec, ExecOutput, ListInstances, PushFile, Result,
 };
@@ -52,6 +52,13 @@ fn require_exec(state: &WorldState, operation: &'static str) -> Result<()> {
     } else {
         Err(Error::Unsupported { provider: "fake".to_owned(), operation })
     }
+}
+
+/// Journals `op` on instance `id` (when it exists) before it takes effect: who was busy at that moment.
+fn journal(state: &mut WorldState, op: Op, id: &InstanceId) {
+    let Some(instance) = state.instance_mut(id) else { return };
+    let (name, pool) = (instance.name.clone(), instance.labels.get(POOL_LABEL).cloned());
+    state.record(op.key(), &name, pool.as_deref());
 }
 
 /// A created instance boots in the background: it is `pending` when create returns and `running` the next time
@@ -110,6 +117,7 @@ impl Backend for FakeBackend {
             };
             let model = instance.to_model();
             state.instances.push(instance);
+            state.record(Op::Create.key(), &request.name, request.labels.get(POOL_LABEL).map(String::as_str));
             Ok(model)
         })
         .await
@@ -126,6 +134,7 @@ impl Backend for FakeBackend {
 
     async fn start(&self, id: &InstanceId) -> Result<()> {
         self.world.call(Op::Start, |state| {
+            journal(state, Op::Start, id);
             find(state, id)?.state = InstanceState::Running;
             Ok(())
         })
@@ -134,6 +143,7 @@ impl Backend for FakeBackend {
 
     async fn stop(&self, id: &InstanceId) -> Result<()> {
         self.world.call(Op::Stop, |state| {
+            journal(state, Op::Stop, id);
             find(state, id)?.state = InstanceState::Stopped;
             Ok(())
         })
@@ -142,6 +152,7 @@ impl Backend for FakeBackend {
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {
         self.world.call(Op::Delete, |state| {
+            journal(state, Op::Delete, id);
             let before = state.instances.len();
             state.instances.retain(|instance| &instance.id != id);
             if state.instances.len() == before {

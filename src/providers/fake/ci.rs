@@ -74,10 +74,12 @@ impl CiSource for FakeCi {
                         labels: request.labels.clone(),
                         token_sha256: String::new(),
                         jobs_done: 0,
+                        created_at: Some(state.now()),
                     });
                     id
                 }
             };
+            state.record(Op::Register.key(), &request.name, None);
             let token = issue_token(state, &agent_id);
             find(state, &agent_id)?.token_sha256 = sha256_hex(token.expose().as_bytes());
             Ok(AgentCredential {
@@ -91,6 +93,8 @@ impl CiSource for FakeCi {
 
     async fn drain(&self, id: &AgentId) -> Result<()> {
         self.world.call(Op::Drain, |state| {
+            let name = find(state, id)?.name.clone();
+            state.record(Op::Drain.key(), &name, None);
             find(state, id)?.no_schedule = true;
             Ok(())
         })
@@ -107,6 +111,9 @@ impl CiSource for FakeCi {
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
         self.world.call(Op::Deregister, |state| {
+            if let Some(name) = state.agent_mut(id).map(|agent| agent.name.clone()) {
+                state.record(Op::Deregister.key(), &name, None);
+            }
             let before = state.agents.len();
             state.agents.retain(|agent| &agent.id != id);
             if state.agents.len() == before {

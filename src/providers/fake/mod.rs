@@ -33,8 +33,8 @@ pub use backend::FakeBackend;
 pub use ci::FakeCi;
 pub use fault::{Fault, FaultKind, Op};
 pub use state::{
-    labels_match, sha256_hex, ArmedFault, Counters, ExecRecord, FakeAgent, FakeInstance, FakeTask, PushedFile,
-    WorldState, DEFAULT_RUN_FOR_SECS, EPHEMERAL_LABEL,
+    labels_match, sha256_hex, ArmedFault, Counters, ExecRecord, FakeAgent, FakeInstance, FakeTask, JournalEntry,
+    PushedFile, WorldState, DEFAULT_RUN_FOR_SECS, EPHEMERAL_LABEL,
 };
 
 /// Why the fake world's state file could not be used.
@@ -205,41 +205,87 @@ impl FakeWorld {
         self.snapshot().calls.get(op.key()).copied().unwrap_or(0)
     }
 
+    /// Holds the caller of the next successful call of `op` for `hold` once that call has taken effect, before
+    /// the answer reaches the caller (crash tests kill the calling process there: the world changed, the caller
+    /// never heard). One-shot; [`WorldState::held`] says when it fired.
+    pub fn hold_after(&self, op: Op, hold: Duration) {
+        self.update(|state| {
+            state.holds.insert(op.key().to_owned(), u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
+        });
+    }
+
+    /// Starts keeping [`WorldState::journal`] (crash tests check their promises against it).
+    pub fn keep_journal(&self) {
+        self.update(|state| {
+            state.journal.get_or_insert_with(Vec::new);
+        });
+    }
+
     /// Runs one provider call: counts it, lets an armed fault fail it (before or after it takes effect) or hold
-    /// it, and persists whatever it changed. The call is counted when it arrives, so a held call shows in
-    /// [`WorldState::calls`] at once.
+    /// it before it takes effect, and persists whatever it changed. The call is counted when it arrives, so a held
+    /// call shows in [`WorldState::calls`] at once. An armed hold ([`Self::hold_after`]) delays the answer of a
+    /// successful call.
     pub(crate) async fn call<T>(&self, op: Op, body: impl FnOnce(&mut WorldState) -> Result<T>) -> Result<T> {
+        let mut hold = None;
+        let result = self.call_held(op, body, &mut hold).await;
+        if let Some(hold) = hold {
+            tokio::time::sleep(hold).await;
+        }
+        result
+    }
+
+    /// [`Self::call`] up to the answer. A call that goes through at once is counted and takes effect under one
+    /// lock, so other processes see both or neither.
+    async fn call_held<T>(
+        &self,
+        op: Op,
+        body: impl FnOnce(&mut WorldState) -> Result<T>,
+        hold: &mut Option<Duration>,
+    ) -> Result<T> {
         let hold_for = {
             let mut locked = self.lock()?;
             let state = &mut *locked.state;
             *state.calls.entry(op.key().to_owned()).or_default() += 1;
             let fault = fault::check(&mut state.faults, op);
-            let hold_for = match fault.as_ref().map(|kind| (kind, kind.when())) {
-                Some((_, fault::When::Held(hold_for))) => hold_for,
-                Some((kind, fault::When::Before)) => {
+            match fault.as_ref().map(FaultKind::when) {
+                Some(fault::When::Held(hold_for)) => {
+                    // The fault's progress is saved before the wait, so other processes see it.
                     self.save(&locked.state)?;
-                    return Err(kind.to_error(op));
+                    hold_for
                 }
-                Some((kind, fault::When::After)) => {
-                    let result = body(state).and_then(|_| Err(kind.to_error(op)));
-                    self.save(&locked.state)?;
-                    return result;
-                }
-                None => {
-                    let result = body(state);
+                _ => {
+                    let result = Self::take_effect(state, op, fault, body, hold);
                     self.save(&locked.state)?;
                     return result;
                 }
-            };
-            // The fault's progress is saved before the wait, so other processes see it.
-            self.save(&locked.state)?;
-            hold_for
+            }
         };
         // Unlocked while held: the rest of the world goes on.
         tokio::time::sleep(hold_for).await;
         let mut locked = self.lock()?;
-        let result = body(&mut locked.state);
+        let result = Self::take_effect(&mut locked.state, op, None, body, hold);
         self.save(&locked.state)?;
+        result
+    }
+
+    fn take_effect<T>(
+        state: &mut WorldState,
+        op: Op,
+        fault: Option<FaultKind>,
+        body: impl FnOnce(&mut WorldState) -> Result<T>,
+        hold: &mut Option<Duration>,
+    ) -> Result<T> {
+        let result = match &fault {
+            Some(kind) if kind.when() == fault::When::Before => Err(kind.to_error(op)),
+            Some(kind) => body(state).and_then(|_| Err(kind.to_error(op))),
+            None => body(state),
+        };
+        if result.is_ok() {
+            if let Some(millis) = state.holds.remove(op.key()) {
+                state.held.push(op.key().to_owned());
+                *hold = Some(Duration::from_millis(millis));
+            }
+        }
         result
     }
 

@@ -517,6 +517,8 @@ fn observation(jobs: Vec<WireJob>, runners: Vec<WireRunner>, now: Timestamp) -> 
                 last_contact: runner.status.online().then_some(now),
                 last_work: None,
                 labels,
+                // Forgejo's runner API reports no creation time: the planner falls back to the last contact.
+                created_at: None,
             }
         })
         .collect();
