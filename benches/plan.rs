@@ -134,6 +134,7 @@ fn world() -> (Desired, Observed, Timestamp) {
                 last_contact: Some(now),
                 last_work: Some(now - SignedDuration::from_mins(rng.below(120) as i64)),
                 labels: BTreeMap::new(),
+                created_at: None,
             });
         }
     }
