@@ -15,6 +15,9 @@
 //!   retries. The rest is waiting for a cycle to see the job.
 //! - **job → agent serving**: from the push to the moment an agent took the job (the fake CI's `started_at`).
 //!
+//! `SOAK_EXPLAIN=N` prints, for the N slowest jobs → create call, every cycle between the push and the create:
+//! what it started, what waited, and the job's pool as that cycle planned it.
+//!
 //! Both are read from the fake world, which the bench samples every 100 ms (instances and tasks are short-lived,
 //! but live for seconds: nothing is missed). Run with `cargo bench --bench soak` (`SOAK_SECS=60 cargo bench
 //! --bench soak` for a short one). A measurement, not a test: it asserts nothing about speed, but exits non-zero
@@ -106,6 +109,8 @@ struct Reactions {
     to_create: Vec<u64>,
     /// The create calls that served a job, for [`cycle_to_create`].
     serving_creates: Vec<Timestamp>,
+    /// (pool, job pushed, create call) of every job served by a create, for `SOAK_EXPLAIN`.
+    served: Vec<(String, Timestamp, Timestamp)>,
     to_serving: Vec<u64>,
     /// Taken by an agent that existed already: no create was needed.
     warm: usize,
@@ -141,6 +146,7 @@ fn reactions(jobs: &[Job], seen: &Seen) -> Reactions {
                 served[index] = true;
                 out.to_create.push(millis_between(pool_jobs[index].pushed, created));
                 out.serving_creates.push(created);
+                out.served.push((pool.to_owned(), pool_jobs[index].pushed, created));
             }
         }
         for (index, job) in pool_jobs.iter().enumerate() {
@@ -171,6 +177,34 @@ fn cycle_to_create(creates: &[Timestamp], starts: &[Timestamp]) -> Vec<u64> {
         .collect();
     out.sort_unstable();
     out
+}
+
+/// The cycles from a job's push to the create that served it, for the `count` slowest (see the module docs).
+fn explain(reaction: &Reactions, reports: &[serde_json::Value], count: usize) {
+    let mut slowest: Vec<&(String, Timestamp, Timestamp)> = reaction.served.iter().collect();
+    slowest.sort_by_key(|(_, pushed, created)| std::cmp::Reverse(millis_between(*pushed, *created)));
+    for (pool, pushed, created) in slowest.into_iter().take(count) {
+        println!("job of {pool} pushed {pushed}: create call after {} ms", millis_between(*pushed, *created));
+        for report in reports {
+            let Some(started) = report["started_at"].as_str().and_then(|at| at.parse::<Timestamp>().ok()) else { continue };
+            if started < *pushed - jiff::SignedDuration::from_secs(1) || started > *created {
+                continue;
+            }
+            let status = report["pools"].as_array().and_then(|pools| pools.iter().find(|status| status["pool"] == *pool));
+            println!(
+                "  cycle {} at {:+} ms, {} ms: started {} in_flight {} waiting {} held_back {} error {} | {pool}: {}",
+                report["cycle"],
+                started.duration_since(*pushed).as_millis(),
+                report["duration_ms"],
+                report["started"],
+                report["in_flight"],
+                report["waiting"].as_u64().unwrap_or(0),
+                report["held_back"].as_u64().unwrap_or(0),
+                report.get("error").map_or("-".to_owned(), ToString::to_string),
+                status.map_or("not planned".to_owned(), ToString::to_string)
+            );
+        }
+    }
 }
 
 fn percentiles(sorted: &[u64]) -> String {
@@ -333,6 +367,9 @@ fn main() {
         verdict(cycle_p99 <= 2000),
         verdict(create_p99 <= 2000)
     );
+    if let Some(count) = std::env::var("SOAK_EXPLAIN").ok().and_then(|n| n.parse().ok()) {
+        explain(&reaction, &reports, count);
+    }
     let pools_seen: BTreeSet<&str> = seen.creates.values().map(|(pool, _)| pool.as_str()).collect();
     println!("instances created: {} in {} pools", seen.creates.len(), pools_seen.len());
     if let Some((rss, hwm, cpu)) = end_sample {

@@ -99,11 +99,12 @@ pub struct Observation {
 /// Tries per source within one observation before it counts as failed [3]: a provider's blip (one 5xx, a dropped
 /// connection) must not cost the pools that need it a whole cycle.
 pub const OBSERVE_ATTEMPTS: u32 = 3;
-/// The pause before the first retry [200ms]; it doubles (200 ms, 400 ms: the observation is late by well under a
-/// second).
-const OBSERVE_RETRY_DELAY: Duration = Duration::from_millis(200);
+/// The pause before the first retry [100ms]; it doubles (100 ms, 200 ms: the observation is late by a fraction of
+/// a second, and the job it would show is not).
+const OBSERVE_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// A `Retry-After` up to this long [1s] is waited out within the observation; a longer one fails the source, which
-/// the caller then leaves alone for that long.
+/// the caller then leaves alone for that long. A rate limit that names no `Retry-After` counts as this long: a
+/// quick retry would only be refused again.
 const OBSERVE_RETRY_AFTER_MAX: Duration = Duration::from_secs(1);
 
 /// The pause before retry number `retry` (1-based) after `error`, or `None` if it is not worth retrying now.
@@ -112,7 +113,8 @@ fn observe_retry_delay(error: &providers::Error, retry: u32) -> Option<Duration>
         providers::Error::RateLimited { retry_after: Some(after), .. } => {
             (*after <= OBSERVE_RETRY_AFTER_MAX).then_some(*after)
         }
-        providers::Error::RateLimited { retry_after: None, .. } | providers::Error::Unavailable { .. } => {
+        providers::Error::RateLimited { retry_after: None, .. } => Some(OBSERVE_RETRY_AFTER_MAX),
+        providers::Error::Unavailable { .. } => {
             Some(OBSERVE_RETRY_DELAY.saturating_mul(2u32.saturating_pow(retry.saturating_sub(1))))
         }
         _ => None,

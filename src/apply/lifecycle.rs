@@ -388,7 +388,8 @@ impl<'run> ChangeRun<'run> {
         Fut: Future<Output = Result<T>>,
     {
         self.announce(step);
-        with_retries(step, self.shared.options.poll, |error| self.redactor.redact(&error.to_string()), call).await
+        let base = self.shared.options.poll.min(super::retry::MAX_RETRY_BASE);
+        with_retries(step, base, |error| self.redactor.redact(&error.to_string()), call).await
     }
 
     fn announce(&self, step: &str) {

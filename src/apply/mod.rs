@@ -63,9 +63,8 @@ pub struct ApplyOptions {
     /// How long an instance may take to reach `running` [5m]: cloud servers boot in well under a minute; five
     /// covers a slow image pull without holding a broken create for ever. The change's deadline caps it.
     pub ready_timeout: Duration,
-    /// Poll interval while waiting for an instance, and the base of retry backoff [500ms]: a provider's blip
-    /// (one 5xx, one dropped connection) costs half a second, not a cycle; a longer outage is ridden out by the
-    /// doubling retries (0.5 s, 1 s, 2 s) and then by the next cycle.
+    /// Poll interval while waiting for an instance [500ms], and the base of retry backoff up to
+    /// [`retry::MAX_RETRY_BASE`] (100 ms: retries after 0.1 s, 0.2 s, 0.4 s; see there).
     pub poll: Duration,
 }
 

@@ -819,6 +819,10 @@ fn backoff_doubles_and_honours_retry_after_up_to_a_cap() {
     let limited = |after| Error::RateLimited { provider: "p".to_owned(), retry_after: Some(after) };
     assert_eq!(backoff(base, 0, &limited(Duration::from_secs(3))), Duration::from_secs(3));
     assert_eq!(backoff(base, 0, &limited(Duration::from_secs(3600))), MAX_RETRY_AFTER);
+    // A rate limit that does not say how long: never the quick retry a 5xx gets.
+    let unsaid = Error::RateLimited { provider: "p".to_owned(), retry_after: None };
+    let delays: Vec<_> = (0..3).map(|retry| backoff(base, retry, &unsaid)).collect();
+    assert_eq!(delays, [Duration::from_secs(1); 3]);
 }
 
 /// Picus mode: the pool's one agent was registered by hand. A create must not register another, and must undrain

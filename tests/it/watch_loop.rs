@@ -152,7 +152,9 @@ async fn a_create_hanging_elsewhere_never_delays_the_reaction_to_an_incus_event(
     let Some((incus, image)) = crate::incus::daemon() else { return };
     let owner = crate::incus::owner("iso");
     let socket = std::env::var("CISCALE_TEST_INCUS_SOCKET").unwrap_or_default();
-    // An hour between polls: only the Incus event can start the replacement in time.
+    // An hour between polls: only the Incus event can start the replacement in time. Meanwhile a third backend
+    // cannot be observed at all and backs off (for an hour after its first failure): that must not keep the event
+    // from waking the loop either.
     let desired = load(&format!(
         r#"
 id: {owner}
@@ -160,9 +162,11 @@ pollInterval: 1h
 ci: {{ sim: {{ kind: fake }} }}
 backends:
   slow: {{ kind: fake }}
+  broken: {{ kind: fake }}
   lxd: {{ kind: incus, socket: "{socket}" }}
 pools:
   - {{ name: stuck, ci: {{ source: sim, labels: {{ platform: stuck }} }}, backend: {{ name: slow }}, scale: {{ max: 1 }} }}
+  - {{ name: dark, ci: {{ source: sim, labels: {{ platform: dark }} }}, backend: {{ name: broken }}, scale: {{ max: 1 }} }}
   - name: eph
     ci: {{ source: sim }}
     backend: {{ name: lxd, machine: {{ image: {image} }} }}
@@ -171,9 +175,12 @@ pools:
     ));
     let slow = FakeWorld::new();
     slow.inject(Fault::new(Op::Create, FaultKind::Hold { hold_for: HUNG_FOR }, u32::MAX));
+    let broken = FakeWorld::new();
+    broken.inject(Fault::new(Op::BackendObserve, FaultKind::Unauthenticated, u32::MAX));
     let ci = FakeWorld::new();
     let mut providers = Providers::default();
     providers.backends.insert(BackendName::new("slow"), Arc::new(slow.backend()));
+    providers.backends.insert(BackendName::new("broken"), Arc::new(broken.backend()));
     providers.backends.insert(BackendName::new("lxd"), Arc::new(incus.clone()));
     providers.ci.insert(CiName::new("sim"), Arc::new(ci.ci()));
     ci.push_task(labels("stuck"));
@@ -216,6 +223,15 @@ pools:
     assert_eq!(slow.calls(Op::Create), 1, "no second create for the hung pool");
     let reports = running.reports();
     assert!(reports.iter().any(|report| report.in_flight >= 1), "{reports:?}");
+    // The cycles the event started saw `broken` still backing off (it was tried once, in the first cycle).
+    let woken: Vec<&CycleReport> =
+        reports.iter().filter(|report| report.started_at >= event_at - jiff::SignedDuration::from_secs(1)).collect();
+    assert!(!woken.is_empty(), "a cycle after the event: {reports:?}");
+    for report in woken {
+        let error = report.error.as_deref().unwrap_or_default();
+        assert!(error.contains("backend `broken`: backing off"), "{report:?}");
+    }
+    assert_eq!(broken.calls(Op::BackendObserve), 1, "tried once, then left alone for its backoff");
     drop(running);
     crate::incus::cleanup(&incus, &owner).await;
 }
