@@ -46,7 +46,7 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
         metrics = Some(shared);
     }
     let cancel = watch::shutdown_signal();
-    let options = WatchOptions { cycles: args.cycles, ..WatchOptions::default() };
+    let options = WatchOptions { cycles: args.cycles, inspect: plan_trace()?, ..WatchOptions::default() };
     tracing::info!(owner = %desired.owner, pools = desired.pools.len(), interval = %desired.poll_interval, "watching");
     // Incus backends wake the loop on their lifecycle events; the interval stays as the safety net.
     let triggers = watch::triggers::from_config(&desired);
@@ -203,4 +203,53 @@ fn error_text(error: &anyhow::Error) -> String {
         text.push_str(&hint);
     }
     text
+}
+
+/// `CISCALE_PLAN_TRACE=FILE`: append one JSON line per cycle — the config hash, the observation and the plan — to
+/// FILE. For tests (the safety oracle judges every plan an end-to-end run made, across restarts of the daemon)
+/// and for replaying a cycle offline (`plan --observed`). Observations and plans hold no secrets.
+fn plan_trace() -> anyhow::Result<Option<watch::PlanInspector>> {
+    let Some(path) = std::env::var_os("CISCALE_PLAN_TRACE").filter(|path| !path.is_empty()) else {
+        return Ok(None);
+    };
+    let path = std::path::PathBuf::from(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the plan trace `{}` (`CISCALE_PLAN_TRACE`)", path.display()))?;
+    // A process killed mid-line leaves the file without its last newline: end that torn line, so this process's
+    // first line stays whole.
+    let torn = last_byte(&path).is_some_and(|last| last != b'\n');
+    if torn {
+        std::io::Write::write_all(&mut &file, b"\n")
+            .with_context(|| format!("cannot write the plan trace `{}`", path.display()))?;
+    }
+    let file = std::sync::Mutex::new(file);
+    Ok(Some(watch::PlanInspector::new(move |desired, observed, plan| {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            config_hash: &'a str,
+            observed: &'a ciscale::model::Observed,
+            plan: &'a ciscale::plan::Plan,
+        }
+        let line = Line { config_hash: &desired.config_hash, observed, plan };
+        if let (Ok(mut text), Ok(mut file)) = (serde_json::to_string(&line), file.lock()) {
+            text.push('\n');
+            // One write per line, so lines of a killed process are whole or absent; a failed write only loses the
+            // trace, never the cycle.
+            if let Err(error) = std::io::Write::write_all(&mut *file, text.as_bytes()) {
+                tracing::warn!(error = %error, path = %path.display(), "could not write the plan trace");
+            }
+        }
+    })))
+}
+
+fn last_byte(path: &std::path::Path) -> Option<u8> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(path).ok()?;
+    file.seek(std::io::SeekFrom::End(-1)).ok()?;
+    let mut byte = [0u8];
+    file.read_exact(&mut byte).ok()?;
+    Some(byte[0])
 }

@@ -10,12 +10,19 @@
 //!   younger than its pool's `bootstrapTimeout` ([`record_since`]): apply registers the agent before it creates
 //!   the instance (and deregisters it again when the backend refuses the create), and a backend may list a new
 //!   instance late (Incus right after a crash, EC2's eventually consistent listing), so the pool counts it
-//!   towards `max`, and while capacity is wanted it creates it again *under its name*: create-if-absent finds an
-//!   instance that was made (and finishes its bootstrap) or makes the one a killed apply never did, and never a
-//!   second one. A record that ran a job had its instance, which is gone (a finished
-//!   ephemeral agent). Past the window, or after a job, it is **stale**. A stale record that never ran a job
-//!   gives its name to the pool's next create (create-if-absent takes over the record, and an instance listed
-//!   late is found rather than doubled); every stale record that no create reuses is deregistered once idle;
+//!   towards `max`, and while capacity is wanted (and the pool is within `max`) it creates it again *under its
+//!   name*: create-if-absent finds an instance that was made (and finishes its bootstrap) or makes the one a
+//!   killed apply never did, and never a second one. Past the window, or after a job, it is **stale**;
+//! - a stale record is deregistered (once idle, and unless a create of this plan takes it over) only when its
+//!   instance is **gone for good** ([`LoneRecord::gone_for_good`]): it ran a job or made contact (its instance
+//!   was listed by then, and is not now: a finished ephemeral agent, a deleted server), or its pool left the
+//!   config (no create takes its name any more, and an instance of it listed late is an orphan, removed by rule
+//!   7). A record of a configured pool that never made contact is never deregistered on its age alone: its age
+//!   tells when it was registered, not when its instance was made — a create may take over its name long after
+//!   (and the new instance not be listed yet), or finish late in the window and be listed late. Such an
+//!   instance gets its own `bootstrapTimeout` from its creation (rule 4, which removes it *with* its record if
+//!   its agent never comes up). So the record is kept, with a note, and gives its name to the pool's next
+//!   create (create-if-absent takes over the record, and an instance listed late is found rather than doubled);
 //! - a record that runs a job is never deregistered, and counts towards its pool's `max` whatever its age (a
 //!   job runs somewhere);
 //! - anything else is not ours. Those whose name starts with `{owner}-` get a "not ours, left alone" note.
@@ -45,6 +52,10 @@ pub(super) struct LoneRecord<'a> {
     pub busy: bool,
     /// Younger than its pool's bootstrap timeout: a create whose instance is not listed yet.
     pub in_window: bool,
+    /// Its instance, if it ever had one, cannot show up any more: it ran a job or made contact (its instance was
+    /// listed by then, and is not now), or its pool left the config and it is past its window. Only such a record
+    /// is deregistered (see the module docs), and it is never reused.
+    pub gone_for_good: bool,
 }
 
 impl LoneRecord<'_> {
@@ -61,12 +72,12 @@ impl LoneRecord<'_> {
     /// whose instance is listed late, and create-if-absent under its name finds that instance rather than
     /// making a second one. (A record that ran a job had its instance listed already: it only goes.)
     pub fn reusable(&self) -> bool {
-        !self.counts() && self.agent.last_work.is_none()
+        !self.counts() && !self.gone_for_good
     }
 
-    /// Stale and idle: deregistered unless a create reuses its name.
+    /// Stale, idle and gone for good: deregistered unless a create reuses its name.
     fn removable(&self) -> bool {
-        !self.counts()
+        !self.counts() && self.gone_for_good
     }
 
     /// `registered 5m ago` (the CI's creation time) or `last in contact 5m ago` (the fallback), if known.
@@ -129,12 +140,16 @@ pub(super) fn find<'a>(
             }
             match parse_name(&desired.owner, &agent.name) {
                 Some(owned) => {
-                    let policy = desired.pool(&PoolName::new(owned.pool)).map_or(&default_policy, |pool| &pool.scale);
+                    let configured_pool = desired.pool(&PoolName::new(owned.pool));
+                    let policy = configured_pool.map_or(&default_policy, |pool| &pool.scale);
                     let since = record_since(agent);
                     // A record that has run a job had its instance: that instance is gone (an ephemeral agent
                     // that finished, say), not on its way.
                     let in_window = agent.last_work.is_none()
                         && since.is_some_and(|since| now.duration_since(since) < policy.bootstrap_timeout.signed());
+                    let gone_for_good = agent.last_work.is_some()
+                        || agent.last_contact.is_some()
+                        || (configured_pool.is_none() && !in_window);
                     records.lone.entry(owned.pool).or_default().push(LoneRecord {
                         ci,
                         agent,
@@ -143,6 +158,7 @@ pub(super) fn find<'a>(
                         since,
                         busy: ci.is_busy(agent),
                         in_window,
+                        gone_for_good,
                     });
                 }
                 None if is_legacy_name(desired, &agent.name) => records.notes.push(format!(
@@ -221,6 +237,16 @@ pub(super) fn pool_notes(record: &LoneRecord<'_>, now: Timestamp) -> Option<Stri
     } else {
         None
     }
+}
+
+/// The pool note on a stale record that is not gone for good and that no create of this plan takes over.
+pub(super) fn kept_note(record: &LoneRecord<'_>, now: Timestamp) -> String {
+    let age = record.age(now).map(|age| format!(", {age}")).unwrap_or_default();
+    format!(
+        "{}: agent record without an instance{age}, never in contact: kept, as an instance of it may not be listed \
+         yet; the pool's next create takes it over",
+        record.name()
+    )
 }
 
 /// A config reference to an agent record: it is never deregistered by ciscale.

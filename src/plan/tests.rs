@@ -321,10 +321,17 @@ fn a_record_of_ours_without_instance_is_a_create_in_flight_then_reused() {
     let one_job = observed(Vec::new(), vec![record.clone()], jobs(1));
     assert_eq!(actions(&plan(&desired, &one_job, later)), vec![(Action::Create, name(1))]);
 
-    // Past the window and nothing to create: deregistered. Within it and nothing to create: left alone.
-    let idle = observed(Vec::new(), vec![record], Vec::new());
-    assert_eq!(actions(&plan(&desired, &idle, later)), vec![(Action::Deregister, name(1))]);
+    // Past the window and nothing to create: kept with a note, as it never made contact (an instance of it may
+    // not be listed yet), whatever its age. Within it and nothing to create: left alone.
+    let idle = observed(Vec::new(), vec![record.clone()], Vec::new());
+    let kept = plan(&desired, &idle, ts("2026-01-02T12:00:00Z"));
+    assert!(kept.changes.is_empty());
+    assert!(kept.pools[0].notes.iter().any(|note| note.contains("kept")), "{:?}", kept.pools[0].notes);
     assert!(plan(&desired, &idle, ts(NOW)).changes.is_empty());
+    // Once it made contact, its instance was listed then: gone now, so the record goes.
+    let contacted = Agent { last_contact: Some(ts("2026-01-01T12:05:00Z")), ..record };
+    let gone = observed(Vec::new(), vec![contacted], Vec::new());
+    assert_eq!(actions(&plan(&desired, &gone, later)), vec![(Action::Deregister, name(1))]);
 }
 
 #[test]

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
 use crate::apply::{ApplyOptions, Executor, Outcome};
-use crate::model::{Desired, PoolName};
+use crate::model::{Desired, Observed, PoolName};
 use crate::observe::Source;
 use crate::plan::{self, Action, PoolStatus, Summary};
 use crate::providers::Providers;
@@ -56,13 +56,36 @@ pub struct WatchOptions {
     /// The longest a failing source or target is left alone.
     pub max_backoff: Duration,
     pub apply: ApplyOptions,
+    /// Shown every plan a cycle makes; `None` in the daemon unless `CISCALE_PLAN_TRACE` asks for a trace.
+    pub inspect: Option<PlanInspector>,
 }
 
 impl Default for WatchOptions {
     fn default() -> Self {
         // Five minutes: long enough not to hammer a provider that is down, short enough that recovery is noticed
         // well within a typical idle timeout.
-        Self { cycles: None, max_backoff: Duration::from_secs(300), apply: ApplyOptions::default() }
+        Self { cycles: None, max_backoff: Duration::from_secs(300), apply: ApplyOptions::default(), inspect: None }
+    }
+}
+
+/// Sees each plan the loop makes, with the config and the observation it was made from (its `in_flight` the
+/// work the loop had running), right after planning and holding back what must not start now (`schedule::
+/// hold_back`: changes that need a source this cycle did not observe, targets in flight or backing off), before
+/// the create throttle and the slots: the changes a cycle may act on. A test hook: the safety oracle judges every
+/// plan of the end-to-end tests through it (in-process, or from the trace `ciscale watch` writes under
+/// `CISCALE_PLAN_TRACE`). It must not block: it runs inside the cycle.
+#[derive(Clone)]
+pub struct PlanInspector(Arc<dyn Fn(&Desired, &Observed, &plan::Plan) + Send + Sync>);
+
+impl PlanInspector {
+    pub fn new(inspect: impl Fn(&Desired, &Observed, &plan::Plan) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(inspect))
+    }
+}
+
+impl std::fmt::Debug for PlanInspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlanInspector")
     }
 }
 
@@ -519,6 +542,9 @@ async fn reconcile(
             now: started_at,
         },
     );
+    if let Some(inspect) = &options.inspect {
+        (inspect.0)(desired, &observed, &plan);
+    }
     report.unobserved_pools = unobserved_pools.keys().cloned().collect();
     for (pool, sources) in &unobserved_pools {
         let names: Vec<String> = sources.iter().map(ToString::to_string).collect();

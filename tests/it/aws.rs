@@ -903,6 +903,8 @@ async fn idempotent_parameter_mismatch_is_not_a_failure_of_the_create() {
 
 /// A scratch folder with a config on moto's EC2 and a file-backed fake CI that simulates.
 struct E2e {
+    /// Every plan of this test's `watch` processes is judged by the safety oracle (dropped before `dir`).
+    trace: crate::safety::ledger::PlanTrace,
     dir: tempfile::TempDir,
     owner: String,
     client: aws_sdk_ec2::Client,
@@ -929,6 +931,7 @@ pools:
         );
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
         Self {
+            trace: crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml")),
             dir,
             owner,
             client: sdk_client(endpoint),
@@ -965,6 +968,7 @@ pools:
                 self.dir.path().join("no-aws-credentials"),
             )
             .stdin(Stdio::null());
+        self.trace.env(&mut command);
         command
     }
 
@@ -1257,6 +1261,9 @@ async fn kill_9_during_apply_then_watch_leaves_no_duplicate_and_no_orphan() {
     }
     let _ = apply.kill();
     let _ = apply.wait();
+    // The killed apply worked for this deployment (its owner id is fresh): what it made is ours, under the names it
+    // registered (instances take their agent's name).
+    e2e.trace.declare_ours(e2e.world().snapshot().agents.into_iter().map(|agent| agent.name));
 
     let mut watch = e2e.spawn(&["watch"]);
     e2e.run_until(

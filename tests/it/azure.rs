@@ -637,6 +637,8 @@ fn the_spec_check_rejects_what_the_spec_does_not_say() {
 /// leaves no daemon behind that keeps creating instances.
 pub(crate) struct WatchProcess {
     child: Option<std::process::Child>,
+    /// Every plan of this `watch` is judged by the safety oracle once the process is gone.
+    _trace: crate::safety::ledger::PlanTrace,
     stdout: Option<std::thread::JoinHandle<String>>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
@@ -653,6 +655,7 @@ impl WatchProcess {
             .env("NO_COLOR", "1")
             .env("AZP_ADMIN_PAT", PAT)
             .env("AZP_AGENT_PAT", AGENT_PAT)
+            .env(crate::safety::ledger::TRACE_ENV, dir.join("plan-trace.jsonl"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -669,6 +672,7 @@ impl WatchProcess {
         let stderr = child.stderr.take().map(|pipe| read_all(Box::new(pipe)));
         Self {
             child: Some(child),
+            _trace: crate::safety::ledger::PlanTrace::new(dir, dir.join("ciscale.yaml")).forbid(&[PAT, AGENT_PAT]),
             stdout,
             stderr,
         }

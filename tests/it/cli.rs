@@ -37,12 +37,19 @@ pub(crate) fn stderr(output: &Output) -> String {
 
 /// A scratch folder with a config whose fake CI and fake backend share `world.json`.
 pub(crate) struct Sandbox {
+    /// Every plan a `watch` of this sandbox made is judged by the safety oracle when the sandbox goes (declared
+    /// before `dir`: dropped while the trace still exists).
+    trace: crate::safety::ledger::PlanTrace,
     pub(crate) dir: tempfile::TempDir,
 }
 
 impl Sandbox {
     pub(crate) fn new(scale: &str) -> Self {
-        let sandbox = Self { dir: tempfile::tempdir().expect("temp dir") };
+        let dir = tempfile::tempdir().expect("temp dir");
+        // The fake CI's per-agent tokens all start `fake-token-`.
+        let trace = crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml"))
+            .forbid(&[SECRET, "fake-token-"]);
+        let sandbox = Self { trace, dir };
         sandbox.write_config(scale);
         sandbox
     }
@@ -65,6 +72,7 @@ pools:
 "#
         );
         std::fs::write(self.path("ciscale.yaml"), config).expect("write config");
+        self.trace.remember();
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
@@ -92,6 +100,7 @@ pools:
         let mut command = ciscale();
         // Each sandbox locks on its own: tests run concurrently with the same owner id.
         command.current_dir(self.dir.path()).env("CISCALE_LOCK_DIR", self.path("locks"));
+        self.trace.env(&mut command);
         command.args(args).arg("-c").arg(self.config());
         command
     }

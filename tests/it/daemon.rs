@@ -39,11 +39,14 @@ async fn run_cycles(
     cycles: u64,
     metrics: Option<&Arc<Metrics>>,
 ) -> Vec<CycleReport> {
+    // Every plan of the run is judged by the safety oracle.
+    let (inspect, ledger) = crate::safety::ledger::inspector();
     let options = WatchOptions {
         cycles: Some(cycles),
         // The backoff after failed cycles stays short: the tests count cycles, not seconds.
         max_backoff: Duration::from_millis(50),
         apply: ApplyOptions { poll: Duration::from_millis(1), ..ApplyOptions::default() },
+        inspect: Some(inspect),
     };
     let (_keep, cancel) = tokio::sync::watch::channel(false);
     let mut desired = desired.clone();
@@ -58,6 +61,7 @@ async fn run_cycles(
         reports.push(report.clone());
     })
     .await;
+    ledger.lock().expect("ledger").assert_safe();
     reports
 }
 

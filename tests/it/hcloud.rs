@@ -555,6 +555,8 @@ fn cloud_init_refuses_line_breaks_and_odd_images_without_showing_values() {
 /// A scratch folder with a config: a fake CI (file-backed, simulating, whose agents run on the Hetzner fake) and
 /// the Hetzner backend on the fake.
 struct Sandbox {
+    /// Every plan of this sandbox's `watch` is judged by the safety oracle (dropped before `dir`).
+    trace: crate::safety::ledger::PlanTrace,
     dir: tempfile::TempDir,
     fake: HcloudFake,
     _runtime: tokio::runtime::Runtime,
@@ -596,6 +598,8 @@ pools:
         }
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
         let sandbox = Self {
+            trace: crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml"))
+                .forbid(&[TOKEN, AGENT_SECRET]),
             dir,
             fake,
             _runtime: runtime,
@@ -631,6 +635,7 @@ pools:
             .args(args)
             .arg("-c")
             .arg(self.path("ciscale.yaml"));
+        self.trace.env(&mut command);
         command
     }
 

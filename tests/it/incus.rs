@@ -323,7 +323,9 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
     let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
     // The executor's defaults (a 2 s poll between retries), as `ciscale watch` runs: the replacement path must not
     // depend on a short poll.
-    let options = ciscale::watch::WatchOptions::default();
+    // Every plan of the run is judged by the safety oracle.
+    let (inspect, ledger) = crate::safety::ledger::inspector();
+    let options = ciscale::watch::WatchOptions { inspect: Some(inspect), ..ciscale::watch::WatchOptions::default() };
     let cycles = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = Arc::clone(&cycles);
     // (started at, ended at) of every cycle, to split the latency into phases.
@@ -458,6 +460,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
     cancel_tx.send_replace(true);
     drop(loop_task.await);
     cleanup(&incus, &owner).await;
+    ledger.lock().expect("ledger").assert_safe();
 }
 
 /// Waits (bounded) for an owned running instance created after `since`.

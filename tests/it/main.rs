@@ -20,7 +20,7 @@ mod metrics;
 mod newcomer;
 mod picus;
 mod readme;
-mod plan_props;
+mod safety;
 mod saved_plan;
 mod scenarios;
 mod watch_loop;

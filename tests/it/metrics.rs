@@ -60,9 +60,12 @@ fn value(exposition: &str, series: &str) -> Option<f64> {
 }
 
 async fn run_cycles(desired: &Desired, providers: &Providers, metrics: &Arc<Metrics>, cycles: u64) {
+    // Every plan of the run is judged by the safety oracle.
+    let (inspect, ledger) = crate::safety::ledger::inspector();
     let options = WatchOptions {
         cycles: Some(cycles),
         apply: ApplyOptions { poll: Duration::from_millis(1), ..ApplyOptions::default() },
+        inspect: Some(inspect),
         ..WatchOptions::default()
     };
     let (_keep, cancel) = tokio::sync::watch::channel(false);
@@ -70,6 +73,7 @@ async fn run_cycles(desired: &Desired, providers: &Providers, metrics: &Arc<Metr
     // Long enough for the fake's creates (milliseconds) to finish before the next cycle observes.
     desired.poll_interval = ciscale::model::GoDuration(Duration::from_millis(200));
     watch::run(&desired, providers, &options, &cancel, |report| metrics.record_cycle(report)).await;
+    ledger.lock().expect("ledger").assert_safe();
 }
 
 #[tokio::test(flavor = "multi_thread")]

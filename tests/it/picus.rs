@@ -207,6 +207,7 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
     env.insert("PICUS_POLL_INTERVAL".to_owned(), "1s".to_owned());
     env.insert("PICUS_MAX_IDLE_TIME".to_owned(), "2s".to_owned());
     env.insert("HCLOUD_ENDPOINT".to_owned(), hetzner.endpoint().to_owned());
+    let _trace = picus_trace(dir.path(), &env);
     let watch = spawn_watch(dir.path(), &env);
     let task = woodpecker.add_task(&[("platform", "linux/amd64"), ("backend", "docker")]);
     wait_until("a server for the job", &|| !hetzner.servers().is_empty());
@@ -278,6 +279,7 @@ fn watch_in_picus_aws_mode_starts_and_stops_the_named_instance() {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
+    let _trace = picus_trace(dir.path(), &env);
     let watch = spawn_watch(dir.path(), &env);
 
     std::thread::sleep(Duration::from_millis(1500));
@@ -308,11 +310,22 @@ fn spawn_watch(dir: &std::path::Path, env: &BTreeMap<String, String>) -> std::pr
         .envs(env)
         .env("CISCALE_LOCK_DIR", dir.join("locks"))
         .env("NO_COLOR", "1")
+        .env(crate::safety::ledger::TRACE_ENV, dir.join("plan-trace.jsonl"))
         .args(["watch", "--json"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start ciscale watch")
+}
+
+/// The safety oracle judges every plan the Picus-mode `watch` in `dir` makes, with the config the Picus
+/// environment stands for (written beside the trace under another name than `ciscale.yaml`, which would end Picus
+/// mode), when the returned guard goes.
+fn picus_trace(dir: &std::path::Path, env: &BTreeMap<String, String>) -> crate::safety::ledger::PlanTrace {
+    let yaml = ciscale::import::picus::config_from_env(env).expect("a complete Picus environment");
+    let config = dir.join("picus-as-config.yaml");
+    std::fs::write(&config, yaml).expect("write config");
+    crate::safety::ledger::PlanTrace::new(dir, config).forbid(&[AGENT_SECRET, crate::fakes::woodpecker::ADMIN_TOKEN])
 }
 
 /// SIGTERM, then the daemon's stderr once it exited cleanly.

@@ -367,6 +367,8 @@ async fn no_token_in_errors_or_debug_output() {
 const ENV_TOKEN: &str = ADMIN_TOKEN;
 
 struct Sandbox {
+    /// Every plan of this sandbox's `watch` is judged by the safety oracle (dropped before `dir`).
+    trace: crate::safety::ledger::PlanTrace,
     dir: tempfile::TempDir,
 }
 
@@ -396,7 +398,9 @@ pools:
             ));
         }
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
-        Self { dir }
+        let trace =
+            crate::safety::ledger::PlanTrace::new(dir.path(), dir.path().join("ciscale.yaml")).forbid(&[ENV_TOKEN]);
+        Self { trace, dir }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -424,6 +428,7 @@ pools:
             .args(args)
             .arg("-c")
             .arg(self.path("ciscale.yaml"));
+        self.trace.env(&mut command);
         command
     }
 }

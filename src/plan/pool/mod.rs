@@ -22,7 +22,7 @@ use super::capacity::{counts_towards_max, effective_policy};
 use super::digest::agent_hash;
 use super::fasthash::FastSet;
 use super::index::{BackendIndex, CiIndex, InFlightIndex};
-use super::records::{self, Records};
+use super::records::{self, LoneRecord, Records};
 use super::text::plural;
 use super::{Action, Cause, Change, InstanceTarget, PoolStatus};
 use crate::model::{
@@ -163,6 +163,8 @@ struct Target<'a> {
     unfinished: Vec<&'a str>,
     /// Stale agent records of the pool whose names its next creates reuse, lowest index first.
     reusable: Vec<&'a str>,
+    /// The records behind `reusable`: kept (with a note) unless a create of this plan takes them over.
+    kept: Vec<&'a LoneRecord<'a>>,
 }
 
 pub(super) fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
@@ -201,6 +203,9 @@ pub(super) fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     let started = scale_up::start_stopped(&mut plan, &classes.stopped, &mut need, &target, &mut room);
     retire::delete_unneeded_stopped(&mut plan, &classes.stopped, &started);
     let reused = scale_up::create(&mut plan, need, &target, &mut room);
+    for record in target.kept.iter().filter(|record| !reused.iter().any(|name| name == record.name())) {
+        plan.notes.push(records::kept_note(record, cx.now));
+    }
     scale_down::drain_idle(&mut plan, &classes.serving, &drift_drained, &target);
 
     let status = PoolStatus {
@@ -324,6 +329,7 @@ fn target<'a>(
     let mut creating: Vec<&str> = cx.in_flight.unlisted_creates(&pool.name, cx.backend);
     let mut unfinished = Vec::new();
     let mut reusable = Vec::new();
+    let mut kept = Vec::new();
     for record in cx.records.of_pool(&pool.name, &pool.ci.source) {
         if creating.contains(&record.name()) || cx.in_flight.names_instance(&pool.backend.backend, record.name()) {
             continue;
@@ -338,6 +344,7 @@ fn target<'a>(
             unfinished.push(record.agent.name.as_str());
         } else if record.reusable() {
             reusable.push(record.agent.name.as_str());
+            kept.push(record);
         }
     }
     // Work in flight and busy records are capacity on its way; unfinished creates count towards max only (they
@@ -396,7 +403,8 @@ fn target<'a>(
     .map(|(count, what)| format!("{count} {what}"))
     .collect();
     let room = Room { max: policy.max, counted: counted_members + in_room, parts };
-    let target = Target { desired_count, active, running_jobs, busy, idle, scale_up_reason, unfinished, reusable };
+    let target =
+        Target { desired_count, active, running_jobs, busy, idle, scale_up_reason, unfinished, reusable, kept };
     (target, room)
 }
 

@@ -88,8 +88,10 @@ pub(super) fn create(plan: &mut PoolPlan<'_, '_>, need: u32, target: &Target<'_>
         return Vec::new();
     }
     // Unfinished creates of the pool are created again first, under their own names: they counted towards
-    // `max` already. Every other create needs room.
-    let again = need.min(target.unfinished.len() as u32);
+    // `max` already. Every other create needs room. But only while the pool is within `max` (it may be above:
+    // `max` lowered, records of a killed apply): each unfinished record may or may not have its instance, and
+    // creating one again that has none adds an instance, so above `max` none is created again.
+    let again = if room.counted <= room.max { need.min(target.unfinished.len() as u32) } else { 0 };
     let fresh = (need - again).min(room.left());
     room.counted += fresh;
     let granted = again + fresh;
