@@ -70,6 +70,7 @@ fn world() -> (Desired, Observed, Timestamp) {
                         kind: BackendKind::Fake(FakeSpec::default()),
                         billing: Billing::Hourly,
                         create_limit: None,
+                        change_timeout: None,
                     },
                 )
             })
@@ -86,7 +87,7 @@ fn world() -> (Desired, Observed, Timestamp) {
     for b in 0..4 {
         observed.backends.insert(
             BackendName::new(format!("cloud{b}")),
-            BackendObservation { instances: Vec::new(), prices: prices.clone(), missing_images: Vec::new() },
+            BackendObservation { instances: Vec::new(), prices: prices.clone(), ..BackendObservation::default() },
         );
     }
     let mut agents = Vec::with_capacity(INSTANCES);

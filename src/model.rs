@@ -430,6 +430,9 @@ pub struct BackendSpec {
     pub billing: Billing,
     /// How fast `watch` may create instances here; `None`: no limit.
     pub create_limit: Option<CreateLimit>,
+    /// How long one change on this backend may run before it is abandoned; `None`: the default for the kind
+    /// (`apply::default_change_timeout`).
+    pub change_timeout: Option<GoDuration>,
 }
 
 /// A token bucket on creates: `rate.count` creates per `rate.per` on average, at most `burst` at once.

@@ -30,7 +30,7 @@ use crate::providers::{
 use super::bootstrap::{agent_env_file, bootstrap_env, CREDENTIAL_MODE, CREDENTIAL_PATH};
 use super::cloud_init::cloud_init;
 use super::retry::{is_retryable, with_retries};
-use super::{ApplyOptions, Event, Outcome, Redactor};
+use super::{ApplyOptions, Event, Learned, Outcome, Redactor};
 
 /// What every change's task reads.
 pub(super) struct Shared {
@@ -62,6 +62,8 @@ pub(super) struct ChangeRun<'run> {
     change: &'run Change,
     index: usize,
     events: &'run mpsc::UnboundedSender<Event>,
+    /// The step running now, for the message when the change is abandoned at its deadline.
+    step: &'run std::sync::Mutex<String>,
     /// The shared redactor plus the secrets this change learns (the agent's fresh token).
     redactor: Redactor,
 }
@@ -72,8 +74,9 @@ impl<'run> ChangeRun<'run> {
         change: &'run Change,
         index: usize,
         events: &'run mpsc::UnboundedSender<Event>,
+        step: &'run std::sync::Mutex<String>,
     ) -> Self {
-        Self { shared, change, index, events, redactor: shared.redactor.clone() }
+        Self { shared, change, index, events, step, redactor: shared.redactor.clone() }
     }
 
     pub(super) async fn run(mut self) -> Outcome {
@@ -179,6 +182,7 @@ impl<'run> ChangeRun<'run> {
                     .map_err(|e| self.failed("register agent", &e))?;
                 self.redactor.add(credential.token.expose());
                 tracing::info!(agent = %credential.agent_id, "agent registered");
+                self.learned(Learned::Agent(credential.agent_id.clone()));
                 credential
             }
         };
@@ -230,7 +234,7 @@ impl<'run> ChangeRun<'run> {
             }
         };
         tracing::info!(instance = %id, "instance created");
-        let _ = self.events.send(Event::Created(self.index, id.clone()));
+        self.learned(Learned::Instance(id.clone()));
 
         // A cloud instance starts its agent from its user data: nothing is left to do here, and waiting for it
         // to boot (a minute on some clouds) would only hold up the cycle. Whether it came up is observed on later
@@ -408,12 +412,20 @@ impl<'run> ChangeRun<'run> {
         Fut: Future<Output = Result<T>>,
     {
         self.announce(step);
-        with_retries(step, self.shared.options.poll, |error| self.redactor.redact(&error.to_string()), call).await
+        let base = self.shared.options.poll.min(super::retry::MAX_RETRY_BASE);
+        with_retries(step, base, |error| self.redactor.redact(&error.to_string()), call).await
     }
 
     fn announce(&self, step: &str) {
         tracing::info!(step, "step");
+        if let Ok(mut current) = self.step.lock() {
+            step.clone_into(&mut current);
+        }
         let _ = self.events.send(Event::Step(self.index, step.to_owned()));
+    }
+
+    fn learned(&self, learned: Learned) {
+        let _ = self.events.send(Event::Learned(self.index, learned));
     }
 
     fn fail(&self, step: &str, message: impl Display) -> StepFailure {

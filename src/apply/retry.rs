@@ -13,6 +13,15 @@ pub const MAX_RETRIES: u32 = 3;
 /// A `Retry-After` longer than this is not waited for here: the next cycle will try again anyway.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
+/// The longest first pause [100ms]: a provider's blip (one 5xx, one dropped connection) costs a tenth of a
+/// second, so a job's agent is not late by a cycle's worth for it; the doubling (0.1 s, 0.2 s, 0.4 s) then rides
+/// out a blip of most of a second, and the next cycle a longer outage.
+pub const MAX_RETRY_BASE: Duration = Duration::from_millis(100);
+
+/// The shortest pause after a rate limit that named no `Retry-After` [1s]: a quick retry would only be refused
+/// again, and count against the same limit.
+pub const RATE_LIMITED_MIN: Duration = Duration::from_secs(1);
+
 /// Worth retrying within this apply. Capacity errors are transient in general, but retrying the same machine
 /// type in the same place rarely helps: they are left to fallbacks (other types/locations) and the next cycle.
 pub fn is_retryable(error: &Error) -> bool {
@@ -20,12 +29,15 @@ pub fn is_retryable(error: &Error) -> bool {
 }
 
 /// The wait before retry number `retry` (0-based): `base` doubled each time, or the provider's `Retry-After`
-/// (capped at [`MAX_RETRY_AFTER`]) when it gave one.
+/// (capped at [`MAX_RETRY_AFTER`]) when it gave one; a rate limit without one waits at least
+/// [`RATE_LIMITED_MIN`].
 pub fn backoff(base: Duration, retry: u32, error: &Error) -> Duration {
-    if let Error::RateLimited { retry_after: Some(after), .. } = error {
-        return (*after).min(MAX_RETRY_AFTER);
+    let doubled = base.saturating_mul(2u32.saturating_pow(retry)).min(MAX_RETRY_AFTER);
+    match error {
+        Error::RateLimited { retry_after: Some(after), .. } => (*after).min(MAX_RETRY_AFTER),
+        Error::RateLimited { retry_after: None, .. } => doubled.max(RATE_LIMITED_MIN),
+        _ => doubled,
     }
-    base.saturating_mul(2u32.saturating_pow(retry)).min(MAX_RETRY_AFTER)
 }
 
 /// Runs `call`, retrying retryable failures up to [`MAX_RETRIES`] times. `describe` turns an error into loggable

@@ -28,9 +28,9 @@ pub struct ApplyArgs {
     pub auto_approve: bool,
     #[command(flatten)]
     pub lock: super::LockArgs,
-    /// How many changes run at the same time
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub concurrency: u16,
+    /// How many changes run at the same time on each backend account (default: 4 on clouds, 8 on Incus)
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: Option<u16>,
 }
 
 pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
@@ -113,7 +113,7 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
     }
 
     let cancel = ciscale::watch::shutdown_signal();
-    let options = ApplyOptions { concurrency: usize::from(args.concurrency), ..ApplyOptions::default() };
+    let options = ApplyOptions { concurrency: args.concurrency.map_or(0, usize::from), ..ApplyOptions::default() };
     let progress = Reporter::new(ui, plan.changes.len());
     let report = apply::apply(&plan, &desired, &providers, &options, &progress, &cancel).await;
     progress.clear();

@@ -72,7 +72,10 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
             tracing::warn!(cycle = report.cycle, "cycle failed: {error}");
         } else {
             let seen = serde_json::to_string(&(&report.planned, &report.pools)).unwrap_or_default();
-            let quiet = report.applied == 0 && report.failed == 0 && last_seen.as_ref() == Some(&seen);
+            let quiet = report.started == 0
+                && report.applied == 0
+                && report.failed == 0
+                && last_seen.as_ref() == Some(&seen);
             if quiet {
                 tracing::debug!(cycle = report.cycle, ms = report.duration_ms, "cycle done, nothing changed");
             } else {
@@ -89,6 +92,8 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
                     .join("; ");
                 tracing::info!(
                     cycle = report.cycle,
+                    started = report.started,
+                    in_flight = report.in_flight,
                     applied = report.applied,
                     failed = report.failed,
                     ms = report.duration_ms,

@@ -258,6 +258,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [5m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
     /// An AWS EC2 account (credentials from the usual AWS environment / profile chain).
     Aws {
@@ -277,6 +281,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [5m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
     /// An Incus host (system containers).
     Incus {
@@ -296,6 +304,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [3m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
     /// The in-memory fake backend (tests, demos, offline trials).
     Fake {
@@ -315,6 +327,10 @@ pub enum RawBackend {
         #[serde(default)]
         #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
+        /// How long one change (create, start, stop, delete) may run before `watch` and `apply` abandon it and
+        /// decide again from what they observe [1m].
+        #[serde(default)]
+        change_timeout: Option<String>,
     },
 }
 

@@ -422,6 +422,24 @@ impl Validator<'_> {
         }
     }
 
+    /// `changeTimeout` of a backend: absent is the default for its kind (`apply::default_change_timeout`); zero
+    /// is refused, since it would abandon every change before its first call.
+    fn change_timeout(&mut self, pointer: &str, name: &str, raw: Option<&str>) -> Option<GoDuration> {
+        let raw = raw?;
+        let place = format!(" of backend `{name}`");
+        let field = format!("{pointer}/changeTimeout");
+        let timeout = self.duration(&field, "changeTimeout", &place, Some(raw), GoDuration::default())?;
+        if timeout.0.is_zero() {
+            self.problems.push(
+                self.value_span(&field),
+                format!("`changeTimeout`{place} must be longer than zero"),
+                Some("leave it out for the backend's default, or give e.g. `10m`".to_owned()),
+            );
+            return None;
+        }
+        Some(timeout)
+    }
+
     fn resolve_path(&self, path: &str) -> PathBuf {
         let path = Path::new(path);
         if path.is_absolute() {
@@ -804,13 +822,14 @@ impl Validator<'_> {
                 complete = false;
                 continue;
             };
-            let (kind, billing, create_rate, create_burst) = match raw {
+            let (kind, billing, create_rate, create_burst, change_timeout) = match raw {
                 RawBackend::Hcloud {
                     token,
                     endpoint,
                     billing,
                     create_rate,
                     create_burst,
+                    change_timeout,
                 } => (
                     BackendKind::Hcloud {
                         token: Secret::new(token.0),
@@ -819,6 +838,7 @@ impl Validator<'_> {
                     billing.unwrap_or(Billing::Hourly),
                     create_rate,
                     create_burst,
+                    change_timeout,
                 ),
                 RawBackend::Aws {
                     region,
@@ -826,11 +846,13 @@ impl Validator<'_> {
                     billing,
                     create_rate,
                     create_burst,
+                    change_timeout,
                 } => (
                     BackendKind::Aws { region, endpoint },
                     billing.unwrap_or(Billing::PerSecond),
                     create_rate,
                     create_burst,
+                    change_timeout,
                 ),
                 RawBackend::Incus {
                     socket,
@@ -838,11 +860,13 @@ impl Validator<'_> {
                     billing,
                     create_rate,
                     create_burst,
+                    change_timeout,
                 } => (
                     BackendKind::Incus { socket, project },
                     billing.unwrap_or(Billing::PerSecond),
                     create_rate,
                     create_burst,
+                    change_timeout,
                 ),
                 RawBackend::Fake {
                     state_file,
@@ -850,17 +874,20 @@ impl Validator<'_> {
                     billing,
                     create_rate,
                     create_burst,
+                    change_timeout,
                 } => (
                     BackendKind::Fake(self.fake_spec(state_file, simulate)),
                     billing.unwrap_or(Billing::PerSecond),
                     create_rate,
                     create_burst,
+                    change_timeout,
                 ),
             };
             let create_limit = self.create_limit(&pointer, name, create_rate.as_deref(), create_burst);
+            let change_timeout = self.change_timeout(&pointer, name, change_timeout.as_deref());
             backends.insert(
                 BackendName::new(name.clone()),
-                BackendSpec { kind, billing, create_limit },
+                BackendSpec { kind, billing, create_limit, change_timeout },
             );
         }
 

@@ -53,6 +53,7 @@ fn desired(scale: ScalePolicy) -> Desired {
                 kind: BackendKind::Fake(FakeSpec::default()),
                 billing: Billing::PerSecond,
                 create_limit: None,
+                change_timeout: None,
             },
         )]
         .into(),

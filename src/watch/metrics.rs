@@ -74,6 +74,9 @@ pub struct Metrics {
     hourly_cost: Family<CurrencyLabels, Gauge<f64, AtomicU64>>,
     circuit_open: Family<PoolLabels, Gauge>,
     held_back: Counter,
+    in_flight: Gauge,
+    abandoned: Counter,
+    unobserved: Gauge,
     health: Mutex<Health>,
 }
 
@@ -123,6 +126,12 @@ impl Metrics {
         registry.register("circuit_open", "1 while a pool's create circuit breaker is open or half-open", circuit_open.clone());
         let held_back = Counter::default();
         registry.register("creates_held_back", "Creates held back for a later cycle by a create rate or a circuit breaker", held_back.clone());
+        let in_flight = Gauge::default();
+        registry.register("changes_in_flight", "Changes started and not yet finished", in_flight.clone());
+        let abandoned = Counter::default();
+        registry.register("changes_abandoned", "Changes abandoned at their deadline (counted as failed too)", abandoned.clone());
+        let unobserved = Gauge::default();
+        registry.register("sources_unobserved", "Backend accounts and CI sources the last cycle could not observe", unobserved.clone());
         Self {
             registry,
             agents,
@@ -138,6 +147,9 @@ impl Metrics {
             hourly_cost,
             circuit_open,
             held_back,
+            in_flight,
+            abandoned,
+            unobserved,
             health: Mutex::new(Health { started: Instant::now(), last_success: None, last_error: None, allowed_silence }),
         }
     }
@@ -157,8 +169,12 @@ impl Metrics {
         }
         if report.error.is_some() {
             self.cycle_failures.inc();
-            return;
         }
+        self.in_flight.set(i64::try_from(report.in_flight).unwrap_or(i64::MAX));
+        self.unobserved.set(i64::try_from(report.unobserved.len()).unwrap_or(i64::MAX));
+        self.abandoned.inc_by(u64::try_from(report.abandoned).unwrap_or(u64::MAX));
+        // A cycle that could not observe some sources still planned (and reports) the pools that did not need them;
+        // the others keep their last values rather than dropping to zero.
         for status in &report.pools {
             let pool = status.pool.to_string();
             self.agents.get_or_create(&PoolStateLabels { pool: pool.clone(), state: "busy".into() }).set(status.busy.into());
@@ -175,7 +191,8 @@ impl Metrics {
         for (action, count) in &report.failed_by_action {
             self.action_failures.get_or_create(&ActionLabels { action: action.clone() }).inc_by((*count).into());
         }
-        for (currency, hourly) in &report.hourly_cost {
+        // A partial view prices only what it saw: keep the last full figure instead.
+        for (currency, hourly) in report.hourly_cost.iter().filter(|_| report.unobserved.is_empty()) {
             self.hourly_cost.get_or_create(&CurrencyLabels { currency: currency.clone() }).set(*hourly);
         }
     }

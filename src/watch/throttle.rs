@@ -402,6 +402,7 @@ pools:
                 kind: BackendKind::Fake(FakeSpec::default()),
                 billing: Billing::PerSecond,
                 create_limit: limit,
+                change_timeout: None,
             },
         );
         desired

@@ -30,7 +30,7 @@ const OWNER: &str = "apply-tests";
 const SECRET: &str = "s3cr3t-GIT-TOKEN-must-not-leak";
 
 fn options() -> ApplyOptions {
-    ApplyOptions { concurrency: 4, ready_timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }
+    ApplyOptions { concurrency: 4, ci_concurrency: 4, ready_timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }
 }
 
 fn desired() -> Desired {
@@ -60,7 +60,7 @@ fn desired() -> Desired {
         ci: BTreeMap::from([(CiName::new("ci"), CiSourceSpec { kind: CiKind::Fake(FakeSpec::default()) })]),
         backends: BTreeMap::from([(
             BackendName::new("fake"),
-            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None },
+            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None, change_timeout: None },
         )]),
         pools: vec![pool],
         images: BTreeMap::new(),
@@ -1077,7 +1077,7 @@ async fn a_token_of_every_provider_kind_never_reaches_plan_apply_watch_or_logs()
         desired.ci.insert(CiName::new(format!("ci-{index}")), CiSourceSpec { kind });
     }
     for (index, kind) in backend_kinds.into_iter().enumerate() {
-        let spec = BackendSpec { kind, billing: Billing::PerSecond, create_limit: None };
+        let spec = BackendSpec { kind, billing: Billing::PerSecond, create_limit: None, change_timeout: None };
         desired.backends.insert(BackendName::new(format!("be-{index}")), spec);
     }
     let everything = format!("{} {SECRET}", tokens.join(" "));
@@ -1167,6 +1167,10 @@ fn backoff_doubles_and_honours_retry_after_up_to_a_cap() {
     let limited = |after| Error::RateLimited { provider: "p".to_owned(), retry_after: Some(after) };
     assert_eq!(backoff(base, 0, &limited(Duration::from_secs(3))), Duration::from_secs(3));
     assert_eq!(backoff(base, 0, &limited(Duration::from_secs(3600))), MAX_RETRY_AFTER);
+    // A rate limit that does not say how long: never the quick retry a 5xx gets.
+    let unsaid = Error::RateLimited { provider: "p".to_owned(), retry_after: None };
+    let delays: Vec<_> = (0..3).map(|retry| backoff(base, retry, &unsaid)).collect();
+    assert_eq!(delays, [Duration::from_secs(1); 3]);
 }
 
 /// Picus mode: the pool's one agent was registered by hand. A create must not register another, and must undrain

@@ -116,6 +116,7 @@ backends:
     endpoint: http://127.0.0.1:4000
     createRate: 10/m
     createBurst: 3
+    changeTimeout: 10m
   ec2: { kind: aws, region: eu-central-1, endpoint: http://127.0.0.1:5000, createRate: 1/30s }
   lxd: { kind: incus, socket: /var/lib/incus/unix.socket, project: ci }
   sim: { kind: fake, stateFile: /tmp/world.json }
@@ -247,6 +248,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                     rate: CreateRate { count: 1, per: std::time::Duration::from_secs(30) },
                     burst: 1,
                 }),
+                change_timeout: None,
             },
         ),
         (
@@ -261,6 +263,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                     rate: CreateRate { count: 10, per: std::time::Duration::from_secs(60) },
                     burst: 3,
                 }),
+                change_timeout: Some(minutes(10)),
             },
         ),
         (
@@ -272,6 +275,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 },
                 billing: Billing::PerSecond,
                 create_limit: None,
+                change_timeout: None,
             },
         ),
         (
@@ -283,6 +287,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 }),
                 billing: Billing::PerSecond,
                 create_limit: None,
+                change_timeout: None,
             },
         ),
     ]);

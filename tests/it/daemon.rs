@@ -1,4 +1,4 @@
-//! `watch` as a daemon: create throttling and circuit breakers, `Retry-After` between cycles, SIGHUP reloads,
+//! `watch` as a daemon: create throttling and circuit breakers, SIGHUP reloads,
 //! API economy (calls per cycle whatever the pool count), shell completions and the man page.
 
 use std::collections::BTreeMap;
@@ -50,7 +50,9 @@ async fn run_cycles(
     };
     let (_keep, cancel) = tokio::sync::watch::channel(false);
     let mut desired = desired.clone();
-    desired.poll_interval = GoDuration(Duration::from_millis(10));
+    // Long enough for the fake's changes (a few milliseconds) to finish before the next cycle: the assertions
+    // below are about what the cycles decide, not about which cycle saw a change finish.
+    desired.poll_interval = GoDuration(Duration::from_millis(100));
     let mut reports = Vec::new();
     watch::run(&desired, providers, &options, &cancel, |report| {
         if let Some(metrics) = metrics {
@@ -90,10 +92,11 @@ pools:
     let reports = run_cycles(&desired, &providers(&world), 3, None).await;
 
     assert_eq!(world.calls(Op::Create), 2, "the burst, then nothing within the hour");
-    assert_eq!(reports[0].planned.create, 2, "the report counts what is applied: {:?}", reports[0]);
+    assert_eq!(reports[0].planned.create, 2, "the report counts what is started: {:?}", reports[0]);
     assert_eq!(reports[0].held_back, 3);
     assert_eq!(reports[1].held_back, 3, "still wanted, still held back");
-    assert_eq!(reports[1].applied, 0);
+    assert_eq!(reports[1].started, 0);
+    assert_eq!(reports.iter().map(|report| report.applied).sum::<usize>(), 2, "{reports:?}");
     let note = notes(&reports[1]).join("\n");
     assert!(note.contains("3 creates held back by backend `sim`'s create rate 1/h (burst 2)"), "{note}");
 }
@@ -121,10 +124,12 @@ pools:
     let address = metrics::serve("127.0.0.1:0".parse().expect("address"), shared.clone()).await.expect("listen");
     let reports = run_cycles(&desired, &metrics::instrument(&providers(&world), &shared), 3, Some(&shared)).await;
 
-    assert_eq!(reports[0].failed_by_action.get("create"), Some(&2), "{:?}", reports[0]);
-    assert_eq!(reports[0].circuits_open, [ciscale::model::PoolName::new("linux")]);
+    let failed: u32 = reports.iter().filter_map(|report| report.failed_by_action.get("create")).sum();
+    assert_eq!(failed, 2, "{reports:?}");
+    assert_eq!(reports[0].started, 2, "{:?}", reports[0]);
     assert_eq!(world.calls(Op::Create), 2, "no create once the circuit is open");
     for report in &reports[1..] {
+        assert_eq!(report.circuits_open, [ciscale::model::PoolName::new("linux")], "{report:?}");
         assert_eq!(report.held_back, 2, "{report:?}");
         let note = notes(report).join("\n");
         assert!(
@@ -136,30 +141,6 @@ pools:
     let text = tokio::task::spawn_blocking(move || scrape(address)).await.expect("scrape");
     assert!(text.lines().any(|line| line == r#"ciscale_circuit_open{pool="linux"} 1"#), "{text}");
     assert!(text.lines().any(|line| line == "ciscale_creates_held_back_total 4"), "{text}");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_rate_limited_observation_delays_the_next_cycle_by_its_retry_after() {
-    let desired = load(
-        r#"
-id: limited
-ci: { sim: { kind: fake } }
-backends: { sim: { kind: fake } }
-pools:
-  - { name: linux, ci: { source: sim }, backend: { name: sim } }
-"#,
-    );
-    let world = FakeWorld::new();
-    world.inject(Fault::new(Op::CiObserve, FaultKind::RateLimited { retry_after: Some(Duration::from_secs(7)) }, 1));
-    let mut options = WatchOptions { cycles: Some(1), ..WatchOptions::default() };
-    options.max_backoff = Duration::from_secs(300);
-    let (_keep, cancel) = tokio::sync::watch::channel(false);
-    let mut reports = Vec::new();
-    watch::run(&desired, &providers(&world), &options, &cancel, |report| reports.push(report.clone())).await;
-    let report = &reports[0];
-    assert!(report.error.as_deref().is_some_and(|error| error.contains("rate limited")), "{report:?}");
-    assert_eq!(report.retry_after_secs, Some(7.0));
-    assert!(report.next_in_secs >= 7.0, "waits at least the Retry-After: {report:?}");
 }
 
 fn scrape(address: SocketAddr) -> String {
@@ -289,7 +270,12 @@ fn sighup_reloads_a_valid_config_and_keeps_the_last_good_one_otherwise() {
         .find(|cycle| desired_agents(cycle) == 3)
         .expect("a cycle planned with the new `max` within 10 cycles");
     assert_eq!(reloaded["planned"]["create"], 2, "{reloaded}");
-    assert_eq!(sandbox.active_instances(), 3, "the new config was acted on");
+    // The creates run on after the cycle that started them.
+    let acted_on = std::time::Instant::now() + Duration::from_secs(30);
+    while sandbox.active_instances() < 3 {
+        assert!(std::time::Instant::now() < acted_on, "the new config was not acted on");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // An invalid config: logged with its location, the loop goes on with `max: 3`.
     sandbox.write_config("{ max: 1, idleTimout: 0s }");

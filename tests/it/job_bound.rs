@@ -85,7 +85,7 @@ fn build(pools: &[(usize, u32)], jobs: &[JobDraft], stale_agents: usize) -> (Des
         )]),
         backends: BTreeMap::from([(
             backend.clone(),
-            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None },
+            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None, change_timeout: None },
         )]),
         pools: pool_specs,
         images: BTreeMap::new(),

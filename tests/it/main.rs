@@ -26,4 +26,5 @@ mod readme;
 mod safety;
 mod saved_plan;
 mod scenarios;
+mod watch_loop;
 mod woodpecker;

@@ -70,7 +70,8 @@ async fn run_cycles(desired: &Desired, providers: &Providers, metrics: &Arc<Metr
     };
     let (_keep, cancel) = tokio::sync::watch::channel(false);
     let mut desired = desired.clone();
-    desired.poll_interval = ciscale::model::GoDuration(Duration::from_millis(20));
+    // Long enough for the fake's creates (milliseconds) to finish before the next cycle observes.
+    desired.poll_interval = ciscale::model::GoDuration(Duration::from_millis(200));
     watch::run(&desired, providers, &options, &cancel, |report| metrics.record_cycle(report)).await;
     ledger.lock().expect("ledger").assert_safe();
 }
@@ -139,7 +140,7 @@ async fn healthz_goes_bad_when_the_ci_server_is_down() {
     assert_eq!(value(&text, "ciscale_cycle_failures_total"), Some(1.0), "{text}");
     assert_eq!(
         value(&text, r#"ciscale_api_calls_total{provider="sim",kind="fake",operation="observe",result="unavailable"}"#),
-        Some(1.0),
+        Some(f64::from(ciscale::observe::OBSERVE_ATTEMPTS)),
         "{text}"
     );
 }

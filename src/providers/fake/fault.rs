@@ -73,6 +73,11 @@ pub enum FaultKind {
     Unauthenticated,
     /// A body that does not parse: [`Error::Other`] holding a serde error.
     Malformed,
+    /// The call hangs for `hold_for` (a provider that accepts the request and answers very late), then goes
+    /// through as normal. The world stays usable meanwhile: other calls, of this operation too, are not held up
+    /// unless they hit the fault themselves. A caller that gives up (drops the call) cancels it before it takes
+    /// effect, as a request cut off before the provider acted would.
+    Hold { hold_for: Duration },
 }
 
 /// A fault to inject: calls of `op` fail with `kind`, `times` times in all.
@@ -100,17 +105,19 @@ impl Fault {
     }
 }
 
-/// Whether the call fails before or after it takes effect.
+/// Whether the call fails before or after it takes effect, or is held and then goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum When {
     Before,
     After,
+    Held(Duration),
 }
 
 impl FaultKind {
     pub(super) fn when(&self) -> When {
         match self {
             FaultKind::LostResponse => When::After,
+            FaultKind::Hold { hold_for } => When::Held(*hold_for),
             _ => When::Before,
         }
     }
@@ -122,7 +129,9 @@ impl FaultKind {
                 Error::Unavailable { provider, message: format!("`{}` answered 503 service unavailable", op.key()) }
             }
             FaultKind::RateLimited { retry_after } => Error::RateLimited { provider, retry_after: *retry_after },
-            FaultKind::Timeout | FaultKind::LostResponse => {
+            // A held call does not fail: `when()` says so and callers never ask for its error. Should one ask, a
+            // timeout is what a client that stopped waiting would report.
+            FaultKind::Timeout | FaultKind::LostResponse | FaultKind::Hold { .. } => {
                 Error::Unavailable { provider, message: format!("`{}` timed out", op.key()) }
             }
             FaultKind::Capacity => {

@@ -221,27 +221,60 @@ impl FakeWorld {
         });
     }
 
-    /// Runs one provider call: counts it, lets an armed fault fail it (before or after it takes effect), and
-    /// persists whatever it changed. An armed hold ([`Self::hold_after`]) delays the answer of a successful call.
+    /// Runs one provider call: counts it, lets an armed fault fail it (before or after it takes effect) or hold
+    /// it before it takes effect, and persists whatever it changed. The call is counted when it arrives, so a held
+    /// call shows in [`WorldState::calls`] at once. An armed hold ([`Self::hold_after`]) delays the answer of a
+    /// successful call.
     pub(crate) async fn call<T>(&self, op: Op, body: impl FnOnce(&mut WorldState) -> Result<T>) -> Result<T> {
         let mut hold = None;
-        let result = self.call_now(op, body, &mut hold);
+        let result = self.call_held(op, body, &mut hold).await;
         if let Some(hold) = hold {
             tokio::time::sleep(hold).await;
         }
         result
     }
 
-    fn call_now<T>(
+    /// [`Self::call`] up to the answer. A call that goes through at once is counted and takes effect under one
+    /// lock, so other processes see both or neither.
+    async fn call_held<T>(
         &self,
         op: Op,
         body: impl FnOnce(&mut WorldState) -> Result<T>,
         hold: &mut Option<Duration>,
     ) -> Result<T> {
+        let hold_for = {
+            let mut locked = self.lock()?;
+            let state = &mut *locked.state;
+            *state.calls.entry(op.key().to_owned()).or_default() += 1;
+            let fault = fault::check(&mut state.faults, op);
+            match fault.as_ref().map(FaultKind::when) {
+                Some(fault::When::Held(hold_for)) => {
+                    // The fault's progress is saved before the wait, so other processes see it.
+                    self.save(&locked.state)?;
+                    hold_for
+                }
+                _ => {
+                    let result = Self::take_effect(state, op, fault, body, hold);
+                    self.save(&locked.state)?;
+                    return result;
+                }
+            }
+        };
+        // Unlocked while held: the rest of the world goes on.
+        tokio::time::sleep(hold_for).await;
         let mut locked = self.lock()?;
-        let state = &mut *locked.state;
-        *state.calls.entry(op.key().to_owned()).or_default() += 1;
-        let fault = fault::check(&mut state.faults, op);
+        let result = Self::take_effect(&mut locked.state, op, None, body, hold);
+        self.save(&locked.state)?;
+        result
+    }
+
+    fn take_effect<T>(
+        state: &mut WorldState,
+        op: Op,
+        fault: Option<FaultKind>,
+        body: impl FnOnce(&mut WorldState) -> Result<T>,
+        hold: &mut Option<Duration>,
+    ) -> Result<T> {
         let result = match &fault {
             Some(kind) if kind.when() == fault::When::Before => Err(kind.to_error(op)),
             Some(kind) => body(state).and_then(|_| Err(kind.to_error(op))),
@@ -253,7 +286,6 @@ impl FakeWorld {
                 *hold = Some(Duration::from_millis(millis));
             }
         }
-        self.save(&locked.state)?;
         result
     }
 

@@ -406,11 +406,17 @@ impl Backend for Incus {
     async fn start(&self, id: &InstanceId) -> Result<()> {
         let path = format!("/1.0/instances/{}/state", encode(id.as_str()));
         let body = json!({ "action": "start", "timeout": self.operation_timeout.as_secs() });
-        match self
-            .client
-            .send_and_wait(Call::json(Method::PUT, path, &body), self.operation_timeout)
-            .await
+        let start = || self.client.send_and_wait(Call::json(Method::PUT, &path, &body), self.operation_timeout);
+        let mut outcome = start().await;
+        // A container listed while a create (of a killed run, with `start: true`) still runs in incusd looks
+        // stopped, and incusd refuses to start it until that create is done: wait for it, then start (which is
+        // "already running" once the create has started it).
+        if matches!(&outcome, Err(busy) if is_busy_creating(busy))
+            && self.finish_create_in_progress(id.as_str()).await?
         {
+            outcome = start().await;
+        }
+        match outcome {
             Ok(_) => Ok(()),
             Err(error) if already(&error, "already running") => Ok(()),
             Err(Error::NotFound { .. }) => Err(Error::NotFound {

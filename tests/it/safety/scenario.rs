@@ -232,6 +232,7 @@ impl Deployment {
                     kind: BackendKind::Fake(FakeSpec::default()),
                     billing: Billing::PerSecond,
                     create_limit: None,
+                    change_timeout: None,
                 },
             )]),
             pools,
