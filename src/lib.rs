@@ -11,4 +11,5 @@ pub mod model;
 pub mod observe;
 pub mod plan;
 pub mod providers;
+pub mod simulate;
 pub mod watch;

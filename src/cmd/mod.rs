@@ -20,6 +20,7 @@ mod observe;
 mod plan;
 mod provision;
 mod schema;
+mod simulate;
 mod validate;
 mod version;
 mod watch;
@@ -114,6 +115,8 @@ pub enum Command {
     Completions(completions::CompletionsArgs),
     /// Print the man page (roff)
     Man(man::ManArgs),
+    /// Replay a trace of jobs through the config's policy: queue waits, agent hours and cost, before spending money
+    Simulate(simulate::SimulateArgs),
 }
 
 impl Command {
@@ -138,6 +141,7 @@ impl Command {
             Command::Import(args) => import::run(args),
             Command::Completions(args) => completions::run(args),
             Command::Man(args) => man::run(args),
+            Command::Simulate(args) => simulate::run(args, ui),
         }
     }
 }

@@ -20,7 +20,10 @@ use sha2::{Digest, Sha256};
 
 pub use diag::{Diagnostics, Location, Problem, Span};
 
-use crate::model::Desired;
+use std::collections::BTreeMap;
+
+use crate::model::{BackendName, Desired};
+use crate::simulate::models::Overrides;
 
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -66,6 +69,23 @@ pub fn load_str(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Desired, ConfigError> {
+    load_str_with_simulation(source_name, text, env).map(|loaded| loaded.desired)
+}
+
+/// A config with the parts only `ciscale simulate` reads.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub desired: Desired,
+    /// The backends' `simulation:` settings, by backend name (absent: the kind's defaults).
+    pub simulation: BTreeMap<BackendName, Overrides>,
+}
+
+/// [`load_str`], keeping the backends' `simulation:` settings.
+pub fn load_str_with_simulation(
+    source_name: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigError> {
     let src = diag::SourceMap::new(text);
     let mut problems = diag::Problems::new(source_name);
     let invalid = |problems: diag::Problems, redacted: String| {
@@ -86,15 +106,17 @@ pub fn load_str(
         .parent()
         .unwrap_or(Path::new(""))
         .to_owned();
-    let desired = validate::Validator {
+    let mut validator = validate::Validator {
         checked: &checked,
         document: &document,
         base_dir: &base_dir,
         problems: &mut problems,
-    }
-    .validate(config_hash);
+        simulation: BTreeMap::new(),
+    };
+    let desired = validator.validate(config_hash);
+    let simulation = std::mem::take(&mut validator.simulation);
     match desired {
-        Some(desired) if problems.is_empty() => Ok(desired),
+        Some(desired) if problems.is_empty() => Ok(Loaded { desired, simulation }),
         _ => {
             if problems.is_empty() {
                 problems.push(

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::AZURE_POOL_LABEL;
+use crate::model::{CiKind, PoolSpec, AZURE_POOL_LABEL};
 
 /// Task labels under this prefix are set by Woodpecker itself and never take part in matching.
 pub(super) const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
@@ -12,6 +12,25 @@ pub(super) const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
 pub const WOODPECKER_REPO_LABEL: &str = "repo";
 /// Task label naming the repository's organisation id; the server puts it on every task.
 pub const WOODPECKER_ORG_LABEL: &str = "org-id";
+
+/// Whether the agents of `pool` take a job with these task labels and demands, by the rule of the pool's CI
+/// source kind (`ci`: its spec's kind; `None` when the config does not name it): Woodpecker's labels, Azure's
+/// agent pool and demands, and both for the fake CI. This is the rule the planner counts a pool's demand with;
+/// `ciscale simulate` also hands jobs to agents with it, playing the CI.
+pub fn pool_takes(
+    ci: Option<&CiKind>,
+    pool: &PoolSpec,
+    labels: &BTreeMap<String, String>,
+    demands: &[String],
+) -> bool {
+    let woodpecker = || woodpecker_matches(&pool.ci.labels, labels);
+    let azure = || azure_pool_matches(pool.ci.azure_pool.as_deref(), labels) && azure_matches(&pool.ci.capabilities, demands);
+    match ci {
+        Some(CiKind::Woodpecker { .. }) => woodpecker(),
+        Some(CiKind::AzurePipelines { .. }) => azure(),
+        Some(CiKind::Fake(_)) | None => woodpecker() && azure_matches(&pool.ci.capabilities, demands),
+    }
+}
 
 /// Woodpecker's rule (`pipeline.MatchLabels`, used by server/scheduler/filter.go): the agent takes the task iff
 /// - every agent label `!key: value` (a *required* label) is carried by the task with exactly that value, and

@@ -17,4 +17,5 @@ mod metrics;
 mod picus;
 mod plan_props;
 mod scenarios;
+mod simulate;
 mod woodpecker;
