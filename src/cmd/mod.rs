@@ -21,6 +21,7 @@ mod plan;
 mod provision;
 mod schema;
 mod simulate;
+mod trace;
 mod validate;
 mod version;
 mod watch;
@@ -117,6 +118,8 @@ pub enum Command {
     Man(man::ManArgs),
     /// Replay a trace of jobs through the config's policy: queue waits, agent hours and cost, before spending money
     Simulate(simulate::SimulateArgs),
+    /// Write job traces for `simulate`: from a CI source's history (`export`) or a bundled synthetic one
+    Trace(trace::TraceArgs),
 }
 
 impl Command {
@@ -142,6 +145,7 @@ impl Command {
             Command::Completions(args) => completions::run(args),
             Command::Man(args) => man::run(args),
             Command::Simulate(args) => simulate::run(args, ui),
+            Command::Trace(args) => trace::run(args, ui).await,
         }
     }
 }

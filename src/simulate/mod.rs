@@ -5,13 +5,15 @@
 //! - [`synthetic`]: bundled, seeded traces (`office-week`, `nightly-burst`, `demo`);
 //! - [`models`]: what is assumed about each backend (boot time, billing, prices, capacity errors);
 //! - [`engine`]: the fake world and the `watch` loop on the virtual clock, through [`crate::plan::plan`];
-//! - [`report`] and [`svg`]: the results as a table, JSON, side by side, and as a picture.
+//! - [`report`] and [`svg`]: the results as a table, JSON, side by side, and as a picture;
+//! - [`export`]: a trace from a CI source's own history (`ciscale trace export`).
 //!
 //! Deterministic: the same config, trace, models and seed give the same report, byte for byte (the planner is a
 //! pure function, the world's randomness comes from one seeded generator, and nothing iterates a hash map in a
 //! way that shows).
 
 pub mod engine;
+pub mod export;
 pub mod models;
 pub mod report;
 pub mod svg;

@@ -574,3 +574,173 @@ fn watching_the_fake_example_shows_agents_created_jobs_taken_and_agents_drained_
         "then deleted:\n{log}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// `ciscale trace export` from the CI fakes
+// ---------------------------------------------------------------------------------------------------------------
+
+const T0: i64 = 1_772_442_000; // 2026-03-02T09:00:00Z
+
+#[test]
+fn trace_export_reads_woodpecker_workflows_with_their_labels_and_queue_times() {
+    use crate::fakes::woodpecker::{FakeWoodpecker, ADMIN_TOKEN};
+    assert_eq!(Timestamp::from_second(T0).expect("t0").to_string(), "2026-03-02T09:00:00Z");
+    let fake = FakeWoodpecker::start();
+    let app = fake.add_repo("acme/app", 3);
+    let lib = fake.add_repo("acme/lib", 3);
+    let build = ".woodpecker/build.yaml";
+    let test = ".woodpecker/test.yaml";
+    let files = [
+        (build, "labels:\n  platform: linux/amd64\nsteps:\n  - name: make\n    image: gcc\n"),
+        (test, "depends_on: [build]\nlabels:\n  platform: linux/arm64\n  gpu: \"no\"\nsteps: []\n"),
+    ];
+    // Build runs 09:00:20-09:05:20, test waits for it and runs 09:05:30-09:10:30.
+    fake.add_pipeline(app, T0, &[("build", T0 + 20, T0 + 320), ("test", T0 + 330, T0 + 630)], &files);
+    // Waited for approval until 10:06:40; the old single-file layout with a top-level `platform`.
+    fake.add_pipeline_reviewed(app, T0 + 3600, T0 + 4000, &[("woodpecker", T0 + 4010, T0 + 4100)], &[(
+        ".woodpecker.yaml",
+        "platform: linux/amd64\nsteps: []\n",
+    )]);
+    // Before the window, never started, still running: not in the trace.
+    fake.add_pipeline(app, T0 - 2 * 86_400, &[("build", T0 - 2 * 86_400 + 5, T0 - 2 * 86_400 + 60)], &files[..1]);
+    fake.add_pipeline(lib, T0 + 100, &[("build", 0, 0)], &files[..1]);
+    fake.add_pipeline(lib, T0 + 200, &[("build", T0 + 210, 0)], &files[..1]);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"id: exp
+ci:
+  wp: {{ kind: woodpecker, server: "{url}", token: "${{WP_TOKEN}}" }}
+backends:
+  hz: {{ kind: hcloud, token: "${{HZ_TOKEN}}" }}
+pools:
+  - name: amd
+    ci: {{ source: wp, labels: {{ platform: linux/amd64 }} }}
+    backend: {{ name: hz, machine: {{ serverType: cx22, image: docker-ce }} }}
+    scale: {{ max: 2 }}
+  - name: arm
+    ci: {{ source: wp, labels: {{ platform: linux/arm64, gpu: "*" }} }}
+    backend: {{ name: hz, machine: {{ serverType: cax11, image: docker-ce }} }}
+"#,
+        url = fake.url()
+    );
+    write(dir.path(), "c.yaml", &config);
+    let export = |out: &str| {
+        let output = run(ciscale()
+            .current_dir(dir.path())
+            .env("WP_TOKEN", ADMIN_TOKEN)
+            .env("HZ_TOKEN", "unused")
+            .args(["trace", "export", "-c", "c.yaml", "--from", "2026-03-02T00:00:00Z", "--until", "2026-03-03T00:00:00Z"])
+            .args(["-o", out]));
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(!stderr(&output).contains(ADMIN_TOKEN) && !stdout(&output).contains(ADMIN_TOKEN));
+        (trace::read_file(&dir.path().join(out)).expect("a valid trace"), stderr(&output))
+    };
+    let (exported, log) = export("week.jsonl");
+    let lines: Vec<(String, String, i64, Vec<(&str, &str)>)> = exported
+        .jobs
+        .iter()
+        .map(|job| {
+            let labels = job.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            (job.id.clone().unwrap_or_default(), job.at.to_string(), job.duration.as_secs(), labels)
+        })
+        .collect();
+    let repo = ("repo", "acme/app");
+    assert_eq!(
+        lines,
+        vec![
+            ("acme/app#1/build".into(), "2026-03-02T09:00:00Z".into(), 300, vec![("org-id", "3"), ("platform", "linux/amd64"), repo]),
+            (
+                "acme/app#1/test".into(),
+                "2026-03-02T09:05:20Z".into(),
+                300,
+                vec![("gpu", "no"), ("org-id", "3"), ("platform", "linux/arm64"), repo]
+            ),
+            ("acme/app#2/woodpecker".into(), "2026-03-02T10:06:40Z".into(), 90, vec![("org-id", "3"), ("platform", "linux/amd64"), repo]),
+        ]
+    );
+    assert!(log.contains("ci source `wp`: 3 jobs") && log.contains("1 that never started") && log.contains("1 still running"), "{log}");
+    assert!(fake.spec_violations().is_empty(), "{:?}", fake.spec_violations());
+
+    // Real servers send the workflow files as base64 text (Go's `[]byte`), not the spec's array of bytes.
+    let base64 = |text: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(text)
+    };
+    // (Pipelines are read newest first: the first config asked for is pipeline 2's.)
+    let raw = serde_json::json!([{ "name": ".woodpecker.yaml", "hash": "h", "data": base64("platform: linux/amd64\nsteps: []\n") }]);
+    fake.serve_raw_once("GET /api/repos/{repo_id}/pipelines/{number}/config", raw);
+    let (again, _) = export("again.jsonl");
+    assert_eq!(again, exported);
+
+    // The trace replays: the arm64 job goes to the arm pool, the others to amd.
+    let output = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "week.jsonl", "--json"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let jobs: Vec<u64> = value["pools"].as_array().expect("pools").iter().map(|pool| pool["jobs"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(jobs, vec![2, 1]);
+}
+
+#[test]
+fn trace_export_reads_azure_job_requests_with_their_demands() {
+    use crate::fakes::azure::{AzureFake, Route};
+    const PAT: &str = "azp-export-pat-0123456789";
+    let fake = AzureFake::start(PAT);
+    fake.add_pool("Default");
+    fake.add_pool("Other");
+    let at = |offset: i64| Some(Timestamp::from_second(T0 + offset).expect("time"));
+    fake.add_past_request("Default", &["docker", "Agent.OS -equals Linux"], at(0).unwrap(), at(30), at(330), "succeeded");
+    fake.add_past_request("Default", &["docker"], at(600).unwrap(), at(601), at(661), "failed");
+    fake.add_past_request("Default", &["docker"], at(-3 * 86_400).unwrap(), at(-3 * 86_400 + 5), at(-3 * 86_400 + 65), "succeeded");
+    fake.add_past_request("Other", &[], at(100).unwrap(), at(110), at(200), "succeeded");
+    fake.add_past_request("Default", &["docker"], at(700).unwrap(), None, None, ""); // still queued: never started
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"id: exp
+ci:
+  azure: {{ kind: azure-pipelines, organizationUrl: "{url}", pat: "${{AZP_TOKEN}}" }}
+backends:
+  lxd: {{ kind: incus }}
+pools:
+  - name: docker
+    ci: {{ source: azure, azurePool: Default, capabilities: {{ docker: "", Agent.OS: Linux }} }}
+    backend: {{ name: lxd, machine: {{ image: agent }} }}
+    scale: {{ max: 2, ephemeral: true }}
+"#,
+        url = fake.org_url()
+    );
+    write(dir.path(), "c.yaml", &config);
+    let output = run(ciscale().current_dir(dir.path()).env("AZP_TOKEN", PAT).args([
+        "trace", "export", "-c", "c.yaml", "--from", "2026-03-02T00:00:00Z", "--until", "2026-03-03T00:00:00Z",
+    ]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stdout(&output).contains(PAT) && !stderr(&output).contains(PAT));
+    let exported = trace::parse_jsonl("stdout", &stdout(&output)).expect("a valid trace");
+    let lines: Vec<(String, i64, Vec<String>)> = exported
+        .jobs
+        .iter()
+        .map(|job| (job.at.to_string(), job.duration.as_secs(), job.demands.clone()))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            ("2026-03-02T09:00:00Z".into(), 300, vec!["docker".into(), "Agent.OS -equals Linux".into()]),
+            ("2026-03-02T09:10:00Z".into(), 60, vec!["docker".into()]),
+        ],
+        "only the bound pool `Default`, in the window, started and finished"
+    );
+    assert!(exported.jobs.iter().all(|job| job.labels.get("azure-pool").map(String::as_str) == Some("Default")));
+    assert!(stderr(&output).contains("1 that never started"), "{}", stderr(&output));
+    // The history is one `jobrequests` call per bound pool, asking for the finished requests too.
+    let history: Vec<_> = fake.exchanges().into_iter().filter(|exchange| exchange.route == Route::JobRequests).collect();
+    assert_eq!(history.len(), 1);
+    assert!(history[0].query.iter().any(|(key, value)| key == "completedRequestCount" && value == "10000"));
+
+    // And the trace replays on the config: both jobs run on ephemeral agents.
+    write(dir.path(), "azure.jsonl", &stdout(&output));
+    let output = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "azure.jsonl", "--json"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(value["total"]["jobs"], 2);
+}
