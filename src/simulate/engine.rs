@@ -166,6 +166,8 @@ struct Sim<'a> {
     /// A cycle is applying: a wake-up now only leaves a permit.
     applying: bool,
     cycles: u64,
+    /// A dispatcher that logs nothing (made once: the loop silences the throttle twice a cycle).
+    silent: tracing::Dispatch,
     schedule_cache: HashMap<(usize, usize), (Timestamp, Option<Timestamp>)>,
     series: Option<SeriesRecorder>,
 }
@@ -209,6 +211,7 @@ impl<'a> Sim<'a> {
             wake_permit: false,
             applying: false,
             cycles: 0,
+            silent: tracing::Dispatch::none(),
             schedule_cache: HashMap::new(),
             series: settings.series.then(|| SeriesRecorder::new(settings.from, settings.until)),
         };
@@ -414,12 +417,12 @@ impl<'a> Sim<'a> {
             tracing::trace!(at = %started, pool = %change.pool, action = %change.action, target, reason = %change.reason, "planned");
         }
         let desired = self.desired;
-        let held = quietly(|| self.throttle.filter(&mut plan, desired, started));
+        let held = quietly(&self.silent, || self.throttle.filter(&mut plan, desired, started));
         self.applying = true;
         let (outcomes, took) = self.apply(&plan);
         self.applying = false;
         let ended = started.saturating_add(took).unwrap_or(started);
-        quietly(|| self.throttle.record(&outcomes, desired, ended));
+        quietly(&self.silent, || self.throttle.record(&outcomes, desired, ended));
         let failed = outcomes.iter().any(|(_, outcome)| matches!(outcome, Outcome::Failed { .. }));
         self.failures = if failed { self.failures + 1 } else { 0 };
         self.busy_until = ended;
@@ -1394,8 +1397,8 @@ fn close_instance(tally: &mut Tally, side: &InstanceSide, billing: Billing, now:
 }
 
 /// Runs `body` with logging off: the throttle logs as if the virtual clock were real.
-fn quietly<T>(body: impl FnOnce() -> T) -> T {
-    tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), body)
+fn quietly<T>(silent: &tracing::Dispatch, body: impl FnOnce() -> T) -> T {
+    tracing::dispatcher::with_default(silent, body)
 }
 
 /// The next minute boundary after `now` at which the window's containment differs from now's. The search stops

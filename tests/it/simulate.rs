@@ -744,3 +744,31 @@ pools:
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     assert_eq!(value["total"]["jobs"], 2);
 }
+
+#[test]
+fn the_readme_comparisons_are_what_simulate_prints() {
+    // Every `<!-- simulate-check: CONFIG -->` block of the README is the side-by-side table of
+    // `ciscale simulate -c CONFIG --synthetic office-week --policy picus`, byte for byte.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let mut checked = 0;
+    let mut lines = readme.lines();
+    while let Some(line) = lines.next() {
+        let Some(config) = line.strip_prefix("<!-- simulate-check: ").and_then(|rest| rest.strip_suffix(" -->")) else {
+            continue;
+        };
+        assert_eq!(lines.next(), Some("```text"), "a text block follows the marker of {config}");
+        let block: Vec<&str> = lines.by_ref().take_while(|line| *line != "```").collect();
+        let output = run(ciscale().current_dir(root).args(["simulate", "-c", config, "--synthetic", "office-week", "--policy", "picus"]));
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = stdout(&output);
+        let table: Vec<&str> = text
+            .lines()
+            .skip_while(|line| !(line.contains(config) && line.contains("picus") && !line.contains(": ")))
+            .take_while(|line| !line.is_empty())
+            .collect();
+        assert_eq!(table, block, "README block of {config} is stale; it is now:\n{}", table.join("\n"));
+        checked += 1;
+    }
+    assert!(checked >= 2, "the README shows the EC2 and Hetzner comparisons");
+}
