@@ -56,6 +56,7 @@ fn main() {
         flags: models::flag_overrides(&[], &[], &[]).unwrap_or_default(),
         series: false,
         skip_idle: std::env::var_os("SIM_NO_SKIP").is_none(),
+        give_up_after: simulate::GIVE_UP_AFTER,
     };
     let mut best = Duration::MAX;
     let mut last = None;

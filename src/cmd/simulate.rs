@@ -142,6 +142,7 @@ pub fn run(args: SimulateArgs, _ui: &Ui) -> anyhow::Result<u8> {
         flags,
         series: args.svg.is_some(),
         skip_idle: !args.no_skip,
+        give_up_after: simulate::GIVE_UP_AFTER,
     };
     let clock = std::time::Instant::now();
     let runs = simulate::run_all(&request);

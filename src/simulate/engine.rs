@@ -63,10 +63,13 @@ pub struct Settings {
     pub skip_idle: bool,
     /// Record queue length, serving agents and cost over time (for `--svg`).
     pub series: bool,
+    /// A run with jobs still queued this long after its window gives up (a policy that cannot keep up)
+    /// [`GIVE_UP_AFTER`].
+    pub give_up_after: SignedDuration,
 }
 
-/// A run gives up this long after its window when jobs are still queued (a policy that cannot keep up).
-const OVERRUN_LIMIT: SignedDuration = SignedDuration::from_hours(7 * 24);
+/// How long after its window a run waits for its last jobs by default: a week.
+pub const GIVE_UP_AFTER: SignedDuration = SignedDuration::from_hours(7 * 24);
 /// The longest wait between cycles after failures (`WatchOptions::default().max_backoff`).
 const MAX_BACKOFF: SignedDuration = SignedDuration::from_secs(300);
 /// Points per series in the SVG.
@@ -365,7 +368,8 @@ impl<'a> Sim<'a> {
     // -----------------------------------------------------------------------------------------------------------
 
     fn run(&mut self) {
-        let give_up = self.settings.until.saturating_add(OVERRUN_LIMIT).unwrap_or(Timestamp::MAX);
+        let give_up = self.settings.until.saturating_add(self.settings.give_up_after).unwrap_or(Timestamp::MAX);
+        let mut gave_up = false;
         loop {
             let next_event = self.events.peek().map(|Reverse((at, _, _))| *at);
             let event_first = next_event.is_some_and(|at| at <= self.next_cycle);
@@ -374,6 +378,7 @@ impl<'a> Sim<'a> {
                 break;
             }
             if at > give_up {
+                gave_up = true;
                 break;
             }
             self.now = at;
@@ -385,7 +390,7 @@ impl<'a> Sim<'a> {
                 self.cycle();
             }
         }
-        self.now = self.ran_until();
+        self.now = if gave_up { give_up } else { self.ran_until() };
         self.close_meters();
     }
 

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 
-pub use engine::{run, Settings};
+pub use engine::{run, Settings, GIVE_UP_AFTER};
 
 use crate::model::{BackendName, Desired, GoDuration, ScalePolicy};
 use models::Overrides;
@@ -95,6 +95,8 @@ pub struct Request {
     pub flags: BTreeMap<Option<BackendName>, Overrides>,
     pub series: bool,
     pub skip_idle: bool,
+    /// See [`Settings::give_up_after`].
+    pub give_up_after: jiff::SignedDuration,
 }
 
 /// Runs every candidate (and Picus's policy, when asked) over the same trace, each on its own thread (the runs
@@ -122,6 +124,7 @@ pub fn run_all(request: &Request) -> Vec<RunReport> {
                     models: models::models_for(desired, simulation, &request.flags),
                     skip_idle: request.skip_idle,
                     series: request.series,
+                    give_up_after: request.give_up_after,
                 };
                 scope.spawn(move || run(desired, &request.trace, &settings))
             })

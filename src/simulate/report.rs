@@ -118,7 +118,7 @@ pub struct RunReport {
     pub until: Timestamp,
     /// Jobs no pool of the config can take (they wait for ever; left out of the waits).
     pub unmatched_jobs: u64,
-    /// Jobs that had not finished when the run gave up (a week after the window).
+    /// Jobs that had not finished when the run gave up ([`super::Settings::give_up_after`] after the window).
     pub unfinished_jobs: u64,
     /// Jobs whose agent went away while they ran (put back in the queue, as a CI does). Should be 0.
     pub interrupted_jobs: u64,
@@ -211,7 +211,7 @@ impl RunReport {
             notes.push(format!("{} jobs no pool can take were left in the queue", self.unmatched_jobs));
         }
         if self.unfinished_jobs > 0 {
-            notes.push(format!("{} jobs had not finished a week after the window; the run stopped", self.unfinished_jobs));
+            notes.push(format!("{} jobs had not finished long after the window; the run gave up", self.unfinished_jobs));
         }
         if self.interrupted_jobs > 0 {
             notes.push(format!("{} jobs lost their agent while running and were queued again", self.interrupted_jobs));

@@ -57,6 +57,7 @@ fn request(candidates: Vec<Candidate>, trace: Trace, picus: bool) -> Request {
         flags: BTreeMap::new(),
         series: false,
         skip_idle: true,
+        give_up_after: simulate::GIVE_UP_AFTER,
     }
 }
 
@@ -771,4 +772,99 @@ fn the_readme_comparisons_are_what_simulate_prints() {
         checked += 1;
     }
     assert!(checked >= 2, "the README shows the EC2 and Hetzner comparisons");
+}
+
+#[test]
+fn hourly_billing_keeps_an_idle_server_to_the_end_of_its_paid_hour_and_bills_started_hours() {
+    let yaml = r#"id: sim
+pollInterval: 10s
+ci:
+  wp: { kind: woodpecker, server: "https://ci.example.com", token: "${T}" }
+backends:
+  hz: { kind: hcloud, token: "${T}", simulation: { bootTime: 45s } }
+pools:
+  - name: linux
+    ci: { source: wp, labels: { platform: linux/amd64 } }
+    backend: { name: hz, machine: { serverType: cx22, image: docker-ce } }
+    scale: { max: 2, idleTimeout: 10m, billingMargin: 5m }
+"#;
+    // Created 09:14:10, idle from 09:22:25 (job done): past its 10 min idle timeout at 09:32:25, but kept until
+    // 5 min before its paid hour ends (10:09:10), drained then, deleted at 10:09:20: 55 min 10 s, one hour billed.
+    let runs = simulate::run_all(&request(vec![load("hourly.yaml", yaml)], jobs(&[ONE_JOB_ON_TICK]), false));
+    let summary = total(&runs[0]);
+    assert_eq!(summary.agent_hours, round4((55.0 * 60.0 + 10.0) / 3600.0));
+    assert_eq!(summary.cost.get("EUR").copied(), Some(0.006), "one started hour of cx22 (bundled list)");
+    // A second job at 09:50 finds the kept server at once: no create, no second hour. Idle again from 09:55, it
+    // still goes at 10:09:10-10:09:20, the end of its paid hour.
+    let second = r#"{"at": "2026-03-02T09:50:00Z", "duration": "5m", "labels": {"platform": "linux/amd64"}}"#;
+    let runs = simulate::run_all(&request(vec![load("hourly.yaml", yaml)], jobs(&[ONE_JOB_ON_TICK, second]), false));
+    let summary = total(&runs[0]);
+    assert_eq!((summary.creates, summary.jobs, summary.wait_p50_s, summary.wait_max_s), (1, 2, Some(0.0), Some(45.0)));
+    assert_eq!(summary.agent_hours, round4((55.0 * 60.0 + 10.0) / 3600.0));
+    assert_eq!(summary.busy_hours, round4((7.5 + 5.0) / 60.0));
+    assert_eq!(summary.cost.get("EUR").copied(), Some(0.006));
+    // Picus keeps it 30 minutes after the second job whatever the hour: deleted at 10:25:10, it bills a second hour.
+    let runs = simulate::run_all(&request(vec![load("hourly.yaml", yaml)], jobs(&[ONE_JOB_ON_TICK, second]), true));
+    let picus = total(&runs[1]);
+    assert_eq!((picus.creates, picus.wait_max_s, picus.cost.get("EUR").copied()), (1, Some(45.0), Some(0.012)));
+    assert_eq!(picus.agent_hours, round4((71.0 * 60.0) / 3600.0));
+}
+
+#[test]
+fn without_capacity_nothing_is_created_and_the_breaker_paces_the_attempts() {
+    let yaml = ec2_config("{ max: 2, breakerThreshold: 3, breakerCooldown: 10m }")
+        .replace("bootTime: 45s", "bootTime: 45s, capacityErrors: 100%");
+    let mut full = request(vec![load("full.yaml", &yaml)], jobs(&[ONE_JOB_ON_TICK]), false);
+    full.give_up_after = jiff::SignedDuration::from_hours(6);
+    let runs = simulate::run_all(&full);
+    let run = &runs[0];
+    let totals = run.total();
+    assert_eq!((totals.creates, totals.summary().jobs), (0, 0), "nothing ran");
+    assert_eq!(run.unfinished_jobs, 1);
+    // Tried from the job's arrival until the run gives up (6 h after the window): three in a row, then one per
+    // 10 min cooldown (the half-open trial).
+    assert_eq!(run.until, ts("2026-03-03T06:00:00Z"));
+    let hours = run.until.duration_since(ts("2026-03-02T09:14:10Z")).as_secs_f64() / 3600.0;
+    let expected = 6.0 * hours + 3.0;
+    let failures = totals.create_failures as f64;
+    assert!((failures - expected).abs() < 0.02 * expected, "{failures} failures in {hours:.0} h, about {expected:.0} expected");
+    assert!(run.render().contains("creates failed for lack of capacity"));
+}
+
+#[test]
+fn an_incus_event_wakes_the_loop_when_an_ephemeral_container_goes() {
+    // At most one ephemeral agent, polls every 30 s, containers boot in exactly 1 s. Job 1 arrives on the tick at
+    // 09:00:00, whose create holds the cycle for the boot (so the next ticks are at :31 and :01); the agent runs it
+    // 09:00:01-09:00:46. Job 2 (09:00:20) waits: `max: 1`.
+    let config = |kind: &str| {
+        format!(
+            r#"id: ev
+pollInterval: 30s
+ci:
+  wp: {{ kind: woodpecker, server: "https://ci.example.com", token: "${{T}}" }}
+backends:
+  box: {{ kind: {kind}, simulation: {{ bootTime: 1s }} }}
+pools:
+  - name: eph
+    ci: {{ source: wp, labels: {{ platform: linux }} }}
+    backend: {{ name: box, machine: {{ image: agent }} }}
+    scale: {{ max: 1, ephemeral: true }}
+"#
+        )
+    };
+    let trace = jobs(&[
+        r#"{"at": "2026-03-02T09:00:00Z", "duration": "45s", "labels": {"platform": "linux"}}"#,
+        r#"{"at": "2026-03-02T09:00:20Z", "duration": "45s", "labels": {"platform": "linux"}}"#,
+    ]);
+    let runs = simulate::run_all(&request(
+        vec![load("incus.yaml", &config("incus")), load("fake.yaml", &config("fake"))],
+        trace,
+        false,
+    ));
+    // Incus deletes the powered-off container and its event wakes the loop at 09:00:46: the replacement runs job 2
+    // at 09:00:47, 27 s after it arrived. The fake backend sends no event: the replacement waits for the next
+    // tick (09:01:01) at least.
+    assert_eq!(total(&runs[0]).wait_max_s, Some(27.0));
+    let without_events = total(&runs[1]).wait_max_s.unwrap_or_default();
+    assert!(without_events >= 42.0, "{without_events}");
 }
