@@ -195,7 +195,7 @@ pub fn run(args: SimulateArgs, _ui: &Ui) -> anyhow::Result<u8> {
 
 /// Reads a config for simulation: no secret is needed (nothing is called), so unset `${VAR}`s stand for
 /// themselves.
-fn load_candidate(path: &Path) -> anyhow::Result<Candidate> {
+pub(super) fn load_candidate(path: &Path) -> anyhow::Result<Candidate> {
     let text = std::fs::read_to_string(path).map_err(|source| ciscale::config::ConfigError::Io {
         path: path.to_owned(),
         source,

@@ -118,7 +118,8 @@ async fn export(args: ExportArgs) -> anyhow::Result<u8> {
 }
 
 fn synthetic(args: SyntheticArgs) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    // Offline, like `simulate`: only the pools' labels are read.
+    let desired = super::simulate::load_candidate(&args.config.config)?.desired;
     let mut synthetic = Synthetic::new(args.profile, args.seed);
     synthetic.days = args.days.max(1);
     synthetic.volume = args.volume.max(0.0);

@@ -232,6 +232,12 @@ fn redact_unparsed(text: &str) -> String {
 /// feeds it.
 fn config_hash(checked: &check::Checked) -> String {
     let mut document = checked.document.clone();
+    // `simulation:` is read by `ciscale simulate` only: tuning a boot time must not make saved plans stale.
+    if let Some(backends) = document.get_mut("backends").and_then(Value::as_object_mut) {
+        for backend in backends.values_mut().filter_map(Value::as_object_mut) {
+            backend.remove("simulation");
+        }
+    }
     for string in checked.strings.iter().filter(|string| string.secret) {
         if let Some(value) = document.pointer_mut(&string.pointer) {
             if value.as_str().is_some_and(is_literal_secret) {

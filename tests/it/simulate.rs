@@ -868,3 +868,14 @@ pools:
     let without_events = total(&runs[1]).wait_max_s.unwrap_or_default();
     assert!(without_events >= 42.0, "{without_events}");
 }
+
+#[test]
+fn simulation_settings_do_not_change_the_config_hash() {
+    // Saved plans are refused when made from another config; tuning `simulate` must not make them stale.
+    let plain = ec2_config("{ max: 2 }").replace(", simulation: { bootTime: 45s, prices: { \"*\": 0.10 USD } }", "");
+    assert!(!plain.contains("simulation"));
+    let hash = |yaml: &str| load("c.yaml", yaml).desired.config_hash;
+    assert_eq!(hash(&plain), hash(&ec2_config("{ max: 2 }")));
+    assert_eq!(hash(&ec2_config("{ max: 2 }")), hash(&ec2_config("{ max: 2 }").replace("45s", "2m")));
+    assert_ne!(hash(&ec2_config("{ max: 2 }")), hash(&ec2_config("{ max: 3 }")), "the rest still counts");
+}
