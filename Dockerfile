@@ -25,10 +25,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # distroless/static: CA certificates (the AWS SDK reads the system store), /tmp, a non-root user; no shell.
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /ciscale /usr/local/bin/ciscale
-# The config is mounted here; without it, `PICUS_*` variables stand in for it (Picus mode).
+# The config is mounted here and read as `ciscale.yaml` from this working folder; without it, `PICUS_*` variables
+# stand in for it (Picus mode). Not `CISCALE_CONFIG`: a config named explicitly must exist.
 WORKDIR /etc/ciscale
-ENV CISCALE_CONFIG=/etc/ciscale/ciscale.yaml \
-    CISCALE_LOCK_DIR=/tmp/ciscale
+ENV CISCALE_LOCK_DIR=/tmp/ciscale
 USER nonroot:nonroot
 # 9922: `metrics.listen` in the examples (set it to 0.0.0.0:9922 in a container to publish it).
 EXPOSE 9922

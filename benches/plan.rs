@@ -87,7 +87,7 @@ fn world() -> (Desired, Observed, Timestamp) {
     for b in 0..4 {
         observed.backends.insert(
             BackendName::new(format!("cloud{b}")),
-            BackendObservation { instances: Vec::new(), prices: prices.clone() },
+            BackendObservation { instances: Vec::new(), prices: prices.clone(), missing_images: Vec::new() },
         );
     }
     let mut agents = Vec::with_capacity(INSTANCES);
@@ -133,6 +133,7 @@ fn world() -> (Desired, Observed, Timestamp) {
                 last_contact: Some(now),
                 last_work: Some(now - SignedDuration::from_mins(rng.below(120) as i64)),
                 labels: BTreeMap::new(),
+                created_at: None,
             });
         }
     }

@@ -1,5 +1,8 @@
 //! The `ciscale` binary: parse arguments, set up logging and colour, dispatch to a subcommand, map the outcome
 //! to an exit code. Every subcommand lives in its own file under `cmd/`.
+//!
+//! Exit codes: 0 success, 1 any error (usage errors included: clap's own 2 would read as "changes" to a script
+//! using `plan --detailed-exitcode`), 2 only from `plan --detailed-exitcode` when the plan has changes.
 
 mod cmd;
 
@@ -8,7 +11,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cmd::Cli::parse();
+    let cli = match cmd::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // `--help` and `--version` come through here too: they print on stdout and succeed.
+            let code = if error.use_stderr() { cmd::EXIT_ERROR } else { cmd::EXIT_OK };
+            // Printing can only fail on a closed stream, and there is nobody left to tell then.
+            drop(error.print());
+            return ExitCode::from(code);
+        }
+    };
     let ui = cmd::Ui::from_args(&cli.global);
     cmd::init_logging(&cli.global, cli.command.default_log_level());
 

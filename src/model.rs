@@ -18,6 +18,10 @@ pub const OWNER_LABEL: &str = "ciscale.owner";
 pub const POOL_LABEL: &str = "ciscale.pool";
 /// Label/tag key holding a digest of the agent settings an instance was created with (spec drift detection).
 pub const AGENT_HASH_LABEL: &str = "ciscale.agent-hash";
+/// Label/tag key naming the id of the CI agent record an instance runs, written when ciscale creates it. It links
+/// the instance to its agent when the agent is not named after the instance (a pre-registered agent), so an
+/// orphaned instance is never deleted under a busy agent. Instances from before it was written lack it.
+pub const AGENT_LABEL: &str = "ciscale.agent";
 /// Label a CI agent is registered with when it runs one job and then powers its instance off (ephemeral pools).
 pub const EPHEMERAL_LABEL: &str = "ciscale.ephemeral";
 /// Task (and agent) label naming the Azure Pipelines agent pool a job request waits in: a request counts only
@@ -593,6 +597,79 @@ pub struct ImageSpec {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Actions and their targets (the plan's vocabulary, shared with the observation's work in flight)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The small closed set of things apply can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Register an agent, create an instance with its credential, start the agent.
+    Create,
+    /// Start a stopped instance (or resume a drained one): start → undrain.
+    Start,
+    /// Stop an instance whose agent is drained and idle: stop (the instance and its agent record stay).
+    Stop,
+    /// Tell the CI to give the agent no new jobs; the instance goes on a later cycle once idle.
+    Drain,
+    /// Delete an instance whose agent is drained and idle (or that has no agent): delete → deregister.
+    Delete,
+    /// Spec drift on an idle, drained agent: delete → deregister → create with the pool's current spec.
+    Replace,
+    /// Remove a CI agent record that has no instance.
+    Deregister,
+}
+
+impl Action {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Action::Create => "+",
+            Action::Start => ">",
+            Action::Stop => "<",
+            Action::Drain => "~",
+            Action::Delete => "-",
+            Action::Replace => "-/+",
+            Action::Deregister => "x",
+        }
+    }
+
+    pub fn verb(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::Drain => "drain",
+            Action::Delete => "delete",
+            Action::Replace => "replace",
+            Action::Deregister => "deregister",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.verb())
+    }
+}
+
+/// An instance a change acts on. `id` is `None` for an instance that does not exist yet.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct InstanceTarget {
+    pub backend: BackendName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<InstanceId>,
+    pub name: String,
+}
+
+/// A CI agent record a change acts on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AgentTarget {
+    pub ci: CiName,
+    pub id: AgentId,
+    pub name: String,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Observed state
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -605,6 +682,33 @@ pub struct Observed {
     pub backends: BTreeMap<BackendName, BackendObservation>,
     #[serde(default)]
     pub ci: BTreeMap<CiName, CiObservation>,
+    /// Work ciscale started earlier and has not seen finish (filled by the `watch` loop, whose changes outlive
+    /// the cycle that planned them). The planner plans nothing new on these targets and counts their creates
+    /// towards `max`. Empty for one-shot `plan`/`apply` and in observation files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_flight: Vec<InFlight>,
+}
+
+/// One change that is being carried out right now: its pool, action and targets, and since when.
+///
+/// What the planner makes of it:
+/// - its instance target (by id when known, else by backend and name) and its agent target (by CI and id) get
+///   no new change until the work is gone from this list;
+/// - a `create` (or `replace`, or `start`) counts as a serving instance of its pool, and a `create` whose
+///   instance the backend does not list yet still counts towards the pool's `max` and keeps its name taken;
+/// - `since` is for humans (notes, `observe` output): the planner never times work in flight out, the loop
+///   that runs it does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InFlight {
+    pub pool: PoolName,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceTarget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentTarget>,
+    /// When the first step of the change started.
+    pub since: Timestamp,
 }
 
 /// What one backend account holds: the owned (or adopted) instances and the price list.
@@ -718,6 +822,10 @@ pub struct Agent {
     pub last_work: Option<Timestamp>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// When the CI created the record (Woodpecker `created`, Azure `createdOn`), where it says. A record of ours
+    /// without an instance counts as a create in flight for one `bootstrapTimeout` from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -29,6 +29,9 @@ pub enum ObserveError {
     },
     #[error("the config names {what} `{name}` but no provider was connected for it")]
     Missing { what: &'static str, name: String },
+    /// More than one provider failed: each is named with its cause, so a user fixes them all in one go.
+    #[error("could not observe {} providers:{}", .0.len(), .0.iter().map(|failure| format!("\n  {}", crate::providers::http::error_chain(failure))).collect::<String>())]
+    Several(Vec<ObserveError>),
 }
 
 enum Part {
@@ -67,24 +70,44 @@ pub async fn observe(desired: &Desired, providers: &Providers, observed_at: Time
     }
 
     let mut observed = Observed { observed_at, ..Observed::default() };
+    // Every call is waited for, so every failing provider is reported, not only the first to fail.
+    let mut failures = Vec::new();
     while let Some(joined) = calls.join_next().await {
         // A panicking provider is a bug, but it must not take the daemon down with it.
-        let part = joined.map_err(|join_error| ObserveError::Backend {
-            name: BackendName::new("?"),
-            source: providers::Error::Other { provider: "observe".into(), source: Box::new(join_error) },
-        })?;
+        let part = match joined {
+            Ok(part) => part,
+            Err(join_error) => {
+                failures.push(ObserveError::Backend {
+                    name: BackendName::new("?"),
+                    source: providers::Error::Other { provider: "observe".into(), source: Box::new(join_error) },
+                });
+                continue;
+            }
+        };
         match part {
-            Part::Backend(name, result) => {
-                let observation = result.map_err(|source| ObserveError::Backend { name: name.clone(), source })?;
+            Part::Backend(name, Ok(observation)) => {
                 observed.backends.insert(name, observation);
             }
-            Part::Ci(name, result) => {
-                let observation = result.map_err(|source| ObserveError::Ci { name: name.clone(), source })?;
+            Part::Backend(name, Err(source)) => failures.push(ObserveError::Backend { name, source }),
+            Part::Ci(name, Ok(observation)) => {
                 observed.ci.insert(name, observation);
             }
+            Part::Ci(name, Err(source)) => failures.push(ObserveError::Ci { name, source }),
         }
     }
-    Ok(observed)
+    if failures.len() > 1 {
+        // In config order (backends, then ci sources, by name), not in the order the calls happened to end.
+        failures.sort_by_key(|failure| match failure {
+            ObserveError::Backend { name, .. } => (0, name.to_string()),
+            ObserveError::Ci { name, .. } => (1, name.to_string()),
+            _ => (2, String::new()),
+        });
+        return Err(ObserveError::Several(failures));
+    }
+    match failures.pop() {
+        Some(failure) => Err(failure),
+        None => Ok(observed),
+    }
 }
 
 /// The `machine.image` values of the pools that create instances on one backend, sorted and without repeats:

@@ -1,8 +1,9 @@
 //! The lifecycle steps of each [`Action`]. Each step is idempotent, so a change interrupted anywhere (crash,
 //! kill -9, cancelled future) converges when the next plan asks for it again.
 //!
-//! - Create: register agent → create instance (an existing owned one of that name is taken over) → (containers)
-//!   wait ready → push credential file → start agent. A cloud instance starts its agent from its user data.
+//! - Create: register agent → create instance labelled with its agent record's id (`ciscale.agent`; an existing
+//!   owned one of that name is taken over; a refused create deregisters the agent again) → (containers) wait
+//!   ready → push credential file → start agent. A cloud instance starts its agent from its user data.
 //! - Start: start instance → (containers) wait ready → undrain agent.
 //! - Stop: stop instance. Drain: drain agent.
 //! - Delete: check owner → delete instance (gone = done) → deregister agent (gone = done).
@@ -17,8 +18,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::model::{
-    AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, Secret, EPHEMERAL_LABEL, OWNER_LABEL,
-    POOL_LABEL,
+    AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, Secret, AGENT_LABEL, EPHEMERAL_LABEL,
+    OWNER_LABEL, POOL_LABEL,
 };
 use crate::plan::{Action, AgentTarget, Change, InstanceTarget};
 use crate::providers::{
@@ -165,8 +166,12 @@ impl<'run> ChangeRun<'run> {
                 ));
             }
             (None, _) => {
-                let register =
-                    RegisterAgent { name: target.name.clone(), pool: pool.name.clone(), labels: agent_labels };
+                let register = RegisterAgent {
+                    name: target.name.clone(),
+                    pool: pool.name.clone(),
+                    labels: agent_labels,
+                    for_job: None,
+                };
                 let credential = self
                     .call("register agent", || ci.register(&register))
                     .await
@@ -186,12 +191,21 @@ impl<'run> ChangeRun<'run> {
         } else {
             Some(cloud_init(pool.agent.image.as_deref(), &env_file).map_err(|e| self.fail("write user data", e))?)
         };
+        let mut labels = self.instance_labels(pool)?;
+        // The link from the instance to its agent record, for when the agent is not named after it (a
+        // pre-registered agent): an orphaned instance is then never deleted under a busy agent.
+        // Only a real record id fits a label value everywhere (Hetzner: `[a-zA-Z0-9._-]`, 63 characters): an
+        // agent that registers itself later (Azure's `unregistered:<name>` placeholder) is linked by its name.
+        if is_label_value(credential.agent_id.as_str()) {
+            labels.insert(AGENT_LABEL.to_owned(), credential.agent_id.to_string());
+        }
         let request = CreateInstance {
             name: target.name.clone(),
             pool: pool.name.clone(),
-            labels: self.instance_labels(pool)?,
+            labels,
             machine: prefixed(&self.change.after, "machine."),
             user_data,
+            attempt: Some(credential.agent_id.as_str().to_owned()),
         };
         let (id, running) = match self.call("create instance", || backend.create(&request)).await {
             // A backend whose create waits for the start (Incus) returns it running: no need to ask again.
@@ -200,9 +214,20 @@ impl<'run> ChangeRun<'run> {
             // user-data backend it holds the credential of the earlier registration; if the CI rotated it, the
             // agent never checks in and the planner's bootstrap timeout replaces the instance.
             Err(Error::AlreadyExists { .. }) => (self.find_owned(&backend, &target.name).await?, false),
-            Err(error) => return Err(self.failed("create instance", &error)),
+            Err(error) => {
+                if pool.agent.preregistered.is_none() && refused_outright(&error) {
+                    // No instance will come: without the agent record registered for it, the planner does not
+                    // count it as a create in flight (plan::records) and plans the create again next cycle.
+                    // Best effort: a record left behind only holds its pool back until its bootstrap timeout.
+                    if let Err(undo) = ci.deregister(&credential.agent_id).await {
+                        tracing::warn!(agent = %credential.agent_id, error = %self.redactor.redact(&undo.to_string()), "could not remove the agent record of a refused create");
+                    }
+                }
+                return Err(self.failed("create instance", &error));
+            }
         };
         tracing::info!(instance = %id, "instance created");
+        let _ = self.events.send(Event::Created(self.index, id.clone()));
 
         // A cloud instance starts its agent from its user data: nothing is left to do here, and waiting for it
         // to boot (a minute on some clouds) would only hold up the cycle. Whether it came up is observed on later
@@ -426,6 +451,30 @@ impl<'run> ChangeRun<'run> {
         labels.entry(POOL_LABEL.to_owned()).or_insert_with(|| pool.name.to_string());
         Ok(labels)
     }
+}
+
+/// A value every backend takes as a label (the strictest is Hetzner's: at most 63 of `a-zA-Z0-9._-`, starting
+/// and ending alphanumeric).
+fn is_label_value(value: &str) -> bool {
+    let alnum = |byte: Option<&u8>| byte.is_some_and(u8::is_ascii_alphanumeric);
+    (1..=63).contains(&value.len())
+        && value.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        && alnum(value.as_bytes().first())
+        && alnum(value.as_bytes().last())
+}
+
+/// The backend answered a create with a refusal, so no instance exists or will (unlike a timeout or an
+/// unavailable backend, after which it may).
+fn refused_outright(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Capacity { .. }
+            | Error::RateLimited { .. }
+            | Error::Unauthenticated { .. }
+            | Error::Invalid { .. }
+            | Error::Unsupported { .. }
+            | Error::NotFound { .. }
+    )
 }
 
 /// The entries of `attributes` whose key starts with `prefix`, with the prefix removed.

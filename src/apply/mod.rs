@@ -90,6 +90,8 @@ pub trait Progress: Send + Sync {
     /// A step of the change begins (`register agent`, `create instance`, `wait ready`, ...).
     fn step(&self, change: &Change, step: &str);
     fn finish(&self, change: &Change, outcome: &Outcome);
+    /// A create made its instance (before the change finishes): its provider-side id, for the line a user keeps.
+    fn created(&self, _change: &Change, _instance: &crate::model::InstanceId) {}
 }
 
 /// Reports nothing.
@@ -132,6 +134,7 @@ enum Event {
     Start(usize),
     Step(usize, String),
     Finish(usize, Outcome),
+    Created(usize, crate::model::InstanceId),
 }
 
 /// Runs the plan's changes. Never fails as a whole: every change gets an [`Outcome`]. `cancel` turning `true`
@@ -166,6 +169,7 @@ pub async fn apply(
         match event {
             Event::Start(index) => progress.start(&plan.changes[index]),
             Event::Step(index, step) => progress.step(&plan.changes[index], &step),
+            Event::Created(index, instance) => progress.created(&plan.changes[index], &instance),
             Event::Finish(index, outcome) => {
                 progress.finish(&plan.changes[index], &outcome);
                 outcomes[index] = Some(outcome);

@@ -1,7 +1,7 @@
 //! `ciscale import <FORMAT> [FILE]`: convert another tool's config into a ciscale config on stdout; what to set
 //! and what did not carry over goes to stderr. One subcommand per format.
 
-use std::io::Read as _;
+use std::io::{IsTerminal as _, Read as _};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -40,6 +40,10 @@ impl FileArg {
                 Ok((path.display().to_string(), text))
             }
             _ => {
+                // On a terminal, an import waiting for input looks like a hang: say what it waits for.
+                if std::io::stdin().is_terminal() {
+                    eprintln!("reading the config from standard input (end it with Ctrl-D), or pass it as FILE");
+                }
                 let mut text = String::new();
                 std::io::stdin()
                     .read_to_string(&mut text)

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use ciscale::config::{self, ConfigError};
+use ciscale::config::{self, ConfigError, Secrets};
 use ciscale::model::{Desired, Observed};
 use ciscale::providers::{self, Providers};
 
@@ -63,9 +63,29 @@ pub enum ColorChoice {
 /// The config file flag every config-reading subcommand shares.
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArg {
-    /// The desired-state file
-    #[arg(short, long = "config", env = "CISCALE_CONFIG", default_value = "ciscale.yaml", value_name = "FILE")]
-    pub config: PathBuf,
+    /// The desired-state file [default: ciscale.yaml]
+    #[arg(short, long = "config", env = "CISCALE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The file read when none is named.
+    pub const DEFAULT: &'static str = "ciscale.yaml";
+
+    /// The file to read: the one named, else `ciscale.yaml` in the current folder.
+    pub fn path(&self) -> &Path {
+        self.named().unwrap_or(Path::new(Self::DEFAULT))
+    }
+
+    /// Named with `-c` or `CISCALE_CONFIG`: then it must exist (no fallback to the Picus environment), and it
+    /// wins over the config a plan file names. An empty `CISCALE_CONFIG=` names nothing.
+    pub fn is_explicit(&self) -> bool {
+        self.named().is_some()
+    }
+
+    fn named(&self) -> Option<&Path> {
+        self.config.as_deref().filter(|path| !path.as_os_str().is_empty())
+    }
 }
 
 /// The per-owner lock `apply` and `watch` take, so cron and the daemon never act at the same time.
@@ -87,7 +107,10 @@ impl LockArgs {
                 held.to_string(),
                 "wait for it to finish, pass `--lock-timeout 5m` to wait, or stop the other one (cron and `watch` should not both run)",
             ),
-            other => anyhow::Error::new(other),
+            other => match other.hint() {
+                Some(hint) => hinted(other.to_string(), hint),
+                None => anyhow::Error::new(other),
+            },
         })
     }
 }
@@ -178,19 +201,34 @@ impl Ui {
 
     /// Prints an error chain to stderr: the error, its causes, and a `hint:` where one is known.
     pub fn report(&self, error: &anyhow::Error) {
-        if let Some(config_error) = error.downcast_ref::<ConfigError>() {
-            eprint!("{}", render_config_error(config_error, self.stderr_color));
+        if let Some(diagnostics) = error.downcast_ref::<ConfigError>().and_then(ConfigError::diagnostics) {
+            eprint!("{}", render_config_error(diagnostics, self.stderr_color));
             return;
         }
         let (red, bold_end) = if self.stderr_color { ("\x1b[1;31m", "\x1b[0m") } else { ("", "") };
         eprintln!("{red}error{bold_end}: {error}");
         for cause in error.chain().skip(1) {
+            // A config I/O error says its cause in its own message already.
+            if cause.downcast_ref::<std::io::Error>().is_some()
+                && error.chain().any(|outer| outer.downcast_ref::<ConfigError>().is_some())
+            {
+                continue;
+            }
             eprintln!("  caused by: {cause}");
         }
-        if let Some(hint) = error.chain().find_map(|cause| cause.downcast_ref::<Hinted>()).and_then(|h| h.hint.as_deref()) {
+        if let Some(hint) = hint_of(error) {
             eprintln!("  hint: {hint}");
         }
     }
+}
+
+/// The `hint:` of an error chain: a [`Hinted`] error's, else a config I/O error's.
+pub fn hint_of(error: &anyhow::Error) -> Option<String> {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<Hinted>())
+        .and_then(|hinted| hinted.hint.clone())
+        .or_else(|| error.chain().find_map(|cause| cause.downcast_ref::<ConfigError>()).and_then(ConfigError::hint))
 }
 
 /// An error meant for a human, with what to do about it.
@@ -230,19 +268,42 @@ pub fn init_logging(global: &GlobalArgs, default_level: &str) {
     drop(result);
 }
 
-/// Loads the config file; without one, a Picus environment (`PICUS_PROVIDER_TYPE` set) stands in for it, so a
-/// Picus docker-compose set-up runs unchanged.
-pub fn load_config(arg: &ConfigArg) -> anyhow::Result<Desired> {
-    if !arg.config.exists() {
-        let vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
-        if ciscale::import::picus::is_picus_env(&vars) {
-            tracing::info!(config = %arg.config.display(), "no config file; running in Picus mode from `PICUS_*` variables");
+/// Loads the config file. When none is named (`-c`, `CISCALE_CONFIG`) and `ciscale.yaml` does not exist, a Picus
+/// environment (`PICUS_PROVIDER_TYPE` set) stands in for it, so a Picus docker-compose set-up runs unchanged; a
+/// named file that does not exist is always an error. Warnings (secrets an offline command does not need, ...) go
+/// to stderr.
+pub fn load_config(arg: &ConfigArg, secrets: Secrets) -> anyhow::Result<Desired> {
+    let path = arg.path();
+    let vars = || -> std::collections::BTreeMap<String, String> { std::env::vars().collect() };
+    if !path.exists() {
+        let vars = vars();
+        let picus = ciscale::import::picus::is_picus_env(&vars);
+        if picus && !arg.is_explicit() {
+            tracing::info!(config = %path.display(), "no config file; running in Picus mode from `PICUS_*` variables");
             let yaml = ciscale::import::picus::config_from_env(&vars)
-                .map_err(|error| anyhow::anyhow!("no `{}` and the Picus environment is incomplete: {error}", arg.config.display()))?;
-            return Ok(config::load_str("Picus environment", &yaml, &|name| std::env::var(name).ok())?);
+                .map_err(|error| anyhow::anyhow!("no `{}` and the Picus environment is incomplete: {error}", path.display()))?;
+            let loaded = config::load_str_with("Picus environment", &yaml, &|name| std::env::var(name).ok(), secrets)?;
+            print_warnings(loaded.warnings.as_ref());
+            return Ok(loaded.desired);
+        }
+        if picus {
+            return Err(hinted(
+                format!("cannot read config `{}`: no such file", path.display()),
+                "`PICUS_*` variables stand in for a config only when none is named: fix the path, or drop `-c` (and \
+                 `CISCALE_CONFIG`) to run in Picus mode",
+            ));
         }
     }
-    Ok(config::load_file(&arg.config)?)
+    let loaded = config::load_file_with(path, secrets)?;
+    print_warnings(loaded.warnings.as_ref());
+    Ok(loaded.desired)
+}
+
+/// Config warnings on stderr, one `file:line:col: warning: ...` line each with its hint.
+fn print_warnings(warnings: Option<&config::Diagnostics>) {
+    if let Some(warnings) = warnings {
+        eprint!("{}", warnings.render_plain());
+    }
 }
 
 pub fn connect(desired: &Desired) -> anyhow::Result<Providers> {
@@ -274,10 +335,7 @@ pub async fn observe_live(desired: &Desired, providers: &Providers) -> anyhow::R
 
 /// Config problems, all at once: on a colour terminal as miette's labelled source snippets, otherwise (logs, CI,
 /// tests) one `file:line:col: error: ...` line each with its hint.
-fn render_config_error(error: &ConfigError, color: bool) -> String {
-    let Some(diagnostics) = error.diagnostics() else {
-        return format!("error: {error}\n");
-    };
+fn render_config_error(diagnostics: &config::Diagnostics, color: bool) -> String {
     if color {
         let mut rendered = String::new();
         let handler = miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode());

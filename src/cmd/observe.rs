@@ -20,7 +20,7 @@ pub struct ObserveArgs {
 }
 
 pub async fn run(args: ObserveArgs, _ui: &Ui) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Needed)?;
     let observed = super::observe_live(&desired, &super::connect(&desired)?).await?;
     let text = if args.json {
         serde_json::to_string_pretty(&observed).map(|json| json + "\n")?

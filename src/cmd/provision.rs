@@ -20,7 +20,14 @@ pub struct ProvisionArgs {
 }
 
 pub async fn run(args: ProvisionArgs, ui: &Ui) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Needed)?;
+    if desired.images.is_empty() {
+        return Err(hinted(
+            format!("`{}` has no `images:` section: there is nothing to provision", args.config.path().display()),
+            "add one, e.g. `images: { azure-agent: { backend: lxd, base: \"images:debian/12\", scripts: [provision/agent.sh] } }`, \
+             and point the pools' `machine.image` at its name",
+        ));
+    }
     if let Some(unknown) = args.images.iter().find(|name| !desired.images.contains_key(*name)) {
         return Err(hinted(
             format!("image `{unknown}` is not in the config"),

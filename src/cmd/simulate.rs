@@ -76,7 +76,7 @@ fn parse_profile(text: &str) -> Result<Profile, String> {
 }
 
 pub fn run(args: SimulateArgs, _ui: &Ui) -> anyhow::Result<u8> {
-    let mut candidates = vec![load_candidate(&args.config.config)?];
+    let mut candidates = vec![load_candidate(args.config.path())?];
     for path in &args.compare {
         candidates.push(load_candidate(path)?);
     }

@@ -83,7 +83,7 @@ pub async fn run(args: TraceArgs, _ui: &Ui) -> anyhow::Result<u8> {
 }
 
 async fn export(args: ExportArgs) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Needed)?;
     let until = args.until.unwrap_or_else(Timestamp::now);
     let from = match (args.from, &args.since) {
         (Some(from), _) => from,
@@ -119,7 +119,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<u8> {
 
 fn synthetic(args: SyntheticArgs) -> anyhow::Result<u8> {
     // Offline, like `simulate`: only the pools' labels are read.
-    let desired = super::simulate::load_candidate(&args.config.config)?.desired;
+    let desired = super::simulate::load_candidate(args.config.path())?.desired;
     let mut synthetic = Synthetic::new(args.profile, args.seed);
     synthetic.days = args.days.max(1);
     synthetic.volume = args.volume.max(0.0);

@@ -11,10 +11,11 @@ pub struct ValidateArgs {
 }
 
 pub fn run(args: ValidateArgs, _ui: &Ui) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    // Validation never uses a secret's value: a pull-request pipeline can run it without production secrets.
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Unused)?;
     println!(
         "`{}` is valid: owner `{}`, {} pool(s), {} ci source(s), {} backend(s)",
-        args.config.config.display(),
+        args.config.path().display(),
         desired.owner,
         desired.pools.len(),
         desired.ci.len(),

@@ -24,13 +24,14 @@ pub struct WatchArgs {
     pub json: bool,
     #[command(flatten)]
     pub lock: super::LockArgs,
-    /// Stop after this many cycles (for trials and tests); default: run until SIGTERM
+    /// Stop after this many cycles (for trials and tests) and exit 1 if the last one failed; default: run until
+    /// SIGTERM
     #[arg(long, value_name = "N")]
     pub cycles: Option<u64>,
 }
 
 pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
-    let desired = super::load_config(&args.config)?;
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Needed)?;
     let _lock = args.lock.acquire(&desired).await?;
     let mut providers = super::connect(&desired)?;
     let mut metrics = None;
@@ -50,7 +51,14 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     // Incus backends wake the loop on their lifecycle events; the interval stays as the safety net.
     let triggers = watch::triggers::from_config(&desired);
     let reloads = listen_for_reloads(args.config.clone(), &desired, metrics.clone());
+    // With `--cycles`, the exit code says how the last cycle went (a trial or a test wants to know); a daemon
+    // stopped by SIGTERM exits 0.
+    let mut last_failed = None;
+    // What the last logged cycle saw: a quiet cycle that sees the same is logged at debug, not info, so the
+    // journal holds changes rather than one identical line every few seconds.
+    let mut last_seen: Option<String> = None;
     watch::run_reloadable(desired, providers, &options, &cancel, triggers, reloads, |report| {
+        last_failed = Some(report.error.is_some() || report.failed > 0);
         if let Some(metrics) = &metrics {
             metrics.record_cycle(report);
         }
@@ -63,18 +71,43 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
         } else if let Some(error) = &report.error {
             tracing::warn!(cycle = report.cycle, "cycle failed: {error}");
         } else {
-            tracing::info!(
-                cycle = report.cycle,
-                applied = report.applied,
-                failed = report.failed,
-                ms = report.duration_ms,
-                "cycle done"
-            );
+            let seen = serde_json::to_string(&(&report.planned, &report.pools)).unwrap_or_default();
+            let quiet = report.applied == 0 && report.failed == 0 && last_seen.as_ref() == Some(&seen);
+            if quiet {
+                tracing::debug!(cycle = report.cycle, ms = report.duration_ms, "cycle done, nothing changed");
+            } else {
+                let pools = report
+                    .pools
+                    .iter()
+                    .map(|pool| {
+                        format!(
+                            "{}: jobs {} pending, {} running; agents {} active, {} desired",
+                            pool.pool, pool.pending_jobs, pool.running_jobs, pool.active, pool.desired
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::info!(
+                    cycle = report.cycle,
+                    applied = report.applied,
+                    failed = report.failed,
+                    ms = report.duration_ms,
+                    pools,
+                    "cycle done"
+                );
+            }
+            last_seen = Some(seen);
         }
     })
     .await;
     tracing::info!("stopped");
-    Ok(EXIT_OK)
+    match last_failed {
+        Some(true) if args.cycles.is_some() => Err(super::hinted(
+            "the last cycle failed",
+            "see the log above (with `--json`: the last line's `error` and `failed`)",
+        )),
+        _ => Ok(EXIT_OK),
+    }
 }
 
 /// On every SIGHUP: read and validate the config again and hand it to the loop, which switches at its next cycle.
@@ -99,7 +132,7 @@ fn listen_for_reloads(
         let (owner, listen) = (running.owner.clone(), running.metrics.as_ref().map(|spec| spec.listen));
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                tracing::info!(config = %config.config.display(), "SIGHUP: reloading the config");
+                tracing::info!(config = %config.path().display(), "SIGHUP: reloading the config");
                 match reload(&config, &owner, listen, metrics.as_ref()) {
                     Ok(reloaded) => {
                         if sender.send(reloaded).await.is_err() {
@@ -130,7 +163,7 @@ fn reload(
     listen: Option<std::net::SocketAddr>,
     metrics: Option<&Arc<Metrics>>,
 ) -> anyhow::Result<Reloaded> {
-    let desired = super::load_config(config)?;
+    let desired = super::load_config(config, ciscale::config::Secrets::Needed)?;
     if desired.owner != owner {
         return Err(super::hinted(
             format!("the new config's `id` is `{}`, the running one acts for `{owner}`", desired.owner),
@@ -152,19 +185,17 @@ fn reload(
 /// An error as plain text for a log line: config problems one `file:line:col: error: ...` line each, other errors
 /// with their causes and hint.
 fn error_text(error: &anyhow::Error) -> String {
-    if let Some(config_error) = error.downcast_ref::<ciscale::config::ConfigError>() {
-        return super::render_config_error(config_error, false).trim_end().to_owned();
+    if let Some(diagnostics) = error.downcast_ref::<ciscale::config::ConfigError>().and_then(|e| e.diagnostics()) {
+        return super::render_config_error(diagnostics, false).trim_end().to_owned();
     }
     let mut text = error.to_string();
     for cause in error.chain().skip(1) {
         text.push_str(": ");
         text.push_str(&cause.to_string());
     }
-    if let Some(hint) =
-        error.chain().find_map(|cause| cause.downcast_ref::<super::Hinted>()).and_then(|h| h.hint.as_deref())
-    {
+    if let Some(hint) = super::hint_of(error) {
         text.push_str("\n  hint: ");
-        text.push_str(hint);
+        text.push_str(&hint);
     }
     text
 }

@@ -96,18 +96,87 @@ pub(crate) fn pointer(path: &[Seg]) -> String {
     out
 }
 
+/// Reports every key that appears twice in one mapping, each with where it was first defined. marked-yaml stops
+/// at the first duplicate; this walks yaml-rust2's event stream instead, so a file with three duplicates gets
+/// three problems at once, like every other problem. A syntax error ends the walk quietly: [`parse`] reports it.
+pub(crate) fn duplicate_keys(src: &SourceMap<'_>, problems: &mut Problems) {
+    use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+    use yaml_rust2::scanner::Marker;
+
+    enum Frame {
+        Mapping { seen: BTreeMap<String, Span>, at_key: bool },
+        Sequence,
+    }
+    struct Walk<'s, 't> {
+        src: &'s SourceMap<'t>,
+        stack: Vec<Frame>,
+        found: Vec<(String, Span, Span)>,
+    }
+    impl Walk<'_, '_> {
+        /// A node finished; in a mapping it was a key or a value, alternately.
+        fn node_done(&mut self, key: Option<(String, Span)>) {
+            if let Some(Frame::Mapping { seen, at_key }) = self.stack.last_mut() {
+                if *at_key {
+                    if let Some((name, span)) = key {
+                        match seen.get(&name) {
+                            Some(first) => self.found.push((name, span, *first)),
+                            None => {
+                                seen.insert(name, span);
+                            }
+                        }
+                    }
+                }
+                *at_key = !*at_key;
+            }
+        }
+    }
+    impl MarkedEventReceiver for Walk<'_, '_> {
+        fn on_event(&mut self, event: Event, mark: Marker) {
+            match event {
+                Event::Scalar(value, ..) => {
+                    let offset = self.src.byte_offset(mark.index());
+                    let (line, column) = self.src.line_column(offset);
+                    let len = self.src.scalar_len(offset, &value);
+                    self.node_done(Some((value, Span { line, column, offset, len })));
+                }
+                Event::Alias(_) => self.node_done(None),
+                Event::MappingStart(..) => self.stack.push(Frame::Mapping { seen: BTreeMap::new(), at_key: true }),
+                Event::SequenceStart(..) => self.stack.push(Frame::Sequence),
+                Event::MappingEnd | Event::SequenceEnd => {
+                    self.stack.pop();
+                    self.node_done(None);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    let text = src.text();
+    let found = std::panic::catch_unwind(|| {
+        let mut walk = Walk { src, stack: Vec::new(), found: Vec::new() };
+        // A scan error is reported by `parse`, with the same position.
+        drop(Parser::new_from_str(text).load(&mut walk, false));
+        walk.found
+    })
+    .unwrap_or_default();
+    for (name, at, first) in found {
+        problems.push_related(
+            Some(at),
+            format!("duplicate key `{name}`"),
+            Some(format!("each key may appear once per mapping (the first `{name}` is on line {}); remove or rename one", first.line)),
+            Some((first, "first defined here")),
+        );
+    }
+}
+
 /// Parses the YAML. A syntax error is reported (located) and ends the check: nothing after it can be trusted.
+/// Duplicate keys are [`duplicate_keys`]'s to report; here the later value wins, as in most YAML readers.
 pub(crate) fn parse(src: &SourceMap<'_>, problems: &mut Problems) -> Option<Node> {
-    let options = |fail_on_duplicates: bool| {
-        // No coercion of quoted scalars: `max: "5"` is a string, as in every other YAML tool.
-        LoaderOptions::default()
-            .prevent_coercion(true)
-            .error_on_duplicate_keys(fail_on_duplicates)
-    };
+    // No coercion of quoted scalars: `max: "5"` is a string, as in every other YAML tool.
+    let options = LoaderOptions::default().prevent_coercion(true).error_on_duplicate_keys(false);
     let text = src.text();
     // marked-yaml asserts on event orders it does not expect; a malformed file must be an error, never a panic.
-    let parsed =
-        std::panic::catch_unwind(|| marked_yaml::parse_yaml_with_options(0, text, options(true)));
+    let parsed = std::panic::catch_unwind(|| marked_yaml::parse_yaml_with_options(0, text, options));
     let error = match parsed {
         Ok(Ok(node)) => return Some(node),
         Ok(Err(error)) => error,
@@ -124,26 +193,8 @@ pub(crate) fn parse(src: &SourceMap<'_>, problems: &mut Problems) -> Option<Node
         src.span_at(marker, src.line_len(src.byte_offset(marker.character())))
     };
     match error {
-        LoadError::DuplicateKey(inner) => {
-            let key_span = |node: &marked_yaml::types::MarkedScalarNode| {
-                node.span().start().map(|start| {
-                    let offset = src.byte_offset(start.character());
-                    src.span_at(start, src.scalar_len(offset, node.as_str()))
-                })
-            };
-            problems.push_related(
-                key_span(&inner.key),
-                format!("duplicate key `{}`", inner.key.as_str()),
-                Some("each key may appear once per mapping; remove or rename one".to_owned()),
-                key_span(&inner.prev_key).map(|span| (span, "first defined here")),
-            );
-            // Check the rest of the file too (the later value wins, as most YAML readers do).
-            std::panic::catch_unwind(|| {
-                marked_yaml::parse_yaml_with_options(0, text, options(false))
-            })
-            .ok()
-            .and_then(Result::ok)
-        }
+        // Not raised with `error_on_duplicate_keys(false)`; `duplicate_keys` reported them anyway.
+        LoadError::DuplicateKey(_) => None,
         LoadError::ScanError(marker, scan) => {
             problems.push(
                 Some(marker_span(&marker)),
@@ -567,8 +618,14 @@ impl<'s> Walker<'s, '_> {
         secret: bool,
     ) -> Option<Value> {
         if types.contains(&"integer") && scalar.may_coerce() {
-            if let Ok(number) = scalar.as_str().parse::<i64>() {
-                return self.check_integer(node, number, schema, path);
+            let text = scalar.as_str();
+            if let Ok(number) = text.parse::<i64>() {
+                return self.check_integer(node, Some(number), schema, path);
+            }
+            // Digits that overflow every integer: "too large", not "expected a whole number".
+            let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+            if !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()) {
+                return self.check_integer(node, None, schema, path);
             }
         }
         if types.contains(&"boolean") {
@@ -590,49 +647,49 @@ impl<'s> Walker<'s, '_> {
         None
     }
 
+    /// A whole number against the schema's bounds. `number` is `None` when the text is a whole number too large
+    /// for any machine integer.
     fn check_integer(
         &mut self,
         node: &Node,
-        number: i64,
+        number: Option<i64>,
         schema: &Value,
         path: &[Seg],
     ) -> Option<Value> {
+        let format = schema.get("format").and_then(Value::as_str).unwrap_or_default();
         let minimum = schema.get("minimum").and_then(Value::as_i64);
-        let maximum = match schema.get("format").and_then(Value::as_str) {
-            Some("uint32") => Some(i64::from(u32::MAX)),
+        let maximum = schema.get("maximum").and_then(Value::as_i64).or(match format {
+            "uint32" => Some(i64::from(u32::MAX)),
+            "int32" => Some(i64::from(i32::MAX)),
+            "uint64" | "int64" => Some(i64::MAX),
             _ => None,
-        };
+        });
         let span = Some(self.node_span(node));
-        if let Some(minimum) = minimum.filter(|minimum| number < *minimum) {
-            let message = format!(
-                "{} must be at least {minimum}, found {number}",
-                self.subject(path)
-            );
+        let written = node.as_scalar().map(|scalar| scalar.as_str().to_owned()).unwrap_or_default();
+        let negative = number.map_or(written.starts_with('-'), |number| number < 0);
+        if negative && format.starts_with('u') {
+            let message = format!("{} must not be negative, found {written}", self.subject(path));
             self.fail(path, span, message, None);
             return None;
         }
-        if let Some(maximum) = maximum.filter(|maximum| number > *maximum) {
-            let message = format!(
-                "{} must be at most {maximum}, found {number}",
-                self.subject(path)
-            );
+        let below = |bound: i64| number.map_or(negative, |number| number < bound);
+        let above = |bound: i64| number.map_or(!negative, |number| number > bound);
+        if let Some(minimum) = minimum.filter(|minimum| below(*minimum)) {
+            let message = format!("{} must be at least {minimum}, found {written}", self.subject(path));
             self.fail(path, span, message, None);
             return None;
         }
-        if number < 0
-            && schema
-                .get("format")
-                .and_then(Value::as_str)
-                .is_some_and(|format| format.starts_with('u'))
-        {
-            let message = format!(
-                "{} must not be negative, found {number}",
-                self.subject(path)
-            );
-            self.fail(path, span, message, None);
+        if let Some(maximum) = maximum.filter(|maximum| above(*maximum)) {
+            let message = format!("{} is too large: at most {maximum}, found {written}", self.subject(path));
+            let key = path.iter().rev().find_map(|seg| match seg {
+                Seg::Key(key) => Some(key.as_str()),
+                Seg::Index(_) => None,
+            });
+            let hint = key.and_then(super::raw::bound_reason).map(str::to_owned);
+            self.fail(path, span, message, hint);
             return None;
         }
-        Some(Value::from(number))
+        Some(Value::from(number?))
     }
 
     fn walk_object(

@@ -27,9 +27,30 @@ pub struct Location {
     pub len: usize,
 }
 
+/// How bad a problem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Severity {
+    /// The config cannot be used.
+    #[default]
+    Error,
+    /// The config can be used for what was asked, but something looks wrong or will fail later (a secret an
+    /// offline command does not need, `$VAR` without braces in a plain value).
+    Warning,
+}
+
+impl Severity {
+    fn label(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
 /// One problem in a config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    pub severity: Severity,
     /// Lower-case, identifiers in backticks, never a secret value.
     pub message: String,
     pub hint: Option<String>,
@@ -54,7 +75,10 @@ impl miette::Diagnostic for Problem {
     }
 
     fn severity(&self) -> Option<miette::Severity> {
-        Some(miette::Severity::Error)
+        Some(match self.severity {
+            Severity::Error => miette::Severity::Error,
+            Severity::Warning => miette::Severity::Warning,
+        })
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
@@ -110,8 +134,8 @@ impl Diagnostics {
         &self.source_name
     }
 
-    /// One `file:line:col: error: message` line per problem, each followed by an indented `hint:` line when a
-    /// fix is known. Ends with a newline.
+    /// One `file:line:col: error: message` (or `warning:`) line per problem, each followed by an indented
+    /// `hint:` line when a fix is known. Ends with a newline.
     pub fn render_plain(&self) -> String {
         let mut out = String::new();
         for problem in &self.problems {
@@ -119,7 +143,8 @@ impl Diagnostics {
                 Some(at) => out.push_str(&format!("{}:{}:{}: ", at.file, at.line, at.column)),
                 None => out.push_str(&format!("{}: ", self.source_name)),
             }
-            out.push_str("error: ");
+            out.push_str(problem.severity.label());
+            out.push_str(": ");
             out.push_str(&problem.message);
             out.push('\n');
             if let Some(hint) = &problem.hint {
@@ -145,6 +170,10 @@ impl fmt::Debug for Diagnostics {
 impl fmt::Display for Diagnostics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.problems.len();
+        if self.problems.iter().all(|problem| problem.severity == Severity::Warning) {
+            let noun = if count == 1 { "warning" } else { "warnings" };
+            return write!(f, "config `{}`: {count} {noun}", self.source_name);
+        }
         let noun = if count == 1 { "problem" } else { "problems" };
         write!(f, "invalid config `{}`: {count} {noun}", self.source_name)
     }
@@ -281,6 +310,24 @@ impl Problems {
     ) {
         let location = span.map(|span| self.location(span));
         self.list.push(Problem {
+            severity: Severity::Error,
+            message: message.into(),
+            hint,
+            location,
+            related: None,
+        });
+    }
+
+    /// A warning: reported, but the config stays usable.
+    pub(crate) fn warn(
+        &mut self,
+        span: Option<Span>,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        let location = span.map(|span| self.location(span));
+        self.list.push(Problem {
+            severity: Severity::Warning,
             message: message.into(),
             hint,
             location,
@@ -298,6 +345,7 @@ impl Problems {
         let location = span.map(|span| self.location(span));
         let related = related.map(|(span, label)| (self.location(span), label.to_owned()));
         self.list.push(Problem {
+            severity: Severity::Error,
             message: message.into(),
             hint,
             location,
@@ -305,8 +353,17 @@ impl Problems {
         });
     }
 
+    /// No errors (warnings do not count).
     pub(crate) fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.list.iter().all(|problem| problem.severity == Severity::Warning)
+    }
+
+    /// Takes the warnings out, leaving the errors.
+    pub(crate) fn take_warnings(&mut self) -> Vec<Problem> {
+        let (warnings, errors) =
+            std::mem::take(&mut self.list).into_iter().partition(|problem| problem.severity == Severity::Warning);
+        self.list = errors;
+        warnings
     }
 }
 

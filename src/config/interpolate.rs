@@ -1,16 +1,22 @@
-//! `${VAR}` interpolation of string values from the environment; `$${` is a literal `${`.
+//! `${VAR}` interpolation of string values from the environment. As in docker compose, `$$` is a literal `$`
+//! (so `$${VAR}` is the text `${VAR}`); a `$NAME` without braces is not read from the environment but reported,
+//! since it almost always meant `${NAME}`.
 //!
-//! Kept apart from parsing so the config hash is taken before it (no secret ever feeds the hash) and so the
-//! environment is a plain function: tests pass their own, `load_file` passes `std::env`.
+//! Kept apart from parsing so the environment is a plain function: tests pass their own, `load_file` passes
+//! `std::env`. What the caller makes of each problem (an error, or a warning when the value is not needed) is
+//! decided in `config::interpolate_document`.
 
 use std::ops::Range;
 
-/// Why a string could not be interpolated; `at` is the byte range in the string.
+/// A problem in a string; `at` is the byte range in the string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum InterpolationError {
+    /// `${NAME}` whose variable is not set; it interpolates as nothing.
     Missing { name: String, at: Range<usize> },
     Unterminated { at: Range<usize> },
     InvalidName { name: String, at: Range<usize> },
+    /// `$NAME` without braces: kept as it is written, never read from the environment.
+    Unbraced { name: String, at: Range<usize> },
 }
 
 fn is_valid_name(name: &str) -> bool {
@@ -21,24 +27,36 @@ fn is_valid_name(name: &str) -> bool {
         && chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
 }
 
-/// Replaces every `${NAME}` with `env(NAME)` and `$${` with `${`. All problems of the string are returned.
+/// The name a `$` at the start of `rest` is followed by without braces (`$HOME` → `HOME`), if any.
+fn unbraced_name(rest: &str) -> Option<&str> {
+    let after = rest.strip_prefix('$')?;
+    let len = after
+        .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .unwrap_or(after.len());
+    let name = &after[..len];
+    is_valid_name(name).then_some(name)
+}
+
+/// The string with every `${NAME}` replaced by `env(NAME)` and `$$` by `$`, and every problem in it. A missing
+/// variable interpolates as nothing, so the value is usable where the caller decides it is not needed.
 pub(crate) fn interpolate(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, Vec<InterpolationError>> {
+) -> (String, Vec<InterpolationError>) {
     let mut out = String::with_capacity(text.len());
     let mut errors = Vec::new();
     let mut index = 0;
     while index < text.len() {
         let rest = &text[index..];
-        if rest.starts_with("$${") {
-            out.push_str("${");
-            index += 3;
+        if rest.starts_with("$$") {
+            out.push('$');
+            index += 2;
         } else if rest.starts_with("${") {
             let Some(close) = rest.find('}') else {
                 errors.push(InterpolationError::Unterminated {
                     at: index..text.len(),
                 });
+                out.push_str(rest);
                 break;
             };
             let name = &rest[2..close];
@@ -58,6 +76,15 @@ pub(crate) fn interpolate(
                 }
             }
             index += close + 1;
+        } else if let Some(name) = unbraced_name(rest) {
+            let at = index..index + 1 + name.len();
+            errors.push(InterpolationError::Unbraced {
+                name: name.to_owned(),
+                at,
+            });
+            out.push('$');
+            out.push_str(name);
+            index += 1 + name.len();
         } else {
             // Advance by one whole character.
             let ch = rest.chars().next().unwrap_or('$');
@@ -65,23 +92,37 @@ pub(crate) fn interpolate(
             index += ch.len_utf8();
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    (out, errors)
 }
 
-/// The text with every `${NAME}` reference removed and `$${` kept: what is left of a secret besides references.
-/// Empty (or blank) means the secret is only references, so it is safe to show and to hash.
+/// The names of the `${NAME}` references in a string, in order (for messages about a value made of them).
+pub(crate) fn references(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut index = 0;
+    while index < text.len() {
+        let rest = &text[index..];
+        if rest.starts_with("$$") {
+            index += 2;
+        } else if let Some(close) = rest.strip_prefix("${").and_then(|inner| inner.find('}')) {
+            names.push(&rest[2..close + 2]);
+            index += close + 3;
+        } else {
+            index += rest.chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    names
+}
+
+/// The text with every `${NAME}` reference removed and `$$` kept: what is left of a secret besides references.
+/// Empty (or blank) means the secret is only references, so it is safe to show.
 pub(crate) fn literal_part(text: &str) -> String {
     let mut out = String::new();
     let mut index = 0;
     while index < text.len() {
         let rest = &text[index..];
-        if rest.starts_with("$${") {
-            out.push_str("$${");
-            index += 3;
+        if rest.starts_with("$$") {
+            out.push_str("$$");
+            index += 2;
         } else if let Some(close) = rest.strip_prefix("${").and_then(|inner| inner.find('}')) {
             index += close + 3;
         } else {
@@ -105,34 +146,49 @@ mod tests {
         }
     }
 
-    #[test]
-    fn replaces_references_and_keeps_the_rest() {
-        assert_eq!(
-            interpolate("Bearer ${TOKEN}!", &env),
-            Ok("Bearer s3cret!".to_owned())
-        );
-        assert_eq!(
-            interpolate("${TOKEN}${EMPTY}${TOKEN}", &env),
-            Ok("s3crets3cret".to_owned())
-        );
-        assert_eq!(
-            interpolate("cost: $5 and $HOME", &env),
-            Ok("cost: $5 and $HOME".to_owned())
-        );
-        assert_eq!(interpolate("é${TOKEN}é", &env), Ok("és3creté".to_owned()));
+    fn clean(text: &str) -> String {
+        let (value, errors) = interpolate(text, &env);
+        assert_eq!(errors, Vec::new(), "{text}");
+        value
     }
 
     #[test]
-    fn double_dollar_escapes_a_reference() {
+    fn replaces_references_and_keeps_the_rest() {
+        assert_eq!(clean("Bearer ${TOKEN}!"), "Bearer s3cret!");
+        assert_eq!(clean("${TOKEN}${EMPTY}${TOKEN}"), "s3crets3cret");
+        assert_eq!(clean("cost: $5, 100$ and $ alone"), "cost: $5, 100$ and $ alone");
+        assert_eq!(clean("é${TOKEN}é"), "és3creté");
+    }
+
+    #[test]
+    fn double_dollar_is_a_literal_dollar() {
+        assert_eq!(clean("$${TOKEN} is ${TOKEN}"), "${TOKEN} is s3cret");
+        assert_eq!(clean("$$HOME and a$$b"), "$HOME and a$b");
+    }
+
+    #[test]
+    fn unbraced_names_are_kept_and_reported() {
+        let (value, errors) = interpolate("x $HOME/$_y2-z", &env);
+        assert_eq!(value, "x $HOME/$_y2-z");
         assert_eq!(
-            interpolate("$${TOKEN} is ${TOKEN}", &env),
-            Ok("${TOKEN} is s3cret".to_owned())
+            errors,
+            vec![
+                InterpolationError::Unbraced { name: "HOME".to_owned(), at: 2..7 },
+                InterpolationError::Unbraced { name: "_y2".to_owned(), at: 8..12 },
+            ]
         );
+    }
+
+    #[test]
+    fn references_lists_the_names() {
+        assert_eq!(references("${A}-$${B}-${C}"), vec!["A", "C"]);
+        assert_eq!(references("plain"), Vec::<&str>::new());
     }
 
     #[test]
     fn reports_every_problem_with_its_range() {
-        let errors = interpolate("${NOPE} ${1BAD} ${TOKEN} ${OPEN", &env).unwrap_err();
+        let (value, errors) = interpolate("${NOPE} ${1BAD} ${TOKEN} ${OPEN", &env);
+        assert_eq!(value, "  s3cret ${OPEN");
         assert_eq!(
             errors,
             vec![
@@ -154,6 +210,7 @@ mod tests {
         assert_eq!(literal_part("${A}${B}"), "");
         assert_eq!(literal_part("x-${A}"), "x-");
         assert_eq!(literal_part("$${A}"), "$${A}");
+        assert_eq!(literal_part("$$"), "$$");
         assert_eq!(literal_part("plain"), "plain");
     }
 }

@@ -1,11 +1,11 @@
 //! The config room: `ciscale.yaml` → [`Desired`].
 //!
-//! Pipeline: parse the YAML with positions (`check::parse`) → walk it against the JSON schema of the raw types,
-//! reporting structural problems (`check`) → hash the document before interpolation (`config_hash`) →
-//! interpolate `${VAR}` from the environment (`interpolate`) → check meaning and build [`Desired`] (`validate`).
-//! Every stage reports all its problems, located, into one [`Diagnostics`]; only a YAML syntax error stops early.
-//! This module knows nothing of providers: names, numbers and durations are checked here, whether a Hetzner
-//! server type exists is not.
+//! Pipeline: find every duplicate key (`check::duplicate_keys`), parse the YAML with positions (`check::parse`) →
+//! walk it against the JSON schema of the raw types, reporting structural problems (`check`) → interpolate
+//! `${VAR}` from the environment (`interpolate`) → hash the document with its secrets masked (`config_hash`) →
+//! check meaning and build [`Desired`] (`validate`). Every stage reports all its problems, located, into one
+//! [`Diagnostics`]; only a YAML syntax error stops early. This module knows nothing of providers: names,
+//! numbers and durations are checked here, whether a Hetzner server type exists is not.
 
 mod check;
 mod diag;
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub use diag::{Diagnostics, Location, Problem, Span};
+pub use diag::{Diagnostics, Location, Problem, Severity, Span};
 
 use std::collections::BTreeMap;
 
@@ -28,8 +28,8 @@ use crate::simulate::models::Overrides;
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum ConfigError {
-    #[error("cannot read config `{path}`")]
-    #[diagnostic(help("pass the config with `-c FILE`"))]
+    /// The file could not be read; the message says why (missing, a directory, permission denied, ...).
+    #[error("cannot read config `{}`: {}", path.display(), io_reason(source))]
     Io {
         path: PathBuf,
         #[source]
@@ -48,43 +48,113 @@ impl ConfigError {
             ConfigError::Io { .. } => None,
         }
     }
+
+    /// What to do about an I/O error, when something can be said.
+    pub fn hint(&self) -> Option<String> {
+        let ConfigError::Io { path, source } = self else {
+            return None;
+        };
+        let shown = path.display();
+        match source.kind() {
+            std::io::ErrorKind::NotFound => Some(
+                "pass the config with `-c FILE` (or set `CISCALE_CONFIG`); `examples/` in the ciscale repository \
+                 has configs to start from, and `examples/fake.yaml` runs without any account"
+                    .to_owned(),
+            ),
+            std::io::ErrorKind::IsADirectory => {
+                Some(format!("`-c` takes the config file, not its folder: e.g. `-c {shown}/ciscale.yaml`"))
+            }
+            std::io::ErrorKind::PermissionDenied => Some(format!(
+                "the user ciscale runs as cannot read `{shown}`: give it read access (e.g. the file's group, \
+                 `chgrp ciscale {shown} && chmod 0640 {shown}`)"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// An I/O error's reason in the words of a message (lower-case, without Rust's `(os error N)`).
+fn io_reason(error: &std::io::Error) -> String {
+    let reason = match error.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_owned(),
+        std::io::ErrorKind::IsADirectory => "it is a directory".to_owned(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        std::io::ErrorKind::InvalidData => "it is not UTF-8 text".to_owned(),
+        _ => {
+            let text = error.to_string();
+            let text = text.split(" (os error").next().unwrap_or(&text).to_owned();
+            let mut chars = text.chars();
+            chars.next().map(|first| first.to_lowercase().chain(chars).collect()).unwrap_or(text)
+        }
+    };
+    reason
+}
+
+/// Whether the command that loads the config will use its secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Secrets {
+    /// `apply`, `watch`, `observe`, `provision`: a secret whose variable is unset or empty is an error.
+    #[default]
+    Needed,
+    /// `validate`, `plan --observed`: the values are never used, so an unset or empty one is only a warning (a
+    /// pull-request pipeline can validate and plan without production secrets).
+    Unused,
+}
+
+/// A valid config and what was worth a warning.
+#[derive(Debug)]
+pub struct Loaded {
+    pub desired: Desired,
+    /// Problems that did not make the config unusable for the command; `None` when there are none.
+    pub warnings: Option<Diagnostics>,
+    /// The backends' `simulation:` settings, by backend name (absent: the kind's defaults); read by
+    /// `ciscale simulate` only.
+    pub simulation: BTreeMap<BackendName, Overrides>,
 }
 
 /// Loads a config file; `${VAR}` references are read from the process environment. Relative paths in the config
-/// resolve against the file's folder.
+/// resolve against the file's folder. Secrets are [`Secrets::Needed`]; warnings are dropped.
 pub fn load_file(path: &Path) -> Result<Desired, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    load_str(&path.display().to_string(), &text, &|name| {
-        std::env::var(name).ok()
-    })
+    load_file_with(path, Secrets::Needed).map(|loaded| loaded.desired)
+}
+
+/// [`load_file`] for a command that says whether it needs the secrets, with the warnings.
+pub fn load_file_with(path: &Path, secrets: Secrets) -> Result<Loaded, ConfigError> {
+    let io = |source| ConfigError::Io { path: path.to_owned(), source };
+    // `read_to_string` of a folder fails with a platform-dependent error on some systems; ask first.
+    if path.is_dir() {
+        return Err(io(std::io::Error::from(std::io::ErrorKind::IsADirectory)));
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    load_str_with(&path.display().to_string(), &text, &|name| std::env::var(name).ok(), secrets)
 }
 
 /// Loads a config from text. `source_name` names the file in messages and is the base for relative paths (its
-/// folder); `env` answers `${VAR}` references.
+/// folder); `env` answers `${VAR}` references. Secrets are [`Secrets::Needed`]; warnings are dropped.
 pub fn load_str(
     source_name: &str,
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Desired, ConfigError> {
-    load_str_with_simulation(source_name, text, env).map(|loaded| loaded.desired)
+    load_str_with(source_name, text, env, Secrets::Needed).map(|loaded| loaded.desired)
 }
 
-/// A config with the parts only `ciscale simulate` reads.
-#[derive(Debug, Clone)]
-pub struct Loaded {
-    pub desired: Desired,
-    /// The backends' `simulation:` settings, by backend name (absent: the kind's defaults).
-    pub simulation: BTreeMap<BackendName, Overrides>,
-}
-
-/// [`load_str`], keeping the backends' `simulation:` settings.
+/// [`load_str`] for `ciscale simulate` and `trace synthetic`: nothing is called, so secrets are
+/// [`Secrets::Unused`]; the backends' `simulation:` settings are in [`Loaded::simulation`].
 pub fn load_str_with_simulation(
     source_name: &str,
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigError> {
+    load_str_with(source_name, text, env, Secrets::Unused)
+}
+
+/// [`load_str`] for a command that says whether it needs the secrets, with the warnings.
+pub fn load_str_with(
+    source_name: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
 ) -> Result<Loaded, ConfigError> {
     let src = diag::SourceMap::new(text);
     let mut problems = diag::Problems::new(source_name);
@@ -92,6 +162,7 @@ pub fn load_str_with_simulation(
         ConfigError::Invalid(Diagnostics::new(source_name, redacted, problems.list))
     };
 
+    check::duplicate_keys(&src, &mut problems);
     let Some(root) = check::parse(&src, &mut problems) else {
         return Err(invalid(problems, redact_unparsed(text)));
     };
@@ -99,8 +170,8 @@ pub fn load_str_with_simulation(
     let checked = check::check(&root, &schema, &src, &mut problems);
     let redacted = redact(text, &checked);
 
-    let config_hash = config_hash(&checked);
-    let document = interpolate_document(&checked, &src, env, &mut problems);
+    let document = interpolate_document(&checked, &src, env, secrets, &mut problems);
+    let config_hash = config_hash(&checked, &document);
 
     let base_dir = Path::new(source_name)
         .parent()
@@ -110,13 +181,18 @@ pub fn load_str_with_simulation(
         checked: &checked,
         document: &document,
         base_dir: &base_dir,
+        env,
         problems: &mut problems,
         simulation: BTreeMap::new(),
     };
     let desired = validator.validate(config_hash);
     let simulation = std::mem::take(&mut validator.simulation);
     match desired {
-        Some(desired) if problems.is_empty() => Ok(Loaded { desired, simulation }),
+        Some(desired) if problems.is_empty() => {
+            let warnings = problems.take_warnings();
+            let warnings = (!warnings.is_empty()).then(|| Diagnostics::new(source_name, redacted, warnings));
+            Ok(Loaded { desired, warnings, simulation })
+        }
         _ => {
             if problems.is_empty() {
                 problems.push(
@@ -227,11 +303,13 @@ fn redact_unparsed(text: &str) -> String {
     blank_spans(text, &spans)
 }
 
-/// `sha256:<hex>` of the canonical JSON (sorted keys, no whitespace) of the document before interpolation, with
-/// inline secrets replaced by a marker: comments, key order and formatting do not change it, and no secret value
-/// feeds it.
-fn config_hash(checked: &check::Checked) -> String {
-    let mut document = checked.document.clone();
+/// `sha256:<hex>` of the canonical JSON (sorted keys, no whitespace) of the interpolated document, with every
+/// secret as written (a `${VAR}` reference stays the reference, an inline secret becomes a marker): comments, key
+/// order and formatting do not change it, a changed non-secret variable (`server: ${CI_URL}`) does, and no secret
+/// value feeds it. A config without references in plain values hashes as it did before interpolation was
+/// covered, so plan files made then stay valid.
+fn config_hash(checked: &check::Checked, interpolated: &Value) -> String {
+    let mut document = interpolated.clone();
     // `simulation:` is read by `ciscale simulate` only: tuning a boot time must not make saved plans stale.
     if let Some(backends) = document.get_mut("backends").and_then(Value::as_object_mut) {
         for backend in backends.values_mut().filter_map(Value::as_object_mut) {
@@ -239,10 +317,13 @@ fn config_hash(checked: &check::Checked) -> String {
         }
     }
     for string in checked.strings.iter().filter(|string| string.secret) {
+        let written = checked.document.pointer(&string.pointer).and_then(Value::as_str).unwrap_or_default();
         if let Some(value) = document.pointer_mut(&string.pointer) {
-            if value.as_str().is_some_and(is_literal_secret) {
-                *value = Value::String("(secret)".to_owned());
-            }
+            *value = if is_literal_secret(written) {
+                Value::String("(secret)".to_owned())
+            } else {
+                Value::String(written.to_owned())
+            };
         }
     }
     let mut canonical = String::new();
@@ -284,11 +365,63 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
-/// The document with `${VAR}` replaced in every string value; each failed reference is reported at its place.
+/// What a secret field is for, in words for messages: `the API token of backend `hetzner``, plus what kind of
+/// credential it takes (for hints), from its JSON pointer.
+fn secret_role(checked: &check::Checked, pointer: &str) -> (String, Option<&'static str>) {
+    let parts: Vec<String> =
+        pointer.split('/').skip(1).map(|part| part.replace("~1", "/").replace("~0", "~")).collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let kind_of = |section: &str, name: &str| {
+        checked
+            .document
+            .pointer(&check::pointer(&[check::Seg::Key(section.to_owned()), check::Seg::Key(name.to_owned())]))
+            .and_then(|entry| entry.get("kind"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    match parts.as_slice() {
+        ["backends", name, "token"] => (
+            format!("the API token of backend `{name}`"),
+            (kind_of("backends", name) == "hcloud")
+                .then_some("a Hetzner Cloud project API token with read & write rights (Cloud Console → the project → Security → API tokens)"),
+        ),
+        ["ci", name, "token"] => (
+            format!("the admin token of ci source `{name}`"),
+            (kind_of("ci", name) == "woodpecker")
+                .then_some("a personal access token of a Woodpecker admin (the admin's user settings → personal access token)"),
+        ),
+        ["ci", name, "pat"] => (
+            format!("the PAT of ci source `{name}`"),
+            Some("an Azure DevOps personal access token with the scope Agent Pools (read & manage)"),
+        ),
+        ["ci", name, "agentPat"] => (
+            format!("the agent PAT of ci source `{name}`"),
+            Some("an Azure DevOps PAT scoped to Agent Pools (read & manage) only, which the agents register with"),
+        ),
+        ["pools", index, "agent", "secretEnv", key] => {
+            let pool = checked
+                .document
+                .pointer(&format!("/pools/{index}/name"))
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("pool #{index}"), |name| format!("pool `{name}`"));
+            (format!("`{key}` in the secret env of {pool}"), None)
+        }
+        _ => (format!("the secret at `{pointer}`"), None),
+    }
+}
+
+/// Where ciscale reads its environment from, for hints.
+const ENV_PLACES: &str = "ciscale's environment (`export`, systemd `EnvironmentFile`, compose `environment:`)";
+
+/// The document with `${VAR}` replaced in every string value; each problem is reported at its place. A secret
+/// the command does not need ([`Secrets::Unused`]) is only a warning when unset or empty; a plain value's
+/// reference is always needed (it shapes the plan and the config hash).
 fn interpolate_document(
     checked: &check::Checked,
     src: &diag::SourceMap<'_>,
     env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
     problems: &mut diag::Problems,
 ) -> Value {
     let mut document = checked.document.clone();
@@ -300,38 +433,110 @@ fn interpolate_document(
         else {
             continue;
         };
-        if !raw.contains('$') {
-            continue;
-        }
-        match interpolate::interpolate(raw, env) {
-            Ok(value) => {
-                if let Some(slot) = document.pointer_mut(&string.pointer) {
-                    *slot = Value::String(value);
-                }
-            }
-            Err(errors) => {
-                for error in errors {
-                    let (message, hint, range) = match error {
-                        interpolate::InterpolationError::Missing { name, at } => (
+        // Agents may legitimately get an empty secret variable; a credential ciscale itself uses may not.
+        let must_not_be_empty = string.secret && !string.pointer.contains("/secretEnv/");
+        let needed = !string.secret || secrets == Secrets::Needed;
+        let (value, errors) = if raw.contains('$') {
+            interpolate::interpolate(raw, env)
+        } else {
+            (raw.to_owned(), Vec::new())
+        };
+        let mut missing = false;
+        for error in errors {
+            let (severity_error, message, hint, range) = match error {
+                interpolate::InterpolationError::Missing { name, at } => {
+                    missing = true;
+                    if string.secret {
+                        let (role, credential) = secret_role(checked, &string.pointer);
+                        let wanted = credential.map(|what| format!(" to {what}")).unwrap_or_default();
+                        if needed {
+                            (
+                                true,
+                                format!("environment variable `{name}` is not set; it holds {role}"),
+                                format!("set `{name}`{wanted} in {ENV_PLACES}"),
+                                at,
+                            )
+                        } else {
+                            (
+                                false,
+                                format!("environment variable `{name}` is not set; it holds {role}"),
+                                format!(
+                                    "`validate` and `plan --observed` do not need it; `apply`, `watch` and `observe` \
+                                     do: set `{name}`{wanted} where they run"
+                                ),
+                                at,
+                            )
+                        }
+                    } else {
+                        (
+                            true,
                             format!("environment variable `{name}` is not set"),
-                            format!("export {name}=... or remove the reference"),
+                            format!("set `{name}` in {ENV_PLACES}, or write the value in place of `${{{name}}}`"),
                             at,
-                        ),
-                        interpolate::InterpolationError::InvalidName { name, at } => (
-                            format!("invalid variable name `{name}` in `${{{name}}}`"),
-                            "names are letters, digits and `_`, not starting with a digit"
+                        )
+                    }
+                }
+                interpolate::InterpolationError::InvalidName { name, at } => (
+                    true,
+                    format!("invalid variable name `{name}` in `${{{name}}}`"),
+                    "names are letters, digits and `_`, not starting with a digit".to_owned(),
+                    at,
+                ),
+                interpolate::InterpolationError::Unterminated { at } => (
+                    true,
+                    "unterminated `${` reference".to_owned(),
+                    "close it with `}`, or write `$${` for a literal `${`".to_owned(),
+                    at,
+                ),
+                interpolate::InterpolationError::Unbraced { name, at } => {
+                    if string.secret {
+                        // The name is not shown: in an inline secret it would be part of the secret's value.
+                        let (role, _) = secret_role(checked, &string.pointer);
+                        (
+                            true,
+                            format!("{role} holds a `$NAME` without braces, which is not read from the environment"),
+                            "write `${NAME}` to read the variable `NAME`, or `$$` for a `$` that belongs to the value"
                                 .to_owned(),
                             at,
-                        ),
-                        interpolate::InterpolationError::Unterminated { at } => (
-                            "unterminated `${` reference".to_owned(),
-                            "close it with `}`, or write `$${` for a literal `${`".to_owned(),
+                        )
+                    } else {
+                        (
+                            false,
+                            format!("`${name}` is not read from the environment; it stays the text `${name}`"),
+                            format!("write `${{{name}}}` to read the variable `{name}`, or `$${name}` to keep `${name}` as it is"),
                             at,
-                        ),
-                    };
-                    let span = reference_span(src, string.span, &raw[range]);
-                    problems.push(Some(span), message, Some(hint));
+                        )
+                    }
                 }
+            };
+            let span = reference_span(src, string.span, &raw[range]);
+            if severity_error {
+                problems.push(Some(span), message, Some(hint));
+            } else {
+                problems.warn(Some(span), message, Some(hint));
+            }
+        }
+        if must_not_be_empty && !missing && value.trim().is_empty() {
+            let (role, credential) = secret_role(checked, &string.pointer);
+            let names = interpolate::references(raw);
+            let message = match names.as_slice() {
+                [] => format!("{role} is empty"),
+                [name] => format!("{role} is empty: `{name}` is set but empty"),
+                _ => format!("{role} is empty: `{}` are set but empty", names.join("`, `")),
+            };
+            let hint = match credential {
+                Some(what) => format!("it takes {what}"),
+                None => "it needs a value".to_owned(),
+            };
+            if needed {
+                problems.push(Some(string.span), message, Some(hint));
+            } else {
+                problems.warn(Some(string.span), message, Some(hint));
+            }
+        }
+        if value != raw {
+            if let Some(slot) = document.pointer_mut(&string.pointer) {
+                *slot = Value::String(value);
             }
         }
     }
@@ -396,6 +601,36 @@ mod tests {
             load_str("a.yaml", &inline_a, &env).unwrap().config_hash,
             load_str("a.yaml", &inline_b, &env).unwrap().config_hash
         );
+    }
+
+    #[test]
+    fn hash_covers_interpolated_plain_values_but_no_secret() {
+        let with_url = MINIMAL.replace("https://ci", "\"${CI_URL}\"");
+        let env_a = |name: &str| Some(if name == "CI_URL" { "https://a".to_owned() } else { format!("a-{name}") });
+        let env_b = |name: &str| Some(if name == "CI_URL" { "https://b".to_owned() } else { format!("a-{name}") });
+        let env_c = |name: &str| Some(if name == "CI_URL" { "https://a".to_owned() } else { format!("c-{name}") });
+        let hash = |env: &dyn Fn(&str) -> Option<String>| load_str("a.yaml", &with_url, env).unwrap().config_hash;
+        assert_ne!(hash(&env_a), hash(&env_b), "a changed plain variable changes the hash");
+        assert_eq!(hash(&env_a), hash(&env_c), "changed secrets do not");
+        // Written inline or through a variable, the same plain value hashes the same.
+        let inline = MINIMAL.replace("https://ci", "https://a");
+        assert_eq!(load_str("a.yaml", &inline, &env_a).unwrap().config_hash, hash(&env_a));
+    }
+
+    #[test]
+    fn offline_loads_warn_about_unset_secrets_but_not_plain_values() {
+        let unset = |_: &str| None;
+        let loaded = load_str_with("a.yaml", MINIMAL, &unset, Secrets::Unused).expect("secrets are not needed");
+        let warnings = loaded.warnings.expect("warnings");
+        assert_eq!(warnings.problems().len(), 2, "{}", warnings.render_plain());
+        assert!(warnings.problems().iter().all(|problem| problem.severity == Severity::Warning));
+        assert!(load_str_with("a.yaml", MINIMAL, &unset, Secrets::Needed).is_err());
+        let plain = MINIMAL.replace("https://ci", "\"${CI_URL}\"");
+        let error = load_str_with("a.yaml", &plain, &unset, Secrets::Unused).unwrap_err();
+        let problems = error.diagnostics().unwrap().problems();
+        assert!(problems.iter().any(|p| p.severity == Severity::Error && p.message.contains("`CI_URL`")), "{problems:?}");
+        // Errors and warnings are reported together.
+        assert!(problems.iter().any(|p| p.severity == Severity::Warning), "{problems:?}");
     }
 
     #[test]

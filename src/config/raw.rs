@@ -12,6 +12,35 @@ use serde::Deserialize;
 
 use crate::model::{Billing, GoDuration};
 
+/// Most agents a pool may have (`min`, `max`, `minIdle`, `createBurst`). benches/plan.rs plans 100 pools of
+/// 10,000 instances each; no backend quota comes near that per pool, and a larger number is a typo that would make
+/// plans of gigabytes (`max: 4294967295` with demand did).
+pub const MAX_AGENTS: u32 = 10_000;
+/// Most jobs one agent runs at once: a machine running more is a typo, not a machine.
+pub const MAX_JOBS_PER_AGENT: u32 = 1_000;
+/// Longest run of failed creates a circuit breaker waits for: beyond it, stopping is no different from never
+/// stopping, which is spelled `0`.
+pub const MAX_BREAKER_THRESHOLD: u32 = 1_000;
+/// Most poll intervals `/healthz` stays healthy without a successful cycle: more is no health check at all.
+pub const MAX_UNHEALTHY_AFTER: u32 = 1_000;
+/// Most published versions of an image kept per alias: each one is a full root file system on the host.
+pub const MAX_IMAGE_KEEP: u32 = 100;
+
+/// Why a count has the upper bound it has, by its key (for the hint of a "too large" message).
+pub fn bound_reason(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "min" | "max" | "minIdle" | "createBurst" => {
+            "a pool has at most 10000 agents: ciscale is built and benchmarked for that, and a larger number is \
+             almost certainly a typo"
+        }
+        "jobsPerAgent" => "one agent runs at most 1000 jobs at once",
+        "breakerThreshold" => "after 1000 failed creates in a row, stopping is no different from never stopping: write `0` for that",
+        "unhealthyAfter" => "a health check that stays green for more than 1000 poll intervals without a cycle checks nothing",
+        "keep" => "each kept version is a full root file system on the host",
+        _ => return None,
+    })
+}
+
 /// A ciscale config: keeps self-hosted CI agents at the capacity their job queue needs.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -46,7 +75,7 @@ pub struct RawMetrics {
     pub listen: String,
     /// `/healthz` fails once no cycle has succeeded for this many poll intervals [3].
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_UNHEALTHY_AFTER))]
     pub unhealthy_after: Option<u32>,
 }
 
@@ -169,7 +198,7 @@ pub enum RawBackend {
         create_rate: Option<String>,
         /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
         #[serde(default)]
-        #[schemars(range(min = 1))]
+        #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
         /// What `ciscale simulate` assumes about this backend (every other command ignores it).
         #[serde(default)]
@@ -191,7 +220,7 @@ pub enum RawBackend {
         create_rate: Option<String>,
         /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
         #[serde(default)]
-        #[schemars(range(min = 1))]
+        #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
         /// What `ciscale simulate` assumes about this backend (every other command ignores it).
         #[serde(default)]
@@ -213,7 +242,7 @@ pub enum RawBackend {
         create_rate: Option<String>,
         /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
         #[serde(default)]
-        #[schemars(range(min = 1))]
+        #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
         /// What `ciscale simulate` assumes about this backend (every other command ignores it).
         #[serde(default)]
@@ -235,7 +264,7 @@ pub enum RawBackend {
         create_rate: Option<String>,
         /// Creates allowed back to back after a quiet spell [the rate's count]; needs `createRate`.
         #[serde(default)]
-        #[schemars(range(min = 1))]
+        #[schemars(range(min = 1, max = MAX_AGENTS))]
         create_burst: Option<u32>,
         /// What `ciscale simulate` assumes about this backend (every other command ignores it).
         #[serde(default)]
@@ -346,17 +375,19 @@ pub struct RawAgentRef {
 pub struct RawScale {
     /// Never fewer instances [0].
     #[serde(default)]
+    #[schemars(range(max = MAX_AGENTS))]
     pub min: Option<u32>,
     /// Never more instances, counting in-flight creates [1; start/stop pools: the number of instances].
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_AGENTS))]
     pub max: Option<u32>,
     /// Idle agents kept warm on top of the demand [0].
     #[serde(default)]
+    #[schemars(range(max = MAX_AGENTS))]
     pub min_idle: Option<u32>,
     /// Jobs one agent runs at once [1].
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_JOBS_PER_AGENT))]
     pub jobs_per_agent: Option<u32>,
     /// An agent idle this long is drained and removed [30m].
     #[serde(default)]
@@ -382,6 +413,7 @@ pub struct RawScale {
     /// `watch` stops creating in this pool after this many creates in a row failed (circuit breaker); 0 never
     /// stops [5].
     #[serde(default)]
+    #[schemars(range(max = MAX_BREAKER_THRESHOLD))]
     pub breaker_threshold: Option<u32>,
     /// How long the pool stops creating before one create is tried again [5m].
     #[serde(default)]
@@ -402,11 +434,13 @@ pub struct RawWindow {
     #[serde(default)]
     pub timezone: Option<String>,
     #[serde(default)]
+    #[schemars(range(max = MAX_AGENTS))]
     pub min: Option<u32>,
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_AGENTS))]
     pub max: Option<u32>,
     #[serde(default)]
+    #[schemars(range(max = MAX_AGENTS))]
     pub min_idle: Option<u32>,
 }
 
@@ -423,7 +457,7 @@ pub struct RawImage {
     pub scripts: Vec<String>,
     /// Published versions to keep [3].
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_IMAGE_KEEP))]
     pub keep: Option<u32>,
     /// URL of the CI agent tarball, given to the scripts as `AGENT_URL` (a host loopback URL is reachable from
     /// the builder through a proxy device).

@@ -19,6 +19,8 @@ use crate::model::{
     ScalePolicy, ScheduleWindow, Secret,
 };
 
+use crate::plan::MAX_OWNER_AND_POOL_LEN;
+
 const DEFAULT_POLL_INTERVAL: GoDuration = GoDuration::from_secs(10);
 const DEFAULT_IMAGE_KEEP: u32 = 3;
 
@@ -154,6 +156,9 @@ pub(crate) struct Validator<'a> {
     pub document: &'a Value,
     /// Folder relative paths in the config resolve against.
     pub base_dir: &'a Path,
+    /// The environment `${VAR}` came from; also asked for `HCLOUD_ENDPOINT`, which decides whether Hetzner's
+    /// request budget applies to the poll interval.
+    pub env: &'a dyn Fn(&str) -> Option<String>,
     pub problems: &'a mut Problems,
     /// Out: the backends' `simulation:` settings (only `ciscale simulate` reads them).
     pub simulation: BTreeMap<BackendName, Overrides>,
@@ -162,6 +167,82 @@ pub(crate) struct Validator<'a> {
 /// A key as a JSON pointer segment (`~` and `/` escaped).
 fn escape_pointer(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
+}
+
+/// The variable the hcloud backend reads its endpoint from when the config sets none (named here, not imported:
+/// this module knows nothing of providers).
+const HCLOUD_ENDPOINT_ENV: &str = "HCLOUD_ENDPOINT";
+
+/// The longest `pollInterval`: a daemon that looks less than once a day is a cron job.
+const MAX_POLL_INTERVAL: GoDuration = GoDuration::from_secs(24 * 3600);
+
+/// The shortest `pollInterval` a provider allows, and why. Only APIs with a budget to protect have a floor above
+/// a second; a provider served on loopback (a test server, a local proxy) is not spending that budget.
+struct PollFloor {
+    floor: GoDuration,
+    /// `backend `hetzner`` / `ci source `woodpecker``.
+    provider: String,
+    why: &'static str,
+}
+
+/// The fastest poll that makes sense at all: the in-memory fake (or a loopback server) has nothing to protect
+/// but the CPU.
+const LOOPBACK_POLL_FLOOR: GoDuration = GoDuration(std::time::Duration::from_millis(100));
+
+/// Whether a URL (or `host:port`) names this machine: `localhost`, `127.0.0.0/8` or `::1`.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(host, _)| host),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|address| address.is_loopback())
+}
+
+fn backend_poll_floor(name: &BackendName, kind: &BackendKind, env: &dyn Fn(&str) -> Option<String>) -> PollFloor {
+    let provider = format!("backend `{name}` ({})", kind.name());
+    let local = |floor: GoDuration, why| PollFloor { floor, provider: provider.clone(), why };
+    match kind {
+        BackendKind::Hcloud { endpoint, .. }
+            if !endpoint.clone().or_else(|| env(HCLOUD_ENDPOINT_ENV)).is_some_and(|url| is_loopback_url(&url)) =>
+        {
+            local(
+                GoDuration::from_secs(5),
+                "Hetzner allows 3600 API requests an hour per project and every cycle lists its servers: a 5s poll \
+                 spends 720 of them, leaving the rest for creates, deletes and other tools",
+            )
+        }
+        BackendKind::Aws { endpoint, .. } if !endpoint.as_deref().is_some_and(is_loopback_url) => local(
+            GoDuration::from_secs(1),
+            "EC2 throttles `DescribeInstances` per account and region (a bucket refilled at 20 requests a second, \
+             shared with every other tool), and every cycle makes one or two",
+        ),
+        BackendKind::Incus { .. } => local(
+            GoDuration::from_secs(1),
+            "Incus wakes `watch` at once when a container stops: the poll is only the safety net",
+        ),
+        _ => local(LOOPBACK_POLL_FLOOR, "nothing but this machine's CPU is spent on each cycle"),
+    }
+}
+
+fn ci_poll_floor(name: &CiName, kind: &CiKind) -> PollFloor {
+    let provider = format!("ci source `{name}` ({})", kind.name());
+    let local = |floor: GoDuration, why| PollFloor { floor, provider: provider.clone(), why };
+    match kind {
+        CiKind::Woodpecker { server, .. } if !is_loopback_url(server) => local(
+            GoDuration::from_secs(1),
+            "every cycle asks your Woodpecker server for its queue and its agents",
+        ),
+        CiKind::AzurePipelines { organization_url, .. } if !is_loopback_url(organization_url) => local(
+            GoDuration::from_secs(5),
+            "Azure DevOps throttles each identity by the load of its requests over 5-minute windows, and every \
+             cycle costs two calls per bound agent pool",
+        ),
+        _ => local(LOOPBACK_POLL_FLOOR, "nothing but this machine's CPU is spent on each cycle"),
+    }
 }
 
 impl Validator<'_> {
@@ -423,13 +504,6 @@ impl Validator<'_> {
             poll_raw.as_deref(),
             DEFAULT_POLL_INTERVAL,
         );
-        if let Some(interval) = poll_interval.filter(|interval| interval.0.is_zero()) {
-            self.problems.push(
-                self.value_span("/pollInterval"),
-                format!("`pollInterval` must be longer than {interval}"),
-                Some("write e.g. `10s`".to_owned()),
-            );
-        }
 
         // -- ci sources ---------------------------------------------------------------------------------------
         let ci_names = self.object_keys("/ci");
@@ -555,6 +629,10 @@ impl Validator<'_> {
             );
         }
 
+        if let Some(interval) = poll_interval {
+            self.check_poll_interval(interval, &ci, &backends);
+        }
+
         // -- pools --------------------------------------------------------------------------------------------
         let pool_count = self
             .document
@@ -667,6 +745,47 @@ impl Validator<'_> {
         })
     }
 
+    /// `pollInterval` within what every provider the config uses allows: the strictest floor is reported.
+    fn check_poll_interval(
+        &mut self,
+        interval: GoDuration,
+        ci: &BTreeMap<CiName, CiSourceSpec>,
+        backends: &BTreeMap<BackendName, BackendSpec>,
+    ) {
+        let span = self.value_span("/pollInterval");
+        if interval > MAX_POLL_INTERVAL {
+            self.problems.push(
+                span,
+                format!("`pollInterval` {interval} is too long: at most {MAX_POLL_INTERVAL}"),
+                Some("a daemon that looks less than once a day is a cron job: run `ciscale apply --auto-approve` from cron instead".to_owned()),
+            );
+            return;
+        }
+        let floors = backends
+            .iter()
+            .map(|(name, spec)| backend_poll_floor(name, &spec.kind, self.env))
+            .chain(ci.iter().map(|(name, spec)| ci_poll_floor(name, &spec.kind)));
+        let strictest = floors
+            .filter(|floor| interval < floor.floor)
+            .max_by(|a, b| a.floor.cmp(&b.floor).then_with(|| b.provider.cmp(&a.provider)));
+        let floor = match strictest {
+            Some(floor) => floor,
+            // Nothing named a floor above the interval; zero is never a poll interval.
+            None if interval.0.is_zero() => PollFloor {
+                floor: LOOPBACK_POLL_FLOOR,
+                provider: "any provider".to_owned(),
+                why: "a zero interval would poll without pause",
+            },
+            None => return,
+        };
+        let where_ = if span.is_some() { format!("`pollInterval` {interval}") } else { format!("the default `pollInterval` {interval}") };
+        self.problems.push(
+            span,
+            format!("{where_} is too short for {}: at least {}", floor.provider, floor.floor),
+            Some(format!("{}; write `pollInterval: {}` or longer", floor.why, floor.floor)),
+        );
+    }
+
     fn unknown_reference(
         &mut self,
         pointer: &str,
@@ -711,6 +830,25 @@ impl Validator<'_> {
                 format!("invalid pool name `{}`", raw.name),
                 Some(
                     "use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names"
+                        .to_owned(),
+                ),
+            );
+            ok = false;
+        }
+        // Instance (and agent) names are `{owner}-{pool}-{digest}-{n}` and must stay a valid hostname.
+        let owner = self.document.get("id").and_then(Value::as_str).unwrap_or_default();
+        let together = owner.len() + raw.name.len();
+        if is_valid_name(&raw.name) && together > MAX_OWNER_AND_POOL_LEN {
+            self.problems.push(
+                self.value_span(&format!("{pointer}/name")),
+                format!(
+                    "pool name `{}` is too long for owner id `{owner}`: together they have {together} characters, \
+                     at most {MAX_OWNER_AND_POOL_LEN} fit",
+                    raw.name
+                ),
+                Some(
+                    "instance names are `<id>-<pool>-<digest>-<n>` and must stay within the 63 characters of a \
+                     hostname: shorten the pool name or the id"
                         .to_owned(),
                 ),
             );
@@ -859,6 +997,32 @@ impl Validator<'_> {
         );
         let agent = raw.agent.clone().unwrap_or_default();
         let preregistered = self.preregistered(pointer, &place, &agent, &mode, scale.as_ref());
+        // Cloud backends boot `agent.image` from cloud-init, and its default is Woodpecker's agent: an Azure
+        // Pipelines pool there must name its own until CI sources carry their own launch defaults.
+        let azure_source = matches!(
+            ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind),
+            Some(CiKind::AzurePipelines { .. })
+        );
+        let cloud = backends
+            .get(&BackendName::new(raw.backend.name.clone()))
+            .filter(|backend| matches!(backend.kind, BackendKind::Hcloud { .. } | BackendKind::Aws { .. }));
+        if let Some(cloud) = cloud.filter(|_| azure_source && agent.image.is_none() && matches!(mode, InstanceMode::Create)) {
+            let span = self.key_span(&format!("{pointer}/agent")).or_else(|| self.value_span(&format!("{pointer}/name")));
+            self.problems.push(
+                span,
+                format!(
+                    "{place} runs Azure Pipelines agents on backend `{}` ({}) but sets no `agent.image`",
+                    raw.backend.name,
+                    cloud.kind.name()
+                ),
+                Some(
+                    "the default agent image is Woodpecker's: set `agent.image` to an Azure Pipelines agent container \
+                     image that registers itself from `AZP_URL`, `AZP_POOL`, `AZP_AGENT_NAME` and its token"
+                        .to_owned(),
+                ),
+            );
+            ok = false;
+        }
         let (Some(scale), true, Ok(preregistered)) = (scale, ok, preregistered) else {
             return None;
         };
@@ -1095,6 +1259,16 @@ mod tests {
             "1hour",
         ] {
             assert!(!is_go_form(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_urls_are_told_apart() {
+        for local in ["http://127.0.0.1:4000", "http://localhost/v1", "https://[::1]:8443/x", "127.0.0.2:9000", "http://u:p@localhost"] {
+            assert!(is_loopback_url(local), "{local}");
+        }
+        for remote in ["https://api.hetzner.cloud/v1", "https://dev.azure.com/acme", "http://10.0.0.1", "ci.example.com:9000", "http://localhost.example.com"] {
+            assert!(!is_loopback_url(remote), "{remote}");
         }
     }
 

@@ -194,9 +194,10 @@ fn owner_id(id: &str) -> String {
     }
 }
 
-/// A copied value must not be taken for a `${VAR}` reference by the config loader.
+/// A copied value must be read back as it is: the config loader reads `${VAR}` from the environment, flags
+/// `$VAR`, and reads `$$` as `$`.
 fn escape(value: &str) -> String {
-    value.replace("${", "$${")
+    value.replace('$', "$$")
 }
 
 fn insert(map: &mut Mapping, key: &str, value: &str) {
@@ -254,5 +255,6 @@ mod tests {
     #[test]
     fn copied_values_cannot_smuggle_references() {
         assert_eq!(escape("a${HOME}b"), "a$${HOME}b");
+        assert_eq!(escape("$HOME costs $5"), "$$HOME costs $$5");
     }
 }

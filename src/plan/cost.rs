@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::fasthash::FastMap;
-use super::policy::first_candidate;
+use super::machine::first_candidate;
 use super::{Action, Change, Cost, CostLine};
 use crate::model::{BackendName, Billing, Desired, Instance, InstanceId, InstanceState, Observed, Price};
 

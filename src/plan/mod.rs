@@ -4,92 +4,41 @@
 //! Apply only executes the changes it is given; it never branches on `reason`, which is for humans.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AgentId, BackendName, CiName, InstanceId, PoolName};
+use crate::model::{InFlight, PoolName};
+pub use crate::model::{Action, AgentTarget, InstanceTarget};
 
+mod capacity;
 mod cost;
+mod demand;
+mod digest;
 mod fasthash;
+mod index;
+mod machine;
 pub mod matching;
-mod policy;
+mod orphans;
+mod ownership;
+mod planner;
+mod pool;
+mod preconditions;
+mod records;
 pub mod render;
+#[cfg(test)]
+mod tests;
+mod text;
 
-pub use policy::{agent_hash, fingerprint, instance_name, plan};
+pub use digest::{agent_hash, fingerprint};
+pub use ownership::instance_name;
+pub use planner::plan;
+pub use preconditions::{preconditions, PreconditionFailed};
+pub use capacity::counts_towards_max;
+pub use ownership::{name_digest, parse_name, OwnedName, DIGEST_LEN, MAX_OWNER_AND_POOL_LEN};
 
 /// Version of the plan JSON / plan file format. Bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
-
-/// The small closed set of things apply can do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Action {
-    /// Register an agent, create an instance with its credential, start the agent.
-    Create,
-    /// Start a stopped instance (or resume a drained one): start → undrain.
-    Start,
-    /// Stop an instance whose agent is drained and idle: stop (the instance and its agent record stay).
-    Stop,
-    /// Tell the CI to give the agent no new jobs; the instance goes on a later cycle once idle.
-    Drain,
-    /// Delete an instance whose agent is drained and idle (or that has no agent): delete → deregister.
-    Delete,
-    /// Spec drift on an idle, drained agent: delete → deregister → create with the pool's current spec.
-    Replace,
-    /// Remove a CI agent record that has no instance.
-    Deregister,
-}
-
-impl Action {
-    pub fn symbol(self) -> &'static str {
-        match self {
-            Action::Create => "+",
-            Action::Start => ">",
-            Action::Stop => "<",
-            Action::Drain => "~",
-            Action::Delete => "-",
-            Action::Replace => "-/+",
-            Action::Deregister => "x",
-        }
-    }
-
-    pub fn verb(self) -> &'static str {
-        match self {
-            Action::Create => "create",
-            Action::Start => "start",
-            Action::Stop => "stop",
-            Action::Drain => "drain",
-            Action::Delete => "delete",
-            Action::Replace => "replace",
-            Action::Deregister => "deregister",
-        }
-    }
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.verb())
-    }
-}
-
-/// An instance a change acts on. `id` is `None` for an instance that does not exist yet.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct InstanceTarget {
-    pub backend: BackendName,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<InstanceId>,
-    pub name: String,
-}
-
-/// A CI agent record a change acts on.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct AgentTarget {
-    pub ci: CiName,
-    pub id: AgentId,
-    pub name: String,
-}
 
 /// One thing to do, with everything apply needs to do it (apply looks up secrets by `pool` in the config, and
 /// nothing else).
@@ -104,6 +53,9 @@ pub struct Change {
     pub agent: Option<AgentTarget>,
     /// For humans only.
     pub reason: String,
+    /// Why the change is planned, where something other than a human acts on it (see [`Cause`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
     /// Attributes now (empty for a create).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub before: BTreeMap<String, String>,
@@ -111,6 +63,31 @@ pub struct Change {
     /// with, keys `label.<k>` and `machine.<k>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub after: BTreeMap<String, String>,
+}
+
+/// A change's cause for machines, like Terraform's action reasons: `apply` checks a saved plan's change against
+/// it (a "never registered" agent must still not have registered) and the watch loop's circuit breaker counts
+/// bootstrap failures as failed creates. Only causes something acts on are named; `reason` says the rest for
+/// humans, and nothing ever branches on `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    /// The instance's agent never contacted the CI within the pool's `bootstrapTimeout` (a broken image, a bad
+    /// credential): the instance is removed (deleted, or stopped in start/stop mode).
+    BootstrapTimeout,
+}
+
+impl Change {
+    /// This change as work in flight since `since`, for [`crate::model::Observed::in_flight`].
+    pub fn in_flight(&self, since: Timestamp) -> InFlight {
+        InFlight {
+            pool: self.pool.clone(),
+            action: self.action,
+            instance: self.instance.clone(),
+            agent: self.agent.clone(),
+            since,
+        }
+    }
 }
 
 /// Per pool: the numbers the decision came from, shown above its changes.
@@ -174,12 +151,16 @@ pub struct Plan {
     pub ciscale_version: String,
     /// [`crate::model::Desired::config_hash`] of the config planned with.
     pub config_hash: String,
-    /// [`fingerprint`] of the observation planned from; apply refuses a plan file whose fingerprint no longer
-    /// matches a fresh observation.
+    /// [`fingerprint`] of the observation planned from. `apply PLANFILE` says when a fresh observation differs,
+    /// and checks each change's [`preconditions`] against it (it no longer refuses the whole plan).
     pub observed_fingerprint: String,
     pub planned_at: Timestamp,
     pub pools: Vec<PoolStatus>,
     pub changes: Vec<Change>,
+    /// Things worth knowing outside any configured pool: orphans kept and why, agent records that look like
+    /// ours but are not provably ours ("not ours, left alone").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub summary: Summary,
     pub cost: Cost,
 }

@@ -23,8 +23,9 @@ pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
 
     for status in &plan.pools {
         render_pool_header(&mut out, status);
+        let mut shown = Vec::new();
         for change in plan.changes.iter().filter(|change| change.pool == status.pool) {
-            render_change(&mut out, change, &painter);
+            render_change(&mut out, change, &painter, &mut shown);
         }
         for note in &status.notes {
             let _ = writeln!(out, "  note: {note}");
@@ -46,9 +47,18 @@ pub fn render_human(plan: &Plan, opts: &RenderOptions) -> String {
         } else {
             let _ = writeln!(out, "pool `{pool}` (not in the config):");
         }
+        let mut shown = Vec::new();
         for change in plan.changes.iter().filter(|change| change.pool.as_str() == pool) {
-            render_change(&mut out, change, &painter);
+            render_change(&mut out, change, &painter, &mut shown);
         }
+        out.push('\n');
+    }
+
+    // Outside every pool: orphans kept and why, records that only look like ours.
+    for note in &plan.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    if !plan.notes.is_empty() {
         out.push('\n');
     }
 
@@ -82,16 +92,24 @@ pub fn render_json(plan: &Plan) -> String {
     }
 }
 
+/// `pool `linux`: jobs 3 pending, 1 running; agents 2 active (1 busy, 1 idle), 4 desired`: which numbers count
+/// jobs and which count agents is said, not left to guess.
 fn render_pool_header(out: &mut String, status: &PoolStatus) {
     let window = status.window.as_ref().map(|window| format!(" (schedule `{window}`)")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "pool `{}`: {} pending, {} running; {} active ({} busy, {} idle); desired {}{window}",
+        "pool `{}`: jobs {} pending, {} running; agents {} active ({} busy, {} idle), {} desired{window}",
         status.pool, status.pending_jobs, status.running_jobs, status.active, status.busy, status.idle, status.desired
     );
 }
 
-fn render_change(out: &mut String, change: &Change, painter: &Painter) {
+/// The attribute block of a change already shown in this pool: (action, before, after) and the target it was
+/// shown for.
+type ShownBlock<'p> = (Action, &'p std::collections::BTreeMap<String, String>, &'p std::collections::BTreeMap<String, String>, String);
+
+/// One change: its line, then its attribute diff, unless an earlier change of the same pool had the very same
+/// one (ten creates of one pool are ten lines and one block, not ten identical blocks).
+fn render_change<'p>(out: &mut String, change: &'p Change, painter: &Painter, shown: &mut Vec<ShownBlock<'p>>) {
     let symbol = change.action.symbol();
     let _ = writeln!(
         out,
@@ -104,6 +122,14 @@ fn render_change(out: &mut String, change: &Change, painter: &Painter) {
     if change.before.is_empty() && change.after.is_empty() {
         return;
     }
+    let same = shown
+        .iter()
+        .find(|(action, before, after, _)| *action == change.action && **before == change.before && **after == change.after);
+    if let Some((_, _, _, first)) = same {
+        let _ = writeln!(out, "        (attributes as for {first})");
+        return;
+    }
+    shown.push((change.action, &change.before, &change.after, short_target(change)));
     let lines = |map: &std::collections::BTreeMap<String, String>| {
         map.iter().map(|(key, value)| format!("{key} = {value}\n")).collect::<String>()
     };
@@ -117,6 +143,15 @@ fn render_change(out: &mut String, change: &Change, painter: &Painter) {
         };
         let text = format!("{sign} {}", line.value().trim_end_matches('\n'));
         let _ = writeln!(out, "        {}", painter.paint(style, &text));
+    }
+}
+
+/// The name a change's target goes by in a back reference.
+fn short_target(change: &Change) -> String {
+    match (&change.instance, &change.agent) {
+        (Some(instance), _) => instance.name.clone(),
+        (None, Some(agent)) => format!("agent {}", agent.name),
+        (None, None) => "(nothing)".to_owned(),
     }
 }
 
@@ -217,6 +252,7 @@ mod tests {
             pools: Vec::new(),
             summary: Summary { delete: changes.len() as u32, ..Summary::default() },
             changes,
+            notes: Vec::new(),
             cost: Cost { hourly, unpriced_before: 0, unpriced_after: 0 },
         }
     }
@@ -232,6 +268,7 @@ mod tests {
             }),
             agent: None,
             reason: "orphan".into(),
+            cause: None,
             before: [("serverType".to_owned(), "cx22".to_owned())].into(),
             after: BTreeMap::new(),
         }
@@ -247,6 +284,25 @@ mod tests {
         assert!(plain.contains("pool `gone` (not in the config):"));
         assert!(plain.contains("        - serverType = cx22\n"));
         assert!(plain.contains("Plan: 0 to create, 0 to start, 0 to stop, 1 to delete.\nCost: unknown\n"));
+    }
+
+    #[test]
+    fn identical_attribute_blocks_of_a_pool_are_shown_once() {
+        let create = |name: &str, server_type: &str| Change {
+            pool: "gone".into(),
+            action: Action::Create,
+            instance: Some(InstanceTarget { backend: BackendName::new("cloud"), id: None, name: name.into() }),
+            agent: None,
+            reason: "demand".into(),
+            before: BTreeMap::new(),
+            after: [("machine.serverType".to_owned(), server_type.to_owned())].into(),
+            cause: None,
+        };
+        let plan = sample(vec![create("a-1", "cx22"), create("a-2", "cx22"), create("a-3", "cx32")], BTreeMap::new());
+        let text = render_human(&plan, &RenderOptions::default());
+        assert_eq!(text.matches("+ machine.serverType = cx22").count(), 1, "{text}");
+        assert!(text.contains("create a-2 (new in cloud): demand\n        (attributes as for a-1)\n"), "{text}");
+        assert!(text.contains("+ machine.serverType = cx32"), "a different block is shown: {text}");
     }
 
     #[test]

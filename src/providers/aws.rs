@@ -12,8 +12,16 @@
 //!   the two sets cannot be asked for in one call). Terminated instances stay listed while EC2 shows them; the
 //!   planner ignores them, and seeing them keeps their names from being reused too soon.
 //! - create: one `DescribeInstances` (create-if-absent by `Name` tag), then `RunInstances` per candidate until
-//!   one has capacity. start/stop/delete: one call each (plus a `DescribeInstances` when EC2 answers
+//!   one has capacity, each with a deterministic client token (see [`client_token`]): a retry after a crash or a
+//!   lost answer gets the instance the first try launched. A token that EC2 remembers from an earlier life of the
+//!   name costs one more `RunInstances` (and, when EC2 answers `IdempotentParameterMismatch`, a
+//!   `DescribeInstances`). start/stop/delete: one call each (plus a `DescribeInstances` when EC2 answers
 //!   `IncorrectInstanceState`, to say why).
+//!
+//! # User data
+//! The bootstrap payload apply hands over (the cloud-init document of `apply::cloud_init`, which holds the agent's
+//! env file) is sent as it is, base64-encoded. It stays readable through the instance metadata service for as
+//! long as the instance lives; the cloud-init blocks that address for the build containers.
 //!
 //! # Machine keys (`backend.machine` of a pool)
 //! `instanceType` (comma list: fallback order), `ami` (or `imageId`), `subnetId`, `securityGroupIds` (comma
@@ -41,7 +49,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::{Backend, Capabilities, CreateInstance, Error, ListInstances, Result};
-use crate::apply::{AGENT_COMMAND, CREDENTIAL_PATH};
 use crate::model::{BackendObservation, Instance, InstanceId, InstanceState, OWNER_LABEL, POOL_LABEL};
 
 const PROVIDER: &str = "aws";
@@ -114,8 +121,8 @@ impl Ec2 {
             .await
     }
 
-    /// Every instance matching `filters` (or with one of `ids`), all pages.
-    async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<Instance>> {
+    /// Every instance matching `filters`, all pages, as EC2 describes them.
+    async fn describe_raw(&self, filters: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
         let client = self.client().await?;
         let mut pages = client
             .describe_instances()
@@ -126,10 +133,15 @@ impl Ec2 {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|error| classify(error, "DescribeInstances", None))?;
             for reservation in page.reservations() {
-                instances.extend(reservation.instances().iter().filter_map(to_instance));
+                instances.extend(reservation.instances().iter().cloned());
             }
         }
         Ok(instances)
+    }
+
+    /// Every instance matching `filters`, all pages.
+    async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<Instance>> {
+        Ok(self.describe_raw(filters).await?.iter().filter_map(to_instance).collect())
     }
 
     /// The live (not terminated) instances of `owner` named `name`.
@@ -142,13 +154,91 @@ impl Ec2 {
         self.describe(filters).await
     }
 
-    /// One `RunInstances` attempt.
+    /// The instance of `owner` named `name` that was launched with `token`, in any state; `None` when EC2 lists
+    /// none. EC2's listings are eventually consistent: an instance launched a moment ago (by a try that crashed
+    /// before it heard the answer) may be missing from the first look, so an empty answer is asked again a few
+    /// times before it counts. The owner and `Name` tags filter rather than EC2's `client-token` filter: the tags
+    /// are set in the launch call itself, so they find the same instances, and emulators (moto) lack that filter.
+    async fn instance_of_token(&self, owner: &str, name: &str, token: &str) -> Result<Option<Instance>> {
+        for look in 1..=TOKEN_LOOKS {
+            let filters = vec![
+                filter(&format!("tag:{OWNER_LABEL}"), [owner]),
+                filter(&format!("tag:{NAME_TAG}"), [name]),
+            ];
+            let found = self
+                .describe_raw(filters)
+                .await?
+                .iter()
+                .filter(|instance| instance.client_token() == Some(token))
+                .find_map(to_instance);
+            if found.is_some() || look == TOKEN_LOOKS {
+                return Ok(found);
+            }
+            tokio::time::sleep(TOKEN_LOOK_INTERVAL).await;
+        }
+        Ok(None)
+    }
+
+    /// Launches `request` as `candidate`, or finds the instance an earlier try of the same create launched.
+    ///
+    /// The client tokens of a candidate are tried in order (see [`client_token`]) until one launches or answers
+    /// with a live instance. A token answers in one of three ways:
+    /// - a launch, or a replay of the instance an earlier try launched with the same parameters: live, so it is
+    ///   this create's instance;
+    /// - a replay of a terminated instance: an earlier life of this name used the token; the next one is tried;
+    /// - `IdempotentParameterMismatch`: the token was used with other parameters, typically other user data (a
+    ///   retry re-registers the agent, which may get a fresh credential). The instance launched with it decides:
+    ///   live, it is this create's (the planner never creates a name that is live); terminated or gone, the next
+    ///   token is tried.
+    async fn launch(
+        &self,
+        request: &CreateInstance,
+        owner: &str,
+        spec: &LaunchSpec,
+        candidate: &Attempt<'_>,
+        day: i64,
+    ) -> Result<Instance> {
+        for generation in 0..=MAX_GENERATIONS {
+            let token = client_token(request, candidate, generation, day);
+            match self.run_instance(request, spec, candidate, &token).await? {
+                RunAnswer::Instance(instance) if !is_gone(instance.state) => return Ok(instance),
+                RunAnswer::Instance(instance) => {
+                    tracing::debug!(instance = %instance.id, generation, "client token replayed a terminated instance");
+                }
+                RunAnswer::TokenMismatch => match self.instance_of_token(owner, &request.name, &token).await? {
+                    Some(instance) if !is_gone(instance.state) => {
+                        tracing::info!(
+                            instance = %instance.id,
+                            "an earlier try of this create launched the instance (with other user data): taking it over"
+                        );
+                        return Ok(labelled(instance, request));
+                    }
+                    _ => tracing::debug!(generation, "client token belongs to an earlier life of this name"),
+                },
+            }
+        }
+        // Not worth retrying today: every further try would walk the same spent tokens.
+        Err(Error::Other {
+            provider: PROVIDER.to_owned(),
+            source: format!(
+                "`{}` was launched {} times today already: EC2 still remembers every client token this create could \
+                 use\nhint: it can be created again tomorrow (UTC); a pool that replaces its instances this often may \
+                 need a larger `max` or a longer `idleTimeout`",
+                request.name,
+                MAX_GENERATIONS + 1
+            )
+            .into(),
+        })
+    }
+
+    /// One `RunInstances` call with `token`.
     async fn run_instance(
         &self,
         request: &CreateInstance,
         spec: &LaunchSpec,
         attempt: &Attempt<'_>,
-    ) -> Result<Instance> {
+        token: &str,
+    ) -> Result<RunAnswer> {
         let client = self.client().await?;
         let tags: Vec<Tag> = request
             .labels
@@ -172,7 +262,7 @@ impl Ec2 {
             .run_instances()
             .min_count(1)
             .max_count(1)
-            .client_token(client_token(request, attempt))
+            .client_token(token)
             .set_tag_specifications(Some(tag_specs))
             .set_image_id(spec.ami.clone())
             .set_subnet_id(spec.subnet_id.clone())
@@ -205,12 +295,14 @@ impl Ec2 {
             );
         }
         if let Some(user_data) = &request.user_data {
-            call = call.user_data(base64(user_data_script(user_data.expose()).as_bytes()));
+            // Sent as it is: apply hands over the whole cloud-init document (see `apply::cloud_init`).
+            call = call.user_data(aws_smithy_types::base64::encode(user_data.expose()));
         }
-        let output = call
-            .send()
-            .await
-            .map_err(|error| classify(error, "RunInstances", None))?;
+        let output = match call.send().await {
+            Ok(output) => output,
+            Err(error) if error.code() == Some(IDEMPOTENT_PARAMETER_MISMATCH) => return Ok(RunAnswer::TokenMismatch),
+            Err(error) => return Err(classify(error, "RunInstances", None)),
+        };
         let created = output
             .instances()
             .first()
@@ -219,18 +311,7 @@ impl Ec2 {
                 provider: PROVIDER.to_owned(),
                 source: format!("`RunInstances` for `{}` returned no instance", request.name).into(),
             })?;
-        // Some EC2 answers (and emulators) leave the tags out of the RunInstances response: they were requested,
-        // so report them.
-        let mut created = created;
-        for (key, value) in &request.labels {
-            created.labels.entry(key.clone()).or_insert_with(|| value.clone());
-        }
-        created
-            .labels
-            .entry(NAME_TAG.to_owned())
-            .or_insert_with(|| request.name.clone());
-        created.name = request.name.clone();
-        Ok(created)
+        Ok(RunAnswer::Instance(labelled(created, request)))
     }
 
     /// After `IncorrectInstanceState`: what state the instance is in, to decide whether the call is done anyway.
@@ -300,40 +381,27 @@ impl Backend for Ec2 {
             });
         }
 
+        // The UTC day scopes the client tokens after the first (see `client_token`); read once, so a create that
+        // runs over midnight keeps one sequence.
+        let day = Timestamp::now().as_second().div_euclid(SECONDS_PER_DAY);
         let mut refusals = Vec::new();
-        for attempt in spec.attempts() {
-            // A ClientToken EC2 remembers from an earlier life of this name (since terminated) replays that dead
-            // instance: the next generation's token creates a fresh one.
-            for generation in 0..3u32 {
-                let attempt = Attempt { generation, ..attempt };
-                match self.run_instance(request, &spec, &attempt).await {
-                    Ok(instance) if matches!(instance.state, InstanceState::Terminated | InstanceState::Deleting) => {
-                        tracing::debug!(instance = %instance.id, "client token replayed a terminated instance");
-                    }
-                    Ok(instance) => return Ok(instance),
-                    Err(Error::Capacity { message, .. }) => {
-                        tracing::info!(candidate = %attempt, %message, "no capacity, trying the next candidate");
-                        refusals.push(format!("{attempt}: {message}"));
-                        break;
-                    }
-                    Err(error) => return Err(error),
+        for candidate in spec.attempts() {
+            match self.launch(request, owner, &spec, &candidate, day).await {
+                Ok(instance) => return Ok(instance),
+                Err(Error::Capacity { message, .. }) => {
+                    tracing::info!(%candidate, %message, "no capacity, trying the next candidate");
+                    refusals.push(format!("{candidate}: {message}"));
                 }
+                Err(error) => return Err(error),
             }
         }
         Err(Error::Capacity {
             provider: PROVIDER.to_owned(),
-            message: if refusals.is_empty() {
-                format!(
-                    "every `RunInstances` for `{}` replayed a terminated instance",
-                    request.name
-                )
-            } else {
-                format!(
-                    "no candidate for `{}` could be launched: {}",
-                    request.name,
-                    refusals.join("; ")
-                )
-            },
+            message: format!(
+                "no candidate for `{}` could be launched: {}",
+                request.name,
+                refusals.join("; ")
+            ),
         })
     }
 
@@ -625,11 +693,7 @@ impl LaunchSpec {
         markets
             .iter()
             .flat_map(|&spot| {
-                types.iter().map(move |&instance_type| Attempt {
-                    instance_type,
-                    spot,
-                    generation: 0,
-                })
+                types.iter().map(move |&instance_type| Attempt { instance_type, spot })
             })
             .collect()
     }
@@ -640,7 +704,6 @@ impl LaunchSpec {
 struct Attempt<'spec> {
     instance_type: Option<&'spec str>,
     spot: bool,
-    generation: u32,
 }
 
 impl fmt::Display for Attempt<'_> {
@@ -650,62 +713,75 @@ impl fmt::Display for Attempt<'_> {
     }
 }
 
-/// A deterministic `ClientToken` (≤ 64 chars): a create retried after a lost response or a crash sends the same
-/// token, and EC2 answers with the instance the first one launched instead of launching a second. Each candidate
-/// gets its own token (EC2 refuses a token reused with other parameters).
-fn client_token(request: &CreateInstance, attempt: &Attempt<'_>) -> String {
+/// What one `RunInstances` answered, as far as [`Ec2::launch`] cares.
+enum RunAnswer {
+    /// A fresh launch, or the replay of the instance this token launched before (in whatever state it is now).
+    Instance(Instance),
+    /// The token was used before with other parameters.
+    TokenMismatch,
+}
+
+/// EC2's answer to a client token reused with other parameters.
+const IDEMPOTENT_PARAMETER_MISMATCH: &str = "IdempotentParameterMismatch";
+/// Client tokens a create may use per candidate and UTC day after the day-less first one (see [`client_token`]).
+/// EC2 lists a terminated instance for about an hour and the planner does not reuse a name while it is listed, so
+/// a name lives at most about 24 times a day.
+const MAX_GENERATIONS: u32 = 48;
+/// Looks at the listing for the instance of a mismatched token, and the pause between them: long enough for EC2's
+/// eventually consistent listing to show an instance launched a moment ago, short for a path that is rare.
+const TOKEN_LOOKS: u32 = 3;
+const TOKEN_LOOK_INTERVAL: Duration = Duration::from_millis(1500);
+const SECONDS_PER_DAY: i64 = 86_400;
+
+/// Terminated or on its way there: no longer an instance of this name.
+fn is_gone(state: InstanceState) -> bool {
+    matches!(state, InstanceState::Terminated | InstanceState::Deleting)
+}
+
+/// `instance` named and labelled as `request` asked: some EC2 answers (and emulators) leave the tags out of the
+/// `RunInstances` response, but they were set in the same call.
+fn labelled(mut instance: Instance, request: &CreateInstance) -> Instance {
+    for (key, value) in &request.labels {
+        instance.labels.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    instance
+        .labels
+        .entry(NAME_TAG.to_owned())
+        .or_insert_with(|| request.name.clone());
+    instance.name = request.name.clone();
+    instance
+}
+
+/// The `generation`-th `ClientToken` (≤ 64 chars) of a create as `candidate`: a create retried after a lost
+/// response or a crash sends the same tokens in the same order, and EC2 answers with the instance the first try
+/// launched instead of launching a second. EC2 remembers a token long after its instance is gone (at least a day
+/// after termination), so a token must also tell a later life of the same name from a retry:
+/// - every token covers owner, pool, name and candidate (EC2 refuses a token reused with other parameters, and
+///   each candidate is a request of its own) and the create's [`CreateInstance::attempt`] (the agent record's id,
+///   new for each life with most CIs);
+/// - where the attempt does not change between lives (a pre-registered agent, an Azure agent before it first
+///   registered), generation 0 belongs to an earlier life and the next ones are tried; those are scoped to the UTC
+///   day, so a name reused all week walks at most the tokens of one day.
+///
+/// Generation 0 has no day in it: a retry of a create whose attempt is new is idempotent whenever it comes.
+fn client_token(request: &CreateInstance, candidate: &Attempt<'_>, generation: u32, day: i64) -> String {
     let owner = request.labels.get(OWNER_LABEL).map(String::as_str).unwrap_or_default();
     let mut hasher = Sha256::new();
+    let scope = if generation == 0 { String::new() } else { format!("{day}/{generation}") };
     for part in [
         owner,
         request.pool.as_str(),
         request.name.as_str(),
-        attempt.instance_type.unwrap_or("-"),
-        if attempt.spot { "spot" } else { "on-demand" },
-        &attempt.generation.to_string(),
+        candidate.instance_type.unwrap_or("-"),
+        if candidate.spot { "spot" } else { "on-demand" },
+        request.attempt.as_deref().unwrap_or("-"),
+        &scope,
     ] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
     let digest: String = hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect();
     format!("ciscale-{}", &digest[..48])
-}
-
-/// The user data EC2 runs at first boot. A payload that is already a script or cloud-config goes as it is;
-/// ciscale's env file (the agent's credential and settings) is wrapped in a script that writes it root-only to
-/// the credential path and starts the agent wrapper the AMI provides.
-fn user_data_script(payload: &str) -> String {
-    if payload.starts_with("#!") || payload.starts_with("#cloud-config") {
-        return payload.to_owned();
-    }
-    let dir = CREDENTIAL_PATH.rsplit_once('/').map_or("/run", |(dir, _)| dir);
-    format!(
-        "#!/bin/sh\n# written by ciscale: the agent's environment, readable by root only\nset -eu\numask 077\nmkdir -p \
-         {dir}\ncat > {CREDENTIAL_PATH} <<'CISCALE_AGENT_ENV_EOF'\n{payload}CISCALE_AGENT_ENV_EOF\nchmod 0400 \
-         {CREDENTIAL_PATH}\nif [ -x {AGENT_COMMAND} ]; then {AGENT_COMMAND} & fi\n"
-    )
-}
-
-/// Standard base64 with padding (what EC2 wants for `UserData`).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (index, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if index <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -928,5 +1004,55 @@ fn classify_code(
     Error::Invalid {
         provider,
         message: text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PoolName;
+
+    fn request(attempt: Option<&str>) -> CreateInstance {
+        CreateInstance {
+            name: "acme-linux-1".to_owned(),
+            pool: PoolName::new("linux"),
+            labels: BTreeMap::from([(OWNER_LABEL.to_owned(), "acme".to_owned())]),
+            machine: BTreeMap::new(),
+            user_data: None,
+            attempt: attempt.map(str::to_owned),
+        }
+    }
+
+    const ON_DEMAND: Attempt<'static> = Attempt { instance_type: Some("t3.micro"), spot: false };
+    const DAY: i64 = 20_000;
+
+    #[test]
+    fn a_retry_sends_the_same_tokens_in_the_same_order() {
+        let first: Vec<String> = (0..4).map(|g| client_token(&request(Some("7")), &ON_DEMAND, g, DAY)).collect();
+        let retry: Vec<String> = (0..4).map(|g| client_token(&request(Some("7")), &ON_DEMAND, g, DAY)).collect();
+        assert_eq!(first, retry);
+        let distinct: BTreeSet<&String> = first.iter().collect();
+        assert_eq!(distinct.len(), 4, "each generation has its own token: {first:?}");
+        assert!(first.iter().all(|token| token.len() <= 64 && token.is_ascii()), "{first:?}");
+    }
+
+    #[test]
+    fn a_new_agent_record_or_candidate_gets_new_tokens() {
+        let life_one = client_token(&request(Some("7")), &ON_DEMAND, 0, DAY);
+        assert_ne!(life_one, client_token(&request(Some("8")), &ON_DEMAND, 0, DAY), "a later life of the name");
+        assert_ne!(life_one, client_token(&request(None), &ON_DEMAND, 0, DAY));
+        let spot = Attempt { spot: true, ..ON_DEMAND };
+        assert_ne!(life_one, client_token(&request(Some("7")), &spot, 0, DAY), "another market");
+        let other_type = Attempt { instance_type: Some("t3.large"), ..ON_DEMAND };
+        assert_ne!(life_one, client_token(&request(Some("7")), &other_type, 0, DAY), "another type");
+    }
+
+    #[test]
+    fn only_the_tokens_after_the_first_depend_on_the_day() {
+        let today = |g| client_token(&request(Some("7")), &ON_DEMAND, g, DAY);
+        let tomorrow = |g| client_token(&request(Some("7")), &ON_DEMAND, g, DAY + 1);
+        assert_eq!(today(0), tomorrow(0), "a retry over midnight still finds its first token");
+        assert_ne!(today(1), tomorrow(1));
+        assert_ne!(today(2), tomorrow(2));
     }
 }

@@ -19,6 +19,7 @@ use crate::model::{
 pub mod aws;
 pub mod azure_pipelines;
 pub mod fake;
+pub mod forgejo;
 pub mod hcloud;
 pub(crate) mod http;
 pub mod incus;
@@ -71,6 +72,11 @@ pub struct CreateInstance {
     pub machine: BTreeMap<String, String>,
     /// Bootstrap payload (cloud-init user data etc.); may hold the agent's credential.
     pub user_data: Option<Secret>,
+    /// Tells a retry of this create from a later life of the same name: the same value when the create is tried
+    /// again (after a crash or a lost response), a new one for a new life where the caller can tell. Apply passes
+    /// the id of the instance's CI agent record, which a retry finds again and a later life registers anew.
+    /// Backends whose create takes an idempotency token (EC2's `ClientToken`) fold it in; others ignore it.
+    pub attempt: Option<String>,
 }
 
 /// Which instances one list call should return.
@@ -167,6 +173,31 @@ pub struct RegisterAgent {
     pub name: String,
     pub pool: PoolName,
     pub labels: BTreeMap<String, String>,
+    /// The one queued job the agent is made for, as the CI names it in its queue, for a CI whose agents are
+    /// bound to a job at registration ([`CiCapabilities::job_bound`]; Forgejo: the job's `handle`, which
+    /// `forgejo-runner one-job --handle` takes, found in the task label
+    /// [`forgejo::HANDLE_LABEL`](crate::providers::forgejo::HANDLE_LABEL)). `None`: any job the agent's labels
+    /// match. Sources without the capability ignore it.
+    pub for_job: Option<String>,
+}
+
+/// What a CI source can do beyond the required set. The planner and apply decide on these, never on the kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CiCapabilities {
+    /// `drain`/`undrain` work: the CI can be told to hand an agent no new jobs (Woodpecker `no_schedule`, Azure
+    /// disabled). Without it they return [`Error::Unsupported`], and an agent is only removed when it is idle.
+    pub drain: bool,
+    /// Every agent runs one job and is then gone: the CI removes its record (Forgejo ephemeral runners), so a
+    /// finished agent is replaced rather than reused.
+    pub single_job: bool,
+    /// `register` can bind the new agent to one queued job ([`RegisterAgent::for_job`]): the CI hands that
+    /// agent that job and no other, so demand is met by one agent per waiting job.
+    pub job_bound: bool,
+}
+
+impl CiCapabilities {
+    /// What Woodpecker and Azure Pipelines agents are: long-lived, drainable, taking any matching job.
+    pub const LONG_LIVED: CiCapabilities = CiCapabilities { drain: true, single_job: false, job_bound: false };
 }
 
 /// Which past jobs [`CiSource::history`] returns: those queued in `[from, until)`.
@@ -200,12 +231,16 @@ pub struct PastJob {
 /// - `observe` returns the queue and every agent in as few calls as the API allows.
 /// - `register` is create-if-absent by name: registering an existing name returns that agent with a fresh
 ///   credential where the CI allows it.
-/// - `drain`/`undrain` are idempotent; `deregister` of a missing agent returns [`Error::NotFound`].
+/// - `drain`/`undrain` are idempotent where [`CiCapabilities::drain`] says so, else [`Error::Unsupported`];
+///   `deregister` of a missing agent returns [`Error::NotFound`].
 /// - `history` (optional: [`Error::Unsupported`] by default) returns the jobs queued in the request's window,
 ///   oldest first, as far as the CI keeps them; it is read once by `ciscale trace export`, never by a cycle.
 #[async_trait]
 pub trait CiSource: Send + Sync + Debug {
     fn kind(&self) -> &'static str;
+    fn capabilities(&self) -> CiCapabilities {
+        CiCapabilities::LONG_LIVED
+    }
     async fn observe(&self) -> Result<CiObservation>;
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential>;
     async fn drain(&self, id: &AgentId) -> Result<()>;

@@ -16,7 +16,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use super::http::{self, error_chain, retry_after, ErrorAnswer};
+use super::http::{self, retry_after, ErrorAnswer};
 use super::{AgentCredential, CiSource, Error, RegisterAgent, Result};
 use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
 
@@ -246,6 +246,7 @@ impl CiSource for Woodpecker {
                     last_contact: unix_time(agent.last_contact),
                     last_work: unix_time(agent.last_work),
                     labels: agent.custom_labels.unwrap_or_default(),
+                    created_at: unix_time(agent.created),
                 }
             })
             .collect();
@@ -370,6 +371,10 @@ struct WireAgent {
     last_contact: Option<i64>,
     #[serde(default)]
     last_work: Option<i64>,
+    /// Unix seconds; the spec marks no field required, and a server that leaves it out loses nothing but the
+    /// "create in flight" window of a record without an instance (the planner falls back to `last_contact`).
+    #[serde(default)]
+    created: Option<i64>,
     #[serde(default)]
     no_schedule: bool,
     #[serde(default)]
@@ -441,17 +446,9 @@ fn agent_number(id: &AgentId) -> Result<i64> {
 }
 
 fn transport_error(endpoint: &str, error: &reqwest::Error) -> Error {
-    let why = if error.is_timeout() {
-        "timed out".to_owned()
-    } else if error.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        // reqwest's text names the URL, which holds no secret (the token travels in a header).
-        error_chain(error)
-    };
     Error::Unavailable {
         provider: PROVIDER.to_owned(),
-        message: format!("`{endpoint}` {why}"),
+        message: http::transport_message(endpoint, error),
     }
 }
 

@@ -342,6 +342,8 @@ impl<'a> Sim<'a> {
             last_contact: None,
             last_work: None,
             labels: pool.ci.labels.clone(),
+            // Registered by hand before the run: the CI's date does not matter to the plan.
+            created_at: None,
         });
         self.agents.insert(
             id,
@@ -737,6 +739,8 @@ impl<'a> Sim<'a> {
             last_contact: None,
             last_work: None,
             labels,
+            // As the CIs say (Woodpecker `created`): the record is made when the create is applied.
+            created_at: Some(self.now),
         });
         self.agents.insert(
             id.clone(),

@@ -11,21 +11,44 @@
 //! Breaker states: closed (counting failed creates in a row) → open after `breakerThreshold` of them (no creates
 //! until `breakerCooldown` has passed) → half-open (one create is let through per cycle) → closed when it
 //! succeeds, open again for another cool-down when it fails.
+//!
+//! A create also fails when its instance comes up but its agent never registers (a broken image): the planner
+//! removes such an instance with [`Cause::BootstrapTimeout`], and each distinct instance removed for that cause
+//! counts as one failed create of its pool. Such a failure shows only a bootstrap timeout after the create step
+//! succeeded, so while a pool has bootstrap failures in its count, a create that is done proves nothing yet: it
+//! leaves them in the count (and a half-open trial waits for its verdict instead of closing the circuit) until
+//! its instance has outlived the bootstrap timeout without being removed for it. Without this, a broken image
+//! would churn forever: every create succeeds, every agent times out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use jiff::Timestamp;
 
 use crate::apply::Outcome;
 use crate::model::{BackendName, CreateLimit, Desired, PoolName};
-use crate::plan::{Action, Change, Plan};
+use crate::plan::{Action, Cause, Change, Plan};
 
 /// Bucket and breaker state, kept by the watch loop across cycles.
 #[derive(Debug, Default)]
 pub struct Throttle {
     buckets: BTreeMap<BackendName, Bucket>,
     circuits: BTreeMap<PoolName, Circuit>,
+    bootstrap: BTreeMap<PoolName, Bootstrap>,
 }
+
+/// A pool's agents that never registered, for the breaker (see the module docs).
+#[derive(Debug, Default)]
+struct Bootstrap {
+    /// Instances removed for a bootstrap timeout since the last create proven good.
+    failures: u32,
+    /// Creates done while `failures > 0`, not yet proven good: (instance name, when done).
+    unproven: Vec<(String, Timestamp)>,
+    /// The last instances counted (a removal planned again after a failed delete counts once).
+    counted: VecDeque<String>,
+}
+
+/// How many counted removals a pool remembers: more than a pool removes within one breaker cycle.
+const REMEMBERED_REMOVALS: usize = 256;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -90,6 +113,7 @@ impl Throttle {
     /// let through in plan order.
     pub fn filter(&mut self, plan: &mut Plan, desired: &Desired, now: Timestamp) -> HeldBack {
         self.forget_removed(desired);
+        self.prove_creates(desired, now);
         for (name, spec) in &desired.backends {
             match (spec.create_limit, self.buckets.get_mut(name)) {
                 (None, _) => {
@@ -128,10 +152,12 @@ impl Throttle {
                 continue;
             }
             let circuit = self.circuits.get(&change.pool).copied().unwrap_or(Circuit::Closed { failures: 0 });
+            let awaiting_verdict = self.bootstrap.get(&change.pool).is_some_and(|b| b.failures > 0 && !b.unproven.is_empty());
             let breaker_allows = match circuit {
                 Circuit::Closed { .. } => true,
                 Circuit::Open { .. } => false,
-                Circuit::HalfOpen { .. } => !trial_sent.contains(&change.pool),
+                // One trial at a time: one per cycle, and none while a done trial waits to outlive its bootstrap.
+                Circuit::HalfOpen { .. } => !trial_sent.contains(&change.pool) && !awaiting_verdict,
             };
             if !breaker_allows {
                 *by_breaker.entry(change.pool.clone()).or_default() += 1;
@@ -199,21 +225,51 @@ impl Throttle {
     }
 
     /// Takes in how the creates (and replaces) of an apply ended: a success closes the pool's circuit, a failure
-    /// counts towards opening it. Skipped changes say nothing about the backend and count for neither.
+    /// counts towards opening it. Skipped changes say nothing about the backend and count for neither. A done
+    /// removal of an instance whose agent never registered ([`Cause::BootstrapTimeout`]) is a failed create.
     pub fn record(&mut self, outcomes: &[(Change, Outcome)], desired: &Desired, now: Timestamp) {
-        for (change, outcome) in outcomes.iter().filter(|(change, _)| creates(change)) {
+        for (change, outcome) in outcomes {
+            let bootstrap_failure = change.cause == Some(Cause::BootstrapTimeout)
+                && matches!(change.action, Action::Delete | Action::Stop)
+                && outcome.is_done();
+            if !creates(change) && !bootstrap_failure {
+                continue;
+            }
             let Some(pool) = desired.pool(&change.pool) else {
                 continue;
             };
+            let name = change.instance.as_ref().map(|instance| instance.name.clone()).unwrap_or_default();
+            let bootstrap = self.bootstrap.entry(change.pool.clone()).or_default();
+            if bootstrap_failure {
+                if bootstrap.counted.contains(&name) {
+                    continue;
+                }
+                if bootstrap.counted.len() == REMEMBERED_REMOVALS {
+                    bootstrap.counted.pop_front();
+                }
+                bootstrap.counted.push_back(name.clone());
+                bootstrap.unproven.retain(|(unproven, _)| *unproven != name);
+                bootstrap.failures = bootstrap.failures.saturating_add(1);
+                tracing::warn!(pool = %change.pool, instance = %name, "agent never registered: counted as a failed create");
+            }
+            let proven_failures = bootstrap.failures;
             let circuit = self.circuits.entry(change.pool.clone()).or_insert(Circuit::Closed { failures: 0 });
             match outcome {
-                Outcome::Done => {
+                Outcome::Done if !bootstrap_failure => {
+                    if proven_failures > 0 {
+                        // Proves nothing until its agent outlives the bootstrap timeout (see the module docs).
+                        bootstrap.unproven.push((name, now));
+                        if let Circuit::Closed { failures } = circuit {
+                            *failures = proven_failures;
+                        }
+                        continue;
+                    }
                     if !matches!(circuit, Circuit::Closed { .. }) {
                         tracing::info!(pool = %change.pool, "circuit closed: a create succeeded");
                     }
                     *circuit = Circuit::Closed { failures: 0 };
                 }
-                Outcome::Failed { step, .. } if is_create_step(change.action, step) => {
+                _ if bootstrap_failure || matches!(outcome, Outcome::Failed { step, .. } if is_create_step(change.action, step)) => {
                     let failures = match *circuit {
                         Circuit::Closed { failures }
                         | Circuit::Open { failures, .. }
@@ -239,7 +295,7 @@ impl Throttle {
                         Circuit::Closed { failures }
                     };
                 }
-                Outcome::Failed { .. } | Outcome::Skipped { .. } => {}
+                Outcome::Done | Outcome::Failed { .. } | Outcome::Skipped { .. } => {}
             }
         }
     }
@@ -257,6 +313,32 @@ impl Throttle {
     fn forget_removed(&mut self, desired: &Desired) {
         self.buckets.retain(|name, _| desired.backends.contains_key(name));
         self.circuits.retain(|pool, _| desired.pool(pool).is_some());
+        self.bootstrap.retain(|pool, _| desired.pool(pool).is_some());
+    }
+
+    /// Creates whose instance outlived the bootstrap timeout (plus a few poll intervals for its removal to be
+    /// planned and done) without being removed for it: the agent registered, creating works. That clears the
+    /// pool's bootstrap failures and closes a half-open circuit.
+    fn prove_creates(&mut self, desired: &Desired, now: Timestamp) {
+        for (pool_name, bootstrap) in &mut self.bootstrap {
+            let Some(pool) = desired.pool(pool_name) else {
+                continue;
+            };
+            let grace = desired.poll_interval.signed() * 3 + jiff::SignedDuration::from_mins(1);
+            let proof = pool.scale.bootstrap_timeout.signed() + grace;
+            let proven = bootstrap.unproven.iter().any(|(_, done)| now.duration_since(*done) >= proof);
+            if !proven {
+                continue;
+            }
+            bootstrap.unproven.clear();
+            bootstrap.failures = 0;
+            if let Some(circuit) = self.circuits.get_mut(pool_name) {
+                if !matches!(circuit, Circuit::Closed { failures: 0 }) {
+                    tracing::info!(pool = %pool_name, "circuit closed: a created agent registered");
+                }
+                *circuit = Circuit::Closed { failures: 0 };
+            }
+        }
     }
 }
 
@@ -340,6 +422,7 @@ pools:
             instance: Some(InstanceTarget { backend: BackendName::new(backend), id: None, name: name.to_owned() }),
             agent: None,
             reason: String::new(),
+            cause: None,
             before: BTreeMap::new(),
             after: BTreeMap::new(),
         }
@@ -380,6 +463,7 @@ pools:
             planned_at: at(0),
             pools,
             changes,
+            notes: Vec::new(),
             summary,
             cost: crate::plan::Cost::default(),
         }
@@ -579,6 +663,66 @@ pools:
         never.record(&failures, &desired, at(0));
         never.record(&failures, &desired, at(0));
         assert!(never.open_circuits().is_empty());
+    }
+
+    fn bootstrap_removal(pool: &str, name: &str) -> (Change, Outcome) {
+        let mut removal = change(pool, Action::Delete, "sim", name);
+        removal.cause = Some(Cause::BootstrapTimeout);
+        (removal, Outcome::Done)
+    }
+
+    #[test]
+    fn agents_that_never_register_open_the_circuit_although_every_create_succeeds() {
+        // Pool `b`: threshold 2, cool-down 1m, bootstrap timeout 10m (default); poll interval 10s (default).
+        let desired = desired(None);
+        let mut throttle = Throttle::new();
+        let creates = creates_in("b", 3);
+        // A broken image: each create is done, each instance is removed after its bootstrap timeout.
+        throttle.record(&[(creates[0].clone(), Outcome::Done)], &desired, at(0));
+        throttle.record(&[bootstrap_removal("b", "b-0")], &desired, at(610));
+        // The same removal planned again (its delete was retried) counts once.
+        throttle.record(&[bootstrap_removal("b", "b-0")], &desired, at(620));
+        assert!(throttle.open_circuits().is_empty(), "one failure is below the threshold");
+        throttle.record(&[(creates[1].clone(), Outcome::Done)], &desired, at(620));
+        assert!(throttle.open_circuits().is_empty());
+        throttle.record(&[bootstrap_removal("b", "b-1")], &desired, at(1230));
+        assert_eq!(throttle.open_circuits(), BTreeSet::from([PoolName::new("b")]), "the done create did not reset");
+
+        let mut open = plan(creates.clone());
+        throttle.filter(&mut open, &desired, at(1240));
+        assert!(open.changes.is_empty());
+        assert!(notes(&open, "b")[0].starts_with("circuit open after 2 failed creates in a row"));
+
+        // After the cool-down one trial goes; while its agent has not proven itself, no other create goes.
+        let mut trial = plan(creates.clone());
+        throttle.filter(&mut trial, &desired, at(1300));
+        assert_eq!(names(&trial.changes), ["b-0"]);
+        throttle.record(&[(trial.changes[0].clone(), Outcome::Done)], &desired, at(1301));
+        let mut waiting = plan(creates.clone());
+        throttle.filter(&mut waiting, &desired, at(1400));
+        assert!(waiting.changes.is_empty(), "the trial's verdict is out");
+
+        // It outlives its bootstrap timeout: creating works again.
+        let mut proven = plan(creates.clone());
+        throttle.filter(&mut proven, &desired, at(1301 + 600 + 30 + 60));
+        assert_eq!(proven.changes.len(), 3);
+        assert!(throttle.open_circuits().is_empty());
+    }
+
+    #[test]
+    fn a_trial_whose_agent_never_registers_opens_the_circuit_again() {
+        let desired = desired(None);
+        let mut throttle = Throttle::new();
+        throttle.record(&[bootstrap_removal("b", "b-7"), bootstrap_removal("b", "b-8")], &desired, at(0));
+        let mut trial = plan(creates_in("b", 2));
+        throttle.filter(&mut trial, &desired, at(60));
+        assert_eq!(trial.changes.len(), 1);
+        throttle.record(&[(trial.changes[0].clone(), Outcome::Done)], &desired, at(61));
+        throttle.record(&[bootstrap_removal("b", "b-0")], &desired, at(700));
+        let mut reopened = plan(creates_in("b", 2));
+        throttle.filter(&mut reopened, &desired, at(701));
+        assert!(reopened.changes.is_empty());
+        assert!(notes(&reopened, "b")[0].contains("after 3 failed creates"), "{:?}", notes(&reopened, "b"));
     }
 
     #[test]

@@ -90,6 +90,7 @@ fn plan(changes: Vec<Change>) -> Plan {
         planned_at: "2025-01-01T10:00:00Z".parse().expect("timestamp"),
         pools: Vec::new(),
         changes,
+        notes: Vec::new(),
         summary: Summary::default(),
         cost: Cost::default(),
     }
@@ -102,6 +103,7 @@ fn change(action: Action, instance: Option<InstanceTarget>, agent: Option<AgentT
         instance,
         agent,
         reason: "test".to_owned(),
+        cause: None,
         before: BTreeMap::new(),
         after: BTreeMap::new(),
     }
@@ -142,6 +144,7 @@ async fn existing(world: &FakeWorld, name: &str) -> (InstanceId, AgentId) {
         name: name.to_owned(),
         pool: PoolName::new("linux"),
         labels: BTreeMap::new(),
+        for_job: None,
     };
     let credential = world.ci().register(&request).await.expect("register");
     (created.id, credential.agent_id)
@@ -827,6 +830,7 @@ async fn preregistered_agent_is_undrained_on_create_and_kept_on_delete() {
         name: "picus-agent".to_owned(),
         pool: PoolName::new("linux"),
         labels: BTreeMap::new(),
+        for_job: None,
     };
     let registered = world.ci().register(&request).await.expect("register by hand");
     world.ci().drain(&registered.agent_id).await.expect("drained after its last server");

@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::conformance::{backend_conformance_on, Patience};
 
-const AMI: &str = "ami-12c6146b";
+pub(crate) const AMI: &str = "ami-12c6146b";
 /// moto's transitions are instant; a few looks are plenty, the interval only spares its CPU.
 const MOTO_PATIENCE: Patience = Patience {
     attempts: 50,
@@ -107,7 +107,7 @@ fn machine() -> BTreeMap<String, String> {
 }
 
 /// Every instance moto holds with `tag:ciscale.owner=owner`, terminated ones included: (id, Name, state).
-async fn moto_instances(client: &aws_sdk_ec2::Client, owner: &str) -> Vec<(String, String, InstanceStateName)> {
+pub(crate) async fn moto_instances(client: &aws_sdk_ec2::Client, owner: &str) -> Vec<(String, String, InstanceStateName)> {
     let output = client
         .describe_instances()
         .filters(
@@ -189,6 +189,7 @@ async fn create_tags_instance_and_volumes_and_sends_the_bootstrap_as_user_data()
         ]),
         machine: machine(),
         user_data: Some(Secret::new("CISCALE_AGENT_ID=7\nCISCALE_AGENT_TOKEN=tok-123\n")),
+        attempt: Some("7".to_owned()),
     };
     let created = backend.create(&request).await.expect("create");
     assert_eq!(created.name, name);
@@ -248,7 +249,7 @@ async fn create_tags_instance_and_volumes_and_sends_the_bootstrap_as_user_data()
         );
     }
 
-    // The user data is the env file wrapped in a script that writes it root-only.
+    // The user data is the payload as apply handed it over (apply sends a whole cloud-init document).
     let attribute = client
         .describe_instance_attribute()
         .instance_id(created.id.as_str())
@@ -260,13 +261,8 @@ async fn create_tags_instance_and_volumes_and_sends_the_bootstrap_as_user_data()
         .user_data()
         .and_then(|value| value.value())
         .expect("user data set");
-    let script = String::from_utf8(decode_base64(encoded)).expect("utf-8 user data");
-    assert!(script.starts_with("#!/bin/sh\n"), "{script}");
-    assert!(
-        script.contains("CISCALE_AGENT_TOKEN=tok-123\nCISCALE_AGENT_ENV_EOF\n"),
-        "{script}"
-    );
-    assert!(script.contains("chmod 0400 /run/ciscale/agent.env"), "{script}");
+    let sent = String::from_utf8(decode_base64(encoded)).expect("utf-8 user data");
+    assert_eq!(sent, "CISCALE_AGENT_ID=7\nCISCALE_AGENT_TOKEN=tok-123\n");
 
     backend.delete(&created.id).await.expect("clean up");
 }
@@ -779,6 +775,129 @@ async fn no_capacity_anywhere_is_a_capacity_error_naming_every_candidate() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Client-token idempotency: moto behind a proxy that answers tokens as EC2 does (moto itself ignores them)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A create of `name` for the agent record `attempt`, whose user data holds `token` (each registration may hand
+/// out a fresh one).
+fn life(owner: &str, name: &str, attempt: &str, token: &str) -> CreateInstance {
+    CreateInstance {
+        machine: machine(),
+        user_data: Some(Secret::new(format!("CISCALE_AGENT_ID={attempt}\nCISCALE_AGENT_TOKEN={token}\n"))),
+        attempt: Some(attempt.to_owned()),
+        ..crate::conformance::owned_request(owner, name)
+    }
+}
+
+/// Instances of `owner` named `name` at moto that are not terminated.
+async fn live_named(client: &aws_sdk_ec2::Client, owner: &str, name: &str) -> Vec<String> {
+    moto_instances(client, owner)
+        .await
+        .into_iter()
+        .filter(|(_, n, state)| n == name && *state != InstanceStateName::Terminated)
+        .map(|(id, _, _)| id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_retried_unseen_gets_the_first_instance_even_with_a_fresh_credential() {
+    let Some(endpoint) = moto() else { return };
+    let proxy = crate::fakes::ec2::Ec2Proxy::start(&endpoint).await;
+    // EC2's listing right after a launch, in slow motion: the retries below cannot find the first instance by its
+    // `Name`, only by its client token.
+    proxy.set_listing_lag(Duration::from_secs(600));
+    let backend = ec2_backend(&proxy.url);
+    let client = sdk_client(&endpoint);
+    let owner = fresh_owner("token-retry");
+    let name = format!("{owner}-linux-1");
+
+    let first = backend.create(&life(&owner, &name, "7", "tok-a")).await.expect("first try");
+    let launched = Instant::now();
+    // The answer was "lost": the same request again (same agent record, same credential) replays the launch.
+    let replayed = backend.create(&life(&owner, &name, "7", "tok-a")).await.expect("retry");
+    assert_eq!(replayed.id, first.id);
+    assert_eq!(proxy.replays_and_mismatches(), (1, 0));
+    // The retry after a crash re-registered the agent, which got a fresh token: other user data, same token.
+    // EC2 refuses it as mismatched; the instance that token launched is this create's. The listing shows it a
+    // second from now: after the first look for it, before the last.
+    proxy.set_listing_lag(launched.elapsed() + Duration::from_secs(1));
+    let retaken = backend.create(&life(&owner, &name, "7", "tok-b")).await.expect("retry with a fresh credential");
+    assert_eq!(retaken.id, first.id);
+    assert_eq!(retaken.name, name);
+    assert_eq!(proxy.replays_and_mismatches(), (1, 1));
+    assert_eq!(live_named(&client, &owner, &name).await, vec![first.id.to_string()], "never a second instance");
+    backend.delete(&first.id).await.expect("clean up");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_reused_after_its_instance_is_gone_launches_a_new_one() {
+    let Some(endpoint) = moto() else { return };
+    let proxy = crate::fakes::ec2::Ec2Proxy::start(&endpoint).await;
+    let backend = ec2_backend(&proxy.url);
+    let client = sdk_client(&endpoint);
+    let owner = fresh_owner("token-reuse");
+    let name = format!("{owner}-linux-1");
+
+    let first = backend.create(&life(&owner, &name, "7", "tok-a")).await.expect("first life");
+    backend.delete(&first.id).await.expect("terminate");
+    // A later life registers a new agent record: new tokens, nothing to walk.
+    let second = backend.create(&life(&owner, &name, "8", "tok-b")).await.expect("second life");
+    assert_ne!(second.id, first.id);
+    assert_eq!(proxy.replays_and_mismatches(), (0, 0));
+    backend.delete(&second.id).await.expect("terminate");
+
+    // A CI whose record stays the same from life to life (a pre-registered agent, an Azure agent before it first
+    // registered itself): the first token is spent. Other user data: refused, its instance is terminated, so the
+    // next token is tried. The same user data: EC2 replays the terminated instance, and the next token is tried.
+    let third = backend.create(&life(&owner, &name, "7", "tok-c")).await.expect("third life");
+    assert!(![first.id.clone(), second.id.clone()].contains(&third.id), "{third:?}");
+    assert_eq!(proxy.replays_and_mismatches(), (0, 1));
+    backend.delete(&third.id).await.expect("terminate");
+    let fourth = backend.create(&life(&owner, &name, "7", "tok-a")).await.expect("fourth life");
+    assert!(![first.id.clone(), third.id.clone()].contains(&fourth.id), "{fourth:?}");
+    let (replays, mismatches) = proxy.replays_and_mismatches();
+    assert_eq!((replays, mismatches), (1, 2), "generation 0 replayed, generation 1 (the third life's) refused");
+    assert_eq!(live_named(&client, &owner, &name).await, vec![fourth.id.to_string()]);
+    backend.delete(&fourth.id).await.expect("clean up");
+}
+
+#[tokio::test]
+async fn idempotent_parameter_mismatch_is_not_a_failure_of_the_create() {
+    // Without the proxy: a stub that refuses the first token (used by an earlier life, whose instance EC2 no longer
+    // lists) and launches with the second. The create walks on instead of failing, and asks the listing three times
+    // before it believes the first token's instance is gone (EC2's listing may lag behind a launch).
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let stub = Stub::start(|body| match action_of(body) {
+        "DescribeInstances" => (200, EMPTY_DESCRIBE.to_owned()),
+        _ if body.contains("ClientToken=") && RUNS.fetch_add(1, Ordering::SeqCst) == 0 => (
+            400,
+            ec2_error(
+                "IdempotentParameterMismatch",
+                "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
+            ),
+        ),
+        _ => (200, run_instances_ok("t3.micro")),
+    })
+    .await;
+    let created = stub
+        .backend(1)
+        .create(&life("stub", "stub-linux-1", "7", "tok"))
+        .await
+        .expect("created with the next token");
+    assert_eq!(created.id.as_str(), "i-0aaaaaaaaaaaaaaa1");
+    let actions: Vec<String> = stub.bodies().iter().map(|body| action_of(body).to_owned()).collect();
+    assert_eq!(
+        actions,
+        ["DescribeInstances", "RunInstances", "DescribeInstances", "DescribeInstances", "DescribeInstances", "RunInstances"],
+        "find by name, refused, three looks for the token's instance, the next token"
+    );
+    let bodies = stub.bodies();
+    let tokens: Vec<&str> = bodies.iter().filter_map(|body| form_value(body, "ClientToken")).collect();
+    assert_eq!(tokens.len(), 2);
+    assert_ne!(tokens[0], tokens[1]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // End to end: the ciscale binary against moto and the fake CI
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -930,7 +1049,7 @@ async fn watch_creates_an_instance_for_a_job_and_terminates_it_when_idle() {
     e2e.push_linux_task();
     let mut watch = e2e.spawn(&["watch"]);
 
-    let name = format!("{}-linux-1", e2e.owner);
+    let name = ciscale::plan::instance_name(&e2e.owner, &ciscale::model::PoolName::new("linux"), 1);
     e2e.run_until(
         &mut watch,
         "an instance runs and its agent took the job",
@@ -974,6 +1093,67 @@ async fn watch_creates_an_instance_for_a_job_and_terminates_it_when_idle() {
     assert!(e2e.world().snapshot().tasks.is_empty(), "the job ran");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_data_ciscale_sends_is_the_cloud_init_that_runs_the_agent_image() {
+    let Some(endpoint) = moto() else { return };
+    let machine = format!("{{ name: ec2, machine: {{ instanceType: t3.micro, ami: {AMI} }} }}");
+    let e2e = E2e::new("e2e-userdata", &endpoint, &machine, "{ max: 1 }");
+    e2e.push_linux_task();
+    let applied = e2e.command(&["apply", "--auto-approve"]).output().expect("apply");
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let instances = moto_instances(&e2e.client, &e2e.owner).await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+
+    let attribute = e2e
+        .client
+        .describe_instance_attribute()
+        .instance_id(&instances[0].0)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .expect("describe user data");
+    let encoded = attribute.user_data().and_then(|value| value.value()).expect("user data set");
+    let user_data = String::from_utf8(decode_base64(encoded)).expect("utf-8 user data");
+    // What the README promises: the cloud-init Hetzner servers get too. No wrapper script, no
+    // `/usr/local/bin/ciscale-agent` (that one is the Incus images' wrapper, started by exec).
+    assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
+    assert!(!user_data.contains(ciscale::apply::AGENT_COMMAND), "{user_data}");
+    let document: serde_json::Value = serde_yaml::from_str(&user_data).expect("cloud-config is YAML");
+    let files = document["write_files"].as_array().expect("write_files");
+    let file = |path: &str| {
+        files
+            .iter()
+            .find(|file| file["path"] == path)
+            .unwrap_or_else(|| panic!("no `{path}` in {user_data}"))
+    };
+    let env_file = file(ciscale::apply::AGENT_ENV_PATH);
+    assert_eq!(env_file["permissions"], "0600");
+    assert_eq!(env_file["owner"], "root:root");
+    // The env file holds this agent's own, current credential.
+    let env = env_file["content"].as_str().expect("env file text");
+    let token = env
+        .lines()
+        .find_map(|line| line.strip_prefix("CISCALE_AGENT_TOKEN="))
+        .expect("the agent's token");
+    let world = e2e.world().snapshot();
+    assert_eq!(world.agents.len(), 1);
+    assert_eq!(world.agents[0].token_sha256, ciscale::providers::fake::sha256_hex(token.as_bytes()));
+    assert!(env.contains(&format!("CISCALE_AGENT_ID={}\n", world.agents[0].id)), "{env}");
+    // The agent image of the pool runs with that env file, and build containers cannot read the user data back.
+    let start = file("/usr/local/sbin/ciscale-agent-start")["content"].as_str().expect("start script");
+    assert!(start.contains("docker run --detach --name ciscale-agent"), "{start}");
+    assert!(start.contains(&format!("--env-file {}", ciscale::apply::AGENT_ENV_PATH)), "{start}");
+    assert!(start.contains("'agent:1'"), "{start}");
+    assert!(start.contains(&format!("rm -f {}", ciscale::apply::AGENT_ENV_PATH)), "{start}");
+    let block = file("/usr/local/sbin/ciscale-metadata-block")["content"].as_str().expect("block script");
+    assert!(block.contains(&format!("-d {}/32 -j REJECT", ciscale::apply::METADATA_ADDRESS)), "{block}");
+    assert_eq!(document["runcmd"], serde_json::json!([["/usr/local/sbin/ciscale-agent-start"]]));
+
+    for (id, _, _) in instances {
+        drop(e2e.client.terminate_instances().instance_ids(id).send().await);
+    }
+}
+
 async fn describe_tags(client: &aws_sdk_ec2::Client, id: &str) -> BTreeMap<String, String> {
     let output = client
         .describe_instances()
@@ -1007,6 +1187,7 @@ async fn watch_starts_an_adopted_instance_for_a_job_and_stops_it_when_idle() {
             name: "picus-agent".to_owned(),
             pool: PoolName::new("linux"),
             labels: BTreeMap::from([("platform".to_owned(), "linux".to_owned())]),
+            for_job: None,
         })
         .await
         .expect("register the adopted agent");

@@ -192,13 +192,14 @@ fn saved_plan_applies_once_and_is_refused_when_stale() {
     let saved = std::fs::read_to_string(sandbox.path("tfplan.json")).expect("plan file written");
     assert!(!saved.contains(SECRET));
 
-    // Someone else acts first: the inventory the plan was made from is gone.
+    // Someone else acts first: the instance the plan would create exists now.
     let first = run(sandbox.command(&["apply", "--auto-approve"]));
     assert!(first.status.success(), "{}", stderr(&first));
     let stale = run(sandbox.command(&["apply", "tfplan.json"]));
     assert_eq!(stale.status.code(), Some(1));
-    assert!(stderr(&stale).contains("is stale"), "{}", stderr(&stale));
+    assert!(stderr(&stale).contains("is no longer safe: an instance named"), "{}", stderr(&stale));
     assert!(stderr(&stale).contains("hint: "), "{}", stderr(&stale));
+    assert!(stdout(&stale).contains("1 no longer safe"), "{}", stdout(&stale));
     assert_eq!(sandbox.active_instances(), 1, "the stale plan created nothing");
 }
 

@@ -43,10 +43,12 @@ fn every_example_validates() {
     assert!(count >= 4, "expected at least 4 examples, found {count}");
 }
 
-/// The environment the fixtures run with: some variables set, `HCLOUD_TOKEN` and `API_HOST` deliberately not.
+/// The environment the fixtures run with: some variables set, `EMPTY_TOKEN` set but empty, `HCLOUD_TOKEN` and
+/// `API_HOST` deliberately not.
 fn fixture_env(name: &str) -> Option<String> {
     match name {
         "WOODPECKER_TOKEN" | "AZP_TOKEN" | "GIT_TOKEN" => Some(format!("secret-value-of-{name}")),
+        "EMPTY_TOKEN" => Some(String::new()),
         _ => None,
     }
 }

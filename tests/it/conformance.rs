@@ -43,6 +43,7 @@ pub fn owned_request_on(owner: &str, name: &str, machine: &BTreeMap<String, Stri
         ]),
         machine: machine.clone(),
         user_data: None,
+        attempt: None,
     }
 }
 
@@ -223,10 +224,27 @@ pub async fn wait_until_gone(backend: &dyn Backend, id: &InstanceId, patience: P
     panic!("instance `{id}` is still there; last seen: {last:?}");
 }
 
-/// The [`CiSource`] contract: register is create-if-absent by name, drain/undrain are idempotent, deregister
-/// of a missing agent is `NotFound`.
+/// The [`CiSource`] contract: register is create-if-absent by name, drain/undrain are idempotent where the CI
+/// can drain ([`CiCapabilities::drain`](ciscale::providers::CiCapabilities), else `Unsupported`), deregister of
+/// a missing agent is `NotFound`.
 pub async fn ci_conformance(ci: Arc<dyn CiSource>, prefix: &str) {
-    ci_contract(ci, prefix, Registration::CreatesRecord).await;
+    ci_contract(ci, prefix, Registration::CreatesRecord, Reregistration::KeepsRecord).await;
+}
+
+/// [`ci_conformance`] for a CI that shows an agent's token only when it creates the record (Forgejo): `register`
+/// of an existing name cannot hand that token out again, so it replaces the record — a new id and a new token,
+/// and still exactly one agent of that name.
+pub async fn ci_conformance_replacing(ci: Arc<dyn CiSource>, prefix: &str) {
+    ci_contract(ci, prefix, Registration::CreatesRecord, Reregistration::ReplacesRecord).await;
+}
+
+/// What `register` of a name that exists does: the second half of the registration capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reregistration {
+    /// The same record, with a credential that works (Woodpecker shows tokens to the admin; the fake re-issues).
+    KeepsRecord,
+    /// The record is deleted and made anew: a new id, a new token.
+    ReplacesRecord,
 }
 
 /// A future a test returns from its "agent comes online" hook.
@@ -249,15 +267,21 @@ pub async fn ci_conformance_self_registering<'a>(
     prefix: &str,
     come_online: &'a dyn Fn(String) -> Online<'a>,
 ) {
-    ci_contract(ci, prefix, Registration::SelfRegistering(come_online)).await;
+    ci_contract(ci, prefix, Registration::SelfRegistering(come_online), Reregistration::KeepsRecord).await;
 }
 
-async fn ci_contract(ci: Arc<dyn CiSource>, prefix: &str, registration: Registration<'_>) {
+async fn ci_contract(
+    ci: Arc<dyn CiSource>,
+    prefix: &str,
+    registration: Registration<'_>,
+    reregistration: Reregistration,
+) {
     let name = format!("{prefix}-conformance-agent");
     let request = RegisterAgent {
         name: name.clone(),
         pool: PoolName::new("conformance"),
         labels: BTreeMap::from([("platform".to_owned(), "linux/amd64".to_owned())]),
+        for_job: None,
     };
 
     let first = ci.register(&request).await.expect("register");
@@ -284,26 +308,52 @@ async fn ci_contract(ci: Arc<dyn CiSource>, prefix: &str, registration: Registra
     assert!(!agent.busy, "a new agent runs nothing");
 
     let second = ci.register(&request).await.expect("register again");
-    assert_eq!(second.agent_id, agent_id, "register is create-if-absent by name");
+    let agent_id = match reregistration {
+        Reregistration::KeepsRecord => {
+            assert_eq!(second.agent_id, agent_id, "register is create-if-absent by name");
+            agent_id
+        }
+        Reregistration::ReplacesRecord => {
+            assert!(!second.token.expose().is_empty(), "the new record comes with a token");
+            assert_ne!(second.token.expose(), first.token.expose(), "the replaced record's token is not handed out");
+            second.agent_id.clone()
+        }
+    };
     let observed = ci.observe().await.expect("observe");
-    assert_eq!(observed.agents.iter().filter(|agent| agent.name == name).count(), 1, "no duplicate agent");
+    let named: Vec<_> = observed.agents.iter().filter(|agent| agent.name == name).collect();
+    assert_eq!(named.len(), 1, "no duplicate agent: {named:?}");
+    assert_eq!(named[0].id, agent_id, "the listed agent is the one register returned");
 
     let no_schedule = |observed: &ciscale::model::CiObservation| {
         observed.agents.iter().find(|agent| agent.id == agent_id).map(|agent| agent.no_schedule)
     };
-    ci.drain(&agent_id).await.expect("drain");
-    ci.drain(&agent_id).await.expect("drain is idempotent");
-    assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(true));
-    ci.undrain(&agent_id).await.expect("undrain");
-    ci.undrain(&agent_id).await.expect("undrain is idempotent");
-    assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(false));
+    let can_drain = ci.capabilities().drain;
+    if can_drain {
+        ci.drain(&agent_id).await.expect("drain");
+        ci.drain(&agent_id).await.expect("drain is idempotent");
+        assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(true));
+        ci.undrain(&agent_id).await.expect("undrain");
+        ci.undrain(&agent_id).await.expect("undrain is idempotent");
+        assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(false));
+    } else {
+        let drained = ci.drain(&agent_id).await;
+        assert!(matches!(drained, Err(Error::Unsupported { .. })), "drain without the capability: {drained:?}");
+        let undrained = ci.undrain(&agent_id).await;
+        assert!(matches!(undrained, Err(Error::Unsupported { .. })), "undrain without the capability: {undrained:?}");
+        assert_eq!(no_schedule(&ci.observe().await.expect("observe")), Some(false), "nothing was drained");
+    }
 
     ci.deregister(&agent_id).await.expect("deregister");
     assert_eq!(no_schedule(&ci.observe().await.expect("observe")), None, "a deregistered agent is not listed");
     let again = ci.deregister(&agent_id).await;
     assert!(matches!(again, Err(Error::NotFound { .. })), "second deregister: {again:?}");
-    let drained_missing = ci.drain(&agent_id).await;
-    assert!(matches!(drained_missing, Err(Error::NotFound { .. })), "drain of a missing agent: {drained_missing:?}");
+    if can_drain {
+        let drained_missing = ci.drain(&agent_id).await;
+        assert!(
+            matches!(drained_missing, Err(Error::NotFound { .. })),
+            "drain of a missing agent: {drained_missing:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -339,7 +339,7 @@ fn bash_completions_know_the_subcommands() {
         assert!(output.status.success() && output.stdout.len() > 100, "{shell}: {}", stderr(&output));
     }
     let unknown = run(ciscale().args(["completions", "tcsh"]));
-    assert_eq!(unknown.status.code(), Some(2), "clap refuses an unknown shell");
+    assert_eq!(unknown.status.code(), Some(1), "clap refuses an unknown shell (a usage error: exit 1)");
 }
 
 #[test]
@@ -378,13 +378,14 @@ fn the_picus_compose_file_runs_on_its_picus_variables_alone() {
         .collect();
     assert!(environment.iter().all(|(name, _)| name.starts_with("PICUS_")), "Picus's own variables: {environment:?}");
 
-    // Nothing but those variables and no config file, as in the container.
+    // Nothing but those variables and no config file, as in the container (its working folder is where the
+    // config would be mounted; no `-c` and no `CISCALE_CONFIG`, or a missing file would be an error).
     let scratch = tempfile::tempdir().expect("temp dir");
     let output = Command::new(env!("CARGO_BIN_EXE_ciscale"))
         .env_clear()
         .envs(environment)
         .current_dir(scratch.path())
-        .args(["validate", "-c", "ciscale.yaml"])
+        .args(["validate"])
         .output()
         .expect("runs");
     assert!(output.status.success(), "{}", stderr(&output));

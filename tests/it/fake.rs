@@ -20,7 +20,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 fn register(name: &str, agent_labels: &[(&str, &str)]) -> RegisterAgent {
-    RegisterAgent { name: name.to_owned(), pool: PoolName::new("linux"), labels: labels(agent_labels) }
+    RegisterAgent { name: name.to_owned(), pool: PoolName::new("linux"), labels: labels(agent_labels), for_job: None }
 }
 
 fn at(text: &str) -> Timestamp {

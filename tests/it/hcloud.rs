@@ -59,6 +59,7 @@ fn request(name: &str, machine: BTreeMap<String, String>) -> CreateInstance {
         ]),
         machine,
         user_data: None,
+        attempt: None,
     }
 }
 
@@ -777,7 +778,10 @@ fn watch_runs_a_job_through_a_hetzner_server_life() {
     );
 
     let server = sandbox.fake.servers().into_iter().next().expect("the server");
-    assert_eq!(server.name, "hc-linux-1");
+    let first = ciscale::plan::instance_name("hc", &ciscale::model::PoolName::new("linux"), 1);
+    assert_eq!(server.name, first);
+    // The instance names its agent record, so the link survives even if the agent were not named after it.
+    assert!(server.labels.contains_key(ciscale::model::AGENT_LABEL), "{:?}", server.labels);
     assert_eq!(server.labels.get(OWNER_LABEL).map(String::as_str), Some("hc"));
     assert_eq!(server.labels.get(POOL_LABEL).map(String::as_str), Some("linux"));
     assert!(server.labels.contains_key("ciscale.agent-hash"), "{:?}", server.labels);
@@ -803,7 +807,7 @@ fn watch_runs_a_job_through_a_hetzner_server_life() {
         .snapshot()
         .agents
         .into_iter()
-        .find(|agent| agent.name == "hc-linux-1")
+        .find(|agent| agent.name == first)
         .expect("agent");
     let token = env.get("CISCALE_AGENT_TOKEN").expect("the agent's own token");
     assert_eq!(

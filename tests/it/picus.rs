@@ -139,7 +139,8 @@ ci:
         .expect("ciscale runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert_eq!(output.status.code(), Some(2), "{stdout}\n{stderr}");
-    assert!(stdout.contains("+ create my-woodpecker-instance-picus-1"), "{stdout}");
+    let first = ciscale::plan::instance_name("my-woodpecker-instance", &ciscale::model::PoolName::new("picus"), 1);
+    assert!(stdout.contains(&format!("+ create {first}")), "{stdout}");
     for secret in [WOODPECKER_TOKEN, AGENT_SECRET, HCLOUD_TOKEN] {
         assert!(!stdout.contains(secret) && !stderr.contains(secret), "secret leaked");
     }
@@ -210,9 +211,12 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
     let task = woodpecker.add_task(&[("platform", "linux/amd64"), ("backend", "docker")]);
     wait_until("a server for the job", &|| !hetzner.servers().is_empty());
     let server = hetzner.servers().remove(0);
-    assert_eq!(server.name, "my-woodpecker-instance-picus-1");
+    let first = ciscale::plan::instance_name("my-woodpecker-instance", &ciscale::model::PoolName::new("picus"), 1);
+    assert_eq!(server.name, first);
     assert_eq!(server.server_type, "cx22");
     assert_eq!(server.labels.get("ciscale.owner").map(String::as_str), Some("my-woodpecker-instance"));
+    let link = server.labels.get(ciscale::model::AGENT_LABEL).cloned();
+    assert_eq!(link, Some(agent_id.to_string()), "the server names the pre-registered agent it runs");
     let user_data = server.user_data.clone().unwrap_or_default();
     assert!(user_data.contains("WOODPECKER_AGENT_SECRET=") && user_data.contains(AGENT_SECRET), "shared secret forwarded");
     assert!(user_data.contains("WOODPECKER_SERVER=woodpecker.example.com:443"), "agent env forwarded");

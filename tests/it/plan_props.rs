@@ -257,6 +257,7 @@ fn build(
             last_contact: draft.contacted.then(|| minutes(0)),
             last_work: draft.last_work_min.map(minutes),
             labels: BTreeMap::new(),
+            created_at: None,
         });
         for r in 0..draft.running {
             ci.queue.running.push(Task {

@@ -232,8 +232,8 @@ pools:
   - { name: gpu, ci: { source: wp, labels: { "!gpu": "yes", platform: "*" } }, backend: { name: b } }
   - { name: amd, ci: { source: wp, labels: { platform: linux/amd64, repo: "*" } }, backend: { name: b } }
   - { name: acme, ci: { source: wp, labels: { platform: "*", repo: acme/app } }, backend: { name: b } }
-  - { name: any, ci: { source: az, azurePool: Default }, backend: { name: b } }
-  - { name: win, ci: { source: az, azurePool: Default, capabilities: { Agent.OS: Windows_NT, docker: "" } }, backend: { name: b } }
+  - { name: any, ci: { source: az, azurePool: Default }, backend: { name: b }, agent: { image: azp-agent } }
+  - { name: win, ci: { source: az, azurePool: Default, capabilities: { Agent.OS: Windows_NT, docker: "" } }, backend: { name: b }, agent: { image: azp-agent } }
 "#;
     let desired: Desired = load("m.yaml", yaml).desired;
     let label_sets: Vec<BTreeMap<String, String>> = [

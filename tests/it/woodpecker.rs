@@ -39,6 +39,7 @@ fn register_request(name: &str) -> RegisterAgent {
             ("platform".to_owned(), "linux/amd64".to_owned()),
             ("!gpu".to_owned(), "no".to_owned()),
         ]),
+        for_job: None,
     }
 }
 

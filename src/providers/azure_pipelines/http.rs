@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::model::Secret;
 use crate::providers::http::retry_after;
-use crate::providers::http::{error_chain, status_error, ErrorAnswer};
+use crate::providers::http::{self, status_error, ErrorAnswer};
 use crate::providers::{Error, Result};
 
 pub(super) const PROVIDER: &str = "azure-pipelines";
@@ -188,12 +188,11 @@ impl Http {
 
     fn transport_error(&self, error: &reqwest::Error, what: &str) -> Error {
         let message = if error.is_timeout() {
-            format!("{what}: no answer within {}s", self.timeout.as_secs_f64())
-        } else if error.is_connect() {
-            format!("{what}: cannot connect to `{}`", self.base)
+            format!("{what}: no answer within {}s from `{}`", self.timeout.as_secs_f64(), self.base)
         } else {
-            // reqwest's text names the URL (no credentials: the PAT travels in a header) and the cause.
-            format!("{what}: {}", error_chain(error))
+            // The URL holds no credential: the PAT travels in a header.
+            let url = http::shown_url(error).map(|url| format!(" (`{url}`)")).unwrap_or_default();
+            format!("{what}{url}: {}", http::transport_reason(error))
         };
         Error::Unavailable {
             provider: PROVIDER.to_owned(),

@@ -60,6 +60,9 @@ pub(crate) struct WireAgent {
     pub last_completed_request: Option<WireJobRequest>,
     #[serde(default)]
     pub version: Option<String>,
+    /// Optional like every `TaskAgent` field in the spec; without it the planner falls back to the last contact.
+    #[serde(default)]
+    pub created_on: Option<String>,
 }
 
 /// A demand as the job request lists it. The undocumented `jobrequests` endpoint sends plain strings
@@ -170,6 +173,7 @@ pub(crate) fn parse_time(text: Option<&str>) -> Option<Timestamp> {
 ///   instance whose agent has not come online yet is left alone until then.
 /// - `last_work`: the finish time of its last completed request (the idle timeout counts from there).
 /// - labels: `azure-pool` (the Azure pool it is in) and `agent-version` when known.
+/// - `created_at`: `createdOn`.
 pub(crate) fn agent_to_model(agent: &WireAgent, pool_name: &str, observed_at: Timestamp) -> Agent {
     let online = agent
         .status
@@ -193,6 +197,7 @@ pub(crate) fn agent_to_model(agent: &WireAgent, pool_name: &str, observed_at: Ti
             .as_ref()
             .and_then(|request| parse_time(request.finish_time.as_deref())),
         labels,
+        created_at: parse_time(agent.created_on.as_deref()),
     }
 }
 

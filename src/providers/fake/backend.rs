@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::model::{BackendObservation, Instance, InstanceId, InstanceState, OWNER_LABEL};
+use crate::model::{BackendObservation, Instance, InstanceId, InstanceState, OWNER_LABEL, POOL_LABEL};
 use crate::providers::{
     Backend, Capabilities, CreateInstance, Error, Exec, ExecOutput, ListInstances, PushFile, Result,
 };
@@ -54,6 +54,13 @@ fn require_exec(state: &WorldState, operation: &'static str) -> Result<()> {
     }
 }
 
+/// Journals `op` on instance `id` (when it exists) before it takes effect: who was busy at that moment.
+fn journal(state: &mut WorldState, op: Op, id: &InstanceId) {
+    let Some(instance) = state.instance_mut(id) else { return };
+    let (name, pool) = (instance.name.clone(), instance.labels.get(POOL_LABEL).cloned());
+    state.record(op.key(), &name, pool.as_deref());
+}
+
 /// A created instance boots in the background: it is `pending` when create returns and `running` the next time
 /// anyone looks, so callers must wait for it.
 fn finish_boot(instance: &mut FakeInstance) {
@@ -84,6 +91,7 @@ impl Backend for FakeBackend {
             }
             Ok(BackendObservation { instances, prices: state.prices.clone(), missing_images: Vec::new() })
         })
+        .await
     }
 
     async fn create(&self, request: &CreateInstance) -> Result<Instance> {
@@ -109,8 +117,10 @@ impl Backend for FakeBackend {
             };
             let model = instance.to_model();
             state.instances.push(instance);
+            state.record(Op::Create.key(), &request.name, request.labels.get(POOL_LABEL).map(String::as_str));
             Ok(model)
         })
+        .await
     }
 
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
@@ -119,24 +129,30 @@ impl Backend for FakeBackend {
             finish_boot(instance);
             Ok(instance.to_model())
         })
+        .await
     }
 
     async fn start(&self, id: &InstanceId) -> Result<()> {
         self.world.call(Op::Start, |state| {
+            journal(state, Op::Start, id);
             find(state, id)?.state = InstanceState::Running;
             Ok(())
         })
+        .await
     }
 
     async fn stop(&self, id: &InstanceId) -> Result<()> {
         self.world.call(Op::Stop, |state| {
+            journal(state, Op::Stop, id);
             find(state, id)?.state = InstanceState::Stopped;
             Ok(())
         })
+        .await
     }
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {
         self.world.call(Op::Delete, |state| {
+            journal(state, Op::Delete, id);
             let before = state.instances.len();
             state.instances.retain(|instance| &instance.id != id);
             if state.instances.len() == before {
@@ -145,6 +161,7 @@ impl Backend for FakeBackend {
                 Ok(())
             }
         })
+        .await
     }
 
     async fn push_file(&self, id: &InstanceId, file: &PushFile) -> Result<()> {
@@ -163,6 +180,7 @@ impl Backend for FakeBackend {
             });
             Ok(())
         })
+        .await
     }
 
     async fn exec(&self, id: &InstanceId, exec: &Exec) -> Result<ExecOutput> {
@@ -179,5 +197,6 @@ impl Backend for FakeBackend {
             let exit_code = if exec.command == ["false"] { 1 } else { 0 };
             Ok(ExecOutput { exit_code: exec.wait.then_some(exit_code) })
         })
+        .await
     }
 }

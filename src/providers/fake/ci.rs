@@ -58,6 +58,7 @@ impl CiSource for FakeCi {
             }
             Ok(CiObservation { agents: state.agents_model(), queue: state.queue_model() })
         })
+        .await
     }
 
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
@@ -77,10 +78,12 @@ impl CiSource for FakeCi {
                         labels: request.labels.clone(),
                         token_sha256: String::new(),
                         jobs_done: 0,
+                        created_at: Some(state.now()),
                     });
                     id
                 }
             };
+            state.record(Op::Register.key(), &request.name, None);
             let token = issue_token(state, &agent_id);
             find(state, &agent_id)?.token_sha256 = sha256_hex(token.expose().as_bytes());
             Ok(AgentCredential {
@@ -89,13 +92,17 @@ impl CiSource for FakeCi {
                 env: BTreeMap::from([("CI_SERVER".to_owned(), "fake://".to_owned())]),
             })
         })
+        .await
     }
 
     async fn drain(&self, id: &AgentId) -> Result<()> {
         self.world.call(Op::Drain, |state| {
+            let name = find(state, id)?.name.clone();
+            state.record(Op::Drain.key(), &name, None);
             find(state, id)?.no_schedule = true;
             Ok(())
         })
+        .await
     }
 
     async fn undrain(&self, id: &AgentId) -> Result<()> {
@@ -103,10 +110,14 @@ impl CiSource for FakeCi {
             find(state, id)?.no_schedule = false;
             Ok(())
         })
+        .await
     }
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
         self.world.call(Op::Deregister, |state| {
+            if let Some(name) = state.agent_mut(id).map(|agent| agent.name.clone()) {
+                state.record(Op::Deregister.key(), &name, None);
+            }
             let before = state.agents.len();
             state.agents.retain(|agent| &agent.id != id);
             if state.agents.len() == before {
@@ -119,5 +130,6 @@ impl CiSource for FakeCi {
             }
             Ok(())
         })
+        .await
     }
 }

@@ -34,8 +34,8 @@ pub use backend::FakeBackend;
 pub use ci::FakeCi;
 pub use fault::{Fault, FaultKind, Op};
 pub use state::{
-    labels_match, sha256_hex, ArmedFault, Counters, ExecRecord, FakeAgent, FakeInstance, FakeTask, PushedFile,
-    WorldState, DEFAULT_RUN_FOR_SECS, EPHEMERAL_LABEL, FEED_BACKFILL_SECS,
+    labels_match, sha256_hex, ArmedFault, Counters, ExecRecord, FakeAgent, FakeInstance, FakeTask, JournalEntry,
+    PushedFile, WorldState, DEFAULT_RUN_FOR_SECS, EPHEMERAL_LABEL, FEED_BACKFILL_SECS,
 };
 
 /// Why the fake world's state file could not be used.
@@ -237,9 +237,39 @@ impl FakeWorld {
         self.snapshot().calls.get(op.key()).copied().unwrap_or(0)
     }
 
+    /// Holds the caller of the next successful call of `op` for `hold` once that call has taken effect, before
+    /// the answer reaches the caller (crash tests kill the calling process there: the world changed, the caller
+    /// never heard). One-shot; [`WorldState::held`] says when it fired.
+    pub fn hold_after(&self, op: Op, hold: Duration) {
+        self.update(|state| {
+            state.holds.insert(op.key().to_owned(), u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
+        });
+    }
+
+    /// Starts keeping [`WorldState::journal`] (crash tests check their promises against it).
+    pub fn keep_journal(&self) {
+        self.update(|state| {
+            state.journal.get_or_insert_with(Vec::new);
+        });
+    }
+
     /// Runs one provider call: counts it, lets an armed fault fail it (before or after it takes effect), and
-    /// persists whatever it changed.
-    pub(crate) fn call<T>(&self, op: Op, body: impl FnOnce(&mut WorldState) -> Result<T>) -> Result<T> {
+    /// persists whatever it changed. An armed hold ([`Self::hold_after`]) delays the answer of a successful call.
+    pub(crate) async fn call<T>(&self, op: Op, body: impl FnOnce(&mut WorldState) -> Result<T>) -> Result<T> {
+        let mut hold = None;
+        let result = self.call_now(op, body, &mut hold);
+        if let Some(hold) = hold {
+            tokio::time::sleep(hold).await;
+        }
+        result
+    }
+
+    fn call_now<T>(
+        &self,
+        op: Op,
+        body: impl FnOnce(&mut WorldState) -> Result<T>,
+        hold: &mut Option<Duration>,
+    ) -> Result<T> {
         let mut locked = self.lock()?;
         let state = &mut *locked.state;
         *state.calls.entry(op.key().to_owned()).or_default() += 1;
@@ -249,6 +279,12 @@ impl FakeWorld {
             Some(kind) => body(state).and_then(|_| Err(kind.to_error(op))),
             None => body(state),
         };
+        if result.is_ok() {
+            if let Some(millis) = state.holds.remove(op.key()) {
+                state.held.push(op.key().to_owned());
+                *hold = Some(Duration::from_millis(millis));
+            }
+        }
         self.save(&locked.state)?;
         result
     }

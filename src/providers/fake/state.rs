@@ -58,6 +58,33 @@ pub struct WorldState {
     /// tests): `simulate` lets the agents of these names check in and take jobs as if a fake instance of that
     /// name were running. Whoever drives the test keeps the list in step with the real backend.
     pub external_running: Vec<String>,
+    /// Armed holds: operation key → milliseconds the caller of its next successful call waits before it hears the
+    /// answer (see [`super::FakeWorld::hold_after`]).
+    pub holds: BTreeMap<String, u64>,
+    /// The operation keys whose hold fired, in order.
+    pub held: Vec<String>,
+    /// Every mutation of instances and agents with what was true at that moment, for crash tests; `None` (the
+    /// default) keeps none (see [`super::FakeWorld::keep_journal`]).
+    pub journal: Option<Vec<JournalEntry>>,
+}
+
+/// One mutation in [`WorldState::journal`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub at: Timestamp,
+    /// The operation's key (`backend.create`, `ci.deregister`, ...).
+    pub op: String,
+    /// The instance's or the agent's name.
+    pub target: String,
+    /// The instance's `ciscale.pool` label (backend operations).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// After a create: the instances with that pool label, in any state.
+    #[serde(default)]
+    pub in_pool: Option<u32>,
+    /// The agents running a task at that moment, by name.
+    #[serde(default)]
+    pub busy_agents: Vec<String>,
 }
 
 impl Default for WorldState {
@@ -77,6 +104,9 @@ impl Default for WorldState {
             counters: Counters::default(),
             jobs_fed_until: None,
             external_running: Vec::new(),
+            holds: BTreeMap::new(),
+            held: Vec::new(),
+            journal: None,
         }
     }
 }
@@ -138,6 +168,9 @@ pub struct FakeAgent {
     /// Jobs this agent has finished (an ephemeral agent takes no job after its first).
     #[serde(default)]
     pub jobs_done: u32,
+    /// When it was registered (absent in state files from before it was kept).
+    #[serde(default)]
+    pub created_at: Option<Timestamp>,
 }
 
 impl FakeAgent {
@@ -212,6 +245,38 @@ impl WorldState {
         self.agents.iter_mut().find(|agent| &agent.id == id)
     }
 
+    /// Appends to the journal, when one is kept: `op` on `target` (an instance of `pool`, or an agent).
+    pub(super) fn record(&mut self, op: &str, target: &str, pool: Option<&str>) {
+        if self.journal.is_none() {
+            return;
+        }
+        let in_pool = (op == "backend.create").then(|| {
+            let count = self
+                .instances
+                .iter()
+                .filter(|instance| instance.labels.get(crate::model::POOL_LABEL).map(String::as_str) == pool)
+                .count();
+            u32::try_from(count).unwrap_or(u32::MAX)
+        });
+        let busy_agents = self
+            .agents
+            .iter()
+            .filter(|agent| self.is_busy(&agent.id))
+            .map(|agent| agent.name.clone())
+            .collect();
+        let entry = JournalEntry {
+            at: self.now(),
+            op: op.to_owned(),
+            target: target.to_owned(),
+            pool: pool.map(str::to_owned),
+            in_pool,
+            busy_agents,
+        };
+        if let Some(journal) = &mut self.journal {
+            journal.push(entry);
+        }
+    }
+
     fn is_busy(&self, agent: &AgentId) -> bool {
         self.tasks.iter().any(|task| task.agent_id.as_ref() == Some(agent))
     }
@@ -227,6 +292,7 @@ impl WorldState {
                 last_contact: agent.last_contact,
                 last_work: agent.last_work,
                 labels: agent.labels.clone(),
+                created_at: agent.created_at,
             })
             .collect()
     }

@@ -151,11 +151,9 @@ impl Api {
     /// A request that never got an answer. reqwest's message names the URL, never the header holding the token.
     fn transport(&self, request: &str, error: &reqwest::Error) -> Error {
         let message = if error.is_timeout() {
-            format!("`{request}` timed out after {}s", self.timeout.as_secs_f64())
-        } else if error.is_connect() {
-            format!("cannot connect to `{}` for `{request}`", self.endpoint)
+            format!("`{request}` to `{}` timed out after {}s", self.endpoint, self.timeout.as_secs_f64())
         } else {
-            format!("`{request}` failed: {}", without_url(error))
+            crate::providers::http::transport_message(request, error)
         };
         Error::Unavailable {
             provider: PROVIDER.to_owned(),
@@ -176,13 +174,6 @@ impl<T: Serialize + Sync> ErasedBody for T {
     }
 }
 
-fn without_url(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    if let Some(url) = error.url() {
-        text = text.replace(url.as_str(), "<endpoint>");
-    }
-    text
-}
 
 /// Codes meaning "this server type / location has no room right now": the create fallback tries the next
 /// candidate on these.

@@ -151,6 +151,47 @@ impl Incus {
     }
 }
 
+/// An operation failure saying the instance is still being created by another request.
+fn is_busy_creating(error: &Error) -> bool {
+    matches!(error, Error::Unavailable { message, .. } if message.contains("busy running a \"create\" operation"))
+}
+
+impl Incus {
+    /// Waits (bounded) for the operation still creating `name` to end; `true` when `name` exists afterwards.
+    async fn finish_create_in_progress(&self, name: &str) -> Result<bool> {
+        let listed = self.client.send(Call::get("/1.0/operations?recursion=1")).await?.into_sync();
+        let resource = format!("/1.0/instances/{name}");
+        let creating = listed
+            .get("running")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|operation| {
+                operation.get("description").and_then(Value::as_str) == Some("Creating instance")
+                    && operation
+                        .pointer("/resources/instances")
+                        .and_then(Value::as_array)
+                        .is_some_and(|instances| {
+                            instances.iter().filter_map(Value::as_str).any(|path| {
+                                path.split('?').next() == Some(resource.as_str())
+                            })
+                        })
+            })
+            .and_then(|operation| operation.get("id").and_then(Value::as_str))
+            .map(|id| format!("/1.0/operations/{id}"));
+        if let Some(operation) = creating {
+            tracing::info!(instance = name, "waiting for the create an earlier request started");
+            // Its failure is the earlier request's; whether the instance exists is what counts here.
+            drop(self.client.wait(&operation, self.operation_timeout).await);
+        }
+        match self.instance_json(name).await {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+}
+
 /// Slack on top of an operation's own timeout, so the server answers before our bound fires.
 const OP_SLACK: Duration = Duration::from_secs(10);
 
@@ -326,6 +367,17 @@ impl Backend for Incus {
                 return Err(Error::AlreadyExists {
                     what: format!("incus instance `{}`", request.name),
                 })
+            }
+            // incusd accepts every create and refuses a second one of a name in its background operation while the
+            // first still runs: a create sent by a ciscale that was killed before it heard the answer. That one
+            // makes the instance; once it is done, the name exists (create-if-absent).
+            Err(busy @ Error::Unavailable { .. }) if is_busy_creating(&busy) => {
+                return match self.finish_create_in_progress(&request.name).await? {
+                    true => Err(Error::AlreadyExists {
+                        what: format!("incus instance `{}` (created by an earlier request)", request.name),
+                    }),
+                    false => Err(busy),
+                };
             }
             Err(Error::NotFound { what }) => {
                 return Err(Error::Invalid {

@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 pub mod azure;
+pub mod ec2;
+pub mod forgejo;
 pub mod hcloud;
+pub mod incus_proxy;
 pub mod query;
 pub mod spec;
 pub mod woodpecker;

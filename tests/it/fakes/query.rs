@@ -13,7 +13,7 @@ pub fn url_pairs(query: &str) -> Vec<(String, String)> {
 }
 
 /// `+` → space, `%XX` → that byte; a malformed escape stays as it is.
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut index = 0;

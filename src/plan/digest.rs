@@ -1,0 +1,96 @@
+//! Digests the planner and apply agree on: the agent settings an instance was created with (spec drift), and
+//! the parts of an observation a saved plan depends on.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::model::{AgentSpec, InstanceState, Observed, OWNER_LABEL, POOL_LABEL};
+
+/// Digest of the agent settings an instance is created with (image and plain env; secrets are left out so a
+/// rotated token does not replace every agent). First 12 hex chars of a SHA-256, stored on the instance as the
+/// `ciscale.agent-hash` label and compared for spec drift.
+pub fn agent_hash(agent: &AgentSpec) -> String {
+    let mut hasher = Sha256::new();
+    // NUL separators keep the encoding unambiguous (`a=b` + `c` never equals `a` + `b=c`).
+    hasher.update(b"image\0");
+    hasher.update(agent.image.as_deref().unwrap_or_default().as_bytes());
+    hasher.update(b"\0");
+    for (key, value) in &agent.env {
+        hasher.update(b"env\0");
+        hasher.update(key.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(value.as_bytes());
+        hasher.update(b"\0");
+    }
+    let mut hex = to_hex(&hasher.finalize());
+    hex.truncate(12);
+    hex
+}
+
+/// Digest of the parts of an observation that make a saved plan stale: per backend the instances (id, state,
+/// owner and pool labels), per CI source the agents (id, drained). Timestamps and the queue are left out: they
+/// change on every poll without making the plan's changes wrong.
+pub fn fingerprint(observed: &Observed) -> String {
+    #[derive(Serialize)]
+    struct InstanceKey<'a> {
+        id: &'a str,
+        state: InstanceState,
+        owner: Option<&'a str>,
+        pool: Option<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct AgentKey<'a> {
+        id: &'a str,
+        no_schedule: bool,
+    }
+    #[derive(Serialize)]
+    struct Inventory<'a> {
+        backends: BTreeMap<&'a str, Vec<InstanceKey<'a>>>,
+        ci: BTreeMap<&'a str, Vec<AgentKey<'a>>>,
+    }
+    let backends = observed
+        .backends
+        .iter()
+        .map(|(name, backend)| {
+            let mut instances: Vec<InstanceKey<'_>> = backend
+                .instances
+                .iter()
+                .map(|instance| InstanceKey {
+                    id: instance.id.as_str(),
+                    state: instance.state,
+                    owner: instance.labels.get(OWNER_LABEL).map(String::as_str),
+                    pool: instance.labels.get(POOL_LABEL).map(String::as_str),
+                })
+                .collect();
+            instances.sort_by(|a, b| (a.id, a.state, a.owner, a.pool).cmp(&(b.id, b.state, b.owner, b.pool)));
+            (name.as_str(), instances)
+        })
+        .collect();
+    let ci = observed
+        .ci
+        .iter()
+        .map(|(name, source)| {
+            let mut agents: Vec<AgentKey<'_>> = source
+                .agents
+                .iter()
+                .map(|agent| AgentKey { id: agent.id.as_str(), no_schedule: agent.no_schedule })
+                .collect();
+            agents.sort_by(|a, b| (a.id, a.no_schedule).cmp(&(b.id, b.no_schedule)));
+            (name.as_str(), agents)
+        })
+        .collect();
+    // Serialising plain strings, bools and enums cannot fail; an empty digest input would still be deterministic.
+    let bytes = serde_json::to_vec(&Inventory { backends, ci }).unwrap_or_default();
+    format!("sha256:{}", to_hex(&Sha256::digest(&bytes)))
+}
+
+pub(super) fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}

@@ -1,0 +1,179 @@
+//! The planner's entry point: plans every pool, then the orphans, orders the changes for apply, and totals them.
+//!
+//! Nothing here or in the rules does I/O, reads the clock or the environment, or iterates a hash map in a way
+//! that shows: the same inputs give the same plan, byte for byte. Hash maps are used for lookups only.
+//!
+//! Where things live: [`super::index`] (the observation, indexed), [`super::demand`] (pending jobs per pool),
+//! [`super::pool`] (the per-pool rules, step by step), [`super::orphans`], [`super::ownership`] (names),
+//! [`super::digest`] (agent hash, fingerprint), [`super::cost`].
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+
+use super::cost::estimate_cost;
+use super::demand::assign_pending;
+use super::digest::fingerprint;
+use super::fasthash::{FastMap, FastSet};
+use super::index::{index_backends, BackendIndex, CiIndex, InFlightIndex};
+use super::ownership::parse_name;
+use super::text::plural;
+use super::orphans::plan_orphan_instances;
+use super::pool::{plan_pool, PoolContext};
+use super::records;
+use super::{Action, Change, Plan, Summary, FORMAT_VERSION};
+use crate::model::{BackendName, CiName, Desired, InstanceId, InstanceMode, InstanceState, Observed, PoolName};
+
+/// Plans every pool, then the orphans, and totals the result. Pure: see the module docs.
+pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
+    let ci_indexes: BTreeMap<&CiName, CiIndex<'_>> =
+        observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
+    let backend_indexes = index_backends(desired, observed);
+    let pending = assign_pending(desired, observed);
+    let in_flight = InFlightIndex::new(observed);
+    let used_names: FastSet<&str> = observed
+        .backends
+        .values()
+        .flat_map(|backend| backend.instances.iter().map(|instance| instance.name.as_str()))
+        .chain(observed.ci.values().flat_map(|ci| ci.agents.iter().map(|agent| agent.name.as_str())))
+        .chain(observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())))
+        .collect();
+
+    let records = records::find(desired, observed, &ci_indexes, now);
+
+    let mut changes = Vec::new();
+    let mut pools = Vec::with_capacity(desired.pools.len());
+    // Names of stale agent records a create of this plan takes over: they are not deregistered.
+    let mut reused: FastSet<String> = FastSet::default();
+    // (backend, instance id) of every instance some pool claimed: the rest of our labelled ones are orphans.
+    // The value is the claiming pool's index (the cost estimate prices instances by their pool's machine).
+    let mut claimed: FastMap<(&BackendName, &InstanceId), usize> = FastMap::default();
+
+    for (pool_index, pool) in desired.pools.iter().enumerate() {
+        let context = PoolContext {
+            desired,
+            observed,
+            pool,
+            ci: ci_indexes.get(&pool.ci.source),
+            backend: backend_indexes.get(&pool.backend.backend),
+            pending_jobs: pending[pool_index],
+            used_names: &used_names,
+            in_flight: &in_flight,
+            records: &records,
+            now,
+        };
+        let outcome = plan_pool(&context);
+        for (backend, id) in outcome.claimed {
+            claimed.entry((backend, id)).or_insert(pool_index);
+        }
+        reused.extend(outcome.reused);
+        changes.extend(outcome.changes);
+        pools.push(outcome.status);
+    }
+
+    let mut notes: Vec<String> = migration_note(desired, &backend_indexes, &claimed).into_iter().collect();
+    let (orphans, orphan_notes) = plan_orphan_instances(desired, observed, &ci_indexes, &claimed);
+    notes.extend(orphan_notes);
+    changes.extend(orphans);
+    changes.extend(records::deregister_stale(&records, &reused, now));
+    notes.extend(records.notes.iter().cloned());
+    // Work in flight is already being done: planning it again would run it twice (or undo it half way).
+    changes.retain(|change| !in_flight.touches(change));
+
+    let pool_rank: FastMap<&PoolName, usize> = desired.pools.iter().enumerate().map(|(i, p)| (&p.name, i)).collect();
+    // Cached keys: comparing through the rank map on every comparison costs more than the rest of the sort.
+    changes.sort_by_cached_key(|change| {
+        let rank = pool_rank.get(&change.pool).copied().unwrap_or(usize::MAX);
+        (rank, change.pool.clone(), action_rank(change.action), target_name(change).to_owned())
+    });
+
+    let summary = summarize(&changes);
+    let cost = estimate_cost(desired, observed, &changes, &claimed);
+    Plan {
+        format_version: FORMAT_VERSION,
+        ciscale_version: env!("CARGO_PKG_VERSION").to_owned(),
+        config_hash: desired.config_hash.clone(),
+        observed_fingerprint: fingerprint(observed),
+        planned_at: now,
+        pools,
+        changes,
+        notes,
+        summary,
+        cost,
+    }
+}
+
+/// What the plan migrates: instances of create-mode pools named before names carried a digest keep their names
+/// (renaming means replacing) and go the usual way; new instances get names of the grammar (see `ownership`).
+fn migration_note(
+    desired: &Desired,
+    backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
+    claimed: &FastMap<(&BackendName, &InstanceId), usize>,
+) -> Option<String> {
+    let mut legacy: Vec<&str> = claimed
+        .iter()
+        .filter(|(_, pool)| desired.pools.get(**pool).is_some_and(|pool| matches!(pool.backend.mode, InstanceMode::Create)))
+        .filter_map(|((backend, id), _)| backends.get(backend)?.by_id.get(id).copied())
+        .filter(|instance| instance.state != InstanceState::Terminated)
+        .map(|instance| instance.name.as_str())
+        .filter(|name| parse_name(&desired.owner, name).is_none())
+        .collect();
+    if legacy.is_empty() {
+        return None;
+    }
+    legacy.sort_unstable();
+    let shown: Vec<String> = legacy.iter().take(3).map(|name| format!("`{name}`")).collect();
+    let more = if legacy.len() > 3 { format!(" and {} more", legacy.len() - 3) } else { String::new() };
+    Some(format!(
+        "migration: {} named before names carried a digest ({}{more}) {} as {} and {} the usual way; new \
+         instances are named `{}-<pool>-<digest>-<n>`",
+        plural(legacy.len() as u32, "instance"),
+        shown.join(", "),
+        if legacy.len() == 1 { "stays" } else { "stay" },
+        if legacy.len() == 1 { "it is" } else { "they are" },
+        if legacy.len() == 1 { "goes" } else { "go" },
+        desired.owner
+    ))
+}
+
+/// Apply order within a pool: free things first (deregister, delete), then replace/stop/drain, then the
+/// things that add capacity.
+fn action_rank(action: Action) -> u8 {
+    match action {
+        Action::Deregister => 0,
+        Action::Delete => 1,
+        Action::Replace => 2,
+        Action::Stop => 3,
+        Action::Drain => 4,
+        Action::Start => 5,
+        Action::Create => 6,
+    }
+}
+
+pub(super) fn target_name(change: &Change) -> &str {
+    change
+        .instance
+        .as_ref()
+        .map(|instance| instance.name.as_str())
+        .or_else(|| change.agent.as_ref().map(|agent| agent.name.as_str()))
+        .unwrap_or_default()
+}
+
+fn summarize(changes: &[Change]) -> Summary {
+    let mut summary = Summary::default();
+    for change in changes {
+        match change.action {
+            Action::Create => summary.create += 1,
+            Action::Start => summary.start += 1,
+            Action::Stop => summary.stop += 1,
+            Action::Delete => summary.delete += 1,
+            Action::Drain => summary.drain += 1,
+            Action::Deregister => summary.deregister += 1,
+            Action::Replace => {
+                summary.create += 1;
+                summary.delete += 1;
+            }
+        }
+    }
+    summary
+}
