@@ -42,7 +42,8 @@ use super::trace::Trace;
 use crate::apply::{ApplyOptions, Outcome};
 use crate::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, Billing, CiName, CiObservation, Desired, Instance,
-    InstanceId, InstanceMode, InstanceState, Observed, Price, Task, TaskId, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
+    InstanceId, InstanceMode, InstanceState, Observed, Price, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL,
+    POOL_LABEL,
 };
 use crate::plan::matching::pool_takes;
 use crate::plan::{self, Action, Change, Plan};
@@ -528,9 +529,11 @@ impl<'a> Sim<'a> {
         }
         for ci in self.observed.ci.values() {
             for agent in &ci.agents {
-                if let Some(last_work) = agent.last_work {
+                // `last_work` starts idle times; the record's age (registered, else last in contact) decides
+                // whether a record without an instance still counts as a create in flight.
+                for at in [agent.last_work, agent.created_at.or(agent.last_contact)].into_iter().flatten() {
                     for duration in &durations {
-                        consider(plus(last_work, *duration));
+                        consider(plus(at, *duration));
                     }
                 }
             }
@@ -663,6 +666,11 @@ impl<'a> Sim<'a> {
             if let Some(tally) = self.tallies.get_mut(pool_index) {
                 tally.create_failures += 1;
             }
+            if pool.agent.preregistered.is_none() {
+                // As apply does for a create refused outright: no instance will come, so the record registered
+                // for it goes, and the planner does not count it as a create in flight.
+                self.deregister(&pool.ci.source, &agent_id);
+            }
             return Err(("create instance", format!("backend `{}` has no capacity for {}", target.backend, candidates.join(", "))));
         };
         // The instance reports the candidates it got, as providers do (Hetzner names the server's type and
@@ -682,6 +690,8 @@ impl<'a> Sim<'a> {
             .collect();
         labels.entry(OWNER_LABEL.to_owned()).or_insert_with(|| desired.owner.clone());
         labels.entry(POOL_LABEL.to_owned()).or_insert_with(|| pool.name.to_string());
+        // The link from the instance to its agent record, as apply writes it (every simulated id fits a label).
+        labels.insert(AGENT_LABEL.to_owned(), agent_id.to_string());
         self.next_instance += 1;
         let id = InstanceId::new(format!("sim-{}", self.next_instance));
         let boot = model.boot_time.sample(&mut self.rng);

@@ -832,6 +832,31 @@ fn without_capacity_nothing_is_created_and_the_breaker_paces_the_attempts() {
 }
 
 #[test]
+fn a_create_refused_for_capacity_is_tried_again_next_cycle_not_after_the_bootstrap_timeout() {
+    // Apply removes the agent record of a create the backend refused, so the planner does not count it as a
+    // create in flight (which would hold the job back for the 10 min `bootstrapTimeout`). One job, half the
+    // creates refused: over seeds, a job whose create failed once or twice still starts within the boot time
+    // plus the backed-off retries (10 s + 20 s + 40 s), never after the bootstrap timeout.
+    let yaml = ec2_config("{ max: 2, bootstrapTimeout: 10m, breakerThreshold: 5 }")
+        .replace("bootTime: 45s", "bootTime: 45s, capacityErrors: 50%");
+    let mut retried = 0;
+    for seed in 1..=16 {
+        let mut one = request(vec![load("half.yaml", &yaml)], jobs(&[ONE_JOB_ON_TICK]), false);
+        one.seed = seed;
+        let runs = simulate::run_all(&one);
+        let totals = runs[0].total();
+        let summary = totals.summary();
+        assert_eq!((summary.jobs, summary.creates), (1, 1), "seed {seed}: the job ran on one agent");
+        if (1..=2).contains(&totals.create_failures) {
+            retried += 1;
+            let wait = summary.wait_max_s.unwrap_or_default();
+            assert!(wait > 45.0 && wait <= 45.0 + 70.0, "seed {seed}: {} refusals, waited {wait} s", totals.create_failures);
+        }
+    }
+    assert!(retried >= 3, "enough seeds had a refused create: {retried}");
+}
+
+#[test]
 fn an_incus_event_wakes_the_loop_when_an_ephemeral_container_goes() {
     // At most one ephemeral agent, polls every 30 s, containers boot in exactly 1 s. Job 1 arrives on the tick at
     // 09:00:00, whose create holds the cycle for the boot (so the next ticks are at :31 and :01); the agent runs it
