@@ -221,7 +221,7 @@ fn main() {
     let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("ciscale.yaml"), config()).expect("write config");
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
         .expect("open world");
     world.set_price("small", ciscale::model::Price { hourly: 0.01, currency: "EUR".to_owned() });
     // Every 5th provider call fails: 20 % faults, spread over every operation.

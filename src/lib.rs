@@ -12,4 +12,5 @@ pub mod observe;
 pub mod plan;
 pub mod providers;
 pub mod redact;
+pub mod simulate;
 pub mod watch;

@@ -380,6 +380,16 @@ pub struct FakeSpec {
     /// Play the CI's part on every observation: agents of running instances check in, take matching pending
     /// jobs, and finish them. Off: the world changes only when a test changes it.
     pub simulate: bool,
+    /// Made-up jobs arriving as time passes (CI side, with `simulate`), for demos.
+    pub jobs: Option<JobFeed>,
+}
+
+/// Jobs the fake CI makes up: those of a synthetic trace (`crate::simulate::synthetic`) as their time comes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobFeed {
+    /// The synthetic profile's name (`demo`, `office-week`, `nightly-burst`), checked by the config.
+    pub profile: String,
+    pub seed: u64,
 }
 
 impl CiKind {
@@ -668,7 +678,10 @@ impl ScheduleWindow {
     /// Whether `now` falls in the window: its minute, on the wall clock of the window's time zone, matches the
     /// pattern. Daylight-saving changes are handled by the time zone: 08:00 is 08:00 local in summer and winter.
     pub fn contains(&self, now: Timestamp) -> bool {
-        let local = now.to_zoned(self.timezone.clone());
+        // The minute `now` falls in: croner also compares seconds, which a 5-field pattern fixes at 0, so 08:30:30
+        // would otherwise be outside `* 8-16 * * *` (and a window would only hold for cycles on a whole minute).
+        let minute = Timestamp::from_second(now.as_second().div_euclid(60) * 60).unwrap_or(now);
+        let local = minute.to_zoned(self.timezone.clone());
         self.cron.parsed.is_time_matching(&local).unwrap_or(false)
     }
 }

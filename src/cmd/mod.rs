@@ -20,6 +20,8 @@ mod observe;
 mod plan;
 mod provision;
 mod schema;
+mod simulate;
+mod trace;
 mod validate;
 mod version;
 mod watch;
@@ -137,6 +139,10 @@ pub enum Command {
     Completions(completions::CompletionsArgs),
     /// Print the man page (roff)
     Man(man::ManArgs),
+    /// Replay a trace of jobs through the config's policy: queue waits, agent hours and cost, before spending money
+    Simulate(simulate::SimulateArgs),
+    /// Write job traces for `simulate`: from a CI source's history (`export`) or a bundled synthetic one
+    Trace(trace::TraceArgs),
 }
 
 impl Command {
@@ -161,6 +167,8 @@ impl Command {
             Command::Import(args) => import::run(args),
             Command::Completions(args) => completions::run(args),
             Command::Man(args) => man::run(args),
+            Command::Simulate(args) => simulate::run(args, ui),
+            Command::Trace(args) => trace::run(args, ui).await,
         }
     }
 }

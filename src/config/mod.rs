@@ -20,7 +20,10 @@ use sha2::{Digest, Sha256};
 
 pub use diag::{Diagnostics, Location, Problem, Severity, Span};
 
-use crate::model::Desired;
+use std::collections::BTreeMap;
+
+use crate::model::{BackendName, Desired};
+use crate::simulate::models::Overrides;
 
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -104,6 +107,9 @@ pub struct Loaded {
     pub desired: Desired,
     /// Problems that did not make the config unusable for the command; `None` when there are none.
     pub warnings: Option<Diagnostics>,
+    /// The backends' `simulation:` settings, by backend name (absent: the kind's defaults); read by
+    /// `ciscale simulate` only.
+    pub simulation: BTreeMap<BackendName, Overrides>,
 }
 
 /// Loads a config file; `${VAR}` references are read from the process environment. Relative paths in the config
@@ -131,6 +137,16 @@ pub fn load_str(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Desired, ConfigError> {
     load_str_with(source_name, text, env, Secrets::Needed).map(|loaded| loaded.desired)
+}
+
+/// [`load_str`] for `ciscale simulate` and `trace synthetic`: nothing is called, so secrets are
+/// [`Secrets::Unused`]; the backends' `simulation:` settings are in [`Loaded::simulation`].
+pub fn load_str_with_simulation(
+    source_name: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigError> {
+    load_str_with(source_name, text, env, Secrets::Unused)
 }
 
 /// [`load_str`] for a command that says whether it needs the secrets, with the warnings.
@@ -161,19 +177,21 @@ pub fn load_str_with(
         .parent()
         .unwrap_or(Path::new(""))
         .to_owned();
-    let desired = validate::Validator {
+    let mut validator = validate::Validator {
         checked: &checked,
         document: &document,
         base_dir: &base_dir,
         env,
         problems: &mut problems,
-    }
-    .validate(config_hash);
+        simulation: BTreeMap::new(),
+    };
+    let desired = validator.validate(config_hash);
+    let simulation = std::mem::take(&mut validator.simulation);
     match desired {
         Some(desired) if problems.is_empty() => {
             let warnings = problems.take_warnings();
             let warnings = (!warnings.is_empty()).then(|| Diagnostics::new(source_name, redacted, warnings));
-            Ok(Loaded { desired, warnings })
+            Ok(Loaded { desired, warnings, simulation })
         }
         _ => {
             if problems.is_empty() {
@@ -292,6 +310,12 @@ fn redact_unparsed(text: &str) -> String {
 /// covered, so plan files made then stay valid.
 fn config_hash(checked: &check::Checked, interpolated: &Value) -> String {
     let mut document = interpolated.clone();
+    // `simulation:` is read by `ciscale simulate` only: tuning a boot time must not make saved plans stale.
+    if let Some(backends) = document.get_mut("backends").and_then(Value::as_object_mut) {
+        for backend in backends.values_mut().filter_map(Value::as_object_mut) {
+            backend.remove("simulation");
+        }
+    }
     for string in checked.strings.iter().filter(|string| string.secret) {
         let written = checked.document.pointer(&string.pointer).and_then(Value::as_str).unwrap_or_default();
         if let Some(value) = document.pointer_mut(&string.pointer) {

@@ -204,6 +204,9 @@ pub enum RawCiSource {
         /// Play the CI's part on every observation [false].
         #[serde(default)]
         simulate: Option<bool>,
+        /// Jobs the fake CI makes up on its own as time passes, for demos (needs `simulate: true`) [none].
+        #[serde(default)]
+        jobs: Option<RawJobFeed>,
     },
 }
 
@@ -230,6 +233,35 @@ pub struct RawRunnerRelease {
     /// `amd64` or `arm64` [amd64].
     #[serde(default)]
     pub arch: Option<String>,
+}
+
+/// A stream of made-up jobs from one of `ciscale simulate`'s synthetic traces, one job for one of the source's
+/// pools at a time; seeded, so every run of the demo sees the same jobs at the same times of day.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawJobFeed {
+    /// `demo` (about a job a minute), `office-week` or `nightly-burst`.
+    pub profile: String,
+    /// Seed of the job generator [1].
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// What `ciscale simulate` assumes about a backend. Every key is optional: the backend kind's defaults apply.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawSimulation {
+    /// From create (or start) until the agent takes jobs: a Go duration (`45s`) or a range drawn from uniformly
+    /// (`40s-90s`) [incus `1s-2s`, hcloud `40s-1m30s`, aws `45s-1m40s`, fake `1s`].
+    #[serde(default)]
+    pub boot_time: Option<String>,
+    /// Hourly price per machine type, `cx22: 0.006 EUR`; the key `"*"` prices every other type [a bundled list
+    /// for hcloud and aws; none for incus and fake].
+    #[serde(default)]
+    pub prices: BTreeMap<String, String>,
+    /// Share of create attempts that find no capacity: `0.05` or `5%` [0].
+    #[serde(default)]
+    pub capacity_errors: Option<String>,
 }
 
 /// A backend account; `kind` selects which.
@@ -262,6 +294,9 @@ pub enum RawBackend {
         /// decide again from what they observe [5m].
         #[serde(default)]
         change_timeout: Option<String>,
+        /// What `ciscale simulate` assumes about this backend (every other command ignores it).
+        #[serde(default)]
+        simulation: Option<RawSimulation>,
     },
     /// An AWS EC2 account (credentials from the usual AWS environment / profile chain).
     Aws {
@@ -285,6 +320,9 @@ pub enum RawBackend {
         /// decide again from what they observe [5m].
         #[serde(default)]
         change_timeout: Option<String>,
+        /// What `ciscale simulate` assumes about this backend (every other command ignores it).
+        #[serde(default)]
+        simulation: Option<RawSimulation>,
     },
     /// An Incus host (system containers).
     Incus {
@@ -308,6 +346,9 @@ pub enum RawBackend {
         /// decide again from what they observe [3m].
         #[serde(default)]
         change_timeout: Option<String>,
+        /// What `ciscale simulate` assumes about this backend (every other command ignores it).
+        #[serde(default)]
+        simulation: Option<RawSimulation>,
     },
     /// The in-memory fake backend (tests, demos, offline trials).
     Fake {
@@ -331,6 +372,9 @@ pub enum RawBackend {
         /// decide again from what they observe [1m].
         #[serde(default)]
         change_timeout: Option<String>,
+        /// What `ciscale simulate` assumes about this backend (every other command ignores it).
+        #[serde(default)]
+        simulation: Option<RawSimulation>,
     },
 }
 

@@ -10,11 +10,15 @@ use serde_json::Value;
 
 use super::check::{Checked, Seg};
 use super::diag::{backticked, did_you_mean, Problems, Span};
-use super::raw::{RawBackend, RawCiSource, RawGithubApp, RawImage, RawPool, RawRunnerRelease, RawScale, RawSecret};
+use super::raw::{
+    RawBackend, RawCiSource, RawGithubApp, RawImage, RawJobFeed, RawPool, RawRunnerRelease, RawScale, RawSecret,
+    RawSimulation,
+};
+use crate::simulate::models::Overrides;
 use crate::model::{
     AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
     BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, ForgejoScope, GithubAuth,
-    GithubScope, GithubSpec, GoDuration,
+    GithubScope, GithubSpec, GoDuration, JobFeed,
     CreateLimit, CreateRate, CronPattern, ImageSpec, InstanceId, InstanceMode, MetricsSpec, PoolName, PoolSpec,
     RunnerReleaseSpec, ScalePolicy, ScheduleWindow, Secret,
 };
@@ -174,6 +178,13 @@ pub(crate) struct Validator<'a> {
     /// request budget applies to the poll interval.
     pub env: &'a dyn Fn(&str) -> Option<String>,
     pub problems: &'a mut Problems,
+    /// Out: the backends' `simulation:` settings (only `ciscale simulate` reads them).
+    pub simulation: BTreeMap<BackendName, Overrides>,
+}
+
+/// A key as a JSON pointer segment (`~` and `/` escaped).
+fn escape_pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
 /// The variable the hcloud backend reads its endpoint from when the config sets none (named here, not imported:
@@ -678,7 +689,56 @@ impl Validator<'_> {
         FakeSpec {
             state_file: state_file.map(|file| self.resolve_path(&file)),
             simulate: simulate.unwrap_or(false),
+            jobs: None,
         }
+    }
+
+    /// A fake CI's `jobs:` feed: a known synthetic profile.
+    fn job_feed(&mut self, pointer: &str, raw: RawJobFeed) -> Option<JobFeed> {
+        match raw.profile.parse::<crate::simulate::synthetic::Profile>() {
+            Ok(profile) => Some(JobFeed { profile: profile.name().to_owned(), seed: raw.seed.unwrap_or(1) }),
+            Err(why) => {
+                self.problems.push(self.value_span(&format!("{pointer}/jobs/profile")), why, None);
+                None
+            }
+        }
+    }
+
+    /// A backend's `simulation:` settings, each checked at its place.
+    fn simulation(&mut self, pointer: &str, raw: RawSimulation) -> Overrides {
+        use crate::simulate::models::{parse_price, parse_rate, BootTime};
+        let mut overrides = Overrides::default();
+        if let Some(text) = &raw.capacity_errors {
+            match parse_rate(text) {
+                Ok(rate) => overrides.capacity_errors = Some(rate),
+                Err(why) => {
+                    self.problems.push(self.value_span(&format!("{pointer}/simulation/capacityErrors")), why, None)
+                }
+            }
+        }
+        if let Some(text) = &raw.boot_time {
+            match text.parse::<BootTime>() {
+                Ok(boot_time) => overrides.boot_time = Some(boot_time),
+                Err(why) => self.problems.push(
+                    self.value_span(&format!("{pointer}/simulation/bootTime")),
+                    format!("invalid `bootTime` `{text}`: {why}"),
+                    Some("write a Go duration such as `45s`, or a range such as `40s-90s`".to_owned()),
+                ),
+            }
+        }
+        for (machine, text) in &raw.prices {
+            match parse_price(text) {
+                Ok(price) => {
+                    overrides.prices.insert(machine.clone(), price);
+                }
+                Err(why) => self.problems.push(
+                    self.value_span(&format!("{pointer}/simulation/prices/{}", escape_pointer(machine))),
+                    why,
+                    None,
+                ),
+            }
+        }
+        overrides
     }
 
     fn object_keys(&self, pointer: &str) -> Vec<String> {
@@ -780,7 +840,12 @@ impl Validator<'_> {
                 RawCiSource::Fake {
                     state_file,
                     simulate,
-                } => CiKind::Fake(self.fake_spec(state_file, simulate)),
+                    jobs,
+                } => {
+                    let mut spec = self.fake_spec(state_file, simulate);
+                    spec.jobs = jobs.and_then(|jobs| self.job_feed(&pointer, jobs));
+                    CiKind::Fake(spec)
+                }
                 RawCiSource::Forgejo {
                     server,
                     token,
@@ -822,7 +887,7 @@ impl Validator<'_> {
                 complete = false;
                 continue;
             };
-            let (kind, billing, create_rate, create_burst, change_timeout) = match raw {
+            let (kind, billing, create_rate, create_burst, change_timeout, simulation) = match raw {
                 RawBackend::Hcloud {
                     token,
                     endpoint,
@@ -830,6 +895,7 @@ impl Validator<'_> {
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 } => (
                     BackendKind::Hcloud {
                         token: Secret::new(token.0),
@@ -839,6 +905,7 @@ impl Validator<'_> {
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 ),
                 RawBackend::Aws {
                     region,
@@ -847,12 +914,14 @@ impl Validator<'_> {
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 } => (
                     BackendKind::Aws { region, endpoint },
                     billing.unwrap_or(Billing::PerSecond),
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 ),
                 RawBackend::Incus {
                     socket,
@@ -861,12 +930,14 @@ impl Validator<'_> {
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 } => (
                     BackendKind::Incus { socket, project },
                     billing.unwrap_or(Billing::PerSecond),
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 ),
                 RawBackend::Fake {
                     state_file,
@@ -875,16 +946,22 @@ impl Validator<'_> {
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 } => (
                     BackendKind::Fake(self.fake_spec(state_file, simulate)),
                     billing.unwrap_or(Billing::PerSecond),
                     create_rate,
                     create_burst,
                     change_timeout,
+                    simulation,
                 ),
             };
             let create_limit = self.create_limit(&pointer, name, create_rate.as_deref(), create_burst);
             let change_timeout = self.change_timeout(&pointer, name, change_timeout.as_deref());
+            if let Some(simulation) = simulation {
+                let overrides = self.simulation(&pointer, simulation);
+                self.simulation.insert(BackendName::new(name.clone()), overrides);
+            }
             backends.insert(
                 BackendName::new(name.clone()),
                 BackendSpec { kind, billing, create_limit, change_timeout },

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{Matching, PoolSpec, AZURE_POOL_LABEL};
+use crate::model::{CiKind, Matching, PoolSpec, AZURE_POOL_LABEL};
 
 /// Whether the pool's agents may take a job with these labels and demands, by the source's rule: the one place
 /// the planner asks, for every CI.
@@ -43,6 +43,20 @@ pub(super) const WOODPECKER_INTERNAL_PREFIX: &str = "woodpecker-ci.org/";
 pub const WOODPECKER_REPO_LABEL: &str = "repo";
 /// Task label naming the repository's organisation id; the server puts it on every task.
 pub const WOODPECKER_ORG_LABEL: &str = "org-id";
+
+/// Whether the agents of `pool` take a job with these task labels and demands, by the matching rule of the
+/// pool's CI source kind (`ci`: its spec's kind; `None` when the config does not name it, which matches as the
+/// fake CI does). `ciscale simulate` hands jobs to agents with it, playing the CI, by the same rule the planner
+/// counts a pool's demand with ([`pool_matches`]).
+pub fn pool_takes(
+    ci: Option<&CiKind>,
+    pool: &PoolSpec,
+    labels: &BTreeMap<String, String>,
+    demands: &[String],
+) -> bool {
+    let rule = ci.map_or(Matching::LabelFilterAndDemands, |kind| crate::providers::ci_capabilities(kind).matching);
+    pool_matches(rule, pool, labels, demands)
+}
 
 /// Woodpecker's rule (`pipeline.MatchLabels`, used by server/scheduler/filter.go): the agent takes the task iff
 /// - every agent label `!key: value` (a *required* label) is carried by the task with exactly that value, and

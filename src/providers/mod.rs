@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use jiff::Timestamp;
 
 use crate::model::{
     AgentId, BackendName, BackendObservation, CiName, CiObservation, Instance, InstanceId, PoolName, Secret,
@@ -328,6 +329,31 @@ pub struct WebhookRefusal {
     pub message: String,
 }
 
+/// Which past jobs [`CiSource::history`] returns: those queued in `[from, until)`.
+#[derive(Debug, Clone)]
+pub struct HistoryRequest {
+    pub from: Timestamp,
+    pub until: Timestamp,
+}
+
+/// A job a CI source ran (or is running), as its history tells it: what `ciscale trace export` turns into a
+/// trace line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PastJob {
+    /// How the CI names it, for humans (`acme/app#42/build`, an Azure request id).
+    pub id: String,
+    /// When it could first run: queued, its dependencies done, its approval given.
+    pub queued_at: Timestamp,
+    /// When an agent took it; `None`: never (cancelled while queued, or still waiting).
+    pub started_at: Option<Timestamp>,
+    /// When it ended; `None`: still running, or never started.
+    pub finished_at: Option<Timestamp>,
+    /// What it asked for in the CI's own terms (Woodpecker task labels, including `repo` and `org-id`).
+    pub labels: BTreeMap<String, String>,
+    /// Azure demands.
+    pub demands: Vec<String>,
+}
+
 /// A CI server: where the queue is read and agents are registered.
 ///
 /// # Contract
@@ -336,6 +362,8 @@ pub struct WebhookRefusal {
 ///   credential where the CI allows it.
 /// - `drain`/`undrain` are idempotent where [`CiCapabilities::drain`] says so, else [`Error::Unsupported`];
 ///   `deregister` of a missing agent returns [`Error::NotFound`].
+/// - `history` (optional: [`Error::Unsupported`] by default) returns the jobs queued in the request's window,
+///   oldest first, as far as the CI keeps them; it is read once by `ciscale trace export`, never by a cycle.
 #[async_trait]
 pub trait CiSource: Send + Sync + Debug {
     fn kind(&self) -> &'static str;
@@ -362,6 +390,9 @@ pub trait CiSource: Send + Sync + Debug {
     async fn drain(&self, id: &AgentId) -> Result<()>;
     async fn undrain(&self, id: &AgentId) -> Result<()>;
     async fn deregister(&self, id: &AgentId) -> Result<()>;
+    async fn history(&self, _request: &HistoryRequest) -> Result<Vec<PastJob>> {
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "job history" })
+    }
 }
 
 /// The live providers a config names, by the names the config gives them.

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use super::fake::FakeWorld;
+use super::fake::{FakeWorld, JobFeed};
 use super::{Backend, CiCapabilities, CiSource, Providers, Result};
-use crate::model::{BackendKind, CiKind, Desired, FakeSpec, AZURE_POOL_LABEL};
+use crate::model::{BackendKind, CiKind, CiName, Desired, FakeSpec, AZURE_POOL_LABEL};
+use crate::simulate::synthetic::Profile;
 
 /// Connects to every provider the config names. No network call is made here: the first call is the first
 /// observation, so a `plan --observed` never needs this at all.
@@ -18,7 +19,7 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
         if spec.state_file.is_some() {
             return FakeWorld::open(spec);
         }
-        let shared = FakeSpec { state_file: None, simulate: in_memory_simulates };
+        let shared = FakeSpec { state_file: None, simulate: in_memory_simulates, jobs: None };
         Ok(match &in_memory {
             Some(world) => world.clone(),
             None => in_memory.insert(FakeWorld::open(&shared)?).clone(),
@@ -47,7 +48,13 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
     }
     for (name, spec) in &desired.ci {
         let source: Arc<dyn CiSource> = match &spec.kind {
-            CiKind::Fake(fake) => Arc::new(world_for(fake)?.ci()),
+            CiKind::Fake(fake) => {
+                let world = world_for(fake)?;
+                if let Some(feed) = &fake.jobs {
+                    world.set_job_feed(job_feed(desired, name, feed));
+                }
+                Arc::new(world.ci())
+            }
             CiKind::Forgejo { server, token, scope, runner_url, runner_release } => {
                 Arc::new(forgejo(server, token, scope, runner_url.as_deref(), runner_release.as_ref())?)
             }
@@ -74,6 +81,17 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
         providers.ci.insert(name.clone(), source);
     }
     Ok(providers)
+}
+
+/// The feed of a fake CI: the configured synthetic profile, with one job template per pool of that source.
+fn job_feed(desired: &Desired, source: &CiName, feed: &crate::model::JobFeed) -> JobFeed {
+    let (templates, skipped) = crate::simulate::synthetic::templates_for(desired, Some(source));
+    if !skipped.is_empty() {
+        tracing::warn!(ci = %source, pools = ?skipped, "fake ci: no made-up job fits these pools; they get none");
+    }
+    // The config checked the name; an unknown one (a hand-built `Desired`) falls back to the demo.
+    let profile = feed.profile.parse::<Profile>().unwrap_or(Profile::Demo);
+    JobFeed { profile, seed: feed.seed, templates }
 }
 
 fn fake_specs(desired: &Desired) -> impl Iterator<Item = &FakeSpec> {

@@ -20,6 +20,8 @@ use super::http::{self, retry_after, ErrorAnswer};
 use super::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
 
+mod history;
+
 const PROVIDER: &str = "woodpecker";
 /// Page size of `GET /api/agents`: the server's documented default, which every version accepts (a larger one
 /// may be capped silently, and a short page would then look like the last one).
@@ -353,6 +355,10 @@ impl CiSource for Woodpecker {
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
         self.delete_agent(id).await
+    }
+
+    async fn history(&self, request: &super::HistoryRequest) -> Result<Vec<super::PastJob>> {
+        self.job_history(request).await
     }
 }
 

@@ -942,6 +942,7 @@ pools:
         FakeWorld::open(&FakeSpec {
             state_file: Some(self.dir.path().join("world.json")),
             simulate: false,
+            jobs: None,
         })
         .expect("open world")
     }

@@ -753,6 +753,7 @@ pools:
     let world = FakeWorld::open(&FakeSpec {
         state_file: Some(dir.path().join("world.json")),
         simulate: false,
+        jobs: None,
     })
     .expect("open the world");
 

@@ -84,7 +84,7 @@ pools:
     }
 
     pub(crate) fn world(&self) -> FakeWorld {
-        FakeWorld::open(&FakeSpec { state_file: Some(self.path("world.json")), simulate: false }).expect("open world")
+        FakeWorld::open(&FakeSpec { state_file: Some(self.path("world.json")), simulate: false, jobs: None }).expect("open world")
     }
 
     pub(crate) fn push_linux_task(&self) {

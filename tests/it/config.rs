@@ -218,6 +218,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 kind: CiKind::Fake(FakeSpec {
                     state_file: Some(PathBuf::from("conf/world.json")),
                     simulate: true,
+                    jobs: None,
                 }),
             },
         ),
@@ -284,6 +285,7 @@ fn a_full_config_maps_to_the_expected_desired() {
                 kind: BackendKind::Fake(FakeSpec {
                     state_file: Some(PathBuf::from("/tmp/world.json")),
                     simulate: false,
+                    jobs: None,
                 }),
                 billing: Billing::PerSecond,
                 create_limit: None,

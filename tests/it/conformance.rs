@@ -386,7 +386,7 @@ async fn fake_ci_in_memory() {
 #[tokio::test]
 async fn fake_backend_and_ci_file_backed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spec = FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false };
+    let spec = FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None };
     let world = FakeWorld::open(&spec).expect("open");
     backend_conformance(Arc::new(world.backend()), "conformance", Patience::FAKE).await;
     // A second handle on the same file (as a second process would have) passes too, and sees the first's state.

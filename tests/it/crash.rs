@@ -233,7 +233,7 @@ pools:
             interval = if backdrop.backend_yaml().contains("incus") { "1s" } else { "500ms" },
         );
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
-        let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+        let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
             .expect("open the fake world");
         world.keep_journal();
         Self { dir, world, backdrop, runs: 0, log: Vec::new() }
@@ -683,7 +683,7 @@ impl Backdrop for FakeBackdrop {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_anywhere_on_the_fake_world() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
         .expect("open the fake world");
     // The adopted machines exist before ciscale starts, stopped, owned by nobody (adoption names them).
     world.update(|state| {
@@ -873,7 +873,7 @@ async fn kill_9_anywhere_on_moto() {
         adopted.push((crate::aws::launch_plain_instance(&client, &agent).await, agent));
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
         .expect("open the fake world");
     let losses = Arc::new(Mutex::new(Vec::new()));
     let names: BTreeMap<String, String> = adopted.iter().cloned().collect();
@@ -1044,7 +1044,7 @@ async fn kill_9_anywhere_on_incus() {
     }
     let socket = std::env::var("CISCALE_TEST_INCUS_SOCKET").expect("socket");
     let proxy = crate::fakes::incus_proxy::IncusProxy::start(&dir.path().join("incus.socket"), Path::new(&socket), &owner);
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
         .expect("open the fake world");
     let losses = Arc::new(Mutex::new(Vec::new()));
     proxy.set_hook(Arc::new(busy_check(world.clone(), losses.clone())));

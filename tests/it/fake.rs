@@ -145,7 +145,7 @@ async fn push_file_and_exec_are_recorded() {
 async fn a_state_file_is_shared_by_separate_handles() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("world.json");
-    let spec = FakeSpec { state_file: Some(path.clone()), simulate: false };
+    let spec = FakeSpec { state_file: Some(path.clone()), simulate: false, jobs: None };
 
     let first = FakeWorld::open(&spec).expect("open a missing file");
     assert_eq!(first.snapshot(), Default::default(), "a missing file is an empty world");
@@ -180,7 +180,7 @@ async fn a_corrupt_state_file_is_an_error_with_a_hint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("world.json");
     std::fs::write(&path, "{ not json").expect("write");
-    let error = FakeWorld::open(&FakeSpec { state_file: Some(path), simulate: false }).expect_err("corrupt file");
+    let error = FakeWorld::open(&FakeSpec { state_file: Some(path), simulate: false, jobs: None }).expect_err("corrupt file");
     let text = format!("{error}: {:?}", std::error::Error::source(&error).map(ToString::to_string));
     assert!(text.contains("world.json"), "{text}");
     assert!(text.contains("hint: delete it"), "{text}");
@@ -287,7 +287,7 @@ async fn an_ephemeral_agent_powers_off_after_one_job() {
 
 #[tokio::test]
 async fn a_simulating_world_plays_the_ci_on_every_observation() {
-    let world = FakeWorld::open(&FakeSpec { state_file: None, simulate: true }).expect("open");
+    let world = FakeWorld::open(&FakeSpec { state_file: None, simulate: true, jobs: None }).expect("open");
     world.set_now(at("2025-01-01T10:00:00Z"));
     let (_, agent) = running_agent(&world, "a", &[]).await;
     world.push_task(BTreeMap::new());

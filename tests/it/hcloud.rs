@@ -618,6 +618,7 @@ pools:
         FakeWorld::open(&FakeSpec {
             state_file: Some(self.path("world.json")),
             simulate: false,
+            jobs: None,
         })
         .expect("open world")
     }

@@ -26,5 +26,6 @@ mod readme;
 mod safety;
 mod saved_plan;
 mod scenarios;
+mod simulate;
 mod watch_loop;
 mod woodpecker;

@@ -144,7 +144,7 @@ fn the_woodpecker_walkthrough_runs_in_the_fake_world() {
     let text = readme();
     let dir = tempfile::tempdir().expect("dir");
     let config = fake_world_config(dir.path());
-    let world = || FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false }).expect("world");
+    let world = || FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None }).expect("world");
     // A step as the README writes it, plus what a test needs on top (`--json --cycles N` instead of Ctrl-C).
     let step_with = |args: &[&str], extra: &[&str]| {
         let shown = format!("ciscale {}", args.join(" "));

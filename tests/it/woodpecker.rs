@@ -411,6 +411,7 @@ pools:
         FakeWorld::open(&FakeSpec {
             state_file: Some(self.path("world.json")),
             simulate: false,
+            jobs: None,
         })
         .expect("open world")
     }

@@ -44,9 +44,11 @@ use reqwest::Method;
 use crate::model::{AgentId, CiObservation, PoolName, Queue, Secret, EPHEMERAL_LABEL};
 use crate::providers::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 
+mod history;
 mod http;
 mod wire;
 
+pub use history::COMPLETED_REQUESTS;
 pub use http::{AzureError, API_VERSION};
 use http::{Http, PROVIDER};
 use wire::{agent_to_model, requests_to_queue, List, WireAgent, WireJobRequest, WirePool};
@@ -413,6 +415,10 @@ impl CiSource for AzurePipelines {
 
     async fn undrain(&self, id: &AgentId) -> Result<()> {
         self.set_enabled(id, true).await
+    }
+
+    async fn history(&self, request: &crate::providers::HistoryRequest) -> Result<Vec<crate::providers::PastJob>> {
+        self.job_history(request).await
     }
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {

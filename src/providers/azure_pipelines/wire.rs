@@ -105,6 +105,11 @@ pub(crate) struct WireJobRequest {
     pub finish_time: Option<String>,
     #[serde(default)]
     pub assign_time: Option<String>,
+    /// Read by the job history only (trace export).
+    #[serde(default)]
+    pub queue_time: Option<String>,
+    #[serde(default)]
+    pub receive_time: Option<String>,
     #[serde(default)]
     pub reserved_agent: Option<WireAgentRef>,
     #[serde(default, deserialize_with = "null_as_empty")]
@@ -122,7 +127,7 @@ impl WireJobRequest {
         self.reserved_agent.is_some() || parse_time(self.assign_time.as_deref()).is_some()
     }
 
-    fn to_task(&self, pool_name: &str) -> Task {
+    pub(super) fn to_task(&self, pool_name: &str) -> Task {
         Task {
             id: TaskId::new(self.request_id.to_string()),
             labels: BTreeMap::from([(AZURE_POOL_LABEL.to_owned(), pool_name.to_owned())]),

@@ -71,7 +71,11 @@ impl CiSource for FakeCi {
 
     async fn observe(&self) -> Result<CiObservation> {
         let simulate = self.world.simulates();
+        let feed = if simulate { self.world.job_feed() } else { None };
         self.world.call(Op::CiObserve, |state| {
+            if let Some(feed) = &feed {
+                state.feed_jobs(feed);
+            }
             if simulate {
                 state.simulate();
             }

@@ -22,6 +22,7 @@ use fs4::fs_std::FileExt;
 use jiff::Timestamp;
 
 use crate::model::{FakeSpec, Price, TaskId};
+use crate::simulate::synthetic::{JobTemplate, Profile};
 use crate::providers::{Error, Result};
 
 mod backend;
@@ -34,7 +35,7 @@ pub use ci::{FakeCi, CI_CAPABILITIES};
 pub use fault::{Fault, FaultKind, Op};
 pub use state::{
     labels_match, sha256_hex, ArmedFault, Counters, ExecRecord, FakeAgent, FakeInstance, FakeTask, JournalEntry,
-    PushedFile, WorldState, DEFAULT_RUN_FOR_SECS, EPHEMERAL_LABEL,
+    PushedFile, WorldState, DEFAULT_RUN_FOR_SECS, EPHEMERAL_LABEL, FEED_BACKFILL_SECS,
 };
 
 /// Why the fake world's state file could not be used.
@@ -66,6 +67,19 @@ struct Inner {
     state: Mutex<WorldState>,
     state_file: Option<PathBuf>,
     simulate: bool,
+    /// Made-up jobs the CI receives as time passes ([`FakeWorld::set_job_feed`]).
+    feed: Mutex<Option<JobFeed>>,
+}
+
+/// Jobs of a synthetic trace ([`crate::simulate::synthetic`]) that arrive in the fake CI's queue as the world's
+/// clock passes their time: a demo world with work of its own. Deterministic: the jobs depend only on the
+/// profile, the seed and the time, so a restarted `watch` sees the same jobs at the same moments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFeed {
+    pub profile: Profile,
+    pub seed: u64,
+    /// One per pool of the CI source: what its jobs ask for.
+    pub templates: Vec<JobTemplate>,
 }
 
 impl fmt::Debug for FakeWorld {
@@ -105,7 +119,14 @@ impl FakeWorld {
     }
 
     fn build(state_file: Option<PathBuf>, simulate: bool) -> Self {
-        Self { inner: Arc::new(Inner { state: Mutex::new(WorldState::default()), state_file, simulate }) }
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(WorldState::default()),
+                state_file,
+                simulate,
+                feed: Mutex::new(None),
+            }),
+        }
     }
 
     pub fn backend(&self) -> FakeBackend {
@@ -119,6 +140,17 @@ impl FakeWorld {
     /// Whether CI observations play the CI first (see [`FakeSpec::simulate`]).
     pub fn simulates(&self) -> bool {
         self.inner.simulate
+    }
+
+    /// Lets jobs of a synthetic trace arrive on their own while the world simulates: each CI observation first
+    /// queues the feed's jobs whose time has come since the previous one (the first one those of the last ten
+    /// minutes, so a fresh demo has work at once).
+    pub fn set_job_feed(&self, feed: JobFeed) {
+        *self.inner.feed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(feed);
+    }
+
+    pub(crate) fn job_feed(&self) -> Option<JobFeed> {
+        self.inner.feed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     /// Adds a pending task that runs [`DEFAULT_RUN_FOR_SECS`] once taken.

@@ -16,6 +16,9 @@ use super::fault::Fault;
 
 pub use crate::model::EPHEMERAL_LABEL;
 
+/// How far back the job feed starts: ten minutes hold one busy stretch of the `demo` profile whatever the time.
+pub const FEED_BACKFILL_SECS: i64 = 10 * 60;
+
 /// How long a task pushed with [`super::FakeWorld::push_task`] runs once an agent takes it.
 pub const DEFAULT_RUN_FOR_SECS: u64 = 60;
 
@@ -48,6 +51,9 @@ pub struct WorldState {
     pub faults: Vec<ArmedFault>,
     /// Counters behind the deterministic ids.
     pub counters: Counters,
+    /// How far the job feed has queued its jobs ([`super::JobFeed`]); `None` until its first observation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs_fed_until: Option<Timestamp>,
     /// Names of machines that run outside the fake world (a real backend, e.g. moto's EC2, in end-to-end
     /// tests): `simulate` lets the agents of these names check in and take jobs as if a fake instance of that
     /// name were running. Whoever drives the test keeps the list in step with the real backend.
@@ -96,6 +102,7 @@ impl Default for WorldState {
             execs: Vec::new(),
             faults: Vec::new(),
             counters: Counters::default(),
+            jobs_fed_until: None,
             external_running: Vec::new(),
             holds: BTreeMap::new(),
             held: Vec::new(),
@@ -317,6 +324,33 @@ impl WorldState {
             .collect()
     }
 
+    /// Queues the feed's jobs that arrived since the last call; the first call queues those of the last
+    /// [`FEED_BACKFILL_SECS`], so a fresh demo has work at once.
+    pub fn feed_jobs(&mut self, feed: &super::JobFeed) {
+        let now = self.now();
+        let backfill = jiff::SignedDuration::from_secs(FEED_BACKFILL_SECS);
+        let from = self.jobs_fed_until.unwrap_or_else(|| now.checked_sub(backfill).unwrap_or(now));
+        self.jobs_fed_until = Some(now.max(from));
+        if from >= now {
+            return;
+        }
+        let jobs = crate::simulate::synthetic::jobs_between(feed.profile, feed.seed, 1.0, &feed.templates, from, now);
+        for job in jobs {
+            self.counters.tasks += 1;
+            let id = TaskId::new(format!("t{}", self.counters.tasks));
+            let run_for_secs = u64::try_from(job.duration.as_secs()).unwrap_or(0);
+            tracing::info!(task = %id, labels = ?job.labels, run_for_secs, "fake ci: job queued");
+            self.tasks.push(FakeTask {
+                id,
+                labels: job.labels,
+                demands: job.demands,
+                agent_id: None,
+                started_at: None,
+                run_for_secs,
+            });
+        }
+    }
+
     /// Plays the CI and its agents for one step; see [`super::FakeWorld::simulate`].
     pub fn simulate(&mut self) {
         let now = self.now();
@@ -347,6 +381,9 @@ impl WorldState {
             };
             !done
         });
+        for agent_id in &finished_by {
+            tracing::info!(agent = %agent_id, "fake ci: job finished");
+        }
         for agent_id in finished_by {
             let mut power_off = None;
             if let Some(agent) = self.agent_mut(&agent_id) {
@@ -386,6 +423,7 @@ impl WorldState {
                 let task = &mut self.tasks[index];
                 task.agent_id = Some(agent_id.clone());
                 task.started_at = Some(now);
+                tracing::info!(task = %task.id, agent = %agent_id, "fake ci: job taken");
                 if let Some(agent) = self.agent_mut(&agent_id) {
                     agent.last_work = Some(now);
                 }

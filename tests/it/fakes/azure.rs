@@ -370,6 +370,33 @@ impl AzureFake {
         id
     }
 
+    /// A request that has run already (history): queued, received by an agent, finished at these times.
+    pub fn add_past_request(
+        &self,
+        pool: &str,
+        demands: &[&str],
+        queue_time: Timestamp,
+        assign_time: Option<Timestamp>,
+        finish_time: Option<Timestamp>,
+        result: &str,
+    ) -> u64 {
+        let mut state = self.state();
+        let pool_id = Self::pool_id(&state, pool);
+        state.next_request += 1;
+        let id = state.next_request;
+        state.requests.push(FakeRequest {
+            id,
+            pool_id,
+            demands: demands.iter().map(|demand| (*demand).to_owned()).collect(),
+            queue_time,
+            assign_time,
+            reserved_agent: None,
+            finish_time,
+            result: finish_time.map(|_| result.to_owned()),
+        });
+        id
+    }
+
     /// Assigns a request to an agent, as the service does when the agent asks for work.
     pub fn assign(&self, request: u64, agent: u32) {
         let mut state = self.state();
@@ -831,10 +858,23 @@ fn answer(
             let Some(pool) = pool else {
                 return pool_missing(pool_id.unwrap_or_default());
             };
+            // `completedRequestCount=N`: every unfinished request and the N most recently finished ones (the
+            // service keeps a pool's recent history only; without the parameter it answers with what it keeps).
+            let completed = param(query, "completedRequestCount").and_then(|count| count.parse::<usize>().ok());
+            let mut finished: Vec<&FakeRequest> = state
+                .requests
+                .iter()
+                .filter(|request| request.pool_id == pool.id && !request.is_unfinished())
+                .collect();
+            finished.sort_by_key(|request| std::cmp::Reverse(request.finish_time));
+            if let Some(count) = completed {
+                finished.truncate(count);
+            }
             let requests = state
                 .requests
                 .iter()
                 .filter(|request| request.pool_id == pool.id)
+                .filter(|request| request.is_unfinished() || finished.iter().any(|kept| kept.id == request.id))
                 .map(|request| job_request_json(state, request))
                 .collect();
             (StatusCode::OK, list(requests))

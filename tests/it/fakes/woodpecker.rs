@@ -59,8 +59,39 @@ pub struct FakeAgent {
     pub created: i64,
 }
 
+/// A repository with its pipeline history (for the job-history endpoints).
+#[derive(Debug, Clone)]
+pub struct FakeRepo {
+    pub id: i64,
+    pub full_name: String,
+    pub org_id: i64,
+    pub active: bool,
+    pub pipelines: Vec<FakePipeline>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakePipeline {
+    pub number: i64,
+    /// Unix seconds, as the server keeps them.
+    pub created: i64,
+    /// When it was approved; 0: it needed no approval.
+    pub reviewed: i64,
+    pub workflows: Vec<FakeWorkflow>,
+    /// Workflow files: (path, YAML).
+    pub configs: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeWorkflow {
+    pub name: String,
+    /// 0: never.
+    pub started: i64,
+    pub finished: i64,
+}
+
 #[derive(Default)]
 struct State {
+    repos: Vec<FakeRepo>,
     agents: BTreeMap<i64, FakeAgent>,
     next_agent: i64,
     next_task: u64,
@@ -171,6 +202,43 @@ impl FakeWoodpecker {
             agent_id: None,
         });
         id
+    }
+
+    /// Adds an active repository; returns its id.
+    pub fn add_repo(&self, full_name: &str, org_id: i64) -> i64 {
+        let mut state = self.state();
+        let id = 100 + state.repos.len() as i64;
+        state.repos.push(FakeRepo { id, full_name: full_name.to_owned(), org_id, active: true, pipelines: Vec::new() });
+        id
+    }
+
+    /// Adds a pipeline that ran (its workflows' times and its workflow files); returns its number.
+    pub fn add_pipeline(&self, repo_id: i64, created: i64, workflows: &[(&str, i64, i64)], configs: &[(&str, &str)]) -> i64 {
+        self.add_pipeline_reviewed(repo_id, created, 0, workflows, configs)
+    }
+
+    pub fn add_pipeline_reviewed(
+        &self,
+        repo_id: i64,
+        created: i64,
+        reviewed: i64,
+        workflows: &[(&str, i64, i64)],
+        configs: &[(&str, &str)],
+    ) -> i64 {
+        let mut state = self.state();
+        let repo = state.repos.iter_mut().find(|repo| repo.id == repo_id).expect("known repo");
+        let number = repo.pipelines.len() as i64 + 1;
+        repo.pipelines.push(FakePipeline {
+            number,
+            created,
+            reviewed,
+            workflows: workflows
+                .iter()
+                .map(|(name, started, finished)| FakeWorkflow { name: (*name).to_owned(), started: *started, finished: *finished })
+                .collect(),
+            configs: configs.iter().map(|(name, yaml)| ((*name).to_owned(), (*yaml).to_owned())).collect(),
+        });
+        number
     }
 
     /// Moves a pending task to running on `agent_id`; the agent has just been in contact.
@@ -368,19 +436,112 @@ fn json_response(body: &Value) -> Response {
     (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
-/// The counter key of a request: `GET /api/agents/{agent_id}` style.
+/// The counter key of a request: `GET /api/agents/{agent_id}`, `GET /api/repos/{repo_id}/pipelines/{number}`.
 fn endpoint_key(method: &Method, path: &str) -> String {
-    let templated: Vec<String> = path
-        .split('/')
-        .map(|segment| {
-            if segment.parse::<i64>().is_ok() {
-                "{agent_id}".to_owned()
-            } else {
-                segment.to_owned()
+    let segments: Vec<&str> = path.split('/').collect();
+    let templated: Vec<String> = segments
+        .iter()
+        .enumerate()
+        .map(|(index, segment)| {
+            if segment.parse::<i64>().is_err() {
+                return (*segment).to_owned();
+            }
+            match index.checked_sub(1).and_then(|previous| segments.get(previous)) {
+                Some(&"repos") => "{repo_id}".to_owned(),
+                Some(&"pipelines") => "{number}".to_owned(),
+                _ => "{agent_id}".to_owned(),
             }
         })
         .collect();
     format!("{method} {}", templated.join("/"))
+}
+
+fn repo_json(repo: &FakeRepo) -> Value {
+    let (owner, name) = repo.full_name.split_once('/').unwrap_or(("", repo.full_name.as_str()));
+    json!({
+        "id": repo.id,
+        "forge_id": 1,
+        "forge_remote_id": format!("{}", repo.id * 7),
+        "org_id": repo.org_id,
+        "owner": owner,
+        "name": name,
+        "full_name": repo.full_name,
+        "avatar_url": "",
+        "forge_url": format!("https://git.example.com/{}", repo.full_name),
+        "clone_url": format!("https://git.example.com/{}.git", repo.full_name),
+        "default_branch": "main",
+        "pr_enabled": true,
+        "timeout": 60,
+        "visibility": "private",
+        "private": true,
+        "active": repo.active,
+        "allow_pr": true,
+        "allow_deploy": false,
+        "config_file": "",
+    })
+}
+
+/// A pipeline as the server sends it; the list leaves the workflows out.
+fn pipeline_json(pipeline: &FakePipeline, with_workflows: bool) -> Value {
+    let started = pipeline.workflows.iter().map(|w| w.started).filter(|t| *t > 0).min().unwrap_or(0);
+    let finished = pipeline.workflows.iter().map(|w| w.finished).max().unwrap_or(0);
+    let mut value = json!({
+        "id": pipeline.number * 10,
+        "number": pipeline.number,
+        "author": "dev",
+        "parent": 0,
+        "event": "push",
+        "status": if finished > 0 { "success" } else { "running" },
+        "errors": [],
+        "created": pipeline.created,
+        "updated": finished.max(pipeline.created),
+        "started": started,
+        "finished": finished,
+        "reviewed": pipeline.reviewed,
+        "reviewed_by": if pipeline.reviewed > 0 { "maintainer" } else { "" },
+        "deploy_to": "",
+        "commit": "0123456789abcdef",
+        "branch": "main",
+        "ref": "refs/heads/main",
+        "refspec": "",
+        "title": "",
+        "message": "change",
+        "timestamp": pipeline.created,
+        "sender": "dev",
+        "forge_url": "",
+        "author_avatar": "",
+        "author_email": "dev@example.com",
+        "changed_files": [],
+    });
+    if with_workflows {
+        value["workflows"] = Value::Array(
+            pipeline
+                .workflows
+                .iter()
+                .enumerate()
+                .map(|(index, workflow)| {
+                    json!({
+                        "id": pipeline.number * 100 + index as i64,
+                        "pipeline_id": pipeline.number * 10,
+                        "pid": index as i64 + 1,
+                        "name": workflow.name,
+                        "state": if workflow.finished > 0 { "success" } else if workflow.started > 0 { "running" } else { "pending" },
+                        "started": workflow.started,
+                        "finished": workflow.finished,
+                        "agent_id": 1,
+                        "platform": "linux/amd64",
+                        "environ": {},
+                        "children": [],
+                    })
+                })
+                .collect(),
+        );
+    }
+    value
+}
+
+fn query_text(query: &str, name: &str) -> Option<String> {
+    url_pairs(query).into_iter().find(|(key, _)| key == name).map(|(_, value)| value)
 }
 
 async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
@@ -573,6 +734,65 @@ fn route(state: &mut State, method: &Method, path: &str, query: &str, body: &Val
                 .map(|task| task_json(task, state))
                 .collect();
             Answer::Json(Value::Array(tasks))
+        }
+        ("GET", ["api", "repos"]) => {
+            let per_page = query_number(query, "perPage", 50).clamp(1, 50);
+            let page = query_number(query, "page", 1).max(1);
+            let only_active = query_text(query, "active").is_some_and(|value| value == "true");
+            let repos: Vec<Value> = state
+                .repos
+                .iter()
+                .filter(|repo| !only_active || repo.active)
+                .skip((page - 1) * per_page)
+                .take(per_page)
+                .map(repo_json)
+                .collect();
+            Answer::Json(Value::Array(repos))
+        }
+        ("GET", ["api", "repos", repo_id, "pipelines", rest @ ..]) => {
+            let Some(repo) = repo_id.parse::<i64>().ok().and_then(|id| state.repos.iter().find(|repo| repo.id == id)) else {
+                return Answer::Error(StatusCode::NOT_FOUND, "repo not found");
+            };
+            match rest {
+                [] => {
+                    // Newest first; `after`/`before` bound `created` (RFC 3339), as the server's store does.
+                    let bound = |name: &str| {
+                        query_text(query, name).and_then(|text| text.parse::<jiff::Timestamp>().ok()).map(|at| at.as_second())
+                    };
+                    let (after, before) = (bound("after"), bound("before"));
+                    let per_page = query_number(query, "perPage", 50).clamp(1, 50);
+                    let page = query_number(query, "page", 1).max(1);
+                    let pipelines: Vec<Value> = repo
+                        .pipelines
+                        .iter()
+                        .rev()
+                        .filter(|p| after.is_none_or(|after| p.created > after) && before.is_none_or(|before| p.created < before))
+                        .skip((page - 1) * per_page)
+                        .take(per_page)
+                        .map(|pipeline| pipeline_json(pipeline, false))
+                        .collect();
+                    Answer::Json(Value::Array(pipelines))
+                }
+                [number] | [number, "config"] => {
+                    let Some(pipeline) =
+                        number.parse::<i64>().ok().and_then(|n| repo.pipelines.iter().find(|p| p.number == n))
+                    else {
+                        return Answer::Error(StatusCode::NOT_FOUND, "pipeline not found");
+                    };
+                    if rest.len() == 1 {
+                        return Answer::Json(pipeline_json(pipeline, true));
+                    }
+                    // The spec types `data` as an array of integers (the bytes); the real server sends Go's
+                    // base64 text (tested with `serve_raw_once`).
+                    let configs: Vec<Value> = pipeline
+                        .configs
+                        .iter()
+                        .map(|(name, yaml)| json!({ "name": name, "hash": format!("{:x}", yaml.len()), "data": yaml.as_bytes() }))
+                        .collect();
+                    Answer::Json(Value::Array(configs))
+                }
+                _ => Answer::Error(StatusCode::NOT_FOUND, "404 page not found"),
+            }
         }
         _ => Answer::Error(StatusCode::NOT_FOUND, "404 page not found"),
     }

@@ -1,0 +1,163 @@
+//! `ciscale trace`: write job traces for `ciscale simulate` — from a CI source's own history (`export`), or one
+//! of the bundled synthetic ones (`synthetic`), as JSON Lines.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use jiff::{SignedDuration, Timestamp};
+
+use ciscale::model::CiName;
+use ciscale::simulate::synthetic::{templates_for, Profile, Synthetic};
+use ciscale::simulate::trace::Trace;
+
+use super::{hinted, ConfigArg, Ui, EXIT_OK};
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[command(subcommand)]
+    pub command: TraceCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Write the jobs a CI source ran in a time window (Woodpecker, Azure Pipelines), from its own history
+    Export(ExportArgs),
+    /// Write a bundled synthetic trace (`office-week`, `nightly-burst`, `demo`) for the config's pools
+    Synthetic(SyntheticArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The CI source to read (a name under `ci:`); repeatable [every source of the config]
+    #[arg(long, value_name = "NAME")]
+    pub source: Vec<String>,
+    /// How far back: `7d`, `36h`, `90m` [7d]
+    #[arg(long, value_name = "DURATION", conflicts_with = "from")]
+    pub since: Option<String>,
+    /// Start of the window (RFC 3339)
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<Timestamp>,
+    /// End of the window (RFC 3339) [now]
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<Timestamp>,
+    /// Write the trace here instead of stdout
+    #[arg(short, long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SyntheticArgs {
+    /// `office-week`, `nightly-burst` or `demo`
+    #[arg(value_name = "NAME", value_parser = parse_profile)]
+    pub profile: Profile,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    pub days: u32,
+    /// Multiplies the arrival rates
+    #[arg(long, value_name = "X", default_value_t = 1.0)]
+    pub volume: f64,
+    /// First day (RFC 3339) [2026-03-02T00:00:00Z, a Monday]
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<Timestamp>,
+    /// Write the trace here instead of stdout
+    #[arg(short, long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+fn parse_profile(text: &str) -> Result<Profile, String> {
+    text.parse()
+}
+
+pub async fn run(args: TraceArgs, _ui: &Ui) -> anyhow::Result<u8> {
+    match args.command {
+        TraceCommand::Export(args) => export(args).await,
+        TraceCommand::Synthetic(args) => synthetic(args),
+    }
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<u8> {
+    let desired = super::load_config(&args.config, ciscale::config::Secrets::Needed)?;
+    let until = args.until.unwrap_or_else(Timestamp::now);
+    let from = match (args.from, &args.since) {
+        (Some(from), _) => from,
+        (None, since) => {
+            let since = parse_since(since.as_deref().unwrap_or("7d"))?;
+            until.checked_sub(since).context("`--since` reaches before the year -9999")?
+        }
+    };
+    if from >= until {
+        return Err(hinted(format!("the window ends ({until}) before it starts ({from})"), "check `--from` and `--until`"));
+    }
+    let sources: Vec<CiName> = args.source.iter().map(|name| CiName::new(name.clone())).collect();
+    for name in &sources {
+        if !desired.ci.contains_key(name) {
+            let known: Vec<String> = desired.ci.keys().map(|name| format!("`{name}`")).collect();
+            return Err(hinted(format!("the config has no ci source `{name}`"), format!("the config has {}", known.join(", "))));
+        }
+    }
+    let providers = super::connect(&desired)?;
+    let exported = ciscale::simulate::export::export(&desired, &providers, &sources, from, until).await?;
+    write_trace(&exported.trace, args.out.as_ref())?;
+    for (name, written) in &exported.written {
+        let never = exported.never_started.get(name).copied().unwrap_or(0);
+        let running = exported.still_running.get(name).copied().unwrap_or(0);
+        eprintln!(
+            "ci source `{name}`: {written} jobs from {from} to {until}{}{}",
+            if never > 0 { format!("; {never} that never started left out") } else { String::new() },
+            if running > 0 { format!("; {running} still running left out") } else { String::new() },
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+fn synthetic(args: SyntheticArgs) -> anyhow::Result<u8> {
+    // Offline, like `simulate`: only the pools' labels are read.
+    let desired = super::simulate::load_candidate(args.config.path())?.desired;
+    let mut synthetic = Synthetic::new(args.profile, args.seed);
+    synthetic.days = args.days.max(1);
+    synthetic.volume = args.volume.max(0.0);
+    if let Some(from) = args.from {
+        synthetic.start = from;
+    }
+    let (templates, skipped) = templates_for(&desired, None);
+    for pool in skipped {
+        eprintln!("warning: no synthetic job fits pool `{pool}`; it gets none");
+    }
+    if templates.is_empty() {
+        return Err(hinted("no pool of the config can take a synthetic job", "check the pools' `ci.labels`"));
+    }
+    write_trace(&synthetic.generate(&templates), args.out.as_ref())?;
+    Ok(EXIT_OK)
+}
+
+fn write_trace(trace: &Trace, out: Option<&PathBuf>) -> anyhow::Result<()> {
+    let mut text = Vec::new();
+    trace.write_jsonl(&mut text)?;
+    match out {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("could not write `{}`", path.display())),
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&text).and_then(|()| stdout.flush()).context("could not write to stdout")
+        }
+    }
+}
+
+/// `7d`, `36h`, `90m`, `1h30m`: days on top of Go's units, since a week back is the usual window.
+fn parse_since(text: &str) -> anyhow::Result<SignedDuration> {
+    let text = text.trim();
+    if let Some(days) = text.strip_suffix('d') {
+        if let Ok(days) = days.parse::<i64>() {
+            return Ok(SignedDuration::from_hours(days.saturating_mul(24)));
+        }
+    }
+    text.parse::<ciscale::model::GoDuration>()
+        .map(|duration| duration.signed())
+        .map_err(|error| hinted(format!("`--since {text}`: {}", error.why), "write e.g. `7d`, `36h` or `90m`"))
+}
