@@ -1,7 +1,10 @@
 //! Planner benchmark: 100 pools × 10,000 instances × 100,000 pending jobs, generated deterministically.
 //! Prints the median time of 5 plans and the process's peak RSS (VmHWM). Goal: < 50 ms in release.
 //!
-//! Run with `cargo bench --bench plan`. Plain `Instant`, no harness: the number that matters is one plan.
+//! Run with `cargo bench --bench plan`; `cargo bench --bench plan -- --scale 0.25` plans a world scaled by that
+//! factor (pools, instances and jobs alike, so each pool keeps its size: a cost that grows with pools × instances
+//! shows as worse than linear). One world per process, so the peak RSS is that world's. Plain `Instant`, no
+//! harness: the number that matters is one plan.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,6 +22,30 @@ const INSTANCES: usize = 10_000;
 const PENDING: usize = 100_000;
 const RUNS: usize = 5;
 
+/// The world's size: `scale` × (pools, instances, pending jobs).
+struct Size {
+    pools: usize,
+    instances: usize,
+    pending: usize,
+}
+
+impl Size {
+    fn scaled(scale: f64) -> Self {
+        let times = |n: usize| ((n as f64 * scale).round() as usize).max(1);
+        Self { pools: times(POOLS), instances: times(INSTANCES), pending: times(PENDING) }
+    }
+}
+
+/// `--scale F` (cargo passes `--bench` as well, which is ignored).
+fn scale_arg() -> f64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|arg| arg == "--scale")
+        .and_then(|at| args.get(at + 1))
+        .map(|value| value.parse().unwrap_or_else(|_| panic!("--scale: not a number: {value}")))
+        .unwrap_or(1.0)
+}
+
 /// Tiny deterministic generator (xorshift), so every run plans the same world.
 struct Rng(u64);
 impl Rng {
@@ -33,10 +60,10 @@ impl Rng {
     }
 }
 
-fn world() -> (Desired, Observed, Timestamp) {
+fn world(size: &Size) -> (Desired, Observed, Timestamp) {
     let now: Timestamp = "2026-01-01T12:00:00Z".parse().unwrap_or_default();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let pools: Vec<PoolSpec> = (0..POOLS)
+    let pools: Vec<PoolSpec> = (0..size.pools)
         .map(|i| PoolSpec {
             name: PoolName::new(format!("pool{i}")),
             ci: CiBinding {
@@ -90,7 +117,7 @@ fn world() -> (Desired, Observed, Timestamp) {
             BackendObservation { instances: Vec::new(), prices: prices.clone(), ..BackendObservation::default() },
         );
     }
-    let mut agents = Vec::with_capacity(INSTANCES);
+    let mut agents = Vec::with_capacity(size.instances);
     let mut running = Vec::new();
     let states = [
         InstanceState::Running,
@@ -99,9 +126,9 @@ fn world() -> (Desired, Observed, Timestamp) {
         InstanceState::Pending,
         InstanceState::Stopped,
     ];
-    for n in 0..INSTANCES {
-        let pool = n % POOLS;
-        let name = format!("ci-pool{pool}-{}", n / POOLS + 1);
+    for n in 0..size.instances {
+        let pool = n % size.pools;
+        let name = format!("ci-pool{pool}-{}", n / size.pools + 1);
         let created_at = now - SignedDuration::from_mins(rng.below(300) as i64);
         let instance = Instance {
             id: InstanceId::new(format!("srv-{n}")),
@@ -138,14 +165,15 @@ fn world() -> (Desired, Observed, Timestamp) {
         }
     }
     // Jobs: 500 repos × 100 label combinations (some matching no pool), so label sets repeat as in real queues.
-    let pending = (0..PENDING)
+    let pending = (0..size.pending)
         .map(|n| {
             let platform = rng.below(11);
             Task {
                 id: format!("job-{n}").into(),
                 labels: [
                     ("platform".to_owned(), format!("linux/{platform}")),
-                    ("size".to_owned(), format!("s{}", rng.below(10))),
+                    // As many sizes as the pools have (10 pools per size), so demand grows with the pools.
+                    ("size".to_owned(), format!("s{}", rng.below(size.pools.div_ceil(10)))),
                     ("repo".to_owned(), format!("org/repo{}", rng.below(500))),
                     ("woodpecker-ci.org/repo-id".to_owned(), format!("{}", rng.below(500))),
                 ]
@@ -167,9 +195,14 @@ fn peak_rss_kib() -> Option<u64> {
 
 fn main() {
     let build_started = Instant::now();
-    let (desired, observed, now) = world();
+    let scale = scale_arg();
+    let size = Size::scaled(scale);
+    let (desired, observed, now) = world(&size);
     eprintln!(
-        "world: {POOLS} pools, {INSTANCES} instances, {PENDING} pending jobs (built in {:?})",
+        "world ×{scale}: {} pools, {} instances, {} pending jobs (built in {:?})",
+        size.pools,
+        size.instances,
+        size.pending,
         build_started.elapsed()
     );
     let rss_before = peak_rss_kib();
