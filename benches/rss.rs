@@ -234,7 +234,7 @@ fn many_pools(secs: u64) -> Measured {
             !done
         });
     });
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false })
+    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
         .map(|world| world.snapshot().counters.instances)
         .unwrap_or_default();
     measured.activity = format!(
