@@ -8,8 +8,10 @@
 //!
 //! Measured 2026-11-29 on 2 shared cores (release, after the ownership and records rules of #9), scale → median,
 //! peak RSS: 0.25 → 25 ms, 33 MiB; 0.5 → 51 ms, 64 MiB; 1 → 120 ms, 124 MiB; 2 → 257 ms, 246 MiB. Linear in the
-//! world's size, but above the 50 ms goal (69 ms before #9): per-name digests (`parse_name` hashes owner and pool
-//! for every instance and record) and the observation fingerprint are the first suspects; not yet profiled.
+//! world's size, but above the 50 ms goal (69 ms before #9). `perf` on the whole bench (world building included):
+//! `plan` itself 17 %, `memcmp` 10 % (string-keyed lookups), copies 6 %, `malloc` 8 %, cost estimate 4 %; SHA-256
+//! (digests, fingerprint) under 2 %. So the next step is fewer string keys and allocations (interned labels, ids
+//! by index), not hashing.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
