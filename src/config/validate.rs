@@ -277,6 +277,28 @@ impl Validator<'_> {
         self.checked.value_span(pointer)
     }
 
+    /// `azurePool` and `capabilities` belong to Azure Pipelines pools: on a pool of a `kind` source each is a
+    /// problem at its key, with the `hint` that says how that kind's pools select jobs. `false` when any is there.
+    fn no_azure_keys(&mut self, raw: &RawPool, pointer: &str, place: &str, kind: &str, hint: &str) -> bool {
+        let mut ok = true;
+        for (key, present) in
+            [("azurePool", raw.ci.azure_pool.is_some()), ("capabilities", !raw.ci.capabilities.is_empty())]
+        {
+            if present {
+                self.problems.push(
+                    self.key_span(&format!("{pointer}/ci/{key}")),
+                    format!(
+                        "`{key}` in {place} applies only to azure-pipelines sources; `{}` is a {kind} source",
+                        raw.ci.source
+                    ),
+                    Some(hint.to_owned()),
+                );
+                ok = false;
+            }
+        }
+        ok
+    }
+
     fn key_span(&self, pointer: &str) -> Option<Span> {
         self.checked.key_span(pointer)
     }
@@ -1211,20 +1233,7 @@ impl Validator<'_> {
             .map(|source| &source.kind)
         {
             Some(CiKind::Woodpecker { .. }) => {
-                for key in ["azurePool", "capabilities"] {
-                    let present = match key {
-                        "azurePool" => raw.ci.azure_pool.is_some(),
-                        _ => !raw.ci.capabilities.is_empty(),
-                    };
-                    if present {
-                        self.problems.push(
-                            self.key_span(&format!("{pointer}/ci/{key}")),
-                            format!("`{key}` in {place} applies only to azure-pipelines sources; `{}` is a woodpecker source", raw.ci.source),
-                            Some("woodpecker pools select jobs with `labels`".to_owned()),
-                        );
-                        ok = false;
-                    }
-                }
+                ok &= self.no_azure_keys(&raw, &pointer, &place, "woodpecker", "woodpecker pools select jobs with `labels`");
             }
             Some(CiKind::AzurePipelines { .. }) => {
                 if !raw.ci.labels.is_empty() {
@@ -1245,16 +1254,13 @@ impl Validator<'_> {
                 }
             }
             Some(CiKind::Forgejo { .. }) => {
-                for (key, present) in [("azurePool", raw.ci.azure_pool.is_some()), ("capabilities", !raw.ci.capabilities.is_empty())] {
-                    if present {
-                        self.problems.push(
-                            self.key_span(&format!("{pointer}/ci/{key}")),
-                            format!("`{key}` in {place} applies only to azure-pipelines sources; `{}` is a forgejo source", raw.ci.source),
-                            Some("forgejo pools offer runner `labels` (`name: how`), matched against a job's `runs-on`".to_owned()),
-                        );
-                        ok = false;
-                    }
-                }
+                ok &= self.no_azure_keys(
+                    &raw,
+                    &pointer,
+                    &place,
+                    "forgejo",
+                    "forgejo pools offer runner `labels` (`name: how`), matched against a job's `runs-on`",
+                );
                 for (name, how) in &raw.ci.labels {
                     let bad = |text: &str| text.contains([',', ':']) || text.chars().any(char::is_whitespace);
                     if name.is_empty() || bad(name) || name.starts_with('!') || how.contains(',') || how.chars().any(char::is_whitespace) {
@@ -1277,20 +1283,13 @@ impl Validator<'_> {
                 }
             }
             Some(CiKind::Github(_)) => {
-                for key in ["azurePool", "capabilities"] {
-                    let present = match key {
-                        "azurePool" => raw.ci.azure_pool.is_some(),
-                        _ => !raw.ci.capabilities.is_empty(),
-                    };
-                    if present {
-                        self.problems.push(
-                            self.key_span(&format!("{pointer}/ci/{key}")),
-                            format!("`{key}` in {place} applies only to azure-pipelines sources; `{}` is a github source", raw.ci.source),
-                            Some("github pools offer runner labels: `labels: {gpu: \"\"}`, matched against `runs-on`".to_owned()),
-                        );
-                        ok = false;
-                    }
-                }
+                ok &= self.no_azure_keys(
+                    &raw,
+                    &pointer,
+                    &place,
+                    "github",
+                    "github pools offer runner labels: `labels: {gpu: \"\"}`, matched against `runs-on`",
+                );
                 // A GitHub runner label is a name; the planner and the runner see only the key.
                 for (key, value) in &raw.ci.labels {
                     if !value.is_empty() || key.starts_with('!') || key.starts_with("ciscale.") {
