@@ -4,16 +4,12 @@
 use std::collections::BTreeMap;
 
 use super::fasthash::FastMap;
-use super::matching::{pool_matches, WOODPECKER_INTERNAL_PREFIX};
+use super::matching::{pool_matches, rule_of, WOODPECKER_INTERNAL_PREFIX};
 use crate::model::{CiName, Desired, Matching, Observed, PoolSpec};
 
 /// The matching rule the source's room declares; a source the config does not name matches like the fake.
 fn match_rule(desired: &Desired, source: &CiName) -> Matching {
-    desired
-        .ci
-        .get(source)
-        .map(|spec| crate::providers::ci_capabilities(&spec.kind).matching)
-        .unwrap_or(Matching::LabelFilterAndDemands)
+    rule_of(desired.ci.get(source).map(|spec| &spec.kind))
 }
 
 /// Pending jobs per pool (indexed like `desired.pools`): each job counts for the first pool in config order

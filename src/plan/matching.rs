@@ -54,8 +54,13 @@ pub fn pool_takes(
     labels: &BTreeMap<String, String>,
     demands: &[String],
 ) -> bool {
-    let rule = ci.map_or(Matching::LabelFilterAndDemands, |kind| crate::providers::ci_capabilities(kind).matching);
-    pool_matches(rule, pool, labels, demands)
+    pool_matches(rule_of(ci), pool, labels, demands)
+}
+
+/// The matching rule a CI source's room declares; a source the config does not name (`None`) matches like the
+/// fake CI.
+pub fn rule_of(ci: Option<&CiKind>) -> Matching {
+    ci.map_or(Matching::LabelFilterAndDemands, |kind| crate::providers::ci_capabilities(kind).matching)
 }
 
 /// Woodpecker's rule (`pipeline.MatchLabels`, used by server/scheduler/filter.go): the agent takes the task iff
