@@ -145,6 +145,16 @@ impl<'a> InFlightIndex<'a> {
             .collect()
     }
 
+    /// Whether a create of the pool's instance named `name` is in flight (the instance may be listed already:
+    /// incusd lists a container while its create still runs).
+    pub fn creates(&self, pool: &PoolName, name: &str) -> bool {
+        self.work.iter().any(|work| {
+            &work.pool == pool
+                && work.action == Action::Create
+                && work.instance.as_ref().is_some_and(|target| target.name == name)
+        })
+    }
+
     /// Whether some work in flight targets the instance named `name` on `backend`.
     pub fn names_instance(&self, backend: &BackendName, name: &str) -> bool {
         self.instances_by_name.contains(&(backend, name))

@@ -197,6 +197,28 @@ fn creates_in_flight_count_towards_max_and_keep_their_names() {
 }
 
 #[test]
+fn a_create_in_flight_whose_instance_is_listed_already_is_still_capacity() {
+    // incusd lists a container (stopped) while its create still runs; the create's agent record is there too.
+    // Two jobs, one serving agent, one create on its way: nothing more to create (found as a third container
+    // for two Forgejo jobs on real Incus).
+    let desired = desired(ScalePolicy { max: 4, ..ScalePolicy::default() });
+    let hash = agent_hash(&desired.pools[0].agent);
+    let pending = (0..2).map(|i| task(&format!("t{i}"), "linux/amd64")).collect();
+    let mut observed = observed(
+        vec![
+            owned(&name(1), InstanceState::Stopped, "2026-01-01T11:59:30Z", &hash),
+            owned(&name(2), InstanceState::Running, "2026-01-01T11:55:00Z", &hash),
+        ],
+        vec![agent(&name(1), false, false, None), agent(&name(2), false, false, None)],
+        pending,
+    );
+    observed.in_flight.push(in_flight(Action::Create, &name(1), None, Some(&format!("a-{}", name(1)))));
+    let plan = plan(&desired, &observed, ts(NOW));
+    assert!(!actions(&plan).iter().any(|(action, _)| *action == Action::Create), "{:?}", actions(&plan));
+    assert_eq!(plan.pools[0].active, 2);
+}
+
+#[test]
 fn targets_of_work_in_flight_are_not_planned_again() {
     let desired = desired(ScalePolicy { max: 3, ..ScalePolicy::default() });
     let hash = agent_hash(&desired.pools[0].agent);

@@ -354,10 +354,15 @@ fn target<'a>(
     // are created again under their names while capacity is wanted).
     let in_room = (creating.len() + unfinished.len()) as u32;
     let creating = creating.len() as u32;
-    // Starts in flight (a stopped instance started, a drained agent resumed) are capacity on its way too.
+    // Starts in flight (a stopped instance started, a drained agent resumed) are capacity on its way too, and so
+    // are creates in flight whose instance is listed but not serving yet (a container incusd lists while its
+    // create still runs): `creating` counts only the unlisted ones.
     let starting = members
         .iter()
-        .filter(|member| cx.in_flight.starts(&pool.backend.backend, &member.instance.id))
+        .filter(|member| {
+            cx.in_flight.starts(&pool.backend.backend, &member.instance.id)
+                || cx.in_flight.creates(&pool.name, &member.instance.name)
+        })
         .filter(|member| !classes.serving.iter().any(|serving| serving.instance.id == member.instance.id))
         .count() as u32;
 
