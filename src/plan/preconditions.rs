@@ -114,7 +114,7 @@ impl<'a> World<'_, 'a> {
             Action::Create => self.create(change, creates, admitted),
             Action::Start => self.start(change, admitted),
             Action::Stop | Action::Delete | Action::Replace => self.remove(change),
-            Action::Drain => self.agent_of(change).map(|_| ()),
+            Action::Drain => self.drain(change),
             Action::Deregister => self.deregister(change),
         }
     }
@@ -202,6 +202,16 @@ impl<'a> World<'_, 'a> {
             if let Some((_, agent)) = linked.iter().find(|(_, agent)| !agent.no_schedule) {
                 return fail(format!("agent `{}` is no longer drained", agent.name));
             }
+        }
+        Ok(())
+    }
+
+    /// An agent not named as ours (a pre-registered or hand-made one) is ours to drain only through the instance
+    /// of ours it runs on: that instance must still be there and ours.
+    fn drain(&self, change: &Change) -> Result<(), PreconditionFailed> {
+        let (_, agent) = self.agent_of(change)?;
+        if super::ownership::parse_name(&self.desired.owner, &agent.name).is_none() {
+            self.our_instance(change)?;
         }
         Ok(())
     }
