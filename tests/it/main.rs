@@ -27,5 +27,6 @@ mod safety;
 mod saved_plan;
 mod scenarios;
 mod simulate;
+mod trace_export;
 mod watch_loop;
 mod woodpecker;
