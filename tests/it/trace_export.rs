@@ -201,6 +201,10 @@ fn github_export_splits_a_window_with_more_runs_than_github_lists() {
         .filter_map(|line| line.split("created=").nth(1).map(|rest| rest.split('&').next().unwrap_or_default().to_owned()))
         .collect();
     assert!(ranges.len() >= 3, "the whole range, then its halves: {ranges:#?}");
+    // What it cost: the whole range (capped at once), its two halves (the first empty, the second capped), the
+    // quarters of the second (360 and 690 runs: 4 + 7 pages), and one jobs call per run.
+    assert_eq!(fake.count("GET /repos/{owner}/{repo}/actions/runs"), 1 + 2 + 4 + 7);
+    assert_eq!(fake.count("GET /repos/{owner}/{repo}/actions/runs/{run_id}/jobs"), 1050);
     assert!(fake.spec_violations().is_empty(), "{:#?}", fake.spec_violations());
 }
 
@@ -300,4 +304,31 @@ pools:
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     assert_eq!(value["total"]["jobs"], 1);
+}
+
+#[test]
+fn github_export_reads_a_server_that_ignores_the_created_filter_newest_first() {
+    let fake = FakeGithub::start();
+    fake.add_repo("acme/app");
+    let docker = ["self-hosted", "docker"];
+    let (old, _) = fake.add_past_run("acme/app", T0 - 3 * 86_400, &[PastJobSpec::ran(&docker, T0 - 3 * 86_400, T0 - 3 * 86_400 + 1, T0 - 3 * 86_400 + 61)]);
+    fake.add_past_run("acme/app", T0, &[PastJobSpec::ran(&docker, T0, T0 + 10, T0 + 70)]);
+    fake.add_past_run("acme/app", T0 + 60, &[PastJobSpec::ran(&docker, T0 + 60, T0 + 65, T0 + 185)]);
+    // The first (filtered) list answers with every run, as a server without the filter would (the old run is
+    // three days before the range asked for); the fake then serves unfiltered lists as they are.
+    fake.serve_raw_once(
+        "GET /repos/{owner}/{repo}/actions/runs",
+        serde_json::json!({"total_count": 3, "workflow_runs": [{"id": old, "created_at": Timestamp::from_second(T0 - 3 * 86_400).expect("t").to_string()}]}),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(dir.path(), "c.yaml", &github_config(&fake.url(), "repository: acme/app"));
+    let output = export(dir.path(), "gh.jsonl");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let exported = trace::read_file(&dir.path().join("gh.jsonl")).expect("a valid trace");
+    let durations: Vec<(String, i64)> = exported.jobs.iter().map(|job| (job.at.to_string(), job.duration.as_secs())).collect();
+    assert_eq!(durations, vec![("2026-03-02T09:00:00Z".to_owned(), 60), ("2026-03-02T09:01:00Z".to_owned(), 120)]);
+    let run_lists: Vec<String> = fake.request_log().into_iter().filter(|line| line.contains("/actions/runs?")).collect();
+    assert_eq!(run_lists.len(), 2, "one filtered list, then one unfiltered: no splitting {run_lists:#?}");
+    assert!(!run_lists[1].contains("created="), "{run_lists:#?}");
+    assert_eq!(fake.count("GET /repos/{owner}/{repo}/actions/runs/{run_id}/jobs"), 2, "the old run's jobs are not read");
 }

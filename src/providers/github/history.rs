@@ -16,7 +16,8 @@
 //! GitHub returns at most 1,000 runs for a filtered list (`created` is a search filter), whatever `total_count`
 //! says. A window whose runs are more than that is split in two halves by creation time, and each half again,
 //! until every part lists fewer; a single second with more than 1,000 runs (never seen) is read as far as GitHub
-//! lets and a warning says how many were left out.
+//! lets and a warning says how many were left out. A server that ignores `created` (it answers runs outside the
+//! range) is read once, unfiltered and newest first, down to the window's start, so nothing is split in vain.
 //!
 //! Runs are listed from a day before the window (a run created before it can queue jobs inside it: jobs that
 //! `needs` others, re-runs) and jobs are kept by their own queue time; a re-run started more than a day after its
@@ -40,6 +41,8 @@ use crate::providers::{Error, HistoryRequest, PastJob, Result};
 
 /// GitHub's cap on the results of a filtered run list ("up to 1,000 results for each search").
 pub const SEARCH_CAP: u64 = 1000;
+/// A server that ignores `created` is read newest first; past this many pages (100,000 runs) it is not believed.
+const UNFILTERED_PAGES: u64 = 1000;
 /// How long before the window runs are listed: a run's later jobs (`needs`, re-runs) can be queued in it.
 pub const RUN_LOOKBACK: SignedDuration = SignedDuration::from_hours(24);
 
@@ -56,6 +59,10 @@ struct HistoryRuns {
 struct HistoryRun {
     /// Required: its jobs are read by it.
     id: u64,
+    /// Required by the spec; only read to tell a server that ignores the `created` filter (missing: unknown, and
+    /// the run is read — its jobs are kept by their own times anyway).
+    #[serde(default)]
+    created_at: Option<Timestamp>,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +224,8 @@ impl GithubActions {
             }
             match self.runs_between(owner, name, first, last).await? {
                 Listed::All(found) => ids.extend(found),
+                // Splitting would not help: the whole window is read the slow way, once.
+                Listed::Unfiltered => return self.runs_unfiltered(owner, name, from, until).await,
                 Listed::Capped { total } if first < last => {
                     let middle = first + (last - first) / 2;
                     tracing::debug!(repository = %format!("{owner}/{name}"), total, "more runs than GitHub lists at once; the window is halved");
@@ -244,7 +253,11 @@ impl GithubActions {
     /// The runs created in the seconds `first..=last`, or that they are more than GitHub lists.
     async fn runs_between(&self, owner: &str, name: &str, first: i64, last: i64) -> Result<Listed> {
         let pages = SEARCH_CAP.div_ceil(PER_PAGE as u64);
-        let (total, page) = self.runs_page(owner, name, first, last, 1).await?;
+        let (total, page) = self.runs_page(owner, name, Some((first, last)), 1).await?;
+        let outside = |run: &HistoryRun| run.created_at.is_some_and(|at| at.as_second() < first || at.as_second() > last);
+        if page.iter().any(outside) {
+            return Ok(Listed::Unfiltered);
+        }
         if total.is_some_and(|total| total > SEARCH_CAP) {
             return Ok(Listed::Capped { total: total.unwrap_or(SEARCH_CAP) });
         }
@@ -257,7 +270,7 @@ impl GithubActions {
                 // No `total_count` (an older server) and the cap filled: more may exist than were listed.
                 return Ok(Listed::Capped { total: ids.len() as u64 });
             }
-            let (_, page) = self.runs_page(owner, name, first, last, number).await?;
+            let (_, page) = self.runs_page(owner, name, Some((first, last)), number).await?;
             full = page.len() >= PER_PAGE;
             ids.extend(page.iter().map(|run| run.id));
         }
@@ -268,7 +281,7 @@ impl GithubActions {
     async fn read_runs(&self, owner: &str, name: &str, first: i64, last: i64, pages: u64) -> Result<Vec<u64>> {
         let mut ids = Vec::new();
         for number in 1..=pages {
-            let (_, page) = self.runs_page(owner, name, first, last, number).await?;
+            let (_, page) = self.runs_page(owner, name, Some((first, last)), number).await?;
             let full = page.len() >= PER_PAGE;
             ids.extend(page.iter().map(|run| run.id));
             if !full {
@@ -278,23 +291,51 @@ impl GithubActions {
         Ok(ids)
     }
 
+    /// The runs of a server that ignores `created` (it answered runs outside the range asked for): every run,
+    /// newest first as GitHub lists them, until a page older than the window. No search parameter, so no cap.
+    async fn runs_unfiltered(&self, owner: &str, name: &str, from: Timestamp, until: Timestamp) -> Result<Vec<u64>> {
+        tracing::warn!(
+            repository = %format!("{owner}/{name}"),
+            "the server ignores the `created` filter of workflow runs: every run is listed, newest first"
+        );
+        let mut ids = Vec::new();
+        for number in 1..=UNFILTERED_PAGES {
+            let (_, page) = self.runs_page(owner, name, None, number).await?;
+            let full = page.len() >= PER_PAGE;
+            let older = |run: &HistoryRun| run.created_at.is_some_and(|at| at < from);
+            let all_older = !page.is_empty() && page.iter().all(older);
+            ids.extend(page.iter().filter(|run| !older(run) && run.created_at.is_none_or(|at| at < until)).map(|run| run.id));
+            if !full || all_older {
+                break;
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// One page of the run list, of the runs created in the seconds `first..=last` when a range is given.
     async fn runs_page(
         &self,
         owner: &str,
         name: &str,
-        first: i64,
-        last: i64,
+        range: Option<(i64, i64)>,
         page: u64,
     ) -> Result<(Option<u64>, Vec<HistoryRun>)> {
-        let created = format!("{}..{}", search_time(first), search_time(last));
+        let created = range.map(|(first, last)| format!("{}..{}", search_time(first), search_time(last)));
         let (per_page, page) = (PER_PAGE.to_string(), page.to_string());
-        let query = [
-            ("created", created.as_str()),
+        let mut query = vec![
             ("exclude_pull_requests", "true"),
             ("per_page", per_page.as_str()),
             ("page", page.as_str()),
         ];
-        let what = format!("the workflow runs of `{owner}/{name}` created {created}");
+        if let Some(created) = &created {
+            query.insert(0, ("created", created.as_str()));
+        }
+        let what = match &created {
+            Some(created) => format!("the workflow runs of `{owner}/{name}` created {created}"),
+            None => format!("the workflow runs of `{owner}/{name}`"),
+        };
         let answer = self.http.call_once(Call::get(&["repos", owner, name, "actions", "runs"], &query, &what)).await?;
         let list: HistoryRuns = answer.json()?;
         Ok((list.total_count, list.workflow_runs))
@@ -331,10 +372,12 @@ impl GithubActions {
     }
 }
 
-/// A filtered run list: every run of it, or more than GitHub lists.
+/// A filtered run list: every run of it, more than GitHub lists, or runs outside the range asked for (the server
+/// ignores the filter).
 enum Listed {
     All(Vec<u64>),
     Capped { total: u64 },
+    Unfiltered,
 }
 
 #[cfg(test)]
