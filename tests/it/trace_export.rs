@@ -71,7 +71,8 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
         T0,
         &[PastJobSpec::ran(&linux, T0, T0 + 30, T0 + 330), PastJobSpec::ran(&gpu, T0 + 330, T0 + 340, T0 + 640)],
     );
-    // Cancelled while queued (GitHub still gives it a `started_at`), skipped, and still running: not in the trace.
+    // Cancelled while queued (GitHub still gives it a `started_at`), skipped, still queued and still running: not
+    // in the trace.
     let skipped = PastJobSpec { conclusion: "skipped", ..PastJobSpec::cancelled_while_queued(&linux, T0 + 3600, T0 + 3600) };
     fake.add_past_run(
         "acme/lib",
@@ -79,6 +80,7 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
         &[
             PastJobSpec::cancelled_while_queued(&linux, T0 + 3600, T0 + 3900),
             skipped,
+            PastJobSpec::queued(&linux, T0 + 3600),
             PastJobSpec::running(&linux, T0 + 3600, T0 + 3610),
         ],
     );
@@ -123,7 +125,7 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
     );
     assert!(exported.jobs.iter().all(|job| job.labels.get("repository").is_some_and(|repo| repo.starts_with("acme/"))));
     assert!(log.contains("ci source `gh`: 5 jobs"), "{log}");
-    assert!(log.contains("2 that never started left out") && log.contains("1 still running left out"), "{log}");
+    assert!(log.contains("3 that never started left out") && log.contains("1 still running left out"), "{log}");
     assert!(fake.spec_violations().is_empty(), "{:#?}", fake.spec_violations());
     // Runs were listed from a day before the window, every attempt's jobs read.
     let requests = fake.request_log();

@@ -70,6 +70,11 @@ impl PastJobSpec {
         Self { started: None, completed: Some(cancelled), conclusion: "cancelled", ..Self::ran(labels, queued, 0, 0) }
     }
 
+    /// A job still waiting for a runner.
+    pub fn queued(labels: &[&str], queued: i64) -> Self {
+        Self { started: None, completed: None, conclusion: "", ..Self::ran(labels, queued, 0, 0) }
+    }
+
     /// A job a runner took at `started` and still runs.
     pub fn running(labels: &[&str], queued: i64, started: i64) -> Self {
         Self { completed: None, conclusion: "", ..Self::ran(labels, queued, started, 0) }
