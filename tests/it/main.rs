@@ -28,4 +28,5 @@ mod saved_plan;
 mod scenarios;
 mod simulate;
 mod watch_loop;
+mod webhooks;
 mod woodpecker;
