@@ -115,13 +115,14 @@ impl Webhooks {
             self.metrics.count_webhook(label, None);
         } else {
             self.metrics.count_webhook(label, Some(answer.status.as_u16()));
+            // One line in the log (the answer keeps the refusal's `hint:` on a line of its own).
+            let why = answer.text.lines().collect::<Vec<_>>().join("; ");
             tracing::warn!(
                 source = %name.escape_debug(),
                 status = answer.status.as_u16(),
                 delivery,
                 %peer,
-                "webhook delivery refused: {}",
-                answer.text
+                "webhook delivery refused: {why}"
             );
         }
         let mut text = answer.text;

@@ -16,6 +16,7 @@ mod fakes;
 mod forgejo;
 mod forgejo_incus;
 mod github;
+mod github_incus;
 mod job_bound;
 mod hcloud;
 mod incus;

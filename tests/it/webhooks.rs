@@ -50,7 +50,7 @@ fn load(fake: &FakeGithub) -> Desired {
 
 /// One HTTP/1.1 exchange on a fresh connection: `head` (request line and headers, without the blank line) and
 /// `body`; the status and the body of the answer.
-fn exchange(address: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+pub(crate) fn exchange(address: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(address).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     write!(stream, "{head}\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send head");
@@ -78,7 +78,7 @@ fn read_answer(stream: &mut TcpStream) -> (u16, String) {
 }
 
 /// `POST /webhooks/{source}` of `body` with GitHub's headers; `signature`: the `X-Hub-Signature-256` value.
-fn deliver(address: SocketAddr, source: &str, event: &str, signature: Option<&str>, body: &[u8]) -> (u16, String) {
+pub(crate) fn deliver(address: SocketAddr, source: &str, event: &str, signature: Option<&str>, body: &[u8]) -> (u16, String) {
     let signature = signature.map(|value| format!("\r\nX-Hub-Signature-256: {value}")).unwrap_or_default();
     let head = format!(
         "POST /webhooks/{source} HTTP/1.1\r\nContent-Type: application/json\r\nUser-Agent: GitHub-Hookshot/044aadd\r\n\
@@ -92,7 +92,7 @@ fn signed(body: &[u8]) -> String {
     webhook::sign(&Secret::new(SECRET), body)
 }
 
-fn metric(exposition: &str, series: &str) -> f64 {
+pub(crate) fn metric(exposition: &str, series: &str) -> f64 {
     exposition
         .lines()
         .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
@@ -101,7 +101,7 @@ fn metric(exposition: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn get(address: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) fn get(address: SocketAddr, path: &str) -> (u16, String) {
     exchange(address, &format!("GET {path} HTTP/1.1"), b"")
 }
 

@@ -44,6 +44,8 @@ pub struct Pushed {
     pub mode: String,
     pub uid: String,
     pub gid: String,
+    /// `X-Incus-Type`: `file`, `directory`.
+    pub kind: String,
     pub content: Vec<u8>,
 }
 
@@ -224,6 +226,7 @@ fn classify(state: &Mutex<State>, head: &str, body: &[u8]) -> Seen {
                 mode: header("x-incus-mode"),
                 uid: header("x-incus-uid"),
                 gid: header("x-incus-gid"),
+                kind: header("x-incus-type"),
                 content: body.to_vec(),
             })
         }
