@@ -259,37 +259,70 @@ async fn a_body_is_read_no_further_than_the_sources_limit() {
     assert_eq!(status, 401, "{text}");
 }
 
-/// The loop with the listener's wake-ups: after its first cycle, twenty verified deliveries at once start one
-/// more cycle (two if the burst straddles that cycle's start), never twenty, and none is lost. The deliveries
-/// are for a job no pool takes, so no work (whose end starts a cycle of its own) muddies the count.
+/// The loop woken by the listener, in a task of its own; its reports as they come, with when.
+struct Looping {
+    reports: Arc<Mutex<Vec<(CycleReport, Instant)>>>,
+    task: tokio::task::JoinHandle<()>,
+    _cancel: tokio::sync::watch::Sender<bool>,
+}
+
+impl Looping {
+    /// Starts the loop, polling an hour apart: after its first cycle only a wake-up starts one.
+    async fn start(fake: &FakeGithub) -> (Self, SocketAddr) {
+        let mut desired = load(fake);
+        desired.poll_interval = GoDuration(Duration::from_secs(3600));
+        let (address, _webhooks, triggers, providers) = listen(&desired).await;
+        let reports: Arc<Mutex<Vec<(CycleReport, Instant)>>> = Arc::default();
+        let seen = reports.clone();
+        let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            watch::run_with_triggers(&desired, &providers, &WatchOptions::default(), &cancel, vec![triggers], |report| {
+                seen.lock().expect("reports").push((report.clone(), Instant::now()));
+            })
+            .await;
+        });
+        let looping = Self { reports, task, _cancel: cancel_tx };
+        looping.wait_for(1, "a first cycle").await;
+        // Let the first cycle's report settle: nothing else may start a cycle for an hour.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(looping.cycles(), 1);
+        (looping, address)
+    }
+
+    fn cycles(&self) -> usize {
+        self.reports.lock().expect("reports").len()
+    }
+
+    async fn wait_for(&self, cycles: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.cycles() < cycles {
+            assert!(Instant::now() < deadline, "gave up waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Looping {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A signed `queued` delivery of a new job that no pool takes (so no work, whose end starts a cycle of its own,
+/// muddies the count).
+fn untaken_job(fake: &FakeGithub) -> Vec<u8> {
+    let (_, jobs) = fake.queue_run("acme/app", &[&["self-hosted", "gpu"]]);
+    serde_json::to_vec(&fake.workflow_job_payload(jobs[0], "queued")).expect("json")
+}
+
+/// After the loop's first cycle, twenty verified deliveries at once start one more cycle (two if the burst
+/// straddles that cycle's start), never twenty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_deliveries_wakes_the_loop_once_more_not_once_each() {
     let fake = FakeGithub::start();
     fake.add_repo("acme/app");
-    let mut desired = load(&fake);
-    desired.poll_interval = GoDuration(Duration::from_secs(3600));
-    let (address, _webhooks, triggers, providers) = listen(&desired).await;
-    let reports: Arc<Mutex<Vec<(CycleReport, Instant)>>> = Arc::default();
-    let seen = reports.clone();
-    let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
-    let looping = tokio::spawn(async move {
-        watch::run_with_triggers(&desired, &providers, &WatchOptions::default(), &cancel, vec![triggers], |report| {
-            seen.lock().expect("reports").push((report.clone(), Instant::now()));
-        })
-        .await;
-    });
-    let cycles = || reports.lock().expect("reports").len();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cycles() < 1 {
-        assert!(Instant::now() < deadline, "no first cycle");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Let the first cycle's report settle: nothing else may start a cycle for an hour.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(cycles(), 1);
-
-    let (_, jobs) = fake.queue_run("acme/app", &[&["self-hosted", "gpu"]]);
-    let body = serde_json::to_vec(&fake.workflow_job_payload(jobs[0], "queued")).expect("json");
+    let (looping, address) = Looping::start(&fake).await;
+    let body = untaken_job(&fake);
     let sent_at = Instant::now();
     let burst: Vec<_> = (0..20)
         .map(|_| {
@@ -300,15 +333,68 @@ async fn a_burst_of_deliveries_wakes_the_loop_once_more_not_once_each() {
     for delivery in burst {
         assert_eq!(delivery.await.expect("delivered"), 202);
     }
-    while cycles() < 2 {
-        assert!(Instant::now() < deadline, "the deliveries never woke the loop");
+    looping.wait_for(2, "the burst's wake-up").await;
+    let woke_after = looping.reports.lock().expect("reports")[1].1 - sent_at;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let total = looping.cycles();
+    eprintln!(
+        "MEASURED webhook burst: 20 deliveries → {} more cycle(s), the first reported {woke_after:?} after the burst began",
+        total - 1
+    );
+    assert!((2..=3).contains(&total), "20 deliveries ran {} more cycles", total - 1);
+    assert_eq!(fake.spec_violations(), Vec::<String>::new());
+}
+
+/// A delivery that comes while a cycle runs is not lost: that cycle may have read GitHub before the job was
+/// queued, so another cycle follows it. The cycle woken by the first delivery is held in its first GitHub call
+/// while the second delivery comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_while_a_cycle_runs_starts_another_after_it() {
+    let fake = FakeGithub::start();
+    fake.add_repo("acme/app");
+    let (looping, address) = Looping::start(&fake).await;
+    fake.fail_next(crate::fakes::github::Fault::Delay(Duration::from_millis(1500)));
+    let first = untaken_job(&fake);
+    let (status, _) = blocking(move || deliver(address, "github", "workflow_job", Some(&signed(&first)), &first)).await;
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.faults_injected() < 1 {
+        assert!(Instant::now() < deadline, "the woken cycle never called GitHub");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let woke_after = reports.lock().expect("reports")[1].1 - sent_at;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let total = cycles();
-    eprintln!("MEASURED webhook burst: 20 deliveries → {} more cycle(s), the first reported {woke_after:?} after the burst began", total - 1);
-    assert!((2..=3).contains(&total), "20 deliveries ran {} more cycles", total - 1);
-    looping.abort();
-    assert_eq!(fake.spec_violations(), Vec::<String>::new());
+    let second = untaken_job(&fake);
+    let (status, _) = blocking(move || deliver(address, "github", "workflow_job", Some(&signed(&second)), &second)).await;
+    assert_eq!(status, 202);
+    assert_eq!(looping.cycles(), 1, "the woken cycle is still held in its GitHub call");
+    looping.wait_for(3, "a cycle after the one the second delivery came during").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(looping.cycles(), 3, "one cycle per wake-up, nothing more");
+}
+
+/// Without `metrics.listen` nothing takes the deliveries a source expects: `watch` says so, and how to fix it.
+#[test]
+fn watch_warns_when_a_source_expects_webhooks_but_nothing_listens() {
+    let fake = FakeGithub::start();
+    fake.add_repo("acme/app");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = config(&fake).replace("metrics: { listen: \"127.0.0.1:0\" }\n", "");
+    assert!(!text.contains("metrics"));
+    std::fs::write(dir.path().join("ciscale.yaml"), text).expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ciscale"))
+        .current_dir(dir.path())
+        .args(["watch", "--cycles", "1", "-c", "ciscale.yaml"])
+        .env_remove("CISCALE_LOG")
+        .env("CISCALE_LOCK_DIR", dir.path())
+        .env("NO_COLOR", "1")
+        .env("GITHUB_TOKEN", PAT)
+        .env("HOOK_SECRET", SECRET)
+        .output()
+        .expect("run watch");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let warning = stderr.lines().find(|line| line.contains("takes webhooks")).unwrap_or_else(|| panic!("no warning:\n{stderr}"));
+    assert!(warning.contains("WARN") && warning.contains("`github`") && warning.contains("no listener"), "{warning}");
+    assert!(stderr.contains("hint: set `metrics: { listen: ADDRESS:PORT }`") && stderr.contains("/webhooks/github"), "{stderr}");
+    assert!(!stderr.contains("`sim` takes webhooks"), "the fake CI takes none: {stderr}");
+    assert!(!stderr.contains(SECRET) && !stderr.contains(PAT));
 }
