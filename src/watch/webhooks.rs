@@ -140,10 +140,9 @@ impl Webhooks {
 
     /// Whether `name` is a configured source, and the answer.
     async fn receive(&self, name: &str, request: Request<hyper::body::Incoming>) -> (bool, Answer) {
-        let (source, wake) = {
+        let source = {
             let routes = self.routes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let source = routes.sources.iter().find(|(known, _)| known.as_str() == name).map(|(_, source)| source.clone());
-            (source, routes.wake.clone())
+            routes.sources.iter().find(|(known, _)| known.as_str() == name).map(|(_, source)| source.clone())
         };
         let Some(source) = source else {
             let shown: String = name.chars().take(64).collect();
@@ -167,6 +166,8 @@ impl Webhooks {
             Ok(notice) => {
                 if notice.wake {
                     tracing::info!(source = name, "webhook: {}; reconciling now", notice.reason);
+                    // The stream of now: a reload while the body was read has handed the loop a new one.
+                    let wake = self.routes.read().unwrap_or_else(std::sync::PoisonError::into_inner).wake.clone();
                     // Full: wake-ups are pending already, and one is as good as many. Closed: the loop is ending.
                     drop(wake.try_send(Trigger { source: format!("webhook {name}"), reason: notice.reason.clone() }));
                     (true, Answer::new(202, format!("{}; reconciling now", notice.reason)))
