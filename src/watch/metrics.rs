@@ -261,6 +261,9 @@ impl Metrics {
     }
 }
 
+/// How long a client may take to send a request's head before its connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `/metrics` and `/healthz` until the process ends. Binding errors are returned; a failed connection is
 /// only logged.
 pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
@@ -284,6 +287,10 @@ pub async fn serve_with(
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| respond(request, peer, metrics.clone(), webhooks.clone()));
                 let connection = hyper::server::conn::http1::Builder::new()
+                    // A client that never finishes its request head (slowloris) would hold a task and a socket
+                    // for ever; webhooks may face the internet through a proxy, so heads get a deadline.
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "metrics connection failed");
