@@ -147,11 +147,26 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
     assert_eq!(jobs, vec![("linux".to_owned(), 4), ("gpu".to_owned(), 1)]);
 }
 
-#[test]
-fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
+/// `acme/app` on a GitHub fake whose rate limit a long history cannot exhaust.
+fn big_repo() -> FakeGithub {
     let fake = FakeGithub::start();
     fake.add_repo("acme/app");
     fake.set_rate_limit(100_000, 100_000);
+    fake
+}
+
+/// `ciscale trace export` of `acme/app`'s history; it must succeed, and its trace must read back.
+fn export_repo(fake: &FakeGithub) -> trace::Trace {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(dir.path(), "c.yaml", &github_config(&fake.url(), "repository: acme/app"));
+    let output = export(dir.path(), "gh.jsonl");
+    assert!(output.status.success(), "{}", stderr(&output));
+    trace::read_file(&dir.path().join("gh.jsonl")).expect("a valid trace")
+}
+
+#[test]
+fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
+    let fake = big_repo();
     let linux = ["self-hosted", "linux"];
     // 150 runs of one job, a minute apart, and one run of 120 jobs.
     for n in 0..150 {
@@ -161,11 +176,7 @@ fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
     let wide: Vec<PastJobSpec> = (0..120).map(|n| PastJobSpec::ran(&linux, T0 + 20_000, T0 + 20_000 + n, T0 + 20_100 + n)).collect();
     fake.add_past_run("acme/app", T0 + 20_000, &wide);
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    write(dir.path(), "c.yaml", &github_config(&fake.url(), "repository: acme/app"));
-    let output = export(dir.path(), "gh.jsonl");
-    assert!(output.status.success(), "{}", stderr(&output));
-    let exported = trace::read_file(&dir.path().join("gh.jsonl")).expect("a valid trace");
+    let exported = export_repo(&fake);
     assert_eq!(exported.jobs.len(), 270);
     assert_eq!(exported.jobs.iter().filter(|job| job.duration.as_secs() == 30).count(), 150);
     assert_eq!(exported.jobs.iter().filter(|job| job.duration.as_secs() == 100).count(), 120);
@@ -178,20 +189,14 @@ fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
 
 #[test]
 fn github_export_splits_a_window_with_more_runs_than_github_lists() {
-    let fake = FakeGithub::start();
-    fake.add_repo("acme/app");
-    fake.set_rate_limit(100_000, 100_000);
+    let fake = big_repo();
     let linux = ["self-hosted", "linux"];
     // 1,050 runs in the window: GitHub would list only 1,000 of them for one `created` range.
     for n in 0..1050 {
         let at = T0 + 30 * n;
         fake.add_past_run("acme/app", at, &[PastJobSpec::ran(&linux, at, at + 5, at + 65)]);
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    write(dir.path(), "c.yaml", &github_config(&fake.url(), "repository: acme/app"));
-    let output = export(dir.path(), "gh.jsonl");
-    assert!(output.status.success(), "{}", stderr(&output));
-    let exported = trace::read_file(&dir.path().join("gh.jsonl")).expect("a valid trace");
+    let exported = export_repo(&fake);
     assert_eq!(exported.jobs.len(), 1050, "none lost to the cap");
     let mut ats: Vec<i64> = exported.jobs.iter().map(|job| job.at.as_second()).collect();
     ats.dedup();
@@ -322,11 +327,7 @@ fn github_export_reads_a_server_that_ignores_the_created_filter_newest_first() {
         "GET /repos/{owner}/{repo}/actions/runs",
         serde_json::json!({"total_count": 3, "workflow_runs": [{"id": old, "created_at": Timestamp::from_second(T0 - 3 * 86_400).expect("t").to_string()}]}),
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    write(dir.path(), "c.yaml", &github_config(&fake.url(), "repository: acme/app"));
-    let output = export(dir.path(), "gh.jsonl");
-    assert!(output.status.success(), "{}", stderr(&output));
-    let exported = trace::read_file(&dir.path().join("gh.jsonl")).expect("a valid trace");
+    let exported = export_repo(&fake);
     let durations: Vec<(String, i64)> = exported.jobs.iter().map(|job| (job.at.to_string(), job.duration.as_secs())).collect();
     assert_eq!(durations, vec![("2026-03-02T09:00:00Z".to_owned(), 60), ("2026-03-02T09:01:00Z".to_owned(), 120)]);
     let run_lists: Vec<String> = fake.request_log().into_iter().filter(|line| line.contains("/actions/runs?")).collect();
