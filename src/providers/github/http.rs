@@ -526,8 +526,9 @@ impl Http {
         tracing::warn!(
             what,
             wait_secs = wait.as_secs(),
-            "github rate limit reached: no calls until it has passed\nhint: lengthen `pollInterval`, or receive \
-             `workflow_job` webhooks and poll fewer repositories per cycle"
+            "github rate limit reached: no calls until it has passed\nhint: for `watch`, lengthen `pollInterval`, or \
+             receive `workflow_job` webhooks and poll fewer repositories per cycle; for `trace export`, export a \
+             shorter window after the reset"
         );
         Error::RateLimited {
             provider: PROVIDER.to_owned(),
@@ -619,8 +620,9 @@ impl Http {
                     remaining = merged.remaining,
                     limit = merged.limit,
                     reset = %merged.reset,
-                    "github rate-limit budget is nearly used up\nhint: lengthen `pollInterval`, or receive \
-                     `workflow_job` webhooks and poll fewer repositories per cycle"
+                    "github rate-limit budget is nearly used up\nhint: for `watch`, lengthen `pollInterval`, or receive \
+                     `workflow_job` webhooks and poll fewer repositories per cycle; for `trace export`, export a \
+                     shorter window"
                 );
             }
         }
