@@ -331,6 +331,8 @@ pub struct GithubSpec {
     pub repositories_per_cycle: Option<u32>,
     /// The secret `workflow_job` webhooks are signed with; `None`: the source takes no webhooks.
     pub webhook_secret: Option<Secret>,
+    /// The runners' machines are 64-bit ARM (`arch: arm64`), not x86-64.
+    pub arm64: bool,
 }
 
 /// Where a GitHub source's runners are registered.
@@ -409,6 +411,7 @@ impl CiKind {
                 runner_group: _,
                 repositories: _,
                 repositories_per_cycle: _,
+                arm64: _,
             }) => {
                 let credential = match auth {
                     GithubAuth::App { private_key, app_id: _, installation_id: _ } => private_key,

@@ -170,6 +170,10 @@ pub enum RawCiSource {
         /// `metrics.listen`.
         #[serde(default)]
         webhook_secret: Option<RawSecret>,
+        /// The CPU of the machines its runners run on, `x64` or `arm64` [x64]: the architecture label runners
+        /// get (`X64`/`ARM64`) and the runner release cloud servers download. Pools of both: two sources.
+        #[serde(default)]
+        arch: Option<String>,
     },
     /// A Forgejo instance (15 or later) with Forgejo Actions: one ephemeral runner per waiting job.
     Forgejo {

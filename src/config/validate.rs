@@ -93,6 +93,7 @@ struct GithubRaw {
     repositories: Option<Vec<String>>,
     repositories_per_cycle: Option<u32>,
     webhook_secret: Option<RawSecret>,
+    arch: Option<String>,
 }
 
 /// Why a Woodpecker filter label cannot work, if it cannot. Agents receive their labels as one
@@ -665,6 +666,24 @@ impl Validator<'_> {
             );
             ok = false;
         }
+        let arm64 = match raw.arch.as_deref() {
+            None | Some("x64") => false,
+            Some("arm64") => true,
+            Some(other) => {
+                let hint = match other.to_ascii_lowercase().as_str() {
+                    "amd64" | "x86_64" | "x86-64" | "x64" => "write `x64`, GitHub's name for it".to_owned(),
+                    "aarch64" | "arm64" => "write `arm64`, GitHub's name for it".to_owned(),
+                    _ => "ciscale launches GitHub runners on `x64` and `arm64` machines".to_owned(),
+                };
+                self.problems.push(
+                    self.value_span(&format!("{pointer}/arch")),
+                    format!("`arch: {other}` of {place} is not `x64` or `arm64`"),
+                    Some(hint),
+                );
+                ok = false;
+                false
+            }
+        };
         let auth = match (raw.app, raw.token) {
             (Some(app), None) => Some(GithubAuth::App {
                 app_id: app.app_id,
@@ -704,6 +723,7 @@ impl Validator<'_> {
             repositories: raw.repositories,
             repositories_per_cycle: raw.repositories_per_cycle,
             webhook_secret: raw.webhook_secret.map(|secret| Secret::new(secret.0)),
+            arm64,
         })
     }
 
@@ -837,6 +857,7 @@ impl Validator<'_> {
                     repositories,
                     repositories_per_cycle,
                     webhook_secret,
+                    arch,
                 } => {
                     let Some(spec) = self.github_spec(
                         &pointer,
@@ -852,6 +873,7 @@ impl Validator<'_> {
                             repositories,
                             repositories_per_cycle,
                             webhook_secret,
+                            arch,
                         },
                     ) else {
                         complete = false;
@@ -1505,8 +1527,10 @@ impl Validator<'_> {
         let (Some(scale), true, Ok(preregistered)) = (scale, ok, preregistered) else {
             return None;
         };
-        let github_source =
-            matches!(ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind), Some(CiKind::Github(_)));
+        let github_platform = match ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind) {
+            Some(CiKind::Github(spec)) => Some(crate::providers::github::platform_of(spec)),
+            _ => None,
+        };
         Some(PoolSpec {
             name: PoolName::new(raw.name),
             ci: CiBinding {
@@ -1517,11 +1541,11 @@ impl Validator<'_> {
                     if let Some(azure_pool) = raw.ci.azure_pool {
                         labels.insert(crate::model::AZURE_POOL_LABEL.to_owned(), azure_pool);
                     }
-                    if github_source {
+                    if let Some(platform) = github_platform {
                         // Every GitHub runner carries `self-hosted` and its OS and architecture (ciscale registers
                         // them: a just-in-time runner gets no others), so jobs written for any self-hosted runner
                         // match the pool.
-                        for implicit in crate::providers::github::RunnerPlatform::default().implicit_labels() {
+                        for implicit in platform.implicit_labels() {
                             if !labels.keys().any(|label| label.eq_ignore_ascii_case(implicit)) {
                                 labels.insert(implicit.to_owned(), String::new());
                             }

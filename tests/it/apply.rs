@@ -950,6 +950,7 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             repositories: None,
             repositories_per_cycle: None,
             webhook_secret: None,
+            arm64: false,
         }),
         CiKind::Github(GithubSpec {
             endpoint: None,
@@ -959,6 +960,7 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
             repositories: None,
             repositories_per_cycle: None,
             webhook_secret: Some(Secret::new("tok-GITHUB-webhook-secret")),
+            arm64: true,
         }),
         CiKind::Forgejo {
             server: "http://forgejo.invalid".to_owned(),

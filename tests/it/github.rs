@@ -1050,6 +1050,7 @@ async fn a_github_config_is_connected_and_matched_end_to_end() {
             repositories: None,
             repositories_per_cycle: None,
             webhook_secret: Some(Secret::new("hook-secret")),
+            arm64: false,
         }
     );
     let pool = desired.pool(&PoolName::new("linux")).expect("pool");
@@ -1099,4 +1100,43 @@ async fn a_github_config_is_connected_and_matched_end_to_end() {
     assert_eq!(plain.webhook_max_body(), None);
     assert_eq!(plain.receive_webhook(&signed, &body).expect_err("no secret").status, 404);
     assert_spec_clean(&fake);
+}
+
+/// `arch: arm64`: the pool offers `ARM64` (not `X64`), so a job for ARM runners is planned for and one for x86 is
+/// not, and cloud servers download the ARM64 runner release. A Debian-style `aarch64` is refused with the name
+/// GitHub uses.
+#[tokio::test]
+async fn an_arm64_source_offers_arm64_and_downloads_the_arm64_runner() {
+    use ciscale::model::{CiName, PoolName};
+    let fake = FakeGithub::start();
+    fake.add_repo("acme/app");
+    fake.queue_run("acme/app", &[&["self-hosted", "ARM64"], &["self-hosted", "X64"]]);
+    let config = |arch: &str| {
+        format!(
+            "id: gh\nci:\n  github: {{ kind: github, endpoint: \"{}\", repository: acme/app, token: \"${{GITHUB_TOKEN}}\", \
+             arch: {arch} }}\nbackends:\n  f: {{ kind: fake }}\npools:\n  - {{ name: arm, ci: {{ source: github }}, \
+             backend: {{ name: f }} }}\n",
+            fake.url()
+        )
+    };
+    let env = |name: &str| (name == "GITHUB_TOKEN").then(|| PAT.to_owned());
+    let desired = ciscale::config::load_str("github.yaml", &config("arm64"), &env).expect("loads");
+    let pool = desired.pool(&PoolName::new("arm")).expect("pool");
+    let offered: Vec<&str> = pool.ci.labels.keys().map(String::as_str).collect();
+    assert_eq!(offered, ["ARM64", "Linux", "self-hosted"]);
+
+    let providers = ciscale::providers::connect(&desired).expect("connect");
+    let observed = ciscale::observe::observe(&desired, &providers, jiff::Timestamp::now()).await.expect("observe");
+    let plan = ciscale::plan::plan(&desired, &observed, jiff::Timestamp::now());
+    let creates = plan.changes.iter().filter(|change| matches!(change.action, ciscale::plan::Action::Create)).count();
+    assert_eq!(creates, 1, "one runner, for the ARM64 job only: {plan:?}");
+    let github = providers.ci[&CiName::new("github")].clone();
+    let user_data = github.cloud_user_data(&Secret::new("RUNNER_JIT=x")).expect("user data");
+    assert!(user_data.expose().contains("actions-runner-linux-arm64-"), "the arm64 release is downloaded");
+    assert!(!user_data.expose().contains("-linux-x64-"));
+
+    let error = ciscale::config::load_str("github.yaml", &config("aarch64"), &env).expect_err("aarch64 is refused");
+    let text = error.diagnostics().expect("a located problem").render_plain();
+    assert!(text.contains("github.yaml:3:") && text.contains("`arch: aarch64`"), "{text}");
+    assert!(text.contains("hint: write `arm64`"), "{text}");
 }

@@ -264,9 +264,16 @@ impl GithubSettings {
             repositories_per_observe: spec.repositories_per_cycle.map(|count| count as usize),
             webhook_secret: spec.webhook_secret.clone(),
             owner: Some(owner.to_owned()),
+            platform: Some(platform_of(spec)),
             ..Self::new(scope, auth)
         }
     }
+}
+
+/// The machines a source's runners run on (Linux; `arch` from the config): their implicit labels and the runner
+/// release cloud servers download.
+pub fn platform_of(spec: &crate::model::GithubSpec) -> RunnerPlatform {
+    RunnerPlatform { arch: if spec.arm64 { RunnerArch::Arm64 } else { RunnerArch::X64 }, ..RunnerPlatform::default() }
 }
 
 /// Which repositories to poll: the known list, the busy ones, and where a rotation stands.
