@@ -194,6 +194,13 @@ fn world(size: &Size) -> (Desired, Observed, Timestamp) {
     (desired, observed, now)
 }
 
+/// SHA-256 of the plan's JSON (everything in it: changes, reasons, notes, cost, fingerprint), outside the timing.
+fn plan_digest(plan: &ciscale::plan::Plan) -> String {
+    use sha2::{Digest, Sha256};
+    let json = serde_json::to_vec(plan).unwrap_or_default();
+    Sha256::digest(&json).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
@@ -229,10 +236,14 @@ fn main() {
         times[0],
         times[RUNS - 1]
     );
+
     match (rss_before, peak_rss_kib()) {
         (Some(before), Some(after)) => {
             println!("peak RSS: {:.1} MiB (world built: {:.1} MiB)", after as f64 / 1024.0, before as f64 / 1024.0)
         }
         _ => println!("peak RSS: unavailable (no /proc/self/status)"),
     }
+    // A speed-up must not change the plan: compare this line before and after (same scale). After the RSS
+    // reading, so the JSON text does not count.
+    println!("plan digest: {}", plan_digest(&ciscale::plan::plan(&desired, &observed, now)));
 }
