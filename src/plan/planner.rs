@@ -164,7 +164,7 @@ fn migration_note(
 /// target name. Keys are computed once and borrow from the changes (comparing through the rank map on every
 /// comparison, or cloning names into owned keys, costs more than the rest of the sort); the position breaks
 /// ties, so the order is the one a stable sort gives.
-fn in_apply_order(desired: &Desired, changes: Vec<Change>) -> Vec<Change> {
+fn in_apply_order(desired: &Desired, mut changes: Vec<Change>) -> Vec<Change> {
     let pool_rank: FastMap<&str, usize> =
         desired.pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
     let mut keys: Vec<(usize, &str, u8, &str, usize)> = changes
@@ -176,9 +176,20 @@ fn in_apply_order(desired: &Desired, changes: Vec<Change>) -> Vec<Change> {
         })
         .collect();
     keys.sort_unstable();
-    let order: Vec<usize> = keys.into_iter().map(|(.., position)| position).collect();
-    let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
-    order.into_iter().filter_map(|position| slots[position].take()).collect()
+    let mut order: Vec<usize> = keys.into_iter().map(|(.., position)| position).collect();
+    // In place, cycle by cycle (slot `i` gets the change at `order[i]`): a second vector of changes would add
+    // their whole size to the plan's peak memory.
+    for start in 0..order.len() {
+        let mut slot = start;
+        while order[slot] != start {
+            let from = order[slot];
+            changes.swap(slot, from);
+            order[slot] = slot;
+            slot = from;
+        }
+        order[slot] = slot;
+    }
+    changes
 }
 
 /// Apply order within a pool: free things first (deregister, delete), then replace/stop/drain, then the
