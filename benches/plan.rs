@@ -12,6 +12,13 @@
 //! `plan` itself 17 %, `memcmp` 10 % (string-keyed lookups), copies 6 %, `malloc` 8 %, cost estimate 4 %; SHA-256
 //! (digests, fingerprint) under 2 %. So the next step is fewer string keys and allocations (interned labels, ids
 //! by index), not hashing.
+//!
+//! 23:00-23:25 the same day (#10, first steps: streamed fingerprint, agent ids by `&str`, a pool's price once,
+//! apply order on borrowed keys sorted in place, name digests once per pool): the same plan digest at all four
+//! sizes and the same peak RSS; at load 2, 1×, three runs each: main medians 98/99/128 ms, this 93/102/111 ms
+//! (2× 220 → 212 ms, ½× 43 → 41 ms, ¼× 18 → 17 ms): a few per cent at best. The goal is not reached. A profile of this build (`perf record` on the bench): `assign_pending` 17 %
+//! (100,000 jobs' labels projected and grouped), `memcmp` 11 %, copies 7 %, `malloc` 4 %, cost 4 %, the
+//! per-pool notes' formatting ~5 %; so next: demand's per-label work, then fewer passes over the instances.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
