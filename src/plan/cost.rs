@@ -66,18 +66,22 @@ pub(super) fn estimate_cost(
         }
     }
 
+    // The price of a pool's new instance, once per pool rather than once per create (first pool of a name wins,
+    // as in `Desired::pool`).
+    let mut new_prices: FastMap<&str, Option<&Price>> = FastMap::default();
+    for pool in &desired.pools {
+        new_prices.entry(pool.name.as_str()).or_insert_with(|| {
+            let prices = &observed.backends.get(&pool.backend.backend)?.prices;
+            prices.get(machine_type(&pool.backend.machine)?)
+        });
+    }
     let mut after = Tally { by_currency: before.by_currency.clone(), unpriced: before.unpriced };
     for change in changes {
         let Some(target) = &change.instance else {
             continue;
         };
         let existing = target.id.as_ref().and_then(|id| managed.get(&(&target.backend, id))).copied();
-        let new_price = || {
-            desired.pool(&change.pool).and_then(|pool| {
-                let prices = &observed.backends.get(&pool.backend.backend)?.prices;
-                prices.get(machine_type(&pool.backend.machine)?)
-            })
-        };
+        let new_price = || new_prices.get(change.pool.as_str()).copied().flatten();
         match (change.action, existing) {
             (Action::Create, _) => after.add(new_price(), 1.0),
             (Action::Delete, Some((price, true))) => after.add(price, -1.0),

@@ -14,8 +14,9 @@ use crate::model::{
 pub(super) struct CiIndex<'a> {
     pub name: &'a CiName,
     pub agents_by_name: FastMap<&'a str, &'a Agent>,
-    pub agents_by_id: FastMap<&'a AgentId, &'a Agent>,
-    pub running_by_agent: FastMap<&'a AgentId, u32>,
+    /// By id as `&str`, so an id read from an instance label is looked up without building an `AgentId`.
+    pub agents_by_id: FastMap<&'a str, &'a Agent>,
+    pub running_by_agent: FastMap<&'a str, u32>,
 }
 
 impl<'a> CiIndex<'a> {
@@ -25,12 +26,12 @@ impl<'a> CiIndex<'a> {
         for agent in &observation.agents {
             // First record wins on duplicates, so the choice follows the observation's order, not hashing.
             agents_by_name.entry(agent.name.as_str()).or_insert(agent);
-            agents_by_id.entry(&agent.id).or_insert(agent);
+            agents_by_id.entry(agent.id.as_str()).or_insert(agent);
         }
-        let mut running_by_agent: FastMap<&AgentId, u32> = FastMap::default();
+        let mut running_by_agent: FastMap<&str, u32> = FastMap::default();
         for task in &observation.queue.running {
             if let Some(agent_id) = &task.agent_id {
-                *running_by_agent.entry(agent_id).or_default() += 1;
+                *running_by_agent.entry(agent_id.as_str()).or_default() += 1;
             }
         }
         Self { name, agents_by_name, agents_by_id, running_by_agent }
@@ -38,13 +39,13 @@ impl<'a> CiIndex<'a> {
 
     pub fn lookup(&self, reference: &AgentRef) -> Option<&'a Agent> {
         match reference {
-            AgentRef::Id(id) => self.agents_by_id.get(id).copied(),
+            AgentRef::Id(id) => self.agents_by_id.get(id.as_str()).copied(),
             AgentRef::Name(name) => self.agents_by_name.get(name.as_str()).copied(),
         }
     }
 
     pub fn running_on(&self, agent: &Agent) -> u32 {
-        self.running_by_agent.get(&agent.id).copied().unwrap_or(0)
+        self.running_by_agent.get(agent.id.as_str()).copied().unwrap_or(0)
     }
 
     pub fn is_busy(&self, agent: &Agent) -> bool {

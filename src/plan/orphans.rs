@@ -131,7 +131,7 @@ fn linked_agents<'c, 'a>(instance: &Instance, sources: &[&'c CiIndex<'a>]) -> Li
     let by_label: Vec<(&CiIndex<'_>, &Agent)> = match label {
         Some(id) => sources
             .iter()
-            .filter_map(|ci| ci.agents_by_id.get(&crate::model::AgentId::new(id.clone())).map(|agent| (*ci, *agent)))
+            .filter_map(|ci| ci.agents_by_id.get(id.as_str()).map(|agent| (*ci, *agent)))
             .collect(),
         None => Vec::new(),
     };

@@ -43,7 +43,7 @@
 use sha2::{Digest, Sha256};
 
 use super::digest::to_hex;
-use super::fasthash::FastSet;
+use super::fasthash::{FastMap, FastSet};
 use crate::model::{Agent, PoolName};
 
 /// Hex digits of the `(owner, pool)` digest in a name.
@@ -82,6 +82,24 @@ pub struct OwnedName<'a> {
 /// Reads `name` as one of `owner`'s names: `Some` only when it has the shape `{owner}-{pool}-{digest}-{n}` and
 /// the digest is the one of `(owner, pool)`.
 pub fn parse_name<'a>(owner: &str, name: &'a str) -> Option<OwnedName<'a>> {
+    let (owned, digest) = name_shape(owner, name)?;
+    (name_digest(owner, owned.pool) == digest).then_some(owned)
+}
+
+/// [`parse_name`] with the digests of the pools seen so far kept in `digests` (one SHA-256 per pool rather than
+/// per name: a plan reads every instance's and record's name, and every name of a pool has the same digest).
+pub(super) fn parse_name_cached<'a>(
+    owner: &str,
+    name: &'a str,
+    digests: &mut FastMap<&'a str, String>,
+) -> Option<OwnedName<'a>> {
+    let (owned, digest) = name_shape(owner, name)?;
+    let want = digests.entry(owned.pool).or_insert_with(|| name_digest(owner, owned.pool));
+    (want.as_str() == digest).then_some(owned)
+}
+
+/// `{owner}-{pool}-{digest}-{n}` taken apart, the digest not checked yet.
+fn name_shape<'a>(owner: &str, name: &'a str) -> Option<(OwnedName<'a>, &'a str)> {
     let rest = name.strip_prefix(owner)?.strip_prefix('-')?;
     let (rest, index) = rest.rsplit_once('-')?;
     // `instance_name` never writes a leading zero, so `01` is somebody else's.
@@ -93,7 +111,7 @@ pub fn parse_name<'a>(owner: &str, name: &'a str) -> Option<OwnedName<'a>> {
     if pool.is_empty() || digest.len() != DIGEST_LEN {
         return None;
     }
-    (name_digest(owner, pool) == digest).then_some(OwnedName { pool, index })
+    Some((OwnedName { pool, index }, digest))
 }
 
 /// Whether a record someone might mistake for ours is worth a "not ours, left alone" note: its name starts with
@@ -177,6 +195,35 @@ mod tests {
         assert_eq!(parse_name("acme", &format!("acme-linux-{}-1", digest.to_uppercase())), None);
         assert!(looks_like_ours("acme", "acme-runner"));
         assert!(!looks_like_ours("acme", "acmerunner"));
+    }
+
+    #[test]
+    fn a_cached_digest_reads_names_as_the_uncached_one_does() {
+        let mut digests = FastMap::default();
+        let digest = name_digest("acme", "linux");
+        let names = [
+            instance_name("acme", &PoolName::new("linux"), 1),
+            format!("acme-linux-{}-2", "0".repeat(DIGEST_LEN)),
+            instance_name("acme", &PoolName::new("linux"), 2),
+            instance_name("acme-arm", &PoolName::new("linux"), 1),
+            instance_name("acme", &PoolName::new("arm-linux"), 7),
+            format!("acme-linux-{}-1", digest.to_uppercase()),
+            "acme-linux-1".to_owned(),
+        ];
+        let read: Vec<_> = names.iter().map(|name| parse_name_cached("acme", name, &mut digests)).collect();
+        assert_eq!(
+            read,
+            [
+                Some(OwnedName { pool: "linux", index: 1 }),
+                None,
+                Some(OwnedName { pool: "linux", index: 2 }),
+                None,
+                Some(OwnedName { pool: "arm-linux", index: 7 }),
+                None,
+                None
+            ]
+        );
+        assert_eq!(digests.get("linux"), Some(&digest), "one digest per pool, kept");
     }
 
     #[test]

@@ -16,13 +16,13 @@ use super::demand::assign_pending;
 use super::digest::fingerprint;
 use super::fasthash::{FastMap, FastSet};
 use super::index::{index_backends, BackendIndex, CiIndex, InFlightIndex};
-use super::ownership::parse_name;
+use super::ownership::parse_name_cached;
 use super::text::plural;
 use super::orphans::plan_orphan_instances;
 use super::pool::{plan_pool, PoolContext};
 use super::records;
 use super::{Action, Change, Plan, Summary, FORMAT_VERSION};
-use crate::model::{BackendName, CiName, Desired, InstanceId, InstanceMode, InstanceState, Observed, PoolName};
+use crate::model::{BackendName, CiName, Desired, InstanceId, InstanceMode, InstanceState, Observed};
 
 /// Plans every pool, then the orphans, and totals the result. Pure: see the module docs.
 pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
@@ -83,12 +83,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     // Work in flight is already being done: planning it again would run it twice (or undo it half way).
     changes.retain(|change| !in_flight.touches(change));
 
-    let pool_rank: FastMap<&PoolName, usize> = desired.pools.iter().enumerate().map(|(i, p)| (&p.name, i)).collect();
-    // Cached keys: comparing through the rank map on every comparison costs more than the rest of the sort.
-    changes.sort_by_cached_key(|change| {
-        let rank = pool_rank.get(&change.pool).copied().unwrap_or(usize::MAX);
-        (rank, change.pool.clone(), action_rank(change.action), target_name(change).to_owned())
-    });
+    let changes = in_apply_order(desired, changes);
 
     let summary = summarize(&changes);
     let cost = estimate_cost(desired, observed, &changes, &claimed);
@@ -138,13 +133,14 @@ fn migration_note(
     backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
     claimed: &FastMap<(&BackendName, &InstanceId), usize>,
 ) -> Option<String> {
+    let mut digests = FastMap::default();
     let mut legacy: Vec<&str> = claimed
         .iter()
         .filter(|(_, pool)| desired.pools.get(**pool).is_some_and(|pool| matches!(pool.backend.mode, InstanceMode::Create)))
         .filter_map(|((backend, id), _)| backends.get(backend)?.by_id.get(id).copied())
         .filter(|instance| instance.state != InstanceState::Terminated)
         .map(|instance| instance.name.as_str())
-        .filter(|name| parse_name(&desired.owner, name).is_none())
+        .filter(|name| parse_name_cached(&desired.owner, name, &mut digests).is_none())
         .collect();
     if legacy.is_empty() {
         return None;
@@ -162,6 +158,38 @@ fn migration_note(
         if legacy.len() == 1 { "goes" } else { "go" },
         desired.owner
     ))
+}
+
+/// Pools in config order (orphans' pools after them, by name), and within a pool by [`action_rank`], then by
+/// target name. Keys are computed once and borrow from the changes (comparing through the rank map on every
+/// comparison, or cloning names into owned keys, costs more than the rest of the sort); the position breaks
+/// ties, so the order is the one a stable sort gives.
+fn in_apply_order(desired: &Desired, mut changes: Vec<Change>) -> Vec<Change> {
+    let pool_rank: FastMap<&str, usize> =
+        desired.pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    let mut keys: Vec<(usize, &str, u8, &str, usize)> = changes
+        .iter()
+        .enumerate()
+        .map(|(position, change)| {
+            let rank = pool_rank.get(change.pool.as_str()).copied().unwrap_or(usize::MAX);
+            (rank, change.pool.as_str(), action_rank(change.action), target_name(change), position)
+        })
+        .collect();
+    keys.sort_unstable();
+    let mut order: Vec<usize> = keys.into_iter().map(|(.., position)| position).collect();
+    // In place, cycle by cycle (slot `i` gets the change at `order[i]`): a second vector of changes would add
+    // their whole size to the plan's peak memory.
+    for start in 0..order.len() {
+        let mut slot = start;
+        while order[slot] != start {
+            let from = order[slot];
+            changes.swap(slot, from);
+            order[slot] = slot;
+            slot = from;
+        }
+        order[slot] = slot;
+    }
+    changes
 }
 
 /// Apply order within a pool: free things first (deregister, delete), then replace/stop/drain, then the

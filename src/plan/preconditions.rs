@@ -31,7 +31,7 @@ use super::index::CiIndex;
 use super::records;
 use super::{Action, Cause, Change};
 use crate::model::{
-    Agent, AgentId, BackendName, CiName, Desired, Instance, InstanceId, InstanceMode, InstanceState, Observed,
+    Agent, BackendName, CiName, Desired, Instance, InstanceId, InstanceMode, InstanceState, Observed,
     PoolName, PoolSpec, AGENT_LABEL, POOL_LABEL,
 };
 
@@ -269,7 +269,7 @@ impl<'a> World<'_, 'a> {
             return fail("the change names no agent");
         };
         let ci = self.ci.get(&target.ci);
-        match ci.and_then(|ci| ci.agents_by_id.get(&target.id).map(|agent| (ci, *agent))) {
+        match ci.and_then(|ci| ci.agents_by_id.get(target.id.as_str()).map(|agent| (ci, *agent))) {
             Some(found) => Ok(found),
             None => fail(format!("agent `{}` ({} {}) is gone", target.name, target.ci, target.id)),
         }
@@ -286,17 +286,17 @@ impl<'a> World<'_, 'a> {
         };
         if let Some(target) = &change.agent {
             if let Some(ci) = self.ci.get(&target.ci) {
-                if let Some(agent) = ci.agents_by_id.get(&target.id) {
+                if let Some(agent) = ci.agents_by_id.get(target.id.as_str()) {
                     add(ci, agent);
                 }
             }
         }
-        let label = instance.labels.get(AGENT_LABEL).map(|id| AgentId::new(id.clone()));
+        let label = instance.labels.get(AGENT_LABEL).map(String::as_str);
         for ci in self.ci.values() {
             if let Some(agent) = ci.agents_by_name.get(instance.name.as_str()) {
                 add(ci, agent);
             }
-            if let Some(agent) = label.as_ref().and_then(|id| ci.agents_by_id.get(id)) {
+            if let Some(agent) = label.and_then(|id| ci.agents_by_id.get(id)) {
                 add(ci, agent);
             }
         }

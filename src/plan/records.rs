@@ -32,9 +32,9 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 
-use super::fasthash::FastSet;
+use super::fasthash::{FastMap, FastSet};
 use super::index::CiIndex;
-use super::ownership::{looks_like_ours, parse_name, record_since};
+use super::ownership::{looks_like_ours, parse_name_cached, record_since};
 use super::text::human_duration;
 use super::{Action, Change};
 use crate::model::{
@@ -126,6 +126,7 @@ pub(super) fn find<'a>(
     let default_policy = ScalePolicy::default();
 
     let mut records = Records { lone: BTreeMap::new(), notes: Vec::new() };
+    let mut digests = FastMap::default();
     for (ci_name, ci) in ci_indexes {
         let Some(observation) = observed.ci.get(*ci_name) else {
             continue;
@@ -139,7 +140,7 @@ pub(super) fn find<'a>(
             if is_configured {
                 continue;
             }
-            match parse_name(&desired.owner, &agent.name) {
+            match parse_name_cached(&desired.owner, &agent.name, &mut digests) {
                 Some(owned) => {
                     let configured_pool = desired.pool(&PoolName::new(owned.pool));
                     let policy = configured_pool.map_or(&default_policy, |pool| &pool.scale);

@@ -272,6 +272,28 @@ fn fingerprint_ignores_timestamps_and_queue() {
     assert!(fingerprint(&base).starts_with("sha256:"));
 }
 
+/// Saved plans carry the fingerprint and `apply` compares it with one of a fresh observation, possibly made by
+/// another build: the encoding is pinned here, spelled out as the JSON text it hashes (instances and agents
+/// sorted by id, two instances listed out of order on purpose).
+#[test]
+fn fingerprint_is_the_sha256_of_the_inventory_json() {
+    use sha2::{Digest, Sha256};
+    let mut stray = owned("b", InstanceState::Stopped, "2026-01-01T10:00:00Z", "x");
+    stray.labels.remove(POOL_LABEL);
+    let observed = observed(
+        vec![stray, owned("a", InstanceState::Running, "2026-01-01T10:00:00Z", "x")],
+        vec![agent("z", false, true, None), agent("y", true, false, None)],
+        Vec::new(),
+    );
+    let text = concat!(
+        r#"{"backends":{"cloud":[{"id":"id-a","state":"running","owner":"ci","pool":"linux"},"#,
+        r#"{"id":"id-b","state":"stopped","owner":"ci","pool":null}]},"#,
+        r#""ci":{"wp":[{"id":"a-y","no_schedule":false},{"id":"a-z","no_schedule":true}]}}"#
+    );
+    let want: String = Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect();
+    assert_eq!(fingerprint(&observed), format!("sha256:{want}"));
+}
+
 #[test]
 fn human_durations() {
     assert_eq!(human_duration(SignedDuration::from_secs(45)), "45s");

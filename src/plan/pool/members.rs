@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use super::super::machine::first_candidate;
 use super::PoolContext;
 use crate::model::{
-    AdoptedInstance, Agent, AgentId, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL, AGENT_LABEL,
+    AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL, AGENT_LABEL,
 };
 
 /// An instance of the pool with everything the rules look at.
@@ -72,7 +72,7 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
             let reference = adoption.and_then(|a| a.agent.as_ref()).or(cx.pool.agent.preregistered.as_ref());
             let labelled = instance.labels.get(AGENT_LABEL).filter(|_| adoption.is_none());
             let agent = cx.ci.and_then(|ci| match (labelled, reference) {
-                (Some(id), _) => ci.agents_by_id.get(&AgentId::new(id.clone())).copied(),
+                (Some(id), _) => ci.agents_by_id.get(id.as_str()).copied(),
                 (None, Some(reference)) => ci.lookup(reference),
                 (None, None) => ci.agents_by_name.get(instance.name.as_str()).copied(),
             });
