@@ -22,11 +22,25 @@ pub struct TraceArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TraceCommand {
-    /// Write the jobs a CI source ran in a time window (Woodpecker, Azure Pipelines), from its own history
+    /// Write the jobs a CI source ran in a time window, from its own history (Woodpecker, Azure Pipelines, GitHub
+    /// Actions; Forgejo keeps none that can be read)
+    #[command(long_about = EXPORT_ABOUT)]
     Export(ExportArgs),
     /// Write a bundled synthetic trace (`office-week`, `nightly-burst`, `demo`) for the config's pools
     Synthetic(SyntheticArgs),
 }
+
+/// What each source contributes to an exported trace (`ciscale trace export --help`).
+const EXPORT_ABOUT: &str = "Write the jobs a CI source ran in a time window, from its own history, as a trace for \
+`ciscale simulate` (JSON Lines: when each job was queued, how long it ran, what it asked for). Jobs that never \
+started or still run are left out and counted on stderr.
+
+Woodpecker: every workflow of the active repositories' pipelines, queued when its pipeline was created (or \
+approved, or its `depends_on` finished), with its task labels.
+Azure Pipelines: the bound agent pools' recent job requests with their demands.
+GitHub Actions: every workflow job (every attempt) of the source's repositories, queued at its `created_at`, run \
+from `started_at` to `completed_at`, asking for its `runs-on`; about one API request per workflow run.
+Forgejo: not offered (its API gives no per-job queue time); an export of every source skips it with a warning.";
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -103,7 +117,24 @@ async fn export(args: ExportArgs) -> anyhow::Result<u8> {
         }
     }
     let providers = super::connect(&desired)?;
-    let exported = ciscale::simulate::export::export(&desired, &providers, &sources, from, until).await?;
+    let exported = match ciscale::simulate::export::export(&desired, &providers, &sources, from, until).await {
+        Ok(exported) => exported,
+        // A history is thousands of calls against the same hourly budget as `watch`: say what to do.
+        Err(ciscale::simulate::export::ExportError::History {
+            name,
+            source: ciscale::providers::Error::RateLimited { retry_after, .. },
+        }) => {
+            let wait = retry_after.map(|wait| format!(" for {}s", wait.as_secs())).unwrap_or_default();
+            return Err(hinted(
+                format!("ci source `{name}` is rate limited{wait}: nothing was written"),
+                "export again once it has passed, a shorter window (`--since`) or one source at a time (`--source`)",
+            ));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    for (name, why) in &exported.unsupported {
+        eprintln!("warning: ci source `{name}` skipped: {why}");
+    }
     write_trace(&exported.trace, args.out.as_ref())?;
     for (name, written) in &exported.written {
         let never = exported.never_started.get(name).copied().unwrap_or(0);

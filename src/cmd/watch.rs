@@ -10,6 +10,8 @@ use clap::Args;
 
 use ciscale::model::Desired;
 use ciscale::watch::metrics::{self, Metrics};
+use ciscale::providers::Providers;
+use ciscale::watch::webhooks::Webhooks;
 use ciscale::watch::{self, Reloaded, WatchOptions};
 use tokio::sync::mpsc;
 
@@ -35,22 +37,36 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
     let _lock = args.lock.acquire(&desired).await?;
     let mut providers = super::connect(&desired)?;
     let mut metrics = None;
+    let mut webhooks = None;
+    let mut webhook_triggers = None;
     if let Some(spec) = &desired.metrics {
         let allowed_silence = desired.poll_interval.0.max(std::time::Duration::from_secs(1)) * spec.unhealthy_after;
         let shared = Arc::new(Metrics::new(allowed_silence));
-        let bound = metrics::serve(spec.listen, shared.clone())
+        providers = metrics::instrument(&providers, &shared);
+        // The one listener also takes the CI sources' webhook deliveries, which wake the loop like Incus events.
+        let (routes, triggers) = Webhooks::new(&providers.ci, shared.clone());
+        let bound = metrics::serve_with(spec.listen, shared.clone(), Some(routes.clone()))
             .await
             .with_context(|| format!("could not listen on `{}` for metrics", spec.listen))?;
-        tracing::info!(%bound, "serving /metrics and /healthz");
-        providers = metrics::instrument(&providers, &shared);
+        let receiving: Vec<String> = routes.receiving().iter().map(|name| format!("/webhooks/{name}")).collect();
+        if receiving.is_empty() {
+            tracing::info!(%bound, "serving /metrics and /healthz");
+        } else {
+            tracing::info!(%bound, "serving /metrics, /healthz and {}", receiving.join(", "));
+        }
         metrics = Some(shared);
+        webhooks = Some(routes);
+        webhook_triggers = Some(triggers);
+    } else {
+        warn_unreceived_webhooks(&providers);
     }
     let cancel = watch::shutdown_signal();
     let options = WatchOptions { cycles: args.cycles, inspect: plan_trace()?, ..WatchOptions::default() };
     tracing::info!(owner = %desired.owner, pools = desired.pools.len(), interval = %desired.poll_interval, "watching");
     // Incus backends wake the loop on their lifecycle events; the interval stays as the safety net.
-    let triggers = watch::triggers::from_config(&desired);
-    let reloads = listen_for_reloads(args.config.clone(), &desired, metrics.clone());
+    let mut triggers = watch::triggers::from_config(&desired);
+    triggers.extend(webhook_triggers);
+    let reloads = listen_for_reloads(args.config.clone(), &desired, metrics.clone(), webhooks);
     // With `--cycles`, the exit code says how the last cycle went (a trial or a test wants to know); a daemon
     // stopped by SIGTERM exits 0.
     let mut last_failed = None;
@@ -121,6 +137,7 @@ fn listen_for_reloads(
     config: ConfigArg,
     running: &Desired,
     metrics: Option<Arc<Metrics>>,
+    webhooks: Option<Arc<Webhooks>>,
 ) -> Option<mpsc::Receiver<Reloaded>> {
     #[cfg(unix)]
     {
@@ -138,7 +155,7 @@ fn listen_for_reloads(
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 tracing::info!(config = %config.path().display(), "SIGHUP: reloading the config");
-                match reload(&config, &owner, listen, metrics.as_ref()) {
+                match reload(&config, &owner, listen, metrics.as_ref(), webhooks.as_deref()) {
                     Ok(reloaded) => {
                         if sender.send(reloaded).await.is_err() {
                             return;
@@ -155,7 +172,7 @@ fn listen_for_reloads(
     }
     #[cfg(not(unix))]
     {
-        let _ = (config, running, metrics);
+        let _ = (config, running, metrics, webhooks);
         None
     }
 }
@@ -167,6 +184,7 @@ fn reload(
     owner: &str,
     listen: Option<std::net::SocketAddr>,
     metrics: Option<&Arc<Metrics>>,
+    webhooks: Option<&Webhooks>,
 ) -> anyhow::Result<Reloaded> {
     let desired = super::load_config(config, ciscale::config::Secrets::Needed)?;
     if desired.owner != owner {
@@ -183,8 +201,29 @@ fn reload(
     if let Some(metrics) = metrics {
         providers = metrics::instrument(&providers, metrics);
     }
-    let triggers = watch::triggers::from_config(&desired);
+    let mut triggers = watch::triggers::from_config(&desired);
+    match webhooks {
+        // Deliveries go to the new sources from now on; the loop takes their wake-ups with the new config's
+        // triggers (it drops the old ones when it switches).
+        Some(webhooks) => triggers.push(webhooks.replace(&providers.ci)),
+        None => warn_unreceived_webhooks(&providers),
+    }
     Ok(Reloaded { desired, providers, triggers })
+}
+
+/// Without `metrics.listen` nothing listens for webhooks: say so for each source that expects them (polling
+/// still finds its jobs, only later).
+fn warn_unreceived_webhooks(providers: &Providers) {
+    for (name, source) in &providers.ci {
+        if source.webhook_max_body().is_some() {
+            tracing::warn!(
+                source = %name,
+                "ci source `{name}` takes webhooks, but `watch` has no listener for them; polling finds its jobs \
+                 every `pollInterval`\n  hint: set `metrics: {{ listen: ADDRESS:PORT }}` and point the webhook at \
+                 http(s)://HOST/webhooks/{name}"
+            );
+        }
+    }
 }
 
 /// An error as plain text for a log line: config problems one `file:line:col: error: ...` line each, other errors

@@ -62,12 +62,13 @@ pub struct RawConfig {
     /// Base images `ciscale provision` builds, by name.
     #[serde(default)]
     pub images: BTreeMap<String, RawImage>,
-    /// Prometheus metrics and health endpoint of `watch`.
+    /// Prometheus metrics and health endpoint of `watch` (its HTTP listener, which takes webhooks too).
     #[serde(default)]
     pub metrics: Option<RawMetrics>,
 }
 
-/// `metrics: { listen: 127.0.0.1:9922 }`: `watch` serves `/metrics` and `/healthz` there.
+/// `metrics: { listen: 127.0.0.1:9922 }`: `watch` serves `/metrics` and `/healthz` there, and webhook deliveries
+/// at `POST /webhooks/<ci source name>`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawMetrics {
@@ -165,7 +166,8 @@ pub enum RawCiSource {
         #[serde(default)]
         repositories_per_cycle: Option<u32>,
         /// The secret of the organisation's or repository's `workflow_job` webhook (verified with its
-        /// `X-Hub-Signature-256`); `watch` serving the webhook is the next step.
+        /// `X-Hub-Signature-256`), which `watch` receives at `POST /webhooks/<this source's name>` on
+        /// `metrics.listen`.
         #[serde(default)]
         webhook_secret: Option<RawSecret>,
     },

@@ -19,6 +19,9 @@ pub struct Exported {
     pub still_running: BTreeMap<CiName, usize>,
     /// Per source: jobs written.
     pub written: BTreeMap<CiName, usize>,
+    /// Sources skipped because they keep no history ciscale can read (only when every source was asked for), with
+    /// why.
+    pub unsupported: BTreeMap<CiName, String>,
 }
 
 /// Why an export failed.
@@ -48,8 +51,15 @@ pub async fn export(
     let request = HistoryRequest { from, until };
     for name in names {
         let source = providers.ci.get(&name).ok_or_else(|| ExportError::UnknownSource { name: name.clone() })?;
-        let history =
-            source.history(&request).await.map_err(|source| ExportError::History { name: name.clone(), source })?;
+        let history = match source.history(&request).await {
+            Ok(history) => history,
+            // Every source was asked for: one that keeps no readable history must not stop the others.
+            Err(error @ providers::Error::Unsupported { .. }) if sources.is_empty() => {
+                exported.unsupported.insert(name.clone(), error.to_string());
+                continue;
+            }
+            Err(source) => return Err(ExportError::History { name: name.clone(), source }),
+        };
         let (source_jobs, never_started, still_running) = to_jobs(&name, history, desired.ci.len() > 1);
         exported.written.insert(name.clone(), source_jobs.len());
         exported.never_started.insert(name.clone(), never_started);

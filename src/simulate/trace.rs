@@ -3,8 +3,9 @@
 //! One job a line: `{"at": "2026-03-02T09:14:05Z", "duration": "7m30s", "labels": {"platform": "linux/amd64"}}`.
 //! - `at` (required): when the job entered the queue, RFC 3339 with an offset (`Z` or `+01:00`);
 //! - `duration` (required): how long it runs once an agent takes it, a Go duration (`90s`, `7m30s`);
-//! - `labels`: what the job asks for in Woodpecker's terms (task labels; GitHub/Forgejo `runs-on` will map here);
-//! - `demands`: what it asks for in Azure Pipelines' terms (`docker`, `Agent.OS -equals Linux`);
+//! - `labels`: what the job asks for in Woodpecker's terms (task labels);
+//! - `demands`: what it asks for in Azure Pipelines' terms (`docker`, `Agent.OS -equals Linux`), or a GitHub/Forgejo
+//!   job's `runs-on` labels;
 //! - `ci`: the config's CI source it belongs to, when the config has more than one (else: the first source with a
 //!   pool that can take it);
 //! - `id`: anything that helps a human find the job again (ignored by the simulation).

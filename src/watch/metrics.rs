@@ -1,4 +1,5 @@
-//! Prometheus metrics and the health check of the daemon, served on `metrics.listen` (`/metrics`, `/healthz`).
+//! Prometheus metrics and the health check of the daemon, served on `metrics.listen` (`/metrics`, `/healthz`), the
+//! daemon's one HTTP listener, which also takes webhook deliveries (`POST /webhooks/{source}`, [`super::webhooks`]).
 //!
 //! Everything is derived from what a cycle reports ([`CycleReport`]) and from an instrumenting decorator around the
 //! providers ([`instrument`]), which counts API calls by provider, operation and result and times create → ready.
@@ -54,6 +55,19 @@ struct ApiLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    /// The CI source's config name; empty for a name the config does not have.
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookRefusalLabels {
+    source: String,
+    /// The HTTP status answered (401 bad or missing signature, 400 bad payload, 404, 413, ...).
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CurrencyLabels {
     currency: String,
 }
@@ -77,6 +91,8 @@ pub struct Metrics {
     in_flight: Gauge,
     abandoned: Counter,
     unobserved: Gauge,
+    webhook_deliveries: Family<WebhookLabels, Counter>,
+    webhook_refusals: Family<WebhookRefusalLabels, Counter>,
     health: Mutex<Health>,
 }
 
@@ -132,6 +148,10 @@ impl Metrics {
         registry.register("changes_abandoned", "Changes abandoned at their deadline (counted as failed too)", abandoned.clone());
         let unobserved = Gauge::default();
         registry.register("sources_unobserved", "Backend accounts and CI sources the last cycle could not observe", unobserved.clone());
+        let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
+        registry.register("webhook_deliveries", "Webhook deliveries accepted (verified), by CI source", webhook_deliveries.clone());
+        let webhook_refusals = Family::<WebhookRefusalLabels, Counter>::default();
+        registry.register("webhook_refusals", "Webhook deliveries refused, by CI source and HTTP status", webhook_refusals.clone());
         Self {
             registry,
             agents,
@@ -150,6 +170,8 @@ impl Metrics {
             in_flight,
             abandoned,
             unobserved,
+            webhook_deliveries,
+            webhook_refusals,
             health: Mutex::new(Health { started: Instant::now(), last_success: None, last_error: None, allowed_silence }),
         }
     }
@@ -219,6 +241,15 @@ impl Metrics {
         Err(format!("no successful cycle for {}s: {why}", since.elapsed().as_secs()))
     }
 
+    /// One webhook delivery for `source` (empty: not a configured name): accepted, or refused with `status`.
+    pub(crate) fn count_webhook(&self, source: &str, refused: Option<u16>) {
+        let source = source.to_owned();
+        match refused {
+            None => self.webhook_deliveries.get_or_create(&WebhookLabels { source }).inc(),
+            Some(status) => self.webhook_refusals.get_or_create(&WebhookRefusalLabels { source, status: status.to_string() }).inc(),
+        };
+    }
+
     fn count_call(&self, provider: &str, kind: &str, operation: &str, result: &str) {
         let labels = ApiLabels {
             provider: provider.to_owned(),
@@ -230,20 +261,36 @@ impl Metrics {
     }
 }
 
+/// How long a client may take to send a request's head before its connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `/metrics` and `/healthz` until the process ends. Binding errors are returned; a failed connection is
 /// only logged.
 pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    serve_with(listen, metrics, None).await
+}
+
+/// [`serve`], and `POST /webhooks/{source}` when `webhooks` is given.
+pub async fn serve_with(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    webhooks: Option<Arc<super::webhooks::Webhooks>>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let metrics = metrics.clone();
+            let (metrics, webhooks) = (metrics.clone(), webhooks.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| respond(request, metrics.clone()));
+                let service = hyper::service::service_fn(move |request| respond(request, peer, metrics.clone(), webhooks.clone()));
                 let connection = hyper::server::conn::http1::Builder::new()
+                    // A client that never finishes its request head (slowloris) would hold a task and a socket
+                    // for ever; webhooks may face the internet through a proxy, so heads get a deadline.
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "metrics connection failed");
@@ -256,8 +303,13 @@ pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result
 
 async fn respond(
     request: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
     metrics: Arc<Metrics>,
+    webhooks: Option<Arc<super::webhooks::Webhooks>>,
 ) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
+    if let Some(webhooks) = webhooks.filter(|_| request.uri().path().starts_with(super::webhooks::PATH_PREFIX)) {
+        return Ok(webhooks.respond(request, peer).await);
+    }
     let (status, content_type, body) = match request.uri().path() {
         "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
         "/healthz" => match metrics.health() {

@@ -10,8 +10,8 @@
 //!
 //! An error never ends the loop and never slows it as a whole: a source that cannot be observed backs off on its
 //! own (and only the pools that need it are held back), a failed change backs off its target or trips its pool's
-//! breaker. The loop wakes every poll interval, at once on a trigger (an Incus lifecycle event), and soon after
-//! work finishes (to see its effect). Nothing is remembered between cycles but work in flight, backoffs and the
+//! breaker. The loop wakes every poll interval, at once on a trigger (an Incus lifecycle event, a CI source's
+//! webhook delivery: [`webhooks`]), and soon after work finishes (to see its effect). Nothing is remembered between cycles but work in flight, backoffs and the
 //! throttle, which can only hold changes back: every decision comes from a fresh observation, so a restart (or
 //! cron running `apply` instead) acts the same.
 //!
@@ -40,6 +40,7 @@ pub mod schedule;
 pub mod signals;
 pub mod throttle;
 pub mod triggers;
+pub mod webhooks;
 pub mod work;
 
 pub use signals::shutdown_signal;

@@ -1,4 +1,5 @@
-//! Trigger sources built from the config: today the Incus lifecycle event stream of every Incus backend.
+//! Trigger sources built from the config: today the Incus lifecycle event stream of every Incus backend. (The
+//! other trigger, webhook deliveries, comes from the daemon's HTTP listener: [`super::webhooks`].)
 
 use tokio::sync::mpsc;
 

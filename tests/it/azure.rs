@@ -682,6 +682,13 @@ impl WatchProcess {
         }
     }
 
+    /// Sends `signal` (`HUP`, `TERM`, ...) to the running process.
+    pub(crate) fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let sent = std::process::Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
+        assert!(sent.is_ok_and(|status| status.success()), "kill -{signal}");
+    }
+
     /// `Some(status)` once the process has ended on its own.
     pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())

@@ -1081,8 +1081,9 @@ async fn a_github_config_is_connected_and_matched_end_to_end() {
     let runner = fake.runner_by_name(name).expect("registered");
     assert_eq!(runner.labels, ["self-hosted", "Linux", "X64", "docker", "ciscale-owner:gh"]);
 
-    // Webhooks through the connected source (as `watch`'s listener will call it): a signed `queued` delivery
-    // wakes the loop, a forged one is refused with 401, and a source without a secret takes none (404).
+    // Webhooks through the connected source (as `watch`'s listener calls it: tests/it/webhooks.rs): a signed
+    // `queued` delivery wakes the loop, a forged one is refused with 401, and a source without a secret takes none
+    // (404).
     assert_eq!(github.webhook_max_body(), Some(webhook::DEFAULT_MAX_BODY));
     let (_, jobs) = fake.queue_run("acme/app", &[&["self-hosted", "docker"]]);
     let body = serde_json::to_vec(&fake.workflow_job_payload(jobs[0], "queued")).expect("json");

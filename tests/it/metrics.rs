@@ -144,3 +144,24 @@ async fn healthz_goes_bad_when_the_ci_server_is_down() {
         "{text}"
     );
 }
+
+/// A client that never finishes its request head is disconnected (after `HEADER_READ_TIMEOUT`) rather than held
+/// for ever; the listener keeps answering others meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    let shared = Arc::new(Metrics::new(Duration::from_secs(60)));
+    let address = metrics::serve("127.0.0.1:0".parse().expect("address"), shared).await.expect("listen");
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(address).expect("connect");
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").expect("write a partial head");
+        // Far longer than the timeout, so a listener without one fails this read with a timeout error.
+        stream.set_read_timeout(Some(metrics::HEADER_READ_TIMEOUT * 3)).expect("read timeout");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).map(|_| answer)
+    });
+    let (status, _) = tokio::task::spawn_blocking(move || get(address, "/healthz")).await.expect("health");
+    assert_ne!(status, 0, "the listener answers others while one client stalls");
+    let answer = slow.await.expect("slow client").expect("the connection is closed by the server, not timed out");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+}

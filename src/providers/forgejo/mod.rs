@@ -56,6 +56,25 @@
 //! Only the scope's own runners are observed: the admin list holds every runner of the instance, of which only
 //! the global ones (no owner, no repository) are runners of the instance scope.
 //!
+//! # No job history
+//! `ciscale trace export` needs, per job, when it was queued, started and finished, and its `runs-on`. Forgejo 15
+//! (its swagger, `templates/swagger/v1_json.tmpl`) offers, per repository only:
+//! - `GET /repos/{o}/{r}/actions/runs` (`ActionRun`: `created`, `started`, `stopped` of the whole run; pages of
+//!   at most 50, no time filter);
+//! - `GET /repos/{o}/{r}/actions/runs/{id}/jobs` (`ActionRunJob`: `runs_on`, `needs`, `status`, `attempt`,
+//!   `task_id` — no time at all);
+//! - `GET /repos/{o}/{r}/actions/tasks` (`ActionTask`: `created_at`, `updated_at`, `run_started_at` of a task —
+//!   the attempt a runner picked up — with its job's name and run number, but no `runs-on`);
+//! - `GET /repos/{o}/{r}/actions/jobs/{id}` (one job, with its steps' `started`/`stopped`: one call a job, still
+//!   no queue time).
+//!
+//! A trace could be pieced together (a job's `task_id` to its task: started at the task's `run_started_at`,
+//! finished at its `updated_at`, which is only the last time the row changed; queued at the run's `created`, or,
+//! for a job with `needs`, at a guess from the other jobs' ends), but its queue times — what a simulation measures
+//! waits from — would be made up, and no organisation- or instance-wide list exists. So
+//! [`CiSource::history`] answers [`Error::Unsupported`] with [`NO_HISTORY`] (a hint included), and an export of
+//! every source of a config skips this one with a warning.
+//!
 //! # Auth and secrets
 //! An access token travels as `Authorization: token …` (Forgejo's `AuthorizationHeaderToken`). It is a [`Secret`]:
 //! no message or `Debug` output holds it, and error bodies are quoted with it blanked out. A runner's token is
@@ -479,7 +498,19 @@ impl CiSource for Forgejo {
     async fn deregister(&self, id: &AgentId) -> Result<()> {
         self.delete_runner(id).await
     }
+
+    /// Not offered: Forgejo 15's API has no job history a trace can be made from honestly (see the module docs,
+    /// "No job history").
+    async fn history(&self, _request: &crate::providers::HistoryRequest) -> Result<Vec<crate::providers::PastJob>> {
+        Err(Error::Unsupported { provider: PROVIDER.to_owned(), operation: NO_HISTORY })
+    }
 }
+
+/// Why a Forgejo source exports no trace, and what to do instead.
+pub const NO_HISTORY: &str = "job history: Forgejo 15 lists a job's `runs-on` (`GET …/actions/runs/{id}/jobs`) but \
+     not when it was queued, started or finished, and its task list (`GET …/actions/tasks`) has times but no \
+     `runs-on`\nhint: write a trace of your own (JSON Lines: `at`, `duration`, `demands`) or try `ciscale trace \
+     synthetic office-week -c CONFIG`";
 
 // ---------------------------------------------------------------------------------------------------------------
 // From Forgejo's answers to the shared model

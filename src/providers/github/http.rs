@@ -383,9 +383,19 @@ impl Http {
 
     /// Sends one call; a `GET` is conditional (when enabled) and a 304 returns the remembered body.
     pub(super) async fn call(&self, call: Call<'_>) -> Result<Answer> {
+        self.send(call, true).await
+    }
+
+    /// Sends one call whose answer is not remembered for a conditional request: a one-off read (the job history
+    /// of `ciscale trace export` reads thousands of finished runs once; remembering them would only hold memory).
+    pub(super) async fn call_once(&self, call: Call<'_>) -> Result<Answer> {
+        self.send(call, false).await
+    }
+
+    async fn send(&self, call: Call<'_>, remember: bool) -> Result<Answer> {
         let url = self.url(call.segments, call.query);
         let key = url.as_str().to_owned();
-        let conditional = self.conditional && call.method == Method::GET;
+        let conditional = remember && self.conditional && call.method == Method::GET;
         let mut attempt = 0;
         loop {
             let now = Timestamp::now();

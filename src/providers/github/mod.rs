@@ -36,6 +36,9 @@
 //! a full rotation every 90 s, and with ETags next to nothing of the primary budget. Without webhooks a job in a
 //! quiet repository waits up to one rotation (90 s) to be seen.
 //!
+//! # History
+//! `ciscale trace export` reads the workflow jobs of the same repositories from their runs ([`history`]).
+//!
 //! # Runners
 //! Every runner ciscale makes is just-in-time (`POST .../actions/runners/generate-jitconfig`): its whole
 //! credential is the `encoded_jit_config` (a [`Secret`](crate::model::Secret)) handed to that one runner, which takes one job and is
@@ -67,6 +70,7 @@ use crate::model::{AgentId, CiObservation, Queue, Secret, Task};
 use crate::providers::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 
 pub mod auth;
+mod history;
 pub mod http;
 pub mod launch;
 pub mod matching;
@@ -852,5 +856,10 @@ impl CiSource for GithubActions {
             what: format!("github runner `{id}` (ids are numbers)"),
         })?;
         self.delete_runner(number).await
+    }
+
+    /// The workflow jobs queued in the window, from each repository's runs and their jobs ([`history`]).
+    async fn history(&self, request: &crate::providers::HistoryRequest) -> Result<Vec<crate::providers::PastJob>> {
+        self.job_history(request).await
     }
 }

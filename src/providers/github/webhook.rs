@@ -3,8 +3,9 @@
 //! GitHub signs every delivery with the webhook's secret: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the
 //! raw body>`. [`WebhookVerifier::receive`] refuses a delivery larger than its limit before reading anything into
 //! it, then checks the signature in constant time (`hmac`'s `verify_slice`), and only then parses the body; a
-//! delivery without a valid signature is never parsed. The listener (`watch`'s HTTP server) stops reading a body
-//! past [`WebhookVerifier::max_body`] and answers [`WebhookError::status`].
+//! delivery without a valid signature is never parsed. The listener (`watch`'s HTTP server, `POST
+//! /webhooks/{source}` in [`crate::watch::webhooks`]) stops reading a body past [`WebhookVerifier::max_body`] and
+//! answers [`WebhookError::status`].
 //!
 //! A `workflow_job` delivery (`queued`, `waiting`, `in_progress`, `completed`) wakes the loop when it changes what
 //! is needed ([`WorkflowJobEvent::wakes_loop`]), tells the source which repository to poll next

@@ -39,6 +39,9 @@ use sha2::Digest;
 use super::query::url_pairs;
 use super::spec::Spec;
 
+mod history;
+pub use history::PastJobSpec;
+
 pub const APP_ID: u64 = 4242;
 pub const INSTALLATION_ID: u64 = 77;
 /// A personal access token the fake accepts.
@@ -144,6 +147,8 @@ struct State {
     /// A raw body served once for an endpoint key instead of the real answer (older servers' shapes).
     raw_once: BTreeMap<String, Value>,
     violations: Vec<String>,
+    /// Past jobs' times and attempts (`history`).
+    history: history::History,
 }
 
 struct Shared {
@@ -219,6 +224,7 @@ impl FakeGithub {
             faults_injected: 0,
             raw_once: BTreeMap::new(),
             violations: Vec::new(),
+            history: history::History::default(),
         }));
         let shared = Arc::new(Shared {
             state,
@@ -677,7 +683,7 @@ fn run_json(run: &FakeRun, state: &State) -> Value {
 fn job_json(job: &FakeJob, state: &State) -> Value {
     let api = format!("https://api.github.com/repos/{}/actions", job.repo);
     let group = job.runner_id.and_then(|id| state.runners.get(&id)).map(|runner| runner.group_id);
-    json!({
+    let mut value = json!({
         "id": job.id, "run_id": job.run_id, "run_url": format!("{api}/runs/{}", job.run_id), "run_attempt": 1,
         "node_id": format!("CR_{}", job.id), "head_sha": "009b8a3a9ccbb128af87f9b1c0f4c62e8a304f6d",
         "url": format!("{api}/jobs/{}", job.id),
@@ -691,7 +697,9 @@ fn job_json(job: &FakeJob, state: &State) -> Value {
         "labels": job.labels, "runner_id": job.runner_id, "runner_name": job.runner_name,
         "runner_group_id": group, "runner_group_name": group.and_then(|id| state.groups.get(&id).cloned()),
         "workflow_name": "ci", "head_branch": "main"
-    })
+    });
+    history::apply(state, job, &mut value);
+    value
 }
 
 fn runner_json(runner: &FakeRunner) -> Value {
@@ -1066,11 +1074,12 @@ fn route(
                 .rev()
                 .filter(|run| run.repo == full_name)
                 .filter(|run| wanted.is_none_or(|wanted| run_status(run, state) == wanted))
+                .filter(|run| history::created_matches(query, run.created_at))
                 .map(|run| run_json(run, state))
                 .collect();
             Answer::Json(
                 StatusCode::OK,
-                json!({ "total_count": runs.len(), "workflow_runs": page_of(&runs, query) }),
+                json!({ "total_count": runs.len(), "workflow_runs": page_of(&history::capped(runs, query), query) }),
             )
         }
         ("GET", ["repos", owner, repo, "actions", "runs", run_id, "jobs"]) => {
@@ -1087,6 +1096,7 @@ fn route(
                 .jobs
                 .iter()
                 .filter_map(|id| state.jobs.get(id))
+                .filter(|job| history::attempt_listed(state, run, job, query))
                 .map(|job| job_json(job, state))
                 .collect();
             Answer::Json(StatusCode::OK, json!({ "total_count": jobs.len(), "jobs": page_of(&jobs, query) }))

@@ -8,6 +8,9 @@
 //! count per pool after each create is journalled. A hook runs before each delete and stop reaches incusd (to check
 //! that no busy agent loses its container), and a create can be held, before incusd sees it or before its answer
 //! reaches ciscale — where a kill -9 hurts.
+//!
+//! It also remembers when each create of the owner's containers reached it (the moment ciscale made the call) and
+//! every file pushed into a container (path, mode, owner and content), so a test can tell what a launch carried.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,20 @@ pub enum IncusEvent {
     Start { name: String },
 }
 
+/// A file pushed into a container (`POST /1.0/instances/{name}/files`), as the request carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    pub instance: String,
+    pub path: String,
+    /// `X-Incus-Mode`, as sent (`0400`).
+    pub mode: String,
+    pub uid: String,
+    pub gid: String,
+    /// `X-Incus-Type`: `file`, `directory`.
+    pub kind: String,
+    pub content: Vec<u8>,
+}
+
 #[derive(Default)]
 struct State {
     owner: String,
@@ -43,6 +60,9 @@ struct State {
     hold_request: bool,
     held: u64,
     hook: Option<Hook>,
+    /// Creates of the owner's containers as they reached the proxy: name, when.
+    create_calls: Vec<(String, std::time::Instant)>,
+    pushed: Vec<Pushed>,
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -109,6 +129,16 @@ impl IncusProxy {
     pub fn journal(&self) -> Vec<IncusEvent> {
         self.with(|state| state.journal.clone())
     }
+
+    /// The owner's creates as they reached the proxy (before incusd saw them): name and when.
+    pub fn create_calls(&self) -> Vec<(String, std::time::Instant)> {
+        self.with(|state| state.create_calls.clone())
+    }
+
+    /// Every file pushed into a container through the proxy, in order.
+    pub fn pushed(&self) -> Vec<Pushed> {
+        self.with(|state| state.pushed.clone())
+    }
 }
 
 /// Reads one request head (up to the blank line) and its body (`Content-Length`).
@@ -148,6 +178,7 @@ enum Seen {
     Create { name: String, pool: String },
     Gone { action: &'static str, name: String },
     Start { name: String },
+    Push(Pushed),
     Other,
 }
 
@@ -174,6 +205,31 @@ fn classify(state: &Mutex<State>, head: &str, body: &[u8]) -> Seen {
             }
         }
         ("DELETE", _, Some((name, rest))) if rest.is_empty() => Seen::Gone { action: "delete", name },
+        ("POST", _, Some((instance, rest))) if rest == "files" => {
+            let header = |wanted: &str| {
+                head.lines()
+                    .find_map(|line| {
+                        let (key, value) = line.split_once(':')?;
+                        key.trim().eq_ignore_ascii_case(wanted).then(|| value.trim().to_owned())
+                    })
+                    .unwrap_or_default()
+            };
+            let query = target.split_once('?').map_or("", |(_, query)| query);
+            let path = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("path="))
+                .map(super::query::percent_decode)
+                .unwrap_or_default();
+            Seen::Push(Pushed {
+                instance,
+                path,
+                mode: header("x-incus-mode"),
+                uid: header("x-incus-uid"),
+                gid: header("x-incus-gid"),
+                kind: header("x-incus-type"),
+                content: body.to_vec(),
+            })
+        }
         ("PUT", _, Some((name, rest))) if rest == "state" => match json()["action"].as_str() {
             Some("stop") => Seen::Gone { action: "stop", name },
             Some("start") => Seen::Start { name },
@@ -206,7 +262,9 @@ async fn relay(mut client: UnixStream, upstream: &Path, state: &Mutex<State>) ->
             }
             lock(state).journal.push(IncusEvent::Start { name: name.clone() });
         }
-        Seen::Create { .. } | Seen::Other => {}
+        Seen::Push(pushed) => lock(state).pushed.push(pushed.clone()),
+        Seen::Create { name, .. } => lock(state).create_calls.push((name.clone(), std::time::Instant::now())),
+        Seen::Other => {}
     }
     if matches!(seen, Seen::Create { .. }) {
         let hold = {

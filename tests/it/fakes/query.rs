@@ -1,4 +1,4 @@
-//! Query strings as the in-repo HTTP fakes read them: `key=value` pairs, `+` and `%XX` decoded.
+//! Query strings and path segments as the in-repo HTTP fakes read them.
 
 /// The decoded `key=value` pairs of a query string, in order (a key without `=` has an empty value).
 pub fn url_pairs(query: &str) -> Vec<(String, String)> {
@@ -7,34 +7,25 @@ pub fn url_pairs(query: &str) -> Vec<(String, String)> {
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(key), percent_decode(value))
+            (form_decode(key), form_decode(value))
         })
         .collect()
 }
 
-/// `+` → space, `%XX` → that byte; a malformed escape stays as it is.
+/// A query component (`application/x-www-form-urlencoded`): `+` is a space, then `%XX` escapes (so `%2B` stays a
+/// plus).
+fn form_decode(text: &str) -> String {
+    percent_decode(&text.replace('+', " "))
+}
+
+/// A path segment: `%XX` escapes only (a `+` in a path is a plus); a malformed escape stays as it is.
 pub fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => out.push(b' '),
-            b'%' if index + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[index + 1..index + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(byte) => {
-                        out.push(byte);
-                        index += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned()
+}
+
+#[test]
+fn escapes_decode_up_to_the_last_character() {
+    assert_eq!(url_pairs("a=b%20c&d=%2B+x%41"), [("a".into(), "b c".into()), ("d".into(), "+ xA".into())]);
+    assert_eq!(percent_decode("x%4"), "x%4");
+    assert_eq!(percent_decode("a+b%2F"), "a+b/");
 }

@@ -339,6 +339,39 @@ fn a_saved_plan_does_not_stop_a_machine_whose_drained_agent_took_a_job() {
     );
 }
 
+/// Found by the random histories after issue #9's planner landed: a Picus-style pool (one pre-registered agent,
+/// not named as ours) is removed from the config; the saved plan drains the orphaned instance's agent. Before it
+/// is applied, the orphan is drained and deleted by the next cycles, and the agent, no longer on any instance of
+/// ours and no longer named by the config, is a person's record again. The late drain reached it all the same.
+#[test]
+fn a_saved_drain_of_a_preregistered_agent_needs_its_instance_still_ours() {
+    expect_kept(
+        Promise::LateApply,
+        &Scenario {
+            owners: owners("acme-arm", "acme"),
+            ours: vec![
+                PoolDraft { min_idle: 1, ..pool("arm-linux", 1, PoolMode::Preregistered { by_id: false, look: 0 }) },
+                pool("linux", 1, PoolMode::Create),
+            ],
+            theirs: vec![],
+            busy_sign: BusySign::Both,
+            keeps_terminated: false,
+            steps: vec![
+                cycle(0),
+                Step::CheckIn { mask: ALL },
+                Step::Config(ConfigChange::RemovePool(0)),
+                Step::SavePlan,
+                cycle(0),
+                Step::Advance { minutes: 2 },
+                cycle(0),
+                Step::Advance { minutes: 2 },
+                cycle(0),
+                Step::ApplySaved,
+            ],
+        },
+    );
+}
+
 /// A create still in flight (its agent registered, its instance not made yet) takes its slot: the next plan,
 /// which sees it as work in flight, adds nothing while it counts against `max`. (Held on main since work in
 /// flight became a planner input; kept so it stays so.)
