@@ -3,7 +3,8 @@
 //! Prints the jobs, the cycles planned, and the best wall time of 3 runs. Goal: under 10 s in release.
 //!
 //! Run with `cargo bench --bench simulate`. Plain `Instant`, no harness: the number that matters is one run.
-//! `SIM_NO_SKIP=1` cycles through every poll tick instead of skipping idle stretches (to see what skipping buys).
+//! `SIM_NO_SKIP=1` cycles through every poll tick and plans the whole config each time, instead of skipping idle
+//! stretches and planning only the pools that can have changed (to see what that buys).
 
 use std::time::{Duration, Instant};
 
@@ -71,12 +72,13 @@ fn main() {
     };
     let total = run.total().summary();
     println!(
-        "simulate: {} jobs, {} pools, {} days, {} cycles planned (of {} poll ticks): best of {RUNS} {:.2} s (goal < 10 s)",
+        "simulate: {} jobs, {} pools, {} days, {} cycles (of {} poll ticks), {} planner calls: best of {RUNS} {:.2} s (goal < 10 s)",
         request.trace.jobs.len(),
         POOLS,
         DAYS,
         run.cycles,
         u64::from(DAYS) * 86_400 / 10,
+        run.plans,
         best.as_secs_f64()
     );
     println!(

@@ -60,7 +60,8 @@ pub struct SimulateArgs {
     /// Hourly price of a machine type (`cx22=0.006EUR`; `BACKEND:TYPE=PRICE`; type `*` for any); repeatable
     #[arg(long = "price", value_name = "[BACKEND:]TYPE=PRICE")]
     pub price: Vec<String>,
-    /// Cycle through idle stretches instead of skipping them (slower, same result; for checking)
+    /// Cycle through idle stretches and plan the whole config each cycle, instead of skipping them and planning
+    /// only the pools that can have changed (slower, same result; for checking)
     #[arg(long, hide = true)]
     pub no_skip: bool,
 }

@@ -29,6 +29,17 @@
 //! bootstrap timeouts counted from instance creation and agent `last_work`, the paid-hour windows of hourly
 //! billing, and schedule windows opening or closing. Ticks in between would have planned nothing, so the result
 //! is the same as cycling through them; a test runs both ways and compares.
+//!
+//! # Planning by parts
+//! Most cycles that do run follow an event in one pool (a job arrives, finishes, an agent boots) while the other
+//! pools stand still. When pools share nothing the planner could relate (create-mode pools of long-lived CI
+//! sources, no pre-registered or adopted agents, and no job that two of them could take), the pools fall into
+//! *parts* — pools linked by a job they could both take share a part — and a part's changes depend on its own
+//! instances, agents and jobs alone. Each cycle then plans only the parts that can have changed: something
+//! happened in them (an event, a change applied), their last plan had changes, or time crossed one of their
+//! thresholds (as above, from their own instances and agents). A part that planned nothing and saw none of these
+//! plans nothing again, so its plan is left out. The parts' changes, merged in the planner's order, are the
+//! whole plan's; a test plans the whole world beside the parts at every cycle and compares.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -42,7 +53,7 @@ use super::trace::Trace;
 use crate::apply::{ApplyOptions, Outcome};
 use crate::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, Billing, CiName, CiObservation, Desired, Instance,
-    InstanceId, InstanceMode, InstanceState, Observed, Price, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL,
+    InstanceId, InstanceMode, InstanceState, Observed, PoolName, Price, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL,
     POOL_LABEL,
 };
 use crate::plan::matching::pool_takes;
@@ -60,7 +71,8 @@ pub struct Settings {
     pub from: Timestamp,
     pub until: Timestamp,
     pub models: BTreeMap<BackendName, BackendModel>,
-    /// Jump over idle stretches (see the module docs); off only to check that it changes nothing.
+    /// Jump over idle stretches and plan by parts (see the module docs); off only to check that it changes
+    /// nothing.
     pub skip_idle: bool,
     /// Record queue length, serving agents and cost over time (for `--svg`).
     pub series: bool,
@@ -174,6 +186,35 @@ struct Sim<'a> {
     silent: tracing::Dispatch,
     schedule_cache: HashMap<(usize, usize), (Timestamp, Option<Timestamp>)>,
     series: Option<SeriesRecorder>,
+    /// Planning by parts (see the module docs); `None`: the whole config is planned every cycle.
+    parts: Option<Parts>,
+    /// Also plan the whole world at every cycle and check the parts' plan against it (tests only).
+    #[cfg(test)]
+    check_parts: bool,
+}
+
+/// The pools split into parts that are planned on their own (see the module docs).
+struct Parts {
+    /// Per pool (config order): its part.
+    of_pool: Vec<usize>,
+    /// Per class of jobs: the part of the pools that take them (`None`: no pool does).
+    of_class: Vec<Option<usize>>,
+    /// Per pool name: its index in the config (the planner orders changes by it).
+    rank: HashMap<PoolName, usize>,
+    /// Per part: the config with only its pools.
+    desired: Vec<Desired>,
+    /// Per part: the observation of its pools, rebuilt from the world's before each of its plans (backends'
+    /// prices and missing images kept; instances, agents and jobs refilled).
+    views: Vec<Observed>,
+    /// Per part: it must be planned at the next cycle (something in it changed, or its last plan had changes).
+    dirty: Vec<bool>,
+    /// Per part: from when time alone could change its (empty) plan.
+    due: Vec<Option<Timestamp>>,
+    /// A plan without changes, for cycles that plan no part (the throttle still sees one every cycle).
+    blank: Plan,
+    /// Part plans made, and whole plans made instead (for the report's count of planner calls).
+    plans: u64,
+    whole_plans: u64,
 }
 
 impl<'a> Sim<'a> {
@@ -218,9 +259,15 @@ impl<'a> Sim<'a> {
             silent: tracing::Dispatch::none(),
             schedule_cache: HashMap::new(),
             series: settings.series.then(|| SeriesRecorder::new(settings.from, settings.until)),
+            parts: None,
+            #[cfg(test)]
+            check_parts: false,
         };
         sim.classify_jobs();
         sim.adopt_existing();
+        if settings.skip_idle {
+            sim.parts = Parts::new(desired, &sim.classes, &sim.observed);
+        }
         if sim.series.is_some() {
             sim.push(settings.from, Event::Sample);
         }
@@ -418,7 +465,7 @@ impl<'a> Sim<'a> {
         let started = self.now;
         self.cycles += 1;
         self.observe();
-        let mut plan = plan::plan(self.desired, &self.observed, started);
+        let mut plan = self.plan(started);
         let planned = plan.has_changes();
         for change in &plan.changes {
             let target = change.instance.as_ref().map(|i| i.name.as_str()).or(change.agent.as_ref().map(|a| a.name.as_str()));
@@ -487,72 +534,154 @@ impl<'a> Sim<'a> {
     }
 
     /// The earliest moment after `now` at which a time-based rule of the planner could decide differently with
-    /// the same observation. Conservative: every such moment is included, some never matter.
+    /// the same observation (see [`threshold_after`]).
     fn next_threshold(&mut self, now: Timestamp) -> Option<Timestamp> {
-        let desired = self.desired;
-        let mut best: Option<Timestamp> = None;
-        let mut consider = |at: Option<Timestamp>| {
-            if let Some(at) = at {
-                // Rules compare with `>` as well as `>=`: the moment itself and the instant after both count.
-                for candidate in [Some(at), at.checked_add(SignedDuration::from_nanos(1)).ok()].into_iter().flatten() {
-                    if candidate > now && best.is_none_or(|best| candidate < best) {
-                        best = Some(candidate);
-                    }
-                }
-            }
+        threshold_after(self.desired, &self.observed, now, &mut self.schedule_cache)
+    }
+
+    /// The plan of this cycle: the whole config's, or the parts' that can have changed (see the module docs).
+    fn plan(&mut self, now: Timestamp) -> Plan {
+        let Some(mut parts) = self.parts.take() else {
+            return plan::plan(self.desired, &self.observed, now);
         };
-        let durations: BTreeSet<SignedDuration> = desired
-            .pools
-            .iter()
-            .flat_map(|pool| [pool.scale.idle_timeout.signed(), pool.scale.bootstrap_timeout.signed()])
-            .collect();
-        let margins: BTreeSet<SignedDuration> =
-            desired.pools.iter().filter_map(|pool| pool.scale.billing_margin.map(|m| m.signed())).collect();
-        let plus = |at: Timestamp, by: SignedDuration| at.checked_add(by).ok();
-        for (backend_name, backend) in &self.observed.backends {
-            let hourly = desired.backends.get(backend_name).is_some_and(|spec| spec.billing == Billing::Hourly);
+        let plan = self.plan_parts(&mut parts, now);
+        self.parts = Some(parts);
+        #[cfg(test)]
+        if self.check_parts {
+            let whole = plan::plan(self.desired, &self.observed, now);
+            assert_eq!(plan.changes, whole.changes, "at {now}: the parts' plan differs from the whole plan");
+        }
+        plan
+    }
+
+    fn plan_parts(&mut self, parts: &mut Parts, now: Timestamp) -> Plan {
+        let due: Vec<bool> =
+            parts.dirty.iter().zip(&parts.due).map(|(dirty, due)| *dirty || due.is_some_and(|due| due <= now)).collect();
+        if !due.contains(&true) {
+            let mut blank = parts.blank.clone();
+            blank.planned_at = now;
+            return blank;
+        }
+        if !self.fill_views(parts, &due, now) {
+            // Something the parts cannot place: plan the whole, and every part again next time.
+            parts.dirty.fill(true);
+            parts.whole_plans += 1;
+            return plan::plan(self.desired, &self.observed, now);
+        }
+        let mut merged: Option<Plan> = None;
+        let mut changes = Vec::new();
+        let mut contributed = 0;
+        for part in (0..due.len()).filter(|&part| due[part]) {
+            let sub = plan::plan(&parts.desired[part], &parts.views[part], now);
+            parts.plans += 1;
+            if sub.changes.is_empty() {
+                parts.dirty[part] = false;
+                parts.due[part] = threshold_after(self.desired, &parts.views[part], now, &mut self.schedule_cache);
+            } else {
+                // It stays dirty: its changes are applied (or held back, or fail) and it plans again.
+                parts.dirty[part] = true;
+                contributed += 1;
+                changes.extend(sub.changes.iter().cloned());
+            }
+            if merged.is_none() {
+                merged = Some(sub);
+            }
+        }
+        if contributed > 1 {
+            // The planner's order: by pool (config order), then action, then target. Stable, as the planner's
+            // sort is (it sorts by cached key and position).
+            changes.sort_by_cached_key(|change| {
+                let rank = parts.rank.get(&change.pool).copied().unwrap_or(usize::MAX);
+                (rank, change.pool.clone(), action_rank(change.action), target_name(change).to_owned())
+            });
+        }
+        let mut plan = merged.unwrap_or_else(|| parts.blank.clone());
+        plan.changes = changes;
+        plan
+    }
+
+    /// Refills the views of the parts about to be planned from the world's observation (in the world's order).
+    /// `false` when an instance, agent or running job belongs to no configured pool.
+    fn fill_views(&self, parts: &mut Parts, due: &[bool], now: Timestamp) -> bool {
+        for (view, _) in parts.views.iter_mut().zip(due).filter(|(_, due)| **due) {
+            view.observed_at = now;
+            for backend in view.backends.values_mut() {
+                backend.instances.clear();
+            }
+            for ci in view.ci.values_mut() {
+                ci.agents.clear();
+                ci.queue.pending.clear();
+                ci.queue.running.clear();
+            }
+        }
+        for (name, backend) in &self.observed.backends {
             for instance in &backend.instances {
-                for duration in &durations {
-                    consider(plus(instance.created_at, *duration));
-                }
-                if hourly {
-                    // The paid hour restarts every 3600 s from creation; the keep rule opens `margin` before each.
-                    let elapsed = now.duration_since(instance.created_at).as_secs().max(0);
-                    let next_hour = instance.created_at.checked_add(SignedDuration::from_secs((elapsed / 3600 + 1) * 3600)).ok();
-                    consider(next_hour);
-                    for margin in &margins {
-                        consider(next_hour.and_then(|hour| hour.checked_sub(*margin).ok()));
-                        consider(next_hour.and_then(|hour| plus(hour, SignedDuration::from_secs(3600))?.checked_sub(*margin).ok()));
-                    }
-                }
-            }
-        }
-        for ci in self.observed.ci.values() {
-            for agent in &ci.agents {
-                // `last_work` starts idle times; the record's age (registered, else last in contact) decides
-                // whether a record without an instance still counts as a create in flight.
-                for at in [agent.last_work, agent.created_at.or(agent.last_contact)].into_iter().flatten() {
-                    for duration in &durations {
-                        consider(plus(at, *duration));
-                    }
-                }
-            }
-        }
-        for (pool_index, pool) in desired.pools.iter().enumerate() {
-            for (window_index, window) in pool.scale.schedule.iter().enumerate() {
-                let cached = self.schedule_cache.get(&(pool_index, window_index)).copied();
-                let flip = match cached {
-                    Some((from, flip)) if from <= now && flip.is_none_or(|flip| now < flip) => flip,
-                    _ => {
-                        let flip = next_flip(window, now);
-                        self.schedule_cache.insert((pool_index, window_index), (now, flip));
-                        flip
-                    }
+                let Some(pool) = self.instances.get(&instance.id).and_then(|side| side.pool) else {
+                    return false;
                 };
-                consider(flip);
+                let part = parts.of_pool[pool];
+                if due[part] {
+                    if let Some(view) = parts.views[part].backends.get_mut(name) {
+                        view.instances.push(instance.clone());
+                    }
+                }
             }
         }
-        best
+        for (name, ci) in &self.observed.ci {
+            for agent in &ci.agents {
+                let Some(pool) = self.agents.get(&agent.id).and_then(|side| side.pool) else {
+                    return false;
+                };
+                let part = parts.of_pool[pool];
+                if due[part] {
+                    if let Some(view) = parts.views[part].ci.get_mut(name) {
+                        view.agents.push(agent.clone());
+                    }
+                }
+            }
+            let Some(queue) = self.queues.get(name) else {
+                continue;
+            };
+            // `queues` runs parallel to the observed queue: the same jobs in the same order.
+            for (task, &job) in ci.queue.pending.iter().zip(&queue.pending) {
+                // A job no pool takes counts for no pool's demand: no part needs it.
+                if let Some(part) = parts.of_class[self.jobs[job].class] {
+                    if due[part] {
+                        if let Some(view) = parts.views[part].ci.get_mut(name) {
+                            view.queue.pending.push(task.clone());
+                        }
+                    }
+                }
+            }
+            for (task, &job) in ci.queue.running.iter().zip(&queue.running) {
+                let Some(pool) = self.jobs[job].pool else {
+                    return false;
+                };
+                let part = parts.of_pool[pool];
+                if due[part] {
+                    if let Some(view) = parts.views[part].ci.get_mut(name) {
+                        view.queue.running.push(task.clone());
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Something changed in the pool's part (`None`: in no known pool, so in every part).
+    fn touch(&mut self, pool: Option<usize>) {
+        if let Some(parts) = &mut self.parts {
+            match pool.and_then(|pool| parts.of_pool.get(pool)) {
+                Some(&part) => parts.dirty[part] = true,
+                None => parts.dirty.fill(true),
+            }
+        }
+    }
+
+    /// A change is applied to its pool's part.
+    fn touch_pool_named(&mut self, name: &PoolName) {
+        let pool = self.parts.as_ref().and_then(|parts| parts.rank.get(name).copied());
+        self.touch(pool);
     }
 
     // -----------------------------------------------------------------------------------------------------------
@@ -601,6 +730,7 @@ impl<'a> Sim<'a> {
     }
 
     fn execute(&mut self, change: &Change, at: Timestamp) -> (Outcome, SignedDuration) {
+        self.touch_pool_named(&change.pool);
         let result = match change.action {
             Action::Create => self.create(change, at),
             Action::Start => self.start(change, at),
@@ -919,6 +1049,7 @@ impl<'a> Sim<'a> {
         instance.state = InstanceState::Running;
         let name = instance.name.clone();
         let pool = self.instances.get(id).and_then(|side| side.pool);
+        self.touch(pool);
         // The agent on it: an adopted instance's or a pre-registered one by reference, else the one named like it.
         let reference = pool.and_then(|pool_index| {
             let pool = &self.desired.pools[pool_index];
@@ -1067,6 +1198,12 @@ impl<'a> Sim<'a> {
         let Some(ci) = self.jobs[index].ci.clone() else {
             return; // a source the config does not have: nobody will ever see it
         };
+        // A job no pool takes changes no part's plan (and no agent takes it).
+        if let Some(parts) = &mut self.parts {
+            if let Some(part) = parts.of_class[self.jobs[index].class] {
+                parts.dirty[part] = true;
+            }
+        }
         let job = &self.trace.jobs[index];
         let task = Task {
             id: TaskId::new(format!("j{index}")),
@@ -1173,6 +1310,8 @@ impl<'a> Sim<'a> {
         let (Some(ci), Some(agent_id)) = (job.ci.clone(), job.agent.clone()) else {
             return;
         };
+        let pool = job.pool;
+        self.touch(pool);
         let now = self.now;
         self.jobs[index].finished = true;
         self.open_jobs = self.open_jobs.saturating_sub(1);
@@ -1353,6 +1492,7 @@ impl<'a> Sim<'a> {
             unfinished_jobs: unfinished,
             interrupted_jobs: self.interrupted,
             cycles: self.cycles,
+            plans: self.parts.as_ref().map_or(self.cycles, |parts| parts.plans + parts.whole_plans),
             price_notes,
             series,
         }
@@ -1415,6 +1555,190 @@ fn close_instance(tally: &mut Tally, side: &InstanceSide, billing: Billing, now:
     }
 }
 
+impl Parts {
+    /// The parts of the config, or `None` when it cannot be planned by parts (one part, or something the planner
+    /// relates across pools: adopted instances, pre-registered agents, job-bound CI sources).
+    fn new(desired: &Desired, classes: &[Vec<bool>], observed: &Observed) -> Option<Self> {
+        let pools = desired.pools.len();
+        let plain = desired
+            .pools
+            .iter()
+            .all(|pool| matches!(pool.backend.mode, InstanceMode::Create) && pool.agent.preregistered.is_none())
+            && desired.ci.values().all(|spec| !crate::providers::ci_capabilities(&spec.kind).job_bound);
+        if pools < 2 || !plain {
+            return None;
+        }
+        // Pools that could take the same job share a part (demand counts a job for the first pool that matches).
+        let mut root: Vec<usize> = (0..pools).collect();
+        fn find(root: &mut [usize], mut pool: usize) -> usize {
+            while root[pool] != pool {
+                root[pool] = root[root[pool]];
+                pool = root[pool];
+            }
+            pool
+        }
+        for class in classes {
+            let mut takers = class.iter().enumerate().filter(|(_, takes)| **takes).map(|(pool, _)| pool);
+            if let Some(first) = takers.next() {
+                for other in takers {
+                    let (a, b) = (find(&mut root, first), find(&mut root, other));
+                    root[a.max(b)] = a.min(b);
+                }
+            }
+        }
+        let mut number: HashMap<usize, usize> = HashMap::new();
+        let of_pool: Vec<usize> = (0..pools)
+            .map(|pool| {
+                let top = find(&mut root, pool);
+                let next = number.len();
+                *number.entry(top).or_insert(next)
+            })
+            .collect();
+        let count = number.len();
+        if count < 2 {
+            return None;
+        }
+        let of_class = classes
+            .iter()
+            .map(|class| class.iter().position(|takes| *takes).map(|pool| of_pool[pool]))
+            .collect();
+        let desired_parts: Vec<Desired> = (0..count)
+            .map(|part| Desired {
+                pools: desired.pools.iter().zip(&of_pool).filter(|(_, of)| **of == part).map(|(pool, _)| pool.clone()).collect(),
+                ..desired.clone()
+            })
+            .collect();
+        let empty = Observed {
+            observed_at: observed.observed_at,
+            backends: observed
+                .backends
+                .iter()
+                .map(|(name, backend)| {
+                    let view = BackendObservation {
+                        instances: Vec::new(),
+                        prices: backend.prices.clone(),
+                        missing_images: backend.missing_images.clone(),
+                    };
+                    (name.clone(), view)
+                })
+                .collect(),
+            ci: observed.ci.keys().map(|name| (name.clone(), CiObservation::default())).collect(),
+            in_flight: Vec::new(),
+        };
+        let mut blank = plan::plan(desired, &empty, observed.observed_at);
+        blank.changes.clear();
+        Some(Self {
+            of_pool,
+            of_class,
+            rank: desired.pools.iter().enumerate().map(|(index, pool)| (pool.name.clone(), index)).collect(),
+            desired: desired_parts,
+            views: vec![empty; count],
+            dirty: vec![true; count],
+            due: vec![None; count],
+            blank,
+            plans: 0,
+            whole_plans: 0,
+        })
+    }
+}
+
+/// The planner's order of actions within a pool (`action_rank` in src/plan/planner.rs): the parts' changes are
+/// merged in it. Should the two ever differ, the test that plans the whole beside the parts says so.
+fn action_rank(action: Action) -> u8 {
+    match action {
+        Action::Deregister => 0,
+        Action::Delete => 1,
+        Action::Replace => 2,
+        Action::Stop => 3,
+        Action::Drain => 4,
+        Action::Start => 5,
+        Action::Create => 6,
+    }
+}
+
+fn target_name(change: &Change) -> &str {
+    change
+        .instance
+        .as_ref()
+        .map(|instance| instance.name.as_str())
+        .or_else(|| change.agent.as_ref().map(|agent| agent.name.as_str()))
+        .unwrap_or_default()
+}
+
+/// The earliest moment after `now` at which a time-based rule of the planner could decide differently with the
+/// same observation. Conservative: every such moment is included, some never matter (the durations and schedules
+/// of every pool count, also for a part's observation).
+fn threshold_after(
+    desired: &Desired,
+    observed: &Observed,
+    now: Timestamp,
+    schedule_cache: &mut HashMap<(usize, usize), (Timestamp, Option<Timestamp>)>,
+) -> Option<Timestamp> {
+    let mut best: Option<Timestamp> = None;
+    let mut consider = |at: Option<Timestamp>| {
+        if let Some(at) = at {
+            // Rules compare with `>` as well as `>=`: the moment itself and the instant after both count.
+            for candidate in [Some(at), at.checked_add(SignedDuration::from_nanos(1)).ok()].into_iter().flatten() {
+                if candidate > now && best.is_none_or(|best| candidate < best) {
+                    best = Some(candidate);
+                }
+            }
+        }
+    };
+    let durations: BTreeSet<SignedDuration> = desired
+        .pools
+        .iter()
+        .flat_map(|pool| [pool.scale.idle_timeout.signed(), pool.scale.bootstrap_timeout.signed()])
+        .collect();
+    let margins: BTreeSet<SignedDuration> =
+        desired.pools.iter().filter_map(|pool| pool.scale.billing_margin.map(|m| m.signed())).collect();
+    let plus = |at: Timestamp, by: SignedDuration| at.checked_add(by).ok();
+    for (backend_name, backend) in &observed.backends {
+        let hourly = desired.backends.get(backend_name).is_some_and(|spec| spec.billing == Billing::Hourly);
+        for instance in &backend.instances {
+            for duration in &durations {
+                consider(plus(instance.created_at, *duration));
+            }
+            if hourly {
+                // The paid hour restarts every 3600 s from creation; the keep rule opens `margin` before each.
+                let elapsed = now.duration_since(instance.created_at).as_secs().max(0);
+                let next_hour = instance.created_at.checked_add(SignedDuration::from_secs((elapsed / 3600 + 1) * 3600)).ok();
+                consider(next_hour);
+                for margin in &margins {
+                    consider(next_hour.and_then(|hour| hour.checked_sub(*margin).ok()));
+                    consider(next_hour.and_then(|hour| plus(hour, SignedDuration::from_secs(3600))?.checked_sub(*margin).ok()));
+                }
+            }
+        }
+    }
+    for ci in observed.ci.values() {
+        for agent in &ci.agents {
+            // `last_work` starts idle times; the record's age (registered, else last in contact) decides
+            // whether a record without an instance still counts as a create in flight.
+            for at in [agent.last_work, agent.created_at.or(agent.last_contact)].into_iter().flatten() {
+                for duration in &durations {
+                    consider(plus(at, *duration));
+                }
+            }
+        }
+    }
+    for (pool_index, pool) in desired.pools.iter().enumerate() {
+        for (window_index, window) in pool.scale.schedule.iter().enumerate() {
+            let cached = schedule_cache.get(&(pool_index, window_index)).copied();
+            let flip = match cached {
+                Some((from, flip)) if from <= now && flip.is_none_or(|flip| now < flip) => flip,
+                _ => {
+                    let flip = next_flip(window, now);
+                    schedule_cache.insert((pool_index, window_index), (now, flip));
+                    flip
+                }
+            };
+            consider(flip);
+        }
+    }
+    best
+}
+
 /// Runs `body` with logging off: the throttle logs as if the virtual clock were real.
 fn quietly<T>(silent: &tracing::Dispatch, body: impl FnOnce() -> T) -> T {
     tracing::dispatcher::with_default(silent, body)
@@ -1471,5 +1795,107 @@ impl SeriesRecorder {
 
     fn finish(self) -> Series {
         self.series
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Planning by parts against planning the whole: at every cycle (the engine checks each plan) and in the
+    //! result (against cycling through every poll tick with whole plans).
+
+    use super::*;
+    use crate::simulate::models::{flag_overrides, models_for};
+    use crate::simulate::synthetic::{templates_for, Profile, Synthetic};
+
+    /// Hetzner (hourly billing, billing-aware keeps, capacity errors with a fallback type, a boot range) and EC2
+    /// (per second, capacity errors, ephemeral agents): pools of their own, and two pools that take the same jobs
+    /// (one part), with schedules, `minIdle`, idle and bootstrap timeouts and the circuit breaker.
+    const ZOO: &str = r#"id: parts
+pollInterval: 10s
+ci:
+  wp: { kind: woodpecker, server: "https://ci.example.com", token: "${T}" }
+backends:
+  hz: { kind: hcloud, token: "${T}", simulation: { capacityErrors: 0.15, bootTime: 20s-3m } }
+  ec2: { kind: aws, region: eu-central-1, simulation: { capacityErrors: 0.1, bootTime: 40s-70s, prices: { "*": 0.08 USD } } }
+pools:
+  - name: amd
+    ci: { source: wp, labels: { platform: linux/amd64 } }
+    backend: { name: hz, machine: { serverType: "cx22,cx32", location: "fsn1,nbg1", image: docker-ce } }
+    scale:
+      max: 3
+      idleTimeout: 7m
+      bootstrapTimeout: 2m
+      breakerThreshold: 2
+      breakerCooldown: 2m
+      schedule: [ { name: office, cron: "* 8-16 * * 1-5", timezone: Europe/Berlin, minIdle: 1 } ]
+  - name: arm
+    ci: { source: wp, labels: { platform: linux/arm64 } }
+    backend: { name: hz, machine: { serverType: cax11 } }
+    scale: { max: 2, idleTimeout: 2m, billingMargin: 10m }
+  - name: big
+    ci: { source: wp, labels: { platform: linux/s390x } }
+    backend: { name: ec2, machine: { instanceType: t3.large, ami: ami-1 } }
+    scale: { max: 2, minIdle: 1, idleTimeout: 3m }
+  - name: big-overflow
+    ci: { source: wp, labels: { platform: linux/s390x } }
+    backend: { name: ec2, machine: { instanceType: t3.xlarge, ami: ami-1 } }
+    scale: { max: 4, idleTimeout: 1m, ephemeral: true }
+  - name: spare
+    ci: { source: wp, labels: { platform: linux/riscv64 } }
+    backend: { name: ec2, machine: { instanceType: t3.small, ami: ami-1 } }
+    scale: { max: 5, minIdle: 2, idleTimeout: 5m, bootstrapTimeout: 50s }
+"#;
+
+    fn settings(desired: &Desired, simulation: &BTreeMap<BackendName, super::super::models::Overrides>, synthetic: &Synthetic, skip_idle: bool) -> Settings {
+        Settings {
+            name: "parts".into(),
+            seed: synthetic.seed,
+            from: synthetic.start,
+            until: synthetic.until(),
+            models: models_for(desired, simulation, &flag_overrides(&[], &[], &[]).unwrap_or_default()),
+            skip_idle,
+            series: true,
+            give_up_after: GIVE_UP_AFTER,
+        }
+    }
+
+    #[test]
+    fn planning_by_parts_plans_what_planning_the_whole_plans_at_every_cycle() {
+        let loaded = crate::config::load_str_with_simulation("parts.yaml", ZOO, &|_| Some("unused".to_owned()))
+            .unwrap_or_else(|error| panic!("the zoo is valid: {error}"));
+        let desired = &loaded.desired;
+        for (profile, seed) in [(Profile::OfficeWeek, 3), (Profile::NightlyBurst, 4), (Profile::OfficeWeek, 5)] {
+            let synthetic = Synthetic { days: 2, volume: 2.5, ..Synthetic::new(profile, seed) };
+            let (templates, skipped) = templates_for(desired, None);
+            assert!(skipped.is_empty(), "every pool gets jobs: {skipped:?}");
+            let trace = synthetic.generate(&templates);
+            assert!(trace.jobs.len() > 100, "a trace with work");
+
+            let fast = settings(desired, &loaded.simulation, &synthetic, true);
+            let mut sim = Sim::new(desired, &trace, &fast);
+            let parts = sim.parts.as_ref().expect("the zoo is planned by parts");
+            assert_eq!(parts.of_pool, vec![0, 1, 2, 2, 3], "the two s390x pools take the same jobs: one part");
+            sim.check_parts = true;
+            sim.run();
+            let by_parts = sim.report();
+
+            let slow = settings(desired, &loaded.simulation, &synthetic, false);
+            let whole = run(desired, &trace, &slow);
+            let context = format!("{profile} seed {seed}");
+            assert_eq!(by_parts.json(), whole.json(), "{context}");
+            assert_eq!(by_parts.render(), whole.render(), "{context}");
+            assert_eq!(by_parts.series, whole.series, "{context}");
+            assert_eq!(by_parts.pools, whole.pools, "{context}");
+            assert_eq!((by_parts.until, by_parts.interrupted_jobs), (whole.until, whole.interrupted_jobs), "{context}");
+            // The rules did fire: creates refused for capacity, agents deleted after their idle time.
+            let total = by_parts.total();
+            assert!(total.create_failures > 0 && total.deletes > 10, "{context}: {} failures, {} deletes", total.create_failures, total.deletes);
+            assert!(
+                by_parts.plans < by_parts.cycles * 4 / 2,
+                "{context}: by parts {} plans of 4 parts in {} cycles",
+                by_parts.plans,
+                by_parts.cycles
+            );
+        }
     }
 }

@@ -124,6 +124,9 @@ pub struct RunReport {
     pub interrupted_jobs: u64,
     /// Cycles that observed and planned (idle stretches skipped without planning are not counted).
     pub cycles: u64,
+    /// Calls of the planner: one per cycle, or one per part planned when the config is planned by parts (see
+    /// [`super::engine`]), none for the parts that cannot have changed.
+    pub plans: u64,
     /// Where prices came from, one line per backend.
     pub price_notes: Vec<String>,
     /// Queue length, serving agents and cumulative cost over time, when asked for (`--svg`).
