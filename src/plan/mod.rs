@@ -34,6 +34,7 @@ mod text;
 pub use digest::{agent_hash, fingerprint};
 pub use ownership::instance_name;
 pub use planner::plan;
+pub(crate) use planner::{action_rank, target_name};
 pub use preconditions::{preconditions, PreconditionFailed};
 pub use capacity::counts_towards_max;
 pub use ownership::{name_digest, parse_name, OwnedName, DIGEST_LEN, MAX_OWNER_AND_POOL_LEN};

@@ -193,8 +193,8 @@ fn in_apply_order(desired: &Desired, mut changes: Vec<Change>) -> Vec<Change> {
 }
 
 /// Apply order within a pool: free things first (deregister, delete), then replace/stop/drain, then the
-/// things that add capacity.
-fn action_rank(action: Action) -> u8 {
+/// things that add capacity. (`simulate` merges the changes of pools planned apart in the same order.)
+pub(crate) fn action_rank(action: Action) -> u8 {
     match action {
         Action::Deregister => 0,
         Action::Delete => 1,
@@ -206,7 +206,7 @@ fn action_rank(action: Action) -> u8 {
     }
 }
 
-pub(super) fn target_name(change: &Change) -> &str {
+pub(crate) fn target_name(change: &Change) -> &str {
     change
         .instance
         .as_ref()

@@ -592,7 +592,7 @@ impl<'a> Sim<'a> {
             // sort is (it sorts by cached key and position).
             changes.sort_by_cached_key(|change| {
                 let rank = parts.rank.get(&change.pool).copied().unwrap_or(usize::MAX);
-                (rank, change.pool.clone(), action_rank(change.action), target_name(change).to_owned())
+                (rank, change.pool.clone(), crate::plan::action_rank(change.action), crate::plan::target_name(change).to_owned())
             });
         }
         let mut plan = merged.unwrap_or_else(|| parts.blank.clone());
@@ -1640,29 +1640,6 @@ impl Parts {
             whole_plans: 0,
         })
     }
-}
-
-/// The planner's order of actions within a pool (`action_rank` in src/plan/planner.rs): the parts' changes are
-/// merged in it. Should the two ever differ, the test that plans the whole beside the parts says so.
-fn action_rank(action: Action) -> u8 {
-    match action {
-        Action::Deregister => 0,
-        Action::Delete => 1,
-        Action::Replace => 2,
-        Action::Stop => 3,
-        Action::Drain => 4,
-        Action::Start => 5,
-        Action::Create => 6,
-    }
-}
-
-fn target_name(change: &Change) -> &str {
-    change
-        .instance
-        .as_ref()
-        .map(|instance| instance.name.as_str())
-        .or_else(|| change.agent.as_ref().map(|agent| agent.name.as_str()))
-        .unwrap_or_default()
 }
 
 /// The earliest moment after `now` at which a time-based rule of the planner could decide differently with the
