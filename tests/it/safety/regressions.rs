@@ -35,6 +35,22 @@ fn jobs(count: u8) -> Step {
 
 const ALL: u32 = u32::MAX;
 
+/// Deployment `acme-arm` alone, with a Picus-style pool `arm-linux` (one pre-registered agent, `minIdle: 1`) beside
+/// a create pool `linux`; no steps.
+fn picus_pool_beside_a_create_pool() -> Scenario {
+    Scenario {
+        owners: owners("acme-arm", "acme"),
+        ours: vec![
+            PoolDraft { min_idle: 1, ..pool("arm-linux", 1, PoolMode::Preregistered { by_id: false, look: 0 }) },
+            pool("linux", 1, PoolMode::Create),
+        ],
+        theirs: vec![],
+        busy_sign: BusySign::Both,
+        keeps_terminated: false,
+        steps: vec![],
+    }
+}
+
 fn expect_kept(promise: Promise, scenario: &Scenario) {
     match scenario::run(scenario, &[promise]) {
         Err(failure) => panic!("{}", failure.report),
@@ -135,14 +151,6 @@ fn the_orphan_of_a_removed_preregistered_pool_waits_for_its_job() {
     expect_kept(
         Promise::NotBusy,
         &Scenario {
-            owners: owners("acme-arm", "acme"),
-            ours: vec![
-                PoolDraft { min_idle: 1, ..pool("arm-linux", 1, PoolMode::Preregistered { by_id: false, look: 0 }) },
-                pool("linux", 1, PoolMode::Create),
-            ],
-            theirs: vec![],
-            busy_sign: BusySign::Both,
-            keeps_terminated: false,
             steps: vec![
                 cycle(0),
                 Step::Config(ConfigChange::RemovePool(0)),
@@ -151,6 +159,7 @@ fn the_orphan_of_a_removed_preregistered_pool_waits_for_its_job() {
                 Step::TakeJobs { mask: ALL },
                 cycle(0),
             ],
+            ..picus_pool_beside_a_create_pool()
         },
     );
 }
@@ -348,14 +357,6 @@ fn a_saved_drain_of_a_preregistered_agent_needs_its_instance_still_ours() {
     expect_kept(
         Promise::LateApply,
         &Scenario {
-            owners: owners("acme-arm", "acme"),
-            ours: vec![
-                PoolDraft { min_idle: 1, ..pool("arm-linux", 1, PoolMode::Preregistered { by_id: false, look: 0 }) },
-                pool("linux", 1, PoolMode::Create),
-            ],
-            theirs: vec![],
-            busy_sign: BusySign::Both,
-            keeps_terminated: false,
             steps: vec![
                 cycle(0),
                 Step::CheckIn { mask: ALL },
@@ -368,6 +369,7 @@ fn a_saved_drain_of_a_preregistered_agent_needs_its_instance_still_ours() {
                 cycle(0),
                 Step::ApplySaved,
             ],
+            ..picus_pool_beside_a_create_pool()
         },
     );
 }
