@@ -1,7 +1,8 @@
-//! HTTP plumbing shared by the reqwest-based providers (`woodpecker`, `hcloud`, `azure_pipelines`): how long a
-//! refusal asks to wait, and the default reading of an error status in the shared [`Error`] vocabulary. Each
-//! provider keeps its own messages and handles its special cases before falling back on [`status_error`]
-//! (Hetzner's error codes, Azure's sign-in pages, Woodpecker's admin-token and agent answers).
+//! HTTP plumbing shared by the reqwest-based providers (`woodpecker`, `hcloud`, `azure_pipelines`, `github`): an
+//! API root as a base URL, how long a refusal asks to wait, and the default reading of an error status in the
+//! shared [`Error`] vocabulary. Each provider keeps its own messages and handles its special cases before falling
+//! back on [`status_error`] (Hetzner's error codes, Azure's sign-in pages, Woodpecker's admin-token and agent
+//! answers).
 
 use std::time::Duration;
 
@@ -9,6 +10,38 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
 
 use super::Error;
+
+/// The client settings every provider's HTTP client shares: both deadlines and ciscale's `User-Agent` (GitHub
+/// refuses requests without one; the others log it).
+pub(crate) fn client_builder(connect: Duration, total: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(connect)
+        .timeout(total)
+        .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
+}
+
+/// [`client_builder`] built, a failure reported as `provider`'s.
+pub(crate) fn client(provider: &str, connect: Duration, total: Duration) -> Result<reqwest::Client, Error> {
+    client_builder(connect, total)
+        .build()
+        .map_err(|error| Error::Other { provider: provider.to_owned(), source: Box::new(error) })
+}
+
+/// An API root as a base to join relative paths onto: an http(s) URL without query or fragment, its path ending
+/// in `/` (so `https://HOST/api/v3` keeps its `api/v3`). `None`: not such a URL.
+pub(crate) fn base_url(text: &str) -> Option<reqwest::Url> {
+    let mut base = reqwest::Url::parse(text.trim()).ok()?;
+    if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+        return None;
+    }
+    base.set_query(None);
+    base.set_fragment(None);
+    if !base.path().ends_with('/') {
+        let path = format!("{}/", base.path());
+        base.set_path(&path);
+    }
+    Some(base)
+}
 
 /// How long a 429 (or a throttled answer) asks to wait: `Retry-After` in seconds (fractions allowed) or as an
 /// HTTP date; else a rate-limit reset time in UNIX seconds (Hetzner's `RateLimit-Reset`, Azure's

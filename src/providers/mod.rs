@@ -387,8 +387,15 @@ pub trait CiSource: Send + Sync + Debug {
     }
     async fn observe(&self) -> Result<CiObservation>;
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential>;
-    async fn drain(&self, id: &AgentId) -> Result<()>;
-    async fn undrain(&self, id: &AgentId) -> Result<()>;
+    /// Stop the agent taking new jobs. A source that cannot drain (`capabilities().drain` false: GitHub, Forgejo)
+    /// keeps this default; the conformance suite holds every source to what its capabilities say.
+    async fn drain(&self, _id: &AgentId) -> Result<()> {
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "drain" })
+    }
+    /// Undo [`Self::drain`]; a source that cannot drain has nothing to undo, and answers as it does for drain.
+    async fn undrain(&self, _id: &AgentId) -> Result<()> {
+        Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "undrain" })
+    }
     async fn deregister(&self, id: &AgentId) -> Result<()>;
     async fn history(&self, _request: &HistoryRequest) -> Result<Vec<PastJob>> {
         Err(Error::Unsupported { provider: self.kind().to_owned(), operation: "job history" })

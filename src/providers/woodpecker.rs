@@ -121,15 +121,7 @@ impl Woodpecker {
                 format!("{host}:{DEFAULT_GRPC_PORT}")
             }
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .timeout(timeouts.total)
-            .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| Error::Other {
-                provider: PROVIDER.to_owned(),
-                source: Box::new(error),
-            })?;
+        let http = super::http::client(PROVIDER, timeouts.connect, timeouts.total)?;
         Ok(Self {
             http,
             server: server.trim_end_matches('/').to_owned(),

@@ -93,22 +93,10 @@ impl Http {
                 url: organization_url.to_owned(),
             })
         };
-        let mut base = Url::parse(organization_url.trim()).map_err(|_| bad_url())?;
-        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
-            return Err(bad_url());
-        }
-        base.set_query(None);
-        base.set_fragment(None);
-        if !base.path().ends_with('/') {
-            let path = format!("{}/", base.path());
-            base.set_path(&path);
-        }
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
+        let base = crate::providers::http::base_url(organization_url).ok_or_else(bad_url)?;
+        let client = crate::providers::http::client_builder(timeout.min(Duration::from_secs(10)), timeout)
             // A bad PAT is answered with a redirect to the sign-in page: seeing it is how we know.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|source| other(AzureError::Client { source }))?;
         Ok(Self {

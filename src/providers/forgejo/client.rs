@@ -48,15 +48,7 @@ pub(super) struct Http {
 
 impl Http {
     pub fn new(server: &str, token: Secret, scope: Scope, timeout: Duration) -> Result<Self> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(timeout)
-            .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| Error::Other {
-                provider: PROVIDER.to_owned(),
-                source: Box::new(error),
-            })?;
+        let client = crate::providers::http::client(PROVIDER, CONNECT_TIMEOUT, timeout)?;
         Ok(Self {
             client,
             server: server.trim_end_matches('/').to_owned(),

@@ -481,19 +481,7 @@ impl CiSource for Forgejo {
         })
     }
 
-    async fn drain(&self, _id: &AgentId) -> Result<()> {
-        Err(Error::Unsupported {
-            provider: PROVIDER.to_owned(),
-            operation: "drain",
-        })
-    }
-
-    async fn undrain(&self, _id: &AgentId) -> Result<()> {
-        Err(Error::Unsupported {
-            provider: PROVIDER.to_owned(),
-            operation: "undrain",
-        })
-    }
+    // No drain or undrain: Forgejo's API has none, so the trait's `Unsupported` stands.
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
         self.delete_runner(id).await

@@ -185,26 +185,8 @@ impl Http {
                  `https://HOST/api/v3` for GitHub Enterprise Server"
             ))
         };
-        let mut base = Url::parse(endpoint.trim()).map_err(|_| bad_url())?;
-        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
-            return Err(bad_url());
-        }
-        base.set_query(None);
-        base.set_fragment(None);
-        if !base.path().ends_with('/') {
-            let path = format!("{}/", base.path());
-            base.set_path(&path);
-        }
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            // GitHub requires a User-Agent and rejects requests without one.
-            .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| Error::Other {
-                provider: PROVIDER.to_owned(),
-                source: Box::new(error),
-            })?;
+        let base = crate::providers::http::base_url(endpoint).ok_or_else(bad_url)?;
+        let client = crate::providers::http::client(PROVIDER, timeout.min(Duration::from_secs(10)), timeout)?;
         Ok(Self {
             client,
             base,

@@ -842,21 +842,7 @@ impl CiSource for GithubActions {
         })
     }
 
-    async fn drain(&self, _id: &AgentId) -> Result<()> {
-        Err(Error::Unsupported {
-            provider: PROVIDER.to_owned(),
-            operation: "drain",
-        })
-    }
-
-    /// GitHub has no drain, so nothing to undo: `Unsupported`, as the contract says for a source that cannot
-    /// drain (its runners always take jobs).
-    async fn undrain(&self, _id: &AgentId) -> Result<()> {
-        Err(Error::Unsupported {
-            provider: PROVIDER.to_owned(),
-            operation: "undrain",
-        })
-    }
+    // No drain or undrain: GitHub has none (its runners always take jobs), so the trait's `Unsupported` stands.
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
         let number: u64 = id.as_str().parse().map_err(|_| Error::NotFound {

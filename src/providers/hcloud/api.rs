@@ -77,15 +77,7 @@ impl Failure {
 
 impl Api {
     pub fn new(endpoint: &str, token: Secret, timeout: Duration) -> Result<Self, Error> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("ciscale/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| Error::Other {
-                provider: PROVIDER.to_owned(),
-                source: Box::new(error),
-            })?;
+        let client = crate::providers::http::client(PROVIDER, timeout.min(Duration::from_secs(10)), timeout)?;
         Ok(Self {
             client,
             endpoint: endpoint.trim_end_matches('/').to_owned(),
