@@ -41,6 +41,7 @@ use crate::model::{
 
 pub mod aws;
 pub mod azure_pipelines;
+pub mod cloud_config;
 pub mod fake;
 pub mod forgejo;
 pub mod github;
