@@ -32,14 +32,14 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Deserializer};
 
-use super::http::{Call, PER_PAGE};
+use super::http::{lock, Call, PER_PAGE};
 use super::wire::REPOSITORY_LABEL;
 use super::{split_repository, GithubActions};
 use crate::providers::{Error, HistoryRequest, PastJob, Result};
@@ -412,7 +412,7 @@ impl Reader<'_> {
 
     fn announce(&self, wait: Duration) {
         let until = Timestamp::now() + SignedDuration::try_from(wait).unwrap_or(SignedDuration::ZERO);
-        let mut announced = self.announced.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut announced = lock(&self.announced);
         // Calls side by side hear the same limit within a second or so of each other.
         if announced.is_none_or(|last| until > last + SignedDuration::from_secs(2)) {
             tracing::warn!(
