@@ -132,8 +132,8 @@ macro_rules! traffic_methods {
         }
     };
     ($fault:ty, except reset_counts) => {
-        /// Requests seen for an endpoint key: `METHOD /path/template`, ids as placeholders, as the fake's
-        /// endpoint table names them (e.g. `GET /api/queue/info`, `PATCH /api/agents/{agent_id}`).
+        /// Requests seen for an endpoint key: `METHOD /path/template`, with ids as the placeholders of the
+        /// service's spec (e.g. `PATCH /api/agents/{agent_id}`, `GET /repos/{owner}/{repo}/actions/runs`).
         pub fn count(&self, endpoint: &str) -> u64 {
             self.state().traffic.count(endpoint)
         }
