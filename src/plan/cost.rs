@@ -34,7 +34,14 @@ struct Tally {
 impl Tally {
     fn add(&mut self, price: Option<&Price>, sign: f64) {
         match price {
-            Some(price) => *self.by_currency.entry(price.currency.clone()).or_default() += sign * price.hourly,
+            // Looked up before inserting: `entry` would clone the currency for every instance priced.
+            Some(price) => match self.by_currency.get_mut(&price.currency) {
+                Some(sum) => *sum += sign * price.hourly,
+                None => {
+                    // `0.0 +` as `or_default() +=` did: a first -0.0 sums to +0.0.
+                    self.by_currency.insert(price.currency.clone(), 0.0 + sign * price.hourly);
+                }
+            },
             None => self.unpriced += sign as i64,
         }
     }

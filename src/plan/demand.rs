@@ -2,8 +2,9 @@
 //! matches them, by the CI's own matching rule.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 
-use super::fasthash::FastMap;
+use super::fasthash::{FastMap, FxHasher};
 use super::matching::{pool_matches, rule_of, WOODPECKER_INTERNAL_PREFIX};
 use crate::model::{CiName, Desired, Matching, Observed, PoolSpec};
 
@@ -34,8 +35,10 @@ pub(super) fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32>
         let mut scratch: Vec<(u32, &str)> = Vec::new();
         for task in &observation.queue.pending {
             scratch.clear();
-            projection.project(&task.labels, &mut scratch);
-            let bucket = groups.entry(group_hash(&scratch, &task.demands)).or_default();
+            let mut hasher = FxHasher::default();
+            projection.project(&task.labels, &mut scratch, &mut hasher);
+            task.demands.hash(&mut hasher);
+            let bucket = groups.entry(hasher.finish()).or_default();
             match bucket.iter_mut().find(|group| group.labels == scratch && group.demands == task.demands.as_slice()) {
                 Some(group) => group.count += 1,
                 None => bucket.push(Group { labels: scratch.clone(), demands: &task.demands, count: 1 }),
@@ -61,14 +64,6 @@ struct Group<'t> {
     labels: Vec<(u32, &'t str)>,
     demands: &'t [String],
     count: u32,
-}
-
-fn group_hash(labels: &[(u32, &str)], demands: &[String]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = super::fasthash::FxHasher::default();
-    labels.hash(&mut hasher);
-    demands.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// What the pools say about a label key (see [`LabelProjection`]).
@@ -166,19 +161,23 @@ impl<'a> LabelProjection<'a> {
         info
     }
 
-    /// Appends the projection of `labels` to `into`, in the labels' (key) order.
-    fn project(&mut self, labels: &'a BTreeMap<String, String>, into: &mut Vec<(u32, &'a str)>) {
+    /// Appends the projection of `labels` to `into`, in the labels' (key) order, and feeds it to `hasher` as it
+    /// goes (equal projections hash alike; the group's hash needs no second pass).
+    fn project(&mut self, labels: &'a BTreeMap<String, String>, into: &mut Vec<(u32, &'a str)>, hasher: &mut FxHasher) {
         for (position, (key, value)) in labels.iter().enumerate() {
             let info = self.info(position, key.as_str());
             let value = value.as_str();
-            match info.role {
-                KeyRole::Required => into.push((info.id, value)),
-                _ if value.is_empty() => {}
-                KeyRole::Internal => {}
-                KeyRole::Exact if key.starts_with(WOODPECKER_INTERNAL_PREFIX) => {}
-                KeyRole::Exact => into.push((info.id, value)),
-                KeyRole::Presence => into.push((info.id, "*")),
-            }
+            let kept = match info.role {
+                KeyRole::Required => value,
+                _ if value.is_empty() => continue,
+                KeyRole::Internal => continue,
+                KeyRole::Exact if key.starts_with(WOODPECKER_INTERNAL_PREFIX) => continue,
+                KeyRole::Exact => value,
+                KeyRole::Presence => "*",
+            };
+            into.push((info.id, kept));
+            hasher.write_u32(info.id);
+            kept.hash(hasher);
         }
     }
 }

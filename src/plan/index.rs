@@ -28,7 +28,8 @@ impl<'a> CiIndex<'a> {
             agents_by_name.entry(agent.name.as_str()).or_insert(agent);
             agents_by_id.entry(agent.id.as_str()).or_insert(agent);
         }
-        let mut running_by_agent: FastMap<&str, u32> = FastMap::default();
+        let mut running_by_agent: FastMap<&str, u32> =
+            FastMap::with_capacity_and_hasher(observation.queue.running.len(), Default::default());
         for task in &observation.queue.running {
             if let Some(agent_id) = &task.agent_id {
                 *running_by_agent.entry(agent_id.as_str()).or_default() += 1;

@@ -32,13 +32,21 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     let pending = assign_pending(desired, observed);
     let unserved_jobs = super::jobs::unserved(desired, observed);
     let in_flight = InFlightIndex::new(observed);
-    let used_names: FastSet<&str> = observed
-        .backends
-        .values()
-        .flat_map(|backend| backend.instances.iter().map(|instance| instance.name.as_str()))
-        .chain(observed.ci.values().flat_map(|ci| ci.agents.iter().map(|agent| agent.name.as_str())))
-        .chain(observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())))
-        .collect();
+    // Sized up front: a set grown from an iterator of unknown length rehashes its way up.
+    let name_count = observed.backends.values().map(|backend| backend.instances.len()).sum::<usize>()
+        + observed.ci.values().map(|ci| ci.agents.len()).sum::<usize>()
+        + observed.in_flight.len();
+    let mut used_names: FastSet<&str> = FastSet::with_capacity_and_hasher(name_count, Default::default());
+    used_names.extend(
+        observed
+            .backends
+            .values()
+            .flat_map(|backend| backend.instances.iter().map(|instance| instance.name.as_str()))
+            .chain(observed.ci.values().flat_map(|ci| ci.agents.iter().map(|agent| agent.name.as_str())))
+            .chain(
+                observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())),
+            ),
+    );
 
     let records = records::find(desired, observed, &ci_indexes, &backend_indexes, now);
 
@@ -153,7 +161,12 @@ fn migration_note(
     if legacy.is_empty() {
         return None;
     }
-    legacy.sort_unstable();
+    // Only the first three names are shown: put them first, in order, without sorting all of them.
+    if legacy.len() > 3 {
+        legacy.select_nth_unstable(3);
+    }
+    let first = legacy.len().min(3);
+    legacy[..first].sort_unstable();
     let shown: Vec<String> = legacy.iter().take(3).map(|name| format!("`{name}`")).collect();
     let more = if legacy.len() > 3 { format!(" and {} more", legacy.len() - 3) } else { String::new() };
     Some(format!(

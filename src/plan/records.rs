@@ -110,7 +110,8 @@ pub(super) fn find<'a>(
     backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
     now: Timestamp,
 ) -> Records<'a> {
-    let mut with_instance_names: FastSet<&str> = FastSet::default();
+    let instance_count = backends.values().map(|backend| backend.facts.len()).sum();
+    let mut with_instance_names: FastSet<&str> = FastSet::with_capacity_and_hasher(instance_count, Default::default());
     let mut linked_ids: FastSet<&str> = FastSet::default();
     for backend in backends.values() {
         for (instance, facts) in backend.instances().iter().zip(&backend.facts) {
