@@ -40,16 +40,6 @@ pub(super) struct Shared {
     pub redactor: Redactor,
 }
 
-/// The instance or agent name a change is about, for spans and messages.
-pub(super) fn target_name(change: &Change) -> &str {
-    change
-        .instance
-        .as_ref()
-        .map(|instance| instance.name.as_str())
-        .or_else(|| change.agent.as_ref().map(|agent| agent.name.as_str()))
-        .unwrap_or("-")
-}
-
 /// A step that failed, its message already redacted.
 struct StepFailure {
     step: String,

@@ -427,7 +427,7 @@ async fn run_in_order(
             index,
             pool = %change.pool,
             action = %change.action,
-            target = %lifecycle::target_name(&change),
+            target = %change.target_name(),
         );
         let deadline = change_deadline(&change, &shared.desired);
         let step = Mutex::new(String::from("start"));

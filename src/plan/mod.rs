@@ -34,7 +34,7 @@ mod text;
 pub use digest::{agent_hash, fingerprint};
 pub use ownership::instance_name;
 pub use planner::plan;
-pub(crate) use planner::{action_rank, target_name};
+pub(crate) use planner::action_rank;
 pub use preconditions::{preconditions, PreconditionFailed};
 pub use capacity::counts_towards_max;
 pub use ownership::{name_digest, parse_name, OwnedName, DIGEST_LEN, MAX_OWNER_AND_POOL_LEN};
@@ -65,6 +65,18 @@ pub struct Change {
     /// with, keys `label.<k>` and `machine.<k>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub after: BTreeMap<String, String>,
+}
+
+impl Change {
+    /// What the change is about, for ordering and messages: the instance's name, else the agent's (`-` for
+    /// neither, which no change the planner makes lacks; it sorts before every name).
+    pub fn target_name(&self) -> &str {
+        self.instance
+            .as_ref()
+            .map(|instance| instance.name.as_str())
+            .or_else(|| self.agent.as_ref().map(|agent| agent.name.as_str()))
+            .unwrap_or("-")
+    }
 }
 
 /// A change's cause for machines, like Terraform's action reasons: `apply` checks a saved plan's change against

@@ -193,7 +193,7 @@ fn in_apply_order(desired: &Desired, mut changes: Vec<Change>) -> Vec<Change> {
         .enumerate()
         .map(|(position, change)| {
             let rank = pool_rank.get(change.pool.as_str()).copied().unwrap_or(usize::MAX);
-            (rank, change.pool.as_str(), action_rank(change.action), target_name(change), position)
+            (rank, change.pool.as_str(), action_rank(change.action), change.target_name(), position)
         })
         .collect();
     keys.sort_unstable();
@@ -225,15 +225,6 @@ pub(crate) fn action_rank(action: Action) -> u8 {
         Action::Start => 5,
         Action::Create => 6,
     }
-}
-
-pub(crate) fn target_name(change: &Change) -> &str {
-    change
-        .instance
-        .as_ref()
-        .map(|instance| instance.name.as_str())
-        .or_else(|| change.agent.as_ref().map(|agent| agent.name.as_str()))
-        .unwrap_or_default()
 }
 
 fn summarize(changes: &[Change]) -> Summary {

@@ -7,7 +7,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::digest::{agent_hash, fingerprint};
 use super::ownership::instance_name;
-use super::planner::{plan, target_name};
+use super::planner::plan;
 use super::text::human_duration;
 use super::{Action, AgentTarget, InstanceTarget, Plan};
 use crate::model::{
@@ -112,7 +112,7 @@ fn observed(instances: Vec<Instance>, agents: Vec<Agent>, pending: Vec<Task>) ->
 }
 
 fn actions(plan: &Plan) -> Vec<(Action, String)> {
-    plan.changes.iter().map(|change| (change.action, target_name(change).to_owned())).collect()
+    plan.changes.iter().map(|change| (change.action, change.target_name().to_owned())).collect()
 }
 
 #[test]

@@ -592,7 +592,7 @@ impl<'a> Sim<'a> {
             // sort is (it sorts by cached key and position).
             changes.sort_by_cached_key(|change| {
                 let rank = parts.rank.get(&change.pool).copied().unwrap_or(usize::MAX);
-                (rank, change.pool.clone(), crate::plan::action_rank(change.action), crate::plan::target_name(change).to_owned())
+                (rank, change.pool.clone(), crate::plan::action_rank(change.action), change.target_name().to_owned())
             });
         }
         let mut plan = merged.unwrap_or_else(|| parts.blank.clone());

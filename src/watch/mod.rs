@@ -310,7 +310,7 @@ impl LoopState {
                 tracing::debug!(
                     pool = %finished.change.pool,
                     action = %finished.change.action,
-                    target = target_name(&finished.change),
+                    target = finished.change.target_name(),
                     step,
                     error = first_line,
                     "change failed; the next plan decides again"
@@ -554,9 +554,9 @@ async fn reconcile(
     for Held { change, hold } in &held {
         let level_is_info = matches!(hold, Hold::Unobserved { .. });
         if level_is_info {
-            tracing::info!(pool = %change.pool, action = %change.action, target = target_name(change), "held: {hold}");
+            tracing::info!(pool = %change.pool, action = %change.action, target = change.target_name(), "held: {hold}");
         } else {
-            tracing::debug!(pool = %change.pool, action = %change.action, target = target_name(change), "held: {hold}");
+            tracing::debug!(pool = %change.pool, action = %change.action, target = change.target_name(), "held: {hold}");
         }
     }
     // Between plan and start: the pure plan says what is needed, the throttle what may be done now.
@@ -583,13 +583,13 @@ async fn reconcile(
     report.pools = std::mem::take(&mut plan.pools);
     report.hourly_cost = plan.cost.hourly.iter().map(|(currency, line)| (currency.clone(), line.after)).collect();
     for change in &plan.changes {
-        tracing::info!(pool = %change.pool, action = %change.action, target = target_name(change), reason = %change.reason, "planned");
+        tracing::info!(pool = %change.pool, action = %change.action, target = change.target_name(), reason = %change.reason, "planned");
     }
     let planned = plan.changes.len();
     // Cancelled during the cycle: start nothing new (what is in flight finishes).
     let waiting_for_slot = if state.work.cancelled() { Vec::new() } else { state.work.start(plan.changes, started_at) };
     for (change, slot) in &waiting_for_slot {
-        tracing::debug!(pool = %change.pool, action = %change.action, target = target_name(change), "waiting: every slot of {slot} is taken");
+        tracing::debug!(pool = %change.pool, action = %change.action, target = change.target_name(), "waiting: every slot of {slot} is taken");
     }
     report.started = planned - waiting_for_slot.len();
     report.waiting = held.len() + waiting_for_slot.len();
@@ -597,11 +597,3 @@ async fn reconcile(
     report
 }
 
-fn target_name(change: &crate::plan::Change) -> &str {
-    change
-        .instance
-        .as_ref()
-        .map(|instance| instance.name.as_str())
-        .or(change.agent.as_ref().map(|agent| agent.name.as_str()))
-        .unwrap_or("-")
-}
