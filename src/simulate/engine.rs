@@ -39,7 +39,9 @@
 //! happened in them (an event, a change applied), their last plan had changes, or time crossed one of their
 //! thresholds (as above, from their own instances and agents). A part that planned nothing and saw none of these
 //! plans nothing again, so its plan is left out. The parts' changes, merged in the planner's order, are the
-//! whole plan's; a test plans the whole world beside the parts at every cycle and compares.
+//! whole plan's; a test plans the whole world beside the parts at every cycle and compares. A part plans on the
+//! world's own items, moved into its view and back for the plan (copying them cost more than planning), and the
+//! same test checks that each part gets exactly its own items and the world gets them all back in its order.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -185,6 +187,7 @@ struct Sim<'a> {
     /// A dispatcher that logs nothing (made once: the loop silences the throttle twice a cycle).
     silent: tracing::Dispatch,
     schedule_cache: HashMap<(usize, usize), (Timestamp, Option<Timestamp>)>,
+    rules: Rules,
     series: Option<SeriesRecorder>,
     /// Planning by parts (see the module docs); `None`: the whole config is planned every cycle.
     parts: Option<Parts>,
@@ -203,8 +206,9 @@ struct Parts {
     rank: HashMap<PoolName, usize>,
     /// Per part: the config with only its pools.
     desired: Vec<Desired>,
-    /// Per part: the observation of its pools, rebuilt from the world's before each of its plans (backends'
-    /// prices and missing images kept; instances, agents and jobs refilled).
+    /// Per part: the observation of its pools while it plans — the world's own instances, agents and jobs of
+    /// its pools, lent to it and given back after ([`lend`], [`give_back`]); backends' prices and missing images
+    /// stay. Between plans their lists are empty.
     views: Vec<Observed>,
     /// Per part: it must be planned at the next cycle (something in it changed, or its last plan had changes).
     dirty: Vec<bool>,
@@ -258,6 +262,7 @@ impl<'a> Sim<'a> {
             cycles: 0,
             silent: tracing::Dispatch::none(),
             schedule_cache: HashMap::new(),
+            rules: Rules::new(desired),
             series: settings.series.then(|| SeriesRecorder::new(settings.from, settings.until)),
             parts: None,
             #[cfg(test)]
@@ -536,7 +541,7 @@ impl<'a> Sim<'a> {
     /// The earliest moment after `now` at which a time-based rule of the planner could decide differently with
     /// the same observation (see [`threshold_after`]).
     fn next_threshold(&mut self, now: Timestamp) -> Option<Timestamp> {
-        threshold_after(self.desired, &self.observed, now, &mut self.schedule_cache)
+        threshold_after(self.desired, &self.rules, &self.observed, now, &mut self.schedule_cache)
     }
 
     /// The plan of this cycle: the whole config's, or the parts' that can have changed (see the module docs).
@@ -562,11 +567,24 @@ impl<'a> Sim<'a> {
             blank.planned_at = now;
             return blank;
         }
-        if !self.fill_views(parts, &due, now) {
+        let Some(order) = self.place(parts) else {
             // Something the parts cannot place: plan the whole, and every part again next time.
             parts.dirty.fill(true);
             parts.whole_plans += 1;
             return plan::plan(self.desired, &self.observed, now);
+        };
+        // The tests check that lending moves exactly each part's share, in the world's order, and gives it all
+        // back where it was.
+        #[cfg(test)]
+        let before = self.check_parts.then(|| (self.observed.clone(), self.shares(parts, &due)));
+        lend(&mut self.observed, parts, &order, &due, now);
+        #[cfg(test)]
+        if let Some((_, shares)) = &before {
+            for (part, share) in shares.iter().enumerate() {
+                if let Some(share) = share {
+                    assert_eq!(&parts.views[part], share, "at {now}: part {part} was lent other items than its own");
+                }
+            }
         }
         let mut merged: Option<Plan> = None;
         let mut changes = Vec::new();
@@ -576,7 +594,7 @@ impl<'a> Sim<'a> {
             parts.plans += 1;
             if sub.changes.is_empty() {
                 parts.dirty[part] = false;
-                parts.due[part] = threshold_after(self.desired, &parts.views[part], now, &mut self.schedule_cache);
+                parts.due[part] = threshold_after(self.desired, &self.rules, &parts.views[part], now, &mut self.schedule_cache);
             } else {
                 // It stays dirty: its changes are applied (or held back, or fail) and it plans again.
                 parts.dirty[part] = true;
@@ -586,6 +604,11 @@ impl<'a> Sim<'a> {
             if merged.is_none() {
                 merged = Some(sub);
             }
+        }
+        give_back(&mut self.observed, parts, &order, &due);
+        #[cfg(test)]
+        if let Some((world, _)) = &before {
+            assert!(&self.observed == world, "at {now}: the world's observation is not as it was before lending");
         }
         if contributed > 1 {
             // The planner's order: by pool (config order), then action, then target. Stable, as the planner's
@@ -600,72 +623,93 @@ impl<'a> Sim<'a> {
         plan
     }
 
-    /// Refills the views of the parts about to be planned from the world's observation (in the world's order).
-    /// `false` when an instance, agent or running job belongs to no configured pool.
-    fn fill_views(&self, parts: &mut Parts, due: &[bool], now: Timestamp) -> bool {
-        for (view, _) in parts.views.iter_mut().zip(due).filter(|(_, due)| **due) {
-            view.observed_at = now;
-            for backend in view.backends.values_mut() {
-                backend.instances.clear();
-            }
-            for ci in view.ci.values_mut() {
-                ci.agents.clear();
-                ci.queue.pending.clear();
-                ci.queue.running.clear();
-            }
+    /// What the view of each part about to plan must hold: copies of its instances, agents and jobs, picked from
+    /// the world's observation in its order (as planning by parts once copied them; tests only, to check
+    /// [`lend`]).
+    #[cfg(test)]
+    fn shares(&self, parts: &Parts, due: &[bool]) -> Vec<Option<Observed>> {
+        let mut shares: Vec<Option<Observed>> = parts
+            .views
+            .iter()
+            .zip(due)
+            .map(|(view, due)| {
+                due.then(|| {
+                    let mut share = view.clone();
+                    share.observed_at = self.now;
+                    share
+                })
+            })
+            .collect();
+        fn share_of(shares: &mut [Option<Observed>], part: usize) -> Option<&mut Observed> {
+            shares.get_mut(part).and_then(Option::as_mut)
         }
         for (name, backend) in &self.observed.backends {
             for instance in &backend.instances {
-                let Some(pool) = self.instances.get(&instance.id).and_then(|side| side.pool) else {
-                    return false;
-                };
-                let part = parts.of_pool[pool];
-                if due[part] {
-                    if let Some(view) = parts.views[part].backends.get_mut(name) {
-                        view.instances.push(instance.clone());
-                    }
+                let pool = self.instances[&instance.id].pool.expect("instances of configured pools");
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.backends.get_mut(name)) {
+                    view.instances.push(instance.clone());
                 }
             }
         }
         for (name, ci) in &self.observed.ci {
             for agent in &ci.agents {
-                let Some(pool) = self.agents.get(&agent.id).and_then(|side| side.pool) else {
-                    return false;
-                };
-                let part = parts.of_pool[pool];
-                if due[part] {
-                    if let Some(view) = parts.views[part].ci.get_mut(name) {
-                        view.agents.push(agent.clone());
-                    }
+                let pool = self.agents[&agent.id].pool.expect("agents of configured pools");
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name)) {
+                    view.agents.push(agent.clone());
                 }
             }
-            let Some(queue) = self.queues.get(name) else {
-                continue;
-            };
-            // `queues` runs parallel to the observed queue: the same jobs in the same order.
+            let queue = &self.queues[name];
             for (task, &job) in ci.queue.pending.iter().zip(&queue.pending) {
-                // A job no pool takes counts for no pool's demand: no part needs it.
-                if let Some(part) = parts.of_class[self.jobs[job].class] {
-                    if due[part] {
-                        if let Some(view) = parts.views[part].ci.get_mut(name) {
-                            view.queue.pending.push(task.clone());
-                        }
-                    }
+                let part = parts.of_class[self.jobs[job].class];
+                if let Some(view) = part.and_then(|part| share_of(&mut shares, part)).and_then(|share| share.ci.get_mut(name)) {
+                    view.queue.pending.push(task.clone());
                 }
             }
             for (task, &job) in ci.queue.running.iter().zip(&queue.running) {
-                let Some(pool) = self.jobs[job].pool else {
-                    return false;
-                };
-                let part = parts.of_pool[pool];
-                if due[part] {
-                    if let Some(view) = parts.views[part].ci.get_mut(name) {
-                        view.queue.running.push(task.clone());
-                    }
+                let pool = self.jobs[job].pool.expect("running jobs have a pool");
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name)) {
+                    view.queue.running.push(task.clone());
                 }
             }
         }
-        true
+        shares
+    }
+
+    /// The part of every instance, agent and job of the world's observation, in its order (see [`Placed`]);
+    /// `None` when one belongs to no configured pool.
+    fn place(&self, parts: &Parts) -> Option<Placed> {
+        let world = &self.observed;
+        let same_keys = parts
+            .views
+            .iter()
+            .all(|view| view.backends.keys().eq(world.backends.keys()) && view.ci.keys().eq(world.ci.keys()));
+        if !same_keys {
+            return None;
+        }
+        let mut placed = Placed::default();
+        for backend in self.observed.backends.values() {
+            let of = backend.instances.iter().map(|instance| {
+                let pool = self.instances.get(&instance.id)?.pool?;
+                Some(parts.of_pool[pool])
+            });
+            placed.instances.push(of.collect::<Option<Vec<usize>>>()?);
+        }
+        for (name, ci) in &self.observed.ci {
+            let of = ci.agents.iter().map(|agent| Some(parts.of_pool[self.agents.get(&agent.id)?.pool?]));
+            placed.agents.push(of.collect::<Option<Vec<usize>>>()?);
+            let queue = self.queues.get(name);
+            let pending = queue.map_or(&[][..], |queue| &queue.pending[..]);
+            let running = queue.map_or(&[][..], |queue| &queue.running[..]);
+            // `queues` runs parallel to the observed queue: the same jobs in the same order. A job no pool takes
+            // counts for no pool's demand: no part needs it.
+            if pending.len() != ci.queue.pending.len() || running.len() != ci.queue.running.len() {
+                return None;
+            }
+            placed.pending.push(pending.iter().map(|&job| parts.of_class[self.jobs[job].class].unwrap_or(NO_PART)).collect());
+            let of = running.iter().map(|&job| Some(parts.of_pool[self.jobs[job].pool?]));
+            placed.running.push(of.collect::<Option<Vec<usize>>>()?);
+        }
+        Some(placed)
     }
 
     /// Something changed in the pool's part (`None`: in no known pool, so in every part).
@@ -1555,6 +1599,96 @@ fn close_instance(tally: &mut Tally, side: &InstanceSide, billing: Billing, now:
     }
 }
 
+/// Where each item of the world's observation goes while the parts plan: per backend its instances' parts, per
+/// CI source its agents', pending jobs' and running jobs' parts ([`NO_PART`]: none), in the world's order.
+#[derive(Default)]
+struct Placed {
+    instances: Vec<Vec<usize>>,
+    agents: Vec<Vec<usize>>,
+    pending: Vec<Vec<usize>>,
+    running: Vec<Vec<usize>>,
+}
+
+/// The part of a pending job no pool takes.
+const NO_PART: usize = usize::MAX;
+
+/// Moves the items of the parts about to plan from the world's observation into their views (moved, not copied:
+/// copying them cost more than planning), keeping their order. The rest stays. [`give_back`] undoes it.
+fn lend(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool], now: Timestamp) {
+    let lent = |part: usize| part != NO_PART && due[part];
+    for view in &mut parts.views {
+        view.observed_at = now;
+    }
+    for ((name, backend), of) in world.backends.iter_mut().zip(&placed.instances) {
+        let all = std::mem::take(&mut backend.instances);
+        for (instance, &part) in all.into_iter().zip(of) {
+            match parts.views[part].backends.get_mut(name) {
+                Some(view) if lent(part) => view.instances.push(instance),
+                _ => backend.instances.push(instance),
+            }
+        }
+    }
+    let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
+    for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
+        let all = std::mem::take(&mut ci.agents);
+        for (agent, &part) in all.into_iter().zip(agents) {
+            match parts.views[part].ci.get_mut(name) {
+                Some(view) if lent(part) => view.agents.push(agent),
+                _ => ci.agents.push(agent),
+            }
+        }
+        let all = std::mem::take(&mut ci.queue.pending);
+        for (task, &part) in all.into_iter().zip(pending) {
+            match (lent(part)).then(|| parts.views[part].ci.get_mut(name)).flatten() {
+                Some(view) => view.queue.pending.push(task),
+                None => ci.queue.pending.push(task),
+            }
+        }
+        let all = std::mem::take(&mut ci.queue.running);
+        for (task, &part) in all.into_iter().zip(running) {
+            match parts.views[part].ci.get_mut(name) {
+                Some(view) if lent(part) => view.queue.running.push(task),
+                _ => ci.queue.running.push(task),
+            }
+        }
+    }
+}
+
+/// Puts what [`lend`] moved back into the world's observation, each item where it was.
+fn give_back(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool]) {
+    /// Rebuilds `stayed` in the world's order: each item from its part's view when that part was lent, else from
+    /// those that stayed.
+    fn merge<T>(stayed: &mut Vec<T>, views: Vec<Vec<T>>, order: &[usize], due: &[bool]) {
+        let mut lent: Vec<std::vec::IntoIter<T>> = views.into_iter().map(Vec::into_iter).collect();
+        let mut rest = std::mem::take(stayed).into_iter();
+        for &part in order {
+            let item = if part != NO_PART && due[part] { lent[part].next() } else { rest.next() };
+            stayed.extend(item);
+        }
+    }
+    for ((name, backend), order) in world.backends.iter_mut().zip(&placed.instances) {
+        let views = parts
+            .views
+            .iter_mut()
+            .map(|view| view.backends.get_mut(name).map(|b| std::mem::take(&mut b.instances)).unwrap_or_default())
+            .collect();
+        merge(&mut backend.instances, views, order, due);
+    }
+    let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
+    for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
+        let mut views: Vec<CiObservation> = parts
+            .views
+            .iter_mut()
+            .map(|view| view.ci.get_mut(name).map(std::mem::take).unwrap_or_default())
+            .collect();
+        let agents_lent = views.iter_mut().map(|view| std::mem::take(&mut view.agents)).collect();
+        merge(&mut ci.agents, agents_lent, agents, due);
+        let pending_lent = views.iter_mut().map(|view| std::mem::take(&mut view.queue.pending)).collect();
+        merge(&mut ci.queue.pending, pending_lent, pending, due);
+        let running_lent = views.into_iter().map(|view| view.queue.running).collect();
+        merge(&mut ci.queue.running, running_lent, running, due);
+    }
+}
 impl Parts {
     /// The parts of the config, or `None` when it cannot be planned by parts (one part, or something the planner
     /// relates across pools: adopted instances, pre-registered agents, job-bound CI sources).
@@ -1642,46 +1776,72 @@ impl Parts {
     }
 }
 
+/// The durations the planner's time-based rules count from an instance's creation or an agent's work or
+/// registration (idle and bootstrap timeouts), and the billing margins, of every pool (worked out once).
+struct Rules {
+    durations: Vec<SignedDuration>,
+    margins: Vec<SignedDuration>,
+}
+
+impl Rules {
+    fn new(desired: &Desired) -> Self {
+        let durations: BTreeSet<SignedDuration> = desired
+            .pools
+            .iter()
+            .flat_map(|pool| [pool.scale.idle_timeout.signed(), pool.scale.bootstrap_timeout.signed()])
+            .collect();
+        let margins: BTreeSet<SignedDuration> =
+            desired.pools.iter().filter_map(|pool| pool.scale.billing_margin.map(|m| m.signed())).collect();
+        Self { durations: durations.into_iter().collect(), margins: margins.into_iter().collect() }
+    }
+}
+
 /// The earliest moment after `now` at which a time-based rule of the planner could decide differently with the
 /// same observation. Conservative: every such moment is included, some never matter (the durations and schedules
 /// of every pool count, also for a part's observation).
 fn threshold_after(
     desired: &Desired,
+    rules: &Rules,
     observed: &Observed,
     now: Timestamp,
     schedule_cache: &mut HashMap<(usize, usize), (Timestamp, Option<Timestamp>)>,
 ) -> Option<Timestamp> {
     let mut best: Option<Timestamp> = None;
     let mut consider = |at: Option<Timestamp>| {
-        if let Some(at) = at {
-            // Rules compare with `>` as well as `>=`: the moment itself and the instant after both count.
-            for candidate in [Some(at), at.checked_add(SignedDuration::from_nanos(1)).ok()].into_iter().flatten() {
-                if candidate > now && best.is_none_or(|best| candidate < best) {
-                    best = Some(candidate);
-                }
+        // Rules compare with `>` as well as `>=`: the moment itself and the instant after both count, and the
+        // first of the two after `now` is the one that matters.
+        let candidate = match at {
+            Some(at) if at > now => Some(at),
+            Some(at) if at == now => at.checked_add(SignedDuration::from_nanos(1)).ok(),
+            _ => None,
+        };
+        if let Some(candidate) = candidate {
+            if best.is_none_or(|best| candidate < best) {
+                best = Some(candidate);
             }
         }
     };
-    let durations: BTreeSet<SignedDuration> = desired
-        .pools
-        .iter()
-        .flat_map(|pool| [pool.scale.idle_timeout.signed(), pool.scale.bootstrap_timeout.signed()])
-        .collect();
-    let margins: BTreeSet<SignedDuration> =
-        desired.pools.iter().filter_map(|pool| pool.scale.billing_margin.map(|m| m.signed())).collect();
+    let (durations, margins) = (&rules.durations, &rules.margins);
+    // Only moments at or after `now` count: the sum is worked out only for those (most lie in the past).
+    let since: Vec<Option<Timestamp>> = durations.iter().map(|duration| now.checked_sub(*duration).ok()).collect();
     let plus = |at: Timestamp, by: SignedDuration| at.checked_add(by).ok();
+    let after = |at: Timestamp, consider: &mut dyn FnMut(Option<Timestamp>)| {
+        for (duration, since) in durations.iter().zip(&since) {
+            if since.is_none_or(|since| at >= since) {
+                consider(plus(at, *duration));
+            }
+        }
+    };
     for (backend_name, backend) in &observed.backends {
         let hourly = desired.backends.get(backend_name).is_some_and(|spec| spec.billing == Billing::Hourly);
         for instance in &backend.instances {
-            for duration in &durations {
-                consider(plus(instance.created_at, *duration));
-            }
+            after(instance.created_at, &mut consider);
             if hourly {
                 // The paid hour restarts every 3600 s from creation; the keep rule opens `margin` before each.
                 let elapsed = now.duration_since(instance.created_at).as_secs().max(0);
                 let next_hour = instance.created_at.checked_add(SignedDuration::from_secs((elapsed / 3600 + 1) * 3600)).ok();
                 consider(next_hour);
-                for margin in &margins {
+                for margin in margins {
                     consider(next_hour.and_then(|hour| hour.checked_sub(*margin).ok()));
                     consider(next_hour.and_then(|hour| plus(hour, SignedDuration::from_secs(3600))?.checked_sub(*margin).ok()));
                 }
@@ -1693,9 +1853,7 @@ fn threshold_after(
             // `last_work` starts idle times; the record's age (registered, else last in contact) decides
             // whether a record without an instance still counts as a create in flight.
             for at in [agent.last_work, agent.created_at.or(agent.last_contact)].into_iter().flatten() {
-                for duration in &durations {
-                    consider(plus(at, *duration));
-                }
+                after(at, &mut consider);
             }
         }
     }
