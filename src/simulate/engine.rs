@@ -159,6 +159,9 @@ struct Sim<'a> {
     instances: BTreeMap<InstanceId, InstanceSide>,
     agents: BTreeMap<AgentId, AgentSide>,
     queues: BTreeMap<CiName, QueueSide>,
+    /// Per backend and per CI source: the pool of each observed instance and agent, parallel to the observation's
+    /// lists (placing them by pool takes no lookup by id).
+    pools_of: PoolsOf,
     jobs: Vec<JobRun>,
     /// Per class of jobs (same source, labels, demands): which pools take them.
     classes: Vec<Vec<bool>>,
@@ -241,6 +244,7 @@ impl<'a> Sim<'a> {
             instances: BTreeMap::new(),
             agents: BTreeMap::new(),
             queues: desired.ci.keys().map(|name| (name.clone(), QueueSide::default())).collect(),
+            pools_of: PoolsOf::default(),
             jobs: Vec::with_capacity(trace.jobs.len()),
             classes: Vec::new(),
             tallies: vec![Tally::default(); desired.pools.len()],
@@ -358,6 +362,7 @@ impl<'a> Sim<'a> {
                         );
                         if let Some(backend) = self.observed.backends.get_mut(&pool.backend.backend) {
                             backend.instances.push(instance);
+                            self.pools_of.instances.entry(pool.backend.backend.clone()).or_default().push(Some(pool_index));
                         }
                     }
                     let reference =
@@ -387,6 +392,7 @@ impl<'a> Sim<'a> {
         if ci.agents.iter().any(|agent| agent.id == id || agent.name == name) {
             return;
         }
+        self.pools_of.agents.entry(pool.ci.source.clone()).or_default().push(Some(pool_index));
         ci.agents.push(Agent {
             id: id.clone(),
             name,
@@ -577,6 +583,10 @@ impl<'a> Sim<'a> {
         // back where it was.
         #[cfg(test)]
         let before = self.check_parts.then(|| (self.observed.clone(), self.shares(parts, &due)));
+        #[cfg(test)]
+        if self.check_parts {
+            self.check_pools_of();
+        }
         lend(&mut self.observed, parts, &order, &due, now);
         #[cfg(test)]
         if let Some((_, shares)) = &before {
@@ -621,6 +631,19 @@ impl<'a> Sim<'a> {
         let mut plan = merged.unwrap_or_else(|| parts.blank.clone());
         plan.changes = changes;
         plan
+    }
+
+    /// The pools kept beside the observation's lists are those of the instances and agents there (tests only).
+    #[cfg(test)]
+    fn check_pools_of(&self) {
+        for (name, backend) in &self.observed.backends {
+            let pools: Vec<Option<usize>> = backend.instances.iter().map(|instance| self.instances[&instance.id].pool).collect();
+            assert_eq!(self.pools_of.instances.get(name).cloned().unwrap_or_default(), pools, "instances of `{name}`");
+        }
+        for (name, ci) in &self.observed.ci {
+            let pools: Vec<Option<usize>> = ci.agents.iter().map(|agent| self.agents[&agent.id].pool).collect();
+            assert_eq!(self.pools_of.agents.get(name).cloned().unwrap_or_default(), pools, "agents of `{name}`");
+        }
     }
 
     /// What the view of each part about to plan must hold: copies of its instances, agents and jobs, picked from
@@ -687,16 +710,20 @@ impl<'a> Sim<'a> {
             return None;
         }
         let mut placed = Placed::default();
-        for backend in self.observed.backends.values() {
-            let of = backend.instances.iter().map(|instance| {
-                let pool = self.instances.get(&instance.id)?.pool?;
-                Some(parts.of_pool[pool])
-            });
-            placed.instances.push(of.collect::<Option<Vec<usize>>>()?);
+        let no_pools = Vec::new();
+        for (name, backend) in &self.observed.backends {
+            let pools = self.pools_of.instances.get(name).unwrap_or(&no_pools);
+            if pools.len() != backend.instances.len() {
+                return None;
+            }
+            placed.instances.push(pools.iter().map(|pool| Some(parts.of_pool[(*pool)?])).collect::<Option<Vec<usize>>>()?);
         }
         for (name, ci) in &self.observed.ci {
-            let of = ci.agents.iter().map(|agent| Some(parts.of_pool[self.agents.get(&agent.id)?.pool?]));
-            placed.agents.push(of.collect::<Option<Vec<usize>>>()?);
+            let pools = self.pools_of.agents.get(name).unwrap_or(&no_pools);
+            if pools.len() != ci.agents.len() {
+                return None;
+            }
+            placed.agents.push(pools.iter().map(|pool| Some(parts.of_pool[(*pool)?])).collect::<Option<Vec<usize>>>()?);
             let queue = self.queues.get(name);
             let pending = queue.map_or(&[][..], |queue| &queue.pending[..]);
             let running = queue.map_or(&[][..], |queue| &queue.running[..]);
@@ -880,6 +907,7 @@ impl<'a> Sim<'a> {
         };
         if let Some(backend) = self.observed.backends.get_mut(&target.backend) {
             backend.instances.push(instance);
+            self.pools_of.instances.entry(target.backend.clone()).or_default().push(Some(pool_index));
         }
         self.instances.insert(
             id.clone(),
@@ -911,6 +939,7 @@ impl<'a> Sim<'a> {
         }
         self.next_agent += 1;
         let id = AgentId::new(format!("a{}", self.next_agent));
+        self.pools_of.agents.entry(pool.ci.source.clone()).or_default().push(Some(pool_index));
         let mut labels = pool.ci.labels.clone();
         if pool.scale.ephemeral {
             labels.insert(EPHEMERAL_LABEL.to_owned(), "true".to_owned());
@@ -1050,8 +1079,13 @@ impl<'a> Sim<'a> {
 
     fn deregister(&mut self, ci: &CiName, id: &AgentId) {
         self.requeue_jobs_of(id);
-        if let Some(ci) = self.observed.ci.get_mut(ci) {
-            ci.agents.retain(|agent| &agent.id != id);
+        if let Some(observation) = self.observed.ci.get_mut(ci) {
+            if let Some(position) = observation.agents.iter().position(|agent| &agent.id == id) {
+                observation.agents.remove(position);
+                if let Some(pools) = self.pools_of.agents.get_mut(ci) {
+                    pools.remove(position);
+                }
+            }
         }
         if let Some(side) = self.agents.remove(id) {
             if let Some(instance) = side.serving_on.and_then(|instance| self.instances.get_mut(&instance)) {
@@ -1172,7 +1206,12 @@ impl<'a> Sim<'a> {
         let backend = side.backend.clone();
         self.disconnect_agent(id);
         if let Some(observed) = self.observed.backends.get_mut(&backend) {
-            observed.instances.retain(|instance| &instance.id != id);
+            if let Some(position) = observed.instances.iter().position(|instance| &instance.id == id) {
+                observed.instances.remove(position);
+                if let Some(pools) = self.pools_of.instances.get_mut(&backend) {
+                    pools.remove(position);
+                }
+            }
         }
         let Some(side) = self.instances.remove(id) else {
             return;
@@ -1261,8 +1300,19 @@ impl<'a> Sim<'a> {
         self.queues.entry(ci.clone()).or_default().pending.push(index);
         // The first agent that can take it does (agents long-poll the CI).
         let class = self.jobs[index].class;
+        let takes = &self.classes[class];
+        let pools = self.pools_of.agents.get(&ci);
         let taker = self.observed.ci.get(&ci).and_then(|observation| {
-            observation.agents.iter().find(|agent| self.can_take(agent) && self.eligible(class, &agent.id)).map(|a| a.id.clone())
+            // An agent's pool first (from the list beside the agents, no lookup by id): most are of other pools.
+            let mut agents = observation.agents.iter().enumerate();
+            agents
+                .find(|(position, agent)| {
+                    let pool = pools.and_then(|pools| pools.get(*position).copied().flatten());
+                    pool.is_none_or(|pool| takes.get(pool).copied().unwrap_or(false))
+                        && self.can_take(agent)
+                        && self.eligible(class, &agent.id)
+                })
+                .map(|(_, agent)| agent.id.clone())
         });
         if let Some(agent) = taker {
             let position = self.queues[&ci].pending.len() - 1;
@@ -1301,9 +1351,10 @@ impl<'a> Sim<'a> {
             if !ready {
                 return;
             }
-            let position = self.queues.get(&ci).and_then(|queue| {
-                queue.pending.iter().position(|&job| self.eligible(self.jobs[job].class, id))
-            });
+            let pool = self.agents.get(id).and_then(|side| side.pool);
+            let takes = |class: usize| pool.is_some_and(|pool| self.classes[class].get(pool).copied().unwrap_or(false));
+            let position =
+                self.queues.get(&ci).and_then(|queue| queue.pending.iter().position(|&job| takes(self.jobs[job].class)));
             let Some(position) = position else {
                 return;
             };
@@ -1599,6 +1650,14 @@ fn close_instance(tally: &mut Tally, side: &InstanceSide, billing: Billing, now:
     }
 }
 
+/// The pool of each instance and agent of the world's observation (`None`: of no configured pool), per backend and
+/// CI source in the observation's order: kept beside its lists as items come and go.
+#[derive(Default)]
+struct PoolsOf {
+    instances: BTreeMap<BackendName, Vec<Option<usize>>>,
+    agents: BTreeMap<CiName, Vec<Option<usize>>>,
+}
+
 /// Where each item of the world's observation goes while the parts plan: per backend its instances' parts, per
 /// CI source its agents', pending jobs' and running jobs' parts ([`NO_PART`]: none), in the world's order.
 #[derive(Default)]
@@ -1620,7 +1679,7 @@ fn lend(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool], 
         view.observed_at = now;
     }
     for ((name, backend), of) in world.backends.iter_mut().zip(&placed.instances) {
-        let all = std::mem::take(&mut backend.instances);
+        let all = std::mem::replace(&mut backend.instances, Vec::with_capacity(of.len()));
         for (instance, &part) in all.into_iter().zip(of) {
             match parts.views[part].backends.get_mut(name) {
                 Some(view) if lent(part) => view.instances.push(instance),
@@ -1630,21 +1689,21 @@ fn lend(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool], 
     }
     let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
     for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
-        let all = std::mem::take(&mut ci.agents);
+        let all = std::mem::replace(&mut ci.agents, Vec::with_capacity(agents.len()));
         for (agent, &part) in all.into_iter().zip(agents) {
             match parts.views[part].ci.get_mut(name) {
                 Some(view) if lent(part) => view.agents.push(agent),
                 _ => ci.agents.push(agent),
             }
         }
-        let all = std::mem::take(&mut ci.queue.pending);
+        let all = std::mem::replace(&mut ci.queue.pending, Vec::with_capacity(pending.len()));
         for (task, &part) in all.into_iter().zip(pending) {
             match (lent(part)).then(|| parts.views[part].ci.get_mut(name)).flatten() {
                 Some(view) => view.queue.pending.push(task),
                 None => ci.queue.pending.push(task),
             }
         }
-        let all = std::mem::take(&mut ci.queue.running);
+        let all = std::mem::replace(&mut ci.queue.running, Vec::with_capacity(running.len()));
         for (task, &part) in all.into_iter().zip(running) {
             match parts.views[part].ci.get_mut(name) {
                 Some(view) if lent(part) => view.queue.running.push(task),
@@ -1654,41 +1713,33 @@ fn lend(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool], 
     }
 }
 
-/// Puts what [`lend`] moved back into the world's observation, each item where it was.
+/// Puts what [`lend`] moved back into the world's observation, each item where it was. The views' lists are
+/// drained, not dropped: they keep their room for the next loan.
 fn give_back(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool]) {
     /// Rebuilds `stayed` in the world's order: each item from its part's view when that part was lent, else from
     /// those that stayed.
-    fn merge<T>(stayed: &mut Vec<T>, views: Vec<Vec<T>>, order: &[usize], due: &[bool]) {
-        let mut lent: Vec<std::vec::IntoIter<T>> = views.into_iter().map(Vec::into_iter).collect();
-        let mut rest = std::mem::take(stayed).into_iter();
+    fn merge<T>(stayed: &mut Vec<T>, mut lent: Vec<Option<std::vec::Drain<'_, T>>>, order: &[usize], due: &[bool]) {
+        let mut rest = std::mem::replace(stayed, Vec::with_capacity(order.len())).into_iter();
         for &part in order {
-            let item = if part != NO_PART && due[part] { lent[part].next() } else { rest.next() };
+            let item = if part != NO_PART && due[part] { lent[part].as_mut().and_then(Iterator::next) } else { rest.next() };
             stayed.extend(item);
         }
     }
     for ((name, backend), order) in world.backends.iter_mut().zip(&placed.instances) {
-        let views = parts
-            .views
-            .iter_mut()
-            .map(|view| view.backends.get_mut(name).map(|b| std::mem::take(&mut b.instances)).unwrap_or_default())
-            .collect();
-        merge(&mut backend.instances, views, order, due);
+        let lent = parts.views.iter_mut().map(|view| view.backends.get_mut(name).map(|b| b.instances.drain(..))).collect();
+        merge(&mut backend.instances, lent, order, due);
     }
     let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
     for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
-        let mut views: Vec<CiObservation> = parts
-            .views
-            .iter_mut()
-            .map(|view| view.ci.get_mut(name).map(std::mem::take).unwrap_or_default())
-            .collect();
-        let agents_lent = views.iter_mut().map(|view| std::mem::take(&mut view.agents)).collect();
-        merge(&mut ci.agents, agents_lent, agents, due);
-        let pending_lent = views.iter_mut().map(|view| std::mem::take(&mut view.queue.pending)).collect();
-        merge(&mut ci.queue.pending, pending_lent, pending, due);
-        let running_lent = views.into_iter().map(|view| view.queue.running).collect();
-        merge(&mut ci.queue.running, running_lent, running, due);
+        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.agents.drain(..))).collect();
+        merge(&mut ci.agents, lent, agents, due);
+        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.pending.drain(..))).collect();
+        merge(&mut ci.queue.pending, lent, pending, due);
+        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.running.drain(..))).collect();
+        merge(&mut ci.queue.running, lent, running, due);
     }
 }
+
 impl Parts {
     /// The parts of the config, or `None` when it cannot be planned by parts (one part, or something the planner
     /// relates across pools: adopted instances, pre-registered agents, job-bound CI sources).
