@@ -1674,40 +1674,51 @@ const NO_PART: usize = usize::MAX;
 /// Moves the items of the parts about to plan from the world's observation into their views (moved, not copied:
 /// copying them cost more than planning), keeping their order. The rest stays. [`give_back`] undoes it.
 fn lend(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool], now: Timestamp) {
-    let lent = |part: usize| part != NO_PART && due[part];
     for view in &mut parts.views {
         view.observed_at = now;
     }
+    // Each lent part's list for this backend or source, found once (not per item).
+    let lent = |part: usize| due.get(part).copied().unwrap_or(false);
     for ((name, backend), of) in world.backends.iter_mut().zip(&placed.instances) {
+        let mut to: Vec<Option<&mut Vec<Instance>>> = (parts.views.iter_mut().enumerate())
+            .map(|(part, view)| lent(part).then(|| view.backends.get_mut(name).map(|b| &mut b.instances)).flatten())
+            .collect();
         let all = std::mem::replace(&mut backend.instances, Vec::with_capacity(of.len()));
         for (instance, &part) in all.into_iter().zip(of) {
-            match parts.views[part].backends.get_mut(name) {
-                Some(view) if lent(part) => view.instances.push(instance),
-                _ => backend.instances.push(instance),
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.push(instance),
+                None => backend.instances.push(instance),
             }
         }
     }
     let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
     for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
+        let mut to: Vec<Option<(&mut Vec<Agent>, &mut Vec<Task>, &mut Vec<Task>)>> = (parts.views.iter_mut().enumerate())
+            .map(|(part, view)| {
+                let ci = lent(part).then(|| view.ci.get_mut(name)).flatten()?;
+                Some((&mut ci.agents, &mut ci.queue.pending, &mut ci.queue.running))
+            })
+            .collect();
         let all = std::mem::replace(&mut ci.agents, Vec::with_capacity(agents.len()));
         for (agent, &part) in all.into_iter().zip(agents) {
-            match parts.views[part].ci.get_mut(name) {
-                Some(view) if lent(part) => view.agents.push(agent),
-                _ => ci.agents.push(agent),
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.0.push(agent),
+                None => ci.agents.push(agent),
             }
         }
+        // `NO_PART` is out of range: a job no pool takes stays.
         let all = std::mem::replace(&mut ci.queue.pending, Vec::with_capacity(pending.len()));
         for (task, &part) in all.into_iter().zip(pending) {
-            match (lent(part)).then(|| parts.views[part].ci.get_mut(name)).flatten() {
-                Some(view) => view.queue.pending.push(task),
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.1.push(task),
                 None => ci.queue.pending.push(task),
             }
         }
         let all = std::mem::replace(&mut ci.queue.running, Vec::with_capacity(running.len()));
         for (task, &part) in all.into_iter().zip(running) {
-            match parts.views[part].ci.get_mut(name) {
-                Some(view) if lent(part) => view.queue.running.push(task),
-                _ => ci.queue.running.push(task),
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.2.push(task),
+                None => ci.queue.running.push(task),
             }
         }
     }
