@@ -10,9 +10,8 @@
 //! section: mode 0600, root-owned, removed once the container is created (Docker keeps the env in the container's
 //! config, so the restart policy does not need the file).
 
-use serde::Serialize;
-
 use crate::model::Secret;
+use crate::providers::cloud_config::{CloudConfig, RootFile};
 
 /// The image [`cloud_init`] runs when given none: Woodpecker's. Apply never relies on it: it passes the pool's
 /// `agent.image` or the default of the pool's CI source ([`crate::providers::CloudLaunch::Docker`]).
@@ -38,20 +37,6 @@ pub enum CloudInitError {
     InvalidImage { image: String },
     #[error("cannot write the cloud-init document: {0}")]
     Serialize(String),
-}
-
-#[derive(Serialize)]
-struct CloudConfig {
-    write_files: Vec<WriteFile>,
-    runcmd: Vec<Vec<String>>,
-}
-
-#[derive(Serialize)]
-struct WriteFile {
-    path: &'static str,
-    owner: &'static str,
-    permissions: &'static str,
-    content: String,
 }
 
 /// The cloud-config document that runs `image` with the env file `env_file` (as [`super::bootstrap_env`] writes
@@ -113,36 +98,14 @@ iptables -C DOCKER-USER -d {METADATA_ADDRESS}/32 -j REJECT 2>/dev/null \
     );
     let document = CloudConfig {
         write_files: vec![
-            WriteFile {
-                path: AGENT_ENV_PATH,
-                owner: "root:root",
-                permissions: "0600",
-                content: env_file.expose().to_owned(),
-            },
-            WriteFile {
-                path: BLOCK_SCRIPT_PATH,
-                owner: "root:root",
-                permissions: "0755",
-                content: block_script,
-            },
-            WriteFile {
-                path: BLOCK_UNIT_PATH,
-                owner: "root:root",
-                permissions: "0644",
-                content: block_unit,
-            },
-            WriteFile {
-                path: START_SCRIPT_PATH,
-                owner: "root:root",
-                permissions: "0700",
-                content: start_script,
-            },
+            RootFile::new(AGENT_ENV_PATH, "0600", env_file.expose().to_owned()),
+            RootFile::new(BLOCK_SCRIPT_PATH, "0755", block_script),
+            RootFile::new(BLOCK_UNIT_PATH, "0644", block_unit),
+            RootFile::new(START_SCRIPT_PATH, "0700", start_script),
         ],
         runcmd: vec![vec![START_SCRIPT_PATH.to_owned()]],
     };
-    // The serialiser's errors never quote the values it was given.
-    let yaml = serde_yaml::to_string(&document).map_err(|error| CloudInitError::Serialize(error.to_string()))?;
-    Ok(Secret::new(format!("#cloud-config\n{yaml}")))
+    document.user_data().map_err(CloudInitError::Serialize)
 }
 
 /// Docker's image reference grammar, loosely: `[registry[:port]/]path[:tag][@digest]` out of letters, digits and

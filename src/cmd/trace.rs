@@ -3,12 +3,14 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use jiff::{SignedDuration, Timestamp};
 
 use ciscale::model::CiName;
+use ciscale::providers::HistoryRequest;
 use ciscale::simulate::synthetic::{templates_for, Profile, Synthetic};
 use ciscale::simulate::trace::Trace;
 
@@ -61,6 +63,10 @@ pub struct ExportArgs {
     /// Write the trace here instead of stdout
     #[arg(short, long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Wait out a rate limit that lifts within this long, then read on; `0` stops at the first limit (GitHub's
+    /// hourly budget is about one request per workflow run) [1h]
+    #[arg(long, value_name = "DURATION")]
+    pub rate_limit_wait: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -102,7 +108,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<u8> {
     let from = match (args.from, &args.since) {
         (Some(from), _) => from,
         (None, since) => {
-            let since = parse_since(since.as_deref().unwrap_or("7d"))?;
+            let since = parse_duration("--since", since.as_deref().unwrap_or("7d"))?;
             until.checked_sub(since).context("`--since` reaches before the year -9999")?
         }
     };
@@ -116,8 +122,13 @@ async fn export(args: ExportArgs) -> anyhow::Result<u8> {
             return Err(hinted(format!("the config has no ci source `{name}`"), format!("the config has {}", known.join(", "))));
         }
     }
+    let rate_limit_wait = match args.rate_limit_wait.as_deref() {
+        Some(text) => parse_duration("--rate-limit-wait", text)?.unsigned_abs(),
+        None => Duration::from_secs(3600),
+    };
+    let request = HistoryRequest { from, until, rate_limit_wait };
     let providers = super::connect(&desired)?;
-    let exported = match ciscale::simulate::export::export(&desired, &providers, &sources, from, until).await {
+    let exported = match ciscale::simulate::export::export(&desired, &providers, &sources, &request).await {
         Ok(exported) => exported,
         // A history is thousands of calls against the same hourly budget as `watch`: say what to do.
         Err(ciscale::simulate::export::ExportError::History {
@@ -125,10 +136,17 @@ async fn export(args: ExportArgs) -> anyhow::Result<u8> {
             source: ciscale::providers::Error::RateLimited { retry_after, .. },
         }) => {
             let wait = retry_after.map(|wait| format!(" for {}s", wait.as_secs())).unwrap_or_default();
-            return Err(hinted(
-                format!("ci source `{name}` is rate limited{wait}: nothing was written"),
-                "export again once it has passed, a shorter window (`--since`) or one source at a time (`--source`)",
-            ));
+            let hint = match retry_after {
+                Some(wait) if wait > rate_limit_wait => format!(
+                    "a `--rate-limit-wait` of at least {}s waits it out; or export again once it has passed, a \
+                     shorter window (`--since`) or one source at a time (`--source`)",
+                    wait.as_secs()
+                ),
+                _ => "export again once it has passed, a shorter window (`--since`) or one source at a time \
+                      (`--source`)"
+                    .to_owned(),
+            };
+            return Err(hinted(format!("ci source `{name}` is rate limited{wait}: nothing was written"), hint));
         }
         Err(error) => return Err(error.into()),
     };
@@ -180,8 +198,9 @@ fn write_trace(trace: &Trace, out: Option<&PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-/// `7d`, `36h`, `90m`, `1h30m`: days on top of Go's units, since a week back is the usual window.
-fn parse_since(text: &str) -> anyhow::Result<SignedDuration> {
+/// `7d`, `36h`, `90m`, `1h30m`: days on top of Go's units, since a week back is the usual window. `flag` names
+/// the option in the error.
+fn parse_duration(flag: &str, text: &str) -> anyhow::Result<SignedDuration> {
     let text = text.trim();
     if let Some(days) = text.strip_suffix('d') {
         if let Ok(days) = days.parse::<i64>() {
@@ -190,5 +209,5 @@ fn parse_since(text: &str) -> anyhow::Result<SignedDuration> {
     }
     text.parse::<ciscale::model::GoDuration>()
         .map(|duration| duration.signed())
-        .map_err(|error| hinted(format!("`--since {text}`: {}", error.why), "write e.g. `7d`, `36h` or `90m`"))
+        .map_err(|error| hinted(format!("`{flag} {text}`: {}", error.why), "write e.g. `7d`, `36h` or `90m`"))
 }

@@ -41,6 +41,7 @@ use crate::model::{
 
 pub mod aws;
 pub mod azure_pipelines;
+pub mod cloud_config;
 pub mod fake;
 pub mod forgejo;
 pub mod github;
@@ -334,6 +335,10 @@ pub struct WebhookRefusal {
 pub struct HistoryRequest {
     pub from: Timestamp,
     pub until: Timestamp,
+    /// A rate limit that lifts within this long is waited out and the reading goes on; a longer one (or one
+    /// that names no wait) fails the history. A long history can spend a whole hourly budget (GitHub: about one
+    /// request per workflow run), and failing then would throw away everything read so far.
+    pub rate_limit_wait: Duration,
 }
 
 /// A job a CI source ran (or is running), as its history tells it: what `ciscale trace export` turns into a

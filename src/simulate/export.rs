@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use jiff::Timestamp;
 
 use super::trace::{Job, Trace};
 use crate::model::{CiName, Desired};
@@ -37,21 +36,19 @@ pub enum ExportError {
     },
 }
 
-/// Reads the history of `sources` (every CI source of the config when empty) for jobs queued in `[from, until)`.
+/// Reads the history of `sources` (every CI source of the config when empty) for the jobs `request` names.
 pub async fn export(
     desired: &Desired,
     providers: &Providers,
     sources: &[CiName],
-    from: Timestamp,
-    until: Timestamp,
+    request: &HistoryRequest,
 ) -> Result<Exported, ExportError> {
     let names: Vec<CiName> = if sources.is_empty() { desired.ci.keys().cloned().collect() } else { sources.to_vec() };
     let mut exported = Exported::default();
     let mut jobs = Vec::new();
-    let request = HistoryRequest { from, until };
     for name in names {
         let source = providers.ci.get(&name).ok_or_else(|| ExportError::UnknownSource { name: name.clone() })?;
-        let history = match source.history(&request).await {
+        let history = match source.history(request).await {
             Ok(history) => history,
             // Every source was asked for: one that keeps no readable history must not stop the others.
             Err(error @ providers::Error::Unsupported { .. }) if sources.is_empty() => {

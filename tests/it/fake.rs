@@ -137,6 +137,18 @@ async fn push_file_and_exec_are_recorded() {
     backend.stop(&instance.id).await.expect("stop");
     let refused = backend.exec(&instance.id, &exec(&["true"], true)).await;
     assert!(matches!(refused, Err(Error::Invalid { .. })), "exec in a stopped instance: {refused:?}");
+
+    // A delete takes the instance's records with it and leaves another instance's alone, so a long-running
+    // demo's world does not grow with every agent it ever started.
+    let other = backend.create(&owned_request(OWNER, "b")).await.expect("create another");
+    backend.get(&other.id).await.expect("boot");
+    backend.push_file(&other.id, &file).await.expect("push to the other");
+    backend.exec(&other.id, &exec(&["agent"], false)).await.expect("exec in the other");
+    backend.delete(&instance.id).await.expect("delete");
+    let snapshot = world.snapshot();
+    let instances_of = |ids: Vec<&ciscale::model::InstanceId>| ids.into_iter().cloned().collect::<Vec<_>>();
+    assert_eq!(instances_of(snapshot.pushed_files.iter().map(|file| &file.instance).collect()), [other.id.clone()]);
+    assert_eq!(instances_of(snapshot.execs.iter().map(|exec| &exec.instance).collect()), [other.id.clone()]);
 }
 
 // -- persistence ------------------------------------------------------------------------------------------------

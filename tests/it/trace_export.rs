@@ -41,7 +41,13 @@ pools:
 }
 
 fn export(dir: &Path, out: &str) -> std::process::Output {
-    run(ciscale().current_dir(dir).env("GH_TOKEN", PAT).args(["trace", "export", "-c", "c.yaml"]).args(WINDOW).args(["-o", out]))
+    export_with(dir, out, &[])
+}
+
+fn export_with(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let mut command = ciscale();
+    command.current_dir(dir).env("GH_TOKEN", PAT).args(["trace", "export", "-c", "c.yaml"]);
+    run(command.args(WINDOW).args(["-o", out]).args(extra))
 }
 
 /// (id, at, duration in seconds, demands) of each line.
@@ -243,12 +249,45 @@ fn a_github_api_error_fails_the_export_with_a_located_secret_free_message() {
     assert!(log.contains("hint:") && log.contains("Actions: read"), "{log}");
     assert!(!log.contains(PAT), "{log}");
 
-    // A secondary rate limit: the export stops and says how long GitHub asks to wait.
+    // A rate limit longer than the export may wait: it stops, says how long GitHub asks to wait and what would
+    // wait it out.
     fake.fail_next(Fault::SecondaryLimit { status: 403, retry_after_secs: Some(120) });
-    let output = export(dir.path(), "gh.jsonl");
+    let output = export_with(dir.path(), "gh.jsonl", &["--rate-limit-wait", "1m"]);
     assert!(!output.status.success());
     let log = stderr(&output);
     assert!(log.contains("ci source `gh` is rate limited for 120s") && log.contains("hint:"), "{log}");
+    assert!(log.contains("a `--rate-limit-wait` of at least 120s"), "{log}");
+    assert!(!log.contains(PAT), "{log}");
+    assert!(!dir.path().join("gh.jsonl").exists(), "no partial trace is written");
+}
+
+#[test]
+fn a_rate_limit_that_lifts_within_the_wait_is_waited_out_and_the_export_reads_on() {
+    let fake = big_repo();
+    let linux = ["self-hosted", "linux"];
+    for n in 0..20 {
+        let at = T0 + 60 * n;
+        fake.add_past_run("acme/app", at, &[PastJobSpec::ran(&linux, at, at + 10, at + 40)]);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(dir.path(), "c.yaml", &github_config(&fake.url(), "repository: acme/app"));
+    // The first requests pass (repository, run list, a few runs' jobs); then GitHub asks for a second's pause in
+    // the middle of the jobs, while other calls are in flight beside the refused one.
+    for _ in 0..4 {
+        fake.fail_next(Fault::Delay(std::time::Duration::ZERO));
+    }
+    fake.fail_next(Fault::SecondaryLimit { status: 403, retry_after_secs: Some(1) });
+    let output = export(dir.path(), "gh.jsonl");
+    let log = stderr(&output);
+    assert!(output.status.success(), "{log}");
+    assert_eq!(log.matches("github rate limit reached: waiting 1s").count(), 1, "said once: {log}");
+    let exported = trace::read_file(&dir.path().join("gh.jsonl")).expect("a valid trace");
+    assert_eq!(exported.jobs.len(), 20, "nothing lost to the limit");
+    assert_eq!(
+        fake.count("GET /repos/{owner}/{repo}/actions/runs/{run_id}/jobs"),
+        21,
+        "every run's jobs read once, and the refused call once more"
+    );
     assert!(!log.contains(PAT), "{log}");
 }
 

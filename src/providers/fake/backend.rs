@@ -156,10 +156,13 @@ impl Backend for FakeBackend {
             let before = state.instances.len();
             state.instances.retain(|instance| &instance.id != id);
             if state.instances.len() == before {
-                Err(not_found(id))
-            } else {
-                Ok(())
+                return Err(not_found(id));
             }
+            // A deleted instance's files and processes go with it, as on a real host; keeping their records
+            // would grow a long-running demo's state file without bound.
+            state.pushed_files.retain(|file| &file.instance != id);
+            state.execs.retain(|exec| &exec.instance != id);
+            Ok(())
         })
         .await
     }

@@ -45,7 +45,9 @@ pub struct WorldState {
     /// Calls per operation (`backend.create`, `ci.observe`, ...), failed ones included: what a real API would
     /// have counted against a rate limit.
     pub calls: BTreeMap<String, u64>,
+    /// Files pushed to instances that still exist (a delete takes an instance's files with it).
     pub pushed_files: Vec<PushedFile>,
+    /// Commands run in instances that still exist (a delete takes an instance's records with it).
     pub execs: Vec<ExecRecord>,
     /// Injected faults still armed.
     pub faults: Vec<ArmedFault>,

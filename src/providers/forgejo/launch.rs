@@ -25,10 +25,10 @@
 
 use std::fmt;
 
-use serde::Serialize;
 
 use super::{HANDLE_ENV, LABELS_ENV, TOKEN_ENV, URL_ENV, UUID_ENV};
 use crate::model::Secret;
+use crate::providers::cloud_config::{CloudConfig, RootFile};
 
 /// The oldest runner with `one-job --handle` (and `--uuid`/`--token-url` without a registration file).
 pub const MIN_RUNNER_VERSION: &str = "12.8.0";
@@ -275,20 +275,6 @@ chmod 0755 {AGENT_COMMAND}
     )
 }
 
-#[derive(Serialize)]
-struct CloudConfig {
-    write_files: Vec<WriteFile>,
-    runcmd: Vec<Vec<String>>,
-}
-
-#[derive(Serialize)]
-struct WriteFile {
-    path: String,
-    owner: &'static str,
-    permissions: &'static str,
-    content: String,
-}
-
 /// The cloud-config of a cloud server that runs one Forgejo job: the env file (mode 0400, root) from
 /// `env_file` (the credential as apply writes it), and a boot script that creates [`RUNNER_USER`], closes the
 /// metadata endpoint to it, installs Docker when a label asks for `docker://`, downloads `release` and refuses
@@ -319,30 +305,13 @@ exec {AGENT_COMMAND}
     );
     let document = CloudConfig {
         write_files: vec![
-            WriteFile {
-                path: CLOUD_ENV_FILE.to_owned(),
-                owner: "root:root",
-                permissions: "0400",
-                content: env_file.expose().to_owned(),
-            },
-            WriteFile {
-                path: AGENT_COMMAND.to_owned(),
-                owner: "root:root",
-                permissions: "0755",
-                content: agent_wrapper(&WrapperPaths::cloud()),
-            },
-            WriteFile {
-                path: BOOT_SCRIPT.to_owned(),
-                owner: "root:root",
-                permissions: "0700",
-                content: boot,
-            },
+            RootFile::new(CLOUD_ENV_FILE, "0400", env_file.expose().to_owned()),
+            RootFile::new(AGENT_COMMAND, "0755", agent_wrapper(&WrapperPaths::cloud())),
+            RootFile::new(BOOT_SCRIPT, "0700", boot),
         ],
         runcmd: vec![vec![BOOT_SCRIPT.to_owned()]],
     };
-    // The serialiser's errors never quote the values it was given.
-    let yaml = serde_yaml::to_string(&document).map_err(|error| LaunchError::Serialize(error.to_string()))?;
-    Ok(Secret::new(format!("#cloud-config\n{yaml}")))
+    document.user_data().map_err(LaunchError::Serialize)
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@
 //! attempts ran too, and cost runner time like the last one). An export costs ⌈repositories/100⌉ +
 //! Σ ⌈runs/100⌉ + Σ ⌈jobs of a run/100⌉ requests — about one per run — against the same primary budget as
 //! `watch` (5,000–12,500 an hour for an App): a week of 3,000 runs is about 3,000 requests. Answers are not
-//! remembered for conditional requests (each is read once). A rate limit stops the export with the wait
-//! GitHub names, and no request is sent until it has passed ([`super::http`]).
+//! remembered for conditional requests (each is read once). A rate limit that lifts within the request's
+//! `rate_limit_wait` (`trace export --rate-limit-wait`, an hour by default: GitHub's primary budget resets hourly)
+//! is waited out and the export reads on; a longer one stops it with the wait GitHub names. Either way no
+//! request is sent until it has passed ([`super::http`]).
 //!
 //! # GitHub's 1,000-result cap
 //! GitHub returns at most 1,000 runs for a filtered list (`created` is a search filter), whatever `total_count`
@@ -29,12 +31,15 @@
 //!   tasks have them.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Deserializer};
 
-use super::http::{Call, PER_PAGE};
+use super::http::{lock, Call, PER_PAGE};
 use super::wire::REPOSITORY_LABEL;
 use super::{split_repository, GithubActions};
 use crate::providers::{Error, HistoryRequest, PastJob, Result};
@@ -185,7 +190,23 @@ fn search_time(second: i64) -> String {
 
 impl GithubActions {
     pub(super) async fn job_history(&self, request: &HistoryRequest) -> Result<Vec<PastJob>> {
-        let repositories = self.list_repositories().await?;
+        let reader = Reader { github: self, patience: request.rate_limit_wait, announced: Mutex::new(None) };
+        reader.job_history(request).await
+    }
+}
+
+/// One history export: the source, and how long a rate limit may be waited out (see [`Reader::patiently`]).
+struct Reader<'a> {
+    github: &'a GithubActions,
+    patience: Duration,
+    /// Until when the last announced wait lasts: the calls running side by side meet the same limit, and it is
+    /// said once.
+    announced: Mutex<Option<Timestamp>>,
+}
+
+impl Reader<'_> {
+    async fn job_history(&self, request: &HistoryRequest) -> Result<Vec<PastJob>> {
+        let repositories = self.patiently(|| self.github.list_repositories()).await?;
         let from = request.from.checked_sub(RUN_LOOKBACK).unwrap_or(request.from);
         let mut jobs = Vec::new();
         for repository in repositories {
@@ -201,7 +222,7 @@ impl GithubActions {
             };
             let found: Vec<Vec<PastJob>> = stream::iter(runs)
                 .map(|run| self.run_jobs(&repository, owner, name, run))
-                .buffer_unordered(self.concurrency)
+                .buffer_unordered(self.github.concurrency)
                 .try_collect()
                 .await?;
             jobs.extend(found.into_iter().flatten());
@@ -336,7 +357,8 @@ impl GithubActions {
             Some(created) => format!("the workflow runs of `{owner}/{name}` created {created}"),
             None => format!("the workflow runs of `{owner}/{name}`"),
         };
-        let answer = self.http.call_once(Call::get(&["repos", owner, name, "actions", "runs"], &query, &what)).await?;
+        let segments = ["repos", owner, name, "actions", "runs"];
+        let answer = self.patiently(|| self.github.http.call_once(Call::get(&segments, &query, &what))).await?;
         let list: HistoryRuns = answer.json()?;
         Ok((list.total_count, list.workflow_runs))
     }
@@ -352,7 +374,7 @@ impl GithubActions {
         for page in 1.. {
             let page_text = page.to_string();
             let query = [("filter", "all"), ("per_page", per_page.as_str()), ("page", page_text.as_str())];
-            let answer = match self.http.call_once(Call::get(&segments, &query, &what)).await {
+            let answer = match self.patiently(|| self.github.http.call_once(Call::get(&segments, &query, &what))).await {
                 Ok(answer) => answer,
                 // Deleted since it was listed: it has no jobs to tell of.
                 Err(Error::NotFound { .. }) => break,
@@ -369,6 +391,37 @@ impl GithubActions {
             }
         }
         Ok(jobs)
+    }
+}
+
+impl Reader<'_> {
+    /// `call`, made again after a rate limit that lifts within the export's patience; the limit is announced on
+    /// stderr once with when reading goes on, since the wait can be most of an hour. A limit naming no wait, or a
+    /// longer one, fails the export as before.
+    async fn patiently<T, F: Future<Output = Result<T>>>(&self, call: impl Fn() -> F) -> Result<T> {
+        loop {
+            match call().await {
+                Err(Error::RateLimited { retry_after: Some(wait), .. }) if wait <= self.patience => {
+                    self.announce(wait);
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn announce(&self, wait: Duration) {
+        let until = Timestamp::now() + SignedDuration::try_from(wait).unwrap_or(SignedDuration::ZERO);
+        let mut announced = lock(&self.announced);
+        // Calls side by side hear the same limit within a second or so of each other.
+        if announced.is_none_or(|last| until > last + SignedDuration::from_secs(2)) {
+            tracing::warn!(
+                "github rate limit reached: waiting {}s, until {}, then reading on",
+                wait.as_secs(),
+                until.strftime("%H:%M:%S UTC")
+            );
+            *announced = Some(until);
+        }
     }
 }
 

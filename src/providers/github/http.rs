@@ -166,11 +166,12 @@ impl std::fmt::Debug for Http {
 }
 
 /// Locks a mutex; a poisoned one (a panic elsewhere) still holds usable data.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn invalid(message: String) -> Error {
+/// An answer GitHub should not have given (a shape or value the API does not describe).
+pub(super) fn invalid(message: String) -> Error {
     Error::Invalid {
         provider: PROVIDER.to_owned(),
         message,

@@ -15,10 +15,10 @@
 //! runner takes exactly one job and exits; the wrapper then powers the instance off (an ephemeral Incus container
 //! is deleted by that; a cloud server is deleted by the next plan, as its runner is gone).
 
-use serde::Serialize;
 
 use super::matching::RunnerArch;
 use crate::model::Secret;
+use crate::providers::cloud_config::{CloudConfig, RootFile};
 
 /// The variable the runner reads its just-in-time config from (any `run.sh` argument can be given as
 /// `ACTIONS_RUNNER_INPUT_<NAME>`).
@@ -183,44 +183,15 @@ fi
 const INSTALL_PATH: &str = "/usr/local/sbin/ciscale-runner-install";
 const BLOCK_PATH: &str = "/usr/local/sbin/ciscale-metadata-block";
 
-#[derive(Serialize)]
-struct CloudConfig {
-    write_files: Vec<WriteFile>,
-    runcmd: Vec<Vec<String>>,
-}
-
-#[derive(Serialize)]
-struct WriteFile {
-    path: &'static str,
-    owner: &'static str,
-    permissions: &'static str,
-    content: String,
-}
-
 /// The cloud-config document that makes a fresh Debian/Ubuntu server run one GitHub runner: `env_file` is the
 /// agent env file (it holds the runner's config; written 0400 for root, read and deleted by the wrapper).
 pub fn cloud_user_data(release: &RunnerRelease, env_file: &Secret) -> Result<Secret, String> {
     let command = |parts: &[&str]| parts.iter().map(|part| (*part).to_owned()).collect::<Vec<_>>();
     let document = CloudConfig {
         write_files: vec![
-            WriteFile {
-                path: ENV_FILE,
-                owner: "root:root",
-                permissions: "0400",
-                content: env_file.expose().to_owned(),
-            },
-            WriteFile {
-                path: INSTALL_PATH,
-                owner: "root:root",
-                permissions: "0700",
-                content: install_script(release),
-            },
-            WriteFile {
-                path: BLOCK_PATH,
-                owner: "root:root",
-                permissions: "0700",
-                content: metadata_block_script(),
-            },
+            RootFile::new(ENV_FILE, "0400", env_file.expose().to_owned()),
+            RootFile::new(INSTALL_PATH, "0700", install_script(release)),
+            RootFile::new(BLOCK_PATH, "0700", metadata_block_script()),
         ],
         runcmd: vec![
             command(&[INSTALL_PATH]),
@@ -228,8 +199,7 @@ pub fn cloud_user_data(release: &RunnerRelease, env_file: &Secret) -> Result<Sec
             command(&["systemd-run", "--unit", "ciscale-runner", "--collect", AGENT_COMMAND]),
         ],
     };
-    let yaml = serde_yaml::to_string(&document).map_err(|error| error.to_string())?;
-    Ok(Secret::new(format!("#cloud-config\n{yaml}")))
+    document.user_data()
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ pub use http::{ApiStats, RateBudget};
 pub use matching::{RunnerArch, RunnerOs, RunnerPlatform};
 
 use auth::Credentials;
-use http::{Call, Http};
+use http::{invalid, lock, Call, Http};
 use wire::{JitConfig, JobList, JobState, RunList, RunnerGroupList, RunnerList, WireJob, WireRepository, WireRunner};
 
 pub(crate) const PROVIDER: &str = "github";
@@ -324,16 +324,6 @@ impl std::fmt::Debug for GithubActions {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn invalid(message: String) -> Error {
-    Error::Invalid {
-        provider: PROVIDER.to_owned(),
-        message,
-    }
-}
 
 fn split_repository(repository: &str) -> Option<(&str, &str)> {
     repository

@@ -17,15 +17,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State as AxumState;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::query::url_pairs;
+use super::server::ServerThread;
 
 /// The organization name in the fake's URLs (`http://127.0.0.1:PORT/fakeorg`).
 pub const ORGANIZATION: &str = "fakeorg";
@@ -192,15 +191,7 @@ fn lock(state: &Shared) -> MutexGuard<'_, State> {
 pub struct AzureFake {
     addr: SocketAddr,
     state: Shared,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for AzureFake {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-    }
+    _server: ServerThread,
 }
 
 /// Now, at Azure's precision (100 ns), so what the wire says equals what the fake holds.
@@ -231,37 +222,14 @@ impl AzureFake {
             exchanges: Vec::new(),
             rate_limit_headers: None,
         }));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let served = state.clone();
-        std::thread::Builder::new()
-            .name("azure-fake".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("fake runtime");
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                        .await
-                        .expect("bind 127.0.0.1:0");
-                    addr_tx
-                        .send(listener.local_addr().expect("local addr"))
-                        .expect("report the address");
-                    let app = Router::new().fallback(handle).with_state(served);
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = shutdown_rx.await;
-                        })
-                        .await;
-                });
-            })
-            .expect("spawn the fake's thread");
-        let addr = addr_rx.recv().expect("the fake started");
+        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
+            handle(served.clone(), method, uri, headers, body)
+        });
         Self {
             addr,
             state,
-            shutdown: Some(shutdown_tx),
+            _server: server,
         }
     }
 
@@ -643,7 +611,7 @@ fn job_request_json(state: &State, request: &FakeRequest) -> Value {
 }
 
 async fn handle(
-    AxumState(shared): AxumState<Shared>,
+    shared: Shared,
     method: Method,
     uri: Uri,
     headers: HeaderMap,

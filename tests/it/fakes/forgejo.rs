@@ -27,7 +27,7 @@
 //!   (`ActionRunner.Status`, `RunnerOfflineTime`, `RunnerIdleTime`);
 //! - a fresh runner's `labels` and a job's empty `needs` are Go nil slices, so `null`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -38,7 +38,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::query::url_pairs;
+use super::server::ServerThread;
 use super::spec::Spec;
+use super::traffic::{traffic_methods, Traffic};
 
 /// A site administrator's token with every permission.
 pub const ADMIN_TOKEN: &str = "fj-admin-3c1f0a9e77d24b5b9e0c4f1a2b3c4d5e6f708192";
@@ -165,25 +167,17 @@ struct State {
     next_runner: i64,
     next_handle: u64,
     max_response_items: usize,
-    counts: BTreeMap<String, u64>,
-    requests: u64,
-    next_faults: VecDeque<Fault>,
-    every: Option<(u64, Vec<Fault>, usize)>,
-    faults_injected: u64,
-    /// A raw body served once for an endpoint key, instead of the real answer (older servers' shapes).
-    raw_once: BTreeMap<String, String>,
+    traffic: Traffic<Fault>,
     /// Answers without `X-Total-Count`, without `Link` (a proxy that drops them).
     no_total_count: bool,
     no_link: bool,
-    violations: Vec<String>,
 }
 
 /// The running fake. Dropping it stops the server.
 pub struct FakeForgejo {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 struct Shared {
@@ -229,43 +223,15 @@ impl FakeForgejo {
             next_runner: 1,
             next_handle: 1,
             max_response_items: MAX_RESPONSE_ITEMS,
-            counts: BTreeMap::new(),
-            requests: 0,
-            next_faults: VecDeque::new(),
-            every: None,
-            faults_injected: 0,
-            raw_once: BTreeMap::new(),
+            traffic: Traffic::default(),
             no_total_count: false,
             no_link: false,
-            violations: Vec::new(),
         }));
         let shared = Arc::new(Shared { state: state.clone(), spec: spec() });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking listener");
-        let addr = listener.local_addr().expect("local addr");
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("fake runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let app = axum::Router::new().fallback(
-                    move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                        let shared = shared.clone();
-                        async move { handle(shared, method, uri, headers, body).await }
-                    },
-                );
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
+        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
+            handle(shared.clone(), method, uri, headers, body)
         });
-        FakeForgejo { addr, state, shutdown: Some(shutdown), thread: Some(thread) }
+        FakeForgejo { addr, state, _server: server }
     }
 
     pub fn url(&self) -> String {
@@ -464,66 +430,7 @@ impl FakeForgejo {
         self.state().no_link = true;
     }
 
-    /// Requests seen for `METHOD /path` with runner ids as `{runner_id}`, e.g.
-    /// `GET /api/v1/admin/actions/runners/jobs`.
-    pub fn count(&self, endpoint: &str) -> u64 {
-        self.state().counts.get(endpoint).copied().unwrap_or(0)
-    }
-
-    pub fn counts(&self) -> BTreeMap<String, u64> {
-        self.state().counts.clone()
-    }
-
-    pub fn total_requests(&self) -> u64 {
-        self.state().requests
-    }
-
-    pub fn reset_counts(&self) {
-        let mut state = self.state();
-        state.counts.clear();
-        state.requests = 0;
-    }
-
-    pub fn fail_next(&self, fault: Fault) {
-        self.state().next_faults.push_back(fault);
-    }
-
-    /// Every `n`th request from now on fails, with `faults` in turn.
-    pub fn fail_every(&self, n: u64, faults: Vec<Fault>) {
-        assert!(n > 0 && !faults.is_empty());
-        self.state().every = Some((n, faults, 0));
-    }
-
-    pub fn stop_faults(&self) {
-        let mut state = self.state();
-        state.every = None;
-        state.next_faults.clear();
-    }
-
-    pub fn faults_injected(&self) -> u64 {
-        self.state().faults_injected
-    }
-
-    /// Serves `body` once for `endpoint` (a counter key) instead of the real answer, unchecked: for shapes other
-    /// servers send (no `handle` before Forgejo 15, missing fields), which the schema of 15 does not describe.
-    pub fn serve_raw_once(&self, endpoint: &str, body: Value) {
-        self.state().raw_once.insert(endpoint.to_owned(), body.to_string());
-    }
-
-    pub fn spec_violations(&self) -> Vec<String> {
-        self.state().violations.clone()
-    }
-}
-
-impl Drop for FakeForgejo {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    traffic_methods!(Fault);
 }
 
 fn new_handle(state: &mut State) -> String {
@@ -634,7 +541,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
             Ok(value) => Some(value),
             Err(problem) => {
                 let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                state.violations.push(format!("{key}: request body is not JSON: {problem}"));
+                state.traffic.violation(format!("{key}: request body is not JSON: {problem}"));
                 return json_error(StatusCode::BAD_REQUEST, "bad body", &path);
             }
         }
@@ -642,23 +549,9 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
 
     let fault = {
         let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *state.counts.entry(key.clone()).or_default() += 1;
-        state.requests += 1;
+        let fault = state.traffic.arrive(&key);
         if let Err(problem) = shared.spec.check_request(method.as_str(), &path, &query, request_body.as_ref()) {
-            state.violations.push(problem);
-        }
-        let requests = state.requests;
-        let mut fault = state.next_faults.pop_front();
-        if fault.is_none() {
-            if let Some((n, faults, next)) = &mut state.every {
-                if requests % *n == 0 {
-                    fault = Some(faults[*next % faults.len()].clone());
-                    *next += 1;
-                }
-            }
-        }
-        if fault.is_some() {
-            state.faults_injected += 1;
+            state.traffic.violation(problem);
         }
         fault
     };
@@ -686,8 +579,8 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
     let answer = match caller(&authorization) {
         None => error(StatusCode::UNAUTHORIZED, "user does not exist"),
         Some(caller) => {
-            if let Some(raw) = state.raw_once.remove(&key) {
-                return (StatusCode::OK, [("content-type", "application/json")], raw).into_response();
+            if let Some(raw) = state.traffic.take_raw(&key) {
+                return (StatusCode::OK, [("content-type", "application/json")], raw.to_string()).into_response();
             }
             let base = format!("http://{}", headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost"));
             route(&mut state, &caller, &method, &path, &query, request_body.as_ref(), &base)
@@ -699,7 +592,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
         Answer::Error(status, message) => (status, Some(json!({ "message": message, "url": format!("{path}") })), Vec::new()),
     };
     if let Err(problem) = shared.spec.check_response(method.as_str(), &path, status.as_u16(), body.as_ref()) {
-        state.violations.push(problem);
+        state.traffic.violation(problem);
     }
     drop(state);
     let mut response = match body {

@@ -23,7 +23,7 @@
 //! - Runner labels: the implicit ones (`self-hosted`, OS, architecture; case-insensitive) are `read-only`, the
 //!   rest `custom`. The spec does not constrain label characters; neither does the fake.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -37,7 +37,9 @@ use serde_json::{json, Value};
 use sha2::Digest;
 
 use super::query::url_pairs;
+use super::server::ServerThread;
 use super::spec::Spec;
+use super::traffic::{traffic_methods, Traffic};
 
 mod history;
 pub use history::PastJobSpec;
@@ -134,19 +136,13 @@ struct State {
     /// The claims of every app JWT received, verified or not.
     jwts: Vec<Value>,
     rate: RateLimit,
-    /// Requests by `METHOD /template`.
-    counts: BTreeMap<String, u64>,
-    requests: u64,
+    /// Requests by `METHOD /template` (the spec's template), faults, raw bodies, violations.
+    traffic: Traffic<Fault>,
     not_modified: u64,
     /// Requests that counted against the primary limit.
     primary_cost: u64,
     /// Every request as `METHOD /path?query`, in order.
     log: Vec<String>,
-    next_faults: VecDeque<Fault>,
-    faults_injected: u64,
-    /// A raw body served once for an endpoint key instead of the real answer (older servers' shapes).
-    raw_once: BTreeMap<String, Value>,
-    violations: Vec<String>,
     /// Past jobs' times and attempts (`history`).
     history: history::History,
 }
@@ -164,8 +160,7 @@ pub struct FakeGithub {
     pub addr: SocketAddr,
     prefix: String,
     shared: Arc<Shared>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 fn now() -> i64 {
@@ -215,15 +210,10 @@ impl FakeGithub {
                 remaining: 5000,
                 reset: now() + 3600,
             },
-            counts: BTreeMap::new(),
-            requests: 0,
+            traffic: Traffic::default(),
             not_modified: 0,
             primary_cost: 0,
             log: Vec::new(),
-            next_faults: VecDeque::new(),
-            faults_injected: 0,
-            raw_once: BTreeMap::new(),
-            violations: Vec::new(),
             history: history::History::default(),
         }));
         let shared = Arc::new(Shared {
@@ -233,38 +223,11 @@ impl FakeGithub {
             prefix: prefix.clone(),
             public_key: jsonwebtoken::DecodingKey::from_rsa_pem(APP_PUBLIC_KEY.as_bytes()).expect("public key"),
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking listener");
-        let addr = listener.local_addr().expect("local addr");
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("fake runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let app =
-                    axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                        let shared = serving.clone();
-                        async move { handle(shared, method, uri, headers, body).await }
-                    });
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
+        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
+            handle(serving.clone(), method, uri, headers, body)
         });
-        FakeGithub {
-            addr,
-            prefix,
-            shared,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        }
+        FakeGithub { addr, prefix, shared, _server: server }
     }
 
     /// The API root to configure as `endpoint`.
@@ -456,18 +419,7 @@ impl FakeGithub {
 
     // -- counting and faults ---------------------------------------------------------------------------------
 
-    /// Requests seen for `METHOD /template` (the spec's template, e.g. `GET /repos/{owner}/{repo}/actions/runs`).
-    pub fn count(&self, endpoint: &str) -> u64 {
-        self.state().counts.get(endpoint).copied().unwrap_or(0)
-    }
-
-    pub fn counts(&self) -> BTreeMap<String, u64> {
-        self.state().counts.clone()
-    }
-
-    pub fn total_requests(&self) -> u64 {
-        self.state().requests
-    }
+    traffic_methods!(Fault, except reset_counts);
 
     pub fn not_modified(&self) -> u64 {
         self.state().not_modified
@@ -483,31 +435,14 @@ impl FakeGithub {
         self.state().log.clone()
     }
 
+    /// Zeroes the request counters, the log, the 304s and the primary cost; queued faults, raw bodies and
+    /// violations stay.
     pub fn reset_counts(&self) {
         let mut state = self.state();
         state.log.clear();
-        state.counts.clear();
-        state.requests = 0;
+        state.traffic.reset_counts();
         state.not_modified = 0;
         state.primary_cost = 0;
-    }
-
-    pub fn fail_next(&self, fault: Fault) {
-        self.state().next_faults.push_back(fault);
-    }
-
-    pub fn faults_injected(&self) -> u64 {
-        self.state().faults_injected
-    }
-
-    /// Serves `body` once for `endpoint` (`GET /repos/{owner}/{repo}/actions/runners`) instead of the real
-    /// answer, unchecked: for shapes older servers send, which the current spec does not describe.
-    pub fn serve_raw_once(&self, endpoint: &str, body: Value) {
-        self.state().raw_once.insert(endpoint.to_owned(), body);
-    }
-
-    pub fn spec_violations(&self) -> Vec<String> {
-        self.state().violations.clone()
     }
 
     // -- webhooks --------------------------------------------------------------------------------------------
@@ -553,20 +488,9 @@ impl FakeGithub {
         };
         let definition = self.shared.webhook_spec.definition(schema);
         for problem in self.shared.webhook_spec.validate(&definition, &payload) {
-            state.violations.push(format!("webhook `{action}` payload: {problem}"));
+            state.traffic.violation(format!("webhook `{action}` payload: {problem}"));
         }
         payload
-    }
-}
-
-impl Drop for FakeGithub {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -800,9 +724,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
         match serde_json::from_slice(&body) {
             Ok(value) => Some(value),
             Err(problem) => {
-                lock(&shared.state)
-                    .violations
-                    .push(format!("{key}: request body is not JSON: {problem}"));
+                lock(&shared.state).traffic.violation(format!("{key}: request body is not JSON: {problem}"));
                 return json_response(StatusCode::BAD_REQUEST, &error_body("Problems parsing JSON"));
             }
         }
@@ -810,24 +732,19 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
 
     let fault = {
         let mut state = lock(&shared.state);
-        *state.counts.entry(key.clone()).or_default() += 1;
-        state.requests += 1;
+        let fault = state.traffic.arrive(&key);
         state.log.push(match uri.query() {
             Some(query) => format!("{method} {path}?{query}"),
             None => format!("{method} {path}"),
         });
         let pairs: Vec<(&str, &str)> = query.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect();
         if let Err(problem) = shared.spec.check_request(method.as_str(), &path, &pairs, request_body.as_ref()) {
-            state.violations.push(problem);
+            state.traffic.violation(problem);
         }
         for required in ["user-agent", "authorization"] {
             if !headers.contains_key(required) {
-                state.violations.push(format!("{key}: no `{required}` header (GitHub refuses such requests)"));
+                state.traffic.violation(format!("{key}: no `{required}` header (GitHub refuses such requests)"));
             }
-        }
-        let fault = state.next_faults.pop_front();
-        if fault.is_some() {
-            state.faults_injected += 1;
         }
         fault
     };
@@ -891,7 +808,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
         );
         return respond(&shared, &mut state, &method, &path, &headers, answer, true);
     }
-    if let Some(raw) = state.raw_once.remove(&key) {
+    if let Some(raw) = state.traffic.take_raw(&key) {
         let answer = Answer::Json(StatusCode::OK, raw);
         // Older shapes are not what the current spec describes: served unchecked.
         return serve(&mut state, &method, &headers, answer, true);
@@ -916,7 +833,7 @@ fn respond(
         Answer::Error(status, message) => (*status, Some(error_body(message))),
     };
     if let Err(problem) = shared.spec.check_response(method.as_str(), path, status.as_u16(), body.as_ref()) {
-        state.violations.push(problem);
+        state.traffic.violation(problem);
     }
     serve(state, method, headers, answer, rate_limited_call)
 }

@@ -9,5 +9,7 @@ pub mod github;
 pub mod hcloud;
 pub mod incus_proxy;
 pub mod query;
+pub mod server;
 pub mod spec;
+pub mod traffic;
 pub mod woodpecker;

@@ -8,7 +8,7 @@
 //! `no_schedule` from the body (an absent name blanks it, as the real server does), list pagination with
 //! `page`/`perPage`, tokens shown to the admin.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -19,7 +19,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::query::url_pairs;
+use super::server::ServerThread;
 use super::spec::Spec;
+use super::traffic::{traffic_methods, Traffic};
 
 /// The admin token the fake accepts.
 pub const ADMIN_TOKEN: &str = "wp-admin-token-5f2c9e1d";
@@ -97,25 +99,14 @@ struct State {
     next_task: u64,
     pending: Vec<FakeTask>,
     running: Vec<FakeTask>,
-    /// Requests by `METHOD /path/template`.
-    counts: BTreeMap<String, u64>,
-    requests: u64,
-    /// Faults for the next requests, in order.
-    next_faults: VecDeque<Fault>,
-    /// Every `n`th request fails with the next fault of the cycle.
-    every: Option<(u64, Vec<Fault>, usize)>,
-    faults_injected: u64,
-    /// A raw body served once for an endpoint key, instead of the real answer (old-server shapes).
-    raw_once: BTreeMap<String, String>,
-    violations: Vec<String>,
+    traffic: Traffic<Fault>,
 }
 
 /// The running fake. Dropping it stops the server.
 pub struct FakeWoodpecker {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 struct Shared {
@@ -140,36 +131,10 @@ impl FakeWoodpecker {
             state: state.clone(),
             spec,
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking listener");
-        let addr = listener.local_addr().expect("local addr");
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("fake runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let app =
-                    axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                        let shared = shared.clone();
-                        async move { handle(shared, method, uri, headers, body).await }
-                    });
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
+        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
+            handle(shared.clone(), method, uri, headers, body)
         });
-        FakeWoodpecker {
-            addr,
-            state,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        }
+        FakeWoodpecker { addr, state, _server: server }
     }
 
     pub fn url(&self) -> String {
@@ -301,66 +266,7 @@ impl FakeWoodpecker {
         self.state().running.clone()
     }
 
-    /// Requests seen for `METHOD /path/template`, e.g. `GET /api/queue/info`, `PATCH /api/agents/{agent_id}`.
-    pub fn count(&self, endpoint: &str) -> u64 {
-        self.state().counts.get(endpoint).copied().unwrap_or(0)
-    }
-
-    pub fn counts(&self) -> BTreeMap<String, u64> {
-        self.state().counts.clone()
-    }
-
-    pub fn total_requests(&self) -> u64 {
-        self.state().requests
-    }
-
-    pub fn reset_counts(&self) {
-        let mut state = self.state();
-        state.counts.clear();
-        state.requests = 0;
-    }
-
-    pub fn fail_next(&self, fault: Fault) {
-        self.state().next_faults.push_back(fault);
-    }
-
-    /// Every `n`th request from now on fails, with `faults` in turn.
-    pub fn fail_every(&self, n: u64, faults: Vec<Fault>) {
-        assert!(n > 0 && !faults.is_empty());
-        self.state().every = Some((n, faults, 0));
-    }
-
-    pub fn stop_faults(&self) {
-        let mut state = self.state();
-        state.every = None;
-        state.next_faults.clear();
-    }
-
-    pub fn faults_injected(&self) -> u64 {
-        self.state().faults_injected
-    }
-
-    /// Serves `body` once for `endpoint` (`GET /api/queue/info`) instead of the real answer, unchecked: for the
-    /// shapes older servers send (`null` arrays, missing fields), which the current spec does not describe.
-    pub fn serve_raw_once(&self, endpoint: &str, body: Value) {
-        self.state().raw_once.insert(endpoint.to_owned(), body.to_string());
-    }
-
-    /// What did not match the spec, in the traffic so far.
-    pub fn spec_violations(&self) -> Vec<String> {
-        self.state().violations.clone()
-    }
-}
-
-impl Drop for FakeWoodpecker {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    traffic_methods!(Fault);
 }
 
 fn create_agent(state: &mut State, name: &str, no_schedule: bool) -> FakeAgent {
@@ -554,9 +460,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
             Ok(value) => value,
             Err(error) => {
                 let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                state
-                    .violations
-                    .push(format!("{key}: request body is not JSON: {error}"));
+                state.traffic.violation(format!("{key}: request body is not JSON: {error}"));
                 return text(StatusCode::BAD_REQUEST, "bad body");
             }
         }
@@ -564,8 +468,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
 
     let fault = {
         let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *state.counts.entry(key.clone()).or_default() += 1;
-        state.requests += 1;
+        let fault = state.traffic.arrive(&key);
         let query_pairs = url_pairs(uri.query().unwrap_or(""));
         let query: Vec<(&str, &str)> = query_pairs
             .iter()
@@ -573,20 +476,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
             .collect();
         let body = (!request_body.is_null()).then_some(&request_body);
         if let Err(problem) = shared.spec.check_request(method.as_str(), &path, &query, body) {
-            state.violations.push(problem);
-        }
-        let requests = state.requests;
-        let mut fault = state.next_faults.pop_front();
-        if fault.is_none() {
-            if let Some((n, faults, next)) = &mut state.every {
-                if requests % *n == 0 {
-                    fault = Some(faults[*next % faults.len()].clone());
-                    *next += 1;
-                }
-            }
-        }
-        if fault.is_some() {
-            state.faults_injected += 1;
+            state.traffic.violation(problem);
         }
         fault
     };
@@ -626,20 +516,20 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
     }
 
     let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(raw) = state.raw_once.remove(&key) {
-        return (StatusCode::OK, [("content-type", "application/json")], raw).into_response();
+    if let Some(raw) = state.traffic.take_raw(&key) {
+        return (StatusCode::OK, [("content-type", "application/json")], raw.to_string()).into_response();
     }
     let answer = route(&mut state, &method, &path, uri.query().unwrap_or(""), &request_body);
     match answer {
         Answer::Json(value) => {
             if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, Some(&value)) {
-                state.violations.push(problem);
+                state.traffic.violation(problem);
             }
             json_response(&value)
         }
         Answer::Empty => {
             if let Err(problem) = shared.spec.check_response(method.as_str(), &path, 200, None) {
-                state.violations.push(problem);
+                state.traffic.violation(problem);
             }
             text(StatusCode::OK, "")
         }
