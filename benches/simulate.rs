@@ -4,7 +4,8 @@
 //!
 //! Run with `cargo bench --bench simulate`. Plain `Instant`, no harness: the number that matters is one run.
 //! `SIM_NO_SKIP=1` cycles through every poll tick and plans the whole config each time, instead of skipping idle
-//! stretches and planning only the pools that can have changed (to see what that buys).
+//! stretches and planning only the pools that can have changed (to see what that buys). `SIM_RUNS=1` runs once
+//! (e.g. under `perf record`).
 
 use std::time::{Duration, Instant};
 
@@ -61,24 +62,26 @@ fn main() {
     };
     let mut best = Duration::MAX;
     let mut last = None;
-    for _ in 0..RUNS {
+    let runs: usize = std::env::var("SIM_RUNS").ok().and_then(|runs| runs.parse().ok()).unwrap_or(RUNS).max(1);
+    for _ in 0..runs {
         let clock = Instant::now();
-        let runs = simulate::run_all(&request);
+        let reports = simulate::run_all(&request);
         best = best.min(clock.elapsed());
-        last = runs.into_iter().next();
+        last = reports.into_iter().next();
     }
     let Some(run) = last else {
         return;
     };
     let total = run.total().summary();
     println!(
-        "simulate: {} jobs, {} pools, {} days, {} cycles (of {} poll ticks), {} planner calls: best of {RUNS} {:.2} s (goal < 10 s)",
+        "simulate: {} jobs, {} pools, {} days, {} cycles (of {} poll ticks), {} planner calls: best of {} {:.2} s (goal < 10 s)",
         request.trace.jobs.len(),
         POOLS,
         DAYS,
         run.cycles,
         u64::from(DAYS) * 86_400 / 10,
         run.plans,
+        runs,
         best.as_secs_f64()
     );
     println!(

@@ -39,7 +39,9 @@
 //! happened in them (an event, a change applied), their last plan had changes, or time crossed one of their
 //! thresholds (as above, from their own instances and agents). A part that planned nothing and saw none of these
 //! plans nothing again, so its plan is left out. The parts' changes, merged in the planner's order, are the
-//! whole plan's; a test plans the whole world beside the parts at every cycle and compares.
+//! whole plan's; a test plans the whole world beside the parts at every cycle and compares. A part plans on the
+//! world's own items, moved into its view and back for the plan (copying them cost more than planning), and the
+//! same test checks that each part gets exactly its own items and the world gets them all back in its order.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -157,6 +159,9 @@ struct Sim<'a> {
     instances: BTreeMap<InstanceId, InstanceSide>,
     agents: BTreeMap<AgentId, AgentSide>,
     queues: BTreeMap<CiName, QueueSide>,
+    /// Per backend and per CI source: the pool of each observed instance and agent, parallel to the observation's
+    /// lists (placing them by pool takes no lookup by id).
+    pools_of: PoolsOf,
     jobs: Vec<JobRun>,
     /// Per class of jobs (same source, labels, demands): which pools take them.
     classes: Vec<Vec<bool>>,
@@ -185,6 +190,7 @@ struct Sim<'a> {
     /// A dispatcher that logs nothing (made once: the loop silences the throttle twice a cycle).
     silent: tracing::Dispatch,
     schedule_cache: HashMap<(usize, usize), (Timestamp, Option<Timestamp>)>,
+    rules: Rules,
     series: Option<SeriesRecorder>,
     /// Planning by parts (see the module docs); `None`: the whole config is planned every cycle.
     parts: Option<Parts>,
@@ -203,8 +209,9 @@ struct Parts {
     rank: HashMap<PoolName, usize>,
     /// Per part: the config with only its pools.
     desired: Vec<Desired>,
-    /// Per part: the observation of its pools, rebuilt from the world's before each of its plans (backends'
-    /// prices and missing images kept; instances, agents and jobs refilled).
+    /// Per part: the observation of its pools while it plans — the world's own instances, agents and jobs of
+    /// its pools, lent to it and given back after ([`lend`], [`give_back`]); backends' prices and missing images
+    /// stay. Between plans their lists are empty.
     views: Vec<Observed>,
     /// Per part: it must be planned at the next cycle (something in it changed, or its last plan had changes).
     dirty: Vec<bool>,
@@ -237,6 +244,7 @@ impl<'a> Sim<'a> {
             instances: BTreeMap::new(),
             agents: BTreeMap::new(),
             queues: desired.ci.keys().map(|name| (name.clone(), QueueSide::default())).collect(),
+            pools_of: PoolsOf::default(),
             jobs: Vec::with_capacity(trace.jobs.len()),
             classes: Vec::new(),
             tallies: vec![Tally::default(); desired.pools.len()],
@@ -258,6 +266,7 @@ impl<'a> Sim<'a> {
             cycles: 0,
             silent: tracing::Dispatch::none(),
             schedule_cache: HashMap::new(),
+            rules: Rules::new(desired),
             series: settings.series.then(|| SeriesRecorder::new(settings.from, settings.until)),
             parts: None,
             #[cfg(test)]
@@ -353,6 +362,7 @@ impl<'a> Sim<'a> {
                         );
                         if let Some(backend) = self.observed.backends.get_mut(&pool.backend.backend) {
                             backend.instances.push(instance);
+                            self.pools_of.instances.entry(pool.backend.backend.clone()).or_default().push(Some(pool_index));
                         }
                     }
                     let reference =
@@ -382,6 +392,7 @@ impl<'a> Sim<'a> {
         if ci.agents.iter().any(|agent| agent.id == id || agent.name == name) {
             return;
         }
+        self.pools_of.agents.entry(pool.ci.source.clone()).or_default().push(Some(pool_index));
         ci.agents.push(Agent {
             id: id.clone(),
             name,
@@ -536,7 +547,7 @@ impl<'a> Sim<'a> {
     /// The earliest moment after `now` at which a time-based rule of the planner could decide differently with
     /// the same observation (see [`threshold_after`]).
     fn next_threshold(&mut self, now: Timestamp) -> Option<Timestamp> {
-        threshold_after(self.desired, &self.observed, now, &mut self.schedule_cache)
+        threshold_after(self.desired, &self.rules, &self.observed, now, &mut self.schedule_cache)
     }
 
     /// The plan of this cycle: the whole config's, or the parts' that can have changed (see the module docs).
@@ -562,11 +573,28 @@ impl<'a> Sim<'a> {
             blank.planned_at = now;
             return blank;
         }
-        if !self.fill_views(parts, &due, now) {
+        let Some(order) = self.place(parts) else {
             // Something the parts cannot place: plan the whole, and every part again next time.
             parts.dirty.fill(true);
             parts.whole_plans += 1;
             return plan::plan(self.desired, &self.observed, now);
+        };
+        // The tests check that lending moves exactly each part's share, in the world's order, and gives it all
+        // back where it was.
+        #[cfg(test)]
+        let before = self.check_parts.then(|| (self.observed.clone(), self.shares(parts, &due)));
+        #[cfg(test)]
+        if self.check_parts {
+            self.check_pools_of();
+        }
+        lend(&mut self.observed, parts, &order, &due, now);
+        #[cfg(test)]
+        if let Some((_, shares)) = &before {
+            for (part, share) in shares.iter().enumerate() {
+                if let Some(share) = share {
+                    assert_eq!(&parts.views[part], share, "at {now}: part {part} was lent other items than its own");
+                }
+            }
         }
         let mut merged: Option<Plan> = None;
         let mut changes = Vec::new();
@@ -576,7 +604,7 @@ impl<'a> Sim<'a> {
             parts.plans += 1;
             if sub.changes.is_empty() {
                 parts.dirty[part] = false;
-                parts.due[part] = threshold_after(self.desired, &parts.views[part], now, &mut self.schedule_cache);
+                parts.due[part] = threshold_after(self.desired, &self.rules, &parts.views[part], now, &mut self.schedule_cache);
             } else {
                 // It stays dirty: its changes are applied (or held back, or fail) and it plans again.
                 parts.dirty[part] = true;
@@ -586,6 +614,11 @@ impl<'a> Sim<'a> {
             if merged.is_none() {
                 merged = Some(sub);
             }
+        }
+        give_back(&mut self.observed, parts, &order, &due);
+        #[cfg(test)]
+        if let Some((world, _)) = &before {
+            assert!(&self.observed == world, "at {now}: the world's observation is not as it was before lending");
         }
         if contributed > 1 {
             // The planner's order: by pool (config order), then action, then target. Stable, as the planner's
@@ -600,72 +633,110 @@ impl<'a> Sim<'a> {
         plan
     }
 
-    /// Refills the views of the parts about to be planned from the world's observation (in the world's order).
-    /// `false` when an instance, agent or running job belongs to no configured pool.
-    fn fill_views(&self, parts: &mut Parts, due: &[bool], now: Timestamp) -> bool {
-        for (view, _) in parts.views.iter_mut().zip(due).filter(|(_, due)| **due) {
-            view.observed_at = now;
-            for backend in view.backends.values_mut() {
-                backend.instances.clear();
-            }
-            for ci in view.ci.values_mut() {
-                ci.agents.clear();
-                ci.queue.pending.clear();
-                ci.queue.running.clear();
-            }
+    /// The pools kept beside the observation's lists are those of the instances and agents there (tests only).
+    #[cfg(test)]
+    fn check_pools_of(&self) {
+        for (name, backend) in &self.observed.backends {
+            let pools: Vec<Option<usize>> = backend.instances.iter().map(|instance| self.instances[&instance.id].pool).collect();
+            assert_eq!(self.pools_of.instances.get(name).cloned().unwrap_or_default(), pools, "instances of `{name}`");
+        }
+        for (name, ci) in &self.observed.ci {
+            let pools: Vec<Option<usize>> = ci.agents.iter().map(|agent| self.agents[&agent.id].pool).collect();
+            assert_eq!(self.pools_of.agents.get(name).cloned().unwrap_or_default(), pools, "agents of `{name}`");
+        }
+    }
+
+    /// What the view of each part about to plan must hold: copies of its instances, agents and jobs, picked from
+    /// the world's observation in its order (as planning by parts once copied them; tests only, to check
+    /// [`lend`]).
+    #[cfg(test)]
+    fn shares(&self, parts: &Parts, due: &[bool]) -> Vec<Option<Observed>> {
+        let mut shares: Vec<Option<Observed>> = parts
+            .views
+            .iter()
+            .zip(due)
+            .map(|(view, due)| {
+                due.then(|| {
+                    let mut share = view.clone();
+                    share.observed_at = self.now;
+                    share
+                })
+            })
+            .collect();
+        fn share_of(shares: &mut [Option<Observed>], part: usize) -> Option<&mut Observed> {
+            shares.get_mut(part).and_then(Option::as_mut)
         }
         for (name, backend) in &self.observed.backends {
             for instance in &backend.instances {
-                let Some(pool) = self.instances.get(&instance.id).and_then(|side| side.pool) else {
-                    return false;
-                };
-                let part = parts.of_pool[pool];
-                if due[part] {
-                    if let Some(view) = parts.views[part].backends.get_mut(name) {
-                        view.instances.push(instance.clone());
-                    }
+                let pool = self.instances[&instance.id].pool.expect("instances of configured pools");
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.backends.get_mut(name)) {
+                    view.instances.push(instance.clone());
                 }
             }
         }
         for (name, ci) in &self.observed.ci {
             for agent in &ci.agents {
-                let Some(pool) = self.agents.get(&agent.id).and_then(|side| side.pool) else {
-                    return false;
-                };
-                let part = parts.of_pool[pool];
-                if due[part] {
-                    if let Some(view) = parts.views[part].ci.get_mut(name) {
-                        view.agents.push(agent.clone());
-                    }
+                let pool = self.agents[&agent.id].pool.expect("agents of configured pools");
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name)) {
+                    view.agents.push(agent.clone());
                 }
             }
-            let Some(queue) = self.queues.get(name) else {
-                continue;
-            };
-            // `queues` runs parallel to the observed queue: the same jobs in the same order.
+            let queue = &self.queues[name];
             for (task, &job) in ci.queue.pending.iter().zip(&queue.pending) {
-                // A job no pool takes counts for no pool's demand: no part needs it.
-                if let Some(part) = parts.of_class[self.jobs[job].class] {
-                    if due[part] {
-                        if let Some(view) = parts.views[part].ci.get_mut(name) {
-                            view.queue.pending.push(task.clone());
-                        }
-                    }
+                let part = parts.of_class[self.jobs[job].class];
+                if let Some(view) = part.and_then(|part| share_of(&mut shares, part)).and_then(|share| share.ci.get_mut(name)) {
+                    view.queue.pending.push(task.clone());
                 }
             }
             for (task, &job) in ci.queue.running.iter().zip(&queue.running) {
-                let Some(pool) = self.jobs[job].pool else {
-                    return false;
-                };
-                let part = parts.of_pool[pool];
-                if due[part] {
-                    if let Some(view) = parts.views[part].ci.get_mut(name) {
-                        view.queue.running.push(task.clone());
-                    }
+                let pool = self.jobs[job].pool.expect("running jobs have a pool");
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name)) {
+                    view.queue.running.push(task.clone());
                 }
             }
         }
-        true
+        shares
+    }
+
+    /// The part of every instance, agent and job of the world's observation, in its order (see [`Placed`]);
+    /// `None` when one belongs to no configured pool.
+    fn place(&self, parts: &Parts) -> Option<Placed> {
+        let world = &self.observed;
+        let same_keys = parts
+            .views
+            .iter()
+            .all(|view| view.backends.keys().eq(world.backends.keys()) && view.ci.keys().eq(world.ci.keys()));
+        if !same_keys {
+            return None;
+        }
+        let mut placed = Placed::default();
+        let no_pools = Vec::new();
+        for (name, backend) in &self.observed.backends {
+            let pools = self.pools_of.instances.get(name).unwrap_or(&no_pools);
+            if pools.len() != backend.instances.len() {
+                return None;
+            }
+            placed.instances.push(pools.iter().map(|pool| Some(parts.of_pool[(*pool)?])).collect::<Option<Vec<usize>>>()?);
+        }
+        for (name, ci) in &self.observed.ci {
+            let pools = self.pools_of.agents.get(name).unwrap_or(&no_pools);
+            if pools.len() != ci.agents.len() {
+                return None;
+            }
+            placed.agents.push(pools.iter().map(|pool| Some(parts.of_pool[(*pool)?])).collect::<Option<Vec<usize>>>()?);
+            let queue = self.queues.get(name);
+            let pending = queue.map_or(&[][..], |queue| &queue.pending[..]);
+            let running = queue.map_or(&[][..], |queue| &queue.running[..]);
+            // `queues` runs parallel to the observed queue: the same jobs in the same order. A job no pool takes
+            // counts for no pool's demand: no part needs it.
+            if pending.len() != ci.queue.pending.len() || running.len() != ci.queue.running.len() {
+                return None;
+            }
+            placed.pending.push(pending.iter().map(|&job| parts.of_class[self.jobs[job].class].unwrap_or(NO_PART)).collect());
+            let of = running.iter().map(|&job| Some(parts.of_pool[self.jobs[job].pool?]));
+            placed.running.push(of.collect::<Option<Vec<usize>>>()?);
+        }
+        Some(placed)
     }
 
     /// Something changed in the pool's part (`None`: in no known pool, so in every part).
@@ -836,6 +907,7 @@ impl<'a> Sim<'a> {
         };
         if let Some(backend) = self.observed.backends.get_mut(&target.backend) {
             backend.instances.push(instance);
+            self.pools_of.instances.entry(target.backend.clone()).or_default().push(Some(pool_index));
         }
         self.instances.insert(
             id.clone(),
@@ -867,6 +939,7 @@ impl<'a> Sim<'a> {
         }
         self.next_agent += 1;
         let id = AgentId::new(format!("a{}", self.next_agent));
+        self.pools_of.agents.entry(pool.ci.source.clone()).or_default().push(Some(pool_index));
         let mut labels = pool.ci.labels.clone();
         if pool.scale.ephemeral {
             labels.insert(EPHEMERAL_LABEL.to_owned(), "true".to_owned());
@@ -1006,8 +1079,13 @@ impl<'a> Sim<'a> {
 
     fn deregister(&mut self, ci: &CiName, id: &AgentId) {
         self.requeue_jobs_of(id);
-        if let Some(ci) = self.observed.ci.get_mut(ci) {
-            ci.agents.retain(|agent| &agent.id != id);
+        if let Some(observation) = self.observed.ci.get_mut(ci) {
+            if let Some(position) = observation.agents.iter().position(|agent| &agent.id == id) {
+                observation.agents.remove(position);
+                if let Some(pools) = self.pools_of.agents.get_mut(ci) {
+                    pools.remove(position);
+                }
+            }
         }
         if let Some(side) = self.agents.remove(id) {
             if let Some(instance) = side.serving_on.and_then(|instance| self.instances.get_mut(&instance)) {
@@ -1128,7 +1206,12 @@ impl<'a> Sim<'a> {
         let backend = side.backend.clone();
         self.disconnect_agent(id);
         if let Some(observed) = self.observed.backends.get_mut(&backend) {
-            observed.instances.retain(|instance| &instance.id != id);
+            if let Some(position) = observed.instances.iter().position(|instance| &instance.id == id) {
+                observed.instances.remove(position);
+                if let Some(pools) = self.pools_of.instances.get_mut(&backend) {
+                    pools.remove(position);
+                }
+            }
         }
         let Some(side) = self.instances.remove(id) else {
             return;
@@ -1217,8 +1300,19 @@ impl<'a> Sim<'a> {
         self.queues.entry(ci.clone()).or_default().pending.push(index);
         // The first agent that can take it does (agents long-poll the CI).
         let class = self.jobs[index].class;
+        let takes = &self.classes[class];
+        let pools = self.pools_of.agents.get(&ci);
         let taker = self.observed.ci.get(&ci).and_then(|observation| {
-            observation.agents.iter().find(|agent| self.can_take(agent) && self.eligible(class, &agent.id)).map(|a| a.id.clone())
+            // An agent's pool first (from the list beside the agents, no lookup by id): most are of other pools.
+            let mut agents = observation.agents.iter().enumerate();
+            agents
+                .find(|(position, agent)| {
+                    let pool = pools.and_then(|pools| pools.get(*position).copied().flatten());
+                    pool.is_none_or(|pool| takes.get(pool).copied().unwrap_or(false))
+                        && self.can_take(agent)
+                        && self.eligible(class, &agent.id)
+                })
+                .map(|(_, agent)| agent.id.clone())
         });
         if let Some(agent) = taker {
             let position = self.queues[&ci].pending.len() - 1;
@@ -1257,9 +1351,10 @@ impl<'a> Sim<'a> {
             if !ready {
                 return;
             }
-            let position = self.queues.get(&ci).and_then(|queue| {
-                queue.pending.iter().position(|&job| self.eligible(self.jobs[job].class, id))
-            });
+            let pool = self.agents.get(id).and_then(|side| side.pool);
+            let takes = |class: usize| pool.is_some_and(|pool| self.classes[class].get(pool).copied().unwrap_or(false));
+            let position =
+                self.queues.get(&ci).and_then(|queue| queue.pending.iter().position(|&job| takes(self.jobs[job].class)));
             let Some(position) = position else {
                 return;
             };
@@ -1555,6 +1650,107 @@ fn close_instance(tally: &mut Tally, side: &InstanceSide, billing: Billing, now:
     }
 }
 
+/// The pool of each instance and agent of the world's observation (`None`: of no configured pool), per backend and
+/// CI source in the observation's order: kept beside its lists as items come and go.
+#[derive(Default)]
+struct PoolsOf {
+    instances: BTreeMap<BackendName, Vec<Option<usize>>>,
+    agents: BTreeMap<CiName, Vec<Option<usize>>>,
+}
+
+/// Where each item of the world's observation goes while the parts plan: per backend its instances' parts, per
+/// CI source its agents', pending jobs' and running jobs' parts ([`NO_PART`]: none), in the world's order.
+#[derive(Default)]
+struct Placed {
+    instances: Vec<Vec<usize>>,
+    agents: Vec<Vec<usize>>,
+    pending: Vec<Vec<usize>>,
+    running: Vec<Vec<usize>>,
+}
+
+/// The part of a pending job no pool takes.
+const NO_PART: usize = usize::MAX;
+
+/// Moves the items of the parts about to plan from the world's observation into their views (moved, not copied:
+/// copying them cost more than planning), keeping their order. The rest stays. [`give_back`] undoes it.
+fn lend(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool], now: Timestamp) {
+    for view in &mut parts.views {
+        view.observed_at = now;
+    }
+    // Each lent part's list for this backend or source, found once (not per item).
+    let lent = |part: usize| due.get(part).copied().unwrap_or(false);
+    for ((name, backend), of) in world.backends.iter_mut().zip(&placed.instances) {
+        let mut to: Vec<Option<&mut Vec<Instance>>> = (parts.views.iter_mut().enumerate())
+            .map(|(part, view)| lent(part).then(|| view.backends.get_mut(name).map(|b| &mut b.instances)).flatten())
+            .collect();
+        let all = std::mem::replace(&mut backend.instances, Vec::with_capacity(of.len()));
+        for (instance, &part) in all.into_iter().zip(of) {
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.push(instance),
+                None => backend.instances.push(instance),
+            }
+        }
+    }
+    let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
+    for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
+        let mut to: Vec<Option<(&mut Vec<Agent>, &mut Vec<Task>, &mut Vec<Task>)>> = (parts.views.iter_mut().enumerate())
+            .map(|(part, view)| {
+                let ci = lent(part).then(|| view.ci.get_mut(name)).flatten()?;
+                Some((&mut ci.agents, &mut ci.queue.pending, &mut ci.queue.running))
+            })
+            .collect();
+        let all = std::mem::replace(&mut ci.agents, Vec::with_capacity(agents.len()));
+        for (agent, &part) in all.into_iter().zip(agents) {
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.0.push(agent),
+                None => ci.agents.push(agent),
+            }
+        }
+        // `NO_PART` is out of range: a job no pool takes stays.
+        let all = std::mem::replace(&mut ci.queue.pending, Vec::with_capacity(pending.len()));
+        for (task, &part) in all.into_iter().zip(pending) {
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.1.push(task),
+                None => ci.queue.pending.push(task),
+            }
+        }
+        let all = std::mem::replace(&mut ci.queue.running, Vec::with_capacity(running.len()));
+        for (task, &part) in all.into_iter().zip(running) {
+            match to.get_mut(part).and_then(Option::as_mut) {
+                Some(view) => view.2.push(task),
+                None => ci.queue.running.push(task),
+            }
+        }
+    }
+}
+
+/// Puts what [`lend`] moved back into the world's observation, each item where it was. The views' lists are
+/// drained, not dropped: they keep their room for the next loan.
+fn give_back(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool]) {
+    /// Rebuilds `stayed` in the world's order: each item from its part's view when that part was lent, else from
+    /// those that stayed.
+    fn merge<T>(stayed: &mut Vec<T>, mut lent: Vec<Option<std::vec::Drain<'_, T>>>, order: &[usize], due: &[bool]) {
+        let mut rest = std::mem::replace(stayed, Vec::with_capacity(order.len())).into_iter();
+        for &part in order {
+            let item = if part != NO_PART && due[part] { lent[part].as_mut().and_then(Iterator::next) } else { rest.next() };
+            stayed.extend(item);
+        }
+    }
+    for ((name, backend), order) in world.backends.iter_mut().zip(&placed.instances) {
+        let lent = parts.views.iter_mut().map(|view| view.backends.get_mut(name).map(|b| b.instances.drain(..))).collect();
+        merge(&mut backend.instances, lent, order, due);
+    }
+    let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
+    for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
+        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.agents.drain(..))).collect();
+        merge(&mut ci.agents, lent, agents, due);
+        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.pending.drain(..))).collect();
+        merge(&mut ci.queue.pending, lent, pending, due);
+        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.running.drain(..))).collect();
+        merge(&mut ci.queue.running, lent, running, due);
+    }
+}
+
 impl Parts {
     /// The parts of the config, or `None` when it cannot be planned by parts (one part, or something the planner
     /// relates across pools: adopted instances, pre-registered agents, job-bound CI sources).
@@ -1642,46 +1838,72 @@ impl Parts {
     }
 }
 
+/// The durations the planner's time-based rules count from an instance's creation or an agent's work or
+/// registration (idle and bootstrap timeouts), and the billing margins, of every pool (worked out once).
+struct Rules {
+    durations: Vec<SignedDuration>,
+    margins: Vec<SignedDuration>,
+}
+
+impl Rules {
+    fn new(desired: &Desired) -> Self {
+        let durations: BTreeSet<SignedDuration> = desired
+            .pools
+            .iter()
+            .flat_map(|pool| [pool.scale.idle_timeout.signed(), pool.scale.bootstrap_timeout.signed()])
+            .collect();
+        let margins: BTreeSet<SignedDuration> =
+            desired.pools.iter().filter_map(|pool| pool.scale.billing_margin.map(|m| m.signed())).collect();
+        Self { durations: durations.into_iter().collect(), margins: margins.into_iter().collect() }
+    }
+}
+
 /// The earliest moment after `now` at which a time-based rule of the planner could decide differently with the
 /// same observation. Conservative: every such moment is included, some never matter (the durations and schedules
 /// of every pool count, also for a part's observation).
 fn threshold_after(
     desired: &Desired,
+    rules: &Rules,
     observed: &Observed,
     now: Timestamp,
     schedule_cache: &mut HashMap<(usize, usize), (Timestamp, Option<Timestamp>)>,
 ) -> Option<Timestamp> {
     let mut best: Option<Timestamp> = None;
     let mut consider = |at: Option<Timestamp>| {
-        if let Some(at) = at {
-            // Rules compare with `>` as well as `>=`: the moment itself and the instant after both count.
-            for candidate in [Some(at), at.checked_add(SignedDuration::from_nanos(1)).ok()].into_iter().flatten() {
-                if candidate > now && best.is_none_or(|best| candidate < best) {
-                    best = Some(candidate);
-                }
+        // Rules compare with `>` as well as `>=`: the moment itself and the instant after both count, and the
+        // first of the two after `now` is the one that matters.
+        let candidate = match at {
+            Some(at) if at > now => Some(at),
+            Some(at) if at == now => at.checked_add(SignedDuration::from_nanos(1)).ok(),
+            _ => None,
+        };
+        if let Some(candidate) = candidate {
+            if best.is_none_or(|best| candidate < best) {
+                best = Some(candidate);
             }
         }
     };
-    let durations: BTreeSet<SignedDuration> = desired
-        .pools
-        .iter()
-        .flat_map(|pool| [pool.scale.idle_timeout.signed(), pool.scale.bootstrap_timeout.signed()])
-        .collect();
-    let margins: BTreeSet<SignedDuration> =
-        desired.pools.iter().filter_map(|pool| pool.scale.billing_margin.map(|m| m.signed())).collect();
+    let (durations, margins) = (&rules.durations, &rules.margins);
+    // Only moments at or after `now` count: the sum is worked out only for those (most lie in the past).
+    let since: Vec<Option<Timestamp>> = durations.iter().map(|duration| now.checked_sub(*duration).ok()).collect();
     let plus = |at: Timestamp, by: SignedDuration| at.checked_add(by).ok();
+    let after = |at: Timestamp, consider: &mut dyn FnMut(Option<Timestamp>)| {
+        for (duration, since) in durations.iter().zip(&since) {
+            if since.is_none_or(|since| at >= since) {
+                consider(plus(at, *duration));
+            }
+        }
+    };
     for (backend_name, backend) in &observed.backends {
         let hourly = desired.backends.get(backend_name).is_some_and(|spec| spec.billing == Billing::Hourly);
         for instance in &backend.instances {
-            for duration in &durations {
-                consider(plus(instance.created_at, *duration));
-            }
+            after(instance.created_at, &mut consider);
             if hourly {
                 // The paid hour restarts every 3600 s from creation; the keep rule opens `margin` before each.
                 let elapsed = now.duration_since(instance.created_at).as_secs().max(0);
                 let next_hour = instance.created_at.checked_add(SignedDuration::from_secs((elapsed / 3600 + 1) * 3600)).ok();
                 consider(next_hour);
-                for margin in &margins {
+                for margin in margins {
                     consider(next_hour.and_then(|hour| hour.checked_sub(*margin).ok()));
                     consider(next_hour.and_then(|hour| plus(hour, SignedDuration::from_secs(3600))?.checked_sub(*margin).ok()));
                 }
@@ -1693,9 +1915,7 @@ fn threshold_after(
             // `last_work` starts idle times; the record's age (registered, else last in contact) decides
             // whether a record without an instance still counts as a create in flight.
             for at in [agent.last_work, agent.created_at.or(agent.last_contact)].into_iter().flatten() {
-                for duration in &durations {
-                    consider(plus(at, *duration));
-                }
+                after(at, &mut consider);
             }
         }
     }
