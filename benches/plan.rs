@@ -110,7 +110,12 @@ fn world(size: &Size) -> (Desired, Observed, Timestamp) {
                 mode: InstanceMode::Create,
                 machine: [("serverType".to_owned(), "cx22,cx32".to_owned())].into(),
             },
-            agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None },
+            agent: AgentSpec {
+                image: Some("agent:1".into()),
+                env: BTreeMap::new(),
+                secret_env: BTreeMap::new(),
+                preregistered: None,
+            },
             scale: ScalePolicy { max: 150, min_idle: 1, ..ScalePolicy::default() },
         })
         .collect();

@@ -198,14 +198,11 @@ fn many_pools(secs: u64) -> Measured {
         ));
     }
     std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
-    let env: BTreeMap<String, String> = [
-        ("WP_TOKEN", ADMIN_TOKEN),
-        ("AZP_TOKEN", AZURE_PAT),
-        ("HCLOUD_TOKEN", HCLOUD_TOKEN),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_owned(), value.to_owned()))
-    .collect();
+    let env: BTreeMap<String, String> =
+        [("WP_TOKEN", ADMIN_TOKEN), ("AZP_TOKEN", AZURE_PAT), ("HCLOUD_TOKEN", HCLOUD_TOKEN)]
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
     let child = daemon(dir.path(), &env, &["watch", "-c", "ciscale.yaml"]);
     // Every second a job in the next pool; each leaves the queue 4 s later. Pools create for them, then delete
     // what no agent ever registered on (bootstrap timeout) or what idles.
@@ -234,9 +231,10 @@ fn many_pools(secs: u64) -> Measured {
             !done
         });
     });
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
-        .map(|world| world.snapshot().counters.instances)
-        .unwrap_or_default();
+    let world =
+        FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+            .map(|world| world.snapshot().counters.instances)
+            .unwrap_or_default();
     measured.activity = format!(
         "servers created: {} + {} on the two Hetzner projects, {world} containers on the fake backend",
         hetzner_a.count("POST", "/servers"),
@@ -248,10 +246,9 @@ fn many_pools(secs: u64) -> Measured {
 fn main() {
     let secs: u64 = std::env::var("RSS_SECS").ok().and_then(|text| text.parse().ok()).unwrap_or(60);
     let mut clean = true;
-    for (name, run) in [
-        ("picus mode (hcloud)", picus_mode as fn(u64) -> Measured),
-        ("10 pools, 3 backends, 2 ci sources", many_pools),
-    ] {
+    for (name, run) in
+        [("picus mode (hcloud)", picus_mode as fn(u64) -> Measured), ("10 pools, 3 backends, 2 ci sources", many_pools)]
+    {
         let measured = run(secs);
         println!(
             "{name}: peak RSS {:.1} MiB (VmHWM), {:.1} MiB at the end ({:.1} anonymous, {:.1} file-backed), {} \

@@ -91,9 +91,9 @@ impl Seen {
     fn sample(&mut self, world: &FakeWorld) {
         let state = world.snapshot();
         for instance in &state.instances {
-            self.creates.entry(instance.id.clone()).or_insert_with(|| {
-                (instance.labels.get(POOL_LABEL).cloned().unwrap_or_default(), instance.created_at)
-            });
+            self.creates
+                .entry(instance.id.clone())
+                .or_insert_with(|| (instance.labels.get(POOL_LABEL).cloned().unwrap_or_default(), instance.created_at));
         }
         for task in &state.tasks {
             if let Some(started) = task.started_at {
@@ -186,11 +186,14 @@ fn explain(reaction: &Reactions, reports: &[serde_json::Value], count: usize) {
     for (pool, pushed, created) in slowest.into_iter().take(count) {
         println!("job of {pool} pushed {pushed}: create call after {} ms", millis_between(*pushed, *created));
         for report in reports {
-            let Some(started) = report["started_at"].as_str().and_then(|at| at.parse::<Timestamp>().ok()) else { continue };
+            let Some(started) = report["started_at"].as_str().and_then(|at| at.parse::<Timestamp>().ok()) else {
+                continue;
+            };
             if started < *pushed - jiff::SignedDuration::from_secs(1) || started > *created {
                 continue;
             }
-            let status = report["pools"].as_array().and_then(|pools| pools.iter().find(|status| status["pool"] == *pool));
+            let status =
+                report["pools"].as_array().and_then(|pools| pools.iter().find(|status| status["pool"] == *pool));
             println!(
                 "  cycle {} at {:+} ms, {} ms: started {} in_flight {} waiting {} held_back {} error {} | {pool}: {}",
                 report["cycle"],
@@ -221,8 +224,9 @@ fn main() {
     let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("ciscale.yaml"), config()).expect("write config");
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
-        .expect("open world");
+    let world =
+        FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+            .expect("open world");
     world.set_price("small", ciscale::model::Price { hourly: 0.01, currency: "EUR".to_owned() });
     // Every 5th provider call fails: 20 % faults, spread over every operation.
     world.inject(Fault::every_nth(Op::Any, FaultKind::Unavailable5xx, 5, u32::MAX));
@@ -277,10 +281,8 @@ fn main() {
             let pool = format!("p{}", jobs as usize % POOLS);
             // Stamped before the push: the daemon cannot see the job any earlier.
             let at = Timestamp::now();
-            let id = world.push_task_for(
-                BTreeMap::from([("pool".to_owned(), pool.clone())]),
-                Duration::from_secs(1 + jobs % 4),
-            );
+            let id = world
+                .push_task_for(BTreeMap::from([("pool".to_owned(), pool.clone())]), Duration::from_secs(1 + jobs % 4));
             pushed.push(Job { id, pool, pushed: at });
             jobs += 1;
         }

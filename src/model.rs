@@ -360,7 +360,10 @@ pub enum ForgejoScope {
     /// Every repository of the instance (a site administrator's token).
     Instance,
     Organization(String),
-    Repository { owner: String, repo: String },
+    Repository {
+        owner: String,
+        repo: String,
+    },
     /// The repositories of the token's own user.
     User,
 }

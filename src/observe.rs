@@ -143,7 +143,10 @@ where
 }
 
 /// `call`, failing as unavailable when it has not finished within `deadline`.
-async fn within<T>(deadline: Option<Duration>, call: impl Future<Output = providers::Result<T>>) -> providers::Result<T> {
+async fn within<T>(
+    deadline: Option<Duration>,
+    call: impl Future<Output = providers::Result<T>>,
+) -> providers::Result<T> {
     let Some(deadline) = deadline else { return call.await };
     match tokio::time::timeout(deadline, call).await {
         Ok(result) => result,
@@ -162,7 +165,11 @@ enum Part {
 /// Observes every provider once, concurrently, and fails naming every source that did not answer (in source
 /// order), so a user fixes them all in one go. `observed_at` is the moment the observation started: the planner uses it as its "now", which keeps
 /// `plan --observed` deterministic.
-pub async fn observe(desired: &Desired, providers: &Providers, observed_at: Timestamp) -> Result<Observed, ObserveError> {
+pub async fn observe(
+    desired: &Desired,
+    providers: &Providers,
+    observed_at: Timestamp,
+) -> Result<Observed, ObserveError> {
     let mut observation = observe_sources(desired, providers, &sources(desired), observed_at, None).await;
     if observation.failures.len() > 1 {
         return Err(ObserveError::Several(observation.failures));
@@ -260,7 +267,8 @@ pub async fn observe_sources(
                 Source::Backend(name) => ("backend", name.to_string()),
                 Source::Ci(name) => ("ci", name.to_string()),
             };
-            let died = providers::Error::Other { provider: provider.to_owned(), source: "the observation task died".into() };
+            let died =
+                providers::Error::Other { provider: provider.to_owned(), source: "the observation task died".into() };
             failures.push(match source {
                 Source::Backend(_) => ObserveError::Backend { name: BackendName::new(name), source: died },
                 Source::Ci(_) => ObserveError::Ci { name: CiName::new(name), source: died },

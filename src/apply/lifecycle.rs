@@ -18,13 +18,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::model::{
-    AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, Secret, AGENT_LABEL, EPHEMERAL_LABEL, JOB_LABEL,
-    OWNER_LABEL, POOL_LABEL,
+    AgentRef, BackendName, CiName, Desired, InstanceId, InstanceState, PoolSpec, Secret, AGENT_LABEL, EPHEMERAL_LABEL,
+    JOB_LABEL, OWNER_LABEL, POOL_LABEL,
 };
 use crate::plan::{Action, AgentTarget, Change, InstanceTarget};
 use crate::providers::{
-    AgentCredential, Backend, CiSource, CloudLaunch, CreateInstance, Error, Exec, ListInstances, Providers, PushFile, RegisterAgent,
-    Result,
+    AgentCredential, Backend, CiSource, CloudLaunch, CreateInstance, Error, Exec, ListInstances, Providers, PushFile,
+    RegisterAgent, Result,
 };
 
 use super::bootstrap::{agent_env_file, bootstrap_env, CREDENTIAL_MODE, CREDENTIAL_PATH};
@@ -88,7 +88,9 @@ impl<'run> ChangeRun<'run> {
             Action::Create => self.create(self.instance_target()?).await,
             Action::Start => {
                 let (backend, id) = self.existing_instance()?;
-                self.call("start instance", || backend.start(&id)).await.map_err(|e| self.failed("start instance", &e))?;
+                self.call("start instance", || backend.start(&id))
+                    .await
+                    .map_err(|e| self.failed("start instance", &e))?;
                 // As for a create: an agent that starts with its instance needs nothing more from us, and its boot
                 // is observed on later cycles rather than waited for here.
                 if backend.capabilities().exec {
@@ -142,11 +144,9 @@ impl<'run> ChangeRun<'run> {
         }
         let credential = match (&pool.agent.preregistered, &self.change.agent) {
             // Picus mode: the agent exists and authenticates with the shared secret in the pool's secret env.
-            (Some(_), Some(agent)) => AgentCredential {
-                agent_id: agent.id.clone(),
-                token: Secret::new(String::new()),
-                env: BTreeMap::new(),
-            },
+            (Some(_), Some(agent)) => {
+                AgentCredential { agent_id: agent.id.clone(), token: Secret::new(String::new()), env: BTreeMap::new() }
+            }
             (Some(reference), None) => {
                 return Err(self.fail(
                     "find pre-registered agent",
@@ -233,13 +233,8 @@ impl<'run> ChangeRun<'run> {
             if !running {
                 self.wait_ready(&backend, &id).await?;
             }
-            let file = PushFile {
-                path: CREDENTIAL_PATH.to_owned(),
-                content: env_file,
-                mode: CREDENTIAL_MODE,
-                uid: 0,
-                gid: 0,
-            };
+            let file =
+                PushFile { path: CREDENTIAL_PATH.to_owned(), content: env_file, mode: CREDENTIAL_MODE, uid: 0, gid: 0 };
             self.call("push credential", || backend.push_file(&id, &file))
                 .await
                 .map_err(|e| self.failed("push credential", &e))?;
@@ -258,7 +253,12 @@ impl<'run> ChangeRun<'run> {
 
     /// The user data of a cloud server for the pool's CI: the agent container (the pool's image, else the CI's
     /// default), or the source's own user data ([`CloudLaunch::OwnUserData`]).
-    fn cloud_user_data(&self, pool: &PoolSpec, ci: &Arc<dyn CiSource>, env_file: &Secret) -> Result<Secret, StepFailure> {
+    fn cloud_user_data(
+        &self,
+        pool: &PoolSpec,
+        ci: &Arc<dyn CiSource>,
+        env_file: &Secret,
+    ) -> Result<Secret, StepFailure> {
         const STEP: &str = "write user data";
         match ci.capabilities().launch.cloud {
             CloudLaunch::Docker { default_image, needs } => {
@@ -316,7 +316,9 @@ impl<'run> ChangeRun<'run> {
                             .map_err(|e| self.failed("start instance", &e))?;
                     }
                     InstanceState::Deleting | InstanceState::Terminated => {
-                        return Err(self.fail(STEP, format!("instance `{id}` is {} instead of starting", instance.state)));
+                        return Err(
+                            self.fail(STEP, format!("instance `{id}` is {} instead of starting", instance.state))
+                        );
                     }
                     _ => {}
                 },
@@ -456,7 +458,10 @@ impl<'run> ChangeRun<'run> {
 
     fn ci(&self, name: &CiName) -> Result<Arc<dyn CiSource>, StepFailure> {
         self.shared.providers.ci.get(name).cloned().ok_or_else(|| {
-            self.fail("resolve", format!("CI source `{name}` is not configured\nhint: is the plan from another config?"))
+            self.fail(
+                "resolve",
+                format!("CI source `{name}` is not configured\nhint: is the plan from another config?"),
+            )
         })
     }
 

@@ -35,19 +35,19 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::model::{AgentId, BackendKind, BackendName, CiName, Desired, GoDuration, InstanceId};
-pub(crate) use crate::redact::Redactor;
 use crate::plan::{Action, Change, Plan};
 use crate::providers::Providers;
+pub(crate) use crate::redact::Redactor;
 
 mod bootstrap;
 mod cloud_init;
 mod lifecycle;
 pub mod retry;
 
+pub use bootstrap::agent_env_file;
 pub use bootstrap::{
     bootstrap_env, BootstrapError, AGENT_COMMAND, AGENT_ID_ENV, CREDENTIAL_MODE, CREDENTIAL_PATH, TOKEN_ENV,
 };
-pub use bootstrap::agent_env_file;
 pub use cloud_init::{
     cloud_init, CloudInitError, AGENT_CONTAINER, AGENT_ENV_PATH, DEFAULT_AGENT_IMAGE, METADATA_ADDRESS,
 };
@@ -164,9 +164,14 @@ pub fn slot_of(change: &Change) -> Slot {
 pub enum Outcome {
     Done,
     /// `step` failed (after retries); `error` is redacted.
-    Failed { step: String, error: String },
+    Failed {
+        step: String,
+        error: String,
+    },
     /// Not attempted.
-    Skipped { why: String },
+    Skipped {
+        why: String,
+    },
 }
 
 impl Outcome {

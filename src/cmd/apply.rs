@@ -52,7 +52,8 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
         (Some(saved), Some(path)) => {
             let saved = saved.plan;
             if saved.config_hash != desired.config_hash {
-                let made_from = recorded.as_ref().map(|recorded| format!(" (`{}`)", recorded.display())).unwrap_or_default();
+                let made_from =
+                    recorded.as_ref().map(|recorded| format!(" (`{}`)", recorded.display())).unwrap_or_default();
                 let hint = match &recorded {
                     Some(recorded) if args.config.is_explicit() && recorded.as_path() != config.path() => format!(
                         "drop `-c` to apply it with `{}`, or make a new plan with `ciscale plan -c {} --out FILE`",
@@ -121,7 +122,12 @@ pub async fn run(args: ApplyArgs, ui: &Ui) -> anyhow::Result<u8> {
     let failed = report.failed();
     let no_longer_safe =
         if args.plan_file.is_some() { format!(", {} no longer safe", refused.len()) } else { String::new() };
-    println!("Apply complete: {} done, {} failed, {} skipped{no_longer_safe}.", report.succeeded(), failed, report.skipped());
+    println!(
+        "Apply complete: {} done, {} failed, {} skipped{no_longer_safe}.",
+        report.succeeded(),
+        failed,
+        report.skipped()
+    );
     for (change, outcome) in &report.outcomes {
         if let Outcome::Failed { step, error } = outcome {
             eprintln!("error: {} {} failed at `{step}`: {error}", change.action.verb(), describe(change));
@@ -141,7 +147,8 @@ fn stale_hint() -> anyhow::Error {
 }
 
 fn read_plan_file(path: &Path) -> anyhow::Result<PlanFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("could not read the plan file `{}`", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("could not read the plan file `{}`", path.display()))?;
     let file: PlanFile = serde_json::from_str(&text).map_err(|error| {
         hinted(
             format!("{}:{}:{}: not a ciscale plan file: {error}", path.display(), error.line(), error.column()),
@@ -213,7 +220,11 @@ struct Running {
 
 impl Reporter {
     fn new(ui: &Ui, _changes: usize) -> Self {
-        Self { bars: ui.stderr_is_tty.then(MultiProgress::new), running: Mutex::new(Vec::new()), color: ui.stderr_color }
+        Self {
+            bars: ui.stderr_is_tty.then(MultiProgress::new),
+            running: Mutex::new(Vec::new()),
+            color: ui.stderr_color,
+        }
     }
 
     fn key(change: &Change) -> String {
@@ -248,7 +259,8 @@ impl Reporter {
 /// `[id=…]` of what a finished change made or acted on: the new instance of a create, else the instance or the
 /// agent record the change names.
 fn ids(change: &Change, created: Option<&str>) -> String {
-    let instance = created.map(str::to_owned).or_else(|| change.instance.as_ref()?.id.as_ref().map(ToString::to_string));
+    let instance =
+        created.map(str::to_owned).or_else(|| change.instance.as_ref()?.id.as_ref().map(ToString::to_string));
     match (instance, &change.agent) {
         (Some(instance), Some(agent)) => format!(" [id={instance}, agent={}]", agent.id),
         (Some(instance), None) => format!(" [id={instance}]"),
@@ -305,7 +317,9 @@ impl Progress for Reporter {
             None => (None, None),
         };
         let after = elapsed
-            .map(|elapsed| format!(" after {}", ciscale::model::GoDuration(std::time::Duration::from_secs(elapsed.as_secs()))))
+            .map(|elapsed| {
+                format!(" after {}", ciscale::model::GoDuration(std::time::Duration::from_secs(elapsed.as_secs())))
+            })
             .unwrap_or_default();
         let line = match outcome {
             Outcome::Done => format!("{key}: {} complete{after}{}", change.action.verb(), ids(change, created)),

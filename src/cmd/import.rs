@@ -45,9 +45,7 @@ impl FileArg {
                     eprintln!("reading the config from standard input (end it with Ctrl-D), or pass it as FILE");
                 }
                 let mut text = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut text)
-                    .context("cannot read stdin")?;
+                std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
                 Ok(("stdin".to_owned(), text))
             }
         }
@@ -64,11 +62,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<u8> {
                 eprintln!(
                     "hint: set `{variable}` to the PAT of pool(s) {} (the `azure.pat` in `{name}`); the config reads \
                      it from the environment and never stores it",
-                    pools
-                        .iter()
-                        .map(|pool| format!("`{pool}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    pools.iter().map(|pool| format!("`{pool}`")).collect::<Vec<_>>().join(", ")
                 );
             }
             for note in &imported.notes {
@@ -78,7 +72,8 @@ pub fn run(args: ImportArgs) -> anyhow::Result<u8> {
         }
         ImportFormat::Picus => {
             let vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
-            let yaml = ciscale::import::picus::config_from_env(&vars).context("cannot convert the Picus environment")?;
+            let yaml =
+                ciscale::import::picus::config_from_env(&vars).context("cannot convert the Picus environment")?;
             print!("{yaml}");
             eprintln!(
                 "hint: the config reads the secrets from the same `PICUS_*` variables; keep them set where ciscale runs"

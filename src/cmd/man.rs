@@ -122,14 +122,19 @@ fn commands_section(cli: &clap::Command) -> String {
         let positionals: Vec<String> = command
             .get_positionals()
             .map(|arg| {
-                let value = arg.get_value_names().and_then(|names| names.first()).map_or_else(
-                    || arg.get_id().as_str().to_uppercase(),
-                    ToString::to_string,
-                );
-                if arg.is_required_set() { value } else { format!("[{value}]") }
+                let value = arg
+                    .get_value_names()
+                    .and_then(|names| names.first())
+                    .map_or_else(|| arg.get_id().as_str().to_uppercase(), ToString::to_string);
+                if arg.is_required_set() {
+                    value
+                } else {
+                    format!("[{value}]")
+                }
             })
             .collect();
-        let usage = format!("ciscale {name} [OPTIONS]{}", positionals.iter().map(|p| format!(" {p}")).collect::<String>());
+        let usage =
+            format!("ciscale {name} [OPTIONS]{}", positionals.iter().map(|p| format!(" {p}")).collect::<String>());
         out.push_str(&format!(".TP\n{}\n", bold(&usage)));
         if let Some(about) = command.get_about() {
             out.push_str(&format!("{}\n", escape(&about.to_string())));

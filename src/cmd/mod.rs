@@ -32,7 +32,11 @@ pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_CHANGES: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "ciscale", version, about = "Keeps self-hosted CI agents at exactly the capacity their job queue needs")]
+#[command(
+    name = "ciscale",
+    version,
+    about = "Keeps self-hosted CI agents at exactly the capacity their job queue needs"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -260,7 +264,9 @@ pub fn init_logging(global: &GlobalArgs, default_level: &str) {
     let color = match global.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        ColorChoice::Auto => {
+            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        }
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     let result = if json { builder.json().try_init() } else { builder.with_ansi(color).try_init() };
@@ -280,8 +286,9 @@ pub fn load_config(arg: &ConfigArg, secrets: Secrets) -> anyhow::Result<Desired>
         let picus = ciscale::import::picus::is_picus_env(&vars);
         if picus && !arg.is_explicit() {
             tracing::info!(config = %path.display(), "no config file; running in Picus mode from `PICUS_*` variables");
-            let yaml = ciscale::import::picus::config_from_env(&vars)
-                .map_err(|error| anyhow::anyhow!("no `{}` and the Picus environment is incomplete: {error}", path.display()))?;
+            let yaml = ciscale::import::picus::config_from_env(&vars).map_err(|error| {
+                anyhow::anyhow!("no `{}` and the Picus environment is incomplete: {error}", path.display())
+            })?;
             let loaded = config::load_str_with("Picus environment", &yaml, &|name| std::env::var(name).ok(), secrets)?;
             print_warnings(loaded.warnings.as_ref());
             return Ok(loaded.desired);

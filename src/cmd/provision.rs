@@ -31,10 +31,7 @@ pub async fn run(args: ProvisionArgs, ui: &Ui) -> anyhow::Result<u8> {
     if let Some(unknown) = args.images.iter().find(|name| !desired.images.contains_key(*name)) {
         return Err(hinted(
             format!("image `{unknown}` is not in the config"),
-            format!(
-                "the config's images are: {}",
-                desired.images.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
+            format!("the config's images are: {}", desired.images.keys().cloned().collect::<Vec<_>>().join(", ")),
         ));
     }
     for (name, spec) in &desired.images {
@@ -45,19 +42,11 @@ pub async fn run(args: ProvisionArgs, ui: &Ui) -> anyhow::Result<u8> {
             Some(BackendKind::Incus { socket, project }) => Incus::new(socket.as_deref(), project.as_deref()),
             Some(other) => {
                 return Err(hinted(
-                    format!(
-                        "image `{name}`: `provision` builds images on incus backends, not `{}`",
-                        other.name()
-                    ),
+                    format!("image `{name}`: `provision` builds images on incus backends, not `{}`", other.name()),
                     "point the image's `backend` at an incus backend",
                 ))
             }
-            None => {
-                return Err(hinted(
-                    format!("image `{name}`: backend `{}` is not configured", spec.backend),
-                    "",
-                ))
-            }
+            None => return Err(hinted(format!("image `{name}`: backend `{}` is not configured", spec.backend), "")),
         };
         let request = ProvisionRequest {
             name: name.clone(),
@@ -85,15 +74,8 @@ pub async fn run(args: ProvisionArgs, ui: &Ui) -> anyhow::Result<u8> {
             "image `{}` → {}{}{}",
             built.alias,
             &built.fingerprint[..built.fingerprint.len().min(12)],
-            built
-                .previous
-                .map(|p| format!(" (was {})", &p[..p.len().min(12)]))
-                .unwrap_or_default(),
-            if built.pruned.is_empty() {
-                String::new()
-            } else {
-                format!(", pruned {}", built.pruned.len())
-            }
+            built.previous.map(|p| format!(" (was {})", &p[..p.len().min(12)])).unwrap_or_default(),
+            if built.pruned.is_empty() { String::new() } else { format!(", pruned {}", built.pruned.len()) }
         );
     }
     Ok(EXIT_OK)

@@ -125,7 +125,10 @@ pub fn run(args: SimulateArgs, _ui: &Ui) -> anyhow::Result<u8> {
     let from = args.from.unwrap_or(default_from);
     let until = args.until.unwrap_or(default_until);
     if until <= from {
-        return Err(hinted(format!("the window ends ({until}) before it starts ({from})"), "check `--from` and `--until`"));
+        return Err(hinted(
+            format!("the window ends ({until}) before it starts ({from})"),
+            "check `--from` and `--until`",
+        ));
     }
     let total = trace.jobs.len();
     let trace = trace::Trace::new(trace.jobs.into_iter().filter(|job| job.at >= from && job.at < until).collect());
@@ -197,10 +200,8 @@ pub fn run(args: SimulateArgs, _ui: &Ui) -> anyhow::Result<u8> {
 /// Reads a config for simulation: no secret is needed (nothing is called), so unset `${VAR}`s stand for
 /// themselves.
 pub(super) fn load_candidate(path: &Path) -> anyhow::Result<Candidate> {
-    let text = std::fs::read_to_string(path).map_err(|source| ciscale::config::ConfigError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ciscale::config::ConfigError::Io { path: path.to_owned(), source })?;
     let env = |name: &str| std::env::var(name).ok().or_else(|| Some(format!("unset-{name}")));
     let loaded = ciscale::config::load_str_with_simulation(&path.display().to_string(), &text, &env)?;
     Ok(Candidate { name: path.display().to_string(), desired: loaded.desired, simulation: loaded.simulation })
@@ -209,7 +210,8 @@ pub(super) fn load_candidate(path: &Path) -> anyhow::Result<Candidate> {
 fn read_trace(path: &Path) -> anyhow::Result<trace::Trace> {
     let trace = if path.as_os_str() == "-" {
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("could not read the trace from stdin")?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("could not read the trace from stdin")?;
         trace::parse_jsonl("<stdin>", &text)?
     } else {
         trace::read_file(path)?

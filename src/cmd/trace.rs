@@ -113,13 +113,19 @@ async fn export(args: ExportArgs) -> anyhow::Result<u8> {
         }
     };
     if from >= until {
-        return Err(hinted(format!("the window ends ({until}) before it starts ({from})"), "check `--from` and `--until`"));
+        return Err(hinted(
+            format!("the window ends ({until}) before it starts ({from})"),
+            "check `--from` and `--until`",
+        ));
     }
     let sources: Vec<CiName> = args.source.iter().map(|name| CiName::new(name.clone())).collect();
     for name in &sources {
         if !desired.ci.contains_key(name) {
             let known: Vec<String> = desired.ci.keys().map(|name| format!("`{name}`")).collect();
-            return Err(hinted(format!("the config has no ci source `{name}`"), format!("the config has {}", known.join(", "))));
+            return Err(hinted(
+                format!("the config has no ci source `{name}`"),
+                format!("the config has {}", known.join(", ")),
+            ));
         }
     }
     let rate_limit_wait = match args.rate_limit_wait.as_deref() {

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::Args;
 
 use ciscale::model::Desired;
-use ciscale::watch::metrics::{self, Metrics};
 use ciscale::providers::Providers;
+use ciscale::watch::metrics::{self, Metrics};
 use ciscale::watch::webhooks::Webhooks;
 use ciscale::watch::{self, Reloaded, WatchOptions};
 use tokio::sync::mpsc;
@@ -88,10 +88,8 @@ pub async fn run(args: WatchArgs, _ui: &Ui) -> anyhow::Result<u8> {
             tracing::warn!(cycle = report.cycle, "cycle failed: {error}");
         } else {
             let seen = serde_json::to_string(&(&report.planned, &report.pools)).unwrap_or_default();
-            let quiet = report.started == 0
-                && report.applied == 0
-                && report.failed == 0
-                && last_seen.as_ref() == Some(&seen);
+            let quiet =
+                report.started == 0 && report.applied == 0 && report.failed == 0 && last_seen.as_ref() == Some(&seen);
             if quiet {
                 tracing::debug!(cycle = report.cycle, ms = report.duration_ms, "cycle done, nothing changed");
             } else {

@@ -47,8 +47,7 @@ impl Checked {
     /// A problem was reported at or under `pointer`: the section cannot be converted.
     pub(crate) fn is_broken(&self, pointer: &str) -> bool {
         self.broken.iter().any(|broken| {
-            broken == pointer
-                || (broken.starts_with(pointer) && broken[pointer.len()..].starts_with('/'))
+            broken == pointer || (broken.starts_with(pointer) && broken[pointer.len()..].starts_with('/'))
         })
     }
 
@@ -70,9 +69,7 @@ impl Checked {
 
     /// The key's span when the value has a key, else the value's.
     pub(crate) fn key_span(&self, pointer: &str) -> Option<Span> {
-        self.spans
-            .get(pointer)
-            .map(|spans| spans.key.unwrap_or(spans.value))
+        self.spans.get(pointer).map(|spans| spans.key.unwrap_or(spans.value))
     }
 }
 
@@ -163,7 +160,10 @@ pub(crate) fn duplicate_keys(src: &SourceMap<'_>, problems: &mut Problems) {
         problems.push_related(
             Some(at),
             format!("duplicate key `{name}`"),
-            Some(format!("each key may appear once per mapping (the first `{name}` is on line {}); remove or rename one", first.line)),
+            Some(format!(
+                "each key may appear once per mapping (the first `{name}` is on line {}); remove or rename one",
+                first.line
+            )),
             Some((first, "first defined here")),
         );
     }
@@ -181,26 +181,17 @@ pub(crate) fn parse(src: &SourceMap<'_>, problems: &mut Problems) -> Option<Node
         Ok(Ok(node)) => return Some(node),
         Ok(Err(error)) => error,
         Err(_) => {
-            problems.push(
-                None,
-                "the YAML parser failed on this file",
-                Some("check the YAML syntax".to_owned()),
-            );
+            problems.push(None, "the YAML parser failed on this file", Some("check the YAML syntax".to_owned()));
             return None;
         }
     };
-    let marker_span = |marker: &marked_yaml::Marker| {
-        src.span_at(marker, src.line_len(src.byte_offset(marker.character())))
-    };
+    let marker_span =
+        |marker: &marked_yaml::Marker| src.span_at(marker, src.line_len(src.byte_offset(marker.character())));
     match error {
         // Not raised with `error_on_duplicate_keys(false)`; `duplicate_keys` reported them anyway.
         LoadError::DuplicateKey(_) => None,
         LoadError::ScanError(marker, scan) => {
-            problems.push(
-                Some(marker_span(&marker)),
-                format!("invalid YAML: {}", scan.info()),
-                None,
-            );
+            problems.push(Some(marker_span(&marker)), format!("invalid YAML: {}", scan.info()), None);
             None
         }
         LoadError::TopLevelMustBeMapping(marker) => {
@@ -223,39 +214,23 @@ pub(crate) fn parse(src: &SourceMap<'_>, problems: &mut Problems) -> Option<Node
             problems.push(
                 Some(marker_span(&marker)),
                 "YAML tags (`!tag`) are not supported",
-                Some(
-                    "a key or value starting with `!` must be quoted, e.g. `\"!gpu\": \"yes\"`"
-                        .to_owned(),
-                ),
+                Some("a key or value starting with `!` must be quoted, e.g. `\"!gpu\": \"yes\"`".to_owned()),
             );
             None
         }
         LoadError::MappingKeyMustBeScalar(marker) => {
-            problems.push(
-                Some(marker_span(&marker)),
-                "mapping keys must be plain values, not lists or mappings",
-                None,
-            );
+            problems.push(Some(marker_span(&marker)), "mapping keys must be plain values, not lists or mappings", None);
             None
         }
         LoadError::TopLevelMustBeSequence(marker) => {
-            problems.push(
-                Some(marker_span(&marker)),
-                "unexpected YAML structure",
-                None,
-            );
+            problems.push(Some(marker_span(&marker)), "unexpected YAML structure", None);
             None
         }
     }
 }
 
 /// Walks the parsed document against `schema` (the generated JSON schema of [`super::raw::RawConfig`]).
-pub(crate) fn check(
-    root: &Node,
-    schema: &Value,
-    src: &SourceMap<'_>,
-    problems: &mut Problems,
-) -> Checked {
+pub(crate) fn check(root: &Node, schema: &Value, src: &SourceMap<'_>, problems: &mut Problems) -> Checked {
     let pool_names = root
         .as_mapping()
         .and_then(|map| map.get_sequence("pools"))
@@ -263,19 +238,14 @@ pub(crate) fn check(
             pools
                 .iter()
                 .map(|pool| {
-                    pool.as_mapping()
-                        .and_then(|map| map.get_scalar("name"))
-                        .map(|name| name.as_str().to_owned())
+                    pool.as_mapping().and_then(|map| map.get_scalar("name")).map(|name| name.as_str().to_owned())
                 })
                 .collect()
         })
         .unwrap_or_default();
     let empty = Map::new();
     let mut walker = Walker {
-        defs: schema
-            .get("$defs")
-            .and_then(Value::as_object)
-            .unwrap_or(&empty),
+        defs: schema.get("$defs").and_then(Value::as_object).unwrap_or(&empty),
         src,
         problems,
         pool_names,
@@ -285,9 +255,7 @@ pub(crate) fn check(
         secret_nodes: Vec::new(),
     };
     let mut path = Vec::new();
-    let document = walker
-        .walk(root, schema, &mut path, None)
-        .unwrap_or(Value::Null);
+    let document = walker.walk(root, schema, &mut path, None).unwrap_or(Value::Null);
     Checked {
         document,
         spans: walker.spans,
@@ -310,9 +278,8 @@ struct Walker<'s, 'p> {
 }
 
 fn is_null(node: &Node) -> bool {
-    node.as_scalar().is_some_and(|scalar| {
-        scalar.may_coerce() && matches!(scalar.as_str(), "" | "~" | "null" | "Null" | "NULL")
-    })
+    node.as_scalar()
+        .is_some_and(|scalar| scalar.may_coerce() && matches!(scalar.as_str(), "" | "~" | "null" | "Null" | "NULL"))
 }
 
 fn schema_types(schema: &Value) -> Vec<&str> {
@@ -343,10 +310,7 @@ impl<'s> Walker<'s, '_> {
             let Some(reference) = current.get("$ref").and_then(Value::as_str) else {
                 break;
             };
-            match reference
-                .strip_prefix("#/$defs/")
-                .and_then(|name| self.defs.get(name))
-            {
+            match reference.strip_prefix("#/$defs/").and_then(|name| self.defs.get(name)) {
                 Some(target) => current = target,
                 None => break,
             }
@@ -355,11 +319,7 @@ impl<'s> Walker<'s, '_> {
     }
 
     fn node_span(&self, node: &Node) -> Span {
-        let start = node
-            .span()
-            .start()
-            .copied()
-            .unwrap_or_else(|| marked_yaml::Marker::new(0, 0, 1, 1));
+        let start = node.span().start().copied().unwrap_or_else(|| marked_yaml::Marker::new(0, 0, 1, 1));
         let offset = self.src.byte_offset(start.character());
         let len = match node {
             Node::Scalar(scalar) => self.src.scalar_len(offset, scalar.as_str()),
@@ -371,8 +331,7 @@ impl<'s> Walker<'s, '_> {
     fn key_span(&self, key: &marked_yaml::types::MarkedScalarNode) -> Option<Span> {
         key.span().start().map(|start| {
             let offset = self.src.byte_offset(start.character());
-            self.src
-                .span_at(start, self.src.scalar_len(offset, key.as_str()))
+            self.src.span_at(start, self.src.scalar_len(offset, key.as_str()))
         })
     }
 
@@ -435,11 +394,7 @@ impl<'s> Walker<'s, '_> {
             }
         }
         // A list item is named with its list: `instances[0]`.
-        let leaf_len = if matches!(path.last(), Some(Seg::Index(_))) && path.len() >= 2 {
-            2
-        } else {
-            1
-        };
+        let leaf_len = if matches!(path.last(), Some(Seg::Index(_))) && path.len() >= 2 { 2 } else { 1 };
         let (parent, leaf) = path.split_at(path.len().saturating_sub(leaf_len));
         let leaf = Self::dotted(leaf);
         if parent.is_empty() {
@@ -470,38 +425,21 @@ impl<'s> Walker<'s, '_> {
     }
 
     fn type_error(&mut self, node: &Node, path: &[Seg], expected: &[&str], secret: bool) {
-        let wanted: Vec<&str> = expected
-            .iter()
-            .filter(|kind| **kind != "null")
-            .map(|kind| type_phrase(kind))
-            .collect();
-        let wanted = if wanted.is_empty() {
-            "a value".to_owned()
-        } else {
-            wanted.join(" or ")
-        };
-        let message = format!(
-            "expected {wanted} for {}, found {}",
-            self.subject(path),
-            Self::found(node, secret)
-        );
+        let wanted: Vec<&str> = expected.iter().filter(|kind| **kind != "null").map(|kind| type_phrase(kind)).collect();
+        let wanted = if wanted.is_empty() { "a value".to_owned() } else { wanted.join(" or ") };
+        let message = format!("expected {wanted} for {}, found {}", self.subject(path), Self::found(node, secret));
         let hint = match node.as_scalar() {
             Some(scalar) if !secret && scalar.as_str().contains("${") => {
                 Some("`${...}` references work only in string values".to_owned())
             }
             Some(scalar)
                 if !scalar.may_coerce()
-                    && ((expected.contains(&"integer")
-                        && scalar.as_str().parse::<i64>().is_ok())
-                        || (expected.contains(&"boolean")
-                            && matches!(scalar.as_str(), "true" | "false"))) =>
+                    && ((expected.contains(&"integer") && scalar.as_str().parse::<i64>().is_ok())
+                        || (expected.contains(&"boolean") && matches!(scalar.as_str(), "true" | "false"))) =>
             {
                 Some("remove the quotes".to_owned())
             }
-            Some(scalar)
-                if expected.contains(&"boolean")
-                    && matches!(scalar.as_str(), "yes" | "no" | "on" | "off") =>
-            {
+            Some(scalar) if expected.contains(&"boolean") && matches!(scalar.as_str(), "yes" | "no" | "on" | "off") => {
                 Some("write `true` or `false`".to_owned())
             }
             _ => None,
@@ -525,10 +463,7 @@ impl<'s> Walker<'s, '_> {
                     end += 1;
                 }
                 let extent = text.get(span.offset..end).unwrap_or_default().trim_end();
-                Span {
-                    len: extent.len(),
-                    ..span
-                }
+                Span { len: extent.len(), ..span }
             }
             _ => span,
         }
@@ -536,47 +471,28 @@ impl<'s> Walker<'s, '_> {
 
     // -- the walk ---------------------------------------------------------------------------------------------
 
-    fn walk(
-        &mut self,
-        node: &Node,
-        schema: &'s Value,
-        path: &mut Vec<Seg>,
-        key: Option<Span>,
-    ) -> Option<Value> {
+    fn walk(&mut self, node: &Node, schema: &'s Value, path: &mut Vec<Seg>, key: Option<Span>) -> Option<Value> {
         let value_span = self.node_span(node);
-        self.spans.insert(
-            pointer(path),
-            NodeSpans {
-                key,
-                value: value_span,
-            },
-        );
+        self.spans.insert(pointer(path), NodeSpans { key, value: value_span });
         let schema = self.resolve(schema);
 
         if let Some(variants) = schema.get("oneOf").and_then(Value::as_array) {
             return self.walk_one_of(node, variants, path, key);
         }
         if let Some(variants) = schema.get("anyOf").and_then(Value::as_array) {
-            let nullable = variants
-                .iter()
-                .any(|variant| schema_types(self.resolve(variant)).contains(&"null"));
+            let nullable = variants.iter().any(|variant| schema_types(self.resolve(variant)).contains(&"null"));
             if nullable && is_null(node) {
                 return Some(Value::Null);
             }
-            let non_null: Vec<&'s Value> = variants
-                .iter()
-                .filter(|variant| !schema_types(self.resolve(variant)).contains(&"null"))
-                .collect();
+            let non_null: Vec<&'s Value> =
+                variants.iter().filter(|variant| !schema_types(self.resolve(variant)).contains(&"null")).collect();
             if let [only] = non_null.as_slice() {
                 return self.walk(node, only, path, key);
             }
         }
 
         let types = schema_types(schema);
-        let secret = schema
-            .get("writeOnly")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let secret = schema.get("writeOnly").and_then(Value::as_bool).unwrap_or(false);
         if is_null(node) {
             if types.contains(&"null") {
                 return Some(Value::Null);
@@ -585,9 +501,7 @@ impl<'s> Walker<'s, '_> {
             return None;
         }
         match node {
-            Node::Mapping(_) if types.contains(&"object") => {
-                self.walk_object(node, schema, path, key)
-            }
+            Node::Mapping(_) if types.contains(&"object") => self.walk_object(node, schema, path, key),
             Node::Sequence(sequence) if types.contains(&"array") => {
                 let items = schema.get("items").unwrap_or(&Value::Bool(true));
                 let mut out = Vec::new();
@@ -636,11 +550,7 @@ impl<'s> Walker<'s, '_> {
         if types.contains(&"string") {
             // Any scalar is text here (`serverType: 22` is the string "22"), as YAML users expect.
             let text = scalar.as_str().to_owned();
-            self.strings.push(StringAt {
-                pointer: pointer(path),
-                span: self.node_span(node),
-                secret,
-            });
+            self.strings.push(StringAt { pointer: pointer(path), span: self.node_span(node), secret });
             return Some(Value::String(text));
         }
         self.type_error(node, path, types, secret);
@@ -649,13 +559,7 @@ impl<'s> Walker<'s, '_> {
 
     /// A whole number against the schema's bounds. `number` is `None` when the text is a whole number too large
     /// for any machine integer.
-    fn check_integer(
-        &mut self,
-        node: &Node,
-        number: Option<i64>,
-        schema: &Value,
-        path: &[Seg],
-    ) -> Option<Value> {
+    fn check_integer(&mut self, node: &Node, number: Option<i64>, schema: &Value, path: &[Seg]) -> Option<Value> {
         let format = schema.get("format").and_then(Value::as_str).unwrap_or_default();
         let minimum = schema.get("minimum").and_then(Value::as_i64);
         let maximum = schema.get("maximum").and_then(Value::as_i64).or(match format {
@@ -692,19 +596,11 @@ impl<'s> Walker<'s, '_> {
         Some(Value::from(number?))
     }
 
-    fn walk_object(
-        &mut self,
-        node: &Node,
-        schema: &'s Value,
-        path: &mut Vec<Seg>,
-        key: Option<Span>,
-    ) -> Option<Value> {
+    fn walk_object(&mut self, node: &Node, schema: &'s Value, path: &mut Vec<Seg>, key: Option<Span>) -> Option<Value> {
         let map = node.as_mapping()?;
         static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-        let properties = schema
-            .get("properties")
-            .and_then(Value::as_object)
-            .unwrap_or_else(|| EMPTY.get_or_init(Map::new));
+        let properties =
+            schema.get("properties").and_then(Value::as_object).unwrap_or_else(|| EMPTY.get_or_init(Map::new));
         let additional = schema.get("additionalProperties");
         let mut out = Map::new();
         for (entry_key, entry_value) in map.iter() {
@@ -719,16 +615,9 @@ impl<'s> Walker<'s, '_> {
                 match additional {
                     Some(Value::Bool(false)) => {
                         let known: Vec<&str> = properties.keys().map(String::as_str).collect();
-                        let hint = did_you_mean(name, known.iter().copied()).or_else(|| {
-                            Some(format!(
-                                "expected one of {}",
-                                backticked(known.iter().copied())
-                            ))
-                        });
-                        let message = format!(
-                            "unknown key `{name}` {}",
-                            self.place(&path[..path.len() - 1])
-                        );
+                        let hint = did_you_mean(name, known.iter().copied())
+                            .or_else(|| Some(format!("expected one of {}", backticked(known.iter().copied()))));
+                        let message = format!("unknown key `{name}` {}", self.place(&path[..path.len() - 1]));
                         self.fail(path, entry_key_span, message, hint);
                     }
                     Some(schema @ Value::Object(_)) => {
@@ -764,25 +653,15 @@ impl<'s> Walker<'s, '_> {
         path: &mut Vec<Seg>,
         key: Option<Span>,
     ) -> Option<Value> {
-        let constants: Option<Vec<&str>> = variants
-            .iter()
-            .map(|variant| self.resolve(variant).get("const").and_then(Value::as_str))
-            .collect();
+        let constants: Option<Vec<&str>> =
+            variants.iter().map(|variant| self.resolve(variant).get("const").and_then(Value::as_str)).collect();
         if let Some(constants) = constants {
             return match node.as_scalar().filter(|_| !is_null(node)) {
-                Some(scalar) if constants.contains(&scalar.as_str()) => {
-                    Some(Value::String(scalar.as_str().to_owned()))
-                }
+                Some(scalar) if constants.contains(&scalar.as_str()) => Some(Value::String(scalar.as_str().to_owned())),
                 Some(scalar) => {
                     let hint = did_you_mean(scalar.as_str(), constants.iter().copied())
-                        .unwrap_or_else(|| {
-                            format!("expected one of {}", backticked(constants.iter().copied()))
-                        });
-                    let message = format!(
-                        "invalid value `{}` for {}",
-                        scalar.as_str(),
-                        self.subject(path)
-                    );
+                        .unwrap_or_else(|| format!("expected one of {}", backticked(constants.iter().copied())));
+                    let message = format!("invalid value `{}` for {}", scalar.as_str(), self.subject(path));
                     let span = self.node_span(node);
                     self.fail(path, Some(span), message, Some(hint));
                     None
@@ -798,11 +677,7 @@ impl<'s> Walker<'s, '_> {
             .iter()
             .filter_map(|variant| {
                 let variant = self.resolve(variant);
-                let kind = variant
-                    .get("properties")?
-                    .get("kind")?
-                    .get("const")?
-                    .as_str()?;
+                let kind = variant.get("properties")?.get("kind")?.get("const")?.as_str()?;
                 Some((kind, variant))
             })
             .collect();
@@ -814,18 +689,10 @@ impl<'s> Walker<'s, '_> {
         let Some(kind_node) = map.get_node("kind") else {
             let message = format!("missing key `kind` {}", self.place(path));
             let span = Some(key.unwrap_or_else(|| self.node_span(node)));
-            self.fail(
-                path,
-                span,
-                message,
-                Some(format!("add `kind:` with one of {}", kind_names())),
-            );
+            self.fail(path, span, message, Some(format!("add `kind:` with one of {}", kind_names())));
             return None;
         };
-        let kind = kind_node
-            .as_scalar()
-            .map(|scalar| scalar.as_str())
-            .unwrap_or_default();
+        let kind = kind_node.as_scalar().map(|scalar| scalar.as_str()).unwrap_or_default();
         match kinds.iter().find(|(name, _)| *name == kind) {
             Some((_, variant)) => self.walk(node, variant, path, key),
             None => {

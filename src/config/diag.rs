@@ -69,9 +69,7 @@ impl std::error::Error for Problem {}
 
 impl miette::Diagnostic for Problem {
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.hint
-            .as_ref()
-            .map(|hint| Box::new(hint) as Box<dyn fmt::Display>)
+        self.hint.as_ref().map(|hint| Box::new(hint) as Box<dyn fmt::Display>)
     }
 
     fn severity(&self) -> Option<miette::Severity> {
@@ -82,12 +80,14 @@ impl miette::Diagnostic for Problem {
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        let primary = self.location.as_ref().map(|at| {
-            LabeledSpan::new_primary_with_span(Some("here".to_owned()), (at.offset, at.len))
-        });
-        let secondary = self.related.as_ref().map(|(at, label)| {
-            LabeledSpan::new_with_span(Some(label.clone()), (at.offset, at.len))
-        });
+        let primary = self
+            .location
+            .as_ref()
+            .map(|at| LabeledSpan::new_primary_with_span(Some("here".to_owned()), (at.offset, at.len)));
+        let secondary = self
+            .related
+            .as_ref()
+            .map(|(at, label)| LabeledSpan::new_with_span(Some(label.clone()), (at.offset, at.len)));
         let labels: Vec<LabeledSpan> = primary.into_iter().chain(secondary).collect();
         if labels.is_empty() {
             None
@@ -108,11 +108,7 @@ pub struct Diagnostics {
 }
 
 impl Diagnostics {
-    pub(crate) fn new(
-        source_name: &str,
-        redacted_source: String,
-        mut problems: Vec<Problem>,
-    ) -> Self {
+    pub(crate) fn new(source_name: &str, redacted_source: String, mut problems: Vec<Problem>) -> Self {
         // Source order reads best; problems without a place (none today) go first.
         problems.sort_by(|a, b| {
             let key = |p: &Problem| p.location.as_ref().map(|at| (at.offset, at.len));
@@ -160,10 +156,7 @@ impl Diagnostics {
 impl fmt::Debug for Diagnostics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Not the source text: it is long, and it is what the problems point into anyway.
-        f.debug_struct("Diagnostics")
-            .field("source_name", &self.source_name)
-            .field("problems", &self.problems)
-            .finish()
+        f.debug_struct("Diagnostics").field("source_name", &self.source_name).field("problems", &self.problems).finish()
     }
 }
 
@@ -191,11 +184,7 @@ impl miette::Diagnostic for Diagnostics {
     }
 
     fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn miette::Diagnostic> + 'a>> {
-        Some(Box::new(
-            self.problems
-                .iter()
-                .map(|problem| problem as &dyn miette::Diagnostic),
-        ))
+        Some(Box::new(self.problems.iter().map(|problem| problem as &dyn miette::Diagnostic)))
     }
 }
 
@@ -219,21 +208,13 @@ impl<'a> SourceMap<'a> {
     }
 
     pub(crate) fn byte_offset(&self, char_index: usize) -> usize {
-        self.char_offsets
-            .get(char_index)
-            .copied()
-            .unwrap_or(self.text.len())
+        self.char_offsets.get(char_index).copied().unwrap_or(self.text.len())
     }
 
     /// Span of a marked-yaml marker with the given byte length.
     pub(crate) fn span_at(&self, marker: &marked_yaml::Marker, len: usize) -> Span {
         let offset = self.byte_offset(marker.character());
-        Span {
-            line: marker.line(),
-            column: marker.column(),
-            offset,
-            len: len.min(self.text.len() - offset),
-        }
+        Span { line: marker.line(), column: marker.column(), offset, len: len.min(self.text.len() - offset) }
     }
 
     /// Byte length of the scalar whose text starts at `offset` and whose parsed value is `value`.
@@ -286,10 +267,7 @@ pub(crate) struct Problems {
 
 impl Problems {
     pub(crate) fn new(source_name: &str) -> Self {
-        Self {
-            source_name: source_name.to_owned(),
-            list: Vec::new(),
-        }
+        Self { source_name: source_name.to_owned(), list: Vec::new() }
     }
 
     pub(crate) fn location(&self, span: Span) -> Location {
@@ -302,37 +280,15 @@ impl Problems {
         }
     }
 
-    pub(crate) fn push(
-        &mut self,
-        span: Option<Span>,
-        message: impl Into<String>,
-        hint: Option<String>,
-    ) {
+    pub(crate) fn push(&mut self, span: Option<Span>, message: impl Into<String>, hint: Option<String>) {
         let location = span.map(|span| self.location(span));
-        self.list.push(Problem {
-            severity: Severity::Error,
-            message: message.into(),
-            hint,
-            location,
-            related: None,
-        });
+        self.list.push(Problem { severity: Severity::Error, message: message.into(), hint, location, related: None });
     }
 
     /// A warning: reported, but the config stays usable.
-    pub(crate) fn warn(
-        &mut self,
-        span: Option<Span>,
-        message: impl Into<String>,
-        hint: Option<String>,
-    ) {
+    pub(crate) fn warn(&mut self, span: Option<Span>, message: impl Into<String>, hint: Option<String>) {
         let location = span.map(|span| self.location(span));
-        self.list.push(Problem {
-            severity: Severity::Warning,
-            message: message.into(),
-            hint,
-            location,
-            related: None,
-        });
+        self.list.push(Problem { severity: Severity::Warning, message: message.into(), hint, location, related: None });
     }
 
     pub(crate) fn push_related(
@@ -344,13 +300,7 @@ impl Problems {
     ) {
         let location = span.map(|span| self.location(span));
         let related = related.map(|(span, label)| (self.location(span), label.to_owned()));
-        self.list.push(Problem {
-            severity: Severity::Error,
-            message: message.into(),
-            hint,
-            location,
-            related,
-        });
+        self.list.push(Problem { severity: Severity::Error, message: message.into(), hint, location, related });
     }
 
     /// No errors (warnings do not count).
@@ -369,19 +319,11 @@ impl Problems {
 
 /// `did you mean `x`?` when one candidate is close to `input` (Jaro-Winkler, so typos and case slips match but
 /// unrelated names do not).
-pub(crate) fn did_you_mean<'c>(
-    input: &str,
-    candidates: impl IntoIterator<Item = &'c str>,
-) -> Option<String> {
+pub(crate) fn did_you_mean<'c>(input: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<String> {
     let lowered = input.to_lowercase();
     candidates
         .into_iter()
-        .map(|candidate| {
-            (
-                strsim::jaro_winkler(&lowered, &candidate.to_lowercase()),
-                candidate,
-            )
-        })
+        .map(|candidate| (strsim::jaro_winkler(&lowered, &candidate.to_lowercase()), candidate))
         .filter(|(score, _)| *score >= 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, candidate)| format!("did you mean `{candidate}`?"))
@@ -389,9 +331,5 @@ pub(crate) fn did_you_mean<'c>(
 
 /// `` `a`, `b`, `c` `` for hints listing names.
 pub(crate) fn backticked<'c>(names: impl IntoIterator<Item = &'c str>) -> String {
-    names
-        .into_iter()
-        .map(|name| format!("`{name}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    names.into_iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", ")
 }

@@ -12,37 +12,41 @@ use std::ops::Range;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum InterpolationError {
     /// `${NAME}` whose variable is not set; it interpolates as nothing.
-    Missing { name: String, at: Range<usize> },
-    Unterminated { at: Range<usize> },
-    InvalidName { name: String, at: Range<usize> },
+    Missing {
+        name: String,
+        at: Range<usize>,
+    },
+    Unterminated {
+        at: Range<usize>,
+    },
+    InvalidName {
+        name: String,
+        at: Range<usize>,
+    },
     /// `$NAME` without braces: kept as it is written, never read from the environment.
-    Unbraced { name: String, at: Range<usize> },
+    Unbraced {
+        name: String,
+        at: Range<usize>,
+    },
 }
 
 fn is_valid_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+    chars.next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
         && chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
 }
 
 /// The name a `$` at the start of `rest` is followed by without braces (`$HOME` → `HOME`), if any.
 fn unbraced_name(rest: &str) -> Option<&str> {
     let after = rest.strip_prefix('$')?;
-    let len = after
-        .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-        .unwrap_or(after.len());
+    let len = after.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')).unwrap_or(after.len());
     let name = &after[..len];
     is_valid_name(name).then_some(name)
 }
 
 /// The string with every `${NAME}` replaced by `env(NAME)` and `$$` by `$`, and every problem in it. A missing
 /// variable interpolates as nothing, so the value is usable where the caller decides it is not needed.
-pub(crate) fn interpolate(
-    text: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> (String, Vec<InterpolationError>) {
+pub(crate) fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> (String, Vec<InterpolationError>) {
     let mut out = String::with_capacity(text.len());
     let mut errors = Vec::new();
     let mut index = 0;
@@ -53,35 +57,24 @@ pub(crate) fn interpolate(
             index += 2;
         } else if rest.starts_with("${") {
             let Some(close) = rest.find('}') else {
-                errors.push(InterpolationError::Unterminated {
-                    at: index..text.len(),
-                });
+                errors.push(InterpolationError::Unterminated { at: index..text.len() });
                 out.push_str(rest);
                 break;
             };
             let name = &rest[2..close];
             let at = index..index + close + 1;
             if !is_valid_name(name) {
-                errors.push(InterpolationError::InvalidName {
-                    name: name.to_owned(),
-                    at,
-                });
+                errors.push(InterpolationError::InvalidName { name: name.to_owned(), at });
             } else {
                 match env(name) {
                     Some(value) => out.push_str(&value),
-                    None => errors.push(InterpolationError::Missing {
-                        name: name.to_owned(),
-                        at,
-                    }),
+                    None => errors.push(InterpolationError::Missing { name: name.to_owned(), at }),
                 }
             }
             index += close + 1;
         } else if let Some(name) = unbraced_name(rest) {
             let at = index..index + 1 + name.len();
-            errors.push(InterpolationError::Unbraced {
-                name: name.to_owned(),
-                at,
-            });
+            errors.push(InterpolationError::Unbraced { name: name.to_owned(), at });
             out.push('$');
             out.push_str(name);
             index += 1 + name.len();
@@ -192,14 +185,8 @@ mod tests {
         assert_eq!(
             errors,
             vec![
-                InterpolationError::Missing {
-                    name: "NOPE".to_owned(),
-                    at: 0..7
-                },
-                InterpolationError::InvalidName {
-                    name: "1BAD".to_owned(),
-                    at: 8..15
-                },
+                InterpolationError::Missing { name: "NOPE".to_owned(), at: 0..7 },
+                InterpolationError::InvalidName { name: "1BAD".to_owned(), at: 8..15 },
                 InterpolationError::Unterminated { at: 25..31 },
             ]
         );

@@ -131,11 +131,7 @@ pub fn load_file_with(path: &Path, secrets: Secrets) -> Result<Loaded, ConfigErr
 
 /// Loads a config from text. `source_name` names the file in messages and is the base for relative paths (its
 /// folder); `env` answers `${VAR}` references. Secrets are [`Secrets::Needed`]; warnings are dropped.
-pub fn load_str(
-    source_name: &str,
-    text: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Desired, ConfigError> {
+pub fn load_str(source_name: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Desired, ConfigError> {
     load_str_with(source_name, text, env, Secrets::Needed).map(|loaded| loaded.desired)
 }
 
@@ -173,10 +169,7 @@ pub fn load_str_with(
     let document = interpolate_document(&checked, &src, env, secrets, &mut problems);
     let config_hash = config_hash(&checked, &document);
 
-    let base_dir = Path::new(source_name)
-        .parent()
-        .unwrap_or(Path::new(""))
-        .to_owned();
+    let base_dir = Path::new(source_name).parent().unwrap_or(Path::new("")).to_owned();
     let mut validator = validate::Validator {
         checked: &checked,
         document: &document,
@@ -227,18 +220,10 @@ fn is_literal_secret(value: &str) -> bool {
 fn redact(text: &str, checked: &check::Checked) -> String {
     let literal_strings = checked.strings.iter().filter(|string| {
         string.secret
-            && is_literal_secret(
-                checked
-                    .document
-                    .pointer(&string.pointer)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-            )
+            && is_literal_secret(checked.document.pointer(&string.pointer).and_then(Value::as_str).unwrap_or_default())
     });
-    let spans: Vec<Span> = literal_strings
-        .map(|string| string.span)
-        .chain(checked.secret_nodes.iter().copied())
-        .collect();
+    let spans: Vec<Span> =
+        literal_strings.map(|string| string.span).chain(checked.secret_nodes.iter().copied()).collect();
     blank_spans(text, &spans)
 }
 
@@ -288,12 +273,7 @@ fn redact_unparsed(text: &str) -> String {
                 let value_len = flow_value_len(&line[value_start..]);
                 let value = &line[value_start..value_start + value_len];
                 if is_literal_secret(value.trim().trim_matches(['"', '\''])) {
-                    spans.push(Span {
-                        line: 0,
-                        column: 0,
-                        offset: line_start + value_start,
-                        len: value_len,
-                    });
+                    spans.push(Span { line: 0, column: 0, offset: line_start + value_start, len: value_len });
                 }
                 search = value_start;
             }
@@ -429,21 +409,14 @@ fn interpolate_document(
 ) -> Value {
     let mut document = checked.document.clone();
     for string in &checked.strings {
-        let Some(raw) = checked
-            .document
-            .pointer(&string.pointer)
-            .and_then(Value::as_str)
-        else {
+        let Some(raw) = checked.document.pointer(&string.pointer).and_then(Value::as_str) else {
             continue;
         };
         // Agents may legitimately get an empty secret variable; a credential ciscale itself uses may not.
         let must_not_be_empty = string.secret && !string.pointer.contains("/secretEnv/");
         let needed = !string.secret || secrets == Secrets::Needed;
-        let (value, errors) = if raw.contains('$') {
-            interpolate::interpolate(raw, env)
-        } else {
-            (raw.to_owned(), Vec::new())
-        };
+        let (value, errors) =
+            if raw.contains('$') { interpolate::interpolate(raw, env) } else { (raw.to_owned(), Vec::new()) };
         let mut missing = false;
         for error in errors {
             let (severity_error, message, hint, range) = match error {
@@ -551,20 +524,12 @@ fn interpolate_document(
 fn reference_span(src: &diag::SourceMap<'_>, scalar: Span, reference: &str) -> Span {
     let text = src.text();
     let end = (scalar.offset + scalar.len).min(text.len());
-    let Some(found) = text
-        .get(scalar.offset..end)
-        .and_then(|slice| slice.find(reference))
-    else {
+    let Some(found) = text.get(scalar.offset..end).and_then(|slice| slice.find(reference)) else {
         return scalar;
     };
     let offset = scalar.offset + found;
     let (line, column) = src.line_column(offset);
-    Span {
-        line,
-        column,
-        offset,
-        len: reference.len(),
-    }
+    Span { line, column, offset, len: reference.len() }
 }
 
 #[cfg(test)]
@@ -585,10 +550,7 @@ mod tests {
         assert_eq!(first.config_hash, second.config_hash);
         assert!(first.config_hash.starts_with("sha256:") && first.config_hash.len() == 7 + 64);
         let changed = MINIMAL.replace("name: linux", "name: linux2");
-        assert_ne!(
-            load_str("a.yaml", &changed, &env).unwrap().config_hash,
-            first.config_hash
-        );
+        assert_ne!(load_str("a.yaml", &changed, &env).unwrap().config_hash, first.config_hash);
     }
 
     #[test]
@@ -631,7 +593,10 @@ mod tests {
         let plain = MINIMAL.replace("https://ci", "\"${CI_URL}\"");
         let error = load_str_with("a.yaml", &plain, &unset, Secrets::Unused).unwrap_err();
         let problems = error.diagnostics().unwrap().problems();
-        assert!(problems.iter().any(|p| p.severity == Severity::Error && p.message.contains("`CI_URL`")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.severity == Severity::Error && p.message.contains("`CI_URL`")),
+            "{problems:?}"
+        );
         // Errors and warnings are reported together.
         assert!(problems.iter().any(|p| p.severity == Severity::Warning), "{problems:?}");
     }
@@ -647,9 +612,7 @@ mod tests {
 
     #[test]
     fn redaction_blanks_inline_secrets_only() {
-        let text = MINIMAL
-            .replace("\"${HC}\"", "hunter2")
-            .replace("https://ci", "https://ci-x");
+        let text = MINIMAL.replace("\"${HC}\"", "hunter2").replace("https://ci", "https://ci-x");
         let src = diag::SourceMap::new(&text);
         let mut problems = diag::Problems::new("a.yaml");
         let root = check::parse(&src, &mut problems).unwrap();

@@ -34,8 +34,12 @@ pub fn bound_reason(key: &str) -> Option<&'static str> {
              almost certainly a typo"
         }
         "jobsPerAgent" => "one agent runs at most 1000 jobs at once",
-        "breakerThreshold" => "after 1000 failed creates in a row, stopping is no different from never stopping: write `0` for that",
-        "unhealthyAfter" => "a health check that stays green for more than 1000 poll intervals without a cycle checks nothing",
+        "breakerThreshold" => {
+            "after 1000 failed creates in a row, stopping is no different from never stopping: write `0` for that"
+        }
+        "unhealthyAfter" => {
+            "a health check that stays green for more than 1000 poll intervals without a cycle checks nothing"
+        }
         "keep" => "each kept version is a full root file system on the host",
         _ => return None,
     })
@@ -104,12 +108,7 @@ impl JsonSchema for RawSecret {
 
 /// A CI source; `kind` selects which.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(
-    tag = "kind",
-    rename_all = "kebab-case",
-    rename_all_fields = "camelCase",
-    deny_unknown_fields
-)]
+#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase", deny_unknown_fields)]
 pub enum RawCiSource {
     /// A Woodpecker server (admin token: reads the queue, creates per-agent tokens).
     Woodpecker {
@@ -272,12 +271,7 @@ pub struct RawSimulation {
 
 /// A backend account; `kind` selects which.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(
-    tag = "kind",
-    rename_all = "kebab-case",
-    rename_all_fields = "camelCase",
-    deny_unknown_fields
-)]
+#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase", deny_unknown_fields)]
 pub enum RawBackend {
     /// A Hetzner Cloud project.
     Hcloud {

@@ -14,14 +14,13 @@ use super::raw::{
     RawBackend, RawCiSource, RawGithubApp, RawImage, RawJobFeed, RawPool, RawRunnerRelease, RawScale, RawSecret,
     RawSimulation,
 };
-use crate::simulate::models::Overrides;
 use crate::model::{
-    AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName,
-    BackendSpec, Billing, CiBinding, CiKind, CiName, CiSourceSpec, Desired, FakeSpec, ForgejoScope, GithubAuth,
-    GithubScope, GithubSpec, GoDuration, JobFeed,
-    CreateLimit, CreateRate, CronPattern, ImageSpec, InstanceId, InstanceMode, MetricsSpec, PoolName, PoolSpec,
-    RunnerReleaseSpec, ScalePolicy, ScheduleWindow, Secret,
+    AdoptedInstance, AgentId, AgentRef, AgentSpec, BackendBinding, BackendKind, BackendName, BackendSpec, Billing,
+    CiBinding, CiKind, CiName, CiSourceSpec, CreateLimit, CreateRate, CronPattern, Desired, FakeSpec, ForgejoScope,
+    GithubAuth, GithubScope, GithubSpec, GoDuration, ImageSpec, InstanceId, InstanceMode, JobFeed, MetricsSpec,
+    PoolName, PoolSpec, RunnerReleaseSpec, ScalePolicy, ScheduleWindow, Secret,
 };
+use crate::simulate::models::Overrides;
 
 use crate::plan::MAX_OWNER_AND_POOL_LEN;
 
@@ -31,9 +30,7 @@ const DEFAULT_IMAGE_KEEP: u32 = 3;
 /// `[a-z0-9-]{1,30}`: owner ids and pool names go into labels and instance names.
 fn is_valid_name(name: &str) -> bool {
     (1..=30).contains(&name.len())
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
 }
 
 /// `^([0-9]+(\.[0-9]+)?(h|m|s|ms|us|µs|ns))+$|^0$`, the shape of Go's `time.ParseDuration` (unsigned).
@@ -46,26 +43,19 @@ fn is_go_form(text: &str) -> bool {
     }
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|ch: char| !ch.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits = rest.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
             return false;
         }
         rest = &rest[digits..];
         if let Some(fraction) = rest.strip_prefix('.') {
-            let digits = fraction
-                .find(|ch: char| !ch.is_ascii_digit())
-                .unwrap_or(fraction.len());
+            let digits = fraction.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(fraction.len());
             if digits == 0 {
                 return false;
             }
             rest = &fraction[digits..];
         }
-        let Some(unit) = ["ms", "us", "µs", "ns", "h", "m", "s"]
-            .iter()
-            .find(|unit| rest.starts_with(**unit))
-        else {
+        let Some(unit) = ["ms", "us", "µs", "ns", "h", "m", "s"].iter().find(|unit| rest.starts_with(**unit)) else {
             return false;
         };
         rest = &rest[unit.len()..];
@@ -74,10 +64,7 @@ fn is_go_form(text: &str) -> bool {
 }
 
 fn ptr(segments: &[&str]) -> String {
-    let path: Vec<Seg> = segments
-        .iter()
-        .map(|segment| Seg::Key((*segment).to_owned()))
-        .collect();
+    let path: Vec<Seg> = segments.iter().map(|segment| Seg::Key((*segment).to_owned())).collect();
     super::check::pointer(&path)
 }
 
@@ -126,17 +113,13 @@ pub(crate) fn duration_hint(input: &str) -> String {
     let mut out = String::new();
     let mut rest = input.trim();
     while !rest.is_empty() {
-        let number_len = rest
-            .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
-            .unwrap_or(rest.len());
+        let number_len = rest.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(rest.len());
         if number_len == 0 {
             return fallback;
         }
         let (number, tail) = rest.split_at(number_len);
         let tail = tail.trim_start();
-        let unit_len = tail
-            .find(|ch: char| !ch.is_ascii_alphabetic())
-            .unwrap_or(tail.len());
+        let unit_len = tail.find(|ch: char| !ch.is_ascii_alphabetic()).unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let unit = match unit.to_ascii_lowercase().as_str() {
             "h" | "hr" | "hrs" | "hour" | "hours" => "h",
@@ -148,20 +131,14 @@ pub(crate) fn duration_hint(input: &str) -> String {
                     return fallback;
                 };
                 out.push_str(&format!("{}h", days * 24));
-                rest = tail
-                    .trim_start_matches([' ', ','])
-                    .trim_start_matches("and ")
-                    .trim_start();
+                rest = tail.trim_start_matches([' ', ',']).trim_start_matches("and ").trim_start();
                 continue;
             }
             _ => return fallback,
         };
         out.push_str(number);
         out.push_str(unit);
-        rest = tail
-            .trim_start_matches([' ', ','])
-            .trim_start_matches("and ")
-            .trim_start();
+        rest = tail.trim_start_matches([' ', ',']).trim_start_matches("and ").trim_start();
     }
     if out.is_empty() || out == input.trim() || out.parse::<GoDuration>().is_err() {
         return fallback;
@@ -251,10 +228,9 @@ fn ci_poll_floor(name: &CiName, kind: &CiKind) -> PollFloor {
     let provider = format!("ci source `{name}` ({})", kind.name());
     let local = |floor: GoDuration, why| PollFloor { floor, provider: provider.clone(), why };
     match kind {
-        CiKind::Woodpecker { server, .. } if !is_loopback_url(server) => local(
-            GoDuration::from_secs(1),
-            "every cycle asks your Woodpecker server for its queue and its agents",
-        ),
+        CiKind::Woodpecker { server, .. } if !is_loopback_url(server) => {
+            local(GoDuration::from_secs(1), "every cycle asks your Woodpecker server for its queue and its agents")
+        }
         CiKind::AzurePipelines { organization_url, .. } if !is_loopback_url(organization_url) => local(
             GoDuration::from_secs(5),
             "Azure DevOps throttles each identity by the load of its requests over 5-minute windows, and every \
@@ -351,7 +327,9 @@ impl Validator<'_> {
                     self.problems.push(
                         self.value_span(&at("cron")),
                         format!("invalid cron pattern `{}` in schedule `{name}`{place_suffix}: {why}", window.cron),
-                        Some("five fields: minute hour day-of-month month day-of-week, e.g. `* 8-17 * * 1-5`".to_owned()),
+                        Some(
+                            "five fields: minute hour day-of-month month day-of-week, e.g. `* 8-17 * * 1-5`".to_owned(),
+                        ),
                     );
                     None
                 }
@@ -372,10 +350,10 @@ impl Validator<'_> {
                 (window.min.unwrap_or(min), window.max.unwrap_or(max), window.min_idle.unwrap_or(min_idle));
             if w_min > w_max || w_idle > w_max {
                 self.problems.push(
-                    self.value_span(&at("max")).or_else(|| self.value_span(&at("min"))).or_else(|| self.value_span(&at("minIdle"))),
-                    format!(
-                        "schedule `{name}`{place_suffix} gives min {w_min}, minIdle {w_idle} above max {w_max}"
-                    ),
+                    self.value_span(&at("max"))
+                        .or_else(|| self.value_span(&at("min")))
+                        .or_else(|| self.value_span(&at("minIdle"))),
+                    format!("schedule `{name}`{place_suffix} gives min {w_min}, minIdle {w_idle} above max {w_max}"),
                     Some("a window's `min` and `minIdle` must not exceed its `max` (or the pool's)".to_owned()),
                 );
                 ok = false;
@@ -406,11 +384,7 @@ impl Validator<'_> {
         let Some(raw) = raw else { return Some(default) };
         // Go's form only: `GoDuration::from_str` also takes jiff's friendly `5 minutes`, which Go (and so a
         // Picus or Woodpecker user's other tools) would refuse.
-        let parsed = if is_go_form(raw) {
-            raw.parse::<GoDuration>().ok()
-        } else {
-            None
-        };
+        let parsed = if is_go_form(raw) { raw.parse::<GoDuration>().ok() } else { None };
         match parsed {
             Some(duration) => Some(duration),
             None => {
@@ -507,7 +481,10 @@ impl Validator<'_> {
         if let Some(repository) = repository {
             match repository.split_once('/') {
                 Some((owner, repo)) if !owner.trim().is_empty() && !repo.trim().is_empty() && !repo.contains('/') => {
-                    named.push(("repository", ForgejoScope::Repository { owner: owner.to_owned(), repo: repo.to_owned() }));
+                    named.push((
+                        "repository",
+                        ForgejoScope::Repository { owner: owner.to_owned(), repo: repo.to_owned() },
+                    ));
                 }
                 _ => {
                     self.problems.push(
@@ -707,7 +684,9 @@ impl Validator<'_> {
                 self.problems.push(
                     self.key_span(&format!("{pointer}/token")),
                     format!("{place} has both `app` and `token`"),
-                    Some("keep one: an app (its own rate limit, tokens that expire by themselves) or a token".to_owned()),
+                    Some(
+                        "keep one: an app (its own rate limit, tokens that expire by themselves) or a token".to_owned(),
+                    ),
                 );
                 None
             }
@@ -790,11 +769,7 @@ impl Validator<'_> {
     pub(crate) fn validate(&mut self, config_hash: String) -> Option<Desired> {
         let mut complete = true;
 
-        let owner = self
-            .document
-            .get("id")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let owner = self.document.get("id").and_then(Value::as_str).map(str::to_owned);
         if let Some(owner) = &owner {
             if !is_valid_name(owner) {
                 self.problems.push(
@@ -804,44 +779,24 @@ impl Validator<'_> {
                 );
             }
         }
-        let poll_raw = self
-            .document
-            .get("pollInterval")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let poll_interval = self.duration(
-            "/pollInterval",
-            "pollInterval",
-            "",
-            poll_raw.as_deref(),
-            DEFAULT_POLL_INTERVAL,
-        );
+        let poll_raw = self.document.get("pollInterval").and_then(Value::as_str).map(str::to_owned);
+        let poll_interval =
+            self.duration("/pollInterval", "pollInterval", "", poll_raw.as_deref(), DEFAULT_POLL_INTERVAL);
 
         // -- ci sources ---------------------------------------------------------------------------------------
         let ci_names = self.object_keys("/ci");
         let mut ci = BTreeMap::new();
         for name in &ci_names {
             let pointer = ptr(&["ci", name]);
-            let Some(raw) = self.section::<RawCiSource>(&pointer, &format!("ci source `{name}`"))
-            else {
+            let Some(raw) = self.section::<RawCiSource>(&pointer, &format!("ci source `{name}`")) else {
                 complete = false;
                 continue;
             };
             let kind = match raw {
-                RawCiSource::Woodpecker {
-                    server,
-                    token,
-                    grpc_address,
-                } => CiKind::Woodpecker {
-                    server,
-                    token: Secret::new(token.0),
-                    grpc_address,
-                },
-                RawCiSource::AzurePipelines {
-                    organization_url,
-                    pat,
-                    agent_pat,
-                } => CiKind::AzurePipelines {
+                RawCiSource::Woodpecker { server, token, grpc_address } => {
+                    CiKind::Woodpecker { server, token: Secret::new(token.0), grpc_address }
+                }
+                RawCiSource::AzurePipelines { organization_url, pat, agent_pat } => CiKind::AzurePipelines {
                     organization_url,
                     pat: Secret::new(pat.0),
                     agent_pat: agent_pat.map(|agent_pat| Secret::new(agent_pat.0)),
@@ -881,11 +836,7 @@ impl Validator<'_> {
                     };
                     CiKind::Github(spec)
                 }
-                RawCiSource::Fake {
-                    state_file,
-                    simulate,
-                    jobs,
-                } => {
+                RawCiSource::Fake { state_file, simulate, jobs } => {
                     let mut spec = self.fake_spec(state_file, simulate);
                     spec.jobs = jobs.and_then(|jobs| self.job_feed(&pointer, jobs));
                     CiKind::Fake(spec)
@@ -926,8 +877,7 @@ impl Validator<'_> {
         let mut backends = BTreeMap::new();
         for name in &backend_names {
             let pointer = ptr(&["backends", name]);
-            let Some(raw) = self.section::<RawBackend>(&pointer, &format!("backend `{name}`"))
-            else {
+            let Some(raw) = self.section::<RawBackend>(&pointer, &format!("backend `{name}`")) else {
                 complete = false;
                 continue;
             };
@@ -941,10 +891,7 @@ impl Validator<'_> {
                     change_timeout,
                     simulation,
                 } => (
-                    BackendKind::Hcloud {
-                        token: Secret::new(token.0),
-                        endpoint,
-                    },
+                    BackendKind::Hcloud { token: Secret::new(token.0), endpoint },
                     billing.unwrap_or(Billing::Hourly),
                     create_rate,
                     create_burst,
@@ -1006,10 +953,8 @@ impl Validator<'_> {
                 let overrides = self.simulation(&pointer, simulation);
                 self.simulation.insert(BackendName::new(name.clone()), overrides);
             }
-            backends.insert(
-                BackendName::new(name.clone()),
-                BackendSpec { kind, billing, create_limit, change_timeout },
-            );
+            backends
+                .insert(BackendName::new(name.clone()), BackendSpec { kind, billing, create_limit, change_timeout });
         }
 
         if let Some(interval) = poll_interval {
@@ -1017,31 +962,27 @@ impl Validator<'_> {
         }
 
         // -- pools --------------------------------------------------------------------------------------------
-        let pool_count = self
-            .document
-            .get("pools")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
+        let pool_count = self.document.get("pools").and_then(Value::as_array).map_or(0, Vec::len);
         let mut pools = Vec::new();
         let mut first_pool_at: BTreeMap<String, Option<Span>> = BTreeMap::new();
         let mut adopted_by: BTreeMap<String, (String, Option<Span>)> = BTreeMap::new();
         for index in 0..pool_count {
             let pointer = format!("/pools/{index}");
-            let Some(raw) = self.section::<RawPool>(&pointer, &format!("pool #{}", index + 1))
-            else {
+            let Some(raw) = self.section::<RawPool>(&pointer, &format!("pool #{}", index + 1)) else {
                 complete = false;
                 continue;
             };
             let name_span = self.value_span(&format!("{pointer}/name"));
             match first_pool_at.get(&raw.name) {
                 Some(first) => {
-                    let first_line = first
-                        .map(|span| format!(" (line {})", span.line))
-                        .unwrap_or_default();
+                    let first_line = first.map(|span| format!(" (line {})", span.line)).unwrap_or_default();
                     self.problems.push_related(
                         name_span,
                         format!("duplicate pool name `{}`", raw.name),
-                        Some(format!("pool names must be unique; the first `{}` is defined earlier{first_line}", raw.name)),
+                        Some(format!(
+                            "pool names must be unique; the first `{}` is defined earlier{first_line}",
+                            raw.name
+                        )),
                         first.map(|span| (span, "first defined here")),
                     );
                 }
@@ -1049,15 +990,7 @@ impl Validator<'_> {
                     first_pool_at.insert(raw.name.clone(), name_span);
                 }
             }
-            if let Some(pool) = self.pool(
-                &pointer,
-                raw,
-                &ci,
-                &ci_names,
-                &backends,
-                &backend_names,
-                &mut adopted_by,
-            ) {
+            if let Some(pool) = self.pool(&pointer, raw, &ci, &ci_names, &backends, &backend_names, &mut adopted_by) {
                 pools.push(pool);
             } else {
                 complete = false;
@@ -1087,11 +1020,7 @@ impl Validator<'_> {
                 ImageSpec {
                     backend: BackendName::new(raw.backend),
                     base: raw.base,
-                    scripts: raw
-                        .scripts
-                        .iter()
-                        .map(|script| self.resolve_path(script))
-                        .collect(),
+                    scripts: raw.scripts.iter().map(|script| self.resolve_path(script)).collect(),
                     keep: raw.keep.unwrap_or(DEFAULT_IMAGE_KEEP),
                     agent_url: raw.agent_url,
                 },
@@ -1102,7 +1031,9 @@ impl Validator<'_> {
         let metrics = match &raw_metrics {
             None => None,
             Some(metrics) => match metrics.listen.parse::<std::net::SocketAddr>() {
-                Ok(listen) => Some(MetricsSpec { listen, unhealthy_after: metrics.unhealthy_after.unwrap_or(3).max(1) }),
+                Ok(listen) => {
+                    Some(MetricsSpec { listen, unhealthy_after: metrics.unhealthy_after.unwrap_or(3).max(1) })
+                }
                 Err(_) => {
                     self.problems.push(
                         self.value_span("/metrics/listen"),
@@ -1161,7 +1092,11 @@ impl Validator<'_> {
             },
             None => return,
         };
-        let where_ = if span.is_some() { format!("`pollInterval` {interval}") } else { format!("the default `pollInterval` {interval}") };
+        let where_ = if span.is_some() {
+            format!("`pollInterval` {interval}")
+        } else {
+            format!("the default `pollInterval` {interval}")
+        };
         self.problems.push(
             span,
             format!("{where_} is too short for {}: at least {}", floor.provider, floor.floor),
@@ -1187,11 +1122,7 @@ impl Validator<'_> {
                 None => format!("known {what}s: {list}"),
             }
         };
-        self.problems.push(
-            self.value_span(pointer),
-            format!("unknown {what} `{name}` in {place}"),
-            Some(hint),
-        );
+        self.problems.push(self.value_span(pointer), format!("unknown {what} `{name}` in {place}"), Some(hint));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1211,10 +1142,7 @@ impl Validator<'_> {
             self.problems.push(
                 self.value_span(&format!("{pointer}/name")),
                 format!("invalid pool name `{}`", raw.name),
-                Some(
-                    "use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names"
-                        .to_owned(),
-                ),
+                Some("use 1 to 30 of `a-z`, `0-9` and `-`: it goes into labels and instance names".to_owned()),
             );
             ok = false;
         }
@@ -1250,18 +1178,24 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        match ci
-            .get(&CiName::new(raw.ci.source.clone()))
-            .map(|source| &source.kind)
-        {
+        match ci.get(&CiName::new(raw.ci.source.clone())).map(|source| &source.kind) {
             Some(CiKind::Woodpecker { .. }) => {
-                ok &= self.no_azure_keys(&raw, &pointer, &place, "woodpecker", "woodpecker pools select jobs with `labels`");
+                ok &= self.no_azure_keys(
+                    &raw,
+                    &pointer,
+                    &place,
+                    "woodpecker",
+                    "woodpecker pools select jobs with `labels`",
+                );
             }
             Some(CiKind::AzurePipelines { .. }) => {
                 if !raw.ci.labels.is_empty() {
                     self.problems.push(
                         self.key_span(&format!("{pointer}/ci/labels")),
-                        format!("`labels` in {place} apply only to woodpecker sources; `{}` is an azure-pipelines source", raw.ci.source),
+                        format!(
+                            "`labels` in {place} apply only to woodpecker sources; `{}` is an azure-pipelines source",
+                            raw.ci.source
+                        ),
                         Some("azure pools select jobs with `capabilities`".to_owned()),
                     );
                     ok = false;
@@ -1270,7 +1204,10 @@ impl Validator<'_> {
                     self.problems.push(
                         self.key_span(&format!("{pointer}/ci")),
                         format!("missing key `azurePool` in `ci` of {place}"),
-                        Some(format!("`{}` is an azure-pipelines source: name its agent pool, e.g. `azurePool: Default`", raw.ci.source)),
+                        Some(format!(
+                            "`{}` is an azure-pipelines source: name its agent pool, e.g. `azurePool: Default`",
+                            raw.ci.source
+                        )),
                     );
                     ok = false;
                 }
@@ -1285,7 +1222,12 @@ impl Validator<'_> {
                 );
                 for (name, how) in &raw.ci.labels {
                     let bad = |text: &str| text.contains([',', ':']) || text.chars().any(char::is_whitespace);
-                    if name.is_empty() || bad(name) || name.starts_with('!') || how.contains(',') || how.chars().any(char::is_whitespace) {
+                    if name.is_empty()
+                        || bad(name)
+                        || name.starts_with('!')
+                        || how.contains(',')
+                        || how.chars().any(char::is_whitespace)
+                    {
                         let escaped = super::check::pointer(&[Seg::Key(name.clone())]);
                         self.problems.push(
                             self.key_span(&format!("{pointer}/ci/labels{escaped}")),
@@ -1360,9 +1302,7 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        let billing = backends
-            .get(&BackendName::new(raw.backend.name.clone()))
-            .map(|backend| backend.billing);
+        let billing = backends.get(&BackendName::new(raw.backend.name.clone())).map(|backend| backend.billing);
 
         let mode = match &raw.backend.start_stop {
             None => InstanceMode::Create,
@@ -1372,7 +1312,9 @@ impl Validator<'_> {
                     self.problems.push(
                         self.key_span(&instances_pointer),
                         format!("`startStop.instances` of {place} is empty"),
-                        Some("name at least one instance to adopt, or remove `startStop` to create instances".to_owned()),
+                        Some(
+                            "name at least one instance to adopt, or remove `startStop` to create instances".to_owned(),
+                        ),
                     );
                     ok = false;
                 }
@@ -1398,7 +1340,10 @@ impl Validator<'_> {
                             self.problems.push(
                                 self.key_span(&format!("{item}/agentName")),
                                 format!("instance `{}` of {place} sets both `agentId` and `agentName`", adopted.id),
-                                Some("keep one: `agentId` names the agent by its CI id, `agentName` by its name".to_owned()),
+                                Some(
+                                    "keep one: `agentId` names the agent by its CI id, `agentName` by its name"
+                                        .to_owned(),
+                                ),
                             );
                             ok = false;
                             None
@@ -1407,22 +1352,13 @@ impl Validator<'_> {
                         (None, Some(name)) => Some(AgentRef::Name(name.clone())),
                         (None, None) => None,
                     };
-                    instances.push(AdoptedInstance {
-                        id: InstanceId::new(adopted.id.clone()),
-                        agent,
-                    });
+                    instances.push(AdoptedInstance { id: InstanceId::new(adopted.id.clone()), agent });
                 }
                 InstanceMode::StartStop { instances }
             }
         };
 
-        let scale = self.scale(
-            pointer,
-            &place,
-            raw.scale.clone().unwrap_or_default(),
-            &mode,
-            billing,
-        );
+        let scale = self.scale(pointer, &place, raw.scale.clone().unwrap_or_default(), &mode, billing);
         let agent = raw.agent.clone().unwrap_or_default();
         let preregistered = self.preregistered(pointer, &place, &agent, &mode, scale.as_ref());
         // Cloud backends boot the agent from cloud-init, as the CI source's launch says: an agent container (the
@@ -1445,7 +1381,8 @@ impl Validator<'_> {
         );
         if let Some(cloud) = cloud.filter(|_| forgejo_without_release && matches!(mode, InstanceMode::Create)) {
             self.problems.push(
-                self.value_span(&format!("{pointer}/backend/name")).or_else(|| self.value_span(&format!("{pointer}/name"))),
+                self.value_span(&format!("{pointer}/backend/name"))
+                    .or_else(|| self.value_span(&format!("{pointer}/name"))),
                 format!(
                     "{place} runs Forgejo runners on backend `{}` ({}), whose servers download forgejo-runner, but ci \
                      source `{}` names no `runnerRelease`",
@@ -1461,12 +1398,11 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        if let (Some(cloud), Some(needs), Some(launch)) = (
-            cloud.filter(|_| agent.image.is_none() && matches!(mode, InstanceMode::Create)),
-            needs_image,
-            launch,
-        ) {
-            let span = self.key_span(&format!("{pointer}/agent")).or_else(|| self.value_span(&format!("{pointer}/name")));
+        if let (Some(cloud), Some(needs), Some(launch)) =
+            (cloud.filter(|_| agent.image.is_none() && matches!(mode, InstanceMode::Create)), needs_image, launch)
+        {
+            let span =
+                self.key_span(&format!("{pointer}/agent")).or_else(|| self.value_span(&format!("{pointer}/name")));
             self.problems.push(
                 span,
                 format!(
@@ -1482,15 +1418,15 @@ impl Validator<'_> {
         }
         // A source whose agents each serve the one job they were registered for (Forgejo): one agent per waiting
         // job, made for it, gone after it. An agent kept warm, or a machine started again, would serve no job.
-        let capabilities = ci
-            .get(&CiName::new(raw.ci.source.clone()))
-            .map(|source| crate::providers::ci_capabilities(&source.kind));
+        let capabilities =
+            ci.get(&CiName::new(raw.ci.source.clone())).map(|source| crate::providers::ci_capabilities(&source.kind));
         let mut scale = scale;
         if let (Some(_), Some(scale)) = (capabilities.filter(|c| c.job_bound), scale.as_mut()) {
             let why = "its ci source binds every agent to one waiting job, so ciscale makes one per waiting job";
-            let windows = scale.schedule.iter().any(|window| {
-                window.min.is_some_and(|min| min > 0) || window.min_idle.is_some_and(|idle| idle > 0)
-            });
+            let windows = scale
+                .schedule
+                .iter()
+                .any(|window| window.min.is_some_and(|min| min > 0) || window.min_idle.is_some_and(|idle| idle > 0));
             for (field, value) in [("min", scale.min), ("minIdle", scale.min_idle), ("schedule", u32::from(windows))] {
                 if value > 0 {
                     let at = format!("{pointer}/scale/{field}");
@@ -1513,7 +1449,8 @@ impl Validator<'_> {
             }
             if !matches!(mode, InstanceMode::Create) {
                 self.problems.push(
-                    self.key_span(&format!("{pointer}/backend/instances")).or_else(|| self.value_span(&format!("{pointer}/name"))),
+                    self.key_span(&format!("{pointer}/backend/instances"))
+                        .or_else(|| self.value_span(&format!("{pointer}/name"))),
                     format!("{place} starts and stops named instances, but {why}"),
                     Some("let ciscale create the pool's instances (drop `startStop`)".to_owned()),
                 );
@@ -1555,19 +1492,11 @@ impl Validator<'_> {
                 },
                 capabilities: raw.ci.capabilities,
             },
-            backend: BackendBinding {
-                backend: BackendName::new(raw.backend.name),
-                mode,
-                machine: raw.backend.machine,
-            },
+            backend: BackendBinding { backend: BackendName::new(raw.backend.name), mode, machine: raw.backend.machine },
             agent: AgentSpec {
                 image: agent.image,
                 env: agent.env,
-                secret_env: agent
-                    .secret_env
-                    .into_iter()
-                    .map(|(key, value)| (key, Secret::new(value.0)))
-                    .collect(),
+                secret_env: agent.secret_env.into_iter().map(|(key, value)| (key, Secret::new(value.0))).collect(),
                 preregistered,
             },
             scale,
@@ -1633,27 +1562,18 @@ impl Validator<'_> {
         let mut ok = true;
 
         let adopted = match mode {
-            InstanceMode::StartStop { instances } => {
-                Some(u32::try_from(instances.len()).unwrap_or(u32::MAX))
-            }
+            InstanceMode::StartStop { instances } => Some(u32::try_from(instances.len()).unwrap_or(u32::MAX)),
             InstanceMode::Create => None,
         };
         // A start/stop pool cannot grow beyond the instances it adopted, so that is its natural cap.
-        let max = raw
-            .max
-            .or(adopted.filter(|count| *count > 0))
-            .unwrap_or(defaults.max);
+        let max = raw.max.or(adopted.filter(|count| *count > 0)).unwrap_or(defaults.max);
         let min = raw.min.unwrap_or(defaults.min);
         let min_idle = raw.min_idle.unwrap_or(defaults.min_idle);
-        let (min_known, max_known, min_idle_known) = (
-            !self.is_broken(&at("min")),
-            !self.is_broken(&at("max")),
-            !self.is_broken(&at("minIdle")),
-        );
+        let (min_known, max_known, min_idle_known) =
+            (!self.is_broken(&at("min")), !self.is_broken(&at("max")), !self.is_broken(&at("minIdle")));
         if min_known && max_known && min > max {
             self.problems.push(
-                self.value_span(&at("min"))
-                    .or_else(|| self.value_span(&at("max"))),
+                self.value_span(&at("min")).or_else(|| self.value_span(&at("max"))),
                 format!("`min` ({min}) is greater than `max` ({max}){place_suffix}"),
                 Some(format!("lower `min` or raise `max` to at least {min}")),
             );
@@ -1663,9 +1583,7 @@ impl Validator<'_> {
             self.problems.push(
                 self.value_span(&at("minIdle")),
                 format!("`minIdle` ({min_idle}) is greater than `max` ({max}){place_suffix}"),
-                Some(format!(
-                    "lower `minIdle` or raise `max` to at least {min_idle}"
-                )),
+                Some(format!("lower `minIdle` or raise `max` to at least {min_idle}")),
             );
             ok = false;
         }
@@ -1674,7 +1592,9 @@ impl Validator<'_> {
                 self.problems.push(
                     self.value_span(&at("max")),
                     format!("`max` ({explicit_max}) is more than the {count} adopted instance(s){place_suffix}"),
-                    Some("a start/stop pool only starts the instances it names: add instances or lower `max`".to_owned()),
+                    Some(
+                        "a start/stop pool only starts the instances it names: add instances or lower `max`".to_owned(),
+                    ),
                 );
                 ok = false;
             }
@@ -1701,9 +1621,7 @@ impl Validator<'_> {
             raw.breaker_cooldown.as_deref(),
             defaults.breaker_cooldown,
         );
-        let default_margin = defaults
-            .billing_margin
-            .unwrap_or(GoDuration::from_secs(5 * 60));
+        let default_margin = defaults.billing_margin.unwrap_or(GoDuration::from_secs(5 * 60));
         let margin = self.duration(
             &at("billingMargin"),
             "billingMargin",
@@ -1753,14 +1671,8 @@ mod tests {
         assert_eq!(duration_hint("5 minutes"), "write `5m`");
         assert_eq!(duration_hint("1 hour 30 min"), "write `1h30m`");
         assert_eq!(duration_hint("2 days"), "write `48h`");
-        assert_eq!(
-            duration_hint("soon"),
-            "write a Go duration such as `30s`, `5m` or `1h30m`"
-        );
-        assert_eq!(
-            duration_hint("5 fortnights"),
-            "write a Go duration such as `30s`, `5m` or `1h30m`"
-        );
+        assert_eq!(duration_hint("soon"), "write a Go duration such as `30s`, `5m` or `1h30m`");
+        assert_eq!(duration_hint("5 fortnights"), "write a Go duration such as `30s`, `5m` or `1h30m`");
     }
 
     #[test]
@@ -1768,27 +1680,29 @@ mod tests {
         for good in ["0", "10s", "1h30m", "1.5h", "300ms", "2h45m10s"] {
             assert!(is_go_form(good), "{good}");
         }
-        for bad in [
-            "",
-            "5 minutes",
-            "5",
-            "1d",
-            "-5s",
-            "h",
-            "1.s",
-            "10 s",
-            "1hour",
-        ] {
+        for bad in ["", "5 minutes", "5", "1d", "-5s", "h", "1.s", "10 s", "1hour"] {
             assert!(!is_go_form(bad), "{bad}");
         }
     }
 
     #[test]
     fn loopback_urls_are_told_apart() {
-        for local in ["http://127.0.0.1:4000", "http://localhost/v1", "https://[::1]:8443/x", "127.0.0.2:9000", "http://u:p@localhost"] {
+        for local in [
+            "http://127.0.0.1:4000",
+            "http://localhost/v1",
+            "https://[::1]:8443/x",
+            "127.0.0.2:9000",
+            "http://u:p@localhost",
+        ] {
             assert!(is_loopback_url(local), "{local}");
         }
-        for remote in ["https://api.hetzner.cloud/v1", "https://dev.azure.com/acme", "http://10.0.0.1", "ci.example.com:9000", "http://localhost.example.com"] {
+        for remote in [
+            "https://api.hetzner.cloud/v1",
+            "https://dev.azure.com/acme",
+            "http://10.0.0.1",
+            "ci.example.com:9000",
+            "http://localhost.example.com",
+        ] {
             assert!(!is_loopback_url(remote), "{remote}");
         }
     }

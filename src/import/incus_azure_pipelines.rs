@@ -114,10 +114,7 @@ pub fn convert(text: &str) -> Result<Imported, ImportError> {
         .filter_map(|pool| pool.get("azure")?.get("pat")?.as_str().map(str::to_owned))
         .filter(|pat| !pat.is_empty())
         .collect();
-    let redact = |message: String| {
-        pats.iter()
-            .fold(message, |message, pat| message.replace(pat.as_str(), "***"))
-    };
+    let redact = |message: String| pats.iter().fold(message, |message, pat| message.replace(pat.as_str(), "***"));
     let source: SourceConfig =
         serde_yaml::from_value(loose.clone()).map_err(|error| ImportError::Parse(redact(error.to_string())))?;
     if source.pools.is_empty() {
@@ -139,10 +136,7 @@ pub fn convert(text: &str) -> Result<Imported, ImportError> {
     let mut projects: Vec<Option<String>> = Vec::new();
     let mut pool_names: Vec<String> = Vec::new();
     for (index, pool) in source.pools.iter().enumerate() {
-        let fail = |message: String| ImportError::Pool {
-            index: index + 1,
-            message,
-        };
+        let fail = |message: String| ImportError::Pool { index: index + 1, message };
         if pool.agent_count == 0 {
             return Err(fail(format!("`{}`: `agentCount` must be at least 1", pool.name)));
         }
@@ -257,10 +251,7 @@ pub fn convert(text: &str) -> Result<Imported, ImportError> {
             Some(value) => match go_duration(value) {
                 Some(duration) => Some(duration),
                 None => {
-                    notes.push(format!(
-                        "pool `{}`: `startupGracePeriod` is not a duration; left out",
-                        pool.name
-                    ));
+                    notes.push(format!("pool `{}`: `startupGracePeriod` is not a duration; left out", pool.name));
                     None
                 }
             },
@@ -269,9 +260,7 @@ pub fn convert(text: &str) -> Result<Imported, ImportError> {
             Some(grace) => out.push_str(&format!(
                 "    scale: {{ min: {count}, max: {count}, ephemeral: true, bootstrapTimeout: {grace} }}\n"
             )),
-            None => out.push_str(&format!(
-                "    scale: {{ min: {count}, max: {count}, ephemeral: true }}\n"
-            )),
+            None => out.push_str(&format!("    scale: {{ min: {count}, max: {count}, ephemeral: true }}\n")),
         }
         if pool.incus.vm == Some(true) {
             notes.push(format!(
@@ -280,10 +269,7 @@ pub fn convert(text: &str) -> Result<Imported, ImportError> {
             ));
         }
         if pool.incus.disk_size_in_gb.is_some_and(|size| size > 0) {
-            notes.push(format!(
-                "pool `{}`: `diskSizeInGb` (VM disks) is not carried over",
-                pool.name
-            ));
+            notes.push(format!("pool `{}`: `diskSizeInGb` (VM disks) is not carried over", pool.name));
         }
         if pool.agent_prefix.is_some() {
             notes.push(format!(
@@ -296,24 +282,14 @@ pub fn convert(text: &str) -> Result<Imported, ImportError> {
     for note in &notes {
         out.push_str(&format!("# note: {note}\n"));
     }
-    Ok(Imported {
-        config: out,
-        env,
-        notes,
-    })
+    Ok(Imported { config: out, env, notes })
 }
 
 /// A ciscale pool name (1 to 30 of `a-z`, `0-9`, `-`) from an Azure pool name.
 fn pool_name(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
         .collect::<String>()
         .split('-')
         .filter(|part| !part.is_empty())
@@ -337,9 +313,7 @@ fn quoted(text: &str) -> String {
 fn go_duration(value: &Value) -> Option<GoDuration> {
     match value {
         Value::String(text) => text.parse().ok(),
-        Value::Number(number) => number
-            .as_u64()
-            .map(|nanos| GoDuration(std::time::Duration::from_nanos(nanos))),
+        Value::Number(number) => number.as_u64().map(|nanos| GoDuration(std::time::Duration::from_nanos(nanos))),
         _ => None,
     }
 }
@@ -359,10 +333,7 @@ mod tests {
     #[test]
     fn durations_as_strings_or_nanoseconds() {
         assert_eq!(go_duration(&Value::from("5m")), Some(GoDuration::from_secs(300)));
-        assert_eq!(
-            go_duration(&Value::from(60_000_000_000_u64)),
-            Some(GoDuration::from_secs(60))
-        );
+        assert_eq!(go_duration(&Value::from(60_000_000_000_u64)), Some(GoDuration::from_secs(60)));
         assert_eq!(go_duration(&Value::from("soon")), None);
     }
 

@@ -101,7 +101,11 @@ pub fn config_from_env(vars: &BTreeMap<String, String>) -> Result<String, PicusE
         }
         binding.insert("machine".into(), Value::Mapping(machine));
 
-        insert(&mut agent, "image", &escape(get("PICUS_AGENT_IMAGE").unwrap_or("woodpeckerci/woodpecker-agent:latest")));
+        insert(
+            &mut agent,
+            "image",
+            &escape(get("PICUS_AGENT_IMAGE").unwrap_or("woodpeckerci/woodpecker-agent:latest")),
+        );
         let (plain, secret) = forwarded_env(vars);
         if !plain.is_empty() {
             agent.insert("env".into(), Value::Mapping(plain));
@@ -179,11 +183,8 @@ fn filter_labels(text: Option<&str>) -> Result<Mapping, PicusError> {
 
 /// Picus's id names Hetzner resources (RFC 1123); ciscale's owner id is stricter (`[a-z0-9-]`, at most 30).
 fn owner_id(id: &str) -> String {
-    let cleaned: String = id
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
+    let cleaned: String =
+        id.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     let trimmed = cleaned.trim_matches('-');
     let short: String = trimmed.chars().take(30).collect();
     let short = short.trim_end_matches('-').to_owned();
@@ -231,10 +232,7 @@ mod tests {
         let labels = filter_labels(Some("platform=linux/amd64, repo=*")).expect("valid");
         assert_eq!(labels.get("platform").and_then(Value::as_str), Some("linux/amd64"));
         assert_eq!(labels.get("repo").and_then(Value::as_str), Some("*"));
-        assert_eq!(
-            filter_labels(Some("platform")),
-            Err(PicusError::BadFilterLabel { entry: "platform".to_owned() })
-        );
+        assert_eq!(filter_labels(Some("platform")), Err(PicusError::BadFilterLabel { entry: "platform".to_owned() }));
         assert_eq!(filter_labels(None).expect("defaults").len(), 4);
     }
 

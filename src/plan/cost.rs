@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::fasthash::FastMap;
-use super::machine::first_candidate;
 use super::index::{BackendIndex, Claims};
+use super::machine::first_candidate;
 use super::{Action, Change, Cost, CostLine, InstanceTarget};
 use crate::model::{BackendName, Billing, Desired, Instance, InstanceState, Price};
 
@@ -87,7 +87,11 @@ pub(super) fn estimate_cost(
         if backend.has_duplicate_ids() {
             let instances = backend.instances();
             return (0..instances.len()).rev().find_map(|position| {
-                if &instances[position].id == id { of_backend[position] } else { None }
+                if &instances[position].id == id {
+                    of_backend[position]
+                } else {
+                    None
+                }
             });
         }
         of_backend[*backend.by_id.get(id)? as usize]

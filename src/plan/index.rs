@@ -107,7 +107,10 @@ impl<'a> BackendIndex<'a> {
     }
 }
 
-pub(super) fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a BackendName, BackendIndex<'a>> {
+pub(super) fn index_backends<'a>(
+    desired: &Desired,
+    observed: &'a Observed,
+) -> BTreeMap<&'a BackendName, BackendIndex<'a>> {
     observed
         .backends
         .iter()

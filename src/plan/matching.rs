@@ -48,12 +48,7 @@ pub const WOODPECKER_ORG_LABEL: &str = "org-id";
 /// pool's CI source kind (`ci`: its spec's kind; `None` when the config does not name it, which matches as the
 /// fake CI does). `ciscale simulate` hands jobs to agents with it, playing the CI, by the same rule the planner
 /// counts a pool's demand with ([`pool_matches`]).
-pub fn pool_takes(
-    ci: Option<&CiKind>,
-    pool: &PoolSpec,
-    labels: &BTreeMap<String, String>,
-    demands: &[String],
-) -> bool {
+pub fn pool_takes(ci: Option<&CiKind>, pool: &PoolSpec, labels: &BTreeMap<String, String>, demands: &[String]) -> bool {
     pool_matches(rule_of(ci), pool, labels, demands)
 }
 

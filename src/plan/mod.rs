@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{InFlight, PoolName};
 pub use crate::model::{Action, AgentTarget, InstanceTarget};
+use crate::model::{InFlight, PoolName};
 
 mod capacity;
 mod cost;
@@ -31,13 +31,13 @@ pub mod render;
 mod tests;
 mod text;
 
+pub use capacity::counts_towards_max;
 pub use digest::{agent_hash, fingerprint};
 pub use ownership::instance_name;
-pub use planner::plan;
-pub(crate) use planner::action_rank;
-pub use preconditions::{preconditions, PreconditionFailed};
-pub use capacity::counts_towards_max;
 pub use ownership::{name_digest, parse_name, OwnedName, DIGEST_LEN, MAX_OWNER_AND_POOL_LEN};
+pub(crate) use planner::action_rank;
+pub use planner::plan;
+pub use preconditions::{preconditions, PreconditionFailed};
 
 /// Version of the plan JSON / plan file format. Bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;

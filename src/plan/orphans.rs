@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::fasthash::FastSet;
-use super::index::{BackendIndex, Claims, CiIndex};
+use super::index::{BackendIndex, CiIndex, Claims};
 use super::{Action, Change, InstanceTarget};
 use crate::model::{Agent, BackendName, CiName, Desired, Instance, InstanceState, Observed, PoolName, AGENT_LABEL};
 
@@ -52,7 +52,9 @@ pub(super) fn plan_orphan_instances(
             let linked = linked_agents(instance, &sources);
             let label = instance.labels.get(AGENT_LABEL);
             let name = &instance.name;
-            if let Some((_, agent)) = linked.by_label.iter().chain(&linked.by_name).find(|(ci, agent)| ci.is_busy(agent)) {
+            if let Some((_, agent)) =
+                linked.by_label.iter().chain(&linked.by_name).find(|(ci, agent)| ci.is_busy(agent))
+            {
                 // Never touch a busy agent: the orphan is picked up on a later cycle.
                 notes.push(format!("orphan {name}: kept while its agent `{}` runs a job ({why})", agent.name));
                 continue;
@@ -128,10 +130,9 @@ struct Linked<'c, 'a> {
 fn linked_agents<'c, 'a>(instance: &Instance, sources: &[&'c CiIndex<'a>]) -> Linked<'c, 'a> {
     let label = instance.labels.get(AGENT_LABEL);
     let by_label: Vec<(&CiIndex<'_>, &Agent)> = match label {
-        Some(id) => sources
-            .iter()
-            .filter_map(|ci| ci.agents_by_id.get(id.as_str()).map(|agent| (*ci, *agent)))
-            .collect(),
+        Some(id) => {
+            sources.iter().filter_map(|ci| ci.agents_by_id.get(id.as_str()).map(|agent| (*ci, *agent))).collect()
+        }
         None => Vec::new(),
     };
     let by_name = sources

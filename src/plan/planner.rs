@@ -15,12 +15,12 @@ use super::cost::estimate_cost;
 use super::demand::assign_pending;
 use super::digest::fingerprint;
 use super::fasthash::{FastMap, FastSet};
-use super::index::{index_backends, BackendIndex, Claims, CiIndex, InFlightIndex};
-use super::ownership::parse_name_cached;
-use super::text::plural;
+use super::index::{index_backends, BackendIndex, CiIndex, Claims, InFlightIndex};
 use super::orphans::plan_orphan_instances;
+use super::ownership::parse_name_cached;
 use super::pool::{plan_pool, PoolContext};
 use super::records;
+use super::text::plural;
 use super::{Action, Change, Plan, Summary, FORMAT_VERSION};
 use crate::model::{BackendName, CiName, Desired, InstanceMode, InstanceState, Observed};
 
@@ -186,8 +186,7 @@ fn migration_note(
 /// comparison, or cloning names into owned keys, costs more than the rest of the sort); the position breaks
 /// ties, so the order is the one a stable sort gives.
 fn in_apply_order(desired: &Desired, mut changes: Vec<Change>) -> Vec<Change> {
-    let pool_rank: FastMap<&str, usize> =
-        desired.pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    let pool_rank: FastMap<&str, usize> = desired.pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
     let mut keys: Vec<(usize, &str, u8, &str, usize)> = changes
         .iter()
         .enumerate()

@@ -31,8 +31,8 @@ use super::index::CiIndex;
 use super::records;
 use super::{Action, Cause, Change};
 use crate::model::{
-    Agent, BackendName, CiName, Desired, Instance, InstanceId, InstanceMode, InstanceState, Observed,
-    PoolName, PoolSpec, AGENT_LABEL, POOL_LABEL,
+    Agent, BackendName, CiName, Desired, Instance, InstanceId, InstanceMode, InstanceState, Observed, PoolName,
+    PoolSpec, AGENT_LABEL, POOL_LABEL,
 };
 
 /// Why a change of a saved plan is no longer safe to carry out.
@@ -74,7 +74,9 @@ pub fn preconditions(
             .zip(&results)
             .find(|(earlier, result)| result.is_err() && shares_target(earlier, change));
         let result = match earlier_refused {
-            Some((earlier, _)) => fail(format!("an earlier change on the same target ({}) is no longer safe", earlier.action)),
+            Some((earlier, _)) => {
+                fail(format!("an earlier change on the same target ({}) is no longer safe", earlier.action))
+            }
             None => world.check(change, &creates, &mut admitted),
         };
         results.push(result);
@@ -84,9 +86,7 @@ pub fn preconditions(
 
 fn shares_target(a: &Change, b: &Change) -> bool {
     let instance = match (&a.instance, &b.instance) {
-        (Some(a), Some(b)) => {
-            a.backend == b.backend && (a.name == b.name || (a.id.is_some() && a.id == b.id))
-        }
+        (Some(a), Some(b)) => a.backend == b.backend && (a.name == b.name || (a.id.is_some() && a.id == b.id)),
         _ => false,
     };
     let agent = match (&a.agent, &b.agent) {
@@ -141,7 +141,10 @@ impl<'a> World<'_, 'a> {
             .instances(&target.backend)
             .find(|instance| instance.name == target.name && instance.state != InstanceState::Terminated);
         if let Some(instance) = taken {
-            return fail(format!("an instance named `{}` exists now ({}, {})", target.name, instance.id, instance.state));
+            return fail(format!(
+                "an instance named `{}` exists now ({}, {})",
+                target.name, instance.id, instance.state
+            ));
         }
         if change.agent.is_none() {
             if let Some(ci) = self.ci.get(&pool.ci.source) {
@@ -160,7 +163,11 @@ impl<'a> World<'_, 'a> {
         Ok(())
     }
 
-    fn start<'c>(&self, change: &'c Change, admitted: &mut FastMap<&'c PoolName, u32>) -> Result<(), PreconditionFailed> {
+    fn start<'c>(
+        &self,
+        change: &'c Change,
+        admitted: &mut FastMap<&'c PoolName, u32>,
+    ) -> Result<(), PreconditionFailed> {
         let instance = self.our_instance(change)?;
         let Some(pool) = self.desired.pool(&change.pool) else {
             return Ok(()); // apply reports a missing pool itself; a start harms nothing
@@ -250,7 +257,9 @@ impl<'a> World<'_, 'a> {
         };
         let found = self.instances(&target.backend).find(|instance| &instance.id == id);
         let instance = match found {
-            Some(instance) if !matches!(instance.state, InstanceState::Terminated | InstanceState::Deleting) => instance,
+            Some(instance) if !matches!(instance.state, InstanceState::Terminated | InstanceState::Deleting) => {
+                instance
+            }
             _ => return fail(format!("instance `{}` ({id}) is gone", target.name)),
         };
         let adopted = self.desired.pools.iter().any(|pool| match &pool.backend.mode {

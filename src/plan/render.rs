@@ -105,7 +105,8 @@ fn render_pool_header(out: &mut String, status: &PoolStatus) {
 
 /// The attribute block of a change already shown in this pool: (action, before, after) and the target it was
 /// shown for.
-type ShownBlock<'p> = (Action, &'p std::collections::BTreeMap<String, String>, &'p std::collections::BTreeMap<String, String>, String);
+type ShownBlock<'p> =
+    (Action, &'p std::collections::BTreeMap<String, String>, &'p std::collections::BTreeMap<String, String>, String);
 
 /// One change: its line, then its attribute diff, unless an earlier change of the same pool had the very same
 /// one (ten creates of one pool are ten lines and one block, not ten identical blocks).
@@ -122,9 +123,9 @@ fn render_change<'p>(out: &mut String, change: &'p Change, painter: &Painter, sh
     if change.before.is_empty() && change.after.is_empty() {
         return;
     }
-    let same = shown
-        .iter()
-        .find(|(action, before, after, _)| *action == change.action && **before == change.before && **after == change.after);
+    let same = shown.iter().find(|(action, before, after, _)| {
+        *action == change.action && **before == change.before && **after == change.after
+    });
     if let Some((_, _, _, first)) = same {
         let _ = writeln!(out, "        (attributes as for {first})");
         return;

@@ -40,7 +40,12 @@ fn desired(scale: ScalePolicy) -> Desired {
             mode: InstanceMode::Create,
             machine: [("server_type".to_owned(), "cx22,cx32".to_owned())].into(),
         },
-        agent: AgentSpec { image: Some("agent:1".into()), env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None },
+        agent: AgentSpec {
+            image: Some("agent:1".into()),
+            env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
+            preregistered: None,
+        },
         scale,
     };
     Desired {
@@ -105,7 +110,11 @@ fn task(id: &str, platform: &str) -> Task {
 fn observed(instances: Vec<Instance>, agents: Vec<Agent>, pending: Vec<Task>) -> Observed {
     Observed {
         observed_at: ts(NOW),
-        backends: [("cloud".into(), BackendObservation { instances, prices: BTreeMap::new(), missing_images: Vec::new() })].into(),
+        backends: [(
+            "cloud".into(),
+            BackendObservation { instances, prices: BTreeMap::new(), missing_images: Vec::new() },
+        )]
+        .into(),
         ci: [("wp".into(), CiObservation { agents, queue: Queue { pending, running: Vec::new() } })].into(),
         in_flight: Vec::new(),
     }
@@ -126,10 +135,7 @@ fn creates_up_to_max_with_lowest_free_names() {
         pending,
     );
     let plan = plan(&desired, &observed, ts(NOW));
-    assert_eq!(
-        actions(&plan),
-        vec![(Action::Create, name(1)), (Action::Create, name(3))]
-    );
+    assert_eq!(actions(&plan), vec![(Action::Create, name(1)), (Action::Create, name(3))]);
     assert_eq!(plan.pools[0].desired, 3);
     assert_eq!(plan.pools[0].pending_jobs, 5);
     let create = &plan.changes[0];
@@ -339,7 +345,9 @@ fn drained_busy_instances_count_towards_max() {
     assert!(plan.changes.is_empty(), "{:?}", actions(&plan));
     let notes = &plan.pools[0].notes;
     assert!(
-        notes.iter().any(|note| note == "1 more wanted, but the pool has 1 of max 1 instances (1 drained): nothing added"),
+        notes
+            .iter()
+            .any(|note| note == "1 more wanted, but the pool has 1 of max 1 instances (1 drained): nothing added"),
         "{notes:?}"
     );
 }
@@ -446,7 +454,8 @@ fn orphan_instance_keeps_a_busy_agent_linked_by_label() {
 fn never_registered_removal_says_its_cause() {
     let desired = desired(ScalePolicy::default());
     let hash = agent_hash(&desired.pools[0].agent);
-    let observed = observed(vec![owned(&name(1), InstanceState::Running, "2026-01-01T11:00:00Z", &hash)], Vec::new(), Vec::new());
+    let observed =
+        observed(vec![owned(&name(1), InstanceState::Running, "2026-01-01T11:00:00Z", &hash)], Vec::new(), Vec::new());
     let plan = plan(&desired, &observed, ts(NOW));
     assert_eq!(actions(&plan), vec![(Action::Delete, name(1))]);
     assert_eq!(plan.changes[0].cause, Some(super::Cause::BootstrapTimeout));

@@ -102,11 +102,7 @@ impl fmt::Debug for Ec2 {
 impl Ec2 {
     /// No network call and no configuration lookup happen here: both wait for the first API call.
     pub fn new(settings: Ec2Settings) -> Self {
-        Self {
-            settings: Arc::new(settings),
-            client: Arc::new(OnceCell::new()),
-            calls: CallCounter::default(),
-        }
+        Self { settings: Arc::new(settings), client: Arc::new(OnceCell::new()), calls: CallCounter::default() }
     }
 
     /// EC2 requests sent so far per API action (`DescribeInstances`, `RunInstances`, ...), SDK retries included:
@@ -116,19 +112,13 @@ impl Ec2 {
     }
 
     async fn client(&self) -> Result<&Client> {
-        self.client
-            .get_or_try_init(|| build_client(&self.settings, self.calls.clone()))
-            .await
+        self.client.get_or_try_init(|| build_client(&self.settings, self.calls.clone())).await
     }
 
     /// Every instance matching `filters`, all pages, as EC2 describes them.
     async fn describe_raw(&self, filters: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
         let client = self.client().await?;
-        let mut pages = client
-            .describe_instances()
-            .set_filters(Some(filters))
-            .into_paginator()
-            .send();
+        let mut pages = client.describe_instances().set_filters(Some(filters)).into_paginator().send();
         let mut instances = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|error| classify(error, "DescribeInstances", None))?;
@@ -161,10 +151,8 @@ impl Ec2 {
     /// are set in the launch call itself, so they find the same instances, and emulators (moto) lack that filter.
     async fn instance_of_token(&self, owner: &str, name: &str, token: &str) -> Result<Option<Instance>> {
         for look in 1..=TOKEN_LOOKS {
-            let filters = vec![
-                filter(&format!("tag:{OWNER_LABEL}"), [owner]),
-                filter(&format!("tag:{NAME_TAG}"), [name]),
-            ];
+            let filters =
+                vec![filter(&format!("tag:{OWNER_LABEL}"), [owner]), filter(&format!("tag:{NAME_TAG}"), [name])];
             let found = self
                 .describe_raw(filters)
                 .await?
@@ -244,19 +232,12 @@ impl Ec2 {
             .labels
             .iter()
             .map(|(key, value)| Tag::builder().key(key).value(value).build())
-            .chain(std::iter::once(
-                Tag::builder().key(NAME_TAG).value(&request.name).build(),
-            ))
+            .chain(std::iter::once(Tag::builder().key(NAME_TAG).value(&request.name).build()))
             .collect();
         // Instance AND volumes are tagged in the same call: there is no moment an untagged instance exists.
         let tag_specs = [ResourceType::Instance, ResourceType::Volume]
             .into_iter()
-            .map(|kind| {
-                TagSpecification::builder()
-                    .resource_type(kind)
-                    .set_tags(Some(tags.clone()))
-                    .build()
-            })
+            .map(|kind| TagSpecification::builder().resource_type(kind).set_tags(Some(tags.clone())).build())
             .collect();
         let mut call = client
             .run_instances()
@@ -288,10 +269,7 @@ impl Ec2 {
                 .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
                 .build();
             call = call.instance_market_options(
-                InstanceMarketOptionsRequest::builder()
-                    .market_type(MarketType::Spot)
-                    .spot_options(spot)
-                    .build(),
+                InstanceMarketOptionsRequest::builder().market_type(MarketType::Spot).spot_options(spot).build(),
             );
         }
         if let Some(user_data) = &request.user_data {
@@ -303,14 +281,10 @@ impl Ec2 {
             Err(error) if error.code() == Some(IDEMPOTENT_PARAMETER_MISMATCH) => return Ok(RunAnswer::TokenMismatch),
             Err(error) => return Err(classify(error, "RunInstances", None)),
         };
-        let created = output
-            .instances()
-            .first()
-            .and_then(to_instance)
-            .ok_or_else(|| Error::Other {
-                provider: PROVIDER.to_owned(),
-                source: format!("`RunInstances` for `{}` returned no instance", request.name).into(),
-            })?;
+        let created = output.instances().first().and_then(to_instance).ok_or_else(|| Error::Other {
+            provider: PROVIDER.to_owned(),
+            source: format!("`RunInstances` for `{}` returned no instance", request.name).into(),
+        })?;
         Ok(RunAnswer::Instance(labelled(created, request)))
     }
 
@@ -331,28 +305,19 @@ impl Backend for Ec2 {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            exec: false,
-            keeps_stopped: true,
-        }
+        Capabilities { exec: false, keeps_stopped: true }
     }
 
     async fn observe(&self, request: &ListInstances) -> Result<BackendObservation> {
         let mut by_id: BTreeMap<InstanceId, Instance> = BTreeMap::new();
-        for instance in self
-            .describe(vec![filter(&format!("tag:{OWNER_LABEL}"), [request.owner.as_str()])])
-            .await?
-        {
+        for instance in self.describe(vec![filter(&format!("tag:{OWNER_LABEL}"), [request.owner.as_str()])]).await? {
             by_id.insert(instance.id.clone(), instance);
         }
         let adopted: BTreeSet<&str> = request.adopted.iter().map(InstanceId::as_str).collect();
         let adopted: Vec<&str> = adopted.into_iter().collect();
         for chunk in adopted.chunks(MAX_FILTER_VALUES) {
             // A filter (unlike `InstanceIds`) leaves an unknown id out instead of failing the whole call.
-            for instance in self
-                .describe(vec![filter("instance-id", chunk.iter().copied())])
-                .await?
-            {
+            for instance in self.describe(vec![filter("instance-id", chunk.iter().copied())]).await? {
                 by_id.insert(instance.id.clone(), instance);
             }
         }
@@ -376,9 +341,7 @@ impl Backend for Ec2 {
         }
         let spec = LaunchSpec::parse(&request.machine)?;
         if !self.find_named(owner, &request.name).await?.is_empty() {
-            return Err(Error::AlreadyExists {
-                what: format!("EC2 instance `{}`", request.name),
-            });
+            return Err(Error::AlreadyExists { what: format!("EC2 instance `{}`", request.name) });
         }
 
         // The UTC day scopes the client tokens after the first (see `client_token`); read once, so a create that
@@ -397,11 +360,7 @@ impl Backend for Ec2 {
         }
         Err(Error::Capacity {
             provider: PROVIDER.to_owned(),
-            message: format!(
-                "no candidate for `{}` could be launched: {}",
-                request.name,
-                refusals.join("; ")
-            ),
+            message: format!("no candidate for `{}` could be launched: {}", request.name, refusals.join("; ")),
         })
     }
 
@@ -528,9 +487,8 @@ async fn build_client(settings: &Ec2Settings, calls: CallCounter) -> Result<Clie
         .operation_attempt_timeout(Duration::from_secs(30))
         .operation_timeout(Duration::from_secs(90))
         .build();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .retry_config(retry)
-        .timeout_config(timeouts);
+    let mut loader =
+        aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(retry).timeout_config(timeouts);
     if let Some(region) = &settings.region {
         loader = loader.region(Region::new(region.clone()));
     }
@@ -559,10 +517,7 @@ struct CallCounter {
 
 impl CallCounter {
     fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 }
 
@@ -583,12 +538,7 @@ impl Intercept for CallCounter {
             .split('&')
             .find_map(|pair| pair.strip_prefix("Action=").map(str::to_owned))
             .unwrap_or_else(|| "unknown".to_owned());
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(action)
-            .or_default() += 1;
+        *self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).entry(action).or_default() += 1;
         Ok(())
     }
 }
@@ -611,20 +561,12 @@ struct LaunchSpec {
 }
 
 fn comma_list(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(str::to_owned)
-        .collect()
+    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
 }
 
 impl LaunchSpec {
     fn parse(machine: &BTreeMap<String, String>) -> Result<Self> {
-        let invalid = |message: String| Error::Invalid {
-            provider: PROVIDER.to_owned(),
-            message,
-        };
+        let invalid = |message: String| Error::Invalid { provider: PROVIDER.to_owned(), message };
         let mut spec = LaunchSpec::default();
         for (key, value) in machine {
             let single = || Some(value.trim().to_owned()).filter(|value| !value.is_empty());
@@ -641,28 +583,20 @@ impl LaunchSpec {
                         "true" => true,
                         "false" | "" => false,
                         other => {
-                            return Err(invalid(format!(
-                                "machine key `spot` is `{other}`, not `true` or `false`"
-                            )))
+                            return Err(invalid(format!("machine key `spot` is `{other}`, not `true` or `false`")))
                         }
                     }
                 }
                 other => {
                     return Err(invalid(format!(
                         "unknown machine key `{other}` for an EC2 pool\nhint: known keys are {}",
-                        MACHINE_KEYS
-                            .iter()
-                            .map(|key| format!("`{key}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        MACHINE_KEYS.iter().map(|key| format!("`{key}`")).collect::<Vec<_>>().join(", ")
                     )))
                 }
             }
         }
         if machine.contains_key("ami") && machine.contains_key("imageId") {
-            return Err(invalid(
-                "machine keys `ami` and `imageId` are the same thing; set one".to_owned(),
-            ));
+            return Err(invalid("machine keys `ami` and `imageId` are the same thing; set one".to_owned()));
         }
         if spec.launch_template.is_none() {
             if spec.ami.is_none() {
@@ -692,9 +626,7 @@ impl LaunchSpec {
         let markets: &[bool] = if self.spot { &[true, false] } else { &[false] };
         markets
             .iter()
-            .flat_map(|&spot| {
-                types.iter().map(move |&instance_type| Attempt { instance_type, spot })
-            })
+            .flat_map(|&spot| types.iter().map(move |&instance_type| Attempt { instance_type, spot }))
             .collect()
     }
 }
@@ -744,10 +676,7 @@ fn labelled(mut instance: Instance, request: &CreateInstance) -> Instance {
     for (key, value) in &request.labels {
         instance.labels.entry(key.clone()).or_insert_with(|| value.clone());
     }
-    instance
-        .labels
-        .entry(NAME_TAG.to_owned())
-        .or_insert_with(|| request.name.clone());
+    instance.labels.entry(NAME_TAG.to_owned()).or_insert_with(|| request.name.clone());
     instance.name = request.name.clone();
     instance
 }
@@ -789,10 +718,7 @@ fn client_token(request: &CreateInstance, candidate: &Attempt<'_>, generation: u
 // ---------------------------------------------------------------------------------------------------------------
 
 fn filter<'v>(name: &str, values: impl IntoIterator<Item = &'v str>) -> Filter {
-    Filter::builder()
-        .name(name)
-        .set_values(Some(values.into_iter().map(str::to_owned).collect()))
-        .build()
+    Filter::builder().name(name).set_values(Some(values.into_iter().map(str::to_owned).collect())).build()
 }
 
 fn map_state(state: Option<&InstanceStateName>) -> InstanceState {
@@ -843,9 +769,7 @@ fn to_instance(ec2: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
 }
 
 fn not_found(id: &InstanceId) -> Error {
-    Error::NotFound {
-        what: format!("EC2 instance `{id}`"),
-    }
+    Error::NotFound { what: format!("EC2 instance `{id}`") }
 }
 
 fn is_incorrect_state(error: &Error) -> bool {
@@ -893,10 +817,7 @@ where
     match &error {
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => {}
         SdkError::TimeoutError(_) => {
-            return Error::Unavailable {
-                provider: PROVIDER.to_owned(),
-                message: format!("`{action}` timed out"),
-            };
+            return Error::Unavailable { provider: PROVIDER.to_owned(), message: format!("`{action}` timed out") };
         }
         _ => {
             let detail = DisplayErrorContext(&error).to_string();
@@ -911,10 +832,7 @@ where
                 };
             }
             if matches!(error, SdkError::ConstructionFailure(_)) {
-                return Error::Invalid {
-                    provider: PROVIDER.to_owned(),
-                    message: format!("`{action}`: {detail}"),
-                };
+                return Error::Invalid { provider: PROVIDER.to_owned(), message: format!("`{action}`: {detail}") };
             }
             return Error::Unavailable {
                 provider: PROVIDER.to_owned(),
@@ -938,15 +856,9 @@ fn classify_code(
     let Some(code) = code else {
         let shown = status.map_or_else(|| "no status".to_owned(), |status| format!("HTTP {status}"));
         return if matches!(status, Some(500..=599)) {
-            Error::Unavailable {
-                provider,
-                message: format!("`{action}` failed with {shown}"),
-            }
+            Error::Unavailable { provider, message: format!("`{action}` failed with {shown}") }
         } else {
-            Error::Other {
-                provider,
-                source: format!("`{action}` failed with {shown}: {said}").into(),
-            }
+            Error::Other { provider, source: format!("`{action}` failed with {shown}: {said}").into() }
         };
     };
     let text = format!("`{code}`: {said} (`{action}`)");
@@ -960,23 +872,15 @@ fn classify_code(
         };
     }
     if THROTTLING_CODES.contains(&code) {
-        return Error::RateLimited {
-            provider,
-            retry_after: None,
-        };
+        return Error::RateLimited { provider, retry_after: None };
     }
     if CAPACITY_CODES.contains(&code) {
-        return Error::Capacity {
-            provider,
-            message: text,
-        };
+        return Error::Capacity { provider, message: text };
     }
     if code == "InvalidInstanceID.NotFound" {
         return match instance {
             Some(id) => not_found(id),
-            None => Error::NotFound {
-                what: format!("EC2 instance ({said})"),
-            },
+            None => Error::NotFound { what: format!("EC2 instance ({said})") },
         };
     }
     if code == "InvalidInstanceID.Malformed" {
@@ -990,21 +894,12 @@ fn classify_code(
     }
     if code == "IncorrectInstanceState" {
         // Start/stop look at the instance's state to decide; anything else may simply try again later.
-        return Error::Unavailable {
-            provider,
-            message: text,
-        };
+        return Error::Unavailable { provider, message: text };
     }
     if SERVER_CODES.contains(&code) || matches!(status, Some(500..=599)) {
-        return Error::Unavailable {
-            provider,
-            message: text,
-        };
+        return Error::Unavailable { provider, message: text };
     }
-    Error::Invalid {
-        provider,
-        message: text,
-    }
+    Error::Invalid { provider, message: text }
 }
 
 #[cfg(test)]

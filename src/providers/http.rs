@@ -65,10 +65,7 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
             return Some(wait.min(MAX_RETRY_AFTER));
         }
     }
-    let reset: i64 = header("ratelimit-reset")
-        .or_else(|| header("x-ratelimit-reset"))?
-        .parse()
-        .ok()?;
+    let reset: i64 = header("ratelimit-reset").or_else(|| header("x-ratelimit-reset"))?.parse().ok()?;
     let wait = reset.saturating_sub(now.as_second()).max(1);
     Some(Duration::from_secs(wait.unsigned_abs()).min(MAX_RETRY_AFTER))
 }
@@ -98,20 +95,10 @@ pub(crate) fn status_error(answer: ErrorAnswer<'_>) -> Error {
     let provider = answer.provider.to_owned();
     let message = answer.message.to_owned();
     match answer.status.as_u16() {
-        401 | 403 => Error::Unauthenticated {
-            provider,
-            message: format!("{message}\n{}", answer.credential_hint),
-        },
-        404 => Error::NotFound {
-            what: answer.what.to_owned(),
-        },
-        409 => Error::AlreadyExists {
-            what: answer.what.to_owned(),
-        },
-        429 => Error::RateLimited {
-            provider,
-            retry_after: answer.retry_after,
-        },
+        401 | 403 => Error::Unauthenticated { provider, message: format!("{message}\n{}", answer.credential_hint) },
+        404 => Error::NotFound { what: answer.what.to_owned() },
+        409 => Error::AlreadyExists { what: answer.what.to_owned() },
+        429 => Error::RateLimited { provider, retry_after: answer.retry_after },
         500..=599 => Error::Unavailable { provider, message },
         _ => Error::Invalid { provider, message },
     }
@@ -129,7 +116,9 @@ pub(crate) fn transport_reason(error: &reqwest::Error) -> String {
     let innermost = innermost.split(" (os error").next().unwrap_or_default().to_owned();
     match io_kind {
         _ if error.is_timeout() => "timed out".to_owned(),
-        Some(std::io::ErrorKind::ConnectionRefused) => "connection refused (is the server running, and is the port right?)".to_owned(),
+        Some(std::io::ErrorKind::ConnectionRefused) => {
+            "connection refused (is the server running, and is the port right?)".to_owned()
+        }
         Some(std::io::ErrorKind::ConnectionReset) => "the connection was reset".to_owned(),
         Some(std::io::ErrorKind::TimedOut) => "timed out".to_owned(),
         _ if chain.contains("dns error") || chain.contains("lookup address") => {
@@ -188,32 +177,19 @@ mod tests {
 
     #[test]
     fn retry_after_reads_seconds_dates_and_reset_times() {
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "12")])),
-            Some(Duration::from_secs(12))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "1.5")])),
-            Some(Duration::from_millis(1500))
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "12")])), Some(Duration::from_secs(12)));
+        assert_eq!(retry_after(&headers(&[("retry-after", "1.5")])), Some(Duration::from_millis(1500)));
         let in_a_minute = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
         let date = jiff::fmt::rfc2822::to_string(&in_a_minute.to_zoned(jiff::tz::TimeZone::UTC)).expect("date");
         let from_date = retry_after(&headers(&[("retry-after", &date)])).expect("a date");
-        assert!(
-            from_date <= Duration::from_secs(60) && from_date >= Duration::from_secs(50),
-            "{from_date:?}"
-        );
+        assert!(from_date <= Duration::from_secs(60) && from_date >= Duration::from_secs(50), "{from_date:?}");
         let now = jiff::Timestamp::now().as_second();
         for name in ["ratelimit-reset", "x-ratelimit-reset"] {
             let wait = retry_after(&headers(&[(name, &(now + 30).to_string())])).map(|wait| wait.as_secs());
             assert!(matches!(wait, Some(29..=30)), "{name}: {wait:?}");
         }
         let past = retry_after(&headers(&[("ratelimit-reset", &(now - 30).to_string())]));
-        assert_eq!(
-            past,
-            Some(Duration::from_secs(1)),
-            "a passed reset still waits a second"
-        );
+        assert_eq!(past, Some(Duration::from_secs(1)), "a passed reset still waits a second");
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-3")])), None);
         assert_eq!(retry_after(&HeaderMap::new()), None);

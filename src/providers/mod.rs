@@ -92,7 +92,9 @@ impl Error {
             Error::NotFound { what } => Error::NotFound { what: clean(what) },
             Error::AlreadyExists { what } => Error::AlreadyExists { what: clean(what) },
             Error::RateLimited { provider, retry_after } => Error::RateLimited { provider, retry_after },
-            Error::Unauthenticated { provider, message } => Error::Unauthenticated { provider, message: clean(message) },
+            Error::Unauthenticated { provider, message } => {
+                Error::Unauthenticated { provider, message: clean(message) }
+            }
             Error::Capacity { provider, message } => Error::Capacity { provider, message: clean(message) },
             Error::Unavailable { provider, message } => Error::Unavailable { provider, message: clean(message) },
             Error::Invalid { provider, message } => Error::Invalid { provider, message: clean(message) },
@@ -387,7 +389,11 @@ pub trait CiSource: Send + Sync + Debug {
     }
     /// A webhook delivery (its headers and raw body) for this source: verified (a source never reads an
     /// unverified body), read, and turned into what the loop should do. `Err`: the status to answer.
-    fn receive_webhook(&self, _headers: &reqwest::header::HeaderMap, _body: &[u8]) -> std::result::Result<WebhookNotice, WebhookRefusal> {
+    fn receive_webhook(
+        &self,
+        _headers: &reqwest::header::HeaderMap,
+        _body: &[u8],
+    ) -> std::result::Result<WebhookNotice, WebhookRefusal> {
         Err(WebhookRefusal { status: 404, message: format!("ci source kind `{}` takes no webhooks", self.kind()) })
     }
     async fn observe(&self) -> Result<CiObservation>;

@@ -32,7 +32,8 @@ pub fn connect(desired: &Desired) -> Result<Providers> {
             BackendKind::Fake(fake) => Arc::new(world_for(fake)?.backend()),
             BackendKind::Hcloud { token, endpoint } => {
                 let from_env = std::env::var(super::hcloud::ENDPOINT_ENV).ok();
-                let settings = super::hcloud::HcloudSettings::new(token.clone(), endpoint.as_deref(), from_env.as_deref());
+                let settings =
+                    super::hcloud::HcloudSettings::new(token.clone(), endpoint.as_deref(), from_env.as_deref());
                 Arc::new(super::hcloud::Hcloud::new(settings)?)
             }
             BackendKind::Aws { region, endpoint } => Arc::new(super::aws::Ec2::new(super::aws::Ec2Settings {
@@ -131,7 +132,9 @@ fn forgejo(
     let scope = match scope {
         crate::model::ForgejoScope::Instance => Scope::Instance,
         crate::model::ForgejoScope::Organization(org) => Scope::Organization(org.clone()),
-        crate::model::ForgejoScope::Repository { owner, repo } => Scope::Repository { owner: owner.clone(), repo: repo.clone() },
+        crate::model::ForgejoScope::Repository { owner, repo } => {
+            Scope::Repository { owner: owner.clone(), repo: repo.clone() }
+        }
         crate::model::ForgejoScope::User => Scope::User,
     };
     let invalid = |message: String| super::Error::Invalid { provider: "forgejo".to_owned(), message };
@@ -142,7 +145,8 @@ fn forgejo(
                 "arm64" => launch::Arch::Arm64,
                 other => return Err(invalid(format!("runner arch `{other}` is neither `amd64` nor `arm64`"))),
             };
-            launch::RunnerRelease::new(&release.version, arch, &release.sha256).map_err(|error| invalid(error.to_string()))
+            launch::RunnerRelease::new(&release.version, arch, &release.sha256)
+                .map_err(|error| invalid(error.to_string()))
         })
         .transpose()?;
     Forgejo::new(ForgejoSettings {

@@ -67,10 +67,7 @@ impl Default for Timeouts {
     /// A Woodpecker API call answers in milliseconds; 15 s total rides out a slow database without letting one
     /// hung call hold a cycle (the poll interval is 10 s by default).
     fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(5),
-            total: Duration::from_secs(15),
-        }
+        Self { connect: Duration::from_secs(5), total: Duration::from_secs(15) }
     }
 }
 
@@ -101,33 +98,21 @@ impl Woodpecker {
     }
 
     pub fn with_timeouts(server: &str, token: Secret, grpc_address: Option<&str>, timeouts: Timeouts) -> Result<Self> {
-        let invalid = |message: String| Error::Invalid {
-            provider: PROVIDER.to_owned(),
-            message,
-        };
+        let invalid = |message: String| Error::Invalid { provider: PROVIDER.to_owned(), message };
         let url = reqwest::Url::parse(server)
             .map_err(|error| invalid(format!("`server` `{server}` is not a URL: {error}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid(format!(
-                "`server` `{server}` must be an http:// or https:// URL"
-            )));
+            return Err(invalid(format!("`server` `{server}` must be an http:// or https:// URL")));
         }
         let grpc_address = match grpc_address {
             Some(address) if !address.trim().is_empty() => address.trim().to_owned(),
             _ => {
-                let host = url
-                    .host_str()
-                    .ok_or_else(|| invalid(format!("`server` `{server}` has no host")))?;
+                let host = url.host_str().ok_or_else(|| invalid(format!("`server` `{server}` has no host")))?;
                 format!("{host}:{DEFAULT_GRPC_PORT}")
             }
         };
         let http = super::http::client(PROVIDER, timeouts.connect, timeouts.total)?;
-        Ok(Self {
-            http,
-            server: server.trim_end_matches('/').to_owned(),
-            token,
-            grpc_address,
-        })
+        Ok(Self { http, server: server.trim_end_matches('/').to_owned(), token, grpc_address })
     }
 
     /// What agents get as `WOODPECKER_SERVER`.
@@ -179,9 +164,7 @@ impl Woodpecker {
 
     async fn delete_agent(&self, id: &AgentId) -> Result<()> {
         let number = agent_number(id)?;
-        self.send(Method::DELETE, &format!("/api/agents/{number}"), None, Some(id))
-            .await
-            .map(drop)
+        self.send(Method::DELETE, &format!("/api/agents/{number}"), None, Some(id)).await.map(drop)
     }
 
     /// Sends one request and decodes its JSON answer.
@@ -196,10 +179,7 @@ impl Woodpecker {
         let bytes = self.send(method, path, body, agent).await?;
         serde_json::from_slice(&bytes).map_err(|error| Error::Other {
             provider: PROVIDER.to_owned(),
-            source: Box::new(BadResponse {
-                endpoint,
-                detail: error.to_string(),
-            }),
+            source: Box::new(BadResponse { endpoint, detail: error.to_string() }),
         })
     }
 
@@ -212,23 +192,14 @@ impl Woodpecker {
         agent: Option<&AgentId>,
     ) -> Result<Vec<u8>> {
         let endpoint = endpoint_name(&method, path);
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.server))
-            .bearer_auth(self.token.expose());
+        let mut request = self.http.request(method, format!("{}{path}", self.server)).bearer_auth(self.token.expose());
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| transport_error(&endpoint, &error))?;
+        let response = request.send().await.map_err(|error| transport_error(&endpoint, &error))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|error| transport_error(&endpoint, &error))?;
+        let bytes = response.bytes().await.map_err(|error| transport_error(&endpoint, &error))?;
         if status.is_success() {
             return Ok(bytes.to_vec());
         }
@@ -269,21 +240,11 @@ impl CiSource for Woodpecker {
             .collect();
         // Tasks waiting on dependencies are left out: they may never run (a failed dependency), and they become
         // pending the moment they can, which the next cycle sees.
-        Ok(CiObservation {
-            agents,
-            queue: Queue {
-                pending: tasks(queue.pending),
-                running,
-            },
-        })
+        Ok(CiObservation { agents, queue: Queue { pending: tasks(queue.pending), running } })
     }
 
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
-        let existing = self
-            .list_agents()
-            .await?
-            .into_iter()
-            .find(|agent| agent.name == request.name);
+        let existing = self.list_agents().await?.into_iter().find(|agent| agent.name == request.name);
         let agent = match existing {
             // The admin API shows an agent's token: the existing record is taken over as it is (same id).
             Some(agent) if agent.token.as_ref().is_some_and(|token| !token.expose().is_empty()) => agent,
@@ -292,10 +253,7 @@ impl CiSource for Woodpecker {
             Some(agent) => {
                 let id = AgentId::new(agent.id.to_string());
                 let queue = self.queue_info().await?;
-                if tasks(queue.running)
-                    .iter()
-                    .any(|task| task.agent_id.as_ref() == Some(&id))
-                {
+                if tasks(queue.running).iter().any(|task| task.agent_id.as_ref() == Some(&id)) {
                     return Err(Error::AlreadyExists {
                         what: format!("woodpecker agent `{}` (id {id}, running a job)", request.name),
                     });
@@ -308,33 +266,22 @@ impl CiSource for Woodpecker {
             }
             None => self.create_agent(&request.name).await?,
         };
-        let token = agent
-            .token
-            .filter(|token| !token.expose().is_empty())
-            .ok_or_else(|| Error::Other {
-                provider: PROVIDER.to_owned(),
-                source: Box::new(BadResponse {
-                    endpoint: "POST /api/agents".to_owned(),
-                    detail: format!("agent `{}` came back without a token", request.name),
-                }),
-            })?;
+        let token = agent.token.filter(|token| !token.expose().is_empty()).ok_or_else(|| Error::Other {
+            provider: PROVIDER.to_owned(),
+            source: Box::new(BadResponse {
+                endpoint: "POST /api/agents".to_owned(),
+                detail: format!("agent `{}` came back without a token", request.name),
+            }),
+        })?;
         let mut env = BTreeMap::from([
             (SERVER_ENV.to_owned(), self.grpc_address.clone()),
             (super::TOKEN_ENV_NAME_KEY.to_owned(), SECRET_ENV.to_owned()),
         ]);
         if !request.labels.is_empty() {
-            let labels: Vec<String> = request
-                .labels
-                .iter()
-                .map(|(key, value)| format!("{key}={value}"))
-                .collect();
+            let labels: Vec<String> = request.labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
             env.insert(LABELS_ENV.to_owned(), labels.join(","));
         }
-        Ok(AgentCredential {
-            agent_id: AgentId::new(agent.id.to_string()),
-            token,
-            env,
-        })
+        Ok(AgentCredential { agent_id: AgentId::new(agent.id.to_string()), token, env })
     }
 
     async fn drain(&self, id: &AgentId) -> Result<()> {
@@ -406,19 +353,14 @@ fn tasks(wire: Option<Vec<WireTask>>) -> Vec<Task> {
             labels: task.labels.unwrap_or_default(),
             demands: Vec::new(),
             // 0 is Go's zero value: no agent.
-            agent_id: task
-                .agent_id
-                .filter(|id| *id > 0)
-                .map(|id| AgentId::new(id.to_string())),
+            agent_id: task.agent_id.filter(|id| *id > 0).map(|id| AgentId::new(id.to_string())),
         })
         .collect()
 }
 
 /// Unix seconds; 0 (Go's zero value) means never.
 fn unix_time(seconds: Option<i64>) -> Option<Timestamp> {
-    seconds
-        .filter(|seconds| *seconds > 0)
-        .and_then(|seconds| Timestamp::from_second(seconds).ok())
+    seconds.filter(|seconds| *seconds > 0).and_then(|seconds| Timestamp::from_second(seconds).ok())
 }
 
 fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
@@ -457,16 +399,13 @@ fn endpoint_name(method: &Method, path: &str) -> String {
 }
 
 fn agent_number(id: &AgentId) -> Result<i64> {
-    id.as_str().parse::<i64>().map_err(|_| Error::NotFound {
-        what: format!("woodpecker agent `{id}` (ids are numbers)"),
-    })
+    id.as_str()
+        .parse::<i64>()
+        .map_err(|_| Error::NotFound { what: format!("woodpecker agent `{id}` (ids are numbers)") })
 }
 
 fn transport_error(endpoint: &str, error: &reqwest::Error) -> Error {
-    Error::Unavailable {
-        provider: PROVIDER.to_owned(),
-        message: http::transport_message(endpoint, error),
-    }
+    Error::Unavailable { provider: PROVIDER.to_owned(), message: http::transport_message(endpoint, error) }
 }
 
 fn status_error(
@@ -479,11 +418,7 @@ fn status_error(
     let provider = PROVIDER.to_owned();
     // Server error bodies are short plain text; a long one is cut, never quoted whole.
     let text: String = String::from_utf8_lossy(body).trim().chars().take(200).collect();
-    let said = if text.is_empty() {
-        String::new()
-    } else {
-        format!(": {text}")
-    };
+    let said = if text.is_empty() { String::new() } else { format!(": {text}") };
     match status.as_u16() {
         401 => Error::Unauthenticated {
             provider,
@@ -500,9 +435,7 @@ fn status_error(
             ),
         },
         404 => match agent {
-            Some(id) => Error::NotFound {
-                what: format!("woodpecker agent `{id}`"),
-            },
+            Some(id) => Error::NotFound { what: format!("woodpecker agent `{id}`") },
             None => Error::Invalid {
                 provider,
                 message: format!("`{endpoint}` answered 404\nhint: is `server` the Woodpecker URL?"),

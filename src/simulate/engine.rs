@@ -55,8 +55,8 @@ use super::trace::Trace;
 use crate::apply::{ApplyOptions, Outcome};
 use crate::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, Billing, CiName, CiObservation, Desired, Instance,
-    InstanceId, InstanceMode, InstanceState, Observed, PoolName, Price, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL,
-    POOL_LABEL,
+    InstanceId, InstanceMode, InstanceState, Observed, PoolName, Price, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL,
+    OWNER_LABEL, POOL_LABEL,
 };
 use crate::plan::matching::pool_takes;
 use crate::plan::{self, Action, Change, Plan};
@@ -101,9 +101,15 @@ pub fn run(desired: &Desired, trace: &Trace, settings: &Settings) -> RunReport {
 enum Event {
     Arrive(usize),
     /// `token` tells a run of the job from an earlier one that was interrupted.
-    Finish { job: usize, token: u64 },
+    Finish {
+        job: usize,
+        token: u64,
+    },
     /// `generation` tells this boot from an earlier one of the same instance (stopped and started again).
-    BootDone { instance: InstanceId, generation: u64 },
+    BootDone {
+        instance: InstanceId,
+        generation: u64,
+    },
     Sample,
 }
 
@@ -298,7 +304,12 @@ impl<'a> Sim<'a> {
                             pool_takes(self.desired.ci.get(source).map(|s| &s.kind), pool, &job.labels, &job.demands)
                         })
                     };
-                    self.desired.ci.keys().find(|source| takes(source)).or_else(|| self.desired.ci.keys().next()).cloned()
+                    self.desired
+                        .ci
+                        .keys()
+                        .find(|source| takes(source))
+                        .or_else(|| self.desired.ci.keys().next())
+                        .cloned()
                 }
             };
             let key = (ci.clone(), &job.labels, job.demands.as_slice());
@@ -312,7 +323,12 @@ impl<'a> Sim<'a> {
                         .map(|pool| {
                             ci.as_ref().is_some_and(|ci| {
                                 &pool.ci.source == ci
-                                    && pool_takes(self.desired.ci.get(ci).map(|s| &s.kind), pool, &job.labels, &job.demands)
+                                    && pool_takes(
+                                        self.desired.ci.get(ci).map(|s| &s.kind),
+                                        pool,
+                                        &job.labels,
+                                        &job.demands,
+                                    )
                             })
                         })
                         .collect();
@@ -362,11 +378,14 @@ impl<'a> Sim<'a> {
                         );
                         if let Some(backend) = self.observed.backends.get_mut(&pool.backend.backend) {
                             backend.instances.push(instance);
-                            self.pools_of.instances.entry(pool.backend.backend.clone()).or_default().push(Some(pool_index));
+                            self.pools_of
+                                .instances
+                                .entry(pool.backend.backend.clone())
+                                .or_default()
+                                .push(Some(pool_index));
                         }
                     }
-                    let reference =
-                        adopted.agent.clone().unwrap_or_else(|| AgentRef::Name(adopted.id.to_string()));
+                    let reference = adopted.agent.clone().unwrap_or_else(|| AgentRef::Name(adopted.id.to_string()));
                     self.ensure_agent(pool_index, &reference, false);
                 }
             }
@@ -479,7 +498,8 @@ impl<'a> Sim<'a> {
         let mut plan = self.plan(started);
         let planned = plan.has_changes();
         for change in &plan.changes {
-            let target = change.instance.as_ref().map(|i| i.name.as_str()).or(change.agent.as_ref().map(|a| a.name.as_str()));
+            let target =
+                change.instance.as_ref().map(|i| i.name.as_str()).or(change.agent.as_ref().map(|a| a.name.as_str()));
             tracing::trace!(at = %started, pool = %change.pool, action = %change.action, target, reason = %change.reason, "planned");
         }
         let desired = self.desired;
@@ -566,8 +586,12 @@ impl<'a> Sim<'a> {
     }
 
     fn plan_parts(&mut self, parts: &mut Parts, now: Timestamp) -> Plan {
-        let due: Vec<bool> =
-            parts.dirty.iter().zip(&parts.due).map(|(dirty, due)| *dirty || due.is_some_and(|due| due <= now)).collect();
+        let due: Vec<bool> = parts
+            .dirty
+            .iter()
+            .zip(&parts.due)
+            .map(|(dirty, due)| *dirty || due.is_some_and(|due| due <= now))
+            .collect();
         if !due.contains(&true) {
             let mut blank = parts.blank.clone();
             blank.planned_at = now;
@@ -604,7 +628,8 @@ impl<'a> Sim<'a> {
             parts.plans += 1;
             if sub.changes.is_empty() {
                 parts.dirty[part] = false;
-                parts.due[part] = threshold_after(self.desired, &self.rules, &parts.views[part], now, &mut self.schedule_cache);
+                parts.due[part] =
+                    threshold_after(self.desired, &self.rules, &parts.views[part], now, &mut self.schedule_cache);
             } else {
                 // It stays dirty: its changes are applied (or held back, or fail) and it plans again.
                 parts.dirty[part] = true;
@@ -637,7 +662,8 @@ impl<'a> Sim<'a> {
     #[cfg(test)]
     fn check_pools_of(&self) {
         for (name, backend) in &self.observed.backends {
-            let pools: Vec<Option<usize>> = backend.instances.iter().map(|instance| self.instances[&instance.id].pool).collect();
+            let pools: Vec<Option<usize>> =
+                backend.instances.iter().map(|instance| self.instances[&instance.id].pool).collect();
             assert_eq!(self.pools_of.instances.get(name).cloned().unwrap_or_default(), pools, "instances of `{name}`");
         }
         for (name, ci) in &self.observed.ci {
@@ -669,7 +695,9 @@ impl<'a> Sim<'a> {
         for (name, backend) in &self.observed.backends {
             for instance in &backend.instances {
                 let pool = self.instances[&instance.id].pool.expect("instances of configured pools");
-                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.backends.get_mut(name)) {
+                if let Some(view) =
+                    share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.backends.get_mut(name))
+                {
                     view.instances.push(instance.clone());
                 }
             }
@@ -677,20 +705,24 @@ impl<'a> Sim<'a> {
         for (name, ci) in &self.observed.ci {
             for agent in &ci.agents {
                 let pool = self.agents[&agent.id].pool.expect("agents of configured pools");
-                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name)) {
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name))
+                {
                     view.agents.push(agent.clone());
                 }
             }
             let queue = &self.queues[name];
             for (task, &job) in ci.queue.pending.iter().zip(&queue.pending) {
                 let part = parts.of_class[self.jobs[job].class];
-                if let Some(view) = part.and_then(|part| share_of(&mut shares, part)).and_then(|share| share.ci.get_mut(name)) {
+                if let Some(view) =
+                    part.and_then(|part| share_of(&mut shares, part)).and_then(|share| share.ci.get_mut(name))
+                {
                     view.queue.pending.push(task.clone());
                 }
             }
             for (task, &job) in ci.queue.running.iter().zip(&queue.running) {
                 let pool = self.jobs[job].pool.expect("running jobs have a pool");
-                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name)) {
+                if let Some(view) = share_of(&mut shares, parts.of_pool[pool]).and_then(|share| share.ci.get_mut(name))
+                {
                     view.queue.running.push(task.clone());
                 }
             }
@@ -716,7 +748,9 @@ impl<'a> Sim<'a> {
             if pools.len() != backend.instances.len() {
                 return None;
             }
-            placed.instances.push(pools.iter().map(|pool| Some(parts.of_pool[(*pool)?])).collect::<Option<Vec<usize>>>()?);
+            placed
+                .instances
+                .push(pools.iter().map(|pool| Some(parts.of_pool[(*pool)?])).collect::<Option<Vec<usize>>>()?);
         }
         for (name, ci) in &self.observed.ci {
             let pools = self.pools_of.agents.get(name).unwrap_or(&no_pools);
@@ -732,7 +766,9 @@ impl<'a> Sim<'a> {
             if pending.len() != ci.queue.pending.len() || running.len() != ci.queue.running.len() {
                 return None;
             }
-            placed.pending.push(pending.iter().map(|&job| parts.of_class[self.jobs[job].class].unwrap_or(NO_PART)).collect());
+            placed
+                .pending
+                .push(pending.iter().map(|&job| parts.of_class[self.jobs[job].class].unwrap_or(NO_PART)).collect());
             let of = running.iter().map(|&job| Some(parts.of_pool[self.jobs[job].pool?]));
             placed.running.push(of.collect::<Option<Vec<usize>>>()?);
         }
@@ -836,7 +872,10 @@ impl<'a> Sim<'a> {
         let agent_id = match (&pool.agent.preregistered, &change.agent) {
             (Some(_), Some(agent)) => agent.id.clone(),
             (Some(_), None) => {
-                return Err(("find pre-registered agent", format!("the pre-registered agent of `{}` is missing", pool.name)))
+                return Err((
+                    "find pre-registered agent",
+                    format!("the pre-registered agent of `{}` is missing", pool.name),
+                ))
             }
             (None, _) => self.register(pool_index, &target.name),
         };
@@ -860,9 +899,8 @@ impl<'a> Sim<'a> {
             Some(types) => types.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect(),
             None => vec![String::new()],
         };
-        let chosen = candidates.iter().find(|_| {
-            model.capacity_errors <= 0.0 || self.rng.f64() >= model.capacity_errors
-        });
+        let chosen =
+            candidates.iter().find(|_| model.capacity_errors <= 0.0 || self.rng.f64() >= model.capacity_errors);
         let Some(chosen) = chosen.cloned() else {
             if let Some(tally) = self.tallies.get_mut(pool_index) {
                 tally.create_failures += 1;
@@ -872,7 +910,10 @@ impl<'a> Sim<'a> {
                 // for it goes, and the planner does not count it as a create in flight.
                 self.deregister(&pool.ci.source, &agent_id);
             }
-            return Err(("create instance", format!("backend `{}` has no capacity for {}", target.backend, candidates.join(", "))));
+            return Err((
+                "create instance",
+                format!("backend `{}` has no capacity for {}", target.backend, candidates.join(", ")),
+            ));
         };
         // The instance reports the candidates it got, as providers do (Hetzner names the server's type and
         // location): the machine type that had capacity, the first of every other list.
@@ -996,7 +1037,10 @@ impl<'a> Sim<'a> {
                 side.billed_since = Some(at);
             }
             let generation = side.generation;
-            self.push(at.saturating_add(boot).unwrap_or(Timestamp::MAX), Event::BootDone { instance: id.clone(), generation });
+            self.push(
+                at.saturating_add(boot).unwrap_or(Timestamp::MAX),
+                Event::BootDone { instance: id.clone(), generation },
+            );
             if model.create_holds_cycle {
                 took = boot;
             }
@@ -1036,7 +1080,8 @@ impl<'a> Sim<'a> {
 
     /// `false` when the agent does not exist.
     fn set_agent_drained(&mut self, ci: &CiName, id: &AgentId, drained: bool) -> bool {
-        let Some(agent) = self.observed.ci.get_mut(ci).and_then(|ci| ci.agents.iter_mut().find(|agent| &agent.id == id))
+        let Some(agent) =
+            self.observed.ci.get_mut(ci).and_then(|ci| ci.agents.iter_mut().find(|agent| &agent.id == id))
         else {
             return false;
         };
@@ -1132,11 +1177,10 @@ impl<'a> Sim<'a> {
         let reference = pool.and_then(|pool_index| {
             let pool = &self.desired.pools[pool_index];
             let adopted = match &pool.backend.mode {
-                InstanceMode::StartStop { instances } => {
-                    instances.iter().find(|adopted| &adopted.id == id).map(|adopted| {
-                        adopted.agent.clone().unwrap_or_else(|| AgentRef::Name(adopted.id.to_string()))
-                    })
-                }
+                InstanceMode::StartStop { instances } => instances
+                    .iter()
+                    .find(|adopted| &adopted.id == id)
+                    .map(|adopted| adopted.agent.clone().unwrap_or_else(|| AgentRef::Name(adopted.id.to_string()))),
                 InstanceMode::Create => None,
             };
             adopted.or_else(|| pool.agent.preregistered.clone())
@@ -1159,7 +1203,9 @@ impl<'a> Sim<'a> {
         if let Some(side) = self.instances.get_mut(id) {
             side.agent = Some(agent_id.clone());
         }
-        if let Some(agent) = self.observed.ci.values_mut().flat_map(|ci| ci.agents.iter_mut()).find(|a| a.id == agent_id) {
+        if let Some(agent) =
+            self.observed.ci.values_mut().flat_map(|ci| ci.agents.iter_mut()).find(|a| a.id == agent_id)
+        {
             agent.last_contact = Some(now);
         }
         self.dispatch_agent(&agent_id);
@@ -1353,8 +1399,10 @@ impl<'a> Sim<'a> {
             }
             let pool = self.agents.get(id).and_then(|side| side.pool);
             let takes = |class: usize| pool.is_some_and(|pool| self.classes[class].get(pool).copied().unwrap_or(false));
-            let position =
-                self.queues.get(&ci).and_then(|queue| queue.pending.iter().position(|&job| takes(self.jobs[job].class)));
+            let position = self
+                .queues
+                .get(&ci)
+                .and_then(|queue| queue.pending.iter().position(|&job| takes(self.jobs[job].class)));
             let Some(position) = position else {
                 return;
             };
@@ -1449,7 +1497,8 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        if let Some(agent) = self.observed.ci.get_mut(ci).and_then(|o| o.agents.iter_mut().find(|a| &a.id == agent_id)) {
+        if let Some(agent) = self.observed.ci.get_mut(ci).and_then(|o| o.agents.iter_mut().find(|a| &a.id == agent_id))
+        {
             agent.last_work = Some(now);
             if idle {
                 agent.busy = false;
@@ -1465,7 +1514,9 @@ impl<'a> Sim<'a> {
         let running: Vec<usize> = self
             .queues
             .get(&ci)
-            .map(|queue| queue.running.iter().copied().filter(|&job| self.jobs[job].agent.as_ref() == Some(agent_id)).collect())
+            .map(|queue| {
+                queue.running.iter().copied().filter(|&job| self.jobs[job].agent.as_ref() == Some(agent_id)).collect()
+            })
             .unwrap_or_default();
         for index in running {
             self.take_off_agent(&ci, index, agent_id);
@@ -1644,7 +1695,9 @@ fn close_instance(tally: &mut Tally, side: &InstanceSide, billing: Billing, now:
     }
     if let Some(since) = side.billed_since {
         match &side.price {
-            Some(price) => *tally.cost.entry(price.currency.clone()).or_default() += billed_amount(billing, price, since, now),
+            Some(price) => {
+                *tally.cost.entry(price.currency.clone()).or_default() += billed_amount(billing, price, since, now)
+            }
             None => tally.unpriced_hours += hours(since, now),
         }
     }
@@ -1693,12 +1746,13 @@ fn lend(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bool], 
     }
     let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
     for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
-        let mut to: Vec<Option<(&mut Vec<Agent>, &mut Vec<Task>, &mut Vec<Task>)>> = (parts.views.iter_mut().enumerate())
-            .map(|(part, view)| {
-                let ci = lent(part).then(|| view.ci.get_mut(name)).flatten()?;
-                Some((&mut ci.agents, &mut ci.queue.pending, &mut ci.queue.running))
-            })
-            .collect();
+        let mut to: Vec<Option<(&mut Vec<Agent>, &mut Vec<Task>, &mut Vec<Task>)>> =
+            (parts.views.iter_mut().enumerate())
+                .map(|(part, view)| {
+                    let ci = lent(part).then(|| view.ci.get_mut(name)).flatten()?;
+                    Some((&mut ci.agents, &mut ci.queue.pending, &mut ci.queue.running))
+                })
+                .collect();
         let all = std::mem::replace(&mut ci.agents, Vec::with_capacity(agents.len()));
         for (agent, &part) in all.into_iter().zip(agents) {
             match to.get_mut(part).and_then(Option::as_mut) {
@@ -1732,21 +1786,25 @@ fn give_back(world: &mut Observed, parts: &mut Parts, placed: &Placed, due: &[bo
     fn merge<T>(stayed: &mut Vec<T>, mut lent: Vec<Option<std::vec::Drain<'_, T>>>, order: &[usize], due: &[bool]) {
         let mut rest = std::mem::replace(stayed, Vec::with_capacity(order.len())).into_iter();
         for &part in order {
-            let item = if part != NO_PART && due[part] { lent[part].as_mut().and_then(Iterator::next) } else { rest.next() };
+            let item =
+                if part != NO_PART && due[part] { lent[part].as_mut().and_then(Iterator::next) } else { rest.next() };
             stayed.extend(item);
         }
     }
     for ((name, backend), order) in world.backends.iter_mut().zip(&placed.instances) {
-        let lent = parts.views.iter_mut().map(|view| view.backends.get_mut(name).map(|b| b.instances.drain(..))).collect();
+        let lent =
+            parts.views.iter_mut().map(|view| view.backends.get_mut(name).map(|b| b.instances.drain(..))).collect();
         merge(&mut backend.instances, lent, order, due);
     }
     let ci_of = placed.agents.iter().zip(&placed.pending).zip(&placed.running);
     for ((name, ci), ((agents, pending), running)) in world.ci.iter_mut().zip(ci_of) {
         let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.agents.drain(..))).collect();
         merge(&mut ci.agents, lent, agents, due);
-        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.pending.drain(..))).collect();
+        let lent =
+            parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.pending.drain(..))).collect();
         merge(&mut ci.queue.pending, lent, pending, due);
-        let lent = parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.running.drain(..))).collect();
+        let lent =
+            parts.views.iter_mut().map(|view| view.ci.get_mut(name).map(|c| c.queue.running.drain(..))).collect();
         merge(&mut ci.queue.running, lent, running, due);
     }
 }
@@ -1794,13 +1852,17 @@ impl Parts {
         if count < 2 {
             return None;
         }
-        let of_class = classes
-            .iter()
-            .map(|class| class.iter().position(|takes| *takes).map(|pool| of_pool[pool]))
-            .collect();
+        let of_class =
+            classes.iter().map(|class| class.iter().position(|takes| *takes).map(|pool| of_pool[pool])).collect();
         let desired_parts: Vec<Desired> = (0..count)
             .map(|part| Desired {
-                pools: desired.pools.iter().zip(&of_pool).filter(|(_, of)| **of == part).map(|(pool, _)| pool.clone()).collect(),
+                pools: desired
+                    .pools
+                    .iter()
+                    .zip(&of_pool)
+                    .filter(|(_, of)| **of == part)
+                    .map(|(pool, _)| pool.clone())
+                    .collect(),
                 ..desired.clone()
             })
             .collect();
@@ -1901,11 +1963,15 @@ fn threshold_after(
             if hourly {
                 // The paid hour restarts every 3600 s from creation; the keep rule opens `margin` before each.
                 let elapsed = now.duration_since(instance.created_at).as_secs().max(0);
-                let next_hour = instance.created_at.checked_add(SignedDuration::from_secs((elapsed / 3600 + 1) * 3600)).ok();
+                let next_hour =
+                    instance.created_at.checked_add(SignedDuration::from_secs((elapsed / 3600 + 1) * 3600)).ok();
                 consider(next_hour);
                 for margin in margins {
                     consider(next_hour.and_then(|hour| hour.checked_sub(*margin).ok()));
-                    consider(next_hour.and_then(|hour| plus(hour, SignedDuration::from_secs(3600))?.checked_sub(*margin).ok()));
+                    consider(
+                        next_hour
+                            .and_then(|hour| plus(hour, SignedDuration::from_secs(3600))?.checked_sub(*margin).ok()),
+                    );
                 }
             }
         }
@@ -2043,7 +2109,12 @@ pools:
     scale: { max: 5, minIdle: 2, idleTimeout: 5m, bootstrapTimeout: 50s }
 "#;
 
-    fn settings(desired: &Desired, simulation: &BTreeMap<BackendName, super::super::models::Overrides>, synthetic: &Synthetic, skip_idle: bool) -> Settings {
+    fn settings(
+        desired: &Desired,
+        simulation: &BTreeMap<BackendName, super::super::models::Overrides>,
+        synthetic: &Synthetic,
+        skip_idle: bool,
+    ) -> Settings {
         Settings {
             name: "parts".into(),
             seed: synthetic.seed,
@@ -2086,7 +2157,12 @@ pools:
             assert_eq!((by_parts.until, by_parts.interrupted_jobs), (whole.until, whole.interrupted_jobs), "{context}");
             // The rules did fire: creates refused for capacity, agents deleted after their idle time.
             let total = by_parts.total();
-            assert!(total.create_failures > 0 && total.deletes > 10, "{context}: {} failures, {} deletes", total.create_failures, total.deletes);
+            assert!(
+                total.create_failures > 0 && total.deletes > 10,
+                "{context}: {} failures, {} deletes",
+                total.create_failures,
+                total.deletes
+            );
             assert!(
                 by_parts.plans < by_parts.cycles * 4 / 2,
                 "{context}: by parts {} plans of 4 parts in {} cycles",

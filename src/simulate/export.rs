@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-
 use super::trace::{Job, Trace};
 use crate::model::{CiName, Desired};
 use crate::providers::{self, HistoryRequest, PastJob, Providers};

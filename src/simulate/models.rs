@@ -88,9 +88,8 @@ impl FromStr for BootTime {
     type Err = String;
     /// `45s` or `40s-90s`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let parse = |part: &str| {
-            part.trim().parse::<GoDuration>().map(|duration| duration.signed()).map_err(|error| error.why)
-        };
+        let parse =
+            |part: &str| part.trim().parse::<GoDuration>().map(|duration| duration.signed()).map_err(|error| error.why);
         match text.split_once('-') {
             None => Ok(BootTime::Fixed(parse(text)?)),
             Some((low, high)) => {
@@ -301,7 +300,9 @@ pub fn flag_overrides(
     // `NAME=VALUE` or `VALUE`: a backend name never contains `=`, a value never starts a name with it.
     let split = |text: &str| -> (Option<BackendName>, String) {
         match text.split_once('=') {
-            Some((name, value)) if !name.trim().is_empty() => (Some(BackendName::new(name.trim())), value.trim().to_owned()),
+            Some((name, value)) if !name.trim().is_empty() => {
+                (Some(BackendName::new(name.trim())), value.trim().to_owned())
+            }
             _ => (None, text.trim().to_owned()),
         }
     };

@@ -214,7 +214,8 @@ impl RunReport {
             notes.push(format!("{} jobs no pool can take were left in the queue", self.unmatched_jobs));
         }
         if self.unfinished_jobs > 0 {
-            notes.push(format!("{} jobs had not finished long after the window; the run gave up", self.unfinished_jobs));
+            notes
+                .push(format!("{} jobs had not finished long after the window; the run gave up", self.unfinished_jobs));
         }
         if self.interrupted_jobs > 0 {
             notes.push(format!("{} jobs lost their agent while running and were queued again", self.interrupted_jobs));
@@ -260,8 +261,9 @@ pub fn cost_text(cost: &BTreeMap<String, f64>) -> String {
 /// Columns padded to their widest cell: the first left-aligned, the rest right-aligned.
 fn align(rows: &[Vec<String>], indent: usize) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|c| rows.iter().filter_map(|row| row.get(c)).map(|cell| cell.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|row| row.get(c)).map(|cell| cell.chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
         out.push_str(&" ".repeat(indent * 2));
@@ -312,7 +314,11 @@ pub fn render_compare(runs: &[RunReport]) -> String {
     ];
     for currency in currencies {
         let key = currency.clone();
-        measures.push((format!("cost {currency}"), Box::new(move |s: &Summary, _: &Tally| Some(s.cost.get(&key).copied().unwrap_or(0.0))), |v| format!("{v:.2}")));
+        measures.push((
+            format!("cost {currency}"),
+            Box::new(move |s: &Summary, _: &Tally| Some(s.cost.get(&key).copied().unwrap_or(0.0))),
+            |v| format!("{v:.2}"),
+        ));
     }
     for (label, value, show) in &measures {
         let mut row = vec![label.clone()];

@@ -37,12 +37,8 @@ const COLOURS: [&str; 7] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00
 /// Draws the runs (name, series) into one SVG document.
 pub fn render(runs: &[(&str, &Series)]) -> String {
     let (from, until) = span(runs);
-    let currency = runs
-        .iter()
-        .filter_map(|(_, series)| series.points.last())
-        .flat_map(|point| point.cost.keys())
-        .min()
-        .cloned();
+    let currency =
+        runs.iter().filter_map(|(_, series)| series.points.last()).flat_map(|point| point.cost.keys()).min().cloned();
     let legend_height = 20.0 * runs.len() as f64;
     let height = TOP + 3.0 * PANEL_HEIGHT + 3.0 * GAP + legend_height;
     let mut svg = String::new();
@@ -67,10 +63,8 @@ pub fn render(runs: &[(&str, &Series)]) -> String {
     ];
     for (index, (metric, title, value)) in panels.iter().enumerate() {
         let top = TOP + index as f64 * (PANEL_HEIGHT + GAP);
-        let max = runs
-            .iter()
-            .flat_map(|(_, series)| series.points.iter().map(|point| value(point)))
-            .fold(0.0f64, f64::max);
+        let max =
+            runs.iter().flat_map(|(_, series)| series.points.iter().map(|point| value(point))).fold(0.0f64, f64::max);
         let max = nice_ceiling(max);
         panel_frame(&mut svg, top, title, max, from, until);
         for (run_index, (name, series)) in runs.iter().enumerate() {
@@ -144,7 +138,13 @@ fn panel_frame(svg: &mut String, top: f64, title: &str, max: f64, from: Timestam
     }
     // Day ticks when the span is days long, else hours.
     let total = until.duration_since(from).as_secs().max(1);
-    let tick = if total >= 2 * 86_400 { 86_400 } else if total >= 6 * 3600 { 3600 * 3 } else { 3600 };
+    let tick = if total >= 2 * 86_400 {
+        86_400
+    } else if total >= 6 * 3600 {
+        3600 * 3
+    } else {
+        3600
+    };
     let mut at = (from.as_second().div_euclid(tick) + 1) * tick;
     while at < until.as_second() {
         if let Ok(moment) = Timestamp::from_second(at) {

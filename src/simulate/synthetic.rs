@@ -93,7 +93,9 @@ impl Profile {
 
     fn durations(self, burst: bool) -> LogNormal {
         match (self, burst) {
-            (Profile::NightlyBurst, true) => LogNormal { median_secs: 720.0, sigma: 0.5, min_secs: 60.0, max_secs: 5400.0 },
+            (Profile::NightlyBurst, true) => {
+                LogNormal { median_secs: 720.0, sigma: 0.5, min_secs: 60.0, max_secs: 5400.0 }
+            }
             (Profile::Demo, _) => LogNormal { median_secs: 40.0, sigma: 0.5, min_secs: 10.0, max_secs: 180.0 },
             _ => LogNormal { median_secs: 300.0, sigma: 0.8, min_secs: 20.0, max_secs: 3600.0 },
         }
@@ -231,7 +233,11 @@ pub fn jobs_between(
     let first_hour = from.as_second().div_euclid(3600);
     let last_hour = (until.as_second() - 1).div_euclid(3600);
     for hour in first_hour..=last_hour {
-        jobs.extend(hour_jobs(profile, seed, volume, templates, hour).into_iter().filter(|job| job.at >= from && job.at < until));
+        jobs.extend(
+            hour_jobs(profile, seed, volume, templates, hour)
+                .into_iter()
+                .filter(|job| job.at >= from && job.at < until),
+        );
     }
     jobs
 }

@@ -129,11 +129,7 @@ pub enum TraceError {
 }
 
 fn render_problems(problems: &[LineProblem]) -> String {
-    let mut text = format!(
-        "the trace has {} bad line{}:",
-        problems.len(),
-        if problems.len() == 1 { "" } else { "s" }
-    );
+    let mut text = format!("the trace has {} bad line{}:", problems.len(), if problems.len() == 1 { "" } else { "s" });
     for problem in problems.iter().take(MAX_LISTED) {
         text.push_str("\n  ");
         text.push_str(&problem.to_string());
@@ -267,7 +263,10 @@ pub fn parse_csv(name: &str, text: &str) -> Result<Trace, TraceError> {
             }
             None => problems.push(problem(
                 1,
-                format!("unknown column `{header}`\nhint: the columns are {}", CSV_COLUMNS.map(|c| format!("`{c}`")).join(", ")),
+                format!(
+                    "unknown column `{header}`\nhint: the columns are {}",
+                    CSV_COLUMNS.map(|c| format!("`{c}`")).join(", ")
+                ),
             )),
         }
     }
@@ -301,7 +300,8 @@ pub fn parse_csv(name: &str, text: &str) -> Result<Trace, TraceError> {
         });
         let demands = cell("demands").split(';').map(str::to_owned).collect();
         let optional = |text: &str| (!text.is_empty()).then(|| text.to_owned());
-        match job_from_parts(cell("at"), cell("duration"), labels, demands, optional(cell("ci")), optional(cell("id"))) {
+        match job_from_parts(cell("at"), cell("duration"), labels, demands, optional(cell("ci")), optional(cell("id")))
+        {
             Ok(job) if messages.is_empty() => jobs.push(job),
             Ok(_) => {}
             Err(more) => messages.extend(more),
@@ -317,12 +317,15 @@ fn parse_label_cell(cell: &str) -> Result<BTreeMap<String, String>, String> {
         return Ok(BTreeMap::new());
     }
     if cell.starts_with('{') {
-        return serde_json::from_str(cell).map_err(|error| format!("`labels` is not a JSON object of strings: {error}"));
+        return serde_json::from_str(cell)
+            .map_err(|error| format!("`labels` is not a JSON object of strings: {error}"));
     }
     let mut labels = BTreeMap::new();
     for pair in cell.split(';').map(str::trim).filter(|pair| !pair.is_empty()) {
         let Some((key, value)) = pair.split_once('=') else {
-            return Err(format!("`labels` entry `{pair}` is not `key=value`\nhint: write `platform=linux/amd64;repo=acme/app`"));
+            return Err(format!(
+                "`labels` entry `{pair}` is not `key=value`\nhint: write `platform=linux/amd64;repo=acme/app`"
+            ));
         };
         labels.insert(key.trim().to_owned(), value.trim().to_owned());
     }

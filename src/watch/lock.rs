@@ -105,16 +105,13 @@ impl OwnerLock {
             }
             other => other,
         };
-        let mut file = opened
-            .map_err(|source| match source.raw_os_error() {
-                // ELOOP: the name is a symlink.
-                Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => LockError::Unsafe {
-                    what: "file",
-                    path: path.clone(),
-                    why: "it is a symbolic link".to_owned(),
-                },
-                _ => io(&path)(source),
-            })?;
+        let mut file = opened.map_err(|source| match source.raw_os_error() {
+            // ELOOP: the name is a symlink.
+            Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => {
+                LockError::Unsafe { what: "file", path: path.clone(), why: "it is a symbolic link".to_owned() }
+            }
+            _ => io(&path)(source),
+        })?;
         let metadata = file.metadata().map_err(io(&path))?;
         if !metadata.file_type().is_file() {
             return Err(LockError::Unsafe { what: "file", path, why: "it is not a regular file".to_owned() });
@@ -172,8 +169,7 @@ fn private_dir(dir: &Path) -> Result<(), LockError> {
         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(source) => return Err(LockError::Io { path: dir.to_owned(), source }),
     }
-    let metadata =
-        std::fs::symlink_metadata(dir).map_err(|source| LockError::Io { path: dir.to_owned(), source })?;
+    let metadata = std::fs::symlink_metadata(dir).map_err(|source| LockError::Io { path: dir.to_owned(), source })?;
     if metadata.file_type().is_symlink() {
         return Err(unsafe_dir("it is a symbolic link".to_owned()));
     }
@@ -181,7 +177,10 @@ fn private_dir(dir: &Path) -> Result<(), LockError> {
         return Err(unsafe_dir("it is not a directory".to_owned()));
     }
     if metadata.permissions().mode() & 0o002 != 0 {
-        return Err(unsafe_dir(format!("it is writable by everyone (mode {:o})", metadata.permissions().mode() & 0o7777)));
+        return Err(unsafe_dir(format!(
+            "it is writable by everyone (mode {:o})",
+            metadata.permissions().mode() & 0o7777
+        )));
     }
     let me = rustix::process::geteuid().as_raw();
     if metadata.uid() != me && metadata.uid() != 0 && me != 0 {

@@ -26,8 +26,8 @@ use prometheus_client::registry::Registry;
 use super::CycleReport;
 use crate::model::{AgentId, BackendObservation, CiObservation, Instance, InstanceId, InstanceState};
 use crate::providers::{
-    AgentCredential, Backend, Capabilities, CiCapabilities, CiSource, CreateInstance, Error, Exec, ExecOutput, ListInstances, Providers,
-    PushFile, RegisterAgent, Result,
+    AgentCredential, Backend, Capabilities, CiCapabilities, CiSource, CreateInstance, Error, Exec, ExecOutput,
+    ListInstances, Providers, PushFile, RegisterAgent, Result,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,7 +129,11 @@ impl Metrics {
         registry.register("api_calls", "Provider API calls by provider, operation and result", api_calls.clone());
         // Cloud servers take tens of seconds, containers well under one: buckets cover both.
         let create_to_ready = Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]);
-        registry.register("create_to_ready_seconds", "Time from a create call to the instance running", create_to_ready.clone());
+        registry.register(
+            "create_to_ready_seconds",
+            "Time from a create call to the instance running",
+            create_to_ready.clone(),
+        );
         let cycle_seconds = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         registry.register("cycle_duration_seconds", "Duration of one observe-plan-apply cycle", cycle_seconds.clone());
         let cycles = Counter::default();
@@ -137,21 +141,49 @@ impl Metrics {
         let cycle_failures = Counter::default();
         registry.register("cycle_failures", "Cycles that could not observe or plan", cycle_failures.clone());
         let hourly_cost = Family::<CurrencyLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register("hourly_cost", "Hourly cost of the instances after the last plan, per currency", hourly_cost.clone());
+        registry.register(
+            "hourly_cost",
+            "Hourly cost of the instances after the last plan, per currency",
+            hourly_cost.clone(),
+        );
         let circuit_open = Family::<PoolLabels, Gauge>::default();
-        registry.register("circuit_open", "1 while a pool's create circuit breaker is open or half-open", circuit_open.clone());
+        registry.register(
+            "circuit_open",
+            "1 while a pool's create circuit breaker is open or half-open",
+            circuit_open.clone(),
+        );
         let held_back = Counter::default();
-        registry.register("creates_held_back", "Creates held back for a later cycle by a create rate or a circuit breaker", held_back.clone());
+        registry.register(
+            "creates_held_back",
+            "Creates held back for a later cycle by a create rate or a circuit breaker",
+            held_back.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register("changes_in_flight", "Changes started and not yet finished", in_flight.clone());
         let abandoned = Counter::default();
-        registry.register("changes_abandoned", "Changes abandoned at their deadline (counted as failed too)", abandoned.clone());
+        registry.register(
+            "changes_abandoned",
+            "Changes abandoned at their deadline (counted as failed too)",
+            abandoned.clone(),
+        );
         let unobserved = Gauge::default();
-        registry.register("sources_unobserved", "Backend accounts and CI sources the last cycle could not observe", unobserved.clone());
+        registry.register(
+            "sources_unobserved",
+            "Backend accounts and CI sources the last cycle could not observe",
+            unobserved.clone(),
+        );
         let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
-        registry.register("webhook_deliveries", "Webhook deliveries accepted (verified), by CI source", webhook_deliveries.clone());
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries accepted (verified), by CI source",
+            webhook_deliveries.clone(),
+        );
         let webhook_refusals = Family::<WebhookRefusalLabels, Counter>::default();
-        registry.register("webhook_refusals", "Webhook deliveries refused, by CI source and HTTP status", webhook_refusals.clone());
+        registry.register(
+            "webhook_refusals",
+            "Webhook deliveries refused, by CI source and HTTP status",
+            webhook_refusals.clone(),
+        );
         Self {
             registry,
             agents,
@@ -172,7 +204,12 @@ impl Metrics {
             unobserved,
             webhook_deliveries,
             webhook_refusals,
-            health: Mutex::new(Health { started: Instant::now(), last_success: None, last_error: None, allowed_silence }),
+            health: Mutex::new(Health {
+                started: Instant::now(),
+                last_success: None,
+                last_error: None,
+                allowed_silence,
+            }),
         }
     }
 
@@ -199,8 +236,12 @@ impl Metrics {
         // the others keep their last values rather than dropping to zero.
         for status in &report.pools {
             let pool = status.pool.to_string();
-            self.agents.get_or_create(&PoolStateLabels { pool: pool.clone(), state: "busy".into() }).set(status.busy.into());
-            self.agents.get_or_create(&PoolStateLabels { pool: pool.clone(), state: "idle".into() }).set(status.idle.into());
+            self.agents
+                .get_or_create(&PoolStateLabels { pool: pool.clone(), state: "busy".into() })
+                .set(status.busy.into());
+            self.agents
+                .get_or_create(&PoolStateLabels { pool: pool.clone(), state: "idle".into() })
+                .set(status.idle.into());
             self.desired_agents.get_or_create(&PoolLabels { pool: pool.clone() }).set(status.desired.into());
             let open = report.circuits_open.contains(&status.pool);
             self.circuit_open.get_or_create(&PoolLabels { pool: pool.clone() }).set(i64::from(open));
@@ -246,7 +287,9 @@ impl Metrics {
         let source = source.to_owned();
         match refused {
             None => self.webhook_deliveries.get_or_create(&WebhookLabels { source }).inc(),
-            Some(status) => self.webhook_refusals.get_or_create(&WebhookRefusalLabels { source, status: status.to_string() }).inc(),
+            Some(status) => {
+                self.webhook_refusals.get_or_create(&WebhookRefusalLabels { source, status: status.to_string() }).inc()
+            }
         };
     }
 
@@ -285,7 +328,9 @@ pub async fn serve_with(
             };
             let (metrics, webhooks) = (metrics.clone(), webhooks.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| respond(request, peer, metrics.clone(), webhooks.clone()));
+                let service = hyper::service::service_fn(move |request| {
+                    respond(request, peer, metrics.clone(), webhooks.clone())
+                });
                 let connection = hyper::server::conn::http1::Builder::new()
                     // A client that never finishes its request head (slowloris) would hold a task and a socket
                     // for ever; webhooks may face the internet through a proxy, so heads get a deadline.

@@ -405,7 +405,8 @@ pub async fn run_reloadable(
 
         let ended = Timestamp::now();
         let mut reloads_closed = false;
-        let mut due = schedule::next_cycle_at(started_at, ended, poll_interval, false, schedule::settle_for(poll_interval));
+        let mut due =
+            schedule::next_cycle_at(started_at, ended, poll_interval, false, schedule::settle_for(poll_interval));
         loop {
             let sleep_for = Duration::try_from(due.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO);
             let reloaded = async {
@@ -511,7 +512,8 @@ async fn reconcile(
             report.retry_after_secs = Some(report.retry_after_secs.map_or(secs, |known: f64| known.max(secs)));
         }
         if let Some(source) = error.failed_source() {
-            let until = state.sources.failed(source.clone(), started_at, poll_interval, options.max_backoff, retry_after);
+            let until =
+                state.sources.failed(source.clone(), started_at, poll_interval, options.max_backoff, retry_after);
             tracing::warn!(
                 %source,
                 error = %text,
@@ -596,4 +598,3 @@ async fn reconcile(
     report.in_flight = state.work.len();
     report
 }
-

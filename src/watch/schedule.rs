@@ -80,14 +80,23 @@ impl<K: Ord + Clone> Backoff<K> {
     }
 
     /// Records a failure at `now`; returns when the key may be tried again.
-    pub fn failed(&mut self, key: K, now: Timestamp, base: Duration, max: Duration, at_least: Option<Duration>) -> Timestamp {
+    pub fn failed(
+        &mut self,
+        key: K,
+        now: Timestamp,
+        base: Duration,
+        max: Duration,
+        at_least: Option<Duration>,
+    ) -> Timestamp {
         let entry = self.entries.entry(key).or_insert(Entry { failures: 0, until: now });
         entry.failures = entry.failures.saturating_add(1);
         let mut wait = backoff_delay(base, entry.failures, max, now);
         if let Some(after) = at_least {
             wait = wait.max(after.min(max));
         }
-        entry.until = now.checked_add(jiff::SignedDuration::try_from(wait).unwrap_or(jiff::SignedDuration::MAX)).unwrap_or(Timestamp::MAX);
+        entry.until = now
+            .checked_add(jiff::SignedDuration::try_from(wait).unwrap_or(jiff::SignedDuration::MAX))
+            .unwrap_or(Timestamp::MAX);
         entry.until
     }
 
@@ -151,7 +160,9 @@ impl fmt::Display for Hold {
                 write!(f, "not observed this cycle: {}", names.join(", "))
             }
             Hold::InFlight => f.write_str("work on the same target is in flight"),
-            Hold::BackingOff { until } => write!(f, "backing off after a failure until {}", until.strftime("%H:%M:%S UTC")),
+            Hold::BackingOff { until } => {
+                write!(f, "backing off after a failure until {}", until.strftime("%H:%M:%S UTC"))
+            }
         }
     }
 }
@@ -186,7 +197,9 @@ pub fn sources_needed(change: &Change, desired: &Desired) -> BTreeSet<Source> {
             && change.agent.as_ref().is_none_or(|agent| agent.ci == pool.ci.source)
     });
     match own_pool {
-        Some(pool) => BTreeSet::from([Source::Backend(pool.backend.backend.clone()), Source::Ci(pool.ci.source.clone())]),
+        Some(pool) => {
+            BTreeSet::from([Source::Backend(pool.backend.backend.clone()), Source::Ci(pool.ci.source.clone())])
+        }
         None => sources(desired),
     }
 }
@@ -197,10 +210,11 @@ pub fn unobserved_pools(desired: &Desired, unobserved: &BTreeSet<Source>) -> BTr
         .pools
         .iter()
         .filter_map(|pool| {
-            let missing: Vec<Source> = [Source::Backend(pool.backend.backend.clone()), Source::Ci(pool.ci.source.clone())]
-                .into_iter()
-                .filter(|source| unobserved.contains(source))
-                .collect();
+            let missing: Vec<Source> =
+                [Source::Backend(pool.backend.backend.clone()), Source::Ci(pool.ci.source.clone())]
+                    .into_iter()
+                    .filter(|source| unobserved.contains(source))
+                    .collect();
             (!missing.is_empty()).then(|| (pool.name.clone(), missing))
         })
         .collect()
@@ -215,12 +229,11 @@ pub fn touches_in_flight(change: &Change, in_flight: &[InFlight]) -> bool {
         .chain(change.agent.iter().map(|agent| agent.name.as_str()))
         .collect();
     in_flight.iter().any(|work| {
-        let work_names = work.instance.iter().map(|i| i.name.as_str()).chain(work.agent.iter().map(|a| a.name.as_str()));
+        let work_names =
+            work.instance.iter().map(|i| i.name.as_str()).chain(work.agent.iter().map(|a| a.name.as_str()));
         let same_name = work_names.into_iter().any(|name| names.contains(&name));
         let same_instance = match (&change.instance, &work.instance) {
-            (Some(ours), Some(theirs)) => {
-                ours.backend == theirs.backend && ours.id.is_some() && ours.id == theirs.id
-            }
+            (Some(ours), Some(theirs)) => ours.backend == theirs.backend && ours.id.is_some() && ours.id == theirs.id,
             _ => false,
         };
         let same_agent = match (&change.agent, &work.agent) {
@@ -249,7 +262,11 @@ pub fn hold_back(plan: &mut Plan, cx: &HoldContext<'_>) -> (Vec<Held>, BTreeMap<
         } else if is_create(&change) {
             None
         } else {
-            targets_of(&change).iter().filter_map(|target| cx.backoff.waiting(target, cx.now)).max().map(|until| Hold::BackingOff { until })
+            targets_of(&change)
+                .iter()
+                .filter_map(|target| cx.backoff.waiting(target, cx.now))
+                .max()
+                .map(|until| Hold::BackingOff { until })
         };
         match hold {
             Some(hold) => held.push(Held { change, hold }),
@@ -297,7 +314,8 @@ pub fn next_cycle_at(
     settle: Duration,
 ) -> Timestamp {
     let add = |at: Timestamp, by: Duration| {
-        at.checked_add(jiff::SignedDuration::try_from(by).unwrap_or(jiff::SignedDuration::MAX)).unwrap_or(Timestamp::MAX)
+        at.checked_add(jiff::SignedDuration::try_from(by).unwrap_or(jiff::SignedDuration::MAX))
+            .unwrap_or(Timestamp::MAX)
     };
     let regular = add(last_ended, poll_interval);
     if work_finished {
@@ -357,7 +375,10 @@ pools:
             name: name.to_owned(),
             state: InstanceState::Running,
             created_at: at(created),
-            labels: BTreeMap::from([(OWNER_LABEL.to_owned(), "t".to_owned()), (POOL_LABEL.to_owned(), pool.to_owned())]),
+            labels: BTreeMap::from([
+                (OWNER_LABEL.to_owned(), "t".to_owned()),
+                (POOL_LABEL.to_owned(), pool.to_owned()),
+            ]),
             attributes: BTreeMap::new(),
         }
     }
@@ -393,7 +414,10 @@ pools:
         if with_a {
             observed.backends.insert(
                 BackendName::new("a"),
-                BackendObservation { instances: vec![instance(&name("on-a", 1), "on-a", 0), instance(&name("on-a", 2), "on-a", 0)], ..Default::default() },
+                BackendObservation {
+                    instances: vec![instance(&name("on-a", 1), "on-a", 0), instance(&name("on-a", 2), "on-a", 0)],
+                    ..Default::default()
+                },
             );
         }
         observed.backends.insert(
@@ -403,7 +427,11 @@ pools:
         observed.ci.insert(
             CiName::new("wp"),
             CiObservation {
-                agents: vec![agent(&name("on-a", 1), "1", 0), agent(&name("on-a", 2), "2", 0), agent(&name("on-b", 1), "3", 0)],
+                agents: vec![
+                    agent(&name("on-a", 1), "1", 0),
+                    agent(&name("on-a", 2), "2", 0),
+                    agent(&name("on-b", 1), "3", 0),
+                ],
                 queue: Queue { pending: vec![task("a", "j1"), task("b", "j2"), task("b", "j3")], running: Vec::new() },
             },
         );
@@ -412,7 +440,12 @@ pools:
     }
 
     /// Plans `observed` with `in_flight` as the loop does (the planner sees the work in flight) and holds back.
-    fn held_back(observed: &Observed, unobserved: &BTreeSet<Source>, in_flight: &[InFlight], backoff: &Backoff<Target>) -> (Plan, Vec<Held>) {
+    fn held_back(
+        observed: &Observed,
+        unobserved: &BTreeSet<Source>,
+        in_flight: &[InFlight],
+        backoff: &Backoff<Target>,
+    ) -> (Plan, Vec<Held>) {
         let desired = desired();
         let observed = &Observed { in_flight: in_flight.to_vec(), ..observed.clone() };
         let mut plan = crate::plan::plan(&desired, observed, observed.observed_at);
@@ -450,9 +483,21 @@ pools:
     #[test]
     fn a_retry_after_is_honoured_within_the_cap() {
         let mut backoff = Backoff::new();
-        let until = backoff.failed("x", at(0), Duration::from_secs(10), Duration::from_secs(300), Some(Duration::from_secs(45)));
+        let until = backoff.failed(
+            "x",
+            at(0),
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+            Some(Duration::from_secs(45)),
+        );
         assert!(until >= at(45), "{until}");
-        let capped = backoff.failed("y", at(0), Duration::from_secs(10), Duration::from_secs(300), Some(Duration::from_secs(9999)));
+        let capped = backoff.failed(
+            "y",
+            at(0),
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+            Some(Duration::from_secs(9999)),
+        );
         assert!(capped <= at(330), "a huge Retry-After is capped at the longest backoff: {capped}");
     }
 
@@ -496,7 +541,10 @@ pools:
         assert!(plan.pools.iter().all(|status| status.pool.as_str() == "on-b"), "no made-up numbers for `on-a`");
         assert_eq!(plan.summary.deregister, 0);
         for held in &held {
-            assert!(matches!(&held.hold, Hold::Unobserved { sources } if sources.contains(&Source::Backend(BackendName::new("a")))), "{held:?}");
+            assert!(
+                matches!(&held.hold, Hold::Unobserved { sources } if sources.contains(&Source::Backend(BackendName::new("a")))),
+                "{held:?}"
+            );
         }
     }
 
@@ -526,8 +574,19 @@ pools:
     fn targets_in_flight_are_not_started_again() {
         let view = observed(true);
         let (full, _) = held_back(&view, &BTreeSet::new(), &[], &Backoff::new());
-        let busy = full.changes.iter().find(|change| change.instance.as_ref().is_some_and(|i| i.id.is_some())).expect("a change on an existing instance").clone();
-        let in_flight = [InFlight { pool: busy.pool.clone(), action: busy.action, instance: busy.instance.clone(), agent: None, since: at(3500) }];
+        let busy = full
+            .changes
+            .iter()
+            .find(|change| change.instance.as_ref().is_some_and(|i| i.id.is_some()))
+            .expect("a change on an existing instance")
+            .clone();
+        let in_flight = [InFlight {
+            pool: busy.pool.clone(),
+            action: busy.action,
+            instance: busy.instance.clone(),
+            agent: None,
+            since: at(3500),
+        }];
         let (plan, _) = held_back(&view, &BTreeSet::new(), &in_flight, &Backoff::new());
         let name = busy.instance.as_ref().map(|i| i.name.clone()).unwrap_or_default();
         assert!(plan.changes.iter().all(|change| change.instance.as_ref().map(|i| &i.name) != Some(&name)), "{plan:?}");
@@ -542,12 +601,18 @@ pools:
         // flight and not yet listed: one planned create fewer.
         let view = observed(true);
         let (full, _) = held_back(&view, &BTreeSet::new(), &[], &Backoff::new());
-        let creates = |plan: &Plan| plan.changes.iter().filter(|c| c.pool.as_str() == "on-b" && c.action == Action::Create).count();
+        let creates = |plan: &Plan| {
+            plan.changes.iter().filter(|c| c.pool.as_str() == "on-b" && c.action == Action::Create).count()
+        };
         assert!(creates(&full) >= 1, "{full:?}");
         let in_flight = [InFlight {
             pool: crate::model::PoolName::new("on-b"),
             action: Action::Create,
-            instance: Some(crate::plan::InstanceTarget { backend: BackendName::new("b"), id: None, name: name("on-b", 9) }),
+            instance: Some(crate::plan::InstanceTarget {
+                backend: BackendName::new("b"),
+                id: None,
+                name: name("on-b", 9),
+            }),
             agent: None,
             since: at(3500),
         }];
@@ -560,9 +625,20 @@ pools:
     fn a_failed_target_waits_out_its_backoff_while_other_targets_go() {
         let view = observed(true);
         let (full, _) = held_back(&view, &BTreeSet::new(), &[], &Backoff::new());
-        let failing = full.changes.iter().find(|change| change.action != Action::Create).expect("a change on an existing target").clone();
+        let failing = full
+            .changes
+            .iter()
+            .find(|change| change.action != Action::Create)
+            .expect("a change on an existing target")
+            .clone();
         let mut backoff = Backoff::new();
-        let until = backoff.failed(targets_of(&failing)[0].clone(), at(3590), Duration::from_secs(60), Duration::from_secs(300), None);
+        let until = backoff.failed(
+            targets_of(&failing)[0].clone(),
+            at(3590),
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+            None,
+        );
         let (plan, held) = held_back(&view, &BTreeSet::new(), &[], &backoff);
         assert!(!plan.changes.contains(&failing));
         assert!(held.iter().any(|held| held.change == failing && held.hold == Hold::BackingOff { until }));

@@ -152,7 +152,8 @@ impl Throttle {
                 continue;
             }
             let circuit = self.circuits.get(&change.pool).copied().unwrap_or(Circuit::Closed { failures: 0 });
-            let awaiting_verdict = self.bootstrap.get(&change.pool).is_some_and(|b| b.failures > 0 && !b.unproven.is_empty());
+            let awaiting_verdict =
+                self.bootstrap.get(&change.pool).is_some_and(|b| b.failures > 0 && !b.unproven.is_empty());
             let breaker_allows = match circuit {
                 Circuit::Closed { .. } => true,
                 Circuit::Open { .. } => false,
@@ -269,7 +270,9 @@ impl Throttle {
                     }
                     *circuit = Circuit::Closed { failures: 0 };
                 }
-                _ if bootstrap_failure || matches!(outcome, Outcome::Failed { step, .. } if is_create_step(change.action, step)) => {
+                _ if bootstrap_failure
+                    || matches!(outcome, Outcome::Failed { step, .. } if is_create_step(change.action, step)) =>
+                {
                     let failures = match *circuit {
                         Circuit::Closed { failures }
                         | Circuit::Open { failures, .. }

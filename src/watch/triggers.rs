@@ -29,14 +29,7 @@ fn relay(source: String, mut signals: mpsc::Receiver<events::Signal>) -> mpsc::R
                 events::Signal::Connected => "event stream (re)connected: re-list".to_owned(),
                 events::Signal::InstanceGone { name, action } => format!("{action} of `{name}`"),
             };
-            if sender
-                .send(Trigger {
-                    source: source.clone(),
-                    reason,
-                })
-                .await
-                .is_err()
-            {
+            if sender.send(Trigger { source: source.clone(), reason }).await.is_err() {
                 return;
             }
         }

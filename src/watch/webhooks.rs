@@ -77,7 +77,10 @@ impl Answer {
 impl Webhooks {
     /// Routes for `sources` (the loop's CI sources, by their config names) and the trigger stream to hand the loop
     /// with its other triggers.
-    pub fn new(sources: &BTreeMap<CiName, Arc<dyn CiSource>>, metrics: Arc<Metrics>) -> (Arc<Self>, mpsc::Receiver<Trigger>) {
+    pub fn new(
+        sources: &BTreeMap<CiName, Arc<dyn CiSource>>,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, mpsc::Receiver<Trigger>) {
         let (wake, receiver) = mpsc::channel(WAKE_QUEUE);
         let routes = Routes { sources: sources.clone(), wake };
         (Arc::new(Self { routes: RwLock::new(routes), metrics }), receiver)
@@ -96,7 +99,12 @@ impl Webhooks {
     /// The sources that take webhooks, for the startup log.
     pub fn receiving(&self) -> Vec<CiName> {
         let routes = self.routes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        routes.sources.iter().filter(|(_, source)| source.webhook_max_body().is_some()).map(|(name, _)| name.clone()).collect()
+        routes
+            .sources
+            .iter()
+            .filter(|(_, source)| source.webhook_max_body().is_some())
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Answers one request whose path starts with [`PATH_PREFIX`].
@@ -131,7 +139,8 @@ impl Webhooks {
         let mut response = Response::new(Full::new(Bytes::from(text)));
         *response.status_mut() = answer.status;
         let headers = response.headers_mut();
-        headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
         if allow_post {
             headers.insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
         }
@@ -155,7 +164,8 @@ impl Webhooks {
         let Some(limit) = source.webhook_max_body() else {
             // The source says why it takes none (and how to make it); it reads nothing of an empty body.
             let refusal = source.receive_webhook(&parts.headers, &[]).err();
-            let text = refusal.map_or_else(|| format!("ci source `{name}` takes no webhooks"), |refusal| refusal.message);
+            let text =
+                refusal.map_or_else(|| format!("ci source `{name}` takes no webhooks"), |refusal| refusal.message);
             return (true, Answer::new(404, text));
         };
         let body = match read_body(body, &parts.headers, limit).await {
@@ -196,6 +206,8 @@ async fn read_body(body: hyper::body::Incoming, headers: &hyper::HeaderMap, limi
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Ok(Err(error)) => Err(Answer::new(400, format!("could not read the delivery: {error}"))),
-        Err(_) => Err(Answer::new(408, format!("the delivery's body did not arrive within {}s", BODY_TIMEOUT.as_secs()))),
+        Err(_) => {
+            Err(Answer::new(408, format!("the delivery's body did not arrive within {}s", BODY_TIMEOUT.as_secs())))
+        }
     }
 }

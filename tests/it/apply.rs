@@ -11,15 +11,16 @@ use ciscale::apply::{
     apply, bootstrap_env, ApplyOptions, ApplyReport, NoProgress, Outcome, Progress, AGENT_COMMAND, CREDENTIAL_PATH,
 };
 use ciscale::model::{
-    AgentId, AgentSpec, BackendBinding, BackendKind, BackendName, BackendSpec, Billing, CiBinding, CiKind, CiName,
-    BackendObservation, CiSourceSpec, Desired, FakeSpec, GithubAuth, GithubScope, GithubSpec, GoDuration, Instance, InstanceId, InstanceMode, InstanceState, PoolName,
-    PoolSpec, ScalePolicy, Secret, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
+    AgentId, AgentSpec, BackendBinding, BackendKind, BackendName, BackendObservation, BackendSpec, Billing, CiBinding,
+    CiKind, CiName, CiSourceSpec, Desired, FakeSpec, GithubAuth, GithubScope, GithubSpec, GoDuration, Instance,
+    InstanceId, InstanceMode, InstanceState, PoolName, PoolSpec, ScalePolicy, Secret, EPHEMERAL_LABEL, OWNER_LABEL,
+    POOL_LABEL,
 };
 use ciscale::plan::{Action, AgentTarget, Change, Cost, InstanceTarget, Plan, Summary};
 use ciscale::providers::fake::{sha256_hex, FakeBackend, FakeWorld, Fault, FaultKind, Op};
 use ciscale::providers::{
-    AgentCredential, Backend, Capabilities, CiSource, CreateInstance, Error, Exec, ExecOutput,
-    ListInstances, Providers, PushFile,
+    AgentCredential, Backend, Capabilities, CiSource, CreateInstance, Error, Exec, ExecOutput, ListInstances,
+    Providers, PushFile,
 };
 use tokio::sync::watch;
 
@@ -30,7 +31,12 @@ const OWNER: &str = "apply-tests";
 const SECRET: &str = "s3cr3t-GIT-TOKEN-must-not-leak";
 
 fn options() -> ApplyOptions {
-    ApplyOptions { concurrency: 4, ci_concurrency: 4, ready_timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }
+    ApplyOptions {
+        concurrency: 4,
+        ci_concurrency: 4,
+        ready_timeout: Duration::from_secs(5),
+        poll: Duration::from_millis(1),
+    }
 }
 
 fn desired() -> Desired {
@@ -60,7 +66,12 @@ fn desired() -> Desired {
         ci: BTreeMap::from([(CiName::new("ci"), CiSourceSpec { kind: CiKind::Fake(FakeSpec::default()) })]),
         backends: BTreeMap::from([(
             BackendName::new("fake"),
-            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None, change_timeout: None },
+            BackendSpec {
+                kind: BackendKind::Fake(FakeSpec::default()),
+                billing: Billing::PerSecond,
+                create_limit: None,
+                change_timeout: None,
+            },
         )]),
         pools: vec![pool],
         images: BTreeMap::new(),
@@ -354,21 +365,25 @@ async fn a_cloud_server_boots_the_agent_its_ci_launches() {
 /// container, or inside the source's own cloud-init (the pinned runner release) on a cloud server.
 #[tokio::test]
 async fn a_github_pool_hands_each_runner_its_just_in_time_config() {
-    use ciscale::providers::github::{self, launch, Auth, GithubActions, GithubSettings, RunnerArch, Scope};
     use crate::fakes::github::{FakeGithub, PAT};
+    use ciscale::providers::github::{self, launch, Auth, GithubActions, GithubSettings, RunnerArch, Scope};
     for exec in [true, false] {
         let fake = FakeGithub::start();
         fake.add_repo("acme/app");
         let settings = GithubSettings {
             endpoint: fake.url(),
             owner: Some(OWNER.to_owned()),
-            ..GithubSettings::new(Scope::Repository { owner: "acme".to_owned(), name: "app".to_owned() }, Auth::Token(Secret::new(PAT)))
+            ..GithubSettings::new(
+                Scope::Repository { owner: "acme".to_owned(), name: "app".to_owned() },
+                Auth::Token(Secret::new(PAT)),
+            )
         };
         let source = Arc::new(GithubActions::new(settings).expect("source"));
         let world = FakeWorld::new();
         world.set_exec_capability(exec);
         let mut desired = desired();
-        desired.pools[0].ci.labels = BTreeMap::from([("self-hosted".to_owned(), String::new()), ("gpu".to_owned(), String::new())]);
+        desired.pools[0].ci.labels =
+            BTreeMap::from([("self-hosted".to_owned(), String::new()), ("gpu".to_owned(), String::new())]);
         desired.pools[0].agent.env.clear();
         desired.pools[0].agent.secret_env.clear();
         let mut providers = providers(&world);
@@ -379,15 +394,15 @@ async fn a_github_pool_hands_each_runner_its_just_in_time_config() {
         let runner = fake.runner_by_name("linux-1").expect("a runner of the instance's name");
         assert_eq!(runner.labels, ["self-hosted", "Linux", "X64", "gpu", &github::owner_label(OWNER)]);
         let jit = runner.jit_config.expect("a just-in-time runner");
-        let env_file = format!(
-            "{}={jit}\nCISCALE_AGENT_ID={}\nCISCALE_AGENT_TOKEN={jit}\n",
-            launch::JIT_CONFIG_ENV,
-            runner.id
-        );
+        let env_file =
+            format!("{}={jit}\nCISCALE_AGENT_ID={}\nCISCALE_AGENT_TOKEN={jit}\n", launch::JIT_CONFIG_ENV, runner.id);
         let snapshot = world.snapshot();
         if exec {
             assert_eq!(snapshot.pushed_files.len(), 1);
-            assert_eq!((snapshot.pushed_files[0].path.as_str(), snapshot.pushed_files[0].mode), (CREDENTIAL_PATH, 0o400));
+            assert_eq!(
+                (snapshot.pushed_files[0].path.as_str(), snapshot.pushed_files[0].mode),
+                (CREDENTIAL_PATH, 0o400)
+            );
             assert_eq!(snapshot.pushed_files[0].sha256, sha256_hex(env_file.as_bytes()));
             assert_eq!(snapshot.execs[0].command, [AGENT_COMMAND]);
             assert_eq!(snapshot.instances[0].user_data_sha256, None);
@@ -642,7 +657,10 @@ async fn a_create_run_again_after_a_crash_converges() {
     // The fresh token from the second registration is the one pushed.
     let token = "fake-token-1-2";
     assert_eq!(snapshot.agents[0].token_sha256, sha256_hex(token.as_bytes()));
-    assert_eq!(snapshot.pushed_files[0].sha256, sha256_hex(FIRST_AGENT_ENV.replace("fake-token-1-1", token).as_bytes()));
+    assert_eq!(
+        snapshot.pushed_files[0].sha256,
+        sha256_hex(FIRST_AGENT_ENV.replace("fake-token-1-1", token).as_bytes())
+    );
 }
 
 #[tokio::test]
@@ -894,8 +912,8 @@ async fn secrets_never_reach_outcomes_progress_or_logs() {
     let recorder = Recorder::default();
     let (_cancel, cancelled) = watch::channel(false);
     let desired = desired();
-    let good = apply(&plan(vec![create("linux-1")]), &desired, &providers(&world), &options(), &recorder, &cancelled)
-        .await;
+    let good =
+        apply(&plan(vec![create("linux-1")]), &desired, &providers(&world), &options(), &recorder, &cancelled).await;
     let bad = apply(
         &plan(vec![create("linux-2")]),
         &desired,
@@ -982,7 +1000,9 @@ fn every_kind_with_tokens() -> (Vec<CiKind>, Vec<BackendKind>, Vec<&'static str>
         match kind {
             CiKind::Woodpecker { .. } => tokens.push("tok-WOODPECKER-api"),
             CiKind::AzurePipelines { .. } => tokens.extend(["tok-AZURE-pat", "tok-AZURE-agent-pat"]),
-            CiKind::Github(GithubSpec { auth: GithubAuth::App { .. }, .. }) => tokens.push("tok-GITHUB-app-private-key"),
+            CiKind::Github(GithubSpec { auth: GithubAuth::App { .. }, .. }) => {
+                tokens.push("tok-GITHUB-app-private-key")
+            }
             CiKind::Github(GithubSpec { auth: GithubAuth::Token(_), .. }) => {
                 tokens.extend(["tok-GITHUB-pat", "tok-GITHUB-webhook-secret"]);
             }
@@ -1110,14 +1130,16 @@ async fn a_token_of_every_provider_kind_never_reaches_plan_apply_watch_or_logs()
     let (_cancel, cancelled) = watch::channel(false);
     let mut reports = Vec::new();
     let watch_options = ciscale::watch::WatchOptions { cycles: Some(1), ..Default::default() };
-    ciscale::watch::run(&desired, &providers, &watch_options, &cancelled, |report| reports.push(format!("{report:?}"))).await;
+    ciscale::watch::run(&desired, &providers, &watch_options, &cancelled, |report| reports.push(format!("{report:?}")))
+        .await;
     assert_eq!(reports.len(), 1);
     assert!(reports[0].contains("***"), "the cycle failed on the leaky providers: {}", reports[0]);
 
     // An apply whose create (cloud user data: the agent's fresh token and the secret env) is echoed back.
     let mut apply_providers = providers_with(leaky.clone(), &world);
     apply_providers.ci.insert(CiName::new("ci-0"), leaky.clone());
-    let report = apply(&plan(vec![create("linux-1")]), &desired, &apply_providers, &options(), &NoProgress, &cancelled).await;
+    let report =
+        apply(&plan(vec![create("linux-1")]), &desired, &apply_providers, &options(), &NoProgress, &cancelled).await;
     let [Outcome::Failed { step, error }] = outcomes(&report)[..] else { panic!("{report:?}") };
     assert_eq!(step, "create instance");
     assert!(error.contains("server said: ***"), "{error}");
@@ -1136,11 +1158,7 @@ async fn a_token_of_every_provider_kind_never_reaches_plan_apply_watch_or_logs()
 
 #[test]
 fn bootstrap_env_refuses_what_an_env_file_cannot_hold_without_showing_it() {
-    let credential = AgentCredential {
-        agent_id: AgentId::new("1"),
-        token: Secret::new("tok"),
-        env: BTreeMap::new(),
-    };
+    let credential = AgentCredential { agent_id: AgentId::new("1"), token: Secret::new("tok"), env: BTreeMap::new() };
     let spec = |key: &str, value: &str| AgentSpec {
         image: None,
         env: BTreeMap::new(),
@@ -1203,7 +1221,8 @@ async fn preregistered_agent_is_undrained_on_create_and_kept_on_delete() {
     assert!(!state.agents[0].no_schedule, "undrained after the create");
     let created = state.instances.iter().find(|i| i.name == "picus-linux-1").expect("instance created");
 
-    let delete = change(Action::Delete, instance(&created.id, "picus-linux-1"), agent(&registered.agent_id, "picus-agent"));
+    let delete =
+        change(Action::Delete, instance(&created.id, "picus-linux-1"), agent(&registered.agent_id, "picus-agent"));
     let report = run(&plan(vec![delete]), &desired, &providers).await;
     assert_eq!(report.failed(), 0, "{:?}", report.outcomes);
     assert_eq!(world.calls(Op::Deregister), 0, "the pre-registered agent outlives its instance");

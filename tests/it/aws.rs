@@ -25,10 +25,7 @@ use crate::conformance::{backend_conformance_on, Patience};
 
 pub(crate) const AMI: &str = "ami-12c6146b";
 /// moto's transitions are instant; a few looks are plenty, the interval only spares its CPU.
-const MOTO_PATIENCE: Patience = Patience {
-    attempts: 50,
-    interval: Duration::from_millis(100),
-};
+const MOTO_PATIENCE: Patience = Patience { attempts: 50, interval: Duration::from_millis(100) };
 /// Upper bound for the end-to-end runs to reach a state; they take a few poll intervals.
 const E2E_DEADLINE: Duration = Duration::from_secs(180);
 
@@ -63,10 +60,7 @@ fn http_post(base: &str, path: &str) {
     stream.write_all(request.as_bytes()).expect("write to moto");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read from moto");
-    assert!(
-        response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
-        "moto reset: {response}"
-    );
+    assert!(response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"), "moto reset: {response}");
 }
 
 /// An owner id no other test (or earlier run against the same moto) uses.
@@ -100,22 +94,17 @@ pub(crate) fn sdk_client(endpoint: &str) -> aws_sdk_ec2::Client {
 }
 
 fn machine() -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("instanceType".to_owned(), "t3.micro".to_owned()),
-        ("ami".to_owned(), AMI.to_owned()),
-    ])
+    BTreeMap::from([("instanceType".to_owned(), "t3.micro".to_owned()), ("ami".to_owned(), AMI.to_owned())])
 }
 
 /// Every instance moto holds with `tag:ciscale.owner=owner`, terminated ones included: (id, Name, state).
-pub(crate) async fn moto_instances(client: &aws_sdk_ec2::Client, owner: &str) -> Vec<(String, String, InstanceStateName)> {
+pub(crate) async fn moto_instances(
+    client: &aws_sdk_ec2::Client,
+    owner: &str,
+) -> Vec<(String, String, InstanceStateName)> {
     let output = client
         .describe_instances()
-        .filters(
-            Filter::builder()
-                .name(format!("tag:{OWNER_LABEL}"))
-                .values(owner)
-                .build(),
-        )
+        .filters(Filter::builder().name(format!("tag:{OWNER_LABEL}")).values(owner).build())
         .send()
         .await
         .expect("describe instances at moto");
@@ -131,23 +120,14 @@ pub(crate) async fn moto_instances(client: &aws_sdk_ec2::Client, owner: &str) ->
                 .and_then(|tag| tag.value())
                 .unwrap_or_default()
                 .to_owned();
-            let state = instance
-                .state()
-                .and_then(|state| state.name())
-                .cloned()
-                .unwrap_or(InstanceStateName::Pending);
+            let state = instance.state().and_then(|state| state.name()).cloned().unwrap_or(InstanceStateName::Pending);
             (instance.instance_id().unwrap_or_default().to_owned(), name, state)
         })
         .collect()
 }
 
 pub(crate) async fn moto_state(client: &aws_sdk_ec2::Client, id: &str) -> InstanceStateName {
-    let output = client
-        .describe_instances()
-        .instance_ids(id)
-        .send()
-        .await
-        .expect("describe instance at moto");
+    let output = client.describe_instances().instance_ids(id).send().await.expect("describe instance at moto");
     output
         .reservations()
         .iter()
@@ -166,11 +146,7 @@ async fn conformance_against_moto() {
     let owner = fresh_owner("conformance");
     let backend = ec2_backend(&endpoint);
     backend_conformance_on(Arc::new(backend.clone()), &owner, MOTO_PATIENCE, &machine()).await;
-    assert!(
-        backend.calls().get("RunInstances").copied().unwrap_or(0) >= 2,
-        "calls: {:?}",
-        backend.calls()
-    );
+    assert!(backend.calls().get("RunInstances").copied().unwrap_or(0) >= 2, "calls: {:?}", backend.calls());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,28 +172,14 @@ async fn create_tags_instance_and_volumes_and_sends_the_bootstrap_as_user_data()
     assert_eq!(created.labels.get(OWNER_LABEL), Some(&owner));
 
     let observed = backend
-        .observe(&ListInstances {
-            owner: owner.clone(),
-            adopted: Vec::new(),
-            images: Vec::new(),
-        })
+        .observe(&ListInstances { owner: owner.clone(), adopted: Vec::new(), images: Vec::new() })
         .await
         .expect("observe");
-    let seen = observed
-        .instances
-        .iter()
-        .find(|instance| instance.id == created.id)
-        .expect("listed");
+    let seen = observed.instances.iter().find(|instance| instance.id == created.id).expect("listed");
     assert_eq!(seen.labels.get(POOL_LABEL).map(String::as_str), Some("linux"));
-    assert_eq!(
-        seen.labels.get("ciscale.agent-hash").map(String::as_str),
-        Some("abc123")
-    );
+    assert_eq!(seen.labels.get("ciscale.agent-hash").map(String::as_str), Some("abc123"));
     assert_eq!(seen.labels.get("Name"), Some(&name));
-    assert_eq!(
-        seen.attributes.get("instanceType").map(String::as_str),
-        Some("t3.micro")
-    );
+    assert_eq!(seen.attributes.get("instanceType").map(String::as_str), Some("t3.micro"));
     assert_eq!(seen.attributes.get("imageId").map(String::as_str), Some(AMI));
     assert_eq!(seen.state, InstanceState::Running, "moto skips pending");
 
@@ -225,28 +187,14 @@ async fn create_tags_instance_and_volumes_and_sends_the_bootstrap_as_user_data()
     // The volumes carry the same tags: nothing ciscale launches is ever untagged.
     let volumes = client
         .describe_volumes()
-        .filters(
-            Filter::builder()
-                .name("attachment.instance-id")
-                .values(created.id.as_str())
-                .build(),
-        )
+        .filters(Filter::builder().name("attachment.instance-id").values(created.id.as_str()).build())
         .send()
         .await
         .expect("describe volumes");
     assert!(!volumes.volumes().is_empty(), "the instance has a root volume");
     for volume in volumes.volumes() {
-        let owner_tag = volume
-            .tags()
-            .iter()
-            .find(|tag| tag.key() == Some(OWNER_LABEL))
-            .and_then(|tag| tag.value());
-        assert_eq!(
-            owner_tag,
-            Some(owner.as_str()),
-            "volume {:?} carries the owner tag",
-            volume.volume_id()
-        );
+        let owner_tag = volume.tags().iter().find(|tag| tag.key() == Some(OWNER_LABEL)).and_then(|tag| tag.value());
+        assert_eq!(owner_tag, Some(owner.as_str()), "volume {:?} carries the owner tag", volume.volume_id());
     }
 
     // The user data is the payload as apply handed it over (apply sends a whole cloud-init document).
@@ -257,10 +205,7 @@ async fn create_tags_instance_and_volumes_and_sends_the_bootstrap_as_user_data()
         .send()
         .await
         .expect("describe user data");
-    let encoded = attribute
-        .user_data()
-        .and_then(|value| value.value())
-        .expect("user data set");
+    let encoded = attribute.user_data().and_then(|value| value.value()).expect("user data set");
     let sent = String::from_utf8(decode_base64(encoded)).expect("utf-8 user data");
     assert_eq!(sent, "CISCALE_AGENT_ID=7\nCISCALE_AGENT_TOKEN=tok-123\n");
 
@@ -283,22 +228,9 @@ async fn machine_keys_are_checked_before_anything_is_launched() {
         matches!(&refused, Err(Error::Invalid { message, .. }) if message.contains("unknown machine key `serverType`") && message.contains("hint: known keys are")),
         "{refused:?}"
     );
-    let refused = backend
-        .create(&request(BTreeMap::from([(
-            "instanceType".to_owned(),
-            "t3.micro".to_owned(),
-        )])))
-        .await;
-    assert!(
-        matches!(&refused, Err(Error::Invalid { message, .. }) if message.contains("needs `ami`")),
-        "{refused:?}"
-    );
-    assert_eq!(
-        backend.calls().get("RunInstances"),
-        None,
-        "nothing was launched: {:?}",
-        backend.calls()
-    );
+    let refused = backend.create(&request(BTreeMap::from([("instanceType".to_owned(), "t3.micro".to_owned())]))).await;
+    assert!(matches!(&refused, Err(Error::Invalid { message, .. }) if message.contains("needs `ami`")), "{refused:?}");
+    assert_eq!(backend.calls().get("RunInstances"), None, "nothing was launched: {:?}", backend.calls());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -309,9 +241,7 @@ async fn one_describe_call_per_idle_cycle_whatever_the_number_of_pools() {
         let desired = calls_config(&owner, &endpoint, pools, None);
         let backend = ec2_backend(&endpoint);
         let providers = providers_with(&backend);
-        let observed = ciscale::observe::observe(&desired, &providers, jiff::Timestamp::now())
-            .await
-            .expect("observe");
+        let observed = ciscale::observe::observe(&desired, &providers, jiff::Timestamp::now()).await.expect("observe");
         let plan = ciscale::plan::plan(&desired, &observed, observed.observed_at);
         assert!(!plan.has_changes(), "an idle world needs no change: {:?}", plan.changes);
         assert_eq!(
@@ -327,15 +257,11 @@ async fn one_describe_call_per_idle_cycle_whatever_the_number_of_pools() {
     let owner = fresh_owner("calls-adopted");
     let desired = calls_config(&owner, &endpoint, 10, Some(&adopted));
     let backend = ec2_backend(&endpoint);
-    let observed = ciscale::observe::observe(&desired, &providers_with(&backend), jiff::Timestamp::now())
-        .await
-        .expect("observe");
+    let observed =
+        ciscale::observe::observe(&desired, &providers_with(&backend), jiff::Timestamp::now()).await.expect("observe");
     assert_eq!(backend.calls(), BTreeMap::from([("DescribeInstances".to_owned(), 2)]));
     let instances = &observed.backends.values().next().expect("one backend").instances;
-    assert!(
-        instances.iter().any(|instance| instance.id.as_str() == adopted),
-        "the adopted instance is observed"
-    );
+    assert!(instances.iter().any(|instance| instance.id.as_str() == adopted), "the adopted instance is observed");
 }
 
 /// `pools` create-mode pools on one EC2 account, plus a start/stop pool adopting `adopted`.
@@ -384,12 +310,7 @@ pub(crate) async fn launch_plain_instance(client: &aws_sdk_ec2::Client, name: &s
         .send()
         .await
         .expect("launch a plain instance");
-    let id = output
-        .instances()
-        .first()
-        .and_then(|instance| instance.instance_id())
-        .expect("an id")
-        .to_owned();
+    let id = output.instances().first().and_then(|instance| instance.instance_id()).expect("an id").to_owned();
     client.stop_instances().instance_ids(&id).send().await.expect("stop it");
     id
 }
@@ -401,21 +322,10 @@ async fn start_stop_of_an_adopted_instance_and_every_state_it_can_be_in() {
     let backend = ec2_backend(&endpoint);
     let id = InstanceId::new(launch_plain_instance(&client, "adopted-states").await);
 
-    let adopted = ListInstances {
-        owner: fresh_owner("adopted"),
-        adopted: vec![id.clone()],
-        images: Vec::new(),
-    };
+    let adopted = ListInstances { owner: fresh_owner("adopted"), adopted: vec![id.clone()], images: Vec::new() };
     let observed = backend.observe(&adopted).await.expect("observe");
-    let seen = observed
-        .instances
-        .iter()
-        .find(|instance| instance.id == id)
-        .expect("adopted instance listed");
-    assert_eq!(
-        (seen.state, seen.name.as_str()),
-        (InstanceState::Stopped, "adopted-states")
-    );
+    let seen = observed.instances.iter().find(|instance| instance.id == id).expect("adopted instance listed");
+    assert_eq!((seen.state, seen.name.as_str()), (InstanceState::Stopped, "adopted-states"));
     assert_eq!(seen.owner(), None, "an adopted instance carries no owner tag");
 
     backend.start(&id).await.expect("start");
@@ -426,18 +336,9 @@ async fn start_stop_of_an_adopted_instance_and_every_state_it_can_be_in() {
     backend.stop(&id).await.expect("stop of a stopped instance succeeds");
 
     // Terminated behind ciscale's back: observed as such, and start says clearly it can never work.
-    client
-        .terminate_instances()
-        .instance_ids(id.as_str())
-        .send()
-        .await
-        .expect("terminate");
+    client.terminate_instances().instance_ids(id.as_str()).send().await.expect("terminate");
     let observed = backend.observe(&adopted).await.expect("observe");
-    let seen = observed
-        .instances
-        .iter()
-        .find(|instance| instance.id == id)
-        .expect("still listed");
+    let seen = observed.instances.iter().find(|instance| instance.id == id).expect("still listed");
     assert_eq!(seen.state, InstanceState::Terminated);
     let started = backend.start(&id).await;
     assert!(
@@ -518,8 +419,7 @@ async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<String> {
                 .lines()
                 .find_map(|line| {
                     let (key, value) = line.split_once(':')?;
-                    key.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
+                    key.eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok())?
                 })
                 .unwrap_or(0);
             if buffer.len() >= end + 4 + length {
@@ -537,9 +437,7 @@ fn ec2_error(code: &str, message: &str) -> String {
 }
 
 fn action_of(body: &str) -> &str {
-    body.split('&')
-        .find_map(|pair| pair.strip_prefix("Action="))
-        .unwrap_or("?")
+    body.split('&').find_map(|pair| pair.strip_prefix("Action=")).unwrap_or("?")
 }
 
 /// The error one `get` (DescribeInstances by id) gets when EC2 answers `status` + `code`, and the requests sent.
@@ -556,10 +454,7 @@ async fn auth_errors_are_unauthenticated_with_a_hint() {
         let (error, requests) = get_with_error(status, code, "You are not authorized to perform this operation.").await;
         let text = error.to_string();
         assert!(matches!(error, Error::Unauthenticated { .. }), "{code}: {error:?}");
-        assert!(
-            text.contains(code) && text.contains("DescribeInstances") && text.contains("hint:"),
-            "{text}"
-        );
+        assert!(text.contains(code) && text.contains("DescribeInstances") && text.contains("hint:"), "{text}");
         assert_eq!(requests, 1, "{code} is not retried");
     }
 }
@@ -570,24 +465,14 @@ async fn throttling_is_rate_limited_after_a_bounded_number_of_sdk_retries() {
     assert!(matches!(error, Error::RateLimited { .. }), "{error:?}");
     assert_eq!(error.to_string(), "rate limited by aws");
     assert!(error.is_transient(), "apply retries it too");
-    assert_eq!(
-        requests, 3,
-        "the SDK retries throttling, at most `max_attempts` (3) requests in all"
-    );
+    assert_eq!(requests, 3, "the SDK retries throttling, at most `max_attempts` (3) requests in all");
 }
 
 #[tokio::test]
 async fn unknown_and_malformed_instance_ids() {
-    let (error, _) = get_with_error(
-        400,
-        "InvalidInstanceID.NotFound",
-        "The instance ID 'i-0123456789abcdef0' does not exist",
-    )
-    .await;
-    assert!(
-        matches!(&error, Error::NotFound { what } if what.contains("i-0123456789abcdef0")),
-        "{error:?}"
-    );
+    let (error, _) =
+        get_with_error(400, "InvalidInstanceID.NotFound", "The instance ID 'i-0123456789abcdef0' does not exist").await;
+    assert!(matches!(&error, Error::NotFound { what } if what.contains("i-0123456789abcdef0")), "{error:?}");
     let (error, _) = get_with_error(400, "InvalidInstanceID.Malformed", "Invalid id: \"x\"").await;
     assert!(
         matches!(&error, Error::Invalid { message, .. } if message.contains("is not an EC2 instance id") && message.contains("hint:")),
@@ -611,10 +496,7 @@ async fn server_errors_and_unreachable_endpoints_are_unavailable() {
         max_attempts: Some(1),
         credentials: Some(test_credentials()),
     });
-    let error = backend
-        .get(&InstanceId::new("i-0123456789abcdef0"))
-        .await
-        .expect_err("nothing listens");
+    let error = backend.get(&InstanceId::new("i-0123456789abcdef0")).await.expect_err("nothing listens");
     assert!(
         matches!(&error, Error::Unavailable { message, .. } if message.contains("could not reach EC2")),
         "{error:?}"
@@ -635,8 +517,7 @@ const EMPTY_DESCRIBE: &str = "<DescribeInstancesResponse xmlns=\"http://ec2.amaz
      <requestId>r</requestId><reservationSet/></DescribeInstancesResponse>";
 
 fn form_value<'b>(body: &'b str, key: &str) -> Option<&'b str> {
-    body.split('&')
-        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+    body.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// (instance type, spot?) of every RunInstances the stub saw, in order.
@@ -646,10 +527,7 @@ fn launches(stub: &Stub) -> Vec<(String, bool)> {
         .filter(|body| action_of(body) == "RunInstances")
         .map(|body| {
             let instance_type = form_value(body, "InstanceType").unwrap_or("-").to_owned();
-            (
-                instance_type,
-                form_value(body, "InstanceMarketOptions.MarketType") == Some("spot"),
-            )
+            (instance_type, form_value(body, "InstanceMarketOptions.MarketType") == Some("spot"))
         })
         .collect()
 }
@@ -674,17 +552,10 @@ async fn capacity_errors_fall_back_through_types_then_from_spot_to_on_demand() {
             let spot = form_value(body, "InstanceMarketOptions.MarketType") == Some("spot");
             match (form_value(body, "InstanceType"), spot) {
                 (Some("t3.large"), true) => (400, ec2_error("SpotMaxPriceTooLow", "Your max price is too low")),
-                (_, true) => (
-                    400,
-                    ec2_error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded"),
-                ),
-                (Some("t3.large"), false) => (
-                    500,
-                    ec2_error(
-                        "InsufficientInstanceCapacity",
-                        "We currently do not have sufficient capacity",
-                    ),
-                ),
+                (_, true) => (400, ec2_error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded")),
+                (Some("t3.large"), false) => {
+                    (500, ec2_error("InsufficientInstanceCapacity", "We currently do not have sufficient capacity"))
+                }
                 (Some(other), false) => (200, run_instances_ok(other)),
                 (None, false) => (400, ec2_error("MissingParameter", "no type")),
             }
@@ -692,15 +563,8 @@ async fn capacity_errors_fall_back_through_types_then_from_spot_to_on_demand() {
         other => (400, ec2_error("InvalidAction", other)),
     })
     .await;
-    let created = stub
-        .backend(1)
-        .create(&spot_request("fallback"))
-        .await
-        .expect("the last candidate launches");
-    assert_eq!(
-        created.attributes.get("instanceType").map(String::as_str),
-        Some("t3.small")
-    );
+    let created = stub.backend(1).create(&spot_request("fallback")).await.expect("the last candidate launches");
+    assert_eq!(created.attributes.get("instanceType").map(String::as_str), Some("t3.small"));
     assert_eq!(created.name, "fallback-pool-1");
     assert_eq!(
         launches(&stub),
@@ -712,63 +576,31 @@ async fn capacity_errors_fall_back_through_types_then_from_spot_to_on_demand() {
         ]
     );
     // Every attempt has its own deterministic token, and the same request sends the same tokens again.
-    let tokens: Vec<String> = stub
-        .bodies()
-        .iter()
-        .filter_map(|body| form_value(body, "ClientToken").map(str::to_owned))
-        .collect();
+    let tokens: Vec<String> =
+        stub.bodies().iter().filter_map(|body| form_value(body, "ClientToken").map(str::to_owned)).collect();
     assert_eq!(tokens.len(), 4);
-    assert!(
-        tokens
-            .iter()
-            .all(|token| token.len() <= 64 && token.starts_with("ciscale-")),
-        "{tokens:?}"
-    );
-    assert_eq!(
-        tokens.iter().collect::<std::collections::BTreeSet<_>>().len(),
-        4,
-        "one token per candidate"
-    );
+    assert!(tokens.iter().all(|token| token.len() <= 64 && token.starts_with("ciscale-")), "{tokens:?}");
+    assert_eq!(tokens.iter().collect::<std::collections::BTreeSet<_>>().len(), 4, "one token per candidate");
     let again = Stub::start(|body| match action_of(body) {
         "DescribeInstances" => (200, EMPTY_DESCRIBE.to_owned()),
         _ => (200, run_instances_ok("t3.large")),
     })
     .await;
-    again
-        .backend(1)
-        .create(&spot_request("fallback"))
-        .await
-        .expect("create");
-    assert_eq!(
-        form_value(&again.bodies()[1], "ClientToken"),
-        Some(tokens[0].as_str()),
-        "the token is deterministic"
-    );
+    again.backend(1).create(&spot_request("fallback")).await.expect("create");
+    assert_eq!(form_value(&again.bodies()[1], "ClientToken"), Some(tokens[0].as_str()), "the token is deterministic");
 }
 
 #[tokio::test]
 async fn no_capacity_anywhere_is_a_capacity_error_naming_every_candidate() {
     let stub = Stub::start(|body| match action_of(body) {
         "DescribeInstances" => (200, EMPTY_DESCRIBE.to_owned()),
-        _ => (
-            400,
-            ec2_error("Unsupported", "The requested configuration is currently not supported."),
-        ),
+        _ => (400, ec2_error("Unsupported", "The requested configuration is currently not supported.")),
     })
     .await;
-    let error = stub
-        .backend(1)
-        .create(&spot_request("nocap"))
-        .await
-        .expect_err("no capacity");
+    let error = stub.backend(1).create(&spot_request("nocap")).await.expect_err("no capacity");
     let text = error.to_string();
     assert!(matches!(error, Error::Capacity { .. }), "{error:?}");
-    for candidate in [
-        "t3.large spot",
-        "t3.small spot",
-        "t3.large on-demand",
-        "t3.small on-demand",
-    ] {
+    for candidate in ["t3.large spot", "t3.small spot", "t3.large on-demand", "t3.small on-demand"] {
         assert!(text.contains(candidate), "{candidate} missing in: {text}");
     }
     assert_eq!(launches(&stub).len(), 4);
@@ -879,16 +711,20 @@ async fn idempotent_parameter_mismatch_is_not_a_failure_of_the_create() {
         _ => (200, run_instances_ok("t3.micro")),
     })
     .await;
-    let created = stub
-        .backend(1)
-        .create(&life("stub", "stub-linux-1", "7", "tok"))
-        .await
-        .expect("created with the next token");
+    let created =
+        stub.backend(1).create(&life("stub", "stub-linux-1", "7", "tok")).await.expect("created with the next token");
     assert_eq!(created.id.as_str(), "i-0aaaaaaaaaaaaaaa1");
     let actions: Vec<String> = stub.bodies().iter().map(|body| action_of(body).to_owned()).collect();
     assert_eq!(
         actions,
-        ["DescribeInstances", "RunInstances", "DescribeInstances", "DescribeInstances", "DescribeInstances", "RunInstances"],
+        [
+            "DescribeInstances",
+            "RunInstances",
+            "DescribeInstances",
+            "DescribeInstances",
+            "DescribeInstances",
+            "RunInstances"
+        ],
         "find by name, refused, three looks for the token's instance, the next token"
     );
     let bodies = stub.bodies();
@@ -939,12 +775,8 @@ pools:
     }
 
     fn world(&self) -> FakeWorld {
-        FakeWorld::open(&FakeSpec {
-            state_file: Some(self.dir.path().join("world.json")),
-            simulate: false,
-            jobs: None,
-        })
-        .expect("open world")
+        FakeWorld::open(&FakeSpec { state_file: Some(self.dir.path().join("world.json")), simulate: false, jobs: None })
+            .expect("open world")
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -964,10 +796,7 @@ pools:
             // No instance-metadata lookups from the test machine.
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_CONFIG_FILE", self.dir.path().join("no-aws-config"))
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                self.dir.path().join("no-aws-credentials"),
-            )
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir.path().join("no-aws-credentials"))
             .stdin(Stdio::null());
         self.trace.env(&mut command);
         command
@@ -987,10 +816,7 @@ pools:
 
     fn push_linux_task(&self) {
         // A job that finishes as soon as an agent takes it keeps the life cycle within a few poll intervals.
-        self.world().push_task_for(
-            BTreeMap::from([("platform".to_owned(), "linux".to_owned())]),
-            Duration::ZERO,
-        );
+        self.world().push_task_for(BTreeMap::from([("platform".to_owned(), "linux".to_owned())]), Duration::ZERO);
     }
 
     /// Plays the agents' machines: the fake CI lets an agent check in while moto runs its instance (the
@@ -1054,20 +880,10 @@ async fn watch_creates_an_instance_for_a_job_and_terminates_it_when_idle() {
     let mut watch = e2e.spawn(&["watch"]);
 
     let name = ciscale::plan::instance_name(&e2e.owner, &ciscale::model::PoolName::new("linux"), 1);
-    e2e.run_until(
-        &mut watch,
-        "an instance runs and its agent took the job",
-        &no_adopted,
-        |instances, world| {
-            instances
-                .iter()
-                .any(|(_, n, state)| n == &name && *state == InstanceStateName::Running)
-                && world
-                    .agents
-                    .iter()
-                    .any(|agent| agent.name == name && agent.jobs_done >= 1)
-        },
-    )
+    e2e.run_until(&mut watch, "an instance runs and its agent took the job", &no_adopted, |instances, world| {
+        instances.iter().any(|(_, n, state)| n == &name && *state == InstanceStateName::Running)
+            && world.agents.iter().any(|agent| agent.name == name && agent.jobs_done >= 1)
+    })
     .await;
     let instances = moto_instances(&e2e.client, &e2e.owner).await;
     assert_eq!(instances.len(), 1, "one job, one instance: {instances:?}");
@@ -1081,19 +897,12 @@ async fn watch_creates_an_instance_for_a_job_and_terminates_it_when_idle() {
         "the idle instance is terminated and its agent removed",
         &no_adopted,
         |instances, world| {
-            instances
-                .iter()
-                .all(|(_, _, state)| *state == InstanceStateName::Terminated)
-                && world.agents.is_empty()
+            instances.iter().all(|(_, _, state)| *state == InstanceStateName::Terminated) && world.agents.is_empty()
         },
     )
     .await;
     stop(watch);
-    assert_eq!(
-        moto_instances(&e2e.client, &e2e.owner).await.len(),
-        1,
-        "never a second instance"
-    );
+    assert_eq!(moto_instances(&e2e.client, &e2e.owner).await.len(), 1, "never a second instance");
     assert!(e2e.world().snapshot().tasks.is_empty(), "the job ran");
 }
 
@@ -1125,20 +934,14 @@ async fn the_user_data_ciscale_sends_is_the_cloud_init_that_runs_the_agent_image
     let document: serde_json::Value = serde_yaml::from_str(&user_data).expect("cloud-config is YAML");
     let files = document["write_files"].as_array().expect("write_files");
     let file = |path: &str| {
-        files
-            .iter()
-            .find(|file| file["path"] == path)
-            .unwrap_or_else(|| panic!("no `{path}` in {user_data}"))
+        files.iter().find(|file| file["path"] == path).unwrap_or_else(|| panic!("no `{path}` in {user_data}"))
     };
     let env_file = file(ciscale::apply::AGENT_ENV_PATH);
     assert_eq!(env_file["permissions"], "0600");
     assert_eq!(env_file["owner"], "root:root");
     // The env file holds this agent's own, current credential.
     let env = env_file["content"].as_str().expect("env file text");
-    let token = env
-        .lines()
-        .find_map(|line| line.strip_prefix("CISCALE_AGENT_TOKEN="))
-        .expect("the agent's token");
+    let token = env.lines().find_map(|line| line.strip_prefix("CISCALE_AGENT_TOKEN=")).expect("the agent's token");
     let world = e2e.world().snapshot();
     assert_eq!(world.agents.len(), 1);
     assert_eq!(world.agents[0].token_sha256, ciscale::providers::fake::sha256_hex(token.as_bytes()));
@@ -1159,12 +962,7 @@ async fn the_user_data_ciscale_sends_is_the_cloud_init_that_runs_the_agent_image
 }
 
 async fn describe_tags(client: &aws_sdk_ec2::Client, id: &str) -> BTreeMap<String, String> {
-    let output = client
-        .describe_instances()
-        .instance_ids(id)
-        .send()
-        .await
-        .expect("describe");
+    let output = client.describe_instances().instance_ids(id).send().await.expect("describe");
     output
         .reservations()
         .iter()
@@ -1198,47 +996,20 @@ async fn watch_starts_an_adopted_instance_for_a_job_and_stops_it_when_idle() {
     e2e.push_linux_task();
     let mut watch = e2e.spawn(&["watch"]);
 
-    e2e.run_until(
-        &mut watch,
-        "the adopted instance is started and its agent took the job",
-        &agent_of,
-        |_, world| {
-            world
-                .agents
-                .iter()
-                .any(|agent| agent.id == registered.agent_id && agent.jobs_done >= 1)
-        },
-    )
+    e2e.run_until(&mut watch, "the adopted instance is started and its agent took the job", &agent_of, |_, world| {
+        world.agents.iter().any(|agent| agent.id == registered.agent_id && agent.jobs_done >= 1)
+    })
     .await;
-    e2e.run_until(
-        &mut watch,
-        "the idle adopted instance is stopped",
-        &agent_of,
-        |instances, world| {
-            instances
-                .iter()
-                .any(|(i, _, state)| i == &id && *state == InstanceStateName::Stopped)
-                && world.tasks.is_empty()
-        },
-    )
+    e2e.run_until(&mut watch, "the idle adopted instance is stopped", &agent_of, |instances, world| {
+        instances.iter().any(|(i, _, state)| i == &id && *state == InstanceStateName::Stopped) && world.tasks.is_empty()
+    })
     .await;
     stop(watch);
-    assert_eq!(
-        moto_state(&client, &id).await,
-        InstanceStateName::Stopped,
-        "stopped, never terminated"
-    );
+    assert_eq!(moto_state(&client, &id).await, InstanceStateName::Stopped, "stopped, never terminated");
     let world = e2e.world().snapshot();
-    let agent = world
-        .agents
-        .iter()
-        .find(|agent| agent.id == registered.agent_id)
-        .expect("the agent record stays");
+    let agent = world.agents.iter().find(|agent| agent.id == registered.agent_id).expect("the agent record stays");
     assert!(agent.no_schedule, "it was drained before the stop");
-    assert!(
-        moto_instances(&client, &e2e.owner).await.is_empty(),
-        "nothing was created in start/stop mode"
-    );
+    assert!(moto_instances(&client, &e2e.owner).await.is_empty(), "nothing was created in start/stop mode");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1253,11 +1024,7 @@ async fn kill_9_during_apply_then_watch_leaves_no_duplicate_and_no_orphan() {
     let mut apply = e2e.spawn(&["apply", "--auto-approve"]);
     let deadline = Instant::now() + E2E_DEADLINE;
     while e2e.world().snapshot().agents.is_empty() && apply.try_wait().ok().flatten().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "apply never registered an agent\n{}",
-            e2e.log_text()
-        );
+        assert!(Instant::now() < deadline, "apply never registered an agent\n{}", e2e.log_text());
         std::thread::sleep(Duration::from_millis(2));
     }
     let _ = apply.kill();
@@ -1267,27 +1034,16 @@ async fn kill_9_during_apply_then_watch_leaves_no_duplicate_and_no_orphan() {
     e2e.trace.declare_ours(e2e.world().snapshot().agents.into_iter().map(|agent| agent.name));
 
     let mut watch = e2e.spawn(&["watch"]);
-    e2e.run_until(
-        &mut watch,
-        "the job ran and everything was cleaned up",
-        &no_adopted,
-        |instances, world| {
-            world.tasks.is_empty()
-                && world.agents.is_empty()
-                && !instances.is_empty()
-                && instances
-                    .iter()
-                    .all(|(_, _, state)| *state == InstanceStateName::Terminated)
-        },
-    )
+    e2e.run_until(&mut watch, "the job ran and everything was cleaned up", &no_adopted, |instances, world| {
+        world.tasks.is_empty()
+            && world.agents.is_empty()
+            && !instances.is_empty()
+            && instances.iter().all(|(_, _, state)| *state == InstanceStateName::Terminated)
+    })
     .await;
     stop(watch);
     let instances = moto_instances(&e2e.client, &e2e.owner).await;
-    assert_eq!(
-        instances.len(),
-        1,
-        "exactly one instance was ever launched: {instances:?}"
-    );
+    assert_eq!(instances.len(), 1, "exactly one instance was ever launched: {instances:?}");
 }
 
 /// Standard base64 decoding, for reading user data back.
@@ -1305,10 +1061,7 @@ fn decode_base64(text: &str) -> Vec<u8> {
     let digits: Vec<u32> = text.bytes().filter_map(value).collect();
     let mut out = Vec::new();
     for group in digits.chunks(4) {
-        let n = group
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (index, digit)| n | (digit << (18 - 6 * index)));
+        let n = group.iter().enumerate().fold(0u32, |n, (index, digit)| n | (digit << (18 - 6 * index)));
         let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
         out.extend_from_slice(&bytes[..group.len().saturating_sub(1)]);
     }

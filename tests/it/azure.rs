@@ -19,10 +19,7 @@ pub(crate) const AGENT_PAT: &str = "azp-agent-pat-fedcba9876543210";
 
 fn settings(fake: &AzureFake, pools: &[(&str, &str)]) -> AzureSettings {
     AzureSettings {
-        pools: pools
-            .iter()
-            .map(|(pool, azure)| (PoolName::new(*pool), (*azure).to_owned()))
-            .collect(),
+        pools: pools.iter().map(|(pool, azure)| (PoolName::new(*pool), (*azure).to_owned())).collect(),
         timeout: Duration::from_secs(5),
         ..AzureSettings::new(fake.org_url(), Secret::new(PAT))
     }
@@ -33,12 +30,7 @@ fn source(fake: &AzureFake, pools: &[(&str, &str)]) -> AzurePipelines {
 }
 
 fn register_request(name: &str, pool: &str) -> RegisterAgent {
-    RegisterAgent {
-        name: name.to_owned(),
-        pool: PoolName::new(pool),
-        labels: BTreeMap::new(),
-        for_job: None,
-    }
+    RegisterAgent { name: name.to_owned(), pool: PoolName::new(pool), labels: BTreeMap::new(), for_job: None }
 }
 
 /// Every text a failure can show: its message and its Debug form.
@@ -84,44 +76,19 @@ async fn agents_and_requests_map_onto_the_model() {
     fake.assign(running, busy);
     let pending = fake.add_request("Linux", &["docker", "Agent.OS -equals Linux"]);
     let ci = source(&fake, &[("linux", "Linux")]);
-    ci.drain(&ciscale::model::AgentId::new(offline.to_string()))
-        .await
-        .expect("drain");
+    ci.drain(&ciscale::model::AgentId::new(offline.to_string())).await.expect("drain");
 
     let observed = ci.observe().await.expect("observe");
-    let agent = |id: u32| {
-        observed
-            .agents
-            .iter()
-            .find(|agent| agent.id.as_str() == id.to_string())
-            .expect("listed")
-    };
+    let agent = |id: u32| observed.agents.iter().find(|agent| agent.id.as_str() == id.to_string()).expect("listed");
 
-    assert!(
-        !agent(idle).busy && agent(busy).busy,
-        "busy = an assigned, unfinished request"
-    );
+    assert!(!agent(idle).busy && agent(busy).busy, "busy = an assigned, unfinished request");
     assert!(agent(idle).last_contact.is_some(), "online agents are in contact now");
     assert_eq!(agent(offline).last_contact, None, "offline agents are not");
-    assert!(
-        agent(offline).no_schedule && !agent(idle).no_schedule,
-        "disabled = drained"
-    );
-    let finished_at = fake
-        .requests()
-        .iter()
-        .find(|r| r.id == done)
-        .and_then(|r| r.finish_time);
-    assert_eq!(
-        agent(idle).last_work,
-        finished_at,
-        "last work = the last completed request's finish time"
-    );
+    assert!(agent(offline).no_schedule && !agent(idle).no_schedule, "disabled = drained");
+    let finished_at = fake.requests().iter().find(|r| r.id == done).and_then(|r| r.finish_time);
+    assert_eq!(agent(idle).last_work, finished_at, "last work = the last completed request's finish time");
     assert_eq!(agent(busy).last_work, None);
-    assert_eq!(
-        agent(idle).labels.get(AZURE_POOL_LABEL).map(String::as_str),
-        Some("Linux")
-    );
+    assert_eq!(agent(idle).labels.get(AZURE_POOL_LABEL).map(String::as_str), Some("Linux"));
 
     // The finished request is history; the assigned one runs on its reserved agent; the other waits.
     assert_eq!(observed.queue.pending.len(), 1, "{:?}", observed.queue);
@@ -133,10 +100,7 @@ async fn agents_and_requests_map_onto_the_model() {
     assert_eq!(waiting.agent_id, None);
     let on_agent = &observed.queue.running[0];
     assert_eq!(on_agent.id.as_str(), running.to_string());
-    assert_eq!(
-        on_agent.agent_id.as_ref().map(|id| id.as_str().to_owned()),
-        Some(busy.to_string())
-    );
+    assert_eq!(on_agent.agent_id.as_ref().map(|id| id.as_str().to_owned()), Some(busy.to_string()));
 }
 
 #[tokio::test]
@@ -193,15 +157,10 @@ pools:
         .expect("config");
     let providers = ciscale::providers::connect(&desired).expect("connect");
     let now = jiff::Timestamp::now();
-    let observed = ciscale::observe::observe(&desired, &providers, now)
-        .await
-        .expect("observe");
+    let observed = ciscale::observe::observe(&desired, &providers, now).await.expect("observe");
     let plan = ciscale::plan::plan(&desired, &observed, now);
-    let pending: BTreeMap<&str, u32> = plan
-        .pools
-        .iter()
-        .map(|status| (status.pool.as_str(), status.pending_jobs))
-        .collect();
+    let pending: BTreeMap<&str, u32> =
+        plan.pools.iter().map(|status| (status.pool.as_str(), status.pending_jobs)).collect();
     // Linux: two docker requests (the Agent.Version demand is ignored); the java one fits no pool.
     // Gpu: both, although the docker one would fit the earlier `linux` pool by demands: it waits in `Gpu`.
     assert_eq!(pending, BTreeMap::from([("linux", 2), ("gpu", 2)]));
@@ -220,10 +179,7 @@ async fn register_hands_out_what_config_sh_needs() {
     let mut request = register_request("acme-linux-1", "linux");
     request.labels.insert(EPHEMERAL_LABEL.to_owned(), "true".to_owned());
     let credential = ci.register(&request).await.expect("register");
-    assert_eq!(
-        credential.agent_id.as_str(),
-        format!("{UNREGISTERED_PREFIX}acme-linux-1")
-    );
+    assert_eq!(credential.agent_id.as_str(), format!("{UNREGISTERED_PREFIX}acme-linux-1"));
     assert_eq!(
         credential.env,
         BTreeMap::from([
@@ -235,29 +191,16 @@ async fn register_hands_out_what_config_sh_needs() {
     );
     // Without `agentPat` the source's own PAT is all there is.
     assert_eq!(credential.token.expose(), PAT);
-    assert!(
-        !format!("{credential:?}").contains(PAT),
-        "the credential's Debug hides the token"
-    );
-    assert!(
-        fake.agents().is_empty(),
-        "register creates no record: the agent registers itself"
-    );
+    assert!(!format!("{credential:?}").contains(PAT), "the credential's Debug hides the token");
+    assert!(fake.agents().is_empty(), "register creates no record: the agent registers itself");
 
     let with_agent_pat = AzurePipelines::new(AzureSettings {
         agent_pat: Some(Secret::new(AGENT_PAT)),
         ..settings(&fake, &[("linux", "Linux")])
     })
     .expect("client");
-    let credential = with_agent_pat
-        .register(&register_request("acme-linux-2", "linux"))
-        .await
-        .expect("register");
-    assert_eq!(
-        credential.token.expose(),
-        AGENT_PAT,
-        "the scoped agent PAT is handed out, not the admin PAT"
-    );
+    let credential = with_agent_pat.register(&register_request("acme-linux-2", "linux")).await.expect("register");
+    assert_eq!(credential.token.expose(), AGENT_PAT, "the scoped agent PAT is handed out, not the admin PAT");
     assert!(!credential.env.contains_key("AZP_ONCE"), "not ephemeral");
 
     let unbound = ci.register(&register_request("x", "elsewhere")).await;
@@ -272,23 +215,14 @@ async fn a_fresh_process_finds_the_agents_pool_by_asking() {
     let agent = fake.agent_online("Gpu", "g-1");
     // No observation before: nothing cached, as in `apply PLANFILE` right after start.
     let ci = source(&fake, &[("linux", "Linux"), ("gpu", "Gpu")]);
-    ci.drain(&ciscale::model::AgentId::new(agent.to_string()))
-        .await
-        .expect("drain");
+    ci.drain(&ciscale::model::AgentId::new(agent.to_string())).await.expect("drain");
     assert!(!fake.agents()[0].enabled);
-    ci.deregister(&ciscale::model::AgentId::new(agent.to_string()))
-        .await
-        .expect("deregister");
+    ci.deregister(&ciscale::model::AgentId::new(agent.to_string())).await.expect("deregister");
     assert!(fake.agents().is_empty());
     let missing = ci.deregister(&ciscale::model::AgentId::new(agent.to_string())).await;
     assert!(matches!(missing, Err(Error::NotFound { .. })), "{missing:?}");
-    let placeholder = ci
-        .drain(&ciscale::model::AgentId::new(format!("{UNREGISTERED_PREFIX}g-2")))
-        .await;
-    assert!(
-        matches!(placeholder, Err(Error::NotFound { .. })),
-        "a placeholder id has no record: {placeholder:?}"
-    );
+    let placeholder = ci.drain(&ciscale::model::AgentId::new(format!("{UNREGISTERED_PREFIX}g-2"))).await;
+    assert!(matches!(placeholder, Err(Error::NotFound { .. })), "a placeholder id has no record: {placeholder:?}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -305,17 +239,10 @@ async fn every_failure_maps_onto_its_variant_and_never_shows_the_pat() {
 
     fake.inject(Fault::on(Route::Agents, FaultKind::Status(503), 1));
     let error = ci.observe().await.expect_err("503");
-    assert!(
-        matches!(error, Error::Unavailable { .. }) && error.is_transient(),
-        "{error:?}"
-    );
+    assert!(matches!(error, Error::Unavailable { .. }) && error.is_transient(), "{error:?}");
     errors.push(error);
 
-    fake.inject(Fault::on(
-        Route::JobRequests,
-        FaultKind::RateLimited { retry_after_secs: 7 },
-        1,
-    ));
+    fake.inject(Fault::on(Route::JobRequests, FaultKind::RateLimited { retry_after_secs: 7 }, 1));
     let error = ci.observe().await.expect_err("429");
     assert!(
         matches!(error, Error::RateLimited { retry_after: Some(wait), .. } if wait == Duration::from_secs(7)),
@@ -326,10 +253,7 @@ async fn every_failure_maps_onto_its_variant_and_never_shows_the_pat() {
     fake.inject(Fault::on(Route::Agents, FaultKind::Malformed, 1));
     let error = ci.observe().await.expect_err("malformed");
     assert!(matches!(error, Error::Other { .. }), "{error:?}");
-    assert!(
-        error.to_string().contains("agents of pool `Linux`"),
-        "the context names the call: {error}"
-    );
+    assert!(error.to_string().contains("agents of pool `Linux`"), "the context names the call: {error}");
     errors.push(error);
 
     fake.inject(Fault::on(Route::Agents, FaultKind::SignInPage, 1));
@@ -356,14 +280,8 @@ async fn every_failure_maps_onto_its_variant_and_never_shows_the_pat() {
     assert!(error.to_string().contains("no answer within"), "{error}");
     errors.push(error);
 
-    let missing_pool = source(&fake, &[("x", "NoSuchPool")])
-        .observe()
-        .await
-        .expect_err("unknown pool");
-    assert!(
-        matches!(&missing_pool, Error::Invalid { message, .. } if message.contains("hint:")),
-        "{missing_pool:?}"
-    );
+    let missing_pool = source(&fake, &[("x", "NoSuchPool")]).observe().await.expect_err("unknown pool");
+    assert!(matches!(&missing_pool, Error::Invalid { message, .. } if message.contains("hint:")), "{missing_pool:?}");
     errors.push(missing_pool);
 
     for style in [BadAuth::Unauthorized401, BadAuth::SignInPage203] {
@@ -410,11 +328,7 @@ async fn an_idle_cycle_costs_two_calls_per_azure_pool() {
     fake.agent_online("Linux", "a-1");
     let ci = source(&fake, &[("linux", "Linux"), ("gpu", "Gpu")]);
     ci.observe().await.expect("first cycle");
-    assert_eq!(
-        fake.total_calls(),
-        6,
-        "the first cycle also looks each pool's id up once"
-    );
+    assert_eq!(fake.total_calls(), 6, "the first cycle also looks each pool's id up once");
     fake.reset_calls();
     for _ in 0..5 {
         ci.observe().await.expect("idle cycle");
@@ -429,10 +343,7 @@ struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for CapturedLogs {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(bytes);
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(bytes);
         Ok(bytes.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -444,10 +355,7 @@ impl std::io::Write for CapturedLogs {
 async fn a_nearly_used_up_rate_limit_budget_is_warned_about() {
     let logs = CapturedLogs::default();
     let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     let fake = AzureFake::start(PAT);
     fake.add_pool("Linux");
@@ -456,11 +364,7 @@ async fn a_nearly_used_up_rate_limit_budget_is_warned_about() {
     ci.observe().await.expect("observe with plenty of budget");
     let text =
         || String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned();
-    assert!(
-        !text().contains("rate-limit budget"),
-        "no warning with 75 % left: {}",
-        text()
-    );
+    assert!(!text().contains("rate-limit budget"), "no warning with 75 % left: {}", text());
     fake.set_rate_limit_headers(5, 200);
     ci.observe().await.expect("a low budget still answers");
     assert!(text().contains("rate-limit budget is nearly used up"), "{}", text());
@@ -492,40 +396,23 @@ async fn client_and_fake_speak_the_published_spec() {
     let idle_id = ciscale::model::AgentId::new(idle.to_string());
     ci.drain(&idle_id).await.expect("drain");
     ci.undrain(&idle_id).await.expect("undrain");
-    source(&fake, &[("linux", "Linux")])
-        .drain(&idle_id)
-        .await
-        .expect("fresh drain");
+    source(&fake, &[("linux", "Linux")]).drain(&idle_id).await.expect("fresh drain");
     ci.deregister(&idle_id).await.expect("deregister");
     assert!(ci.deregister(&idle_id).await.is_err());
 
     let exchanges = fake.exchanges();
     let mut checked: BTreeMap<String, usize> = BTreeMap::new();
     for exchange in &exchanges {
-        assert_ne!(
-            exchange.route,
-            Route::Unknown,
-            "the client called an unknown path: {exchange:?}"
-        );
+        assert_ne!(exchange.route, Route::Unknown, "the client called an unknown path: {exchange:?}");
         if exchange.route == Route::JobRequests {
             // `jobrequests` is not in the spec (it is undocumented): its items are checked against the spec's
             // `TaskAgentJobRequest` except where the real service differs from it — `demands` are strings, and
             // `result` is `null` while a request is unfinished.
-            assert!(
-                !spec.covers(&exchange.method, &exchange.path),
-                "jobrequests appeared in the spec"
-            );
-            let items = exchange
-                .response_body
-                .as_ref()
-                .and_then(|body| body.get("value"))
-                .and_then(|v| v.as_array());
+            assert!(!spec.covers(&exchange.method, &exchange.path), "jobrequests appeared in the spec");
+            let items = exchange.response_body.as_ref().and_then(|body| body.get("value")).and_then(|v| v.as_array());
             for item in items.expect("a jobrequests list") {
                 let mut item = item.clone();
-                assert!(
-                    item.get("result").is_some(),
-                    "unfinished requests carry `result: null` explicitly"
-                );
+                assert!(item.get("result").is_some(), "unfinished requests carry `result: null` explicitly");
                 let object = item.as_object_mut().expect("object");
                 object.remove("demands");
                 if object.get("result").is_some_and(|result| result.is_null()) {
@@ -537,9 +424,7 @@ async fn client_and_fake_speak_the_published_spec() {
         } else if let Err(problem) = spec.check(exchange) {
             panic!("not what the spec says:\n{problem}");
         }
-        *checked
-            .entry(format!("{} {:?} {}", exchange.method, exchange.route, exchange.status))
-            .or_default() += 1;
+        *checked.entry(format!("{} {:?} {}", exchange.method, exchange.route, exchange.status)).or_default() += 1;
     }
     for expected in [
         "GET Pools 200",
@@ -550,10 +435,7 @@ async fn client_and_fake_speak_the_published_spec() {
         "GET Agent 200",
         "GET Agent 404",
     ] {
-        assert!(
-            checked.contains_key(expected),
-            "no `{expected}` exchange was checked: {checked:?}"
-        );
+        assert!(checked.contains_key(expected), "no `{expected}` exchange was checked: {checked:?}");
     }
 }
 
@@ -572,33 +454,15 @@ fn the_spec_check_rejects_what_the_spec_does_not_say() {
     };
     assert_eq!(spec.check(&good), Ok(()));
     let bad = [
+        Exchange { path: "/org/_apis/distributedtask/pools/x/agents/5".into(), ..good.clone() },
+        Exchange { query: vec![], ..good.clone() },
         Exchange {
-            path: "/org/_apis/distributedtask/pools/x/agents/5".into(),
+            query: vec![("api-version".into(), "7.1".into()), ("includeEverything".into(), "true".into())],
             ..good.clone()
         },
-        Exchange {
-            query: vec![],
-            ..good.clone()
-        },
-        Exchange {
-            query: vec![
-                ("api-version".into(), "7.1".into()),
-                ("includeEverything".into(), "true".into()),
-            ],
-            ..good.clone()
-        },
-        Exchange {
-            request_body: Some(serde_json::json!({"id": "five"})),
-            ..good.clone()
-        },
-        Exchange {
-            response_body: Some(serde_json::json!({"id": 5, "status": "sleeping"})),
-            ..good.clone()
-        },
-        Exchange {
-            method: "POST".into(),
-            ..good.clone()
-        },
+        Exchange { request_body: Some(serde_json::json!({"id": "five"})), ..good.clone() },
+        Exchange { response_body: Some(serde_json::json!({"id": 5, "status": "sleeping"})), ..good.clone() },
+        Exchange { method: "POST".into(), ..good.clone() },
     ];
     for exchange in bad {
         assert!(spec.check(&exchange).is_err(), "accepted: {exchange:?}");
@@ -616,10 +480,7 @@ fn the_spec_check_rejects_what_the_spec_does_not_say() {
         route: Route::Agents,
     };
     assert_eq!(spec.check(&list), Ok(()));
-    let bare = Exchange {
-        response_body: Some(serde_json::json!([{"id": 1}])),
-        ..list.clone()
-    };
+    let bare = Exchange { response_body: Some(serde_json::json!([{"id": 1}])), ..list.clone() };
     assert!(spec.check(&bare).is_err());
     let bad_date = Exchange {
         response_body: Some(serde_json::json!({"count": 1, "value": [{"id": 1, "createdOn": "yesterday"}]})),
@@ -697,9 +558,7 @@ impl WatchProcess {
     /// SIGTERM (the graceful stop a service manager sends), then the exit status, stdout and stderr.
     pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, String, String) {
         let mut child = self.child.take().expect("running");
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let status = child.wait().expect("watch ends");
         let joined = |reader: Option<std::thread::JoinHandle<String>>| {
             reader.and_then(|reader| reader.join().ok()).unwrap_or_default()
@@ -757,12 +616,9 @@ pools:
         url = fake.org_url()
     );
     std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
-    let world = FakeWorld::open(&FakeSpec {
-        state_file: Some(dir.path().join("world.json")),
-        simulate: false,
-        jobs: None,
-    })
-    .expect("open the world");
+    let world =
+        FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+            .expect("open the world");
 
     let mut watch = WatchProcess::start(dir.path());
 
@@ -774,11 +630,7 @@ pools:
     let deadline = Instant::now() + Duration::from_secs(120);
     let outcome = loop {
         let snapshot = world.snapshot();
-        for instance in snapshot
-            .instances
-            .iter()
-            .filter(|instance| instance.state == InstanceState::Running)
-        {
+        for instance in snapshot.instances.iter().filter(|instance| instance.state == InstanceState::Running) {
             created.insert(instance.name.clone());
             if !online.contains_key(&instance.name) && !finished_agents.contains(&instance.name) {
                 let (azure_pool, capabilities) = match instance.labels.get(POOL_LABEL).map(String::as_str) {
@@ -807,21 +659,14 @@ pools:
         let fixed_online = online.keys().filter(|name| name.starts_with("e2e-fixed-")).count();
         if queued.is_none() && fixed_online == 2 {
             let fixed = fake.add_request("Fixed", &[]);
-            let docker = [
-                fake.add_request("Queue", &["docker"]),
-                fake.add_request("Queue", &["docker"]),
-            ];
+            let docker = [fake.add_request("Queue", &["docker"]), fake.add_request("Queue", &["docker"])];
             let gpu = fake.add_request("Queue", &["gpu"]);
             queued = Some((fixed, docker, gpu));
         }
 
         if let Some((fixed, docker, gpu)) = queued {
             let requests = fake.requests();
-            let done = |id: u64| {
-                requests
-                    .iter()
-                    .any(|request| request.id == id && !request.is_unfinished())
-            };
+            let done = |id: u64| requests.iter().any(|request| request.id == id && !request.is_unfinished());
             let active = |pool: &str| {
                 world
                     .snapshot()
@@ -861,20 +706,14 @@ pools:
     }
     assert_eq!(status.code(), Some(0), "{err}");
     for secret in [PAT, AGENT_PAT] {
-        assert!(
-            !out.contains(secret) && !err.contains(secret),
-            "a PAT leaked:\n{out}\n{err}"
-        );
+        assert!(!out.contains(secret) && !err.contains(secret), "a PAT leaked:\n{out}\n{err}");
     }
 
     // The fixed pool was refilled after its agent ran its job; the queue pool grew for the two docker jobs only.
     let fixed_created = created.iter().filter(|name| name.starts_with("e2e-fixed-")).count();
     let queue_created = created.iter().filter(|name| name.starts_with("e2e-queue-")).count();
     assert_eq!(fixed_created, 3, "2 at start + 1 replacement: {created:?}");
-    assert_eq!(
-        queue_created, 2,
-        "one per docker job, none for the gpu job: {created:?}"
-    );
+    assert_eq!(queue_created, 2, "one per docker job, none for the gpu job: {created:?}");
 
     // Each agent got the scoped agent PAT (never the admin PAT) and what `config.sh` needs, in a 0400 file.
     let pushed = world.snapshot().pushed_files;
@@ -892,21 +731,13 @@ pools:
         assert_eq!(file.mode, 0o400);
         // Instances that powered off are gone from the world; the file's digest is checked for those still there.
         if let Some(instance_name) = instance_name {
-            let azure_pool = if instance_name.starts_with("e2e-fixed-") {
-                "Fixed"
-            } else {
-                "Queue"
-            };
+            let azure_pool = if instance_name.starts_with("e2e-fixed-") { "Fixed" } else { "Queue" };
             let expected = format!(
                 "AZP_AGENT_NAME={instance_name}\nAZP_ONCE=true\nAZP_POOL={azure_pool}\nAZP_URL={}\n\
                  CISCALE_AGENT_ID={UNREGISTERED_PREFIX}{instance_name}\nCISCALE_AGENT_TOKEN={AGENT_PAT}\n",
                 fake.org_url()
             );
-            assert_eq!(
-                file.sha256,
-                ciscale::providers::fake::sha256_hex(expected.as_bytes()),
-                "credential of {name}"
-            );
+            assert_eq!(file.sha256, ciscale::providers::fake::sha256_hex(expected.as_bytes()), "credential of {name}");
             digests_checked += 1;
         }
     }
@@ -928,16 +759,11 @@ fn import_of_an_incus_azure_pipelines_config_is_equivalent_and_valid() {
         .env_remove("CISCALE_LOG")
         .output()
         .expect("ciscale runs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    );
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned());
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     for pat in ["import-test-pat-one-AAAA", "import-test-pat-two-BBBB"] {
-        assert!(
-            !stdout.contains(pat) && !stderr.contains(pat),
-            "a PAT was printed:\n{stdout}\n{stderr}"
-        );
+        assert!(!stdout.contains(pat) && !stderr.contains(pat), "a PAT was printed:\n{stdout}\n{stderr}");
     }
     let stderr = stderr.replace(&fixture.display().to_string(), "[FIXTURE]");
     insta::with_settings!({ snapshot_path => "../snapshots", prepend_module_to_snapshot => false }, {
@@ -948,11 +774,7 @@ fn import_of_an_incus_azure_pipelines_config_is_equivalent_and_valid() {
     // The output is a valid ciscale config once the named variables are set, and means what the tool did.
     let env = |name: &str| matches!(name, "AZP_PAT_1" | "AZP_PAT_2").then(|| format!("value-of-{name}"));
     let desired = ciscale::config::load_str("imported.yaml", &stdout, &env).expect("the imported config validates");
-    assert_eq!(
-        desired.ci.len(),
-        2,
-        "one source per organization (the trailing `/` does not count)"
-    );
+    assert_eq!(desired.ci.len(), 2, "one source per organization (the trailing `/` does not count)");
     assert_eq!(desired.backends.len(), 2, "one backend per incus project");
     let pools: Vec<(&str, u32, u32, bool, Option<&str>)> = desired
         .pools
@@ -981,8 +803,5 @@ fn import_of_an_incus_azure_pipelines_config_is_equivalent_and_valid() {
     assert_eq!(small.backend.machine.get("cpu").map(String::as_str), Some("2"));
     assert_eq!(small.backend.machine.get("nesting").map(String::as_str), Some("true"));
     assert_eq!(small.agent.env.get("DOCKER_BUILDKIT").map(String::as_str), Some("1"));
-    assert_eq!(
-        desired.pools[1].scale.bootstrap_timeout,
-        ciscale::model::GoDuration::from_secs(300)
-    );
+    assert_eq!(desired.pools[1].scale.bootstrap_timeout, ciscale::model::GoDuration::from_secs(300));
 }

@@ -51,10 +51,9 @@ impl Drop for Containers {
     /// On failure too: whatever this owner has left is deleted. Errors are ignored here (a panic while
     /// unwinding would abort); the passing path checks its cleanup explicitly.
     fn drop(&mut self) {
-        let listed = self.runtime.block_on(self.incus.observe(&ListInstances {
-            owner: self.owner.clone(),
-            ..ListInstances::default()
-        }));
+        let listed = self
+            .runtime
+            .block_on(self.incus.observe(&ListInstances { owner: self.owner.clone(), ..ListInstances::default() }));
         for instance in listed.map(|observed| observed.instances).unwrap_or_default() {
             drop(self.runtime.block_on(self.incus.delete(&instance.id)));
         }
@@ -98,24 +97,14 @@ pools:
 
 /// The capabilities the stub agent reports, as the pool declares them.
 fn capabilities() -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("docker".to_owned(), String::new()),
-        ("java".to_owned(), "17".to_owned()),
-    ])
+    BTreeMap::from([("docker".to_owned(), String::new()), ("java".to_owned(), "17".to_owned())])
 }
 
 #[test]
 fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
     let Some((incus, image)) = daemon() else { return };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let containers = Containers {
-        runtime,
-        incus,
-        owner: owner("azinc"),
-    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let containers = Containers { runtime, incus, owner: owner("azinc") };
     let owner = containers.owner.clone();
     let fake = AzureFake::start(PAT);
     fake.add_pool(AZURE_POOL);
@@ -131,10 +120,7 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
     let running = |containers: &Containers, seen: &mut BTreeSet<(String, jiff::Timestamp)>| -> Vec<Instance> {
         let listed = containers.owned();
         seen.extend(listed.iter().map(identity));
-        listed
-            .into_iter()
-            .filter(|instance| instance.state == InstanceState::Running)
-            .collect()
+        listed.into_iter().filter(|instance| instance.state == InstanceState::Running).collect()
     };
 
     let mut initial = until("the pool's 2 containers to run", &mut watch, || {
@@ -143,9 +129,7 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
     });
     initial.sort_by(|a, b| a.name.cmp(&b.name));
     for instance in &initial {
-        let object = containers
-            .block_on(containers.incus.instance_json(&instance.name))
-            .expect("read back");
+        let object = containers.block_on(containers.incus.instance_json(&instance.name)).expect("read back");
         assert_eq!(object["config"]["user.ciscale.owner"], owner.as_str());
         assert_eq!(object["config"]["user.ciscale.pool"], POOL);
         assert_eq!(object["ephemeral"], true, "{}", instance.name);
@@ -153,17 +137,10 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
 
     // The wrapper ciscale started read the pushed credential (it exits early without a token) and deleted it.
     let credential_consumed = |watch: &mut WatchProcess, instance: &Instance| {
-        until(
-            &format!("the credential of `{}` to be consumed", instance.name),
-            watch,
-            || {
-                (containers.run(
-                    instance,
-                    "[ -e /run/ciscale/agent.ran ] && [ ! -e /run/ciscale/agent.env ]",
-                ) == Some(0))
+        until(&format!("the credential of `{}` to be consumed", instance.name), watch, || {
+            (containers.run(instance, "[ -e /run/ciscale/agent.ran ] && [ ! -e /run/ciscale/agent.env ]") == Some(0))
                 .then_some(())
-            },
-        );
+        });
     };
 
     let mut latencies = Vec::new();
@@ -174,26 +151,14 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
         // config.sh: the agent registers under the container's name and connects.
         let agent = fake.agent_online_with(AZURE_POOL, &instance.name, capabilities());
         // A job whose demands the pool's capabilities satisfy is queued and handed to this agent.
-        let request = fake.add_request(
-            AZURE_POOL,
-            &["docker", "java -equals 17", "Agent.Version -gtVersion 3.0"],
-        );
-        assert_eq!(
-            fake.take_next(agent),
-            Some(request),
-            "the agent of `{}` takes the job",
-            instance.name
-        );
+        let request = fake.add_request(AZURE_POOL, &["docker", "java -equals 17", "Agent.Version -gtVersion 3.0"]);
+        assert_eq!(fake.take_next(agent), Some(request), "the agent of `{}` takes the job", instance.name);
         // run.sh --once: the job ends, the agent disconnects, the wrapper powers the container off.
         fake.finish(request, "succeeded");
         fake.agent_offline(agent);
         let since = jiff::Timestamp::now();
         let powered_off_at = Instant::now();
-        let poweroff = Exec {
-            command: vec!["poweroff".into(), "-f".into()],
-            env: BTreeMap::new(),
-            wait: false,
-        };
+        let poweroff = Exec { command: vec!["poweroff".into(), "-f".into()], env: BTreeMap::new(), wait: false };
         // The exec's own operation may end with the container: its result says nothing.
         drop(containers.block_on(containers.incus.exec(&instance.id, &poweroff)));
 
@@ -204,27 +169,19 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
         // until it is gone, and then its name is the lowest free one.
         assert_ne!(identity(&replacement), identity(instance), "a fresh container, not the powered-off one");
 
-        until(
-            &format!("`{}` to vanish (ephemeral)", instance.name),
-            &mut watch,
-            || {
-                let listed = containers.owned();
-                seen.extend(listed.iter().map(identity));
-                (!listed.iter().any(|listed| identity(listed) == identity(instance))).then_some(())
-            },
-        );
-        until(
-            &format!("the record of `{}` (agent {agent}) to be deregistered", instance.name),
-            &mut watch,
-            || {
-                let deleted = fake.exchanges().iter().any(|exchange| {
-                    exchange.method == "DELETE"
-                        && exchange.status == 200
-                        && exchange.path.ends_with(&format!("/agents/{agent}"))
-                });
-                (deleted && fake.agent_named(&instance.name).is_none()).then_some(())
-            },
-        );
+        until(&format!("`{}` to vanish (ephemeral)", instance.name), &mut watch, || {
+            let listed = containers.owned();
+            seen.extend(listed.iter().map(identity));
+            (!listed.iter().any(|listed| identity(listed) == identity(instance))).then_some(())
+        });
+        until(&format!("the record of `{}` (agent {agent}) to be deregistered", instance.name), &mut watch, || {
+            let deleted = fake.exchanges().iter().any(|exchange| {
+                exchange.method == "DELETE"
+                    && exchange.status == 200
+                    && exchange.path.ends_with(&format!("/agents/{agent}"))
+            });
+            (deleted && fake.agent_named(&instance.name).is_none()).then_some(())
+        });
         finished_agents.push(agent);
 
         // The replacement's wrapper got its own credential; its agent comes online and waits for work.
@@ -249,24 +206,14 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
         agents.iter().all(|agent| !finished_agents.contains(&agent.id)),
         "a name may be reused, a finished agent's record is not: {finished_agents:?} {agents:?}"
     );
-    assert_eq!(
-        seen.len(),
-        4,
-        "2 at start + 1 replacement per powered-off container, no duplicate: {seen:?}"
-    );
+    assert_eq!(seen.len(), 4, "2 at start + 1 replacement per powered-off container, no duplicate: {seen:?}");
     let requests = fake.requests();
-    assert!(
-        requests.len() == 2 && requests.iter().all(|request| !request.is_unfinished()),
-        "{requests:?}"
-    );
+    assert!(requests.len() == 2 && requests.iter().all(|request| !request.is_unfinished()), "{requests:?}");
 
     let (status, out, err) = watch.terminate();
     assert_eq!(status.code(), Some(0), "watch stops cleanly on SIGTERM:\n{err}");
     for secret in [PAT, AGENT_PAT] {
-        assert!(
-            !out.contains(secret) && !err.contains(secret),
-            "a PAT leaked:\n{out}\n{err}"
-        );
+        assert!(!out.contains(secret) && !err.contains(secret), "a PAT leaked:\n{out}\n{err}");
     }
     let cycles = out.lines().filter(|line| line.starts_with('{')).count();
     assert!(
@@ -284,10 +231,7 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
         .env("AZP_AGENT_PAT", AGENT_PAT)
         .output()
         .expect("plan runs");
-    let (plan_out, plan_err) = (
-        String::from_utf8_lossy(&plan.stdout),
-        String::from_utf8_lossy(&plan.stderr),
-    );
+    let (plan_out, plan_err) = (String::from_utf8_lossy(&plan.stdout), String::from_utf8_lossy(&plan.stderr));
     assert_eq!(plan.status.code(), Some(0), "converged:\n{plan_out}\n{plan_err}");
     assert!(!plan_out.contains(PAT) && !plan_err.contains(PAT));
 
@@ -302,9 +246,6 @@ fn watch_keeps_a_fixed_ephemeral_azure_pool_of_real_containers() {
     containers.block_on(cleanup(&containers.incus, &owner));
     assert!(containers.owned().is_empty(), "owned containers left behind");
     for name in seen.iter().map(|(name, _)| name).collect::<BTreeSet<_>>() {
-        assert!(
-            containers.block_on(containers.incus.instance_json(name)).is_err(),
-            "`{name}` still exists"
-        );
+        assert!(containers.block_on(containers.incus.instance_json(name)).is_err(), "`{name}` still exists");
     }
 }

@@ -84,7 +84,8 @@ pools:
     }
 
     pub(crate) fn world(&self) -> FakeWorld {
-        FakeWorld::open(&FakeSpec { state_file: Some(self.path("world.json")), simulate: false, jobs: None }).expect("open world")
+        FakeWorld::open(&FakeSpec { state_file: Some(self.path("world.json")), simulate: false, jobs: None })
+            .expect("open world")
     }
 
     pub(crate) fn push_linux_task(&self) {
@@ -127,7 +128,13 @@ fn offline_plan_of_the_readme_example_is_deterministic() {
             .env("WOODPECKER_TOKEN", "x")
             .env("HCLOUD_TOKEN", "y")
             .env("GIT_TOKEN", "z")
-            .args(["plan", "-c", "examples/woodpecker-hetzner.yaml", "--observed", "examples/woodpecker-hetzner.observed.yaml"]))
+            .args([
+                "plan",
+                "-c",
+                "examples/woodpecker-hetzner.yaml",
+                "--observed",
+                "examples/woodpecker-hetzner.observed.yaml",
+            ]))
     };
     let (first, second) = (plan(), plan());
     assert!(first.status.success(), "{}", stderr(&first));
@@ -259,7 +266,11 @@ fn watch_runs_a_job_through_its_whole_life() {
     assert_eq!(total("drain"), 1, "{cycles:?}");
     assert_eq!(total("delete"), 1, "{cycles:?}");
     let world = sandbox.world().snapshot();
-    assert!(world.instances.iter().all(|instance| instance.state == InstanceState::Terminated), "{:?}", world.instances);
+    assert!(
+        world.instances.iter().all(|instance| instance.state == InstanceState::Terminated),
+        "{:?}",
+        world.instances
+    );
     assert!(world.agents.is_empty(), "agent record removed: {:?}", world.agents);
     assert!(world.tasks.is_empty(), "the job ran and finished: {:?}", world.tasks);
 }

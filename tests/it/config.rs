@@ -20,10 +20,7 @@ fn every_example_validates() {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(repo_path("examples"))
         .expect("examples folder")
         .map(|entry| entry.expect("dir entry").path())
-        .filter(|path| {
-            path.extension()
-                .is_some_and(|ext| ext == "yaml" || ext == "yml")
-        })
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
         // `<name>.observed.yaml` beside each example is its recorded observation, not a config.
         .filter(|path| !path.to_string_lossy().ends_with(".observed.yaml"))
         .collect();
@@ -74,20 +71,12 @@ fn malformed_configs_give_located_messages() {
 
 #[test]
 fn all_problems_of_a_file_are_reported_at_once() {
-    let text =
-        std::fs::read_to_string(repo_path("tests/fixtures/config/many-problems.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo_path("tests/fixtures/config/many-problems.yaml")).unwrap();
     let error = config::load_str("many-problems.yaml", &text, &fixture_env).unwrap_err();
     let problems = error.diagnostics().unwrap().problems();
-    assert!(
-        problems.len() >= 4,
-        "only {} problems reported",
-        problems.len()
-    );
+    assert!(problems.len() >= 4, "only {} problems reported", problems.len());
     // In source order, on distinct lines.
-    let lines: Vec<usize> = problems
-        .iter()
-        .map(|problem| problem.location.as_ref().unwrap().line)
-        .collect();
+    let lines: Vec<usize> = problems.iter().map(|problem| problem.location.as_ref().unwrap().line).collect();
     let mut sorted = lines.clone();
     sorted.sort();
     assert_eq!(lines, sorted);
@@ -180,18 +169,12 @@ fn a_full_config_maps_to_the_expected_desired() {
 
     use ciscale::model::*;
 
-    let desired =
-        config::load_str("conf/ciscale.yaml", FULL, &full_env).unwrap_or_else(
-            |error| match error {
-                ConfigError::Invalid(diagnostics) => panic!("{}", diagnostics.render_plain()),
-                other => panic!("{other}"),
-            },
-        );
+    let desired = config::load_str("conf/ciscale.yaml", FULL, &full_env).unwrap_or_else(|error| match error {
+        ConfigError::Invalid(diagnostics) => panic!("{}", diagnostics.render_plain()),
+        other => panic!("{other}"),
+    });
     let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
-            .collect()
+        pairs.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()
     };
     let secret = |name: &str| Secret::new(format!("secret-value-of-{name}"));
     let minutes = |count: u64| GoDuration::from_secs(count * 60);
@@ -346,83 +329,42 @@ fn a_full_config_maps_to_the_expected_desired() {
                 mode: InstanceMode::Create,
                 machine: BTreeMap::new(),
             },
-            agent: AgentSpec {
-                image: None,
-                env: BTreeMap::new(),
-                secret_env: BTreeMap::new(),
-                preregistered: None,
-            },
+            agent: AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None },
             // Per-second billing: no billing margin.
-            scale: ScalePolicy {
-                max: 3,
-                ephemeral: true,
-                billing_margin: None,
-                ..ScalePolicy::default()
-            },
+            scale: ScalePolicy { max: 3, ephemeral: true, billing_margin: None, ..ScalePolicy::default() },
         },
         PoolSpec {
             name: PoolName::new("picus"),
-            ci: CiBinding {
-                source: CiName::new("woodpecker"),
-                labels: BTreeMap::new(),
-                capabilities: BTreeMap::new(),
-            },
+            ci: CiBinding { source: CiName::new("woodpecker"), labels: BTreeMap::new(), capabilities: BTreeMap::new() },
             backend: BackendBinding {
                 backend: BackendName::new("ec2"),
                 mode: InstanceMode::StartStop {
                     instances: vec![
-                        AdoptedInstance {
-                            id: InstanceId::new("i-0abc"),
-                            agent: Some(AgentRef::Id(AgentId::new("7"))),
-                        },
+                        AdoptedInstance { id: InstanceId::new("i-0abc"), agent: Some(AgentRef::Id(AgentId::new("7"))) },
                         AdoptedInstance {
                             id: InstanceId::new("i-0def"),
                             agent: Some(AgentRef::Name("picus-agent".into())),
                         },
-                        AdoptedInstance {
-                            id: InstanceId::new("i-0123"),
-                            agent: None,
-                        },
+                        AdoptedInstance { id: InstanceId::new("i-0123"), agent: None },
                     ],
                 },
                 machine: BTreeMap::new(),
             },
-            agent: AgentSpec {
-                image: None,
-                env: BTreeMap::new(),
-                secret_env: BTreeMap::new(),
-                preregistered: None,
-            },
+            agent: AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None },
             // `max` defaults to the number of adopted instances.
-            scale: ScalePolicy {
-                max: 3,
-                billing_margin: None,
-                ..ScalePolicy::default()
-            },
+            scale: ScalePolicy { max: 3, billing_margin: None, ..ScalePolicy::default() },
         },
         PoolSpec {
             name: PoolName::new("cheap"),
-            ci: CiBinding {
-                source: CiName::new("woodpecker"),
-                labels: BTreeMap::new(),
-                capabilities: BTreeMap::new(),
-            },
+            ci: CiBinding { source: CiName::new("woodpecker"), labels: BTreeMap::new(), capabilities: BTreeMap::new() },
             backend: BackendBinding {
                 backend: BackendName::new("hetzner"),
                 mode: InstanceMode::Create,
                 machine: BTreeMap::new(),
             },
-            agent: AgentSpec {
-                image: None,
-                env: BTreeMap::new(),
-                secret_env: BTreeMap::new(),
-                preregistered: None,
-            },
+            agent: AgentSpec { image: None, env: BTreeMap::new(), secret_env: BTreeMap::new(), preregistered: None },
             // Hourly backend, but billing-aware teardown switched off.
-            scale: ScalePolicy {
-                billing_margin: None,
-                ..ScalePolicy::default()
-            },
+            scale: ScalePolicy { billing_margin: None, ..ScalePolicy::default() },
         },
     ];
     assert_eq!(desired.pools, expected_pools);
@@ -432,10 +374,7 @@ fn a_full_config_maps_to_the_expected_desired() {
         ImageSpec {
             backend: BackendName::new("lxd"),
             base: "images:debian/12".into(),
-            scripts: vec![
-                PathBuf::from("conf/provision/docker.sh"),
-                PathBuf::from("/abs/x.sh"),
-            ],
+            scripts: vec![PathBuf::from("conf/provision/docker.sh"), PathBuf::from("/abs/x.sh")],
             keep: 2,
             agent_url: None,
         },
@@ -480,14 +419,8 @@ fn secret_values_never_appear_in_errors() {
     // The errors are there: the type errors on the secret fields, the typo next to an inline secret, `max`.
     let plain = diagnostics.render_plain();
     assert!(plain.contains("ciscale.yaml:3:"), "{plain}");
-    assert!(
-        plain.contains("expected a string for `token` in ci source `woodpecker`, found a list"),
-        "{plain}"
-    );
-    assert!(
-        plain.contains("expected a string for `GIT_TOKEN`"),
-        "{plain}"
-    );
+    assert!(plain.contains("expected a string for `token` in ci source `woodpecker`, found a list"), "{plain}");
+    assert!(plain.contains("expected a string for `GIT_TOKEN`"), "{plain}");
     assert!(plain.contains("unknown key `biling`"), "{plain}");
 
     let mut graphical = String::new();
@@ -500,10 +433,7 @@ fn secret_values_never_appear_in_errors() {
     let debug = format!("{error:?}");
     for rendering in [&plain, &graphical, &debug, &error.to_string()] {
         for secret in ["hunter2", "hunter3", "hunter4", "env-secret-of"] {
-            assert!(
-                !rendering.contains(secret),
-                "`{secret}` leaked into:\n{rendering}"
-            );
+            assert!(!rendering.contains(secret), "`{secret}` leaked into:\n{rendering}");
         }
     }
 }
@@ -518,18 +448,14 @@ fn secrets_are_redacted_in_debug_output_of_desired() {
 
 #[test]
 fn graphical_rendering_points_into_the_source() {
-    let text =
-        std::fs::read_to_string(repo_path("tests/fixtures/config/unknown-key.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo_path("tests/fixtures/config/unknown-key.yaml")).unwrap();
     let error = config::load_str("unknown-key.yaml", &text, &fixture_env).unwrap_err();
     let report = miette::Report::new(error);
     let mut graphical = String::new();
     miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
         .render_report(&mut graphical, report.as_ref())
         .unwrap();
-    assert!(
-        graphical.contains("invalid config `unknown-key.yaml`: 3 problems"),
-        "{graphical}"
-    );
+    assert!(graphical.contains("invalid config `unknown-key.yaml`: 3 problems"), "{graphical}");
     assert!(graphical.contains("[unknown-key.yaml:13:7]"), "{graphical}");
     assert!(graphical.contains("maxx: 3"), "{graphical}");
     assert!(graphical.contains("did you mean `max`?"), "{graphical}");
@@ -544,13 +470,16 @@ fn load_file_reads_the_environment_and_reports_io_errors() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ciscale.yaml");
-    std::fs::write(&path, "id: x\nci: { s: { kind: fake, stateFile: w.json } }\nbackends: { b: { kind: fake } }\npools: []\n").unwrap();
+    std::fs::write(
+        &path,
+        "id: x\nci: { s: { kind: fake, stateFile: w.json } }\nbackends: { b: { kind: fake } }\npools: []\n",
+    )
+    .unwrap();
     let desired = config::load_file(&path).unwrap();
     match &desired.ci[&ciscale::model::CiName::new("s")].kind {
-        ciscale::model::CiKind::Fake(fake) => assert_eq!(
-            fake.state_file.as_deref(),
-            Some(dir.path().join("w.json").as_path())
-        ),
+        ciscale::model::CiKind::Fake(fake) => {
+            assert_eq!(fake.state_file.as_deref(), Some(dir.path().join("w.json").as_path()))
+        }
         other => panic!("unexpected kind {other:?}"),
     }
 }
@@ -594,10 +523,7 @@ fn odd_yaml_is_an_error_never_a_panic() {
         let error = config::load_str("odd.yaml", input, &|_| None).expect_err(input);
         let diagnostics = error.diagnostics().expect("located problems");
         assert!(!diagnostics.problems().is_empty(), "{input:?}");
-        assert!(
-            diagnostics.render_plain().starts_with("odd.yaml:"),
-            "{input:?}"
-        );
+        assert!(diagnostics.render_plain().starts_with("odd.yaml:"), "{input:?}");
     }
 }
 

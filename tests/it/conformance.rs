@@ -9,12 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ciscale::model::FakeSpec;
 use ciscale::model::{Instance, InstanceId, InstanceState, PoolName, Secret, OWNER_LABEL, POOL_LABEL};
 use ciscale::providers::fake::FakeWorld;
-use ciscale::providers::{
-    Backend, CiSource, CreateInstance, Error, Exec, ListInstances, PushFile, RegisterAgent,
-};
-use ciscale::model::FakeSpec;
+use ciscale::providers::{Backend, CiSource, CreateInstance, Error, Exec, ListInstances, PushFile, RegisterAgent};
 
 /// How many times [`wait_for_state`] looks before giving up, and how long it sleeps in between. Real backends
 /// get their own numbers; the fake needs one look.
@@ -48,7 +46,12 @@ pub fn owned_request_on(owner: &str, name: &str, machine: &BTreeMap<String, Stri
 }
 
 /// Polls `get` until the instance is in `state`; panics (failing the test) with the last state seen otherwise.
-pub async fn wait_for_state(backend: &dyn Backend, id: &InstanceId, state: InstanceState, patience: Patience) -> Instance {
+pub async fn wait_for_state(
+    backend: &dyn Backend,
+    id: &InstanceId,
+    state: InstanceState,
+    patience: Patience,
+) -> Instance {
     let mut last = None;
     for _ in 0..patience.attempts {
         match backend.get(id).await {
@@ -155,7 +158,8 @@ pub async fn backend_conformance_on(
         let stop_gone = backend.stop(&id).await;
         assert!(matches!(stop_gone, Err(Error::NotFound { .. })), "stop of a vanished instance: {stop_gone:?}");
         // Its name is free again: the replacement of a finished ephemeral agent can take it.
-        let recreated = backend.create(&owned_request_on(owner, &name, machine)).await.expect("create again after stop");
+        let recreated =
+            backend.create(&owned_request_on(owner, &name, machine)).await.expect("create again after stop");
         assert_eq!(recreated.id, id);
     }
     backend.start(&id).await.expect("start");
@@ -165,7 +169,8 @@ pub async fn backend_conformance_on(
     // an instance of another owner is never listed, unless adopted by id
     let other_owner = format!("{owner}-other");
     let foreign_name = format!("{owner}-conformance-foreign");
-    let foreign = backend.create(&owned_request_on(&other_owner, &foreign_name, machine)).await.expect("create foreign");
+    let foreign =
+        backend.create(&owned_request_on(&other_owner, &foreign_name, machine)).await.expect("create foreign");
     let instances = listed(backend.as_ref(), &only_owner).await;
     assert!(instances.iter().all(|instance| instance.owner() == Some(owner)), "only owned instances: {instances:?}");
     assert!(instances.iter().all(|instance| instance.id != foreign.id));
@@ -297,7 +302,8 @@ async fn ci_contract(
             );
             come_online(name.clone()).await;
             let observed = ci.observe().await.expect("observe");
-            let found = observed.agents.iter().find(|agent| agent.name == name).expect("the agent is listed once online");
+            let found =
+                observed.agents.iter().find(|agent| agent.name == name).expect("the agent is listed once online");
             found.id.clone()
         }
     };

@@ -34,9 +34,7 @@ fn pool_case() -> impl Strategy<Value = PoolCase> {
 }
 
 fn config(pools: &[PoolCase]) -> String {
-    let mut text = String::from(
-        "id: prop\nci:\n  sim: { kind: fake }\nbackends:\n  sim: { kind: fake }\npools:\n",
-    );
+    let mut text = String::from("id: prop\nci:\n  sim: { kind: fake }\nbackends:\n  sim: { kind: fake }\npools:\n");
     for (index, pool) in pools.iter().enumerate() {
         text.push_str(&format!(
             "  - name: p{index}\n    ci: {{ source: sim, labels: {{ platform: {} }} }}\n    backend: {{ name: sim, machine: {{ serverType: small }} }}\n    agent: {{ image: a }}\n    scale: {{ min: {}, max: {}, minIdle: {}, jobsPerAgent: {}, idleTimeout: 0s }}\n",

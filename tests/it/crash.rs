@@ -129,13 +129,10 @@ struct Schedule {
 impl Schedule {
     /// `CISCALE_CRASH_SEED`, else a fresh seed.
     fn new() -> Self {
-        let seed = std::env::var("CISCALE_CRASH_SEED")
-            .ok()
-            .and_then(|seed| seed.parse().ok())
-            .unwrap_or_else(|| {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                (now.as_nanos() as u64) ^ u64::from(std::process::id()).rotate_left(32)
-            });
+        let seed = std::env::var("CISCALE_CRASH_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (now.as_nanos() as u64) ^ u64::from(std::process::id()).rotate_left(32)
+        });
         Self::seeded(seed)
     }
 
@@ -233,8 +230,9 @@ pools:
             interval = if backdrop.backend_yaml().contains("incus") { "1s" } else { "500ms" },
         );
         std::fs::write(dir.path().join("ciscale.yaml"), config).expect("write config");
-        let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
-            .expect("open the fake world");
+        let world =
+            FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+                .expect("open the fake world");
         world.keep_journal();
         Self { dir, world, backdrop, runs: 0, log: Vec::new() }
     }
@@ -641,7 +639,9 @@ impl Backdrop for FakeBackdrop {
         state
             .instances
             .iter()
-            .filter(|instance| instance.id.as_str().starts_with("fake-adopted-") && instance.state == InstanceState::Running)
+            .filter(|instance| {
+                instance.id.as_str().starts_with("fake-adopted-") && instance.state == InstanceState::Running
+            })
             .map(|instance| instance.name.clone())
             .collect()
     }
@@ -683,8 +683,9 @@ impl Backdrop for FakeBackdrop {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_anywhere_on_the_fake_world() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
-        .expect("open the fake world");
+    let world =
+        FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+            .expect("open the fake world");
     // The adopted machines exist before ciscale starts, stopped, owned by nobody (adoption names them).
     world.update(|state| {
         for (id, agent) in FAKE_ADOPTED {
@@ -779,7 +780,8 @@ impl Backdrop for MotoBackdrop {
             .filter(|(_, _, state)| {
                 !matches!(
                     state,
-                    aws_sdk_ec2::types::InstanceStateName::Terminated | aws_sdk_ec2::types::InstanceStateName::ShuttingDown
+                    aws_sdk_ec2::types::InstanceStateName::Terminated
+                        | aws_sdk_ec2::types::InstanceStateName::ShuttingDown
                 )
             })
             .map(|(_, name, _)| name)
@@ -873,8 +875,9 @@ async fn kill_9_anywhere_on_moto() {
         adopted.push((crate::aws::launch_plain_instance(&client, &agent).await, agent));
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
-        .expect("open the fake world");
+    let world =
+        FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+            .expect("open the fake world");
     let losses = Arc::new(Mutex::new(Vec::new()));
     let names: BTreeMap<String, String> = adopted.iter().cloned().collect();
     let check = busy_check(world.clone(), losses.clone());
@@ -1043,12 +1046,15 @@ async fn kill_9_anywhere_on_incus() {
         adopted.push((name.clone(), name));
     }
     let socket = std::env::var("CISCALE_TEST_INCUS_SOCKET").expect("socket");
-    let proxy = crate::fakes::incus_proxy::IncusProxy::start(&dir.path().join("incus.socket"), Path::new(&socket), &owner);
-    let world = FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
-        .expect("open the fake world");
+    let proxy =
+        crate::fakes::incus_proxy::IncusProxy::start(&dir.path().join("incus.socket"), Path::new(&socket), &owner);
+    let world =
+        FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+            .expect("open the fake world");
     let losses = Arc::new(Mutex::new(Vec::new()));
     proxy.set_hook(Arc::new(busy_check(world.clone(), losses.clone())));
-    let backdrop = Arc::new(IncusBackdrop { proxy, armed: 0.into(), incus, image, owner: owner.clone(), adopted, losses });
+    let backdrop =
+        Arc::new(IncusBackdrop { proxy, armed: 0.into(), incus, image, owner: owner.clone(), adopted, losses });
     Harness::new(backdrop, dir, &owner).run().await;
 }
 
@@ -1094,7 +1100,12 @@ async fn the_journal_sees_a_busy_agent_lose_its_instance_and_its_record() {
         let instance = ciscale::providers::Backend::create(&backend, &request).await.expect("create");
         ciscale::providers::Backend::get(&backend, &instance.id).await.expect("boots");
         let registered = ci
-            .register(&RegisterAgent { name: name.to_owned(), pool: PoolName::new("a"), labels: job_for("a"), for_job: None })
+            .register(&RegisterAgent {
+                name: name.to_owned(),
+                pool: PoolName::new("a"),
+                labels: job_for("a"),
+                for_job: None,
+            })
             .await
             .expect("register");
         agents.push((instance.id, registered.agent_id));
@@ -1132,13 +1143,19 @@ async fn the_proxy_hook_tells_a_busy_agent_from_an_idle_one() {
     for name in ["busy", "idle"] {
         world
             .ci()
-            .register(&RegisterAgent { name: name.to_owned(), pool: PoolName::new("a"), labels: job_for("a"), for_job: None })
+            .register(&RegisterAgent {
+                name: name.to_owned(),
+                pool: PoolName::new("a"),
+                labels: job_for("a"),
+                for_job: None,
+            })
             .await
             .expect("register");
     }
     world.push_task_for(job_for("a"), Duration::from_secs(600));
     world.simulate();
-    let busy_name = world.snapshot().agents.iter().find(|agent| agent.last_work.is_some()).expect("one took it").name.clone();
+    let busy_name =
+        world.snapshot().agents.iter().find(|agent| agent.last_work.is_some()).expect("one took it").name.clone();
     let idle_name = if busy_name == "busy" { "idle" } else { "busy" };
     let losses = Arc::new(Mutex::new(Vec::new()));
     let check = busy_check(world, losses.clone());

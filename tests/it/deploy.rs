@@ -100,12 +100,21 @@ fn the_units_user_can_read_the_config_the_install_steps_create() {
     let settings = service_settings(&unit);
     assert_eq!(settings.get("DynamicUser").map(Vec::as_slice), Some(&["yes".to_owned()][..]), "{settings:?}");
     assert!(!settings.contains_key("User"), "a dynamic user owns no file: {settings:?}");
-    let groups: Vec<String> =
-        settings.get("SupplementaryGroups").into_iter().flatten().flat_map(|value| value.split_whitespace()).map(str::to_owned).collect();
+    let groups: Vec<String> = settings
+        .get("SupplementaryGroups")
+        .into_iter()
+        .flatten()
+        .flat_map(|value| value.split_whitespace())
+        .map(str::to_owned)
+        .collect();
 
     let steps = install_steps(&unit);
-    let config_dir = steps.iter().find(|step| step.directory && step.target == "/etc/ciscale").expect("a step makes /etc/ciscale");
-    let config = steps.iter().find(|step| !step.directory && step.target == "/etc/ciscale/").expect("a step installs ciscale.yaml");
+    let config_dir =
+        steps.iter().find(|step| step.directory && step.target == "/etc/ciscale").expect("a step makes /etc/ciscale");
+    let config = steps
+        .iter()
+        .find(|step| !step.directory && step.target == "/etc/ciscale/")
+        .expect("a step installs ciscale.yaml");
 
     // Stand-ins for names that exist only on the target host: a free gid per group, a dynamic-range uid.
     const DYNAMIC_UID: u32 = 61_234;
@@ -133,7 +142,8 @@ fn the_units_user_can_read_the_config_the_install_steps_create() {
         if with_groups.is_empty() {
             command.arg("--clear-groups");
         } else {
-            command.arg(format!("--groups={}", with_groups.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")));
+            command
+                .arg(format!("--groups={}", with_groups.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")));
         }
         command.arg(env!("CARGO_BIN_EXE_ciscale")).arg("validate").arg("-c").arg(&file).env("NO_COLOR", "1");
         run(command)

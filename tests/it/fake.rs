@@ -5,10 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ciscale::model::{AgentId, FakeSpec, InstanceId, InstanceState, PoolName, Price, EPHEMERAL_LABEL, OWNER_LABEL};
-use ciscale::providers::fake::{sha256_hex, Fault, FaultKind, FakeWorld, Op};
-use ciscale::providers::{
-    Backend, CiSource, CreateInstance, Error, Exec, ListInstances, RegisterAgent,
-};
+use ciscale::providers::fake::{sha256_hex, FakeWorld, Fault, FaultKind, Op};
+use ciscale::providers::{Backend, CiSource, CreateInstance, Error, Exec, ListInstances, RegisterAgent};
 use jiff::Timestamp;
 
 use crate::conformance::owned_request;
@@ -80,8 +78,10 @@ async fn observe_reports_prices_and_counts_calls() {
     let world = FakeWorld::new();
     world.set_price("cx22", Price { hourly: 0.006, currency: "EUR".to_owned() });
     let backend = world.backend();
-    let observation =
-        backend.observe(&ListInstances { owner: OWNER.to_owned(), adopted: Vec::new(), images: Vec::new() }).await.expect("observe");
+    let observation = backend
+        .observe(&ListInstances { owner: OWNER.to_owned(), adopted: Vec::new(), images: Vec::new() })
+        .await
+        .expect("observe");
     assert_eq!(observation.prices.get("cx22").map(|price| price.hourly), Some(0.006));
     backend.observe(&ListInstances::default()).await.expect("observe");
     assert_eq!(world.calls(Op::BackendObserve), 2);
@@ -192,7 +192,8 @@ async fn a_corrupt_state_file_is_an_error_with_a_hint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("world.json");
     std::fs::write(&path, "{ not json").expect("write");
-    let error = FakeWorld::open(&FakeSpec { state_file: Some(path), simulate: false, jobs: None }).expect_err("corrupt file");
+    let error =
+        FakeWorld::open(&FakeSpec { state_file: Some(path), simulate: false, jobs: None }).expect_err("corrupt file");
     let text = format!("{error}: {:?}", std::error::Error::source(&error).map(ToString::to_string));
     assert!(text.contains("world.json"), "{text}");
     assert!(text.contains("hint: delete it"), "{text}");

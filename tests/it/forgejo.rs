@@ -47,7 +47,8 @@ fn register_request(name: &str, for_job: Option<&str>) -> RegisterAgent {
 /// handle (or any), and returns the job it got.
 fn play_runner(fake: &FakeForgejo, env: &BTreeMap<String, String>, token: &Secret) -> Option<i64> {
     let uuid = &env[UUID_ENV];
-    let labels: Vec<&str> = env.get(LABELS_ENV).map(|labels| labels.split(',').map(label_name).collect()).unwrap_or_default();
+    let labels: Vec<&str> =
+        env.get(LABELS_ENV).map(|labels| labels.split(',').map(label_name).collect()).unwrap_or_default();
     fake.runner_declare(uuid, token.expose(), &labels).expect("declare");
     fake.runner_fetch(uuid, token.expose(), env.get(HANDLE_ENV).map(String::as_str)).expect("fetch")
 }
@@ -261,7 +262,11 @@ async fn only_the_scopes_own_runners_are_observed() {
         observed.agents.into_iter().map(|agent| agent.id.to_string()).collect()
     };
     let admin = client(&fake, ADMIN_TOKEN, Scope::Instance).observe().await.expect("observe");
-    assert_eq!(ids(admin), [global.id.to_string()], "the admin list holds every runner; only global ones are the instance's");
+    assert_eq!(
+        ids(admin),
+        [global.id.to_string()],
+        "the admin list holds every runner; only global ones are the instance's"
+    );
     let observed = client(&fake, USER_TOKEN, acme()).observe().await.expect("observe");
     assert_eq!(ids(observed), [org.id.to_string()]);
     let observed = client(&fake, USER_TOKEN, Scope::Repository { owner: "acme".into(), repo: "web".into() })
@@ -411,7 +416,9 @@ async fn errors_map_onto_the_provider_error_kinds() {
     }
     fake.fail_next(Fault::MalformedJson);
     match admin.observe().await {
-        Err(error @ Error::Other { .. }) => assert!(error.to_string().contains("`GET /api/v1/admin/actions/runners/jobs`"), "{error}"),
+        Err(error @ Error::Other { .. }) => {
+            assert!(error.to_string().contains("`GET /api/v1/admin/actions/runners/jobs`"), "{error}")
+        }
         other => panic!("malformed JSON: {other:?}"),
     }
     // Register refuses what it cannot hand to the runner, before any call.
@@ -433,15 +440,20 @@ async fn errors_map_onto_the_provider_error_kinds() {
 
     let port = fake.addr.port();
     drop(fake);
-    let gone = Forgejo::new(ForgejoSettings::new(format!("http://127.0.0.1:{port}"), Secret::new(ADMIN_TOKEN), Scope::Instance))
-        .expect("client");
+    let gone = Forgejo::new(ForgejoSettings::new(
+        format!("http://127.0.0.1:{port}"),
+        Secret::new(ADMIN_TOKEN),
+        Scope::Instance,
+    ))
+    .expect("client");
     assert!(matches!(gone.observe().await, Err(Error::Unavailable { .. })));
 
     for server in ["forgejo.example.com", "ftp://forgejo.example.com", "http://"] {
         let settings = ForgejoSettings::new(server, Secret::new("x"), Scope::Instance);
         assert!(matches!(Forgejo::new(settings), Err(Error::Invalid { .. })), "{server}");
     }
-    let empty_org = ForgejoSettings::new("https://forgejo.example.com", Secret::new("x"), Scope::Organization(" ".into()));
+    let empty_org =
+        ForgejoSettings::new("https://forgejo.example.com", Secret::new("x"), Scope::Organization(" ".into()));
     assert!(matches!(Forgejo::new(empty_org), Err(Error::Invalid { .. })));
     let mut bad_runner_url = ForgejoSettings::new("https://forgejo.example.com", Secret::new("x"), Scope::User);
     bad_runner_url.runner_url = Some("forgejo.internal".into());

@@ -10,9 +10,7 @@ use std::time::Duration;
 use ciscale::model::{AgentId, PoolName, Secret};
 use ciscale::providers::github::launch::{self, RunnerRelease};
 use ciscale::providers::github::webhook::{self, Event, JobAction, WebhookError, WebhookVerifier};
-use ciscale::providers::github::{
-    Auth, GithubActions, GithubSettings, Repositories, RunnerArch, RunnerGroup, Scope,
-};
+use ciscale::providers::github::{Auth, GithubActions, GithubSettings, Repositories, RunnerArch, RunnerGroup, Scope};
 use ciscale::providers::{CiSource, Error, RegisterAgent, TOKEN_ENV_NAME_KEY};
 use reqwest::header::{HeaderMap, HeaderValue};
 
@@ -27,32 +25,19 @@ fn org() -> Scope {
 
 fn repository(name: &str) -> Scope {
     let (owner, name) = name.split_once('/').expect("owner/name");
-    Scope::Repository {
-        owner: owner.to_owned(),
-        name: name.to_owned(),
-    }
+    Scope::Repository { owner: owner.to_owned(), name: name.to_owned() }
 }
 
 fn app_auth(key: &str) -> Auth {
-    Auth::App {
-        app_id: APP_ID.to_string(),
-        installation_id: INSTALLATION_ID,
-        private_key: Secret::new(key),
-    }
+    Auth::App { app_id: APP_ID.to_string(), installation_id: INSTALLATION_ID, private_key: Secret::new(key) }
 }
 
 fn app_settings(fake: &FakeGithub, scope: Scope) -> GithubSettings {
-    GithubSettings {
-        endpoint: fake.url(),
-        ..GithubSettings::new(scope, app_auth(APP_KEY))
-    }
+    GithubSettings { endpoint: fake.url(), ..GithubSettings::new(scope, app_auth(APP_KEY)) }
 }
 
 fn token_settings(fake: &FakeGithub, scope: Scope) -> GithubSettings {
-    GithubSettings {
-        endpoint: fake.url(),
-        ..GithubSettings::new(scope, Auth::Token(Secret::new(PAT)))
-    }
+    GithubSettings { endpoint: fake.url(), ..GithubSettings::new(scope, Auth::Token(Secret::new(PAT))) }
 }
 
 fn source(settings: GithubSettings) -> GithubActions {
@@ -61,21 +46,14 @@ fn source(settings: GithubSettings) -> GithubActions {
 
 fn assert_spec_clean(fake: &FakeGithub) {
     let violations = fake.spec_violations();
-    assert!(
-        violations.is_empty(),
-        "traffic that does not match the GitHub spec:\n{}",
-        violations.join("\n")
-    );
+    assert!(violations.is_empty(), "traffic that does not match the GitHub spec:\n{}", violations.join("\n"));
 }
 
 fn register_request(name: &str, labels: &[(&str, &str)]) -> RegisterAgent {
     RegisterAgent {
         name: name.to_owned(),
         pool: PoolName::new("linux"),
-        labels: labels
-            .iter()
-            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
-            .collect(),
+        labels: labels.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect(),
         for_job: None,
     }
 }
@@ -125,10 +103,8 @@ async fn conformance_suite_passes_for_an_enterprise() {
 #[test]
 fn settings_that_cannot_work_are_refused_with_a_hint() {
     let fake_url = "http://127.0.0.1:9".to_owned();
-    let enterprise = GithubSettings::new(
-        Scope::Enterprise { enterprise: "e".to_owned() },
-        Auth::Token(Secret::new(PAT)),
-    );
+    let enterprise =
+        GithubSettings::new(Scope::Enterprise { enterprise: "e".to_owned() }, Auth::Token(Secret::new(PAT)));
     let error = GithubActions::new(enterprise).expect_err("no repositories");
     assert!(error.to_string().contains("hint: list `repositories`"), "{error}");
 
@@ -184,12 +160,8 @@ async fn observe_finds_queued_jobs_in_queued_and_in_progress_runs() {
     let mut expected = vec![queued_jobs[0].to_string(), queued_jobs[1].to_string(), matrix[1].to_string()];
     expected.sort();
     assert_eq!(pending, expected, "the queued job of the in-progress run is demand too");
-    let gpu_job = observed
-        .queue
-        .pending
-        .iter()
-        .find(|task| task.id.as_str() == queued_jobs[1].to_string())
-        .expect("gpu job");
+    let gpu_job =
+        observed.queue.pending.iter().find(|task| task.id.as_str() == queued_jobs[1].to_string()).expect("gpu job");
     assert_eq!(gpu_job.demands, ["self-hosted", "gpu"], "demands are the `runs-on` labels, in order");
     assert_eq!(gpu_job.labels.get("repository").map(String::as_str), Some("acme/app"));
     assert_eq!(gpu_job.agent_id, None);
@@ -218,11 +190,7 @@ async fn archived_repositories_are_not_polled_and_a_vanished_one_is_skipped() {
     fake.archive_repo("acme/old");
     let github = source(app_settings(&fake, org()));
     github.observe().await.expect("observe");
-    assert!(
-        fake.request_log().iter().all(|line| !line.contains("/repos/acme/old/")),
-        "{:?}",
-        fake.request_log()
-    );
+    assert!(fake.request_log().iter().all(|line| !line.contains("/repos/acme/old/")), "{:?}", fake.request_log());
 
     // Listed by hand but gone from GitHub: a warning, not a failed cycle.
     let listed = GithubSettings {
@@ -271,10 +239,7 @@ async fn the_app_jwt_is_signed_rs256_backdated_and_short_lived() {
 async fn a_jwt_signed_with_another_key_is_refused() {
     let fake = FakeGithub::start();
     fake.add_repo("acme/app");
-    let settings = GithubSettings {
-        endpoint: fake.url(),
-        ..GithubSettings::new(org(), app_auth(OTHER_KEY))
-    };
+    let settings = GithubSettings { endpoint: fake.url(), ..GithubSettings::new(org(), app_auth(OTHER_KEY)) };
     let error = source(settings).observe().await.expect_err("refused");
     match &error {
         Error::Unauthenticated { message, .. } => {
@@ -368,11 +333,8 @@ async fn the_rate_limit_budget_is_kept_from_the_headers() {
     let fake = FakeGithub::start();
     fake.add_repo("acme/app");
     fake.set_rate_limit(12_500, 12_500);
-    let github = GithubActions::new(GithubSettings {
-        conditional_requests: false,
-        ..app_settings(&fake, org())
-    })
-    .expect("source");
+    let github = GithubActions::new(GithubSettings { conditional_requests: false, ..app_settings(&fake, org()) })
+        .expect("source");
     assert_eq!(github.rate_budget(), None, "nothing known before the first call");
     github.observe().await.expect("observe");
     let budget = github.rate_budget().expect("budget");
@@ -427,10 +389,7 @@ async fn secondary_limits_wait_as_long_as_github_asks_or_a_minute() {
     let github = source(token_settings(&fake, org()));
     fake.fail_next(Fault::Status(403));
     let error = github.observe().await.expect_err("forbidden");
-    assert!(
-        matches!(&error, Error::Unauthenticated { message, .. } if message.contains("hint:")),
-        "{error:?}"
-    );
+    assert!(matches!(&error, Error::Unauthenticated { message, .. } if message.contains("hint:")), "{error:?}");
 }
 
 #[tokio::test]
@@ -446,11 +405,9 @@ async fn server_errors_and_bad_answers_fail_the_cycle_cleanly() {
     assert!(error.to_string().contains("unexpected answer to"), "{error}");
     github.observe().await.expect("the next cycle works");
 
-    let slow = GithubActions::new(GithubSettings {
-        timeout: Duration::from_millis(200),
-        ..token_settings(&fake, org())
-    })
-    .expect("source");
+    let slow =
+        GithubActions::new(GithubSettings { timeout: Duration::from_millis(200), ..token_settings(&fake, org()) })
+            .expect("source");
     fake.fail_next(Fault::Delay(Duration::from_secs(2)));
     let error = slow.observe().await.expect_err("timeout");
     assert!(matches!(&error, Error::Unavailable { message, .. } if message.contains("no answer within")), "{error:?}");
@@ -487,11 +444,8 @@ async fn idle_cycle(repositories: usize, conditional: bool) -> (u64, u64) {
     for index in 0..repositories {
         fake.add_repo(&format!("acme/repo-{index:03}"));
     }
-    let github = GithubActions::new(GithubSettings {
-        conditional_requests: conditional,
-        ..app_settings(&fake, org())
-    })
-    .expect("source");
+    let github = GithubActions::new(GithubSettings { conditional_requests: conditional, ..app_settings(&fake, org()) })
+        .expect("source");
     github.observe().await.expect("first cycle");
     fake.reset_counts();
     github.observe().await.expect("idle cycle");
@@ -523,10 +477,7 @@ async fn a_rotation_polls_500_repositories_within_the_secondary_limit() {
     for name in &names {
         fake.add_repo(name);
     }
-    let github = source(GithubSettings {
-        repositories_per_observe: Some(60),
-        ..app_settings(&fake, org())
-    });
+    let github = source(GithubSettings { repositories_per_observe: Some(60), ..app_settings(&fake, org()) });
     let mut per_cycle = Vec::new();
     let mut log = Vec::new();
     for _ in 0..9 {
@@ -561,10 +512,7 @@ async fn busy_repositories_are_polled_every_cycle_and_quiet_ones_in_turn() {
     for name in &names {
         fake.add_repo(name);
     }
-    let github = source(GithubSettings {
-        repositories_per_observe: Some(3),
-        ..app_settings(&fake, org())
-    });
+    let github = source(GithubSettings { repositories_per_observe: Some(3), ..app_settings(&fake, org()) });
     // A job queued in a quiet repository is found within one rotation (4 cycles of 3).
     fake.queue_run("acme/repo-8", &[&["self-hosted"]]);
     let mut found_at = None;
@@ -582,9 +530,7 @@ async fn busy_repositories_are_polled_every_cycle_and_quiet_ones_in_turn() {
         assert_eq!(observed.queue.pending.len(), 1, "a busy repository never drops out of the queue");
     }
     let polls = |log: &[String], name: &str| {
-        log.iter()
-            .filter(|line| line.starts_with(&format!("GET /repos/{name}/actions/runs?status=queued")))
-            .count()
+        log.iter().filter(|line| line.starts_with(&format!("GET /repos/{name}/actions/runs?status=queued"))).count()
     };
     assert_eq!(polls(&fake.request_log(), "acme/repo-8"), 3);
 
@@ -690,10 +636,7 @@ async fn register_replaces_an_idle_leftover_but_never_a_busy_runner() {
     fake.connect_runner(id);
     fake.take_job(jobs[0], id);
     let error = github.register(&register_request("acme-linux-1", &[])).await.expect_err("busy");
-    assert!(
-        matches!(&error, Error::AlreadyExists { what } if what.contains("running a job")),
-        "{error:?}"
-    );
+    assert!(matches!(&error, Error::AlreadyExists { what } if what.contains("running a job")), "{error:?}");
     assert!(fake.runner_by_name("acme-linux-1").is_some_and(|runner| runner.id == id && runner.busy), "untouched");
     assert_spec_clean(&fake);
 }
@@ -730,10 +673,7 @@ async fn a_busy_runner_is_never_removed() {
 #[tokio::test]
 async fn a_runner_without_any_label_is_refused_before_calling_github() {
     let fake = FakeGithub::start();
-    let github = source(GithubSettings {
-        platform: None,
-        ..app_settings(&fake, org())
-    });
+    let github = source(GithubSettings { platform: None, ..app_settings(&fake, org()) });
     let error = github.register(&register_request("bare", &[])).await.expect_err("no label");
     assert!(error.to_string().contains("at least one"), "{error}");
     assert_eq!(fake.count("POST /orgs/{org}/actions/runners/generate-jitconfig"), 0);
@@ -794,10 +734,7 @@ async fn webhook_deliveries_are_verified_before_they_are_read() {
 
     // Forged: signed with another secret; tampered: the body changed after signing.
     let forged = webhook::sign(&Secret::new("guess"), &queued);
-    assert_eq!(
-        verifier.receive(&delivery_headers(&forged, "workflow_job"), &queued),
-        Err(WebhookError::BadSignature)
-    );
+    assert_eq!(verifier.receive(&delivery_headers(&forged, "workflow_job"), &queued), Err(WebhookError::BadSignature));
     let mut tampered = queued.clone();
     let at = tampered.len() / 2;
     tampered[at] ^= 1;
@@ -852,7 +789,8 @@ async fn secrets_never_appear_in_errors_or_debug_output() {
         format!("{:?}", token_settings(&fake, org())),
     ];
     // Every kind of failure, through both credentials.
-    for fault in [Fault::Status(401), Fault::Status(403), Fault::Status(404), Fault::Status(500), Fault::MalformedJson] {
+    for fault in [Fault::Status(401), Fault::Status(403), Fault::Status(404), Fault::Status(500), Fault::MalformedJson]
+    {
         for github in [&app, &token] {
             fake.fail_next(fault.clone());
             if let Err(error) = github.observe().await {
@@ -869,16 +807,16 @@ async fn secrets_never_appear_in_errors_or_debug_output() {
         app.deregister(&credential.agent_id).await.expect_err("busy")
     };
     texts.push(format!("{busy_error:?}"));
-    let refused = source(GithubSettings {
-        endpoint: fake.url(),
-        ..GithubSettings::new(org(), app_auth(OTHER_KEY))
-    })
-    .observe()
-    .await
-    .expect_err("refused");
+    let refused = source(GithubSettings { endpoint: fake.url(), ..GithubSettings::new(org(), app_auth(OTHER_KEY)) })
+        .observe()
+        .await
+        .expect_err("refused");
     texts.push(format!("{refused:?}"));
-    let bad_key = GithubActions::new(GithubSettings::new(org(), app_auth("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----")))
-        .expect_err("bad key");
+    let bad_key = GithubActions::new(GithubSettings::new(
+        org(),
+        app_auth("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----"),
+    ))
+    .expect_err("bad key");
     texts.push(format!("{bad_key:?}"));
 
     let minted: Vec<String> = (1..=fake.tokens_minted()).map(|n| format!("ghs_fake{n:016x}")).collect();
@@ -904,11 +842,8 @@ fn the_wrapper_hands_the_config_to_run_sh_in_its_environment_only() {
     std::fs::create_dir(&home).expect("runner home");
     let seen = dir.path().join("seen");
     let run_sh = home.join("run.sh");
-    std::fs::write(
-        &run_sh,
-        format!("#!/bin/sh\n{{ echo \"args=$#\"; env; }} > '{}'\nexit 3\n", seen.display()),
-    )
-    .expect("stub run.sh");
+    std::fs::write(&run_sh, format!("#!/bin/sh\n{{ echo \"args=$#\"; env; }} > '{}'\nexit 3\n", seen.display()))
+        .expect("stub run.sh");
     let wrapper = dir.path().join("ciscale-agent");
     std::fs::write(&wrapper, launch::WRAPPER_SCRIPT).expect("wrapper");
     for path in [&run_sh, &wrapper] {
@@ -965,10 +900,7 @@ fn the_install_and_cloud_scripts_are_valid_shell_and_cloud_config() {
     assert!(text.starts_with("#cloud-config\n"));
     let document: serde_yaml::Value = serde_yaml::from_str(text).expect("YAML");
     let files = document["write_files"].as_sequence().expect("write_files");
-    let env = files
-        .iter()
-        .find(|file| file["path"].as_str() == Some(launch::ENV_FILE))
-        .expect("the env file");
+    let env = files.iter().find(|file| file["path"].as_str() == Some(launch::ENV_FILE)).expect("the env file");
     assert_eq!(env["permissions"].as_str(), Some("0400"), "root only, read once by the wrapper");
     assert_eq!(env["content"].as_str(), Some("ACTIONS_RUNNER_INPUT_JITCONFIG=abc\n"));
     for file in files {
@@ -985,7 +917,11 @@ fn the_install_and_cloud_scripts_are_valid_shell_and_cloud_config() {
     assert!(blocker.contains("--uid-owner runner"), "{blocker}");
     let commands = document["runcmd"].as_sequence().expect("runcmd");
     assert_eq!(
-        commands.last().and_then(|command| command.as_sequence()).and_then(|command| command.last()).and_then(|part| part.as_str()),
+        commands
+            .last()
+            .and_then(|command| command.as_sequence())
+            .and_then(|command| command.last())
+            .and_then(|part| part.as_str()),
         Some(launch::AGENT_COMMAND),
         "the wrapper starts last, after install and the metadata block"
     );

@@ -140,8 +140,11 @@ pools:
         let counts = self.fake.counts();
         let registration: Vec<_> = counts.keys().filter(|endpoint| endpoint.contains("registration-token")).collect();
         assert!(registration.is_empty(), "a registration token was asked for: {registration:?}");
-        let jit_calls: u64 =
-            counts.iter().filter(|(endpoint, _)| endpoint.ends_with("generate-jitconfig")).map(|(_, count)| count).sum();
+        let jit_calls: u64 = counts
+            .iter()
+            .filter(|(endpoint, _)| endpoint.ends_with("generate-jitconfig"))
+            .map(|(_, count)| count)
+            .sum();
         assert_eq!(jit_calls, 1, "one runner for one job: {counts:?}");
         (instance, runner)
     }
@@ -164,7 +167,9 @@ pools:
         until("the container to be gone", watch, || self.containers.owned().is_empty().then_some(()));
         assert!(self.our_runners().is_empty(), "no runner record of ours remains: {:?}", self.our_runners());
         let leftover = self.containers.block_on(
-            self.containers.incus.observe(&ListInstances { owner: self.containers.owner.clone(), ..Default::default() }),
+            self.containers
+                .incus
+                .observe(&ListInstances { owner: self.containers.owner.clone(), ..Default::default() }),
         );
         assert!(leftover.expect("observe").instances.is_empty());
     }
@@ -277,7 +282,10 @@ fn a_signed_webhook_delivery_starts_the_container_at_once_and_a_forged_one_nothi
     eprintln!("MEASURED github+incus: signed webhook delivery → create call: {latency:?} (polls 60 s apart)");
     // A poll was due a minute after the last cycle, which settled for 2 s and then 3 s more before the delivery:
     // a create within 30 s of it can only be the webhook's doing.
-    assert!(latency < Duration::from_secs(30), "the create came {latency:?} after the delivery: a poll, not the webhook");
+    assert!(
+        latency < Duration::from_secs(30),
+        "the create came {latency:?} after the delivery: a poll, not the webhook"
+    );
 
     let (instance, runner) = scene.check_launch(&mut watch);
     assert_eq!(instance.name, name);
@@ -292,7 +300,11 @@ fn a_signed_webhook_delivery_starts_the_container_at_once_and_a_forged_one_nothi
 
     let (_, exposition) = get(address, "/metrics");
     assert_eq!(metric(&exposition, r#"ciscale_webhook_deliveries_total{source="github"}"#), 3.0, "{exposition}");
-    assert_eq!(metric(&exposition, r#"ciscale_webhook_refusals_total{source="github",status="401"}"#), 1.0, "{exposition}");
+    assert_eq!(
+        metric(&exposition, r#"ciscale_webhook_refusals_total{source="github",status="401"}"#),
+        1.0,
+        "{exposition}"
+    );
     let (status, out, err) = watch.terminate();
     assert_eq!(status.code(), Some(0), "watch stops cleanly on SIGTERM:\n{err}");
     // The refusal is logged at warn, without the body or the signature.

@@ -15,10 +15,7 @@ use ciscale::providers::{Backend, CreateInstance, Error, Exec, ListInstances, Pu
 
 use crate::conformance::{backend_conformance_on, owned_request, wait_for_state, Patience};
 
-const PATIENCE: Patience = Patience {
-    attempts: 200,
-    interval: Duration::from_millis(50),
-};
+const PATIENCE: Patience = Patience { attempts: 200, interval: Duration::from_millis(50) };
 
 /// The daemon and test image, or `None` when skipping was asked for.
 pub(crate) fn daemon() -> Option<(Incus, String)> {
@@ -26,10 +23,9 @@ pub(crate) fn daemon() -> Option<(Incus, String)> {
         eprintln!("\n!!! SKIPPING the Incus tests: CISCALE_SKIP_INCUS=1 !!!\n");
         return None;
     }
-    let (Ok(socket), Ok(image)) = (
-        std::env::var("CISCALE_TEST_INCUS_SOCKET"),
-        std::env::var("CISCALE_TEST_INCUS_IMAGE"),
-    ) else {
+    let (Ok(socket), Ok(image)) =
+        (std::env::var("CISCALE_TEST_INCUS_SOCKET"), std::env::var("CISCALE_TEST_INCUS_IMAGE"))
+    else {
         panic!(
             "the Incus tests need a running daemon: run them through `scripts/test` (it runs `scripts/incus-setup` and \
              exports CISCALE_TEST_INCUS_SOCKET and CISCALE_TEST_INCUS_IMAGE), or set CISCALE_SKIP_INCUS=1 to skip them"
@@ -50,21 +46,13 @@ pub(crate) fn machine(image: &str, extra: &[(&str, &str)]) -> BTreeMap<String, S
 }
 
 pub(crate) async fn run(incus: &Incus, id: &InstanceId, script: &str) -> Option<i32> {
-    let exec = Exec {
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        env: BTreeMap::new(),
-        wait: true,
-    };
+    let exec = Exec { command: vec!["sh".into(), "-c".into(), script.into()], env: BTreeMap::new(), wait: true };
     incus.exec(id, &exec).await.expect("exec").exit_code
 }
 
 pub(crate) async fn owned(incus: &Incus, owner: &str) -> Vec<ciscale::model::Instance> {
     incus
-        .observe(&ListInstances {
-            owner: owner.to_owned(),
-            adopted: Vec::new(),
-            images: Vec::new(),
-        })
+        .observe(&ListInstances { owner: owner.to_owned(), adopted: Vec::new(), images: Vec::new() })
         .await
         .expect("observe")
         .instances
@@ -115,31 +103,13 @@ async fn container_gets_the_limits_devices_and_keys_asked_for() {
     assert_eq!(object["ephemeral"], true);
     assert_eq!(object["profiles"], serde_json::json!(["default"]));
     assert_eq!(created.attributes.get("tmpfsSize").map(String::as_str), Some("64MiB"));
-    assert_eq!(
-        created.attributes.get("image").map(String::as_str),
-        Some(image.as_str())
-    );
-    assert_eq!(
-        created.labels.get("ciscale.agent-hash").map(String::as_str),
-        Some("abc123")
-    );
+    assert_eq!(created.attributes.get("image").map(String::as_str), Some(image.as_str()));
+    assert_eq!(created.labels.get("ciscale.agent-hash").map(String::as_str), Some("abc123"));
 
     wait_for_state(&incus, &created.id, InstanceState::Running, PATIENCE).await;
     // The tmpfs on /tmp really is there, with the size asked for (64 MiB = 65536k in mount options).
-    assert_eq!(
-        run(
-            &incus,
-            &created.id,
-            "grep ' /tmp tmpfs ' /proc/mounts | grep -q size=65536k"
-        )
-        .await,
-        Some(0)
-    );
-    assert_eq!(
-        run(&incus, &created.id, "exit 42").await,
-        Some(42),
-        "exec reads non-zero exit codes"
-    );
+    assert_eq!(run(&incus, &created.id, "grep ' /tmp tmpfs ' /proc/mounts | grep -q size=65536k").await, Some(0));
+    assert_eq!(run(&incus, &created.id, "exit 42").await, Some(42), "exec reads non-zero exit codes");
     assert_eq!(run(&incus, &created.id, "true").await, Some(0));
     cleanup(&incus, &owner).await;
 }
@@ -160,62 +130,22 @@ async fn secret_file_is_0400_and_the_wrapper_deletes_it() {
         uid: 1000,
         gid: 1000,
     };
-    incus
-        .push_file(&created.id, &file)
-        .await
-        .expect("push into a folder that does not exist yet");
+    incus.push_file(&created.id, &file).await.expect("push into a folder that does not exist yet");
     assert_eq!(
-        run(
-            &incus,
-            &created.id,
-            "[ \"$(stat -c %a:%u:%g /run/ciscale/agent.env)\" = 400:1000:1000 ]"
-        )
-        .await,
+        run(&incus, &created.id, "[ \"$(stat -c %a:%u:%g /run/ciscale/agent.env)\" = 400:1000:1000 ]").await,
         Some(0),
         "mode 0400, owned by the agent user"
     );
-    assert_eq!(
-        run(
-            &incus,
-            &created.id,
-            "grep -qx CISCALE_AGENT_TOKEN=s3cret /run/ciscale/agent.env"
-        )
-        .await,
-        Some(0)
-    );
-    assert_eq!(
-        run(&incus, &created.id, "[ \"$(stat -c %a /run/ciscale)\" = 700 ]").await,
-        Some(0)
-    );
-    assert_eq!(
-        run(&incus, &created.id, "grep ' /run tmpfs ' /proc/mounts >/dev/null").await,
-        Some(0),
-        "on a tmpfs"
-    );
+    assert_eq!(run(&incus, &created.id, "grep -qx CISCALE_AGENT_TOKEN=s3cret /run/ciscale/agent.env").await, Some(0));
+    assert_eq!(run(&incus, &created.id, "[ \"$(stat -c %a /run/ciscale)\" = 700 ]").await, Some(0));
+    assert_eq!(run(&incus, &created.id, "grep ' /run tmpfs ' /proc/mounts >/dev/null").await, Some(0), "on a tmpfs");
 
     // The image's wrapper (scripts/incus-setup) reads the credential, deletes it and keeps running.
-    let wrapper = Exec {
-        command: vec!["/usr/local/bin/ciscale-agent".into()],
-        env: BTreeMap::new(),
-        wait: false,
-    };
-    assert_eq!(
-        incus
-            .exec(&created.id, &wrapper)
-            .await
-            .expect("start wrapper")
-            .exit_code,
-        None
-    );
+    let wrapper = Exec { command: vec!["/usr/local/bin/ciscale-agent".into()], env: BTreeMap::new(), wait: false };
+    assert_eq!(incus.exec(&created.id, &wrapper).await.expect("start wrapper").exit_code, None);
     let mut gone = false;
     for _ in 0..PATIENCE.attempts {
-        if run(
-            &incus,
-            &created.id,
-            "[ -e /run/ciscale/agent.ran ] && [ ! -e /run/ciscale/agent.env ]",
-        )
-        .await
-            == Some(0)
+        if run(&incus, &created.id, "[ -e /run/ciscale/agent.ran ] && [ ! -e /run/ciscale/agent.env ]").await == Some(0)
         {
             gone = true;
             break;
@@ -224,9 +154,7 @@ async fn secret_file_is_0400_and_the_wrapper_deletes_it() {
     }
     assert!(gone, "the wrapper ran and the credential file is gone");
 
-    let missing = incus
-        .push_file(&InstanceId::new(format!("{owner}-missing")), &file)
-        .await;
+    let missing = incus.push_file(&InstanceId::new(format!("{owner}-missing")), &file).await;
     assert!(matches!(missing, Err(Error::NotFound { .. })), "{missing:?}");
     cleanup(&incus, &owner).await;
 }
@@ -247,19 +175,11 @@ async fn create_to_agent_exec_latency() {
         gid: 0,
     };
     incus.push_file(&created.id, &file).await.expect("push");
-    let exec = Exec {
-        command: vec!["/usr/local/bin/ciscale-agent".into()],
-        env: BTreeMap::new(),
-        wait: false,
-    };
+    let exec = Exec { command: vec!["/usr/local/bin/ciscale-agent".into()], env: BTreeMap::new(), wait: false };
     incus.exec(&created.id, &exec).await.expect("exec");
     let latency = clock.elapsed();
     eprintln!("MEASURED incus create → credential pushed → agent exec started: {latency:?}");
-    assert_eq!(
-        created.state,
-        InstanceState::Running,
-        "create returns a started container"
-    );
+    assert_eq!(created.state, InstanceState::Running, "create returns a started container");
     cleanup(&incus, &owner).await;
 }
 
@@ -275,10 +195,7 @@ async fn a_foreign_instance_of_the_same_name_is_refused_not_adopted() {
     ours.machine = machine(&image, &[]);
     let again = incus.create(&ours).await;
     assert!(matches!(again, Err(Error::AlreadyExists { .. })), "{again:?}");
-    assert!(
-        owned(&incus, &owner).await.is_empty(),
-        "the other owner's instance is not listed as ours"
-    );
+    assert!(owned(&incus, &owner).await.is_empty(), "the other owner's instance is not listed as ours");
     cleanup(&incus, &format!("{owner}-x")).await;
 }
 
@@ -288,9 +205,7 @@ async fn a_foreign_instance_of_the_same_name_is_refused_not_adopted() {
 
 fn config_yaml(owner: &str, image: &str, state_file: Option<&std::path::Path>, poll: &str, scale: &str) -> String {
     let socket = std::env::var("CISCALE_TEST_INCUS_SOCKET").unwrap_or_default();
-    let state = state_file
-        .map(|path| format!("\n    stateFile: {}", path.display()))
-        .unwrap_or_default();
+    let state = state_file.map(|path| format!("\n    stateFile: {}", path.display())).unwrap_or_default();
     format!(
         "id: {owner}\npollInterval: {poll}\nci:\n  sim:\n    kind: fake{state}\nbackends:\n  lxd:\n    kind: incus\n    \
          socket: {socket}\npools:\n  - name: p\n    ci:\n      source: sim\n    backend:\n      name: lxd\n      \
@@ -311,13 +226,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
     });
     let owner = owner("events");
     // An hour between cycles: a replacement within the test's bound can only come from the event.
-    let yaml = config_yaml(
-        &owner,
-        &image,
-        None,
-        "1h",
-        "      min: 1\n      max: 1\n      ephemeral: true",
-    );
+    let yaml = config_yaml(&owner, &image, None, "1h", "      min: 1\n      max: 1\n      ephemeral: true");
     let desired = ciscale::config::load_str("events.yaml", &yaml, &|_| None).expect("valid config");
     let providers = ciscale::providers::connect(&desired).expect("connect");
     let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
@@ -336,10 +245,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
         ciscale::watch::run_with_triggers(&desired, &providers, &options, &cancel, triggers, |report| {
             counted.store(report.cycle, std::sync::atomic::Ordering::SeqCst);
             let ended = report.started_at + jiff::SignedDuration::from_millis(report.duration_ms as i64);
-            timed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push((report.started_at, ended));
+            timed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((report.started_at, ended));
         })
         .await;
     });
@@ -365,11 +271,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
     let cycles_before = cycles.load(std::sync::atomic::Ordering::SeqCst);
     let powered_off_at = Instant::now();
     let since = jiff::Timestamp::now();
-    let poweroff = Exec {
-        command: vec!["poweroff".into(), "-f".into()],
-        env: BTreeMap::new(),
-        wait: false,
-    };
+    let poweroff = Exec { command: vec!["poweroff".into(), "-f".into()], env: BTreeMap::new(), wait: false };
     drop(incus.exec(&first.id, &poweroff).await);
     // When each lifecycle event of the first container arrived (`instance-shutdown`, then `instance-deleted`).
     let gone_events = {
@@ -397,10 +299,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
     // Phases, from the test's listener, the loop's cycle reports and the replacement's creation time.
     let ms = |from: jiff::Timestamp, to: jiff::Timestamp| to.duration_since(from).as_millis();
     let gone_events = gone_events.await.expect("listener task");
-    let (event_at, action) = gone_events
-        .first()
-        .cloned()
-        .expect("the test's listener saw the first container go");
+    let (event_at, action) = gone_events.first().cloned().expect("the test's listener saw the first container go");
     {
         // The creating cycle reports when it is done (after the agent's exec), which may be a moment after the
         // container was seen running.
@@ -432,10 +331,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
             }
             None => eprintln!("  (no cycle report covers the replacement's creation time)"),
         }
-        eprintln!(
-            "  created → seen running by the test: {} ms",
-            ms(replacement.created_at, seen_running)
-        );
+        eprintln!("  created → seen running by the test: {} ms", ms(replacement.created_at, seen_running));
     }
     if let Some((deleted_at, _)) = gone_events.iter().find(|(_, action)| action == "instance-deleted") {
         eprintln!(
@@ -446,10 +342,7 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
         );
     }
     assert!(replacement.created_at > first.created_at);
-    assert!(
-        cycles.load(std::sync::atomic::Ordering::SeqCst) > cycles_before,
-        "the event woke the loop"
-    );
+    assert!(cycles.load(std::sync::atomic::Ordering::SeqCst) > cycles_before, "the event woke the loop");
     let listed = owned(&incus, &owner).await;
     assert_eq!(
         listed.iter().filter(|instance| instance.state.is_active()).count(),
@@ -464,7 +357,11 @@ async fn watch_replaces_a_powered_off_ephemeral_container_on_the_event() {
 }
 
 /// Waits (bounded) for an owned running instance created after `since`.
-pub(crate) async fn wait_owned_running(incus: &Incus, owner: &str, since: Option<jiff::Timestamp>) -> ciscale::model::Instance {
+pub(crate) async fn wait_owned_running(
+    incus: &Incus,
+    owner: &str,
+    since: Option<jiff::Timestamp>,
+) -> ciscale::model::Instance {
     for _ in 0..3000 {
         let found = owned(incus, owner).await.into_iter().find(|instance| {
             instance.state == InstanceState::Running && since.is_none_or(|since| instance.created_at > since)
@@ -530,13 +427,7 @@ async fn kill_9_of_apply_mid_create_then_rerun_converges() {
     let Some((incus, image)) = daemon() else { return };
     let owner = owner("kill9");
     let dir = tempfile::tempdir().expect("tempdir");
-    let yaml = config_yaml(
-        &owner,
-        &image,
-        Some(&dir.path().join("world.json")),
-        "10s",
-        "      min: 3\n      max: 3",
-    );
+    let yaml = config_yaml(&owner, &image, Some(&dir.path().join("world.json")), "10s", "      min: 3\n      max: 3");
     let config = dir.path().join("ciscale.yaml");
     std::fs::write(&config, yaml).expect("write config");
     let ciscale = |args: &[&str]| {
@@ -580,23 +471,12 @@ async fn kill_9_of_apply_mid_create_then_rerun_converges() {
     let instances = owned(&incus, &owner).await;
     // Cleaned up before the verdict: a failure must not leave containers on the shared daemon.
     cleanup(&incus, &owner).await;
-    assert!(
-        rerun.status.success(),
-        "rerun: {}",
-        String::from_utf8_lossy(&rerun.stderr)
-    );
+    assert!(rerun.status.success(), "rerun: {}", String::from_utf8_lossy(&rerun.stderr));
     let names: std::collections::BTreeSet<_> = instances.iter().map(|instance| instance.name.clone()).collect();
     assert_eq!(instances.len(), 3, "no duplicate, no orphan: {names:?}");
     assert_eq!(names.len(), 3);
-    assert!(instances
-        .iter()
-        .all(|instance| instance.state == InstanceState::Running));
-    assert_eq!(
-        plan.status.code(),
-        Some(0),
-        "converged: {}",
-        String::from_utf8_lossy(&plan.stdout)
-    );
+    assert!(instances.iter().all(|instance| instance.state == InstanceState::Running));
+    assert_eq!(plan.status.code(), Some(0), "converged: {}", String::from_utf8_lossy(&plan.stdout));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -614,10 +494,7 @@ async fn serve_once_forever(body: Vec<u8>) -> u16 {
             tokio::spawn(async move {
                 let mut request = [0u8; 4096];
                 drop(stream.read(&mut request).await);
-                let head = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
+                let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
                 drop(stream.write_all(head.as_bytes()).await);
                 drop(stream.write_all(&body).await);
             });
@@ -645,13 +522,7 @@ fn image_spec(
     keep: u32,
     agent_url: Option<String>,
 ) -> ciscale::model::ImageSpec {
-    ciscale::model::ImageSpec {
-        backend: "lxd".into(),
-        base: base.to_owned(),
-        scripts,
-        keep,
-        agent_url,
-    }
+    ciscale::model::ImageSpec { backend: "lxd".into(), base: base.to_owned(), scripts, keep, agent_url }
 }
 
 #[tokio::test]
@@ -673,35 +544,21 @@ async fn provision_builds_publishes_swaps_the_alias_atomically_and_prunes() {
     let request = ProvisionRequest {
         name: alias.clone(),
         owner: owner.clone(),
-        spec: image_spec(
-            &image,
-            vec![fetch, mark],
-            2,
-            Some(format!("http://127.0.0.1:{port}/agent.tar.gz")),
-        ),
+        spec: image_spec(&image, vec![fetch, mark], 2, Some(format!("http://127.0.0.1:{port}/agent.tar.gz"))),
         agent_url: Some(format!("http://127.0.0.1:{port}/agent.tar.gz")),
     };
     let quiet = |_: &str| {};
 
-    let first = provision::provision(&incus, &request, &quiet)
-        .await
-        .expect("first provision");
+    let first = provision::provision(&incus, &request, &quiet).await.expect("first provision");
     assert_eq!(first.previous, None, "the alias was created");
-    assert_eq!(
-        provision::alias_target(&incus, &alias).await.expect("alias"),
-        Some(first.fingerprint.clone())
-    );
+    assert_eq!(provision::alias_target(&incus, &alias).await.expect("alias"), Some(first.fingerprint.clone()));
 
     // A container from the new image has the agent from the loopback tarball and the scripts' work.
     let mut agent = owned_request(&owner, &format!("{owner}-check"));
     agent.machine = machine(&alias, &[]);
     let checked = incus.create(&agent).await.expect("create from the provisioned alias");
     let expected = format!("[ -x /opt/agent/run.sh ] && grep -qx '{alias}' /etc/ciscale-image");
-    assert_eq!(
-        run(&incus, &checked.id, &expected).await,
-        Some(0),
-        "the image holds the agent and the scripts' work"
-    );
+    assert_eq!(run(&incus, &checked.id, &expected).await, Some(0), "the image holds the agent and the scripts' work");
     cleanup(&incus, &owner).await;
 
     // Second build while instances are being created from the alias: none may fail for a missing alias.
@@ -726,25 +583,15 @@ async fn provision_builds_publishes_swaps_the_alias_atomically_and_prunes() {
             Ok(created)
         })
     };
-    let second = provision::provision(&incus, &request, &quiet)
-        .await
-        .expect("second provision");
+    let second = provision::provision(&incus, &request, &quiet).await.expect("second provision");
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let created = creator
-        .await
-        .expect("creator task")
-        .expect("every create during the swap succeeded");
+    let created = creator.await.expect("creator task").expect("every create during the swap succeeded");
     assert!(created > 0, "the loop created instances while provisioning");
     assert_eq!(second.previous.as_deref(), Some(first.fingerprint.as_str()));
-    assert_eq!(
-        provision::alias_target(&incus, &alias).await.expect("alias"),
-        Some(second.fingerprint.clone())
-    );
+    assert_eq!(provision::alias_target(&incus, &alias).await.expect("alias"), Some(second.fingerprint.clone()));
 
     // Keep 2: the third build prunes the first.
-    let third = provision::provision(&incus, &request, &quiet)
-        .await
-        .expect("third provision");
+    let third = provision::provision(&incus, &request, &quiet).await.expect("third provision");
     assert_eq!(third.pruned, vec![first.fingerprint.clone()]);
     let versions = provision::versions(&incus, &alias).await.expect("versions");
     assert_eq!(versions, vec![third.fingerprint.clone(), second.fingerprint.clone()]);
@@ -752,11 +599,7 @@ async fn provision_builds_publishes_swaps_the_alias_atomically_and_prunes() {
 
     cleanup(&incus, &owner).await;
     for fingerprint in versions {
-        drop(
-            std::process::Command::new("incus")
-                .args(["image", "delete", &fingerprint])
-                .status(),
-        );
+        drop(std::process::Command::new("incus").args(["image", "delete", &fingerprint]).status());
     }
 }
 
@@ -774,25 +617,14 @@ async fn a_failing_provision_script_is_named_and_the_builder_is_removed() {
         spec: image_spec(&image, vec![failing], 3, None),
         agent_url: None,
     };
-    let error = provision::provision(&incus, &request, &|_: &str| {})
-        .await
-        .expect_err("a failing script fails");
+    let error = provision::provision(&incus, &request, &|_: &str| {}).await.expect_err("a failing script fails");
     let text = error.to_string();
     assert!(text.contains("broken.sh") && text.contains("code 5"), "{error:?}");
-    assert_eq!(
-        provision::alias_target(&incus, &alias).await.expect("alias"),
-        None,
-        "nothing was published"
-    );
-    let listed = std::process::Command::new("incus")
-        .args(["list", "-c", "n", "-f", "csv"])
-        .output()
-        .expect("incus list");
+    assert_eq!(provision::alias_target(&incus, &alias).await.expect("alias"), None, "nothing was published");
+    let listed =
+        std::process::Command::new("incus").args(["list", "-c", "n", "-f", "csv"]).output().expect("incus list");
     let names = String::from_utf8_lossy(&listed.stdout);
-    assert!(
-        !names.contains(&format!("ciscale-build-{alias}")),
-        "the builder is gone: {names}"
-    );
+    assert!(!names.contains(&format!("ciscale-build-{alias}")), "the builder is gone: {names}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -824,15 +656,10 @@ async fn plan_names_a_missing_image_alias_and_holds_back_its_creates() {
     let stdout = String::from_utf8_lossy(&plan.stdout);
     assert!(plan.status.success(), "plan: {}", String::from_utf8_lossy(&plan.stderr));
     assert!(
-        stdout.contains(&format!(
-            "image alias `{missing}` is missing on backend `lxd`: run `ciscale provision`"
-        )),
+        stdout.contains(&format!("image alias `{missing}` is missing on backend `lxd`: run `ciscale provision`")),
         "the missing alias is named: {stdout}"
     );
-    assert!(
-        !stdout.contains(&format!("image alias `{image}` is missing")),
-        "the existing alias is not: {stdout}"
-    );
+    assert!(!stdout.contains(&format!("image alias `{image}` is missing")), "the existing alias is not: {stdout}");
     assert!(
         stdout.contains(&format!("create {}", ciscale::plan::instance_name(&owner, &"built".into(), 1)))
             && !stdout.contains(&format!("create {owner}-unbuilt-")),

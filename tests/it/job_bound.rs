@@ -85,7 +85,12 @@ fn build(pools: &[(usize, u32)], jobs: &[JobDraft], stale_agents: usize) -> (Des
         )]),
         backends: BTreeMap::from([(
             backend.clone(),
-            BackendSpec { kind: BackendKind::Fake(FakeSpec::default()), billing: Billing::PerSecond, create_limit: None, change_timeout: None },
+            BackendSpec {
+                kind: BackendKind::Fake(FakeSpec::default()),
+                billing: Billing::PerSecond,
+                create_limit: None,
+                change_timeout: None,
+            },
         )]),
         pools: pool_specs,
         images: BTreeMap::new(),
@@ -98,38 +103,39 @@ fn build(pools: &[(usize, u32)], jobs: &[JobDraft], stale_agents: usize) -> (Des
     let mut pending = Vec::new();
     let mut used = BTreeMap::<usize, u32>::new();
     // An agent is put in the first pool (any pool would do: it serves its job wherever it lives).
-    let mut add_agent = |handle: String, with_instance: bool, instances: &mut Vec<Instance>, agents: &mut Vec<Agent>| {
-        let pool = &desired.pools[0];
-        let index = used.entry(0).or_insert(0);
-        *index += 1;
-        let name = plan::instance_name(OWNER, &pool.name, *index);
-        let id = AgentId::new(format!("{}", 100 + agents.len()));
-        if with_instance {
-            instances.push(Instance {
-                id: InstanceId::new(name.clone()),
-                name: name.clone(),
-                state: InstanceState::Running,
-                created_at: now() - jiff::SignedDuration::from_secs(60),
-                labels: BTreeMap::from([
-                    (OWNER_LABEL.to_owned(), OWNER.to_owned()),
-                    (POOL_LABEL.to_owned(), pool.name.to_string()),
-                    (AGENT_HASH_LABEL.to_owned(), plan::agent_hash(&pool.agent)),
-                    (JOB_LABEL.to_owned(), handle.clone()),
-                ]),
-                attributes: BTreeMap::from([("image".to_owned(), "forgejo-runner".to_owned())]),
+    let mut add_agent =
+        |handle: String, with_instance: bool, instances: &mut Vec<Instance>, agents: &mut Vec<Agent>| {
+            let pool = &desired.pools[0];
+            let index = used.entry(0).or_insert(0);
+            *index += 1;
+            let name = plan::instance_name(OWNER, &pool.name, *index);
+            let id = AgentId::new(format!("{}", 100 + agents.len()));
+            if with_instance {
+                instances.push(Instance {
+                    id: InstanceId::new(name.clone()),
+                    name: name.clone(),
+                    state: InstanceState::Running,
+                    created_at: now() - jiff::SignedDuration::from_secs(60),
+                    labels: BTreeMap::from([
+                        (OWNER_LABEL.to_owned(), OWNER.to_owned()),
+                        (POOL_LABEL.to_owned(), pool.name.to_string()),
+                        (AGENT_HASH_LABEL.to_owned(), plan::agent_hash(&pool.agent)),
+                        (JOB_LABEL.to_owned(), handle.clone()),
+                    ]),
+                    attributes: BTreeMap::from([("image".to_owned(), "forgejo-runner".to_owned())]),
+                });
+            }
+            agents.push(Agent {
+                id,
+                name,
+                busy: false,
+                no_schedule: false,
+                last_contact: Some(now()),
+                last_work: None,
+                labels: BTreeMap::from([(JOB_LABEL.to_owned(), handle)]),
+                created_at: None,
             });
-        }
-        agents.push(Agent {
-            id,
-            name,
-            busy: false,
-            no_schedule: false,
-            last_contact: Some(now()),
-            last_work: None,
-            labels: BTreeMap::from([(JOB_LABEL.to_owned(), handle)]),
-            created_at: None,
-        });
-    };
+        };
     for (index, job) in jobs.iter().enumerate() {
         let handle = format!("h{index}");
         pending.push(Task {

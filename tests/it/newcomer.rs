@@ -105,11 +105,17 @@ fn absurd_numbers_are_too_large_with_the_bound_and_why() {
     snapshot("newcomer-too-large", &stable(&text, sandbox.dir.path()));
 
     // A poll interval of 1ms hammered the APIs at ~375 cycles a second: the fake's floor is 100ms.
-    let config = std::fs::read_to_string(sandbox.config()).expect("config").replace("pollInterval: 1s", "pollInterval: 1ms");
-    std::fs::write(sandbox.config(), config.replace("max: 4294967295, minIdle: 99999999999999999999", "max: 2")).expect("write");
+    let config =
+        std::fs::read_to_string(sandbox.config()).expect("config").replace("pollInterval: 1s", "pollInterval: 1ms");
+    std::fs::write(sandbox.config(), config.replace("max: 4294967295, minIdle: 99999999999999999999", "max: 2"))
+        .expect("write");
     let output = run(sandbox.command(&["validate"]));
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("`pollInterval` 1ms is too short for backend `sim` (fake): at least 100ms"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("`pollInterval` 1ms is too short for backend `sim` (fake): at least 100ms"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -172,7 +178,12 @@ fn offline_commands_need_no_secrets_online_ones_do() {
     let root = repo();
     let without = |args: &[&str]| {
         let mut command = ciscale();
-        command.current_dir(root).args(args).env_remove("WOODPECKER_TOKEN").env_remove("HCLOUD_TOKEN").env_remove("GIT_TOKEN");
+        command
+            .current_dir(root)
+            .args(args)
+            .env_remove("WOODPECKER_TOKEN")
+            .env_remove("HCLOUD_TOKEN")
+            .env_remove("GIT_TOKEN");
         command.env("CISCALE_LOCK_DIR", std::env::temp_dir().join("ciscale-newcomer-locks"));
         run(command)
     };
@@ -189,9 +200,16 @@ fn offline_commands_need_no_secrets_online_ones_do() {
     ]);
     assert_eq!(planned.status.code(), Some(0), "{}", stderr(&planned));
     assert!(stdout(&planned).contains("Plan: "), "{}", stdout(&planned));
-    assert!(stderr(&planned).contains("warning: environment variable `HCLOUD_TOKEN` is not set"), "{}", stderr(&planned));
+    assert!(
+        stderr(&planned).contains("warning: environment variable `HCLOUD_TOKEN` is not set"),
+        "{}",
+        stderr(&planned)
+    );
 
-    for online in [&["observe", "-c", "examples/woodpecker-hetzner.yaml"][..], &["apply", "-c", "examples/woodpecker-hetzner.yaml"]] {
+    for online in [
+        &["observe", "-c", "examples/woodpecker-hetzner.yaml"][..],
+        &["apply", "-c", "examples/woodpecker-hetzner.yaml"],
+    ] {
         let output = without(online);
         assert_eq!(output.status.code(), Some(1), "{online:?}");
         let text = stderr(&output);
@@ -256,7 +274,11 @@ fn a_mistyped_c_is_an_error_even_with_picus_variables() {
     let output = run(typo);
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     assert!(stderr(&output).contains("cannot read config `ciscale.ymal`: no such file"), "{}", stderr(&output));
-    assert!(stderr(&output).contains("hint: `PICUS_*` variables stand in for a config only when none is named"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("hint: `PICUS_*` variables stand in for a config only when none is named"),
+        "{}",
+        stderr(&output)
+    );
     // With nothing named, the Picus environment still stands in (Picus's compose file runs unchanged).
     let mut implicit = in_dir(dir.path(), &["validate"]);
     implicit.envs(picus);
@@ -425,7 +447,10 @@ fn the_plan_says_which_numbers_are_jobs_and_which_agents_and_shows_a_block_once(
     let output = run(sandbox.command(&["plan"]));
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    assert!(text.contains("pool `linux`: jobs 0 pending, 0 running; agents 0 active (0 busy, 0 idle), 3 desired"), "{text}");
+    assert!(
+        text.contains("pool `linux`: jobs 0 pending, 0 running; agents 0 active (0 busy, 0 idle), 3 desired"),
+        "{text}"
+    );
     assert_eq!(text.matches("+ machine.serverType = small").count(), 1, "{text}");
     let first = ciscale::plan::instance_name("e2e", &"linux".into(), 1);
     assert_eq!(text.matches(&format!("(attributes as for {first})")).count(), 2, "{text}");

@@ -71,7 +71,9 @@ fn picus_hcloud_environment_becomes_an_equivalent_config() {
 #[test]
 fn picus_defaults_apply_when_optional_variables_are_absent() {
     let mut env = compose_env();
-    for optional in ["PICUS_HCLOUD_SERVER_TYPE", "PICUS_HCLOUD_LOCATION", "PICUS_HCLOUD_ID", "PICUS_AGENT_WOODPECKER_FILTER_LABELS"] {
+    for optional in
+        ["PICUS_HCLOUD_SERVER_TYPE", "PICUS_HCLOUD_LOCATION", "PICUS_HCLOUD_ID", "PICUS_AGENT_WOODPECKER_FILTER_LABELS"]
+    {
         env.remove(optional);
     }
     env.insert("PICUS_MAX_IDLE_TIME".to_owned(), "5m".to_owned());
@@ -219,10 +221,15 @@ fn watch_in_picus_mode_creates_and_deletes_the_server_around_a_job() {
     let link = server.labels.get(ciscale::model::AGENT_LABEL).cloned();
     assert_eq!(link, Some(agent_id.to_string()), "the server names the pre-registered agent it runs");
     let user_data = server.user_data.clone().unwrap_or_default();
-    assert!(user_data.contains("WOODPECKER_AGENT_SECRET=") && user_data.contains(AGENT_SECRET), "shared secret forwarded");
+    assert!(
+        user_data.contains("WOODPECKER_AGENT_SECRET=") && user_data.contains(AGENT_SECRET),
+        "shared secret forwarded"
+    );
     assert!(user_data.contains("WOODPECKER_SERVER=woodpecker.example.com:443"), "agent env forwarded");
     assert!(!user_data.contains(ADMIN_TOKEN), "the admin token never leaves the ciscale host");
-    wait_until("the agent undrained", &|| woodpecker.agent_by_name("picus-agent").is_some_and(|agent| !agent.no_schedule));
+    wait_until("the agent undrained", &|| {
+        woodpecker.agent_by_name("picus-agent").is_some_and(|agent| !agent.no_schedule)
+    });
 
     woodpecker.start_task(&task, agent_id);
     std::thread::sleep(Duration::from_millis(1500));
@@ -286,7 +293,9 @@ fn watch_in_picus_aws_mode_starts_and_stops_the_named_instance() {
     assert_eq!(state(&instance), InstanceStateName::Stopped, "no job, no start");
     let task = woodpecker.add_task(&[("platform", "linux/amd64")]);
     wait_until("the instance started", &|| state(&instance) == InstanceStateName::Running);
-    wait_until("the agent undrained", &|| woodpecker.agent_by_name("picus-builder").is_some_and(|agent| !agent.no_schedule));
+    wait_until("the agent undrained", &|| {
+        woodpecker.agent_by_name("picus-builder").is_some_and(|agent| !agent.no_schedule)
+    });
 
     woodpecker.start_task(&task, agent_id);
     std::thread::sleep(Duration::from_millis(1500));
@@ -325,8 +334,8 @@ fn picus_trace(dir: &std::path::Path, env: &BTreeMap<String, String>) -> crate::
     let yaml = ciscale::import::picus::config_from_env(env).expect("a complete Picus environment");
     let config = dir.join("picus-as-config.yaml");
     std::fs::write(&config, yaml).expect("write config");
-    let trace =
-        crate::safety::ledger::PlanTrace::new(dir, config).forbid(&[AGENT_SECRET, crate::fakes::woodpecker::ADMIN_TOKEN]);
+    let trace = crate::safety::ledger::PlanTrace::new(dir, config)
+        .forbid(&[AGENT_SECRET, crate::fakes::woodpecker::ADMIN_TOKEN]);
     env.iter().fold(trace, |trace, (name, value)| trace.env_var(name, value))
 }
 

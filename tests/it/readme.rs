@@ -56,9 +56,13 @@ fn without_secrets(mut command: std::process::Command) -> std::process::Command 
 fn the_plan_at_the_top_is_the_real_output() {
     let text = readme();
     let shown = block_after(&text, "This is a plan");
-    let output = run(ciscale()
-        .current_dir(repo())
-        .args(["plan", "-c", "examples/fake.yaml", "--observed", "examples/fake.observed.yaml"]));
+    let output = run(ciscale().current_dir(repo()).args([
+        "plan",
+        "-c",
+        "examples/fake.yaml",
+        "--observed",
+        "examples/fake.observed.yaml",
+    ]));
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(shown, stdout(&output), "the README's plan is not what the command prints: update the README");
 }
@@ -103,7 +107,13 @@ fn every_walkthrough_validates_without_secrets_and_plans_offline() {
         let step = format!("ciscale plan -c ciscale.yaml --observed examples/{name}.observed.yaml");
         assert!(text.contains(&step), "the README's {name} walkthrough plans offline with `{step}`");
         let mut plan = without_secrets(ciscale());
-        plan.current_dir(dir.path()).args(["plan", "-c", "ciscale.yaml", "--observed", &format!("{name}.observed.yaml")]);
+        plan.current_dir(dir.path()).args([
+            "plan",
+            "-c",
+            "ciscale.yaml",
+            "--observed",
+            &format!("{name}.observed.yaml"),
+        ]);
         let planned = run(plan);
         assert_eq!(planned.status.code(), Some(0), "{name}: {}", stderr(&planned));
         assert!(stdout(&planned).contains("Plan: ") || stdout(&planned).contains("No changes."), "{name}");
@@ -119,7 +129,10 @@ fn walkthroughs_that_name_an_example_are_that_example() {
         let example = std::fs::read_to_string(repo().join(format!("examples/{name}.yaml"))).expect("example");
         let from_readme = ciscale::config::load_str("README.md", &config, &env).expect("README config");
         let from_example = ciscale::config::load_str("example.yaml", &example, &env).expect("example config");
-        assert_eq!(from_readme.config_hash, from_example.config_hash, "README's {name} walkthrough drifted from examples/{name}.yaml");
+        assert_eq!(
+            from_readme.config_hash, from_example.config_hash,
+            "README's {name} walkthrough drifted from examples/{name}.yaml"
+        );
     }
 }
 
@@ -144,7 +157,10 @@ fn the_woodpecker_walkthrough_runs_in_the_fake_world() {
     let text = readme();
     let dir = tempfile::tempdir().expect("dir");
     let config = fake_world_config(dir.path());
-    let world = || FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None }).expect("world");
+    let world = || {
+        FakeWorld::open(&FakeSpec { state_file: Some(dir.path().join("world.json")), simulate: false, jobs: None })
+            .expect("world")
+    };
     // A step as the README writes it, plus what a test needs on top (`--json --cycles N` instead of Ctrl-C).
     let step_with = |args: &[&str], extra: &[&str]| {
         let shown = format!("ciscale {}", args.join(" "));
@@ -161,10 +177,15 @@ fn the_woodpecker_walkthrough_runs_in_the_fake_world() {
     assert!(stdout(&planned).contains("Plan: 1 to create"), "{}", stdout(&planned));
     let applied = step(&["apply", "-c", "ciscale.yaml", "--auto-approve"]);
     assert!(applied.status.success(), "{}", stderr(&applied));
-    assert!(stderr(&applied).contains("create complete after") && stderr(&applied).contains("[id="), "{}", stderr(&applied));
+    assert!(
+        stderr(&applied).contains("create complete after") && stderr(&applied).contains("[id="),
+        "{}",
+        stderr(&applied)
+    );
 
     // 4. keep it running: a job arrives and the warm agent takes it; another agent is made warm.
-    let labels = BTreeMap::from([("platform".to_owned(), "linux/amd64".to_owned()), ("repo".to_owned(), "acme/app".to_owned())]);
+    let labels =
+        BTreeMap::from([("platform".to_owned(), "linux/amd64".to_owned()), ("repo".to_owned(), "acme/app".to_owned())]);
     world().push_task_for(labels, Duration::from_secs(3600));
     let watched = step_with(&["watch", "-c", "ciscale.yaml"], &["--json", "--cycles", "3"]);
     assert!(watched.status.success(), "{}", stderr(&watched));
@@ -188,6 +209,10 @@ fn the_woodpecker_walkthrough_runs_in_the_fake_world() {
         assert!(undone.status.success(), "{}", stderr(&undone));
     }
     let snapshot = world().snapshot();
-    assert!(snapshot.instances.iter().all(|instance| instance.state == InstanceState::Terminated), "{:?}", snapshot.instances);
+    assert!(
+        snapshot.instances.iter().all(|instance| instance.state == InstanceState::Terminated),
+        "{:?}",
+        snapshot.instances
+    );
     assert!(snapshot.agents.is_empty(), "agent records removed: {:?}", snapshot.agents);
 }

@@ -33,7 +33,9 @@ pools:
 
 fn load(name: &str, yaml: &str) -> Candidate {
     let loaded = ciscale::config::load_str_with_simulation(name, yaml, &|var| Some(format!("unset-{var}")))
-        .unwrap_or_else(|error| panic!("{name} is valid: {}", error.diagnostics().map(|d| d.render_plain()).unwrap_or_default()));
+        .unwrap_or_else(|error| {
+            panic!("{name} is valid: {}", error.diagnostics().map(|d| d.render_plain()).unwrap_or_default())
+        });
     Candidate { name: name.to_owned(), desired: loaded.desired, simulation: loaded.simulation }
 }
 
@@ -74,13 +76,21 @@ const ONE_JOB_ON_TICK: &str =
 fn one_job_on_an_empty_pool_waits_one_boot_time_plus_at_most_one_poll() {
     // Cycles run every 10 s from the window's start (midnight). A job arriving at 09:14:05 is seen by the cycle
     // at 09:14:10, whose create boots for 45 s: the agent takes the job at 09:14:55, 50 s after it arrived.
-    let off_tick = simulate::run_all(&request(vec![load("cold.yaml", &ec2_config("{ max: 2 }"))], jobs(&[ONE_JOB_OFF_TICK]), false));
+    let off_tick = simulate::run_all(&request(
+        vec![load("cold.yaml", &ec2_config("{ max: 2 }"))],
+        jobs(&[ONE_JOB_OFF_TICK]),
+        false,
+    ));
     let summary = total(&off_tick[0]);
     assert_eq!(summary.jobs, 1);
     assert_eq!(summary.wait_max_s, Some(50.0), "5 s to the next cycle + 45 s boot");
 
     // On a tick, exactly the boot time.
-    let on_tick = simulate::run_all(&request(vec![load("cold.yaml", &ec2_config("{ max: 2 }"))], jobs(&[ONE_JOB_ON_TICK]), false));
+    let on_tick = simulate::run_all(&request(
+        vec![load("cold.yaml", &ec2_config("{ max: 2 }"))],
+        jobs(&[ONE_JOB_ON_TICK]),
+        false,
+    ));
     let summary = total(&on_tick[0]);
     assert_eq!(summary.wait_max_s, Some(45.0));
     // The agent: created 09:14:10, busy 09:14:55-09:22:25, idle 30 min → drained by the cycle at 09:52:30,
@@ -212,7 +222,12 @@ fn skipping_idle_stretches_gives_the_same_result_as_cycling_through_them() {
                 let context = format!("{} {} ({profile})", candidate.name, fast.name);
                 assert_eq!(fast.json(), slow.json(), "{context}");
                 assert_eq!(fast.render(), slow.render(), "{context}");
-                assert!(fast.cycles * 2 < slow.cycles, "{context}: skipping planned {} of {} cycles", fast.cycles, slow.cycles);
+                assert!(
+                    fast.cycles * 2 < slow.cycles,
+                    "{context}: skipping planned {} of {} cycles",
+                    fast.cycles,
+                    slow.cycles
+                );
             }
         }
     }
@@ -250,8 +265,12 @@ pools:
     .iter()
     .map(|pairs| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
     .collect();
-    let demand_sets: Vec<Vec<String>> =
-        vec![vec![], vec!["docker".into()], vec!["Agent.OS -equals Windows_NT".into(), "docker".into()], vec!["java".into()]];
+    let demand_sets: Vec<Vec<String>> = vec![
+        vec![],
+        vec!["docker".into()],
+        vec!["Agent.OS -equals Windows_NT".into(), "docker".into()],
+        vec!["java".into()],
+    ];
     for source in desired.ci.keys() {
         let mut observed = Observed { observed_at: ts("2026-03-02T00:00:00Z"), ..Observed::default() };
         let mut expected = vec![0u32; desired.pools.len()];
@@ -259,7 +278,8 @@ pools:
         for labels in &label_sets {
             for demands in &demand_sets {
                 let first = desired.pools.iter().position(|pool| {
-                    &pool.ci.source == source && pool_takes(desired.ci.get(source).map(|s| &s.kind), pool, labels, demands)
+                    &pool.ci.source == source
+                        && pool_takes(desired.ci.get(source).map(|s| &s.kind), pool, labels, demands)
                 });
                 if let Some(first) = first {
                     expected[first] += 1;
@@ -297,8 +317,25 @@ fn same_inputs_and_seed_give_byte_identical_output() {
     let other = write(dir.path(), "b.yaml", &ec2_config("{ max: 1 }"));
     let simulate = |seed: &str, svg: &str| {
         let output = run(ciscale().current_dir(dir.path()).args([
-            "simulate", "-c", "a.yaml", "--compare", "b.yaml", "--policy", "picus", "--synthetic", "nightly-burst",
-            "--days", "3", "--seed", seed, "--boot-time", "30s-2m", "--capacity-errors", "ec2=10%", "--svg", svg,
+            "simulate",
+            "-c",
+            "a.yaml",
+            "--compare",
+            "b.yaml",
+            "--policy",
+            "picus",
+            "--synthetic",
+            "nightly-burst",
+            "--days",
+            "3",
+            "--seed",
+            seed,
+            "--boot-time",
+            "30s-2m",
+            "--capacity-errors",
+            "ec2=10%",
+            "--svg",
+            svg,
         ]));
         assert!(output.status.success(), "{}", stderr(&output));
         let chart = std::fs::read_to_string(dir.path().join(svg)).expect("svg written");
@@ -330,7 +367,12 @@ fn bad_trace_lines_are_reported_with_file_and_line_all_at_once() {
     let output = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "jobs.jsonl"]));
     assert_eq!(output.status.code(), Some(1));
     let text = stderr(&output);
-    for line in ["jobs.jsonl:2: `at`", "jobs.jsonl:4: `duration`", "jobs.jsonl:5: unknown field `label`", "jobs.jsonl:6: not a JSON"] {
+    for line in [
+        "jobs.jsonl:2: `at`",
+        "jobs.jsonl:4: `duration`",
+        "jobs.jsonl:5: unknown field `label`",
+        "jobs.jsonl:6: not a JSON",
+    ] {
         assert!(text.contains(line), "`{line}` in:\n{text}");
     }
     assert!(!text.contains("jobs.jsonl:1:") && !text.contains("jobs.jsonl:3:"), "{text}");
@@ -342,12 +384,14 @@ fn compare_and_picus_print_side_by_side_and_json_keys_are_exact() {
     let dir = tempfile::tempdir().expect("temp dir");
     write(dir.path(), "warm.yaml", &ec2_config("{ max: 3, minIdle: 1, idleTimeout: 5m }"));
     write(dir.path(), "cold.yaml", &ec2_config("{ max: 3, idleTimeout: 5m }"));
-    let args = ["simulate", "-c", "warm.yaml", "--compare", "cold.yaml", "--policy", "picus", "--synthetic", "office-week"];
+    let args =
+        ["simulate", "-c", "warm.yaml", "--compare", "cold.yaml", "--policy", "picus", "--synthetic", "office-week"];
     let output = run(ciscale().current_dir(dir.path()).args(args));
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
     let table = text.split("(changes against").next().unwrap_or_default();
-    let header = table.lines().find(|line| line.contains("warm.yaml") && line.contains("cold.yaml") && line.contains("picus"));
+    let header =
+        table.lines().find(|line| line.contains("warm.yaml") && line.contains("cold.yaml") && line.contains("picus"));
     assert!(header.is_some(), "one column per run:\n{text}");
     assert!(text.contains("(changes against `warm.yaml`)"), "{text}");
     assert!(text.lines().any(|line| line.starts_with("wait p95") && line.contains(" %)")), "deltas:\n{text}");
@@ -355,14 +399,26 @@ fn compare_and_picus_print_side_by_side_and_json_keys_are_exact() {
     let json = run(ciscale().current_dir(dir.path()).args(args).arg("--json"));
     let value: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("JSON");
     let runs = value["runs"].as_array().expect("runs");
-    assert_eq!(runs.iter().map(|run| run["name"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["warm.yaml", "cold.yaml", "picus"]);
+    assert_eq!(
+        runs.iter().map(|run| run["name"].as_str().unwrap_or("")).collect::<Vec<_>>(),
+        ["warm.yaml", "cold.yaml", "picus"]
+    );
     let keys = |object: &serde_json::Value| -> Vec<String> {
         let mut keys: Vec<String> = object.as_object().expect("object").keys().cloned().collect();
         keys.sort();
         keys
     };
-    let summary_keys =
-        ["agent_hours", "busy_hours", "cost", "creates", "jobs", "wait_max_s", "wait_p50_s", "wait_p95_s", "wait_p99_s"];
+    let summary_keys = [
+        "agent_hours",
+        "busy_hours",
+        "cost",
+        "creates",
+        "jobs",
+        "wait_max_s",
+        "wait_p50_s",
+        "wait_p95_s",
+        "wait_p99_s",
+    ];
     let mut pool_keys: Vec<&str> = summary_keys.to_vec();
     pool_keys.push("pool");
     pool_keys.sort();
@@ -373,7 +429,14 @@ fn compare_and_picus_print_side_by_side_and_json_keys_are_exact() {
         }
     }
     // A single run is `{"pools": [...], "total": {...}}` and nothing else.
-    let single = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "cold.yaml", "--synthetic", "office-week", "--json"]));
+    let single = run(ciscale().current_dir(dir.path()).args([
+        "simulate",
+        "-c",
+        "cold.yaml",
+        "--synthetic",
+        "office-week",
+        "--json",
+    ]));
     let value: serde_json::Value = serde_json::from_str(&stdout(&single)).expect("JSON");
     assert_eq!(keys(&value), ["pools", "total"]);
     // The warm pool waits less and costs more than the cold one; Picus (one agent) waits longest at p95.
@@ -389,8 +452,19 @@ fn the_svg_is_well_formed_and_carries_every_series() {
     write(dir.path(), "a.yaml", &ec2_config("{ max: 3 }"));
     write(dir.path(), "b & <c>.yaml", &ec2_config("{ max: 1 }"));
     let output = run(ciscale().current_dir(dir.path()).args([
-        "simulate", "-c", "a.yaml", "--compare", "b & <c>.yaml", "--policy", "picus", "--synthetic", "nightly-burst",
-        "--days", "2", "--svg", "chart.svg",
+        "simulate",
+        "-c",
+        "a.yaml",
+        "--compare",
+        "b & <c>.yaml",
+        "--policy",
+        "picus",
+        "--synthetic",
+        "nightly-burst",
+        "--days",
+        "2",
+        "--svg",
+        "chart.svg",
     ]));
     assert!(output.status.success(), "{}", stderr(&output));
     let text = std::fs::read_to_string(dir.path().join("chart.svg")).expect("chart written");
@@ -428,7 +502,8 @@ fn simulation_settings_are_checked_with_their_location() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = ec2_config("{ max: 2 }").replace("bootTime: 45s", "bootTime: soon").replace("0.10 USD", "cheap");
     write(dir.path(), "bad.yaml", &config);
-    let output = run(ciscale().current_dir(dir.path()).env("WOODPECKER_TOKEN", "x").args(["validate", "-c", "bad.yaml"]));
+    let output =
+        run(ciscale().current_dir(dir.path()).env("WOODPECKER_TOKEN", "x").args(["validate", "-c", "bad.yaml"]));
     assert_eq!(output.status.code(), Some(1));
     let text = stderr(&output);
     assert!(text.contains("bad.yaml:6:") && text.contains("invalid `bootTime` `soon`"), "{text}");
@@ -436,7 +511,13 @@ fn simulation_settings_are_checked_with_their_location() {
     // Flags are checked too.
     write(dir.path(), "good.yaml", &ec2_config("{ max: 2 }"));
     let output = run(ciscale().current_dir(dir.path()).args([
-        "simulate", "-c", "good.yaml", "--synthetic", "demo", "--boot-time", "nowhere=5s",
+        "simulate",
+        "-c",
+        "good.yaml",
+        "--synthetic",
+        "demo",
+        "--boot-time",
+        "nowhere=5s",
     ]));
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("backend `nowhere`, which no config has"), "{}", stderr(&output));
@@ -535,19 +616,23 @@ fn watching_the_fake_example_shows_agents_created_jobs_taken_and_agents_drained_
     let dir = tempfile::tempdir().expect("temp dir");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fake.yaml");
     std::fs::copy(&example, dir.path().join("fake.yaml")).expect("copy the example");
-    let watch = |cycles: &str| {
-        let output = run(ciscale()
-            .current_dir(dir.path())
-            .env("CISCALE_LOCK_DIR", dir.path().join("locks"))
-            .args(["watch", "-c", "fake.yaml", "--cycles", cycles]));
-        assert!(output.status.success(), "{}", stderr(&output));
-        stderr(&output)
-    };
+    let watch =
+        |cycles: &str| {
+            let output = run(ciscale()
+                .current_dir(dir.path())
+                .env("CISCALE_LOCK_DIR", dir.path().join("locks"))
+                .args(["watch", "-c", "fake.yaml", "--cycles", cycles]));
+            assert!(output.status.success(), "{}", stderr(&output));
+            stderr(&output)
+        };
     let log = watch("3");
     let creates = log.lines().filter(|line| line.contains("planned") && line.contains("action=create")).count();
     assert!(creates >= 2, "agents are created for the queued jobs:\n{log}");
     assert!(log.contains("jobs waiting"), "with the plan's reason:\n{log}");
-    assert!(log.contains("fake ci: job queued") && log.contains("fake ci: job taken"), "jobs arrive and are taken:\n{log}");
+    assert!(
+        log.contains("fake ci: job queued") && log.contains("fake ci: job taken"),
+        "jobs arrive and are taken:\n{log}"
+    );
 
     // Later, in a lull: the jobs are done and the agents have been idle for an hour.
     let world = ciscale::providers::fake::FakeWorld::open(&ciscale::model::FakeSpec {
@@ -598,10 +683,13 @@ fn trace_export_reads_woodpecker_workflows_with_their_labels_and_queue_times() {
     // Build runs 09:00:20-09:05:20, test waits for it and runs 09:05:30-09:10:30.
     fake.add_pipeline(app, T0, &[("build", T0 + 20, T0 + 320), ("test", T0 + 330, T0 + 630)], &files);
     // Waited for approval until 10:06:40; the old single-file layout with a top-level `platform`.
-    fake.add_pipeline_reviewed(app, T0 + 3600, T0 + 4000, &[("woodpecker", T0 + 4010, T0 + 4100)], &[(
-        ".woodpecker.yaml",
-        "platform: linux/amd64\nsteps: []\n",
-    )]);
+    fake.add_pipeline_reviewed(
+        app,
+        T0 + 3600,
+        T0 + 4000,
+        &[("woodpecker", T0 + 4010, T0 + 4100)],
+        &[(".woodpecker.yaml", "platform: linux/amd64\nsteps: []\n")],
+    );
     // Before the window, never started, still running: not in the trace.
     fake.add_pipeline(app, T0 - 2 * 86_400, &[("build", T0 - 2 * 86_400 + 5, T0 - 2 * 86_400 + 60)], &files[..1]);
     fake.add_pipeline(lib, T0 + 100, &[("build", 0, 0)], &files[..1]);
@@ -631,7 +719,16 @@ pools:
             .current_dir(dir.path())
             .env("WP_TOKEN", ADMIN_TOKEN)
             .env("HZ_TOKEN", "unused")
-            .args(["trace", "export", "-c", "c.yaml", "--from", "2026-03-02T00:00:00Z", "--until", "2026-03-03T00:00:00Z"])
+            .args([
+                "trace",
+                "export",
+                "-c",
+                "c.yaml",
+                "--from",
+                "2026-03-02T00:00:00Z",
+                "--until",
+                "2026-03-03T00:00:00Z",
+            ])
             .args(["-o", out]));
         assert!(output.status.success(), "{}", stderr(&output));
         assert!(!stderr(&output).contains(ADMIN_TOKEN) && !stdout(&output).contains(ADMIN_TOKEN));
@@ -650,17 +747,32 @@ pools:
     assert_eq!(
         lines,
         vec![
-            ("acme/app#1/build".into(), "2026-03-02T09:00:00Z".into(), 300, vec![("org-id", "3"), ("platform", "linux/amd64"), repo]),
+            (
+                "acme/app#1/build".into(),
+                "2026-03-02T09:00:00Z".into(),
+                300,
+                vec![("org-id", "3"), ("platform", "linux/amd64"), repo]
+            ),
             (
                 "acme/app#1/test".into(),
                 "2026-03-02T09:05:20Z".into(),
                 300,
                 vec![("gpu", "no"), ("org-id", "3"), ("platform", "linux/arm64"), repo]
             ),
-            ("acme/app#2/woodpecker".into(), "2026-03-02T10:06:40Z".into(), 90, vec![("org-id", "3"), ("platform", "linux/amd64"), repo]),
+            (
+                "acme/app#2/woodpecker".into(),
+                "2026-03-02T10:06:40Z".into(),
+                90,
+                vec![("org-id", "3"), ("platform", "linux/amd64"), repo]
+            ),
         ]
     );
-    assert!(log.contains("ci source `wp`: 3 jobs") && log.contains("1 that never started") && log.contains("1 still running"), "{log}");
+    assert!(
+        log.contains("ci source `wp`: 3 jobs")
+            && log.contains("1 that never started")
+            && log.contains("1 still running"),
+        "{log}"
+    );
     assert!(fake.spec_violations().is_empty(), "{:?}", fake.spec_violations());
 
     // Real servers send the workflow files as base64 text (Go's `[]byte`), not the spec's array of bytes.
@@ -675,10 +787,12 @@ pools:
     assert_eq!(again, exported);
 
     // The trace replays: the arm64 job goes to the arm pool, the others to amd.
-    let output = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "week.jsonl", "--json"]));
+    let output =
+        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "week.jsonl", "--json"]));
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
-    let jobs: Vec<u64> = value["pools"].as_array().expect("pools").iter().map(|pool| pool["jobs"].as_u64().unwrap_or(0)).collect();
+    let jobs: Vec<u64> =
+        value["pools"].as_array().expect("pools").iter().map(|pool| pool["jobs"].as_u64().unwrap_or(0)).collect();
     assert_eq!(jobs, vec![2, 1]);
 }
 
@@ -690,9 +804,23 @@ fn trace_export_reads_azure_job_requests_with_their_demands() {
     fake.add_pool("Default");
     fake.add_pool("Other");
     let at = |offset: i64| Some(Timestamp::from_second(T0 + offset).expect("time"));
-    fake.add_past_request("Default", &["docker", "Agent.OS -equals Linux"], at(0).unwrap(), at(30), at(330), "succeeded");
+    fake.add_past_request(
+        "Default",
+        &["docker", "Agent.OS -equals Linux"],
+        at(0).unwrap(),
+        at(30),
+        at(330),
+        "succeeded",
+    );
     fake.add_past_request("Default", &["docker"], at(600).unwrap(), at(601), at(661), "failed");
-    fake.add_past_request("Default", &["docker"], at(-3 * 86_400).unwrap(), at(-3 * 86_400 + 5), at(-3 * 86_400 + 65), "succeeded");
+    fake.add_past_request(
+        "Default",
+        &["docker"],
+        at(-3 * 86_400).unwrap(),
+        at(-3 * 86_400 + 5),
+        at(-3 * 86_400 + 65),
+        "succeeded",
+    );
     fake.add_past_request("Other", &[], at(100).unwrap(), at(110), at(200), "succeeded");
     fake.add_past_request("Default", &["docker"], at(700).unwrap(), None, None, ""); // still queued: never started
 
@@ -713,16 +841,20 @@ pools:
     );
     write(dir.path(), "c.yaml", &config);
     let output = run(ciscale().current_dir(dir.path()).env("AZP_TOKEN", PAT).args([
-        "trace", "export", "-c", "c.yaml", "--from", "2026-03-02T00:00:00Z", "--until", "2026-03-03T00:00:00Z",
+        "trace",
+        "export",
+        "-c",
+        "c.yaml",
+        "--from",
+        "2026-03-02T00:00:00Z",
+        "--until",
+        "2026-03-03T00:00:00Z",
     ]));
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!stdout(&output).contains(PAT) && !stderr(&output).contains(PAT));
     let exported = trace::parse_jsonl("stdout", &stdout(&output)).expect("a valid trace");
-    let lines: Vec<(String, i64, Vec<String>)> = exported
-        .jobs
-        .iter()
-        .map(|job| (job.at.to_string(), job.duration.as_secs(), job.demands.clone()))
-        .collect();
+    let lines: Vec<(String, i64, Vec<String>)> =
+        exported.jobs.iter().map(|job| (job.at.to_string(), job.duration.as_secs(), job.demands.clone())).collect();
     assert_eq!(
         lines,
         vec![
@@ -734,13 +866,15 @@ pools:
     assert!(exported.jobs.iter().all(|job| job.labels.get("azure-pool").map(String::as_str) == Some("Default")));
     assert!(stderr(&output).contains("1 that never started"), "{}", stderr(&output));
     // The history is one `jobrequests` call per bound pool, asking for the finished requests too.
-    let history: Vec<_> = fake.exchanges().into_iter().filter(|exchange| exchange.route == Route::JobRequests).collect();
+    let history: Vec<_> =
+        fake.exchanges().into_iter().filter(|exchange| exchange.route == Route::JobRequests).collect();
     assert_eq!(history.len(), 1);
     assert!(history[0].query.iter().any(|(key, value)| key == "completedRequestCount" && value == "10000"));
 
     // And the trace replays on the config: both jobs run on ephemeral agents.
     write(dir.path(), "azure.jsonl", &stdout(&output));
-    let output = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "azure.jsonl", "--json"]));
+    let output =
+        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "azure.jsonl", "--json"]));
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     assert_eq!(value["total"]["jobs"], 2);
@@ -760,7 +894,15 @@ fn the_readme_comparisons_are_what_simulate_prints() {
         };
         assert_eq!(lines.next(), Some("```text"), "a text block follows the marker of {config}");
         let block: Vec<&str> = lines.by_ref().take_while(|line| *line != "```").collect();
-        let output = run(ciscale().current_dir(root).args(["simulate", "-c", config, "--synthetic", "office-week", "--policy", "picus"]));
+        let output = run(ciscale().current_dir(root).args([
+            "simulate",
+            "-c",
+            config,
+            "--synthetic",
+            "office-week",
+            "--policy",
+            "picus",
+        ]));
         assert!(output.status.success(), "{}", stderr(&output));
         let text = stdout(&output);
         let table: Vec<&str> = text
@@ -827,7 +969,10 @@ fn without_capacity_nothing_is_created_and_the_breaker_paces_the_attempts() {
     let hours = run.until.duration_since(ts("2026-03-02T09:14:10Z")).as_secs_f64() / 3600.0;
     let expected = 6.0 * hours + 3.0;
     let failures = totals.create_failures as f64;
-    assert!((failures - expected).abs() < 0.02 * expected, "{failures} failures in {hours:.0} h, about {expected:.0} expected");
+    assert!(
+        (failures - expected).abs() < 0.02 * expected,
+        "{failures} failures in {hours:.0} h, about {expected:.0} expected"
+    );
     assert!(run.render().contains("creates failed for lack of capacity"));
 }
 
@@ -850,7 +995,11 @@ fn a_create_refused_for_capacity_is_tried_again_next_cycle_not_after_the_bootstr
         if (1..=2).contains(&totals.create_failures) {
             retried += 1;
             let wait = summary.wait_max_s.unwrap_or_default();
-            assert!(wait > 45.0 && wait <= 45.0 + 70.0, "seed {seed}: {} refusals, waited {wait} s", totals.create_failures);
+            assert!(
+                wait > 45.0 && wait <= 45.0 + 70.0,
+                "seed {seed}: {} refusals, waited {wait} s",
+                totals.create_failures
+            );
         }
     }
     assert!(retried >= 3, "enough seeds had a refused create: {retried}");

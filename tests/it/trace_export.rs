@@ -9,7 +9,7 @@ use ciscale::simulate::trace;
 use jiff::Timestamp;
 
 use crate::cli::{ciscale, run, stderr, stdout};
-use crate::fakes::github::{Fault, FakeGithub, PastJobSpec, ORG, PAT};
+use crate::fakes::github::{FakeGithub, Fault, PastJobSpec, ORG, PAT};
 
 const T0: i64 = 1_772_442_000; // 2026-03-02T09:00:00Z
 const WINDOW: [&str; 4] = ["--from", "2026-03-02T00:00:00Z", "--until", "2026-03-03T00:00:00Z"];
@@ -55,7 +55,9 @@ fn lines(trace: &trace::Trace) -> Vec<(String, String, i64, Vec<String>)> {
     trace
         .jobs
         .iter()
-        .map(|job| (job.id.clone().unwrap_or_default(), job.at.to_string(), job.duration.as_secs(), job.demands.clone()))
+        .map(|job| {
+            (job.id.clone().unwrap_or_default(), job.at.to_string(), job.duration.as_secs(), job.demands.clone())
+        })
         .collect()
 }
 
@@ -79,7 +81,8 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
     );
     // Cancelled while queued (GitHub still gives it a `started_at`), skipped, still queued and still running: not
     // in the trace.
-    let skipped = PastJobSpec { conclusion: "skipped", ..PastJobSpec::cancelled_while_queued(&linux, T0 + 3600, T0 + 3600) };
+    let skipped =
+        PastJobSpec { conclusion: "skipped", ..PastJobSpec::cancelled_while_queued(&linux, T0 + 3600, T0 + 3600) };
     fake.add_past_run(
         "acme/lib",
         T0 + 3600,
@@ -103,11 +106,22 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
     let (late_run, _) = fake.add_past_run(
         "acme/app",
         T0 - 10 * 3600,
-        &[PastJobSpec::ran(&linux, T0 - 10 * 3600, T0 - 10 * 3600 + 5, T0 - 10 * 3600 + 65), PastJobSpec::ran(&linux, T0 - 8 * 3600, T0 - 8 * 3600 + 2, T0 - 8 * 3600 + 122)],
+        &[
+            PastJobSpec::ran(&linux, T0 - 10 * 3600, T0 - 10 * 3600 + 5, T0 - 10 * 3600 + 65),
+            PastJobSpec::ran(&linux, T0 - 8 * 3600, T0 - 8 * 3600 + 2, T0 - 8 * 3600 + 122),
+        ],
     );
     // Two days before, and at the window's end (excluded: the window is [from, until)).
-    fake.add_past_run("acme/app", T0 - 2 * 86_400, &[PastJobSpec::ran(&linux, T0 - 2 * 86_400, T0 - 2 * 86_400 + 1, T0 - 2 * 86_400 + 60)]);
-    fake.add_past_run("acme/app", T0 + 15 * 3600, &[PastJobSpec::ran(&linux, T0 + 15 * 3600, T0 + 15 * 3600 + 1, T0 + 15 * 3600 + 60)]);
+    fake.add_past_run(
+        "acme/app",
+        T0 - 2 * 86_400,
+        &[PastJobSpec::ran(&linux, T0 - 2 * 86_400, T0 - 2 * 86_400 + 1, T0 - 2 * 86_400 + 60)],
+    );
+    fake.add_past_run(
+        "acme/app",
+        T0 + 15 * 3600,
+        &[PastJobSpec::ran(&linux, T0 + 15 * 3600, T0 + 15 * 3600 + 1, T0 + 15 * 3600 + 60)],
+    );
     // Live work of `watch`'s kind shares the fake: a queued job created now is outside the window.
     fake.queue_run("acme/app", &[&linux]);
 
@@ -122,10 +136,20 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
         lines(&exported),
         vec![
             (format!("acme/app#{late_run}/job-{}", late_run + 3), "2026-03-02T01:00:00Z".into(), 120, strings(&linux)),
-            (format!("acme/app#{build_run}/job-{}", build_run + 1), "2026-03-02T09:00:00Z".into(), 300, strings(&linux)),
+            (
+                format!("acme/app#{build_run}/job-{}", build_run + 1),
+                "2026-03-02T09:00:00Z".into(),
+                300,
+                strings(&linux)
+            ),
             (format!("acme/app#{build_run}/job-{}", build_run + 3), "2026-03-02T09:05:30Z".into(), 300, strings(&gpu)),
             (format!("acme/lib#{rerun}/job-{}", rerun + 1), "2026-03-02T11:00:00Z".into(), 60, strings(&linux)),
-            (format!("acme/lib#{rerun}/job-{} (attempt 2)", rerun + 3), "2026-03-02T11:03:20Z".into(), 60, strings(&linux)),
+            (
+                format!("acme/lib#{rerun}/job-{} (attempt 2)", rerun + 3),
+                "2026-03-02T11:03:20Z".into(),
+                60,
+                strings(&linux)
+            ),
         ],
         "queued at `created_at`, run from `started_at` to `completed_at`, asking for `runs-on`"
     );
@@ -137,11 +161,15 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
     let requests = fake.request_log();
     let run_lists: Vec<&String> = requests.iter().filter(|line| line.contains("/actions/runs?")).collect();
     assert_eq!(run_lists.len(), 2, "one list per repository: {requests:#?}");
-    assert!(run_lists.iter().all(|line| line.contains("created=2026-03-01T00%3A00%3A00Z..2026-03-02T23%3A59%3A59Z")), "{run_lists:#?}");
+    assert!(
+        run_lists.iter().all(|line| line.contains("created=2026-03-01T00%3A00%3A00Z..2026-03-02T23%3A59%3A59Z")),
+        "{run_lists:#?}"
+    );
     assert!(requests.iter().filter(|line| line.contains("/jobs?")).all(|line| line.contains("filter=all")));
 
     // The round trip: the trace replays on the same config, the GPU job on the GPU pool, the rest on Linux.
-    let output = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "gh.jsonl", "--json"]));
+    let output =
+        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "gh.jsonl", "--json"]));
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     let jobs: Vec<(String, u64)> = value["pools"]
@@ -179,7 +207,8 @@ fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
         let at = T0 + 60 * n;
         fake.add_past_run("acme/app", at, &[PastJobSpec::ran(&linux, at, at + 10, at + 40)]);
     }
-    let wide: Vec<PastJobSpec> = (0..120).map(|n| PastJobSpec::ran(&linux, T0 + 20_000, T0 + 20_000 + n, T0 + 20_100 + n)).collect();
+    let wide: Vec<PastJobSpec> =
+        (0..120).map(|n| PastJobSpec::ran(&linux, T0 + 20_000, T0 + 20_000 + n, T0 + 20_100 + n)).collect();
     fake.add_past_run("acme/app", T0 + 20_000, &wide);
 
     let exported = export_repo(&fake);
@@ -189,7 +218,11 @@ fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
     let requests = fake.request_log();
     assert!(requests.iter().any(|line| line.contains("/actions/runs?") && line.contains("page=2")), "{requests:#?}");
     assert!(requests.iter().any(|line| line.contains("/jobs?") && line.contains("page=2")), "{requests:#?}");
-    assert_eq!(requests.iter().filter(|line| line.contains("/jobs?")).count(), 152, "one page per small run, two for the wide one");
+    assert_eq!(
+        requests.iter().filter(|line| line.contains("/jobs?")).count(),
+        152,
+        "one page per small run, two for the wide one"
+    );
     assert!(fake.spec_violations().is_empty(), "{:#?}", fake.spec_violations());
 }
 
@@ -211,7 +244,9 @@ fn github_export_splits_a_window_with_more_runs_than_github_lists() {
         .request_log()
         .iter()
         .filter(|line| line.contains("/actions/runs?"))
-        .filter_map(|line| line.split("created=").nth(1).map(|rest| rest.split('&').next().unwrap_or_default().to_owned()))
+        .filter_map(|line| {
+            line.split("created=").nth(1).map(|rest| rest.split('&').next().unwrap_or_default().to_owned())
+        })
         .collect();
     assert!(ranges.len() >= 3, "the whole range, then its halves: {ranges:#?}");
     // What it cost: the whole range (capped at once), its two halves (the first empty, the second capped), the
@@ -331,11 +366,18 @@ pools:
     let output = export(&["-o", "all.jsonl"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let log = stderr(&output);
-    assert!(log.contains("warning: ci source `fj` skipped") && log.contains("runs-on") && log.contains("hint:"), "{log}");
+    assert!(
+        log.contains("warning: ci source `fj` skipped") && log.contains("runs-on") && log.contains("hint:"),
+        "{log}"
+    );
     assert!(log.contains("ci source `gh`: 1 jobs"), "{log}");
     let exported = trace::read_file(&dir.path().join("all.jsonl")).expect("a valid trace");
     assert_eq!(exported.jobs.len(), 1);
-    assert_eq!(exported.jobs[0].ci.as_ref().map(ToString::to_string).as_deref(), Some("gh"), "two sources: each line names its own");
+    assert_eq!(
+        exported.jobs[0].ci.as_ref().map(ToString::to_string).as_deref(),
+        Some("gh"),
+        "two sources: each line names its own"
+    );
 
     // Forgejo named: the export fails and says why and what to do instead, without the token.
     let output = export(&["--source", "fj"]);
@@ -346,7 +388,8 @@ pools:
     assert!(stdout(&output).is_empty(), "no trace on stdout");
 
     // The GitHub part replays on the two-source config.
-    let output = run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "all.jsonl", "--json"]));
+    let output =
+        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "all.jsonl", "--json"]));
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     assert_eq!(value["total"]["jobs"], 1);
@@ -357,7 +400,11 @@ fn github_export_reads_a_server_that_ignores_the_created_filter_newest_first() {
     let fake = FakeGithub::start();
     fake.add_repo("acme/app");
     let docker = ["self-hosted", "docker"];
-    let (old, _) = fake.add_past_run("acme/app", T0 - 3 * 86_400, &[PastJobSpec::ran(&docker, T0 - 3 * 86_400, T0 - 3 * 86_400 + 1, T0 - 3 * 86_400 + 61)]);
+    let (old, _) = fake.add_past_run(
+        "acme/app",
+        T0 - 3 * 86_400,
+        &[PastJobSpec::ran(&docker, T0 - 3 * 86_400, T0 - 3 * 86_400 + 1, T0 - 3 * 86_400 + 61)],
+    );
     fake.add_past_run("acme/app", T0, &[PastJobSpec::ran(&docker, T0, T0 + 10, T0 + 70)]);
     fake.add_past_run("acme/app", T0 + 60, &[PastJobSpec::ran(&docker, T0 + 60, T0 + 65, T0 + 185)]);
     // The first (filtered) list answers with every run, as a server without the filter would (the old run is
@@ -367,10 +414,16 @@ fn github_export_reads_a_server_that_ignores_the_created_filter_newest_first() {
         serde_json::json!({"total_count": 3, "workflow_runs": [{"id": old, "created_at": Timestamp::from_second(T0 - 3 * 86_400).expect("t").to_string()}]}),
     );
     let exported = export_repo(&fake);
-    let durations: Vec<(String, i64)> = exported.jobs.iter().map(|job| (job.at.to_string(), job.duration.as_secs())).collect();
+    let durations: Vec<(String, i64)> =
+        exported.jobs.iter().map(|job| (job.at.to_string(), job.duration.as_secs())).collect();
     assert_eq!(durations, vec![("2026-03-02T09:00:00Z".to_owned(), 60), ("2026-03-02T09:01:00Z".to_owned(), 120)]);
-    let run_lists: Vec<String> = fake.request_log().into_iter().filter(|line| line.contains("/actions/runs?")).collect();
+    let run_lists: Vec<String> =
+        fake.request_log().into_iter().filter(|line| line.contains("/actions/runs?")).collect();
     assert_eq!(run_lists.len(), 2, "one filtered list, then one unfiltered: no splitting {run_lists:#?}");
     assert!(!run_lists[1].contains("created="), "{run_lists:#?}");
-    assert_eq!(fake.count("GET /repos/{owner}/{repo}/actions/runs/{run_id}/jobs"), 2, "the old run's jobs are not read");
+    assert_eq!(
+        fake.count("GET /repos/{owner}/{repo}/actions/runs/{run_id}/jobs"),
+        2,
+        "the old run's jobs are not read"
+    );
 }

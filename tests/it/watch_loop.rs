@@ -33,7 +33,10 @@ fn load(yaml: &str) -> Desired {
 }
 
 fn options() -> WatchOptions {
-    WatchOptions { apply: ApplyOptions { poll: Duration::from_millis(5), ..ApplyOptions::default() }, ..WatchOptions::default() }
+    WatchOptions {
+        apply: ApplyOptions { poll: Duration::from_millis(5), ..ApplyOptions::default() },
+        ..WatchOptions::default()
+    }
 }
 
 /// Polls `probe` (bounded) until it returns something.
@@ -57,7 +60,12 @@ struct Running {
 }
 
 impl Running {
-    fn start(desired: Desired, providers: Providers, options: WatchOptions, triggers: Vec<tokio::sync::mpsc::Receiver<watch::Trigger>>) -> Self {
+    fn start(
+        desired: Desired,
+        providers: Providers,
+        options: WatchOptions,
+        triggers: Vec<tokio::sync::mpsc::Receiver<watch::Trigger>>,
+    ) -> Self {
         let reports = Arc::new(Mutex::new(Vec::new()));
         let seen = reports.clone();
         let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
@@ -119,7 +127,10 @@ pools:
     fast.push_task(labels("stuck"));
     let hung_since = Instant::now();
     let running = Running::start(desired, providers, options(), Vec::new());
-    eventually("the first create to hang on `slow`", Duration::from_secs(30), || (slow.calls(Op::Create) == 1).then_some(())).await;
+    eventually("the first create to hang on `slow`", Duration::from_secs(30), || {
+        (slow.calls(Op::Create) == 1).then_some(())
+    })
+    .await;
 
     // A job for the other pool, while `slow`'s create hangs.
     let pushed = Instant::now();
@@ -189,14 +200,16 @@ pools:
     let triggers = watch::triggers::from_config(&desired);
     let running = Running::start(desired, providers, options(), triggers);
     let first = crate::incus::wait_owned_running(&incus, &owner, None).await;
-    eventually("the create on `slow` to hang", Duration::from_secs(30), || (slow.calls(Op::Create) == 1).then_some(())).await;
+    eventually("the create on `slow` to hang", Duration::from_secs(30), || (slow.calls(Op::Create) == 1).then_some(()))
+        .await;
     // Let the cycle that followed the first container's create pass, so the poweroff is an event to react to.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // A listener of our own on the same event stream: when the event reached ciscale.
     let mut events = ciscale::providers::incus::events::subscribe(incus.clone(), owner.clone());
     let since = jiff::Timestamp::now();
-    let poweroff = ciscale::providers::Exec { command: vec!["poweroff".into(), "-f".into()], env: BTreeMap::new(), wait: false };
+    let poweroff =
+        ciscale::providers::Exec { command: vec!["poweroff".into(), "-f".into()], env: BTreeMap::new(), wait: false };
     drop(ciscale::providers::Backend::exec(&incus, &first.id, &poweroff).await);
     let event_at = {
         let name = first.name.clone();
@@ -410,8 +423,15 @@ pools:
 "#;
     let error = ciscale::config::load_str("t.yaml", yaml, &|_| None).unwrap_err();
     let plain = error.diagnostics().expect("config problems").render_plain();
-    assert!(plain.contains("t.yaml:4:") && plain.contains("`changeTimeout` of backend `zero` must be longer than zero"), "{plain}");
-    assert!(plain.contains("t.yaml:5:") && plain.contains("invalid duration `a while` for `changeTimeout` of backend `words`"), "{plain}");
+    assert!(
+        plain.contains("t.yaml:4:") && plain.contains("`changeTimeout` of backend `zero` must be longer than zero"),
+        "{plain}"
+    );
+    assert!(
+        plain.contains("t.yaml:5:")
+            && plain.contains("invalid duration `a while` for `changeTimeout` of backend `words`"),
+        "{plain}"
+    );
     assert!(!plain.contains("`fine`"), "{plain}");
 
     let valid = load(&yaml.replace("changeTimeout: 0s", "changeTimeout: 2m").replace("a while", "1h"));
@@ -463,7 +483,10 @@ pools:
         world.push_task(labels("linux"));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    eventually("the pool's five agents", Duration::from_secs(30), || (instances_of(&world, "linux").len() == 5).then_some(())).await;
+    eventually("the pool's five agents", Duration::from_secs(30), || {
+        (instances_of(&world, "linux").len() == 5).then_some(())
+    })
+    .await;
     let elapsed = started.elapsed();
     let reports = running.reports();
     let deletes = world.calls(Op::Delete);
@@ -475,7 +498,10 @@ pools:
     // The target alone backs off: tries at 0, 20, 60, 140, 300, 620, 1260 ms, ... (+10 % jitter at most), so
     // about log2(elapsed / 20 ms) of them; two more for rounding and the cycle that was running at the end.
     let bound = ((elapsed.as_millis() as f64 / 20.0) + 1.0).log2().floor() as u64 + 2;
-    assert!((1..=bound).contains(&deletes), "the failing target backed off: {deletes} delete calls (at most {bound}) in {cycles} cycles");
+    assert!(
+        (1..=bound).contains(&deletes),
+        "the failing target backed off: {deletes} delete calls (at most {bound}) in {cycles} cycles"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -78,7 +78,13 @@ fn read_answer(stream: &mut TcpStream) -> (u16, String) {
 }
 
 /// `POST /webhooks/{source}` of `body` with GitHub's headers; `signature`: the `X-Hub-Signature-256` value.
-pub(crate) fn deliver(address: SocketAddr, source: &str, event: &str, signature: Option<&str>, body: &[u8]) -> (u16, String) {
+pub(crate) fn deliver(
+    address: SocketAddr,
+    source: &str,
+    event: &str,
+    signature: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let signature = signature.map(|value| format!("\r\nX-Hub-Signature-256: {value}")).unwrap_or_default();
     let head = format!(
         "POST /webhooks/{source} HTTP/1.1\r\nContent-Type: application/json\r\nUser-Agent: GitHub-Hookshot/044aadd\r\n\
@@ -106,7 +112,9 @@ pub(crate) fn get(address: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// The listener with the config's sources, as `watch` serves it.
-async fn listen(desired: &Desired) -> (SocketAddr, Arc<Webhooks>, mpsc::Receiver<Trigger>, ciscale::providers::Providers) {
+async fn listen(
+    desired: &Desired,
+) -> (SocketAddr, Arc<Webhooks>, mpsc::Receiver<Trigger>, ciscale::providers::Providers) {
     let shared = Arc::new(Metrics::new(Duration::from_secs(3600)));
     let providers = metrics::instrument(&ciscale::providers::connect(desired).expect("connect"), &shared);
     let (webhooks, triggers) = Webhooks::new(&providers.ci, shared.clone());
@@ -132,7 +140,8 @@ async fn each_delivery_is_answered_as_its_source_says_and_only_verified_ones_wak
 
     // A verified `queued` delivery: 202 and one wake-up of the loop, naming the source and the job's repository.
     let body = queued.clone();
-    let (status, text) = blocking(move || deliver(address, "github", "workflow_job", Some(&signed(&body)), &body)).await;
+    let (status, text) =
+        blocking(move || deliver(address, "github", "workflow_job", Some(&signed(&body)), &body)).await;
     assert_eq!(status, 202, "{text}");
     let trigger = triggers.try_recv().expect("a verified queued job wakes the loop");
     assert_eq!(trigger.source, "webhook github");
@@ -176,7 +185,8 @@ async fn each_delivery_is_answered_as_its_source_says_and_only_verified_ones_wak
     assert_eq!(status, 404);
     assert!(text.contains("takes no webhooks"), "{text}");
     let body = queued.clone();
-    let (status, text) = blocking(move || deliver(address, "gitlab", "workflow_job", Some(&signed(&body)), &body)).await;
+    let (status, text) =
+        blocking(move || deliver(address, "gitlab", "workflow_job", Some(&signed(&body)), &body)).await;
     assert_eq!(status, 404);
     assert!(text.contains("no ci source named `gitlab`"), "{text}");
     let (status, _) = blocking(move || get(address, "/webhooks/github")).await;
@@ -239,7 +249,9 @@ async fn a_body_is_read_no_further_than_the_sources_limit() {
         while left > 0 {
             let size = left.min(64 * 1024);
             let chunk = vec![b'x'; size];
-            let sent = write!(stream, "{size:x}\r\n").and_then(|()| stream.write_all(&chunk)).and_then(|()| stream.write_all(b"\r\n"));
+            let sent = write!(stream, "{size:x}\r\n")
+                .and_then(|()| stream.write_all(&chunk))
+                .and_then(|()| stream.write_all(b"\r\n"));
             if sent.is_err() {
                 break;
             }
@@ -255,7 +267,10 @@ async fn a_body_is_read_no_further_than_the_sources_limit() {
 
     // A body at the limit is read (and then refused for its signature, not its size).
     let body = vec![b' '; limit];
-    let (status, text) = blocking(move || deliver(address, "github", "workflow_job", Some(&format!("sha256={}", "0".repeat(64))), &body)).await;
+    let (status, text) = blocking(move || {
+        deliver(address, "github", "workflow_job", Some(&format!("sha256={}", "0".repeat(64))), &body)
+    })
+    .await;
     assert_eq!(status, 401, "{text}");
 }
 
@@ -276,9 +291,16 @@ impl Looping {
         let seen = reports.clone();
         let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
-            watch::run_with_triggers(&desired, &providers, &WatchOptions::default(), &cancel, vec![triggers], |report| {
-                seen.lock().expect("reports").push((report.clone(), Instant::now()));
-            })
+            watch::run_with_triggers(
+                &desired,
+                &providers,
+                &WatchOptions::default(),
+                &cancel,
+                vec![triggers],
+                |report| {
+                    seen.lock().expect("reports").push((report.clone(), Instant::now()));
+                },
+            )
             .await;
         });
         let looping = Self { reports, task, _cancel: cancel_tx };
@@ -327,7 +349,9 @@ async fn a_burst_of_deliveries_wakes_the_loop_once_more_not_once_each() {
     let burst: Vec<_> = (0..20)
         .map(|_| {
             let body = body.clone();
-            tokio::task::spawn_blocking(move || deliver(address, "github", "workflow_job", Some(&signed(&body)), &body).0)
+            tokio::task::spawn_blocking(move || {
+                deliver(address, "github", "workflow_job", Some(&signed(&body)), &body).0
+            })
         })
         .collect();
     for delivery in burst {
@@ -363,7 +387,8 @@ async fn a_delivery_while_a_cycle_runs_starts_another_after_it() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let second = untaken_job(&fake);
-    let (status, _) = blocking(move || deliver(address, "github", "workflow_job", Some(&signed(&second)), &second)).await;
+    let (status, _) =
+        blocking(move || deliver(address, "github", "workflow_job", Some(&signed(&second)), &second)).await;
     assert_eq!(status, 202);
     assert_eq!(looping.cycles(), 1, "the woken cycle is still held in its GitHub call");
     looping.wait_for(3, "a cycle after the one the second delivery came during").await;
@@ -392,9 +417,13 @@ fn watch_warns_when_a_source_expects_webhooks_but_nothing_listens() {
         .expect("run watch");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    let warning = stderr.lines().find(|line| line.contains("takes webhooks")).unwrap_or_else(|| panic!("no warning:\n{stderr}"));
+    let warning =
+        stderr.lines().find(|line| line.contains("takes webhooks")).unwrap_or_else(|| panic!("no warning:\n{stderr}"));
     assert!(warning.contains("WARN") && warning.contains("`github`") && warning.contains("no listener"), "{warning}");
-    assert!(stderr.contains("hint: set `metrics: { listen: ADDRESS:PORT }`") && stderr.contains("/webhooks/github"), "{stderr}");
+    assert!(
+        stderr.contains("hint: set `metrics: { listen: ADDRESS:PORT }`") && stderr.contains("/webhooks/github"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("`sim` takes webhooks"), "the fake CI takes none: {stderr}");
     assert!(!stderr.contains(SECRET) && !stderr.contains(PAT));
 }

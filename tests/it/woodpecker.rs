@@ -24,11 +24,7 @@ fn client(fake: &FakeWoodpecker) -> Woodpecker {
 
 fn assert_spec_clean(fake: &FakeWoodpecker) {
     let violations = fake.spec_violations();
-    assert!(
-        violations.is_empty(),
-        "traffic that does not match the Woodpecker spec:\n{}",
-        violations.join("\n")
-    );
+    assert!(violations.is_empty(), "traffic that does not match the Woodpecker spec:\n{}", violations.join("\n"));
 }
 
 fn register_request(name: &str) -> RegisterAgent {
@@ -48,10 +44,7 @@ async fn conformance_suite_passes_against_the_fake() {
     let fake = FakeWoodpecker::start();
     ci_conformance(Arc::new(client(&fake)), "wp").await;
     assert!(fake.agents().is_empty(), "the suite cleans up: {:?}", fake.agents());
-    assert!(
-        fake.count("PATCH /api/agents/{agent_id}") >= 2,
-        "drain and undrain went through PATCH"
-    );
+    assert!(fake.count("PATCH /api/agents/{agent_id}") >= 2, "drain and undrain went through PATCH");
     assert_spec_clean(&fake);
 }
 
@@ -68,28 +61,13 @@ async fn observe_reads_queue_agents_busy_and_times() {
 
     let observed = client(&fake).observe().await.expect("observe");
     assert_eq!(observed.queue.pending.len(), 1);
-    assert_eq!(
-        observed.queue.pending[0].labels.get("platform").map(String::as_str),
-        Some("linux/arm64")
-    );
-    assert_eq!(
-        observed.queue.pending[0].labels.get("repo").map(String::as_str),
-        Some("acme/app")
-    );
+    assert_eq!(observed.queue.pending[0].labels.get("platform").map(String::as_str), Some("linux/arm64"));
+    assert_eq!(observed.queue.pending[0].labels.get("repo").map(String::as_str), Some("acme/app"));
     assert_eq!(observed.queue.running.len(), 1);
-    assert_eq!(
-        observed.queue.running[0].agent_id,
-        Some(AgentId::new(busy_id.to_string()))
-    );
+    assert_eq!(observed.queue.running[0].agent_id, Some(AgentId::new(busy_id.to_string())));
     assert_eq!(observed.queue.pending[0].agent_id, None);
 
-    let agent = |id: i64| {
-        observed
-            .agents
-            .iter()
-            .find(|agent| agent.id.as_str() == id.to_string())
-            .expect("listed")
-    };
+    let agent = |id: i64| observed.agents.iter().find(|agent| agent.id.as_str() == id.to_string()).expect("listed");
     assert!(agent(busy_id).busy);
     assert!(!agent(idle_id).busy);
     assert_eq!(agent(idle_id).last_work.map(|t| t.as_second()), Some(1_700_000_000));
@@ -103,26 +81,17 @@ async fn observe_reads_queue_agents_busy_and_times() {
 #[tokio::test]
 async fn observe_accepts_null_arrays_and_missing_fields_of_older_servers() {
     let fake = FakeWoodpecker::start();
-    fake.serve_raw_once(
-        "GET /api/queue/info",
-        json!({ "pending": null, "running": null, "stats": {} }),
-    );
+    fake.serve_raw_once("GET /api/queue/info", json!({ "pending": null, "running": null, "stats": {} }));
     fake.serve_raw_once("GET /api/agents", json!([{ "id": 4, "name": "old" }]));
     let observed = client(&fake).observe().await.expect("observe an old server");
     assert!(observed.queue.pending.is_empty() && observed.queue.running.is_empty());
     assert_eq!(observed.agents.len(), 1);
     let old = &observed.agents[0];
-    assert_eq!(
-        (old.id.as_str(), old.name.as_str(), old.busy, old.no_schedule),
-        ("4", "old", false, false)
-    );
+    assert_eq!((old.id.as_str(), old.name.as_str(), old.busy, old.no_schedule), ("4", "old", false, false));
     assert_eq!((old.last_contact, old.last_work), (None, None));
 
     // Even older: no `running` key at all, numeric task ids, `null` labels, `null` agent list.
-    fake.serve_raw_once(
-        "GET /api/queue/info",
-        json!({ "pending": [{ "id": 12, "labels": null }] }),
-    );
+    fake.serve_raw_once("GET /api/queue/info", json!({ "pending": [{ "id": 12, "labels": null }] }));
     fake.serve_raw_once("GET /api/agents", json!(null));
     let observed = client(&fake).observe().await.expect("observe an older server");
     assert_eq!(observed.queue.pending.len(), 1);
@@ -167,35 +136,17 @@ async fn register_hands_out_the_agents_own_token_and_connection_env() {
     assert_eq!(credential.agent_id.as_str(), record.id.to_string());
     assert_eq!(credential.token.expose(), record.token, "the agent's own token");
     assert_ne!(credential.token.expose(), ADMIN_TOKEN, "never the admin token");
+    assert_eq!(credential.env.get("WOODPECKER_SERVER").map(String::as_str), Some("127.0.0.1:9000"));
+    assert_eq!(credential.env.get("WOODPECKER_AGENT_LABELS").map(String::as_str), Some("!gpu=no,platform=linux/amd64"));
     assert_eq!(
-        credential.env.get("WOODPECKER_SERVER").map(String::as_str),
-        Some("127.0.0.1:9000")
-    );
-    assert_eq!(
-        credential.env.get("WOODPECKER_AGENT_LABELS").map(String::as_str),
-        Some("!gpu=no,platform=linux/amd64")
-    );
-    assert_eq!(
-        credential
-            .env
-            .get(ciscale::providers::TOKEN_ENV_NAME_KEY)
-            .map(String::as_str),
+        credential.env.get(ciscale::providers::TOKEN_ENV_NAME_KEY).map(String::as_str),
         Some("WOODPECKER_AGENT_SECRET")
     );
-    assert!(
-        credential.env.values().all(|value| !value.contains(&record.token)),
-        "the env is secret-free"
-    );
-    assert!(
-        !format!("{credential:?}").contains(&record.token),
-        "Debug hides the token"
-    );
+    assert!(credential.env.values().all(|value| !value.contains(&record.token)), "the env is secret-free");
+    assert!(!format!("{credential:?}").contains(&record.token), "Debug hides the token");
 
     // Create-if-absent: the same record and token again, nothing new.
-    let again = wp
-        .register(&register_request("ci-linux-1"))
-        .await
-        .expect("register again");
+    let again = wp.register(&register_request("ci-linux-1")).await.expect("register again");
     assert_eq!(again.agent_id, credential.agent_id);
     assert_eq!(again.token.expose(), credential.token.expose());
     assert_eq!(fake.agents().len(), 1);
@@ -207,14 +158,8 @@ async fn register_hands_out_the_agents_own_token_and_connection_env() {
     assert_spec_clean(&fake);
 
     let custom = Woodpecker::new(&fake.url(), Secret::new(ADMIN_TOKEN), Some("grpc.example.com:443")).expect("client");
-    let other = custom
-        .register(&register_request("ci-linux-2"))
-        .await
-        .expect("register");
-    assert_eq!(
-        other.env.get("WOODPECKER_SERVER").map(String::as_str),
-        Some("grpc.example.com:443")
-    );
+    let other = custom.register(&register_request("ci-linux-2")).await.expect("register");
+    assert_eq!(other.env.get("WOODPECKER_SERVER").map(String::as_str), Some("grpc.example.com:443"));
 }
 
 #[tokio::test]
@@ -223,10 +168,7 @@ async fn register_of_an_existing_agent_without_a_visible_token_replaces_it_unles
     let wp = client(&fake);
     let idle = fake.add_agent("ci-linux-1");
     // A server that hides tokens in its list: the idle record is deleted and made anew.
-    fake.serve_raw_once(
-        "GET /api/agents",
-        json!([{ "id": idle, "name": "ci-linux-1", "token": "" }]),
-    );
+    fake.serve_raw_once("GET /api/agents", json!([{ "id": idle, "name": "ci-linux-1", "token": "" }]));
     let credential = wp.register(&register_request("ci-linux-1")).await.expect("register");
     assert_ne!(credential.agent_id.as_str(), idle.to_string(), "a new record");
     assert_eq!(fake.agents().len(), 1);
@@ -237,14 +179,8 @@ async fn register_of_an_existing_agent_without_a_visible_token_replaces_it_unles
     fake.start_task(&task, busy);
     fake.serve_raw_once("GET /api/agents", json!([{ "id": busy, "name": "ci-linux-1" }]));
     let refused = wp.register(&register_request("ci-linux-1")).await;
-    assert!(
-        matches!(refused, Err(Error::AlreadyExists { .. })),
-        "a busy agent is never replaced: {refused:?}"
-    );
-    assert!(
-        fake.agents().iter().any(|agent| agent.id == busy),
-        "the busy agent is still there"
-    );
+    assert!(matches!(refused, Err(Error::AlreadyExists { .. })), "a busy agent is never replaced: {refused:?}");
+    assert!(fake.agents().iter().any(|agent| agent.id == busy), "the busy agent is still there");
 }
 
 #[tokio::test]
@@ -260,10 +196,7 @@ async fn errors_map_onto_the_provider_error_kinds() {
     let user = Woodpecker::new(&fake.url(), Secret::new(USER_TOKEN), None).expect("client");
     match user.observe().await {
         Err(Error::Unauthenticated { message, .. }) => {
-            assert!(
-                message.contains("not an admin token") && message.contains("`GET /api/queue/info`"),
-                "{message}"
-            )
+            assert!(message.contains("not an admin token") && message.contains("`GET /api/queue/info`"), "{message}")
         }
         other => panic!("403: {other:?}"),
     }
@@ -283,10 +216,7 @@ async fn errors_map_onto_the_provider_error_kinds() {
     fake.fail_next(Fault::MalformedJson);
     match wp.observe().await {
         Err(error @ Error::Other { .. }) => {
-            assert!(
-                error.to_string().contains("`GET /api/queue/info`"),
-                "names the endpoint: {error}"
-            )
+            assert!(error.to_string().contains("`GET /api/queue/info`"), "names the endpoint: {error}")
         }
         other => panic!("malformed JSON: {other:?}"),
     }
@@ -295,10 +225,7 @@ async fn errors_map_onto_the_provider_error_kinds() {
         &fake.url(),
         Secret::new(ADMIN_TOKEN),
         None,
-        Timeouts {
-            connect: Duration::from_millis(500),
-            total: Duration::from_millis(300),
-        },
+        Timeouts { connect: Duration::from_millis(500), total: Duration::from_millis(300) },
     )
     .expect("client");
     fake.fail_next(Fault::Delay(Duration::from_secs(2)));
@@ -310,10 +237,7 @@ async fn errors_map_onto_the_provider_error_kinds() {
     let missing = AgentId::new("999");
     assert!(matches!(wp.deregister(&missing).await, Err(Error::NotFound { .. })));
     assert!(matches!(wp.drain(&missing).await, Err(Error::NotFound { .. })));
-    assert!(matches!(
-        wp.undrain(&AgentId::new("not-a-number")).await,
-        Err(Error::NotFound { .. })
-    ));
+    assert!(matches!(wp.undrain(&AgentId::new("not-a-number")).await, Err(Error::NotFound { .. })));
 
     // Nobody listening: unavailable, not a crash.
     let port = fake.addr.port();
@@ -321,14 +245,8 @@ async fn errors_map_onto_the_provider_error_kinds() {
     let gone = Woodpecker::new(&format!("http://127.0.0.1:{port}"), Secret::new(ADMIN_TOKEN), None).expect("client");
     assert!(matches!(gone.observe().await, Err(Error::Unavailable { .. })));
 
-    assert!(matches!(
-        Woodpecker::new("ci.example.com", Secret::new("x"), None),
-        Err(Error::Invalid { .. })
-    ));
-    assert!(matches!(
-        Woodpecker::new("ftp://ci.example.com", Secret::new("x"), None),
-        Err(Error::Invalid { .. })
-    ));
+    assert!(matches!(Woodpecker::new("ci.example.com", Secret::new("x"), None), Err(Error::Invalid { .. })));
+    assert!(matches!(Woodpecker::new("ftp://ci.example.com", Secret::new("x"), None), Err(Error::Invalid { .. })));
 }
 
 #[tokio::test]
@@ -387,11 +305,7 @@ pools:
             fake.url()
         );
         for index in 0..pools {
-            let name = if index == 0 {
-                "linux".to_owned()
-            } else {
-                format!("linux-{index}")
-            };
+            let name = if index == 0 { "linux".to_owned() } else { format!("linux-{index}") };
             config.push_str(&format!(
                 "  - name: {name}\n    ci: {{ source: wp, labels: {{ platform: linux{suffix} }} }}\n    backend: {{ name: sim, machine: {{ serverType: small }} }}\n    scale: {{ max: 2, idleTimeout: 0s }}\n",
                 suffix = if index == 0 { String::new() } else { format!("-{index}") },
@@ -408,12 +322,8 @@ pools:
     }
 
     fn world(&self) -> FakeWorld {
-        FakeWorld::open(&FakeSpec {
-            state_file: Some(self.path("world.json")),
-            simulate: false,
-            jobs: None,
-        })
-        .expect("open world")
+        FakeWorld::open(&FakeSpec { state_file: Some(self.path("world.json")), simulate: false, jobs: None })
+            .expect("open world")
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -446,16 +356,11 @@ fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// Stops `watch` with SIGTERM and returns its stdout and stderr; it must exit 0.
 fn stop(child: Child) -> (String, String) {
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
     assert!(killed.success());
     let output = child.wait_with_output().expect("watch exits");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    );
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned());
     assert_eq!(output.status.code(), Some(0), "watch exit\n{stderr}");
     (stdout, stderr)
 }
@@ -463,56 +368,28 @@ fn stop(child: Child) -> (String, String) {
 /// The whole life of one job: appears → instance and agent created → runs → finishes → idle → drained →
 /// instance deleted → agent record deleted. Returns the watch output.
 fn run_one_job_through_watch(fake: &FakeWoodpecker, sandbox: &Sandbox) -> (String, String) {
-    let child = sandbox
-        .command(&["watch", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("watch");
+    let child =
+        sandbox.command(&["watch", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("watch");
     let task = fake.add_task(&[("platform", "linux")]);
 
     wait_until("an agent is registered for the job", || !fake.agents().is_empty());
     let agent = fake.agents().into_iter().next().expect("agent");
-    assert!(
-        agent.name.starts_with("e2e-linux"),
-        "agent named like its instance: {}",
-        agent.name
-    );
+    assert!(agent.name.starts_with("e2e-linux"), "agent named like its instance: {}", agent.name);
     wait_until("its instance runs", || {
-        sandbox
-            .world()
-            .snapshot()
-            .instances
-            .iter()
-            .any(|i| i.name == agent.name && i.state == InstanceState::Running)
+        sandbox.world().snapshot().instances.iter().any(|i| i.name == agent.name && i.state == InstanceState::Running)
     });
     // The agent connects and takes the job; then the job finishes.
     fake.start_task(&task, agent.id);
     fake.finish_task(&task);
 
-    wait_until("the idle agent is drained", || {
-        fake.agent_by_name(&agent.name).is_none_or(|a| a.no_schedule)
-    });
-    wait_until("the agent record is deleted", || {
-        fake.agent_by_name(&agent.name).is_none()
-    });
+    wait_until("the idle agent is drained", || fake.agent_by_name(&agent.name).is_none_or(|a| a.no_schedule));
+    wait_until("the agent record is deleted", || fake.agent_by_name(&agent.name).is_none());
     wait_until("the instance is gone", || {
-        sandbox
-            .world()
-            .snapshot()
-            .instances
-            .iter()
-            .all(|i| i.state == InstanceState::Terminated)
+        sandbox.world().snapshot().instances.iter().all(|i| i.state == InstanceState::Terminated)
     });
     let (stdout, stderr) = stop(child);
-    assert!(
-        !stdout.contains(ENV_TOKEN) && !stderr.contains(ENV_TOKEN),
-        "admin token leaked"
-    );
-    assert!(
-        !stdout.contains(&agent.token) && !stderr.contains(&agent.token),
-        "agent token leaked"
-    );
+    assert!(!stdout.contains(ENV_TOKEN) && !stderr.contains(ENV_TOKEN), "admin token leaked");
+    assert!(!stdout.contains(&agent.token) && !stderr.contains(&agent.token), "agent token leaked");
     (stdout, stderr)
 }
 
@@ -521,24 +398,13 @@ fn watch_runs_a_woodpecker_job_through_its_whole_life() {
     let fake = FakeWoodpecker::start();
     let sandbox = Sandbox::new(&fake, 1);
     let (stdout, _) = run_one_job_through_watch(&fake, &sandbox);
-    assert_eq!(
-        fake.count("POST /api/agents"),
-        1,
-        "one agent registered: {:?}",
-        fake.counts()
-    );
-    assert!(
-        fake.count("PATCH /api/agents/{agent_id}") >= 1,
-        "drained through PATCH: {:?}",
-        fake.counts()
-    );
+    assert_eq!(fake.count("POST /api/agents"), 1, "one agent registered: {:?}", fake.counts());
+    assert!(fake.count("PATCH /api/agents/{agent_id}") >= 1, "drained through PATCH: {:?}", fake.counts());
     assert_eq!(fake.count("DELETE /api/agents/{agent_id}"), 1, "{:?}", fake.counts());
     let world = sandbox.world().snapshot();
     assert_eq!(world.counters.instances, 1, "exactly one instance ever created");
-    let cycles: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("JSON line"))
-        .collect();
+    let cycles: Vec<serde_json::Value> =
+        stdout.lines().map(|line| serde_json::from_str(line).expect("JSON line")).collect();
     assert!(cycles.len() >= 3, "{stdout}");
     assert_spec_clean(&fake);
 }
@@ -549,33 +415,16 @@ fn watch_converges_when_every_fifth_request_fails() {
     let sandbox = Sandbox::new(&fake, 1);
     fake.fail_every(
         5,
-        vec![
-            Fault::Status(500),
-            Fault::RateLimited { retry_after_secs: 1 },
-            Fault::MalformedJson,
-            Fault::Status(503),
-        ],
+        vec![Fault::Status(500), Fault::RateLimited { retry_after_secs: 1 }, Fault::MalformedJson, Fault::Status(503)],
     );
     run_one_job_through_watch(&fake, &sandbox);
     // A whole life takes well over ten requests, so at least two of them failed.
-    assert!(
-        fake.faults_injected() >= 2,
-        "faults were injected: {}",
-        fake.faults_injected()
-    );
+    assert!(fake.faults_injected() >= 2, "faults were injected: {}", fake.faults_injected());
     // No orphan either way: no agent record without an instance, no instance without a record.
     assert!(fake.agents().is_empty(), "{:?}", fake.agents());
     let world = sandbox.world().snapshot();
-    assert!(
-        world.instances.iter().all(|i| i.state == InstanceState::Terminated),
-        "{:?}",
-        world.instances
-    );
-    assert!(
-        world.counters.instances <= 2,
-        "no runaway creates: {}",
-        world.counters.instances
-    );
+    assert!(world.instances.iter().all(|i| i.state == InstanceState::Terminated), "{:?}", world.instances);
+    assert!(world.counters.instances <= 2, "no runaway creates: {}", world.counters.instances);
 }
 
 /// Measured, not assumed: the API calls one idle `plan` (one observation) makes, for 1 and for 10 pools.
@@ -591,10 +440,7 @@ fn one_observation_costs_two_calls_whatever_the_number_of_pools() {
             BTreeMap::from([("GET /api/agents".to_owned(), 1), ("GET /api/queue/info".to_owned(), 1)]),
             "{pools} pools"
         );
-        eprintln!(
-            "woodpecker API calls per idle cycle with {pools} pool(s): {}",
-            fake.total_requests()
-        );
+        eprintln!("woodpecker API calls per idle cycle with {pools} pool(s): {}", fake.total_requests());
     }
 }
 
@@ -604,19 +450,12 @@ fn watch_survives_an_unreachable_server() {
     let fake = FakeWoodpecker::start();
     let sandbox = Sandbox::new(&fake, 1);
     drop(fake);
-    let mut child = sandbox
-        .command(&["watch", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("watch");
+    let mut child =
+        sandbox.command(&["watch", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("watch");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let first = lines.next().expect("a first cycle").expect("readable");
     let second = lines.next().expect("a second cycle").expect("readable");
-    assert!(
-        first.contains("\"cycle\":1") && second.contains("\"cycle\":2"),
-        "{first}\n{second}"
-    );
+    assert!(first.contains("\"cycle\":1") && second.contains("\"cycle\":2"), "{first}\n{second}");
     let (_, stderr) = stop(child);
     assert!(!stderr.contains(ENV_TOKEN));
 }
@@ -642,13 +481,9 @@ fn malformed_filter_labels_are_config_errors() {
         Err(ConfigError::Invalid(diagnostics)) => {
             let text = diagnostics.render_plain();
             assert_eq!(text.matches("invalid label").count(), 5, "{text}");
-            for why in [
-                "the key is empty",
-                "`!` needs a key",
-                "cannot hold `=`",
-                "at most one `!`",
-                "values cannot hold `,`",
-            ] {
+            for why in
+                ["the key is empty", "`!` needs a key", "cannot hold `=`", "at most one `!`", "values cannot hold `,`"]
+            {
                 assert!(text.contains(why), "{why}: {text}");
             }
             assert!(text.contains("ciscale.yaml:11:"), "located at the key: {text}");

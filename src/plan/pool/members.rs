@@ -6,9 +6,7 @@ use jiff::Timestamp;
 
 use super::super::machine::first_candidate;
 use super::PoolContext;
-use crate::model::{
-    AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL,
-};
+use crate::model::{AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL};
 
 /// An instance of the pool with everything the rules look at.
 pub(super) struct Member<'a> {

@@ -25,9 +25,7 @@ use super::index::{BackendIndex, CiIndex, InFlightIndex};
 use super::records::{self, LoneRecord, Records};
 use super::text::plural;
 use super::{Action, Cause, Change, InstanceTarget, PoolStatus};
-use crate::model::{
-    BackendName, Desired, InstanceMode, InstanceState, Observed, PoolSpec, ScalePolicy,
-};
+use crate::model::{BackendName, Desired, InstanceMode, InstanceState, Observed, PoolSpec, ScalePolicy};
 
 mod members;
 mod retire;
@@ -298,11 +296,7 @@ fn note_missing_adoptions(plan: &mut PoolPlan<'_, '_>, members: &[Member<'_>]) {
 /// Demand: jobs waiting for this pool plus jobs running on its serving agents. Jobs on drained agents are left
 /// out on purpose: those agents are on their way out, and counting their jobs would resume them. Also the room
 /// under `max`.
-fn target<'a>(
-    plan: &mut PoolPlan<'_, 'a>,
-    members: &[Member<'_>],
-    classes: &Classes<'_, '_>,
-) -> (Target<'a>, Room) {
+fn target<'a>(plan: &mut PoolPlan<'_, 'a>, members: &[Member<'_>], classes: &Classes<'_, '_>) -> (Target<'a>, Room) {
     let cx = plan.cx;
     let pool = cx.pool;
     let policy = plan.policy;

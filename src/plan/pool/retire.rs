@@ -2,8 +2,8 @@
 //! instances are replaced (drifted, while capacity is wanted) or removed once idle (rule 3); stopped instances
 //! nobody needs go once their idle timeout passed.
 
-use super::members::{describe_drift, Member};
 use super::super::text::human_duration;
+use super::members::{describe_drift, Member};
 use super::{Acted, PoolPlan};
 use crate::plan::Action;
 

@@ -3,8 +3,8 @@
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::members::Member;
 use super::super::text::human_duration;
+use super::members::Member;
 use super::{Acted, PoolPlan, Target};
 use crate::model::{BackendName, Billing, Desired};
 use crate::plan::Action;
@@ -49,7 +49,11 @@ pub(super) fn drain_idle(
         if let Some(margin) = hourly_margin {
             let left = paid_time_left(member.instance.created_at, cx.now);
             if left > margin.signed() {
-                plan.notes.push(format!("{}: kept until its paid hour ends in {}", member.name(), human_duration(left)));
+                plan.notes.push(format!(
+                    "{}: kept until its paid hour ends in {}",
+                    member.name(),
+                    human_duration(left)
+                ));
                 continue;
             }
         }

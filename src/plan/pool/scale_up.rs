@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use super::members::Member;
 use super::super::ownership::NameAllocator;
 use super::super::text::plural;
+use super::members::Member;
 use super::{Acted, PoolPlan, Room, Target};
 use crate::model::{AGENT_HASH_LABEL, JOB_LABEL, OWNER_LABEL, POOL_LABEL};
 use crate::plan::{Action, Change, InstanceTarget};

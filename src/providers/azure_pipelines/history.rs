@@ -39,7 +39,8 @@ impl AzurePipelines {
                 let Some(queued_at) = parse_time(wire.queue_time.as_deref()) else {
                     continue; // no queue time: nothing to place in time
                 };
-                let started_at = parse_time(wire.receive_time.as_deref()).or_else(|| parse_time(wire.assign_time.as_deref()));
+                let started_at =
+                    parse_time(wire.receive_time.as_deref()).or_else(|| parse_time(wire.assign_time.as_deref()));
                 let task = wire.to_task(name);
                 jobs.push(PastJob {
                     id: format!("{name}/{}", wire.request_id),

@@ -70,41 +70,25 @@ pub(super) struct Answer {
 
 impl Answer {
     pub(super) fn json<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_slice(&self.body).map_err(|source| {
-            other(AzureError::Decode {
-                what: self.what.clone(),
-                source,
-            })
-        })
+        serde_json::from_slice(&self.body)
+            .map_err(|source| other(AzureError::Decode { what: self.what.clone(), source }))
     }
 }
 
 pub(super) fn other(error: AzureError) -> Error {
-    Error::Other {
-        provider: PROVIDER.to_owned(),
-        source: Box::new(error),
-    }
+    Error::Other { provider: PROVIDER.to_owned(), source: Box::new(error) }
 }
 
 impl Http {
     pub(super) fn new(organization_url: &str, pat: Secret, timeout: Duration) -> Result<Self> {
-        let bad_url = || {
-            other(AzureError::BadUrl {
-                url: organization_url.to_owned(),
-            })
-        };
+        let bad_url = || other(AzureError::BadUrl { url: organization_url.to_owned() });
         let base = crate::providers::http::base_url(organization_url).ok_or_else(bad_url)?;
         let client = crate::providers::http::client_builder(timeout.min(Duration::from_secs(10)), timeout)
             // A bad PAT is answered with a redirect to the sign-in page: seeing it is how we know.
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|source| other(AzureError::Client { source }))?;
-        Ok(Self {
-            client,
-            base,
-            pat,
-            timeout,
-        })
+        Ok(Self { client, base, pat, timeout })
     }
 
     /// The PAT the client authenticates with.
@@ -121,9 +105,7 @@ impl Http {
     fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty()
-                .extend(["_apis", "distributedtask"])
-                .extend(segments);
+            path.pop_if_empty().extend(["_apis", "distributedtask"]).extend(segments);
         }
         {
             let mut pairs = url.query_pairs_mut();
@@ -147,31 +129,18 @@ impl Http {
         not_found: &str,
     ) -> Result<Answer> {
         let url = self.url(segments, query);
-        let mut request = self
-            .client
-            .request(method.clone(), url)
-            .basic_auth("", Some(self.pat.expose()));
+        let mut request = self.client.request(method.clone(), url).basic_auth("", Some(self.pat.expose()));
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| self.transport_error(&error, what))?;
+        let response = request.send().await.map_err(|error| self.transport_error(&error, what))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|error| self.transport_error(&error, what))?
-            .to_vec();
+        let body = response.bytes().await.map_err(|error| self.transport_error(&error, what))?.to_vec();
         tracing::debug!(%method, what, status = status.as_u16(), "azure devops call");
         warn_on_rate_limit_headers(&headers, status);
         map_status(status, &headers, &body, what, not_found)?;
-        Ok(Answer {
-            body,
-            what: what.to_owned(),
-        })
+        Ok(Answer { body, what: what.to_owned() })
     }
 
     fn transport_error(&self, error: &reqwest::Error, what: &str) -> Error {
@@ -182,10 +151,7 @@ impl Http {
             let url = http::shown_url(error).map(|url| format!(" (`{url}`)")).unwrap_or_default();
             format!("{what}{url}: {}", http::transport_reason(error))
         };
-        Error::Unavailable {
-            provider: PROVIDER.to_owned(),
-            message,
-        }
+        Error::Unavailable { provider: PROVIDER.to_owned(), message }
     }
 }
 
@@ -211,9 +177,7 @@ fn warn_on_rate_limit_headers(headers: &HeaderMap, status: StatusCode) {
             tracing::warn!(
                 remaining,
                 limit = number("x-ratelimit-limit"),
-                resource = headers
-                    .get("x-ratelimit-resource")
-                    .and_then(|value| value.to_str().ok()),
+                resource = headers.get("x-ratelimit-resource").and_then(|value| value.to_str().ok()),
                 "azure devops rate-limit budget is nearly used up\nhint: lengthen `pollInterval`"
             );
         }
@@ -246,10 +210,7 @@ pub(crate) fn map_status(
         200..=299 => Ok(()),
         300..=399 => Err(Error::Unauthenticated {
             provider: provider(),
-            message: format!(
-                "{what}: redirected ({}) to the sign-in page\n{bad_pat_hint}",
-                status.as_u16()
-            ),
+            message: format!("{what}: redirected ({}) to the sign-in page\n{bad_pat_hint}", status.as_u16()),
         }),
         _ => Err(status_error(ErrorAnswer {
             provider: PROVIDER,
@@ -269,12 +230,7 @@ fn server_message(body: &[u8], is_html: bool) -> String {
     }
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|value| {
-            value
-                .get("message")
-                .and_then(|message| message.as_str())
-                .map(str::to_owned)
-        });
+        .and_then(|value| value.get("message").and_then(|message| message.as_str()).map(str::to_owned));
     match message {
         Some(message) if !message.trim().is_empty() => {
             let mut message: String = message.trim().chars().take(MAX_MESSAGE_CHARS).collect();
@@ -316,10 +272,7 @@ mod tests {
         assert!(map(204, &none, "").is_ok());
         assert!(matches!(map(203, &none, "<html>"), Err(Error::Unauthenticated { .. })));
         let html = headers(&[("content-type", "text/html; charset=utf-8")]);
-        assert!(matches!(
-            map(200, &html, "<html>sign in</html>"),
-            Err(Error::Unauthenticated { .. })
-        ));
+        assert!(matches!(map(200, &html, "<html>sign in</html>"), Err(Error::Unauthenticated { .. })));
         assert!(matches!(map(302, &none, ""), Err(Error::Unauthenticated { .. })));
         assert!(matches!(map(401, &none, ""), Err(Error::Unauthenticated { .. })));
         assert!(matches!(map(403, &none, ""), Err(Error::Unauthenticated { .. })));
@@ -330,16 +283,9 @@ mod tests {
             map(429, &limited, ""),
             Err(Error::RateLimited { retry_after: Some(wait), .. }) if wait == Duration::from_secs(7)
         ));
-        assert!(matches!(
-            map(429, &none, ""),
-            Err(Error::RateLimited { retry_after: None, .. })
-        ));
+        assert!(matches!(map(429, &none, ""), Err(Error::RateLimited { retry_after: None, .. })));
         assert!(matches!(map(503, &none, ""), Err(Error::Unavailable { .. })));
-        let invalid = map(
-            400,
-            &none,
-            r#"{"message": "The agent name is invalid.", "typeKey": "X"}"#,
-        );
+        let invalid = map(400, &none, r#"{"message": "The agent name is invalid.", "typeKey": "X"}"#);
         match invalid {
             Err(Error::Invalid { message, .. }) => {
                 assert_eq!(message, "agents of pool 1: 400 Bad Request: The agent name is invalid")
@@ -350,16 +296,10 @@ mod tests {
 
     #[test]
     fn retry_after_from_seconds_or_reset() {
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "30")])),
-            Some(Duration::from_secs(30))
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "30")])), Some(Duration::from_secs(30)));
         let reset = jiff::Timestamp::now().as_second() + 120;
         let from_reset = retry_after(&headers(&[("x-ratelimit-reset", &reset.to_string())])).expect("reset");
-        assert!(
-            from_reset <= Duration::from_secs(120) && from_reset >= Duration::from_secs(100),
-            "{from_reset:?}"
-        );
+        assert!(from_reset <= Duration::from_secs(120) && from_reset >= Duration::from_secs(100), "{from_reset:?}");
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(retry_after(&HeaderMap::new()), None);
     }
@@ -372,12 +312,8 @@ mod tests {
             url.as_str(),
             "https://dev.azure.com/acme/_apis/distributedtask/pools?poolName=my+pool&api-version=7.1"
         );
-        let server = Http::new(
-            "http://tfs:8080/tfs/Collection/",
-            Secret::new("x"),
-            Duration::from_secs(1),
-        )
-        .expect("http");
+        let server =
+            Http::new("http://tfs:8080/tfs/Collection/", Secret::new("x"), Duration::from_secs(1)).expect("http");
         assert_eq!(
             server.url(&["pools", "3", "agents", "5"], &[]).as_str(),
             "http://tfs:8080/tfs/Collection/_apis/distributedtask/pools/3/agents/5?api-version=7.1"

@@ -145,9 +145,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn agent_not_found(id: &AgentId) -> Error {
-    Error::NotFound {
-        what: format!("azure agent `{id}`"),
-    }
+    Error::NotFound { what: format!("azure agent `{id}`") }
 }
 
 impl AzurePipelines {
@@ -177,10 +175,7 @@ impl AzurePipelines {
             return Ok(*id);
         }
         let what = format!("pool `{name}`");
-        let answer = self
-            .http
-            .call(Method::GET, &["pools"], &[("poolName", name)], None, &what, &what)
-            .await?;
+        let answer = self.http.call(Method::GET, &["pools"], &[("poolName", name)], None, &what, &what).await?;
         let pools: List<WirePool> = answer.json()?;
         // `poolName` filters exactly but case-insensitively; prefer an exact match if several come back.
         let found = pools
@@ -223,10 +218,8 @@ impl AzurePipelines {
             ("includeCapabilities", "false"),
         ];
         let (agents, requests) = tokio::join!(
-            self.http
-                .call(Method::GET, &agents_path, &agents_query, None, &agents_what, &pool_what),
-            self.http
-                .call(Method::GET, &requests_path, &[], None, &requests_what, &pool_what),
+            self.http.call(Method::GET, &agents_path, &agents_query, None, &agents_what, &pool_what),
+            self.http.call(Method::GET, &requests_path, &[], None, &requests_what, &pool_what),
         );
         let (agents, requests) = match (agents, requests) {
             (Ok(agents), Ok(requests)) => (agents, requests),
@@ -238,11 +231,7 @@ impl AzurePipelines {
         let agents: List<WireAgent> = agents.json()?;
         let requests: List<WireJobRequest> = requests.json()?;
         let (pending, running) = requests_to_queue(&requests.value, name);
-        let model = agents
-            .value
-            .iter()
-            .map(|agent| agent_to_model(agent, name, observed_at))
-            .collect();
+        let model = agents.value.iter().map(|agent| agent_to_model(agent, name, observed_at)).collect();
         {
             let mut agent_pools = lock(&self.agent_pools);
             for agent in &agents.value {
@@ -264,14 +253,7 @@ impl AzurePipelines {
             let what = format!("agent `{id}` in pool `{name}`");
             let found = self
                 .http
-                .call(
-                    Method::GET,
-                    &["pools", &pool_id.to_string(), "agents", &agent_text],
-                    &[],
-                    None,
-                    &what,
-                    &what,
-                )
+                .call(Method::GET, &["pools", &pool_id.to_string(), "agents", &agent_text], &[], None, &what, &what)
                 .await;
             match found {
                 Ok(_) => {
@@ -357,10 +339,7 @@ impl CiSource for AzurePipelines {
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
         let azure_pool = self.pools.get(&request.pool).ok_or_else(|| Error::Invalid {
             provider: PROVIDER.to_owned(),
-            message: format!(
-                "pool `{}` is not bound to an azure agent pool of this source",
-                request.pool
-            ),
+            message: format!("pool `{}` is not bound to an azure agent pool of this source", request.pool),
         })?;
         let pool_id = self.pool_id(azure_pool).await?;
         let what = format!("agent `{}` in pool `{azure_pool}`", request.name);
@@ -402,11 +381,7 @@ impl CiSource for AzurePipelines {
         if request.labels.get(EPHEMERAL_LABEL).is_some_and(|value| value == "true") {
             env.insert(ENV_ONCE.to_owned(), "true".to_owned());
         }
-        Ok(AgentCredential {
-            agent_id,
-            token: self.agent_token(),
-            env,
-        })
+        Ok(AgentCredential { agent_id, token: self.agent_token(), env })
     }
 
     async fn drain(&self, id: &AgentId) -> Result<()> {

@@ -83,10 +83,7 @@ impl WireDemand {
     pub fn to_text(&self) -> String {
         match self {
             WireDemand::Text(text) => text.trim().to_owned(),
-            WireDemand::Object {
-                name,
-                value: Some(value),
-            } if !value.is_empty() => format!("{name} -equals {value}"),
+            WireDemand::Object { name, value: Some(value) } if !value.is_empty() => format!("{name} -equals {value}"),
             WireDemand::Object { name, .. } => name.clone(),
         }
     }
@@ -131,16 +128,8 @@ impl WireJobRequest {
         Task {
             id: TaskId::new(self.request_id.to_string()),
             labels: BTreeMap::from([(AZURE_POOL_LABEL.to_owned(), pool_name.to_owned())]),
-            demands: self
-                .demands
-                .iter()
-                .map(WireDemand::to_text)
-                .filter(|demand| !demand.is_empty())
-                .collect(),
-            agent_id: self
-                .reserved_agent
-                .as_ref()
-                .map(|agent| AgentId::new(agent.id.to_string())),
+            demands: self.demands.iter().map(WireDemand::to_text).filter(|demand| !demand.is_empty()).collect(),
+            agent_id: self.reserved_agent.as_ref().map(|agent| AgentId::new(agent.id.to_string())),
         }
     }
 }
@@ -154,10 +143,7 @@ pub(crate) fn parse_time(text: Option<&str>) -> Option<Timestamp> {
     }
     let parsed = text.parse::<Timestamp>().ok().or_else(|| {
         let civil: jiff::civil::DateTime = text.parse().ok()?;
-        civil
-            .to_zoned(jiff::tz::TimeZone::UTC)
-            .ok()
-            .map(|zoned| zoned.timestamp())
+        civil.to_zoned(jiff::tz::TimeZone::UTC).ok().map(|zoned| zoned.timestamp())
     })?;
     (parsed > Timestamp::UNIX_EPOCH).then_some(parsed)
 }
@@ -175,10 +161,7 @@ pub(crate) fn parse_time(text: Option<&str>) -> Option<Timestamp> {
 /// - labels: `azure-pool` (the Azure pool it is in) and `agent-version` when known.
 /// - `created_at`: `createdOn`.
 pub(crate) fn agent_to_model(agent: &WireAgent, pool_name: &str, observed_at: Timestamp) -> Agent {
-    let online = agent
-        .status
-        .as_deref()
-        .is_some_and(|status| status.eq_ignore_ascii_case("online"));
+    let online = agent.status.as_deref().is_some_and(|status| status.eq_ignore_ascii_case("online"));
     let mut labels = BTreeMap::from([(AZURE_POOL_LABEL.to_owned(), pool_name.to_owned())]);
     if let Some(version) = agent.version.as_deref().filter(|version| !version.is_empty()) {
         labels.insert("agent-version".to_owned(), version.to_owned());
@@ -186,16 +169,10 @@ pub(crate) fn agent_to_model(agent: &WireAgent, pool_name: &str, observed_at: Ti
     Agent {
         id: AgentId::new(agent.id.to_string()),
         name: agent.name.clone(),
-        busy: agent
-            .assigned_request
-            .as_ref()
-            .is_some_and(WireJobRequest::is_unfinished),
+        busy: agent.assigned_request.as_ref().is_some_and(WireJobRequest::is_unfinished),
         no_schedule: agent.enabled == Some(false),
         last_contact: online.then_some(observed_at),
-        last_work: agent
-            .last_completed_request
-            .as_ref()
-            .and_then(|request| parse_time(request.finish_time.as_deref())),
+        last_work: agent.last_completed_request.as_ref().and_then(|request| parse_time(request.finish_time.as_deref())),
         labels,
         created_at: parse_time(agent.created_on.as_deref()),
     }
@@ -227,15 +204,8 @@ mod tests {
 
     #[test]
     fn dates_in_azure_forms() {
-        assert_eq!(
-            parse_time(Some("2024-05-01T10:00:00.1234567Z")),
-            Some(at("2024-05-01T10:00:00.1234567Z"))
-        );
-        assert_eq!(
-            parse_time(Some("2024-05-01T10:00:00")),
-            Some(at("2024-05-01T10:00:00Z")),
-            "no offset is UTC"
-        );
+        assert_eq!(parse_time(Some("2024-05-01T10:00:00.1234567Z")), Some(at("2024-05-01T10:00:00.1234567Z")));
+        assert_eq!(parse_time(Some("2024-05-01T10:00:00")), Some(at("2024-05-01T10:00:00Z")), "no offset is UTC");
         assert_eq!(parse_time(Some("0001-01-01T00:00:00")), None, "Azure's `never`");
         assert_eq!(parse_time(Some("yesterday")), None);
         assert_eq!(parse_time(Some("")), None);
@@ -287,15 +257,6 @@ mod tests {
         )
         .expect("demands");
         let texts: Vec<String> = demands.iter().map(WireDemand::to_text).collect();
-        assert_eq!(
-            texts,
-            [
-                "docker",
-                "Agent.Version -gtVersion 3.0",
-                "Agent.OS -equals Linux",
-                "java",
-                "node"
-            ]
-        );
+        assert_eq!(texts, ["docker", "Agent.Version -gtVersion 3.0", "Agent.OS -equals Linux", "java", "node"]);
     }
 }

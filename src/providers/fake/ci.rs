@@ -72,87 +72,92 @@ impl CiSource for FakeCi {
     async fn observe(&self) -> Result<CiObservation> {
         let simulate = self.world.simulates();
         let feed = if simulate { self.world.job_feed() } else { None };
-        self.world.call(Op::CiObserve, |state| {
-            if let Some(feed) = &feed {
-                state.feed_jobs(feed);
-            }
-            if simulate {
-                state.simulate();
-            }
-            Ok(CiObservation { agents: state.agents_model(), queue: state.queue_model() })
-        })
-        .await
+        self.world
+            .call(Op::CiObserve, |state| {
+                if let Some(feed) = &feed {
+                    state.feed_jobs(feed);
+                }
+                if simulate {
+                    state.simulate();
+                }
+                Ok(CiObservation { agents: state.agents_model(), queue: state.queue_model() })
+            })
+            .await
     }
 
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
-        self.world.call(Op::Register, |state| {
-            let agent_id = match state.agents.iter().find(|agent| agent.name == request.name) {
-                Some(existing) => existing.id.clone(),
-                None => {
-                    state.counters.agents += 1;
-                    let id = AgentId::new(state.counters.agents.to_string());
-                    state.agents.push(FakeAgent {
-                        id: id.clone(),
-                        name: request.name.clone(),
-                        pool: Some(request.pool.clone()),
-                        no_schedule: false,
-                        last_contact: None,
-                        last_work: None,
-                        labels: request.labels.clone(),
-                        token_sha256: String::new(),
-                        jobs_done: 0,
-                        created_at: Some(state.now()),
-                    });
-                    id
-                }
-            };
-            state.record(Op::Register.key(), &request.name, None);
-            let token = issue_token(state, &agent_id);
-            find(state, &agent_id)?.token_sha256 = sha256_hex(token.expose().as_bytes());
-            Ok(AgentCredential {
-                agent_id,
-                token,
-                env: BTreeMap::from([("CI_SERVER".to_owned(), "fake://".to_owned())]),
+        self.world
+            .call(Op::Register, |state| {
+                let agent_id = match state.agents.iter().find(|agent| agent.name == request.name) {
+                    Some(existing) => existing.id.clone(),
+                    None => {
+                        state.counters.agents += 1;
+                        let id = AgentId::new(state.counters.agents.to_string());
+                        state.agents.push(FakeAgent {
+                            id: id.clone(),
+                            name: request.name.clone(),
+                            pool: Some(request.pool.clone()),
+                            no_schedule: false,
+                            last_contact: None,
+                            last_work: None,
+                            labels: request.labels.clone(),
+                            token_sha256: String::new(),
+                            jobs_done: 0,
+                            created_at: Some(state.now()),
+                        });
+                        id
+                    }
+                };
+                state.record(Op::Register.key(), &request.name, None);
+                let token = issue_token(state, &agent_id);
+                find(state, &agent_id)?.token_sha256 = sha256_hex(token.expose().as_bytes());
+                Ok(AgentCredential {
+                    agent_id,
+                    token,
+                    env: BTreeMap::from([("CI_SERVER".to_owned(), "fake://".to_owned())]),
+                })
             })
-        })
-        .await
+            .await
     }
 
     async fn drain(&self, id: &AgentId) -> Result<()> {
-        self.world.call(Op::Drain, |state| {
-            let name = find(state, id)?.name.clone();
-            state.record(Op::Drain.key(), &name, None);
-            find(state, id)?.no_schedule = true;
-            Ok(())
-        })
-        .await
+        self.world
+            .call(Op::Drain, |state| {
+                let name = find(state, id)?.name.clone();
+                state.record(Op::Drain.key(), &name, None);
+                find(state, id)?.no_schedule = true;
+                Ok(())
+            })
+            .await
     }
 
     async fn undrain(&self, id: &AgentId) -> Result<()> {
-        self.world.call(Op::Undrain, |state| {
-            find(state, id)?.no_schedule = false;
-            Ok(())
-        })
-        .await
+        self.world
+            .call(Op::Undrain, |state| {
+                find(state, id)?.no_schedule = false;
+                Ok(())
+            })
+            .await
     }
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
-        self.world.call(Op::Deregister, |state| {
-            if let Some(name) = state.agent_mut(id).map(|agent| agent.name.clone()) {
-                state.record(Op::Deregister.key(), &name, None);
-            }
-            let before = state.agents.len();
-            state.agents.retain(|agent| &agent.id != id);
-            if state.agents.len() == before {
-                return Err(not_found(id));
-            }
-            // The CI gives a job whose agent vanished to another agent.
-            for task in state.tasks.iter_mut().filter(|task| task.agent_id.as_ref() == Some(id)) {
-                task.agent_id = None;
-                task.started_at = None;
-            }
-            Ok(())
-        })
-        .await
+        self.world
+            .call(Op::Deregister, |state| {
+                if let Some(name) = state.agent_mut(id).map(|agent| agent.name.clone()) {
+                    state.record(Op::Deregister.key(), &name, None);
+                }
+                let before = state.agents.len();
+                state.agents.retain(|agent| &agent.id != id);
+                if state.agents.len() == before {
+                    return Err(not_found(id));
+                }
+                // The CI gives a job whose agent vanished to another agent.
+                for task in state.tasks.iter_mut().filter(|task| task.agent_id.as_ref() == Some(id)) {
+                    task.agent_id = None;
+                    task.started_at = None;
+                }
+                Ok(())
+            })
+            .await
     }
 }

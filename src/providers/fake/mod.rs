@@ -22,8 +22,8 @@ use fs4::fs_std::FileExt;
 use jiff::Timestamp;
 
 use crate::model::{FakeSpec, Price, TaskId};
-use crate::simulate::synthetic::{JobTemplate, Profile};
 use crate::providers::{Error, Result};
+use crate::simulate::synthetic::{JobTemplate, Profile};
 
 mod backend;
 mod ci;
@@ -360,8 +360,9 @@ impl FakeWorld {
             .map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;
         lock_file.lock_exclusive().map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;
         *state = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| StoreError::Parse { path: path.clone(), source })?,
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse { path: path.clone(), source })?
+            }
             Err(error) if error.kind() == ErrorKind::NotFound => WorldState::default(),
             Err(source) => return Err(StoreError::Read { path: path.clone(), source }),
         };

@@ -8,9 +8,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{
-    Agent, AgentId, Instance, InstanceId, InstanceState, PoolName, Price, Queue, Task, TaskId,
-};
+use crate::model::{Agent, AgentId, Instance, InstanceId, InstanceState, PoolName, Price, Queue, Task, TaskId};
 
 use super::fault::Fault;
 
@@ -260,12 +258,8 @@ impl WorldState {
                 .count();
             u32::try_from(count).unwrap_or(u32::MAX)
         });
-        let busy_agents = self
-            .agents
-            .iter()
-            .filter(|agent| self.is_busy(&agent.id))
-            .map(|agent| agent.name.clone())
-            .collect();
+        let busy_agents =
+            self.agents.iter().filter(|agent| self.is_busy(&agent.id)).map(|agent| agent.name.clone()).collect();
         let entry = JournalEntry {
             at: self.now(),
             op: op.to_owned(),

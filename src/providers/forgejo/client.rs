@@ -49,12 +49,7 @@ pub(super) struct Http {
 impl Http {
     pub fn new(server: &str, token: Secret, scope: Scope, timeout: Duration) -> Result<Self> {
         let client = crate::providers::http::client(PROVIDER, CONNECT_TIMEOUT, timeout)?;
-        Ok(Self {
-            client,
-            server: server.trim_end_matches('/').to_owned(),
-            token,
-            scope,
-        })
+        Ok(Self { client, server: server.trim_end_matches('/').to_owned(), token, scope })
     }
 
     /// `GET path`, decoded, with the answer's headers (pagination reads `X-Total-Count`).
@@ -149,10 +144,7 @@ fn transport_error(endpoint: &str, error: &reqwest::Error) -> Error {
         // reqwest's text names the URL, which holds no secret (the token travels in a header).
         error_chain(error)
     };
-    Error::Unavailable {
-        provider: PROVIDER.to_owned(),
-        message: format!("`{endpoint}` {why}"),
-    }
+    Error::Unavailable { provider: PROVIDER.to_owned(), message: format!("`{endpoint}` {why}") }
 }
 
 fn status_error(
@@ -186,9 +178,7 @@ fn status_error(
                 scope.rights_hint()
             ),
         },
-        (404, Subject::Runner(id)) => Error::NotFound {
-            what: format!("forgejo runner `{id}`"),
-        },
+        (404, Subject::Runner(id)) => Error::NotFound { what: format!("forgejo runner `{id}`") },
         (404, Subject::Scope) => Error::Invalid {
             provider,
             message: format!(
@@ -217,7 +207,10 @@ mod tests {
     fn error_bodies_are_quoted_short_and_without_the_token() {
         let token = "0123456789abcdef0123456789abcdef01234567";
         assert_eq!(
-            server_said(br#"{"message":"token does not have at least one of required scope(s): [write:user]","url":"x"}"#, token),
+            server_said(
+                br#"{"message":"token does not have at least one of required scope(s): [write:user]","url":"x"}"#,
+                token
+            ),
             "token does not have at least one of required scope(s): [write:user]"
         );
         let echoed = format!("<html>bad request\n  Authorization: token {token}</html>");

@@ -25,7 +25,6 @@
 
 use std::fmt;
 
-
 use super::{HANDLE_ENV, LABELS_ENV, TOKEN_ENV, URL_ENV, UUID_ENV};
 use crate::model::Secret;
 use crate::providers::cloud_config::{CloudConfig, RootFile};
@@ -50,7 +49,9 @@ const METADATA_ADDRESS: &str = "169.254.169.254";
 /// Why launch data could not be made. Never holds a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LaunchError {
-    #[error("runner version `{0}` is not a release version\nhint: write it as `12.10.1` (at least {MIN_RUNNER_VERSION})")]
+    #[error(
+        "runner version `{0}` is not a release version\nhint: write it as `12.10.1` (at least {MIN_RUNNER_VERSION})"
+    )]
     Version(String),
     #[error("runner version `{0}` is older than {MIN_RUNNER_VERSION}, the first with `one-job --handle`")]
     TooOld(String),
@@ -123,7 +124,10 @@ impl RunnerRelease {
 
 /// The runner's arguments (after the binary) for a credential's env: `one-job --url U --uuid I --token-url
 /// file:T --wait [--handle H] [--label L]…`. The same order the wrapper builds.
-pub fn one_job_args(env: &std::collections::BTreeMap<String, String>, token_file: &str) -> Result<Vec<String>, LaunchError> {
+pub fn one_job_args(
+    env: &std::collections::BTreeMap<String, String>,
+    token_file: &str,
+) -> Result<Vec<String>, LaunchError> {
     let get = |key: &'static str| env.get(key).filter(|value| !value.is_empty());
     let url = get(URL_ENV).ok_or(LaunchError::Missing(URL_ENV))?;
     let uuid = get(UUID_ENV).ok_or(LaunchError::Missing(UUID_ENV))?;
@@ -424,11 +428,9 @@ mod tests {
 
     #[test]
     fn scripts_are_valid_shell() {
-        for script in [
-            provision_script(),
-            agent_wrapper(&WrapperPaths::container()),
-            agent_wrapper(&WrapperPaths::cloud()),
-        ] {
+        for script in
+            [provision_script(), agent_wrapper(&WrapperPaths::container()), agent_wrapper(&WrapperPaths::cloud())]
+        {
             let output = std::process::Command::new("sh").arg("-n").arg("-c").arg(&script).output().expect("sh");
             assert!(output.status.success(), "{}\n{script}", String::from_utf8_lossy(&output.stderr));
         }
@@ -446,10 +448,7 @@ mod tests {
         let parsed: serde_yaml::Value = serde_yaml::from_str(text).expect("YAML");
         let files = parsed["write_files"].as_sequence().expect("write_files");
         let file = |path: &str| {
-            files
-                .iter()
-                .find(|file| file["path"].as_str() == Some(path))
-                .unwrap_or_else(|| panic!("{path} is written"))
+            files.iter().find(|file| file["path"].as_str() == Some(path)).unwrap_or_else(|| panic!("{path} is written"))
         };
         assert_eq!(file(CLOUD_ENV_FILE)["permissions"].as_str(), Some("0400"));
         let boot = file("/usr/local/sbin/ciscale-forgejo-boot")["content"].as_str().expect("boot");

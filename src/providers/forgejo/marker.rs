@@ -69,10 +69,7 @@ mod tests {
         let handle = "33ba7d51-59c6-44f8-9d2b-1b94f4033973";
         let text = describe(&PoolName::new("linux"), Some(handle));
         assert_eq!(text, format!("ciscale pool=linux job={handle}"));
-        assert_eq!(
-            parse(&text),
-            Some(Marker { pool: Some("linux".to_owned()), job: Some(handle.to_owned()) })
-        );
+        assert_eq!(parse(&text), Some(Marker { pool: Some("linux".to_owned()), job: Some(handle.to_owned()) }));
         let unbound = describe(&PoolName::new("linux"), None);
         assert_eq!(parse(&unbound), Some(Marker { pool: Some("linux".to_owned()), job: None }));
     }

@@ -19,9 +19,7 @@ where
     if runs_on.is_empty() || runner_labels.is_empty() {
         return false;
     }
-    runs_on
-        .iter()
-        .all(|wanted| runner_labels.iter().any(|offered| offered.as_ref() == wanted.as_ref()))
+    runs_on.iter().all(|wanted| runner_labels.iter().any(|offered| offered.as_ref() == wanted.as_ref()))
 }
 
 /// The name of a runner label as `forgejo-runner --label` takes it (`name[:schema[:argument]]`, e.g.

@@ -233,14 +233,7 @@ pub struct ForgejoSettings {
 
 impl ForgejoSettings {
     pub fn new(server: impl Into<String>, token: Secret, scope: Scope) -> Self {
-        Self {
-            server: server.into(),
-            token,
-            scope,
-            runner_url: None,
-            timeout: DEFAULT_TIMEOUT,
-            runner_release: None,
-        }
+        Self { server: server.into(), token, scope, runner_url: None, timeout: DEFAULT_TIMEOUT, runner_release: None }
     }
 }
 
@@ -265,10 +258,8 @@ impl fmt::Debug for Forgejo {
 
 /// An `http://` or `https://` URL with a host, without a trailing `/`; `what` names the setting in the message.
 fn checked_url(what: &str, url: &str) -> Result<String> {
-    let invalid = |why: String| Error::Invalid {
-        provider: PROVIDER.to_owned(),
-        message: format!("`{what}` `{url}` {why}"),
-    };
+    let invalid =
+        |why: String| Error::Invalid { provider: PROVIDER.to_owned(), message: format!("`{what}` `{url}` {why}") };
     let parsed = reqwest::Url::parse(url).map_err(|error| invalid(format!("is not a URL: {error}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(invalid("must be an http:// or https:// URL".to_owned()));
@@ -299,13 +290,7 @@ impl Forgejo {
             });
         }
         let http = Http::new(&server, settings.token, settings.scope.clone(), settings.timeout)?;
-        Ok(Self {
-            http,
-            server,
-            scope: settings.scope,
-            runner_url,
-            runner_release: settings.runner_release,
-        })
+        Ok(Self { http, server, scope: settings.scope, runner_url, runner_release: settings.runner_release })
     }
 
     pub fn scope(&self) -> &Scope {
@@ -362,11 +347,7 @@ impl Forgejo {
 
     async fn create_runner(&self, name: &str, description: &str) -> Result<Registered> {
         let path = format!("{}/actions/runners", self.scope.prefix());
-        let body = RegisterRunner {
-            name,
-            description,
-            ephemeral: true,
-        };
+        let body = RegisterRunner { name, description, ephemeral: true };
         self.http.post(&path, &body).await
     }
 
@@ -394,10 +375,8 @@ impl CiSource for Forgejo {
                       `runnerRelease: {version: 12.10.1, sha256: ...}` (the digest from the release's `.sha256` file)"
                 .to_owned(),
         })?;
-        launch::cloud_init(release, env_file).map_err(|error| Error::Invalid {
-            provider: PROVIDER.to_owned(),
-            message: error.to_string(),
-        })
+        launch::cloud_init(release, env_file)
+            .map_err(|error| Error::Invalid { provider: PROVIDER.to_owned(), message: error.to_string() })
     }
 
     async fn observe(&self) -> Result<CiObservation> {
@@ -407,10 +386,7 @@ impl CiSource for Forgejo {
     }
 
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
-        let invalid = |message: String| Error::Invalid {
-            provider: PROVIDER.to_owned(),
-            message,
-        };
+        let invalid = |message: String| Error::Invalid { provider: PROVIDER.to_owned(), message };
         if request.name.trim().is_empty() {
             return Err(invalid("a runner needs a name".to_owned()));
         }
@@ -427,8 +403,9 @@ impl CiSource for Forgejo {
         // One job, one runner: a plan made before another create for this job registered (a `watch` cycle
         // that overlaps a slow create) must not make a second runner, which would wait for ever.
         if let Some(handle) = &request.for_job {
-            if let Some(other) =
-                runners.iter().find(|runner| runner.name != request.name && bound_handle(runner).as_ref() == Some(handle))
+            if let Some(other) = runners
+                .iter()
+                .find(|runner| runner.name != request.name && bound_handle(runner).as_ref() == Some(handle))
             {
                 return Err(Error::AlreadyExists {
                     what: format!("a forgejo runner for job `{handle}` (`{}`, id {})", other.name, other.id),
@@ -474,11 +451,7 @@ impl CiSource for Forgejo {
         if let Some(handle) = &request.for_job {
             env.insert(HANDLE_ENV.to_owned(), handle.clone());
         }
-        Ok(AgentCredential {
-            agent_id: AgentId::new(registered.id.to_string()),
-            token: registered.token,
-            env,
-        })
+        Ok(AgentCredential { agent_id: AgentId::new(registered.id.to_string()), token: registered.token, env })
     }
 
     // No drain or undrain: Forgejo's API has none, so the trait's `Unsupported` stands.
@@ -597,9 +570,7 @@ fn observation(jobs: Vec<WireJob>, runners: Vec<WireRunner>, now: Timestamp) -> 
         };
         match job.status.as_str() {
             "waiting" => queue.pending.push(task(None)),
-            "running" => queue
-                .running
-                .push(task(handle.as_ref().and_then(|handle| serving.get(handle).cloned()))),
+            "running" => queue.running.push(task(handle.as_ref().and_then(|handle| serving.get(handle).cloned()))),
             other => tracing::debug!(job = job.id, name = %job.name, status = other, "job left out"),
         }
     }
@@ -607,9 +578,7 @@ fn observation(jobs: Vec<WireJob>, runners: Vec<WireRunner>, now: Timestamp) -> 
 }
 
 fn runner_number(id: &AgentId) -> Result<i64> {
-    id.as_str().parse::<i64>().map_err(|_| Error::NotFound {
-        what: format!("forgejo runner `{id}` (ids are numbers)"),
-    })
+    id.as_str().parse::<i64>().map_err(|_| Error::NotFound { what: format!("forgejo runner `{id}` (ids are numbers)") })
 }
 
 #[cfg(test)]
@@ -682,20 +651,13 @@ mod tests {
             runner(6, RunnerStatus::Idle, "someone else's runner job=runs"),
         ];
         let observed = observation(jobs, runners, now());
-        let busy: Vec<(&str, bool)> =
-            observed.agents.iter().map(|agent| (agent.id.as_str(), agent.busy)).collect();
-        assert_eq!(
-            busy,
-            [("1", true), ("2", true), ("3", false), ("4", false), ("5", true), ("6", false)]
-        );
+        let busy: Vec<(&str, bool)> = observed.agents.iter().map(|agent| (agent.id.as_str(), agent.busy)).collect();
+        assert_eq!(busy, [("1", true), ("2", true), ("3", false), ("4", false), ("5", true), ("6", false)]);
     }
 
     #[test]
     fn agents_carry_contact_labels_and_their_job() {
-        let runners = vec![
-            runner(2, RunnerStatus::Idle, "ciscale pool=p job=h"),
-            runner(1, RunnerStatus::Offline, ""),
-        ];
+        let runners = vec![runner(2, RunnerStatus::Idle, "ciscale pool=p job=h"), runner(1, RunnerStatus::Offline, "")];
         let observed = observation(Vec::new(), runners, now());
         assert_eq!(observed.agents[0].id.as_str(), "1", "sorted by id");
         assert_eq!(observed.agents[0].last_contact, None);
@@ -703,10 +665,7 @@ mod tests {
         assert!(observed.agents.iter().all(|agent| !agent.no_schedule && agent.last_work.is_none()));
         assert_eq!(
             observed.agents[1].labels,
-            BTreeMap::from([
-                ("debian".to_owned(), String::new()),
-                (HANDLE_LABEL.to_owned(), "h".to_owned()),
-            ])
+            BTreeMap::from([("debian".to_owned(), String::new()), (HANDLE_LABEL.to_owned(), "h".to_owned()),])
         );
     }
 
@@ -718,10 +677,7 @@ mod tests {
             ("plain".to_owned(), String::new()),
             (crate::model::EPHEMERAL_LABEL.to_owned(), "true".to_owned()),
         ]);
-        assert_eq!(
-            label_specs(&labels).expect("valid"),
-            ["debian:docker://node:22-bookworm", "linux:host", "plain"]
-        );
+        assert_eq!(label_specs(&labels).expect("valid"), ["debian:docker://node:22-bookworm", "linux:host", "plain"]);
         for (name, how) in [("a,b", ""), ("a:b", "host"), ("a", "docker://x,y"), ("a b", ""), ("", "host")] {
             let labels = BTreeMap::from([(name.to_owned(), how.to_owned())]);
             assert!(label_specs(&labels).is_err(), "{name:?}: {how:?}");

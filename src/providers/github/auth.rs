@@ -49,11 +49,7 @@ pub enum Auth {
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Auth::App {
-                app_id,
-                installation_id,
-                private_key,
-            } => f
+            Auth::App { app_id, installation_id, private_key } => f
                 .debug_struct("App")
                 .field("app_id", app_id)
                 .field("installation_id", installation_id)
@@ -81,11 +77,7 @@ impl AppClaims {
             Err(_) => serde_json::Value::from(app_id.trim()),
         };
         let iat = now.as_second() - secs(JWT_BACKDATE);
-        Self {
-            iss,
-            iat,
-            exp: iat + secs(JWT_LIFETIME),
-        }
+        Self { iss, iat, exp: iat + secs(JWT_LIFETIME) }
     }
 }
 
@@ -131,11 +123,7 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Credentials::Token(_) => f.write_str("Token(***)"),
-            Credentials::App {
-                app_id,
-                installation_id,
-                ..
-            } => f
+            Credentials::App { app_id, installation_id, .. } => f
                 .debug_struct("App")
                 .field("app_id", app_id)
                 .field("installation_id", installation_id)
@@ -154,11 +142,7 @@ impl Credentials {
                 }
                 Ok(Credentials::Token(token.clone()))
             }
-            Auth::App {
-                app_id,
-                installation_id,
-                private_key,
-            } => {
+            Auth::App { app_id, installation_id, private_key } => {
                 if app_id.trim().is_empty() {
                     return Err(invalid("the GitHub App id is empty\nhint: set `appId` to the app's id or client id"));
                 }
@@ -200,10 +184,7 @@ impl Credentials {
 }
 
 fn invalid(message: &str) -> Error {
-    Error::Invalid {
-        provider: PROVIDER.to_owned(),
-        message: message.to_owned(),
-    }
+    Error::Invalid { provider: PROVIDER.to_owned(), message: message.to_owned() }
 }
 
 #[cfg(test)]
@@ -248,7 +229,9 @@ mod tests {
         let auth = Auth::App {
             app_id: "1".to_owned(),
             installation_id: 2,
-            private_key: Secret::new("-----BEGIN RSA PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END RSA PRIVATE KEY-----"),
+            private_key: Secret::new(
+                "-----BEGIN RSA PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END RSA PRIVATE KEY-----",
+            ),
         };
         let error = Credentials::new(&auth, DEFAULT_RENEW_MARGIN).expect_err("not a key");
         let text = error.to_string();

@@ -139,7 +139,8 @@ impl HistoryJob {
     /// fields at all is read by the conclusion: `skipped` never ran, and a `cancelled` job that "started" no
     /// earlier than it ended was cancelled while queued.
     fn started(&self) -> bool {
-        let status = self.status.as_deref().unwrap_or(if self.completed_at.is_some() { "completed" } else { "in_progress" });
+        let status =
+            self.status.as_deref().unwrap_or(if self.completed_at.is_some() { "completed" } else { "in_progress" });
         if !matches!(status, "in_progress" | "completed") {
             return false;
         }
@@ -185,7 +186,8 @@ impl HistoryJob {
 
 /// Whole seconds, as the `created` filter takes them: `2026-03-02T00:00:00Z`.
 fn search_time(second: i64) -> String {
-    Timestamp::from_second(second).map_or_else(|_| second.to_string(), |at| at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+    Timestamp::from_second(second)
+        .map_or_else(|_| second.to_string(), |at| at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
 }
 
 impl GithubActions {
@@ -275,7 +277,8 @@ impl Reader<'_> {
     async fn runs_between(&self, owner: &str, name: &str, first: i64, last: i64) -> Result<Listed> {
         let pages = SEARCH_CAP.div_ceil(PER_PAGE as u64);
         let (total, page) = self.runs_page(owner, name, Some((first, last)), 1).await?;
-        let outside = |run: &HistoryRun| run.created_at.is_some_and(|at| at.as_second() < first || at.as_second() > last);
+        let outside =
+            |run: &HistoryRun| run.created_at.is_some_and(|at| at.as_second() < first || at.as_second() > last);
         if page.iter().any(outside) {
             return Ok(Listed::Unfiltered);
         }
@@ -325,7 +328,9 @@ impl Reader<'_> {
             let full = page.len() >= PER_PAGE;
             let older = |run: &HistoryRun| run.created_at.is_some_and(|at| at < from);
             let all_older = !page.is_empty() && page.iter().all(older);
-            ids.extend(page.iter().filter(|run| !older(run) && run.created_at.is_none_or(|at| at < until)).map(|run| run.id));
+            ids.extend(
+                page.iter().filter(|run| !older(run) && run.created_at.is_none_or(|at| at < until)).map(|run| run.id),
+            );
             if !full || all_older {
                 break;
             }
@@ -345,11 +350,8 @@ impl Reader<'_> {
     ) -> Result<(Option<u64>, Vec<HistoryRun>)> {
         let created = range.map(|(first, last)| format!("{}..{}", search_time(first), search_time(last)));
         let (per_page, page) = (PER_PAGE.to_string(), page.to_string());
-        let mut query = vec![
-            ("exclude_pull_requests", "true"),
-            ("per_page", per_page.as_str()),
-            ("page", page.as_str()),
-        ];
+        let mut query =
+            vec![("exclude_pull_requests", "true"), ("per_page", per_page.as_str()), ("page", page.as_str())];
         if let Some(created) = &created {
             query.insert(0, ("created", created.as_str()));
         }
@@ -374,7 +376,8 @@ impl Reader<'_> {
         for page in 1.. {
             let page_text = page.to_string();
             let query = [("filter", "all"), ("per_page", per_page.as_str()), ("page", page_text.as_str())];
-            let answer = match self.patiently(|| self.github.http.call_once(Call::get(&segments, &query, &what))).await {
+            let answer = match self.patiently(|| self.github.http.call_once(Call::get(&segments, &query, &what))).await
+            {
                 Ok(answer) => answer,
                 // Deleted since it was listed: it has no jobs to tell of.
                 Err(Error::NotFound { .. }) => break,

@@ -97,15 +97,7 @@ pub(super) struct Call<'a> {
 
 impl<'a> Call<'a> {
     pub(super) fn get(segments: &'a [&'a str], query: &'a [(&'a str, &'a str)], what: &'a str) -> Self {
-        Self {
-            method: Method::GET,
-            segments,
-            query,
-            body: None,
-            what,
-            not_found: what,
-            unprocessable: None,
-        }
+        Self { method: Method::GET, segments, query, body: None, what, not_found: what, unprocessable: None }
     }
 }
 
@@ -132,10 +124,7 @@ pub struct BadAnswer {
 pub(super) fn bad_answer(what: &str, detail: &str) -> Error {
     Error::Other {
         provider: PROVIDER.to_owned(),
-        source: Box::new(BadAnswer {
-            what: what.to_owned(),
-            detail: detail.to_owned(),
-        }),
+        source: Box::new(BadAnswer { what: what.to_owned(), detail: detail.to_owned() }),
     }
 }
 
@@ -172,10 +161,7 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// An answer GitHub should not have given (a shape or value the API does not describe).
 pub(super) fn invalid(message: String) -> Error {
-    Error::Invalid {
-        provider: PROVIDER.to_owned(),
-        message,
-    }
+    Error::Invalid { provider: PROVIDER.to_owned(), message }
 }
 
 impl Http {
@@ -255,10 +241,9 @@ impl Http {
     fn check_blocked(&self, now: Timestamp) -> Result<()> {
         let mut blocked = lock(&self.blocked_until);
         match *blocked {
-            Some(until) if until > now => Err(Error::RateLimited {
-                provider: PROVIDER.to_owned(),
-                retry_after: Some(wait_until(until, now)),
-            }),
+            Some(until) if until > now => {
+                Err(Error::RateLimited { provider: PROVIDER.to_owned(), retry_after: Some(wait_until(until, now)) })
+            }
             Some(_) => {
                 *blocked = None;
                 Ok(())
@@ -280,9 +265,7 @@ impl Http {
     async fn bearer(&self) -> Result<Secret> {
         match &self.credentials {
             Credentials::Token(token) => Ok(token.clone()),
-            Credentials::App {
-                cache, renew_margin, ..
-            } => {
+            Credentials::App { cache, renew_margin, .. } => {
                 // Held while minting: concurrent calls wait for this renewal and reuse it.
                 let mut cached = cache.lock().await;
                 let now = Timestamp::now();
@@ -308,19 +291,12 @@ impl Http {
 
     /// `POST /app/installations/{id}/access_tokens`, authenticated with a fresh app JWT.
     async fn mint_installation_token(&self, now: Timestamp) -> Result<CachedToken> {
-        let Credentials::App {
-            app_id,
-            installation_id,
-            ..
-        } = &self.credentials
-        else {
+        let Credentials::App { app_id, installation_id, .. } = &self.credentials else {
             return Err(invalid("no GitHub App configured".to_owned()));
         };
         self.check_blocked(now)?;
-        let jwt = self
-            .credentials
-            .app_jwt(now)
-            .unwrap_or_else(|| Err(invalid("no GitHub App configured".to_owned())))?;
+        let jwt =
+            self.credentials.app_jwt(now).unwrap_or_else(|| Err(invalid("no GitHub App configured".to_owned())))?;
         let id = installation_id.to_string();
         let url = self.url(&["app", "installations", &id, "access_tokens"], &[]);
         let what = format!("an installation token of GitHub App `{app_id}` (installation {installation_id})");
@@ -335,19 +311,13 @@ impl Http {
             .map_err(|error| self.transport_error(&error, &what))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|error| self.transport_error(&error, &what))?;
+        let body = response.bytes().await.map_err(|error| self.transport_error(&error, &what))?;
         lock(&self.stats).token_mints += 1;
         if status.is_success() {
             let answer: InstallationToken =
                 serde_json::from_slice(&body).map_err(|error| bad_answer(&what, &error.to_string()))?;
             tracing::debug!(app_id = %app_id, installation_id, "github installation token minted");
-            return Ok(CachedToken {
-                expires_at: expiry(answer.expires_at.as_deref(), now),
-                token: answer.token,
-            });
+            return Ok(CachedToken { expires_at: expiry(answer.expires_at.as_deref(), now), token: answer.token });
         }
         let message = server_message(&body);
         if let Some(wait) = rate_limit_wait(status, &headers, &message, now) {
@@ -398,16 +368,10 @@ impl Http {
             if let Some(body) = call.body {
                 request = request.json(body);
             }
-            let response = request
-                .send()
-                .await
-                .map_err(|error| self.transport_error(&error, call.what))?;
+            let response = request.send().await.map_err(|error| self.transport_error(&error, call.what))?;
             let status = response.status();
             let headers = response.headers().clone();
-            let body = response
-                .bytes()
-                .await
-                .map_err(|error| self.transport_error(&error, call.what))?;
+            let body = response.bytes().await.map_err(|error| self.transport_error(&error, call.what))?;
             lock(&self.stats).requests += 1;
             self.record_budget(&headers);
             tracing::debug!(method = %call.method, what = call.what, status = status.as_u16(), "github call");
@@ -420,10 +384,7 @@ impl Http {
                 };
                 cached.used = generation;
                 lock(&self.stats).not_modified += 1;
-                return Ok(Answer {
-                    body: cached.body.clone(),
-                    what: call.what.to_owned(),
-                });
+                return Ok(Answer { body: cached.body.clone(), what: call.what.to_owned() });
             }
             if status.is_success() {
                 let body = Arc::new(body.to_vec());
@@ -433,24 +394,14 @@ impl Http {
                     match etag {
                         Some(etag) => {
                             let used = *lock(&self.generation);
-                            cache.insert(
-                                key,
-                                Cached {
-                                    etag: etag.to_owned(),
-                                    body: body.clone(),
-                                    used,
-                                },
-                            );
+                            cache.insert(key, Cached { etag: etag.to_owned(), body: body.clone(), used });
                         }
                         None => {
                             cache.remove(&key);
                         }
                     }
                 }
-                return Ok(Answer {
-                    body,
-                    what: call.what.to_owned(),
-                });
+                return Ok(Answer { body, what: call.what.to_owned() });
             }
             // A revoked or (by clock skew) expired installation token: mint a fresh one and try once more.
             if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.credentials.is_app() {
@@ -462,14 +413,7 @@ impl Http {
             if let Some(wait) = rate_limit_wait(status, &headers, &message, now) {
                 return Err(self.rate_limited(wait, now, call.what));
             }
-            return Err(self.status_error(
-                status,
-                &headers,
-                &message,
-                call.what,
-                call.not_found,
-                call.unprocessable,
-            ));
+            return Err(self.status_error(status, &headers, &message, call.what, call.not_found, call.unprocessable));
         }
     }
 
@@ -513,10 +457,7 @@ impl Http {
              receive `workflow_job` webhooks and poll fewer repositories per cycle; for `trace export`, export a \
              shorter window after the reset"
         );
-        Error::RateLimited {
-            provider: PROVIDER.to_owned(),
-            retry_after: Some(wait),
-        }
+        Error::RateLimited { provider: PROVIDER.to_owned(), retry_after: Some(wait) }
     }
 
     fn status_error(
@@ -545,9 +486,7 @@ impl Http {
                 provider: PROVIDER.to_owned(),
                 message: format!("{what}: not allowed (403{message})\n{hint}"),
             },
-            409 => Error::AlreadyExists {
-                what: format!("{not_found} (409{message})"),
-            },
+            409 => Error::AlreadyExists { what: format!("{not_found} (409{message})") },
             422 if unprocessable.is_some() => Error::Invalid {
                 provider: PROVIDER.to_owned(),
                 message: format!("{} (422{message})", unprocessable.unwrap_or_default()),
@@ -572,10 +511,7 @@ impl Http {
             // reqwest's text names the URL (no credential: tokens travel in a header) and the cause.
             format!("{what}: {}", error_chain(error))
         };
-        Error::Unavailable {
-            provider: PROVIDER.to_owned(),
-            message,
-        }
+        Error::Unavailable { provider: PROVIDER.to_owned(), message }
     }
 
     /// Keeps the primary budget the answer reports. Answers arriving out of order within one window keep the
@@ -586,11 +522,9 @@ impl Http {
         };
         let mut budget = lock(&self.budget);
         let merged = match budget.take() {
-            Some(old) if old.reset == seen.reset && old.resource == seen.resource => RateBudget {
-                remaining: old.remaining.min(seen.remaining),
-                used: old.used.max(seen.used),
-                ..seen
-            },
+            Some(old) if old.reset == seen.reset && old.resource == seen.resource => {
+                RateBudget { remaining: old.remaining.min(seen.remaining), used: old.used.max(seen.used), ..seen }
+            }
             Some(old) if old.reset > seen.reset && old.resource == seen.resource => old,
             _ => seen,
         };
@@ -635,7 +569,12 @@ pub(super) fn budget_from_headers(headers: &HeaderMap) -> Option<RateBudget> {
 /// How long a refusal asks to wait, if it is a rate limit: GitHub's documented reading of 403 and 429 —
 /// `Retry-After` first; else `X-RateLimit-Remaining: 0` means wait until `X-RateLimit-Reset`; else a 429, or a
 /// 403 whose message names a rate limit, means at least a minute. Any other 403 is a permission problem.
-pub(super) fn rate_limit_wait(status: StatusCode, headers: &HeaderMap, message: &str, now: Timestamp) -> Option<Duration> {
+pub(super) fn rate_limit_wait(
+    status: StatusCode,
+    headers: &HeaderMap,
+    message: &str,
+    now: Timestamp,
+) -> Option<Duration> {
     if !matches!(status.as_u16(), 403 | 429) {
         return None;
     }

@@ -15,7 +15,6 @@
 //! runner takes exactly one job and exits; the wrapper then powers the instance off (an ephemeral Incus container
 //! is deleted by that; a cloud server is deleted by the next plan, as its runner is gone).
 
-
 use super::matching::RunnerArch;
 use crate::model::Secret;
 use crate::providers::cloud_config::{CloudConfig, RootFile};
@@ -80,11 +79,7 @@ impl RunnerRelease {
     }
 
     pub fn url(&self) -> String {
-        format!(
-            "https://github.com/actions/runner/releases/download/v{}/{}",
-            self.version,
-            self.file_name()
-        )
+        format!("https://github.com/actions/runner/releases/download/v{}/{}", self.version, self.file_name())
     }
 }
 

@@ -58,10 +58,7 @@ pub struct RunnerPlatform {
 impl Default for RunnerPlatform {
     /// What the clouds and containers ciscale creates run: 64-bit x86 Linux.
     fn default() -> Self {
-        Self {
-            os: RunnerOs::Linux,
-            arch: RunnerArch::X64,
-        }
+        Self { os: RunnerOs::Linux, arch: RunnerArch::X64 }
     }
 }
 
@@ -82,11 +79,9 @@ pub fn same_label(a: &str, b: &str) -> bool {
 /// `runs-on`; a job calling a reusable workflow has none) and matches nothing, so it never makes a runner.
 pub fn job_matches<J: AsRef<str>, R: AsRef<str>>(runs_on: &[J], runner_labels: &[R]) -> bool {
     !runs_on.is_empty()
-        && runs_on.iter().all(|wanted| {
-            runner_labels
-                .iter()
-                .any(|offered| same_label(wanted.as_ref(), offered.as_ref()))
-        })
+        && runs_on
+            .iter()
+            .all(|wanted| runner_labels.iter().any(|offered| same_label(wanted.as_ref(), offered.as_ref())))
 }
 
 /// The labels a runner ciscale registers is given: the implicit ones of `platform` first (none when `None`, as
@@ -144,10 +139,7 @@ mod tests {
 
     #[test]
     fn implicit_labels_come_first_and_nothing_twice() {
-        let platform = RunnerPlatform {
-            os: RunnerOs::MacOs,
-            arch: RunnerArch::Arm64,
-        };
+        let platform = RunnerPlatform { os: RunnerOs::MacOs, arch: RunnerArch::Arm64 };
         assert_eq!(
             runner_labels(["macos", "xcode-16", " ", "Xcode-16", "self-hosted"], Some(platform)),
             ["self-hosted", "macOS", "ARM64", "xcode-16"]

@@ -324,36 +324,32 @@ impl std::fmt::Debug for GithubActions {
     }
 }
 
-
 fn split_repository(repository: &str) -> Option<(&str, &str)> {
-    repository
-        .split_once('/')
-        .filter(|(owner, name)| !owner.is_empty() && !name.is_empty() && !name.contains('/'))
+    repository.split_once('/').filter(|(owner, name)| !owner.is_empty() && !name.is_empty() && !name.contains('/'))
 }
 
 impl GithubActions {
     /// Sets up the client and checks the settings; makes no call (the first observation is the first call).
     pub fn new(settings: GithubSettings) -> Result<Self> {
         let credentials = Credentials::new(&settings.auth, settings.token_renew_margin)?;
-        let repositories = match (settings.repositories, &settings.scope, credentials.is_app()) {
-            (Some(Repositories::Installation), _, false) => {
-                return Err(invalid(
+        let repositories =
+            match (settings.repositories, &settings.scope, credentials.is_app()) {
+                (Some(Repositories::Installation), _, false) => return Err(invalid(
                     "the installation's repositories can only be listed by a GitHub App\nhint: list `repositories` \
                      or `organizations` to poll"
                         .to_owned(),
-                ))
-            }
-            (Some(repositories), _, _) => repositories,
-            (None, Scope::Repository { owner, name }, _) => Repositories::Listed(vec![format!("{owner}/{name}")]),
-            (None, Scope::Organization { .. }, true) => Repositories::Installation,
-            (None, Scope::Organization { org }, false) => Repositories::Organizations(vec![org.clone()]),
-            (None, Scope::Enterprise { enterprise }, _) => {
-                return Err(invalid(format!(
-                    "enterprise `{enterprise}` has no list of repositories GitHub could give\nhint: list \
+                )),
+                (Some(repositories), _, _) => repositories,
+                (None, Scope::Repository { owner, name }, _) => Repositories::Listed(vec![format!("{owner}/{name}")]),
+                (None, Scope::Organization { .. }, true) => Repositories::Installation,
+                (None, Scope::Organization { org }, false) => Repositories::Organizations(vec![org.clone()]),
+                (None, Scope::Enterprise { enterprise }, _) => {
+                    return Err(invalid(format!(
+                        "enterprise `{enterprise}` has no list of repositories GitHub could give\nhint: list \
                      `repositories` or `organizations` whose jobs its runners take"
-                )))
-            }
-        };
+                    )))
+                }
+            };
         if let Repositories::Listed(listed) = &repositories {
             if let Some(bad) = listed.iter().find(|repository| split_repository(repository).is_none()) {
                 return Err(invalid(format!("repository `{bad}` is not `owner/name`")));
@@ -369,12 +365,7 @@ impl GithubActions {
         if settings.repositories_per_observe == Some(0) {
             return Err(invalid("`repositoriesPerCycle` must be at least 1".to_owned()));
         }
-        let http = Http::new(
-            &settings.endpoint,
-            credentials,
-            settings.conditional_requests,
-            settings.timeout,
-        )?;
+        let http = Http::new(&settings.endpoint, credentials, settings.conditional_requests, settings.timeout)?;
         let webhooks = match settings.webhook_secret {
             Some(secret) => Some(webhook::WebhookVerifier::new(secret).map_err(|error| invalid(error.to_string()))?),
             None => None,
@@ -457,9 +448,12 @@ impl GithubActions {
                     let what = format!("the repositories of organization `{org}`");
                     let repositories: Vec<WireRepository> = self
                         .http
-                        .pages(&["orgs", org.as_str(), "repos"], &[("type", "all")], &what, |list: Vec<WireRepository>| {
-                            (None, list)
-                        })
+                        .pages(
+                            &["orgs", org.as_str(), "repos"],
+                            &[("type", "all")],
+                            &what,
+                            |list: Vec<WireRepository>| (None, list),
+                        )
                         .await?;
                     names.extend(repositories.into_iter().filter_map(usable));
                 }
@@ -499,7 +493,8 @@ impl GithubActions {
             Some(cursor) => quiet.partition_point(|repository| *repository <= cursor),
             None => 0,
         };
-        let batch: Vec<String> = quiet.iter().skip(start).take(per_observe).map(|repository| (*repository).clone()).collect();
+        let batch: Vec<String> =
+            quiet.iter().skip(start).take(per_observe).map(|repository| (*repository).clone()).collect();
         // A rotation ends with the last quiet repository: the next observation refreshes the list and starts over.
         sweep.cursor = match batch.last() {
             Some(last) if start + batch.len() < quiet.len() => Some(last.clone()),
@@ -521,12 +516,9 @@ impl GithubActions {
             let what = format!("{} workflow runs of `{repository}`", status.replace('_', "-"));
             let runs = self
                 .http
-                .pages(
-                    &segments,
-                    &[("status", status), ("exclude_pull_requests", "true")],
-                    &what,
-                    |list: RunList| (list.total_count, list.workflow_runs),
-                )
+                .pages(&segments, &[("status", status), ("exclude_pull_requests", "true")], &what, |list: RunList| {
+                    (list.total_count, list.workflow_runs)
+                })
                 .await?;
             run_ids.extend(runs.into_iter().map(|run| run.id));
         }
@@ -536,12 +528,9 @@ impl GithubActions {
             let what = format!("the jobs of run {run} of `{repository}`");
             let found = self
                 .http
-                .pages(
-                    &["repos", owner, name, "actions", "runs", run.as_str(), "jobs"],
-                    &[],
-                    &what,
-                    |list: JobList| (list.total_count, list.jobs),
-                )
+                .pages(&["repos", owner, name, "actions", "runs", run.as_str(), "jobs"], &[], &what, |list: JobList| {
+                    (list.total_count, list.jobs)
+                })
                 .await;
             match found {
                 Ok(run_jobs) => jobs.extend(run_jobs),
@@ -550,11 +539,7 @@ impl GithubActions {
                 Err(error) => return Err(error),
             }
         }
-        Ok(RepositoryPoll {
-            active: !run_ids.is_empty(),
-            repository,
-            jobs,
-        })
+        Ok(RepositoryPoll { active: !run_ids.is_empty(), repository, jobs })
     }
 
     // -- runners ---------------------------------------------------------------------------------------------
@@ -569,16 +554,15 @@ impl GithubActions {
     async fn list_runners(&self) -> Result<Vec<WireRunner>> {
         let segments = self.runner_segments(&[]);
         let what = format!("the runners of {}", self.scope.describe());
-        self.http
-            .pages(&segments, &[], &what, |list: RunnerList| (list.total_count, list.runners))
-            .await
-            .map_err(|error| match error {
+        self.http.pages(&segments, &[], &what, |list: RunnerList| (list.total_count, list.runners)).await.map_err(
+            |error| match error {
                 Error::NotFound { .. } => invalid(format!(
                     "{what}: 404 Not Found\nhint: check the scope's name; GitHub also answers 404 to credentials \
                      that may not see it"
                 )),
                 other => other,
-            })
+            },
+        )
     }
 
     async fn find_runner(&self, name: &str) -> Result<Option<WireRunner>> {
@@ -624,18 +608,17 @@ impl GithubActions {
             .http
             .pages(&segments, &[], &what, |list: RunnerGroupList| (list.total_count, list.runner_groups))
             .await?;
-        let found = groups
-            .iter()
-            .find(|group| group.name.eq_ignore_ascii_case(wanted))
-            .map(|group| group.id)
-            .ok_or_else(|| {
-                let names: Vec<String> = groups.iter().map(|group| format!("`{}`", group.name)).collect();
-                invalid(format!(
-                    "runner group `{wanted}` does not exist in {}\nhint: the groups are {}",
-                    self.scope.describe(),
-                    names.join(", ")
-                ))
-            })?;
+        let found =
+            groups.iter().find(|group| group.name.eq_ignore_ascii_case(wanted)).map(|group| group.id).ok_or_else(
+                || {
+                    let names: Vec<String> = groups.iter().map(|group| format!("`{}`", group.name)).collect();
+                    invalid(format!(
+                        "runner group `{wanted}` does not exist in {}\nhint: the groups are {}",
+                        self.scope.describe(),
+                        names.join(", ")
+                    ))
+                },
+            )?;
         *lock(&self.runner_group_id) = Some(found);
         Ok(found)
     }
@@ -773,10 +756,7 @@ impl CiSource for GithubActions {
                 JobState::Other => {}
             }
         }
-        Ok(CiObservation {
-            agents: runners.iter().map(|runner| runner.to_agent(observed_at)).collect(),
-            queue,
-        })
+        Ok(CiObservation { agents: runners.iter().map(|runner| runner.to_agent(observed_at)).collect(), queue })
     }
 
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
@@ -825,19 +805,17 @@ impl CiSource for GithubActions {
         Ok(AgentCredential {
             agent_id: AgentId::new(jit.runner.id.to_string()),
             token: jit.encoded_jit_config,
-            env: BTreeMap::from([(
-                crate::providers::TOKEN_ENV_NAME_KEY.to_owned(),
-                launch::JIT_CONFIG_ENV.to_owned(),
-            )]),
+            env: BTreeMap::from([(crate::providers::TOKEN_ENV_NAME_KEY.to_owned(), launch::JIT_CONFIG_ENV.to_owned())]),
         })
     }
 
     // No drain or undrain: GitHub has none (its runners always take jobs), so the trait's `Unsupported` stands.
 
     async fn deregister(&self, id: &AgentId) -> Result<()> {
-        let number: u64 = id.as_str().parse().map_err(|_| Error::NotFound {
-            what: format!("github runner `{id}` (ids are numbers)"),
-        })?;
+        let number: u64 = id
+            .as_str()
+            .parse()
+            .map_err(|_| Error::NotFound { what: format!("github runner `{id}` (ids are numbers)") })?;
         self.delete_runner(number).await
     }
 

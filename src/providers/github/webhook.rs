@@ -41,7 +41,9 @@ pub enum WebhookError {
     MissingSignature,
     #[error("`X-Hub-Signature-256` is not `sha256=` and 64 hex digits")]
     MalformedSignature,
-    #[error("`X-Hub-Signature-256` does not match the body\nhint: the webhook's secret on GitHub differs from ciscale's")]
+    #[error(
+        "`X-Hub-Signature-256` does not match the body\nhint: the webhook's secret on GitHub differs from ciscale's"
+    )]
     BadSignature,
     #[error("delivery has no `X-GitHub-Event` header")]
     MissingEvent,
@@ -70,10 +72,7 @@ pub struct WebhookVerifier {
 
 impl std::fmt::Debug for WebhookVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookVerifier")
-            .field("secret", &self.secret)
-            .field("max_body", &self.max_body)
-            .finish()
+        f.debug_struct("WebhookVerifier").field("secret", &self.secret).field("max_body", &self.max_body).finish()
     }
 }
 
@@ -156,10 +155,7 @@ impl WebhookVerifier {
         if secret.expose().is_empty() {
             return Err(WebhookError::EmptySecret);
         }
-        Ok(Self {
-            secret,
-            max_body: DEFAULT_MAX_BODY,
-        })
+        Ok(Self { secret, max_body: DEFAULT_MAX_BODY })
     }
 
     pub fn with_max_body(mut self, max_body: usize) -> Self {
@@ -175,10 +171,7 @@ impl WebhookVerifier {
     /// Checks `signature` (the `X-Hub-Signature-256` value) against `body`, in constant time.
     pub fn verify(&self, signature: Option<&str>, body: &[u8]) -> Result<(), WebhookError> {
         if body.len() > self.max_body {
-            return Err(WebhookError::TooLarge {
-                size: body.len(),
-                limit: self.max_body,
-            });
+            return Err(WebhookError::TooLarge { size: body.len(), limit: self.max_body });
         }
         let signature = signature.ok_or(WebhookError::MissingSignature)?.trim();
         let digest = signature
@@ -245,10 +238,8 @@ struct PayloadRepository {
 }
 
 fn parse_workflow_job(body: &[u8]) -> Result<WorkflowJobEvent, WebhookError> {
-    let payload: Payload = serde_json::from_slice(body).map_err(|error| WebhookError::Payload {
-        event: "workflow_job".to_owned(),
-        detail: error.to_string(),
-    })?;
+    let payload: Payload = serde_json::from_slice(body)
+        .map_err(|error| WebhookError::Payload { event: "workflow_job".to_owned(), detail: error.to_string() })?;
     let action = match payload.action.as_str() {
         "queued" => JobAction::Queued,
         "waiting" => JobAction::Waiting,

@@ -25,9 +25,7 @@ pub const REPOSITORY_LABEL: &str = "repository";
 fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
     let value = Option::<serde_json::Number>::deserialize(deserializer)?;
     Ok(value.and_then(|number| {
-        number
-            .as_u64()
-            .or_else(|| number.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
+        number.as_u64().or_else(|| number.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
     }))
 }
 
@@ -94,9 +92,7 @@ impl WireRunner {
     }
 
     pub(super) fn is_online(&self) -> bool {
-        self.status
-            .as_deref()
-            .is_some_and(|status| status.eq_ignore_ascii_case("online"))
+        self.status.as_deref().is_some_and(|status| status.eq_ignore_ascii_case("online"))
     }
 
     /// The runner as an [`Agent`]. GitHub keeps no contact or work times, so they are read off the present:

@@ -78,12 +78,7 @@ impl Failure {
 impl Api {
     pub fn new(endpoint: &str, token: Secret, timeout: Duration) -> Result<Self, Error> {
         let client = crate::providers::http::client(PROVIDER, timeout.min(Duration::from_secs(10)), timeout)?;
-        Ok(Self {
-            client,
-            endpoint: endpoint.trim_end_matches('/').to_owned(),
-            token,
-            timeout,
-        })
+        Ok(Self { client, endpoint: endpoint.trim_end_matches('/').to_owned(), token, timeout })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -105,28 +100,17 @@ impl Api {
             .bearer_auth(self.token.expose())
             .query(query);
         if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_json());
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_json());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
+        let response = request.send().await.map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
+        let text = response.text().await.map_err(|error| Failure::Mapped(self.transport(&request_name, &error)))?;
         if status.is_success() {
             return serde_json::from_str(&text).map_err(|error| {
                 Failure::Mapped(Error::Other {
                     provider: PROVIDER.to_owned(),
-                    source: Box::new(Unreadable {
-                        request: request_name,
-                        detail: error.to_string(),
-                    }),
+                    source: Box::new(Unreadable { request: request_name, detail: error.to_string() }),
                 })
             });
         }
@@ -134,9 +118,7 @@ impl Api {
             Ok(body) => (body.error.code, body.error.message),
             Err(_) => (String::new(), format!("HTTP {status} without an error body")),
         };
-        let retry_after = (status == StatusCode::TOO_MANY_REQUESTS)
-            .then(|| retry_after(&headers))
-            .flatten();
+        let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then(|| retry_after(&headers)).flatten();
         Err(Failure::Api(ApiFailure { status, code, message }, retry_after))
     }
 
@@ -147,10 +129,7 @@ impl Api {
         } else {
             crate::providers::http::transport_message(request, error)
         };
-        Error::Unavailable {
-            provider: PROVIDER.to_owned(),
-            message,
-        }
+        Error::Unavailable { provider: PROVIDER.to_owned(), message }
     }
 }
 
@@ -166,28 +145,17 @@ impl<T: Serialize + Sync> ErasedBody for T {
     }
 }
 
-
 /// Codes meaning "this server type / location has no room right now": the create fallback tries the next
 /// candidate on these.
 pub(super) fn is_capacity(failure: &ApiFailure) -> bool {
-    matches!(
-        failure.code.as_str(),
-        "resource_unavailable" | "placement_error" | "resource_limit_exceeded"
-    ) || (failure.code == "invalid_input" && failure.message.contains("unsupported location for server type"))
+    matches!(failure.code.as_str(), "resource_unavailable" | "placement_error" | "resource_limit_exceeded")
+        || (failure.code == "invalid_input" && failure.message.contains("unsupported location for server type"))
 }
 
 /// Hetzner's answer in the shared error vocabulary. The code decides where it is more precise than the status.
 pub(super) fn map_failure(failure: &ApiFailure, retry_after: Option<Duration>, what: &str) -> Error {
     let provider = PROVIDER.to_owned();
-    let message = format!(
-        "{} ({})",
-        failure.message,
-        if failure.code.is_empty() {
-            "no code"
-        } else {
-            &failure.code
-        }
-    );
+    let message = format!("{} ({})", failure.message, if failure.code.is_empty() { "no code" } else { &failure.code });
     if is_capacity(failure) {
         return Error::Capacity { provider, message };
     }
@@ -196,10 +164,7 @@ pub(super) fn map_failure(failure: &ApiFailure, retry_after: Option<Duration>, w
         "not_found" => return Error::NotFound { what: what.to_owned() },
         "rate_limit_exceeded" => return Error::RateLimited { provider, retry_after },
         "unauthorized" | "forbidden" | "token_readonly" => {
-            return Error::Unauthenticated {
-                provider,
-                message: format!("{message}\n{TOKEN_HINT}"),
-            }
+            return Error::Unauthenticated { provider, message: format!("{message}\n{TOKEN_HINT}") }
         }
         // The resource is busy with another action, or the API is in maintenance: the same call works later.
         "locked" | "conflict" | "maintenance" | "timeout" | "server_error" | "service_error" | "unavailable" => {
@@ -235,34 +200,13 @@ mod tests {
 
     #[test]
     fn codes_win_over_statuses() {
-        assert!(matches!(
-            map_failure(&failure(412, "resource_unavailable"), None, "x"),
-            Error::Capacity { .. }
-        ));
-        assert!(matches!(
-            map_failure(&failure(409, "uniqueness_error"), None, "x"),
-            Error::AlreadyExists { .. }
-        ));
-        assert!(matches!(
-            map_failure(&failure(409, "conflict"), None, "x"),
-            Error::Unavailable { .. }
-        ));
-        assert!(matches!(
-            map_failure(&failure(423, "locked"), None, "x"),
-            Error::Unavailable { .. }
-        ));
-        assert!(matches!(
-            map_failure(&failure(422, "invalid_input"), None, "x"),
-            Error::Invalid { .. }
-        ));
-        assert!(matches!(
-            map_failure(&failure(401, ""), None, "x"),
-            Error::Unauthenticated { .. }
-        ));
-        assert!(matches!(
-            map_failure(&failure(502, ""), None, "x"),
-            Error::Unavailable { .. }
-        ));
+        assert!(matches!(map_failure(&failure(412, "resource_unavailable"), None, "x"), Error::Capacity { .. }));
+        assert!(matches!(map_failure(&failure(409, "uniqueness_error"), None, "x"), Error::AlreadyExists { .. }));
+        assert!(matches!(map_failure(&failure(409, "conflict"), None, "x"), Error::Unavailable { .. }));
+        assert!(matches!(map_failure(&failure(423, "locked"), None, "x"), Error::Unavailable { .. }));
+        assert!(matches!(map_failure(&failure(422, "invalid_input"), None, "x"), Error::Invalid { .. }));
+        assert!(matches!(map_failure(&failure(401, ""), None, "x"), Error::Unauthenticated { .. }));
+        assert!(matches!(map_failure(&failure(502, ""), None, "x"), Error::Unavailable { .. }));
         let limited = map_failure(&failure(429, "rate_limit_exceeded"), Some(Duration::from_secs(7)), "x");
         assert!(matches!(limited, Error::RateLimited { retry_after: Some(wait), .. } if wait.as_secs() == 7));
     }
@@ -273,10 +217,7 @@ mod tests {
         headers.insert(RETRY_AFTER, "12".parse().expect("header"));
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(12)));
         let mut headers = HeaderMap::new();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         headers.insert("ratelimit-reset", (now + 30).to_string().parse().expect("header"));
         let wait = retry_after(&headers).map(|d| d.as_secs());
         assert!(matches!(wait, Some(29..=30)), "{wait:?}");

@@ -60,15 +60,9 @@ impl HcloudSettings {
     /// The endpoint a config asks for: its `endpoint` field, else `HCLOUD_ENDPOINT` (passed in, so the caller
     /// decides where the environment is read), else Hetzner's.
     pub fn new(token: Secret, configured: Option<&str>, from_env: Option<&str>) -> Self {
-        let endpoint = configured
-            .or(from_env.filter(|value| !value.trim().is_empty()))
-            .unwrap_or(DEFAULT_ENDPOINT)
-            .to_owned();
-        Self {
-            token,
-            endpoint,
-            timeout: DEFAULT_TIMEOUT,
-        }
+        let endpoint =
+            configured.or(from_env.filter(|value| !value.trim().is_empty())).unwrap_or(DEFAULT_ENDPOINT).to_owned();
+        Self { token, endpoint, timeout: DEFAULT_TIMEOUT }
     }
 }
 
@@ -92,10 +86,7 @@ impl Hcloud {
                 ),
             });
         }
-        Ok(Self {
-            api: Api::new(endpoint, settings.token, settings.timeout)?,
-            prices: OnceCell::new(),
-        })
+        Ok(Self { api: Api::new(endpoint, settings.token, settings.timeout)?, prices: OnceCell::new() })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -107,11 +98,8 @@ impl Hcloud {
         let mut servers = Vec::new();
         let mut page = 1;
         loop {
-            let query = [
-                ("label_selector", selector.clone()),
-                ("page", page.to_string()),
-                ("per_page", PER_PAGE.to_string()),
-            ];
+            let query =
+                [("label_selector", selector.clone()), ("page", page.to_string()), ("per_page", PER_PAGE.to_string())];
             let response: models::ListServersResponse = self
                 .api
                 .send(Method::GET, "/servers", &query, None)
@@ -133,9 +121,7 @@ impl Hcloud {
             .send(Method::GET, &format!("/servers/{numeric}"), &[], None)
             .await
             .map_err(|failure| failure.into_error(&format!("server `{id}`")))?;
-        response.server.map(|server| *server).ok_or_else(|| Error::NotFound {
-            what: format!("server `{id}`"),
-        })
+        response.server.map(|server| *server).ok_or_else(|| Error::NotFound { what: format!("server `{id}`") })
     }
 
     async fn price_list(&self) -> Result<BTreeMap<String, Price>> {
@@ -150,18 +136,10 @@ impl Hcloud {
                 .map_err(|failure| failure.into_error("server types"))?;
             for server_type in response.server_types {
                 // Prices differ a little per location; the list is for the plan's estimate, so the first does.
-                if let Some(hourly) = server_type
-                    .prices
-                    .first()
-                    .and_then(|price| price.price_hourly.gross.trim().parse::<f64>().ok())
+                if let Some(hourly) =
+                    server_type.prices.first().and_then(|price| price.price_hourly.gross.trim().parse::<f64>().ok())
                 {
-                    prices.insert(
-                        server_type.name,
-                        Price {
-                            hourly,
-                            currency: "EUR".to_owned(),
-                        },
-                    );
+                    prices.insert(server_type.name, Price { hourly, currency: "EUR".to_owned() });
                 }
             }
             match response.meta.pagination.next_page {
@@ -190,10 +168,7 @@ impl Backend for Hcloud {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            exec: false,
-            keeps_stopped: true,
-        }
+        Capabilities { exec: false, keeps_stopped: true }
     }
 
     async fn observe(&self, request: &ListInstances) -> Result<BackendObservation> {
@@ -231,21 +206,11 @@ impl Backend for Hcloud {
                 server_type: server_type.to_owned(),
                 location: location.map(str::to_owned),
                 image: machine.image.clone(),
-                labels: Some(
-                    request
-                        .labels
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect::<HashMap<_, _>>(),
-                ),
+                labels: Some(request.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>()),
                 ssh_keys: (!machine.ssh_keys.is_empty()).then(|| machine.ssh_keys.clone()),
                 networks: (!machine.networks.is_empty()).then(|| machine.networks.clone()),
                 firewalls: (!machine.firewalls.is_empty()).then(|| {
-                    machine
-                        .firewalls
-                        .iter()
-                        .map(|id| models::CreateServerRequestFirewalls { firewall: *id })
-                        .collect()
+                    machine.firewalls.iter().map(|id| models::CreateServerRequestFirewalls { firewall: *id }).collect()
                 }),
                 user_data: request.user_data.as_ref().map(|data| data.expose().to_owned()),
                 start_after_create: Some(true),
@@ -255,11 +220,7 @@ impl Backend for Hcloud {
                 Some(location) => format!("{server_type} in {location}"),
                 None => server_type.to_owned(),
             };
-            match self
-                .api
-                .send::<models::CreateServerResponse>(Method::POST, "/servers", &[], Some(&body))
-                .await
-            {
+            match self.api.send::<models::CreateServerResponse>(Method::POST, "/servers", &[], Some(&body)).await {
                 Ok(response) => {
                     if !refused.is_empty() {
                         tracing::info!(server = %request.name, %candidate, "created on a fallback candidate");
@@ -275,11 +236,7 @@ impl Backend for Hcloud {
         }
         Err(Error::Capacity {
             provider: PROVIDER.to_owned(),
-            message: format!(
-                "no candidate could take server `{}`: {}",
-                request.name,
-                refused.join(", ")
-            ),
+            message: format!("no candidate could take server `{}`: {}", request.name, refused.join(", ")),
         })
     }
 
@@ -330,21 +287,13 @@ struct Machine {
 
 impl Machine {
     fn from_request(request: &CreateInstance) -> Result<Self> {
-        let invalid = |message: String| Error::Invalid {
-            provider: PROVIDER.to_owned(),
-            message,
-        };
+        let invalid = |message: String| Error::Invalid { provider: PROVIDER.to_owned(), message };
         let list = |key: &str| -> Vec<String> {
             request
                 .machine
                 .get(key)
                 .map(|value| {
-                    value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|item| !item.is_empty())
-                        .map(str::to_owned)
-                        .collect()
+                    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
                 })
                 .unwrap_or_default()
         };
@@ -360,14 +309,10 @@ impl Machine {
         };
         let server_types = list(SERVER_TYPE);
         if server_types.is_empty() {
-            return Err(invalid(format!(
-                "machine `{SERVER_TYPE}` is missing\nhint: e.g. `{SERVER_TYPE}: cx22,cx32`"
-            )));
+            return Err(invalid(format!("machine `{SERVER_TYPE}` is missing\nhint: e.g. `{SERVER_TYPE}: cx22,cx32`")));
         }
         let image = list(IMAGE).into_iter().next().ok_or_else(|| {
-            invalid(format!(
-                "machine `{IMAGE}` is missing\nhint: e.g. `{IMAGE}: docker-ce` or `ubuntu-24.04`"
-            ))
+            invalid(format!("machine `{IMAGE}` is missing\nhint: e.g. `{IMAGE}: docker-ce` or `ubuntu-24.04`"))
         })?;
         if let Some(data) = &request.user_data {
             if data.expose().len() > MAX_USER_DATA {
@@ -404,9 +349,7 @@ impl Machine {
 }
 
 fn server_id(id: &InstanceId) -> Result<u64> {
-    id.as_str().parse::<u64>().map_err(|_| Error::NotFound {
-        what: format!("server `{id}` (not a Hetzner server id)"),
-    })
+    id.as_str().parse::<u64>().map_err(|_| Error::NotFound { what: format!("server `{id}` (not a Hetzner server id)") })
 }
 
 fn to_state(status: models::server::Status) -> InstanceState {
@@ -435,10 +378,7 @@ fn to_instance(server: models::Server) -> Result<Instance> {
     ]);
     if let Some(image) = &server.image {
         // Snapshots have no name; their id is what a pool's `image` names then.
-        attributes.insert(
-            IMAGE.to_owned(),
-            image.name.clone().unwrap_or_else(|| image.id.to_string()),
-        );
+        attributes.insert(IMAGE.to_owned(), image.name.clone().unwrap_or_else(|| image.id.to_string()));
     }
     Ok(Instance {
         id: InstanceId::new(server.id.to_string()),

@@ -60,19 +60,10 @@ pub(crate) struct Call {
 
 impl Call {
     pub fn get(path: impl Into<String>) -> Self {
-        Self {
-            method: Method::GET,
-            path: path.into(),
-            body: Vec::new(),
-            content_type: "",
-            headers: Vec::new(),
-        }
+        Self { method: Method::GET, path: path.into(), body: Vec::new(), content_type: "", headers: Vec::new() }
     }
     pub fn delete(path: impl Into<String>) -> Self {
-        Self {
-            method: Method::DELETE,
-            ..Self::get(path)
-        }
+        Self { method: Method::DELETE, ..Self::get(path) }
     }
     pub fn json(method: Method, path: impl Into<String>, body: &Value) -> Self {
         Self {
@@ -158,26 +149,17 @@ impl Client {
             source: format!("`{what}` answered {status} with a body that is not Incus JSON: {error}").into(),
         })?;
         if envelope.kind == "error" || !status.is_success() {
-            let code = if envelope.error_code != 0 {
-                envelope.error_code
-            } else {
-                status.as_u16()
-            };
+            let code = if envelope.error_code != 0 { envelope.error_code } else { status.as_u16() };
             return Err(map_error(code, &envelope.error, &what));
         }
         if envelope.kind == "async" {
-            return Ok(Reply::Async {
-                operation: envelope.operation,
-            });
+            return Ok(Reply::Async { operation: envelope.operation });
         }
         Ok(Reply::Sync(envelope.metadata))
     }
 
     async fn round_trip(&self, call: Call) -> Result<(StatusCode, Vec<u8>), Error> {
-        let unavailable = |message: String| Error::Unavailable {
-            provider: PROVIDER.into(),
-            message,
-        };
+        let unavailable = |message: String| Error::Unavailable { provider: PROVIDER.into(), message };
         let stream = UnixStream::connect(&self.socket).await.map_err(|error| {
             unavailable(format!(
                 "cannot connect to `{}`: {error}\nhint: is `incusd` running and may this user open its socket?",
@@ -209,10 +191,8 @@ impl Client {
             provider: PROVIDER.into(),
             message: format!("cannot build request `{}`: {error}", call.path),
         })?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|error| unavailable(format!("`{}`: {error}", call.path)))?;
+        let response =
+            sender.send_request(request).await.map_err(|error| unavailable(format!("`{}`: {error}", call.path)))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -238,14 +218,8 @@ impl Client {
         match status {
             "Success" => Ok(operation_body.get("metadata").cloned().unwrap_or(Value::Null)),
             "Failure" | "Cancelled" => {
-                let message = operation_body
-                    .get("err")
-                    .and_then(Value::as_str)
-                    .unwrap_or("operation failed");
-                let description = operation_body
-                    .get("description")
-                    .and_then(Value::as_str)
-                    .unwrap_or("operation");
+                let message = operation_body.get("err").and_then(Value::as_str).unwrap_or("operation failed");
+                let description = operation_body.get("description").and_then(Value::as_str).unwrap_or("operation");
                 Err(map_error(500, message, &description.to_lowercase()))
             }
             _ => Err(Error::Unavailable {
@@ -268,58 +242,28 @@ impl Client {
 /// onto those variants so callers can treat them as done.
 pub(crate) fn map_error(code: u16, message: &str, what: &str) -> Error {
     let lower = message.to_lowercase();
-    let text = if message.is_empty() {
-        format!("`{what}` failed with {code}")
-    } else {
-        format!("{what}: {message}")
-    };
+    let text = if message.is_empty() { format!("`{what}` failed with {code}") } else { format!("{what}: {message}") };
     if code == 404 || lower.contains("not found") {
-        return Error::NotFound {
-            what: format!("incus: {message}"),
-        };
+        return Error::NotFound { what: format!("incus: {message}") };
     }
     if code == 409 || lower.contains("already exists") || lower.contains("unique constraint failed") {
-        return Error::AlreadyExists {
-            what: format!("incus: {message}"),
-        };
+        return Error::AlreadyExists { what: format!("incus: {message}") };
     }
     // An instance still busy with another operation (a create a killed ciscale started keeps running
     // server-side) is worth retrying, not a rejection.
     if lower.contains("is busy running") {
-        return Error::Unavailable {
-            provider: PROVIDER.into(),
-            message: text,
-        };
+        return Error::Unavailable { provider: PROVIDER.into(), message: text };
     }
     match code {
-        401 | 403 => Error::Unauthenticated {
-            provider: PROVIDER.into(),
-            message: text,
-        },
-        429 => Error::RateLimited {
-            provider: PROVIDER.into(),
-            retry_after: None,
-        },
-        400 => Error::Invalid {
-            provider: PROVIDER.into(),
-            message: text,
-        },
-        503 | 504 => Error::Unavailable {
-            provider: PROVIDER.into(),
-            message: text,
-        },
-        _ if lower.contains("no space left") || lower.contains("out of memory") => Error::Capacity {
-            provider: PROVIDER.into(),
-            message: text,
-        },
-        _ if (500..600).contains(&code) => Error::Invalid {
-            provider: PROVIDER.into(),
-            message: text,
-        },
-        _ => Error::Other {
-            provider: PROVIDER.into(),
-            source: text.into(),
-        },
+        401 | 403 => Error::Unauthenticated { provider: PROVIDER.into(), message: text },
+        429 => Error::RateLimited { provider: PROVIDER.into(), retry_after: None },
+        400 => Error::Invalid { provider: PROVIDER.into(), message: text },
+        503 | 504 => Error::Unavailable { provider: PROVIDER.into(), message: text },
+        _ if lower.contains("no space left") || lower.contains("out of memory") => {
+            Error::Capacity { provider: PROVIDER.into(), message: text }
+        }
+        _ if (500..600).contains(&code) => Error::Invalid { provider: PROVIDER.into(), message: text },
+        _ => Error::Other { provider: PROVIDER.into(), source: text.into() },
     }
 }
 
@@ -329,43 +273,21 @@ mod tests {
 
     #[test]
     fn maps_incus_messages_onto_provider_errors() {
+        assert!(matches!(map_error(404, "Instance not found", "get"), Error::NotFound { .. }));
         assert!(matches!(
-            map_error(404, "Instance not found", "get"),
-            Error::NotFound { .. }
-        ));
-        assert!(matches!(
-            map_error(
-                500,
-                "Add instance info to the database: UNIQUE constraint failed: instances.name",
-                "create"
-            ),
+            map_error(500, "Add instance info to the database: UNIQUE constraint failed: instances.name", "create"),
             Error::AlreadyExists { .. }
         ));
-        assert!(matches!(
-            map_error(403, "not authorized", "get"),
-            Error::Unauthenticated { .. }
-        ));
-        assert!(matches!(
-            map_error(503, "shutting down", "get"),
-            Error::Unavailable { .. }
-        ));
-        assert!(matches!(
-            map_error(500, "Image not provided for instance creation", "create"),
-            Error::Invalid { .. }
-        ));
+        assert!(matches!(map_error(403, "not authorized", "get"), Error::Unauthenticated { .. }));
+        assert!(matches!(map_error(503, "shutting down", "get"), Error::Unavailable { .. }));
+        assert!(matches!(map_error(500, "Image not provided for instance creation", "create"), Error::Invalid { .. }));
     }
 
     #[test]
     fn project_is_appended_encoded() {
-        let client = Client {
-            socket: "/x".into(),
-            project: Some("c i".into()),
-            request_timeout: Duration::from_secs(1),
-        };
+        let client =
+            Client { socket: "/x".into(), project: Some("c i".into()), request_timeout: Duration::from_secs(1) };
         assert_eq!(client.with_project("/1.0/instances"), "/1.0/instances?project=c%20i");
-        assert_eq!(
-            client.with_project("/1.0/instances?recursion=1"),
-            "/1.0/instances?recursion=1&project=c%20i"
-        );
+        assert_eq!(client.with_project("/1.0/instances?recursion=1"), "/1.0/instances?recursion=1&project=c%20i");
     }
 }

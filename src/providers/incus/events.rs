@@ -76,24 +76,13 @@ async fn follow(incus: &Incus, owner: &str, sender: &mpsc::Sender<Signal>) -> Re
     let socket = incus.socket().display().to_string();
     let stream = UnixStream::connect(incus.socket())
         .await
-        .map_err(|source| StreamError::Connect {
-            socket: socket.clone(),
-            source,
-        })?;
-    let url = format!(
-        "ws://incus{}",
-        incus.client().with_project("/1.0/events?type=lifecycle")
-    );
+        .map_err(|source| StreamError::Connect { socket: socket.clone(), source })?;
+    let url = format!("ws://incus{}", incus.client().with_project("/1.0/events?type=lifecycle"));
     let (mut websocket, _) = tokio_tungstenite::client_async(url, stream).await?;
 
     // Subscribed first, listed second: an instance created in between is seen by one or the other.
-    let listed = incus
-        .observe(&ListInstances {
-            owner: owner.to_owned(),
-            adopted: Vec::new(),
-            images: Vec::new(),
-        })
-        .await?;
+    let listed =
+        incus.observe(&ListInstances { owner: owner.to_owned(), adopted: Vec::new(), images: Vec::new() }).await?;
     let mut owned: BTreeSet<String> = listed.instances.into_iter().map(|instance| instance.name).collect();
     tracing::debug!(owned = owned.len(), "incus event stream connected");
     if sender.send(Signal::Connected).await.is_err() {
@@ -120,17 +109,10 @@ async fn follow(incus: &Incus, owner: &str, sender: &mpsc::Sender<Signal>) -> Re
                 }
             }
             "instance-shutdown" | "instance-stopped" | "instance-deleted" => {
-                let known = if action == "instance-deleted" {
-                    owned.remove(&name)
-                } else {
-                    owned.contains(&name)
-                };
+                let known = if action == "instance-deleted" { owned.remove(&name) } else { owned.contains(&name) };
                 if known || names_owner(&event, owner) {
                     tracing::debug!(instance = %name, action, "owned instance went away");
-                    let signal = Signal::InstanceGone {
-                        name,
-                        action: action.to_owned(),
-                    };
+                    let signal = Signal::InstanceGone { name, action: action.to_owned() };
                     if sender.send(signal).await.is_err() {
                         return Ok(());
                     }
@@ -172,19 +154,11 @@ fn names_owner(event: &Value, owner: &str) -> bool {
 }
 
 async fn is_owned(incus: &Incus, name: &str, owner: &str) -> bool {
-    match incus
-        .client()
-        .send(super::client::Call::get(format!("/1.0/instances/{}", encode(name))))
-        .await
-    {
+    match incus.client().send(super::client::Call::get(format!("/1.0/instances/{}", encode(name)))).await {
         Ok(reply) => {
             let object = reply.into_sync();
             let key = format!("{LABEL_KEY_PREFIX}{OWNER_LABEL}");
-            object
-                .pointer("/config")
-                .and_then(|config| config.get(&key))
-                .and_then(Value::as_str)
-                == Some(owner)
+            object.pointer("/config").and_then(|config| config.get(&key)).and_then(Value::as_str) == Some(owner)
         }
         Err(_) => false,
     }
@@ -201,10 +175,7 @@ mod tests {
             "type": "lifecycle",
             "metadata": { "action": "instance-shutdown", "source": "/1.0/instances/builds-docker-1?project=ci" }
         });
-        assert_eq!(
-            lifecycle(&event),
-            Some(("instance-shutdown", "builds-docker-1".to_owned()))
-        );
+        assert_eq!(lifecycle(&event), Some(("instance-shutdown", "builds-docker-1".to_owned())));
         let snapshot = json!({
             "type": "lifecycle",
             "metadata": { "action": "instance-snapshot-created", "source": "/1.0/instances/a/snapshots/b" }

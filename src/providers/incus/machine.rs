@@ -48,10 +48,7 @@ pub struct InstanceSpec {
 }
 
 fn invalid(message: String) -> Error {
-    Error::Invalid {
-        provider: PROVIDER.into(),
-        message,
-    }
+    Error::Invalid { provider: PROVIDER.into(), message }
 }
 
 impl InstanceSpec {
@@ -82,9 +79,7 @@ impl InstanceSpec {
                 }
                 "tmpfsSize" => {
                     let bytes = parse_size(value).ok_or_else(|| {
-                        invalid(format!(
-                            "`tmpfsSize: {value}` is not a size\nhint: write e.g. `4GiB` or `512MiB`"
-                        ))
+                        invalid(format!("`tmpfsSize: {value}` is not a size\nhint: write e.g. `4GiB` or `512MiB`"))
                     })?;
                     config.insert(
                         "raw.lxc".into(),
@@ -95,12 +90,7 @@ impl InstanceSpec {
                 }
                 "profiles" => {
                     profiles = Some(
-                        value
-                            .split(',')
-                            .map(str::trim)
-                            .filter(|name| !name.is_empty())
-                            .map(str::to_owned)
-                            .collect(),
+                        value.split(',').map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned).collect(),
                     );
                 }
                 other if other.contains('.') => {
@@ -114,12 +104,7 @@ impl InstanceSpec {
                 }
             }
         }
-        Ok(Self {
-            image,
-            config,
-            devices: Map::new(),
-            profiles,
-        })
+        Ok(Self { image, config, devices: Map::new(), profiles })
     }
 }
 
@@ -159,10 +144,7 @@ pub fn attributes_of(config: &BTreeMap<&str, &str>, _devices: &Value, profiles: 
 fn tmpfs_size(raw_lxc: &str) -> Option<u64> {
     let line = raw_lxc.lines().find(|line| line.contains(TMPFS_TARGET))?;
     let options = line.split_whitespace().find(|word| word.contains("size="))?;
-    options
-        .split(',')
-        .find_map(|option| option.strip_prefix("size="))
-        .and_then(|size| size.parse().ok())
+    options.split(',').find_map(|option| option.strip_prefix("size=")).and_then(|size| size.parse().ok())
 }
 
 /// Bytes from `4GiB`, `512MiB`, `1G`, `100M`, `2048` (binary units, as Incus and LXC read them).
@@ -184,12 +166,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 /// The largest exact binary unit: `4GiB`, `512MiB`, `1000B`.
 pub fn format_size(bytes: u64) -> String {
-    for (unit, factor) in [
-        ("TiB", 1u64 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ] {
+    for (unit, factor) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
         if bytes >= factor && bytes % factor == 0 {
             return format!("{}{unit}", bytes / factor);
         }
@@ -225,11 +202,7 @@ mod tests {
         assert_eq!(spec.config["boot.host_shutdown_action"], "force-stop");
         assert_eq!(spec.config["security.privileged"], "false");
         assert_eq!(spec.config[IMAGE_KEY], "agent");
-        assert!(
-            spec.config["raw.lxc"].contains("size=1073741824"),
-            "{}",
-            spec.config["raw.lxc"]
-        );
+        assert!(spec.config["raw.lxc"].contains("size=1073741824"), "{}", spec.config["raw.lxc"]);
         assert_eq!(spec.profiles, Some(vec!["default".to_owned(), "docker".to_owned()]));
     }
 
@@ -247,10 +220,7 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_honour() {
-        assert!(
-            InstanceSpec::from_machine(&machine(&[("cpu", "2")])).is_err(),
-            "no image"
-        );
+        assert!(InstanceSpec::from_machine(&machine(&[("cpu", "2")])).is_err(), "no image");
         assert!(InstanceSpec::from_machine(&machine(&[("image", "a"), ("tmpfsSize", "lots")])).is_err());
         assert!(InstanceSpec::from_machine(&machine(&[("image", "a"), ("serverType", "cx22")])).is_err());
     }

@@ -55,11 +55,7 @@ impl Incus {
     pub fn new(socket: Option<&str>, project: Option<&str>) -> Self {
         let socket = socket
             .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("INCUS_SOCKET")
-                    .filter(|value| !value.is_empty())
-                    .map(PathBuf::from)
-            })
+            .or_else(|| std::env::var_os("INCUS_SOCKET").filter(|value| !value.is_empty()).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
         Self {
             client: Client {
@@ -96,29 +92,17 @@ impl Incus {
 
     /// The raw instance object (`GET /1.0/instances/NAME`): config, devices, profiles, status.
     pub async fn instance_json(&self, name: &str) -> Result<Value> {
-        Ok(self
-            .client
-            .send(Call::get(format!("/1.0/instances/{}", encode(name))))
-            .await?
-            .into_sync())
+        Ok(self.client.send(Call::get(format!("/1.0/instances/{}", encode(name)))).await?.into_sync())
     }
 
     /// The image aliases of the project: one `GET /1.0/images/aliases?recursion=1`.
     pub async fn image_aliases(&self) -> Result<std::collections::BTreeSet<String>> {
-        let listed = self
-            .client
-            .send(Call::get("/1.0/images/aliases?recursion=1"))
-            .await?
-            .into_sync();
+        let listed = self.client.send(Call::get("/1.0/images/aliases?recursion=1")).await?.into_sync();
         let aliases = listed.as_array().ok_or_else(|| Error::Other {
             provider: PROVIDER.into(),
             source: "the image alias list is not an array".into(),
         })?;
-        Ok(aliases
-            .iter()
-            .filter_map(|alias| alias.get("name").and_then(Value::as_str))
-            .map(str::to_owned)
-            .collect())
+        Ok(aliases.iter().filter_map(|alias| alias.get("name").and_then(Value::as_str)).map(str::to_owned).collect())
     }
 
     /// Stops an instance: cleanly within the stop timeout, else by force. Already stopped, or an ephemeral one
@@ -126,10 +110,8 @@ impl Incus {
     async fn stop_instance(&self, name: &str) -> Result<()> {
         let path = format!("/1.0/instances/{}/state", encode(name));
         let clean = json!({ "action": "stop", "timeout": self.stop_timeout.as_secs(), "force": false });
-        let result = self
-            .client
-            .send_and_wait(Call::json(Method::PUT, &path, &clean), self.stop_timeout + OP_SLACK)
-            .await;
+        let result =
+            self.client.send_and_wait(Call::json(Method::PUT, &path, &clean), self.stop_timeout + OP_SLACK).await;
         match result {
             Ok(_) => Ok(()),
             Err(error) if already(&error, "already stopped") || already(&error, "not running") => Ok(()),
@@ -137,11 +119,7 @@ impl Incus {
             Err(error) => {
                 tracing::debug!(instance = name, %error, "clean stop failed; forcing");
                 let force = json!({ "action": "stop", "timeout": -1, "force": true });
-                match self
-                    .client
-                    .send_and_wait(Call::json(Method::PUT, &path, &force), self.operation_timeout)
-                    .await
-                {
+                match self.client.send_and_wait(Call::json(Method::PUT, &path, &force), self.operation_timeout).await {
                     Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
                     Err(error) if already(&error, "already stopped") || already(&error, "not running") => Ok(()),
                     Err(error) => Err(error),
@@ -168,14 +146,12 @@ impl Incus {
             .flatten()
             .find(|operation| {
                 operation.get("description").and_then(Value::as_str) == Some("Creating instance")
-                    && operation
-                        .pointer("/resources/instances")
-                        .and_then(Value::as_array)
-                        .is_some_and(|instances| {
-                            instances.iter().filter_map(Value::as_str).any(|path| {
-                                path.split('?').next() == Some(resource.as_str())
-                            })
-                        })
+                    && operation.pointer("/resources/instances").and_then(Value::as_array).is_some_and(|instances| {
+                        instances
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .any(|path| path.split('?').next() == Some(resource.as_str()))
+                    })
             })
             .and_then(|operation| operation.get("id").and_then(Value::as_str))
             .map(|id| format!("/1.0/operations/{id}"));
@@ -223,10 +199,7 @@ pub fn instance_from_json(value: &Value) -> Result<Instance> {
         provider: PROVIDER.into(),
         source: format!("instance object without a valid `{what}`").into(),
     };
-    let name = value
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| malformed("name"))?;
+    let name = value.get("name").and_then(Value::as_str).ok_or_else(|| malformed("name"))?;
     let status = value.get("status").and_then(Value::as_str).unwrap_or("Unknown");
     let created_at = value
         .get("created_at")
@@ -235,10 +208,8 @@ pub fn instance_from_json(value: &Value) -> Result<Instance> {
         .ok_or_else(|| malformed("created_at"))?;
     let empty = serde_json::Map::new();
     let config = value.get("config").and_then(Value::as_object).unwrap_or(&empty);
-    let config: BTreeMap<&str, &str> = config
-        .iter()
-        .filter_map(|(key, value)| value.as_str().map(|value| (key.as_str(), value)))
-        .collect();
+    let config: BTreeMap<&str, &str> =
+        config.iter().filter_map(|(key, value)| value.as_str().map(|value| (key.as_str(), value))).collect();
     let mut state = state_of(status);
     // Incus deletes an ephemeral container once it stopped, but lists it as `Running` until its files are gone:
     // tens of milliseconds for a tiny image, seconds for a real agent image on a `dir` pool (11 s measured for
@@ -256,8 +227,7 @@ pub fn instance_from_json(value: &Value) -> Result<Instance> {
         .iter()
         .filter(|(key, _)| **key != machine::IMAGE_KEY)
         .filter_map(|(key, value)| {
-            key.strip_prefix(LABEL_KEY_PREFIX)
-                .map(|label| (label.to_owned(), (*value).to_owned()))
+            key.strip_prefix(LABEL_KEY_PREFIX).map(|label| (label.to_owned(), (*value).to_owned()))
         })
         .collect();
     let devices = value.get("devices").cloned().unwrap_or(Value::Null);
@@ -284,10 +254,7 @@ impl Backend for Incus {
 
     fn capabilities(&self) -> Capabilities {
         // Ephemeral containers vanish when stopped.
-        Capabilities {
-            exec: true,
-            keeps_stopped: false,
-        }
+        Capabilities { exec: true, keeps_stopped: false }
     }
 
     async fn observe(&self, request: &ListInstances) -> Result<BackendObservation> {
@@ -322,18 +289,9 @@ impl Backend for Incus {
             Vec::new()
         } else {
             let aliases = self.image_aliases().await?;
-            request
-                .images
-                .iter()
-                .filter(|image| !aliases.contains(machine::image_alias(image)))
-                .cloned()
-                .collect()
+            request.images.iter().filter(|image| !aliases.contains(machine::image_alias(image))).cloned().collect()
         };
-        Ok(BackendObservation {
-            instances,
-            prices: BTreeMap::new(),
-            missing_images,
-        })
+        Ok(BackendObservation { instances, prices: BTreeMap::new(), missing_images })
     }
 
     async fn create(&self, request: &CreateInstance) -> Result<Instance> {
@@ -354,19 +312,11 @@ impl Backend for Incus {
         if let Some(profiles) = &spec.profiles {
             body["profiles"] = json!(profiles);
         }
-        match self
-            .client
-            .send_and_wait(
-                Call::json(Method::POST, "/1.0/instances", &body),
-                self.operation_timeout,
-            )
-            .await
+        match self.client.send_and_wait(Call::json(Method::POST, "/1.0/instances", &body), self.operation_timeout).await
         {
             Ok(_) => {}
             Err(Error::AlreadyExists { .. }) => {
-                return Err(Error::AlreadyExists {
-                    what: format!("incus instance `{}`", request.name),
-                })
+                return Err(Error::AlreadyExists { what: format!("incus instance `{}`", request.name) })
             }
             // incusd accepts every create and refuses a second one of a name in its background operation while the
             // first still runs: a create sent by a ciscale that was killed before it heard the answer. That one
@@ -396,9 +346,7 @@ impl Backend for Incus {
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
         match self.instance_json(id.as_str()).await {
             Ok(object) => instance_from_json(&object),
-            Err(Error::NotFound { .. }) => Err(Error::NotFound {
-                what: format!("incus instance `{id}`"),
-            }),
+            Err(Error::NotFound { .. }) => Err(Error::NotFound { what: format!("incus instance `{id}`") }),
             Err(error) => Err(error),
         }
     }
@@ -419,9 +367,7 @@ impl Backend for Incus {
         match outcome {
             Ok(_) => Ok(()),
             Err(error) if already(&error, "already running") => Ok(()),
-            Err(Error::NotFound { .. }) => Err(Error::NotFound {
-                what: format!("incus instance `{id}`"),
-            }),
+            Err(Error::NotFound { .. }) => Err(Error::NotFound { what: format!("incus instance `{id}`") }),
             Err(error) => Err(error),
         }
     }
@@ -440,22 +386,14 @@ impl Backend for Incus {
             // waiting for a clean shutdown, which an init that ignores SIGPWR would stretch to the stop timeout.
             let path = format!("/1.0/instances/{}/state", encode(id.as_str()));
             let force = json!({ "action": "stop", "timeout": -1, "force": true });
-            match self
-                .client
-                .send_and_wait(Call::json(Method::PUT, path, &force), self.operation_timeout)
-                .await
-            {
+            match self.client.send_and_wait(Call::json(Method::PUT, path, &force), self.operation_timeout).await {
                 Ok(_) | Err(Error::NotFound { .. }) => {}
                 Err(error) if already(&error, "already stopped") || already(&error, "not running") => {}
                 Err(error) => return Err(error),
             }
         }
         let path = format!("/1.0/instances/{}", encode(id.as_str()));
-        match self
-            .client
-            .send_and_wait(Call::delete(path), self.operation_timeout)
-            .await
-        {
+        match self.client.send_and_wait(Call::delete(path), self.operation_timeout).await {
             // An ephemeral instance deletes itself once stopped: gone after our stop is done.
             Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
             Err(error) => Err(error),
@@ -479,11 +417,7 @@ impl Backend for Incus {
             ],
         };
         let content = file.content.expose().as_bytes().to_vec();
-        match self
-            .client
-            .send(call("file", &file.path, file.mode, content.clone()))
-            .await
-        {
+        match self.client.send(call("file", &file.path, file.mode, content.clone())).await {
             Ok(_) => return Ok(()),
             Err(Error::NotFound { .. }) => {}
             Err(error) => return Err(error),
@@ -492,10 +426,7 @@ impl Backend for Incus {
         // (private to the file's owner) and push again. Only the direct parent is created: credential paths are
         // one folder deep on a tmpfs (`/run/ciscale/...`).
         self.get(id).await?;
-        let parent = Path::new(&file.path)
-            .parent()
-            .and_then(Path::to_str)
-            .filter(|parent| !parent.is_empty());
+        let parent = Path::new(&file.path).parent().and_then(Path::to_str).filter(|parent| !parent.is_empty());
         let Some(parent) = parent else {
             return Err(Error::Invalid {
                 provider: PROVIDER.into(),
@@ -503,10 +434,7 @@ impl Backend for Incus {
             });
         };
         self.client.send(call("directory", parent, 0o700, Vec::new())).await?;
-        self.client
-            .send(call("file", &file.path, file.mode, content))
-            .await
-            .map(|_| ())
+        self.client.send(call("file", &file.path, file.mode, content)).await.map(|_| ())
     }
 
     async fn exec(&self, id: &InstanceId, exec: &Exec) -> Result<ExecOutput> {
@@ -522,27 +450,17 @@ impl Backend for Incus {
         });
         let reply = match self.client.send(Call::json(Method::POST, path, &body)).await {
             Ok(reply) => reply,
-            Err(Error::NotFound { .. }) => {
-                return Err(Error::NotFound {
-                    what: format!("incus instance `{id}`"),
-                })
-            }
+            Err(Error::NotFound { .. }) => return Err(Error::NotFound { what: format!("incus instance `{id}`") }),
             Err(error) => return Err(error),
         };
         let Reply::Async { operation } = reply else {
-            return Err(Error::Other {
-                provider: PROVIDER.into(),
-                source: "exec did not start an operation".into(),
-            });
+            return Err(Error::Other { provider: PROVIDER.into(), source: "exec did not start an operation".into() });
         };
         if !exec.wait {
             return Ok(ExecOutput { exit_code: None });
         }
         let metadata = self.client.wait(&operation, self.operation_timeout).await?;
-        let exit_code = metadata
-            .get("return")
-            .and_then(Value::as_i64)
-            .and_then(|code| i32::try_from(code).ok());
+        let exit_code = metadata.get("return").and_then(Value::as_i64).and_then(|code| i32::try_from(code).ok());
         Ok(ExecOutput { exit_code })
     }
 }
@@ -583,23 +501,11 @@ mod tests {
         assert_eq!(instance.state, InstanceState::Running);
         assert_eq!(instance.owner(), Some("builds"));
         assert_eq!(instance.labels.get("ciscale.pool").map(String::as_str), Some("docker"));
-        assert!(
-            !instance.labels.contains_key("ciscale.image"),
-            "the image alias is an attribute, not a label"
-        );
-        assert_eq!(
-            instance.attributes.get("image").map(String::as_str),
-            Some("azure-agent")
-        );
+        assert!(!instance.labels.contains_key("ciscale.image"), "the image alias is an attribute, not a label");
+        assert_eq!(instance.attributes.get("image").map(String::as_str), Some("azure-agent"));
         assert_eq!(instance.attributes.get("cpu").map(String::as_str), Some("4"));
-        assert_eq!(
-            instance.attributes.get("limits.memory").map(String::as_str),
-            Some("8GiB")
-        );
-        assert_eq!(
-            instance.attributes.get("profiles").map(String::as_str),
-            Some("default,docker")
-        );
+        assert_eq!(instance.attributes.get("limits.memory").map(String::as_str), Some("8GiB"));
+        assert_eq!(instance.attributes.get("profiles").map(String::as_str), Some("default,docker"));
     }
 
     #[test]
@@ -623,11 +529,7 @@ mod tests {
         );
         let mut fresh = object(true, "");
         fresh["config"] = json!({ "user.ciscale.owner": "builds" });
-        assert_eq!(
-            state(&fresh),
-            InstanceState::Running,
-            "a new container has no power state yet"
-        );
+        assert_eq!(state(&fresh), InstanceState::Running, "a new container has no power state yet");
     }
 
     #[test]

@@ -89,31 +89,20 @@ pub async fn provision(
     progress: &dyn ProvisionProgress,
 ) -> Result<Provisioned, ProvisionError> {
     let name = &request.name;
-    let step_error = |step: &str, source: Error| ProvisionError::Step {
-        image: name.clone(),
-        step: step.to_owned(),
-        source,
-    };
+    let step_error =
+        |step: &str, source: Error| ProvisionError::Step { image: name.clone(), step: step.to_owned(), source };
     // Read scripts first: a typo in a path fails before anything is created.
     let mut scripts = Vec::new();
     for path in &request.spec.scripts {
-        let content = std::fs::read(path).map_err(|source| ProvisionError::ReadScript {
-            path: path.clone(),
-            source,
-        })?;
+        let content =
+            std::fs::read(path).map_err(|source| ProvisionError::ReadScript { path: path.clone(), source })?;
         scripts.push((path.clone(), content));
     }
 
     progress.step("removing leftover builders");
-    remove_builders(incus, name)
-        .await
-        .map_err(|e| step_error("remove leftover builders", e))?;
+    remove_builders(incus, name).await.map_err(|e| step_error("remove leftover builders", e))?;
 
-    let builder = format!(
-        "ciscale-build-{}-{}",
-        sanitize(name),
-        jiff::Timestamp::now().as_second()
-    );
+    let builder = format!("ciscale-build-{}-{}", sanitize(name), jiff::Timestamp::now().as_second());
     progress.step(&format!("creating builder `{builder}` from `{}`", request.spec.base));
     let result = build(incus, request, &builder, &scripts, progress).await;
     progress.step("deleting builder");
@@ -131,11 +120,8 @@ async fn build(
     progress: &dyn ProvisionProgress,
 ) -> Result<Provisioned, ProvisionError> {
     let name = &request.name;
-    let step_error = |step: &str, source: Error| ProvisionError::Step {
-        image: name.clone(),
-        step: step.to_owned(),
-        source,
-    };
+    let step_error =
+        |step: &str, source: Error| ProvisionError::Step { image: name.clone(), step: step.to_owned(), source };
     let client = incus.client();
     let timeout = incus.operation_timeout();
 
@@ -165,14 +151,9 @@ async fn build(
         retry_transient(|| incus.push_file(&id, &file))
             .await
             .map_err(|e| step_error(&format!("push `{script}`"), e))?;
-        let exec = Exec {
-            command: vec![target],
-            env: env.clone(),
-            wait: true,
-        };
-        let output = retry_transient(|| incus.exec(&id, &exec))
-            .await
-            .map_err(|e| step_error(&format!("run `{script}`"), e))?;
+        let exec = Exec { command: vec![target], env: env.clone(), wait: true };
+        let output =
+            retry_transient(|| incus.exec(&id, &exec)).await.map_err(|e| step_error(&format!("run `{script}`"), e))?;
         match output.exit_code {
             Some(0) => {}
             code => {
@@ -209,20 +190,11 @@ async fn build(
         .to_owned();
 
     progress.step(&format!("moving alias `{name}`"));
-    let previous = move_alias(incus, name, &fingerprint)
-        .await
-        .map_err(|e| step_error("move alias", e))?;
+    let previous = move_alias(incus, name, &fingerprint).await.map_err(|e| step_error("move alias", e))?;
 
     progress.step("pruning old images");
-    let pruned = prune(incus, name, &fingerprint, request.spec.keep)
-        .await
-        .map_err(|e| step_error("prune", e))?;
-    Ok(Provisioned {
-        alias: name.clone(),
-        fingerprint,
-        previous,
-        pruned,
-    })
+    let pruned = prune(incus, name, &fingerprint, request.spec.keep).await.map_err(|e| step_error("prune", e))?;
+    Ok(Provisioned { alias: name.clone(), fingerprint, previous, pruned })
 }
 
 /// A fresh builder can still be busy with its create operation for a moment under load: retry transient
@@ -289,32 +261,22 @@ fn loopback_port(url: &str) -> Option<u16> {
 }
 
 fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
-        .collect()
+    text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect()
 }
 
 fn malformed(message: &str) -> Error {
-    Error::Other {
-        provider: "incus".into(),
-        source: message.to_owned().into(),
-    }
+    Error::Other { provider: "incus".into(), source: message.to_owned().into() }
 }
 
 async fn remove_builders(incus: &Incus, name: &str) -> Result<(), Error> {
     let filter = super::client::filter_eq(&format!("config.{LABEL_KEY_PREFIX}{BUILDER_LABEL}"), name);
     let listed = incus
         .client()
-        .send(Call::get(format!(
-            "/1.0/instances?recursion=1&filter={}",
-            encode(&filter)
-        )))
+        .send(Call::get(format!("/1.0/instances?recursion=1&filter={}", encode(&filter))))
         .await?
         .into_sync();
     for object in listed.as_array().into_iter().flatten() {
-        let labelled = object
-            .pointer(&format!("/config/{LABEL_KEY_PREFIX}{BUILDER_LABEL}"))
-            .and_then(Value::as_str);
+        let labelled = object.pointer(&format!("/config/{LABEL_KEY_PREFIX}{BUILDER_LABEL}")).and_then(Value::as_str);
         if let (Some(builder), Some(image)) = (object.get("name").and_then(Value::as_str), labelled) {
             if image == name {
                 tracing::info!(builder, "removing a builder left by an interrupted run");
@@ -337,44 +299,26 @@ pub async fn move_alias(incus: &Incus, alias: &str, fingerprint: &str) -> Result
     let client = incus.client();
     let path = format!("/1.0/images/aliases/{}", encode(alias));
     let previous = match client.send(Call::get(&path)).await {
-        Ok(reply) => reply
-            .into_sync()
-            .get("target")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        Ok(reply) => reply.into_sync().get("target").and_then(Value::as_str).map(str::to_owned),
         Err(Error::NotFound { .. }) => None,
         Err(error) => return Err(error),
     };
     let description = "managed by ciscale provision";
     if previous.is_some() {
         client
-            .send(Call::json(
-                Method::PUT,
-                &path,
-                &json!({ "target": fingerprint, "description": description }),
-            ))
+            .send(Call::json(Method::PUT, &path, &json!({ "target": fingerprint, "description": description })))
             .await?;
     } else {
         let body = json!({ "name": alias, "target": fingerprint, "description": description });
-        client
-            .send(Call::json(Method::POST, "/1.0/images/aliases", &body))
-            .await?;
+        client.send(Call::json(Method::POST, "/1.0/images/aliases", &body)).await?;
     }
     Ok(previous)
 }
 
 /// The fingerprint an alias points at, if the alias exists.
 pub async fn alias_target(incus: &Incus, alias: &str) -> Result<Option<String>, Error> {
-    match incus
-        .client()
-        .send(Call::get(format!("/1.0/images/aliases/{}", encode(alias))))
-        .await
-    {
-        Ok(reply) => Ok(reply
-            .into_sync()
-            .get("target")
-            .and_then(Value::as_str)
-            .map(str::to_owned)),
+    match incus.client().send(Call::get(format!("/1.0/images/aliases/{}", encode(alias)))).await {
+        Ok(reply) => Ok(reply.into_sync().get("target").and_then(Value::as_str).map(str::to_owned)),
         Err(Error::NotFound { .. }) => Ok(None),
         Err(error) => Err(error),
     }
@@ -382,21 +326,13 @@ pub async fn alias_target(incus: &Incus, alias: &str) -> Result<Option<String>, 
 
 /// Fingerprints of the images built as `name`, newest first.
 pub async fn versions(incus: &Incus, name: &str) -> Result<Vec<String>, Error> {
-    let listed = incus
-        .client()
-        .send(Call::get("/1.0/images?recursion=1"))
-        .await?
-        .into_sync();
+    let listed = incus.client().send(Call::get("/1.0/images?recursion=1")).await?.into_sync();
     let mut found: Vec<(String, String)> = listed
         .as_array()
         .into_iter()
         .flatten()
         .filter(|image| {
-            image
-                .pointer("/properties")
-                .and_then(|p| p.get(IMAGE_PROPERTY))
-                .and_then(Value::as_str)
-                == Some(name)
+            image.pointer("/properties").and_then(|p| p.get(IMAGE_PROPERTY)).and_then(Value::as_str) == Some(name)
         })
         .filter_map(|image| {
             let fingerprint = image.get("fingerprint").and_then(Value::as_str)?;
@@ -411,18 +347,10 @@ pub async fn versions(incus: &Incus, name: &str) -> Result<Vec<String>, Error> {
 async fn prune(incus: &Incus, name: &str, current: &str, keep: u32) -> Result<Vec<String>, Error> {
     let keep = usize::try_from(keep.max(1)).unwrap_or(usize::MAX);
     let mut pruned = Vec::new();
-    for fingerprint in versions(incus, name)
-        .await?
-        .into_iter()
-        .filter(|f| f != current)
-        .skip(keep.saturating_sub(1))
-    {
+    for fingerprint in versions(incus, name).await?.into_iter().filter(|f| f != current).skip(keep.saturating_sub(1)) {
         match incus
             .client()
-            .send_and_wait(
-                Call::delete(format!("/1.0/images/{fingerprint}")),
-                incus.operation_timeout(),
-            )
+            .send_and_wait(Call::delete(format!("/1.0/images/{fingerprint}")), incus.operation_timeout())
             .await
         {
             Ok(_) | Err(Error::NotFound { .. }) => pruned.push(fingerprint),

@@ -22,7 +22,7 @@ use jiff::Timestamp;
 use reqwest::Method;
 use serde::{Deserialize, Deserializer};
 
-use super::{unix_time, Woodpecker, BadResponse, PROVIDER};
+use super::{unix_time, BadResponse, Woodpecker, PROVIDER};
 use crate::providers::{Error, HistoryRequest, PastJob, Result};
 
 /// Page size of the repository and pipeline lists: the server's default, accepted by every version.
@@ -100,7 +100,8 @@ fn base64_decode(text: &str) -> std::result::Result<Vec<u8>, String> {
     use base64::Engine as _;
     let engine = base64::engine::GeneralPurpose::new(
         &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new().with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
     engine.decode(text.trim()).map_err(|error| format!("`data` is not base64: {error}"))
 }
@@ -196,9 +197,11 @@ impl Woodpecker {
             // A server that ignores `after`/`before` lists everything, newest first: past the window's start,
             // the rest is older still.
             let all_older = !batch.is_empty() && batch.iter().all(|p| created(p).is_some_and(|at| at < lookback));
-            pipelines.extend(batch.into_iter().filter(|pipeline| {
-                created(pipeline).is_some_and(|at| at >= lookback && at < request.until)
-            }));
+            pipelines.extend(
+                batch
+                    .into_iter()
+                    .filter(|pipeline| created(pipeline).is_some_and(|at| at >= lookback && at < request.until)),
+            );
             if !full || all_older {
                 break;
             }
@@ -230,11 +233,8 @@ impl Woodpecker {
             });
         };
         let approved = unix_time(pipeline.reviewed).map_or(created, |reviewed| reviewed.max(created));
-        let finished_of: BTreeMap<&str, Option<Timestamp>> = pipeline
-            .workflows
-            .iter()
-            .map(|workflow| (workflow.name.as_str(), unix_time(workflow.finished)))
-            .collect();
+        let finished_of: BTreeMap<&str, Option<Timestamp>> =
+            pipeline.workflows.iter().map(|workflow| (workflow.name.as_str(), unix_time(workflow.finished))).collect();
         let mut jobs = Vec::new();
         for workflow in &pipeline.workflows {
             let file = files.get(workflow.name.as_str()).or(single);

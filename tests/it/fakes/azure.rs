@@ -71,11 +71,7 @@ pub struct Fault {
 
 impl Fault {
     pub fn on(route: Route, kind: FaultKind, times: u32) -> Self {
-        Self {
-            route: Some(route),
-            kind,
-            times,
-        }
+        Self { route: Some(route), kind, times }
     }
 }
 
@@ -141,17 +137,10 @@ impl<'a> From<&'a Exchange> for super::spec::Exchange<'a> {
             method: &exchange.method,
             path: &exchange.path,
             request: Some(super::spec::Request {
-                query: exchange
-                    .query
-                    .iter()
-                    .map(|(key, value)| (key.as_str(), value.as_str()))
-                    .collect(),
+                query: exchange.query.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect(),
                 body: exchange.request_body.as_ref(),
             }),
-            response: Some(super::spec::Response {
-                status: exchange.status,
-                body: exchange.response_body.as_ref(),
-            }),
+            response: Some(super::spec::Response { status: exchange.status, body: exchange.response_body.as_ref() }),
         }
     }
 }
@@ -159,9 +148,7 @@ impl<'a> From<&'a Exchange> for super::spec::Exchange<'a> {
 /// The published Azure DevOps task-agent spec, with the service's quirks: every list answer is wrapped as
 /// `{count, value}`, and error answers are not documented.
 pub fn azure_spec() -> super::spec::Spec {
-    super::spec::Spec::load("ado-taskAgent-7.1.json")
-        .lists_wrapped_in_count_value()
-        .errors_undocumented()
+    super::spec::Spec::load("ado-taskAgent-7.1.json").lists_wrapped_in_count_value().errors_undocumented()
 }
 
 #[derive(Debug)]
@@ -223,14 +210,9 @@ impl AzureFake {
             rate_limit_headers: None,
         }));
         let served = state.clone();
-        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
-            handle(served.clone(), method, uri, headers, body)
-        });
-        Self {
-            addr,
-            state,
-            _server: server,
-        }
+        let (addr, server) =
+            ServerThread::start(move |method, uri, headers, body| handle(served.clone(), method, uri, headers, body));
+        Self { addr, state, _server: server }
     }
 
     /// The organization URL a client is configured with.
@@ -246,10 +228,7 @@ impl AzureFake {
         let mut state = self.state();
         state.next_pool += 1;
         let id = state.next_pool;
-        state.pools.push(FakePool {
-            id,
-            name: name.to_owned(),
-        });
+        state.pools.push(FakePool { id, name: name.to_owned() });
         id
     }
 
@@ -272,10 +251,8 @@ impl AzureFake {
         let mut state = self.state();
         let pool_id = Self::pool_id(&state, pool);
         let now = azure_now();
-        if let Some(agent) = state
-            .agents
-            .iter_mut()
-            .find(|agent| agent.pool_id == pool_id && agent.name.eq_ignore_ascii_case(name))
+        if let Some(agent) =
+            state.agents.iter_mut().find(|agent| agent.pool_id == pool_id && agent.name.eq_ignore_ascii_case(name))
         {
             agent.online = true;
             agent.enabled = true;
@@ -368,11 +345,7 @@ impl AzureFake {
     /// Assigns a request to an agent, as the service does when the agent asks for work.
     pub fn assign(&self, request: u64, agent: u32) {
         let mut state = self.state();
-        let found = state
-            .requests
-            .iter_mut()
-            .find(|candidate| candidate.id == request)
-            .expect("known request");
+        let found = state.requests.iter_mut().find(|candidate| candidate.id == request).expect("known request");
         found.reserved_agent = Some(agent);
         found.assign_time = Some(azure_now());
     }
@@ -382,10 +355,8 @@ impl AzureFake {
     pub fn take_next(&self, agent: u32) -> Option<u64> {
         let mut state = self.state();
         let taker = state.agents.iter().find(|candidate| candidate.id == agent)?.clone();
-        let busy = state
-            .requests
-            .iter()
-            .any(|request| request.is_unfinished() && request.reserved_agent == Some(agent));
+        let busy =
+            state.requests.iter().any(|request| request.is_unfinished() && request.reserved_agent == Some(agent));
         if busy || !taker.online || !taker.enabled {
             return None;
         }
@@ -403,11 +374,7 @@ impl AzureFake {
     /// The job ran: the request gets its result and finish time.
     pub fn finish(&self, request: u64, result: &str) {
         let mut state = self.state();
-        let found = state
-            .requests
-            .iter_mut()
-            .find(|candidate| candidate.id == request)
-            .expect("known request");
+        let found = state.requests.iter_mut().find(|candidate| candidate.id == request).expect("known request");
         found.result = Some(result.to_owned());
         found.finish_time = Some(azure_now());
     }
@@ -453,11 +420,7 @@ fn basic_credentials(pat: &str) -> String {
     let input = format!(":{pat}").into_bytes();
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let bytes = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
+        let bytes = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
         let n = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
         for (index, shift) in [18, 12, 6, 0].into_iter().enumerate() {
             if index <= chunk.len() {
@@ -565,21 +528,15 @@ fn agent_json(state: &State, agent: &FakeAgent, assigned: bool, last_completed: 
     value["createdOn"] = json!(azure_time(agent.created_on));
     value["statusChangedOn"] = json!(azure_time(agent.status_changed_on));
     value["maxParallelism"] = json!(1);
-    let of_agent = || {
-        state
-            .requests
-            .iter()
-            .filter(move |request| request.reserved_agent == Some(agent.id))
-    };
+    let of_agent = || state.requests.iter().filter(move |request| request.reserved_agent == Some(agent.id));
     if assigned {
         if let Some(request) = of_agent().find(|request| request.is_unfinished()) {
             value["assignedRequest"] = embedded_request_json(request, agent.pool_id);
         }
     }
     if last_completed {
-        if let Some(request) = of_agent()
-            .filter(|request| !request.is_unfinished())
-            .max_by_key(|request| request.finish_time)
+        if let Some(request) =
+            of_agent().filter(|request| !request.is_unfinished()).max_by_key(|request| request.finish_time)
         {
             value["lastCompletedRequest"] = embedded_request_json(request, agent.pool_id);
         }
@@ -601,30 +558,17 @@ fn job_request_json(state: &State, request: &FakeRequest) -> Value {
         .collect();
     value["matchesAllAgentsInPool"] = json!(request.demands.is_empty());
     value["matchedAgents"] = json!(matched);
-    if let Some(agent) = request
-        .reserved_agent
-        .and_then(|id| state.agents.iter().find(|agent| agent.id == id))
-    {
+    if let Some(agent) = request.reserved_agent.and_then(|id| state.agents.iter().find(|agent| agent.id == id)) {
         value["reservedAgent"] = agent_ref_json(agent);
     }
     value
 }
 
-async fn handle(
-    shared: Shared,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn handle(shared: Shared, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_owned();
     let query: Vec<(String, String)> = uri.query().map(url_pairs).unwrap_or_default();
     let (route, pool_id, agent_id) = route_of(&path);
-    let request_body: Option<Value> = if body.is_empty() {
-        None
-    } else {
-        serde_json::from_slice(&body).ok()
-    };
+    let request_body: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
 
     // Count, authenticate, pick a fault: under the lock, then let go before any waiting.
     let (fault, bad_auth) = {
@@ -633,10 +577,7 @@ async fn handle(
         let expected = format!("Basic {}", basic_credentials(&state.pat));
         let authorised = headers.get("authorization").and_then(|value| value.to_str().ok()) == Some(expected.as_str());
         let fault = if authorised {
-            let index = state
-                .faults
-                .iter()
-                .position(|fault| fault.route.is_none_or(|wanted| wanted == route));
+            let index = state.faults.iter().position(|fault| fault.route.is_none_or(|wanted| wanted == route));
             index.and_then(|index| {
                 let fault = state.faults.get_mut(index)?;
                 fault.times = fault.times.saturating_sub(1);
@@ -656,9 +597,7 @@ async fn handle(
         return match style {
             BadAuth::Unauthorized401 => {
                 let mut response = (StatusCode::UNAUTHORIZED, "").into_response();
-                response
-                    .headers_mut()
-                    .insert("www-authenticate", HeaderValue::from_static("Basic realm=\"\""));
+                response.headers_mut().insert("www-authenticate", HeaderValue::from_static("Basic realm=\"\""));
                 response
             }
             BadAuth::SignInPage203 => sign_in_page(),
@@ -681,9 +620,7 @@ async fn handle(
         }
         Some(FaultKind::Malformed) => {
             let mut response = (StatusCode::OK, "{\"count\": 1, \"value\": [").into_response();
-            response
-                .headers_mut()
-                .insert("content-type", HeaderValue::from_static("application/json"));
+            response.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
             return response;
         }
         Some(FaultKind::SignInPage) => return sign_in_page(),
@@ -692,26 +629,11 @@ async fn handle(
     }
 
     let mut state = lock(&shared);
-    let api_version = query
-        .iter()
-        .find(|(key, _)| key == "api-version")
-        .map(|(_, value)| value.as_str());
+    let api_version = query.iter().find(|(key, _)| key == "api-version").map(|(_, value)| value.as_str());
     let (status, response_body) = if api_version != Some("7.1") {
-        azure_error(
-            StatusCode::BAD_REQUEST,
-            "VssVersionNotSpecifiedException",
-            "The api-version must be 7.1.",
-        )
+        azure_error(StatusCode::BAD_REQUEST, "VssVersionNotSpecifiedException", "The api-version must be 7.1.")
     } else {
-        answer(
-            &mut state,
-            &method,
-            route,
-            pool_id,
-            agent_id.as_deref(),
-            &query,
-            request_body.as_ref(),
-        )
+        answer(&mut state, &method, route, pool_id, agent_id.as_deref(), &query, request_body.as_ref())
     };
     let stored_body = (status != StatusCode::OK || !response_body.is_null()).then(|| response_body.clone());
     state.exchanges.push(Exchange {
@@ -732,15 +654,9 @@ async fn handle(
         (status, axum::Json(response_body)).into_response()
     };
     if let (Some((remaining, limit)), true) = (rate_limit, status.is_success()) {
-        response
-            .headers_mut()
-            .insert("x-ratelimit-remaining", HeaderValue::from(remaining));
-        response
-            .headers_mut()
-            .insert("x-ratelimit-limit", HeaderValue::from(limit));
-        response
-            .headers_mut()
-            .insert("x-ratelimit-resource", HeaderValue::from_static("ATCPU"));
+        response.headers_mut().insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+        response.headers_mut().insert("x-ratelimit-limit", HeaderValue::from(limit));
+        response.headers_mut().insert("x-ratelimit-resource", HeaderValue::from_static("ATCPU"));
     }
     response
 }
@@ -751,23 +667,16 @@ fn sign_in_page() -> Response {
         "<html><head><title>Azure DevOps Services | Sign In</title></head></html>",
     )
         .into_response();
-    response
-        .headers_mut()
-        .insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
+    response.headers_mut().insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
     response
 }
 
 fn flag(query: &[(String, String)], key: &str) -> bool {
-    query
-        .iter()
-        .any(|(name, value)| name.eq_ignore_ascii_case(key) && value.eq_ignore_ascii_case("true"))
+    query.iter().any(|(name, value)| name.eq_ignore_ascii_case(key) && value.eq_ignore_ascii_case("true"))
 }
 
 fn param<'q>(query: &'q [(String, String)], key: &str) -> Option<&'q str> {
-    query
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(key))
-        .map(|(_, value)| value.as_str())
+    query.iter().find(|(name, _)| name.eq_ignore_ascii_case(key)).map(|(_, value)| value.as_str())
 }
 
 /// The real answer of one call (auth and faults already handled).
@@ -795,12 +704,7 @@ fn answer(
                 .pools
                 .iter()
                 .filter(|pool| name.is_none_or(|name| pool.name.eq_ignore_ascii_case(name)))
-                .map(|pool| {
-                    pool_json(
-                        pool,
-                        state.agents.iter().filter(|agent| agent.pool_id == pool.id).count(),
-                    )
-                })
+                .map(|pool| pool_json(pool, state.agents.iter().filter(|agent| agent.pool_id == pool.id).count()))
                 .collect();
             (StatusCode::OK, list(pools))
         }
@@ -809,10 +713,7 @@ fn answer(
                 return pool_missing(pool_id.unwrap_or_default());
             };
             let name = param(query, "agentName");
-            let (assigned, last) = (
-                flag(query, "includeAssignedRequest"),
-                flag(query, "includeLastCompletedRequest"),
-            );
+            let (assigned, last) = (flag(query, "includeAssignedRequest"), flag(query, "includeLastCompletedRequest"));
             let agents = state
                 .agents
                 .iter()
@@ -852,16 +753,9 @@ fn answer(
                 return pool_missing(pool_id.unwrap_or_default());
             };
             let Some(agent_id) = agent_id.and_then(|id| id.parse::<u32>().ok()) else {
-                return azure_error(
-                    StatusCode::BAD_REQUEST,
-                    "ArgumentException",
-                    "The agent id must be a number.",
-                );
+                return azure_error(StatusCode::BAD_REQUEST, "ArgumentException", "The agent id must be a number.");
             };
-            let Some(index) = state
-                .agents
-                .iter()
-                .position(|agent| agent.id == agent_id && agent.pool_id == pool.id)
+            let Some(index) = state.agents.iter().position(|agent| agent.id == agent_id && agent.pool_id == pool.id)
             else {
                 return azure_error(
                     StatusCode::NOT_FOUND,
@@ -872,23 +766,13 @@ fn answer(
             match verb {
                 "GET" => {
                     let agent = state.agents[index].clone();
-                    (
-                        StatusCode::OK,
-                        agent_json(state, &agent, flag(query, "includeAssignedRequest"), false),
-                    )
+                    (StatusCode::OK, agent_json(state, &agent, flag(query, "includeAssignedRequest"), false))
                 }
                 "PATCH" => {
                     let Some(body) = body else {
-                        return azure_error(
-                            StatusCode::BAD_REQUEST,
-                            "ArgumentNullException",
-                            "The agent is required.",
-                        );
+                        return azure_error(StatusCode::BAD_REQUEST, "ArgumentNullException", "The agent is required.");
                     };
-                    if body
-                        .get("id")
-                        .is_some_and(|id| id.as_u64() != Some(u64::from(agent_id)))
-                    {
+                    if body.get("id").is_some_and(|id| id.as_u64() != Some(u64::from(agent_id))) {
                         return azure_error(
                             StatusCode::BAD_REQUEST,
                             "ArgumentException",
@@ -904,10 +788,8 @@ fn answer(
                 _ => {
                     let removed = state.agents.remove(index);
                     // A job held by a removed agent goes back to the queue, as the service re-plans it.
-                    for request in state
-                        .requests
-                        .iter_mut()
-                        .filter(|r| r.is_unfinished() && r.reserved_agent == Some(removed.id))
+                    for request in
+                        state.requests.iter_mut().filter(|r| r.is_unfinished() && r.reserved_agent == Some(removed.id))
                     {
                         request.reserved_agent = None;
                         request.assign_time = None;
@@ -935,25 +817,16 @@ mod tests {
     #[test]
     fn routes_and_query_parsing() {
         assert_eq!(route_of("/fakeorg/_apis/distributedtask/pools").0, Route::Pools);
-        assert_eq!(
-            route_of("/fakeorg/_apis/distributedtask/pools/3/agents"),
-            (Route::Agents, Some(3), None)
-        );
+        assert_eq!(route_of("/fakeorg/_apis/distributedtask/pools/3/agents"), (Route::Agents, Some(3), None));
         assert_eq!(
             route_of("/fakeorg/_apis/distributedtask/pools/3/agents/7"),
             (Route::Agent, Some(3), Some("7".into()))
         );
-        assert_eq!(
-            route_of("/fakeorg/_apis/distributedtask/pools/3/jobrequests").0,
-            Route::JobRequests
-        );
+        assert_eq!(route_of("/fakeorg/_apis/distributedtask/pools/3/jobrequests").0, Route::JobRequests);
         assert_eq!(route_of("/other/_apis/distributedtask/pools").0, Route::Unknown);
         assert_eq!(
             url_pairs("poolName=my+pool%2Fx&api-version=7.1"),
-            [
-                ("poolName".into(), "my pool/x".into()),
-                ("api-version".into(), "7.1".into())
-            ]
+            [("poolName".into(), "my pool/x".into()), ("api-version".into(), "7.1".into())]
         );
     }
 }

@@ -40,12 +40,23 @@ pub type Hook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 pub enum Ec2Event {
     /// A fresh launch (not a replay): the instance, its `Name` and `ciscale.pool` tags, and the names of the live
     /// launched instances of that pool right after it (terminations requested count as gone).
-    Launch { id: String, name: String, pool: String, live_in_pool: Vec<String> },
+    Launch {
+        id: String,
+        name: String,
+        pool: String,
+        live_in_pool: Vec<String>,
+    },
     /// A terminate of an instance launched here (it no longer counts as live).
-    Terminate { id: String },
+    Terminate {
+        id: String,
+    },
     /// Any stop or start.
-    Stop { id: String },
-    Start { id: String },
+    Stop {
+        id: String,
+    },
+    Start {
+        id: String,
+    },
 }
 
 #[derive(Default)]
@@ -218,11 +229,8 @@ async fn handle(state: &Arc<Mutex<State>>, upstream: &Upstream, headers: HeaderM
             xml(status, answer)
         }
         Some(action @ ("TerminateInstances" | "StopInstances" | "StartInstances")) => {
-            let ids: Vec<String> = pairs
-                .iter()
-                .filter(|(key, _)| key.starts_with("InstanceId."))
-                .map(|(_, id)| id.clone())
-                .collect();
+            let ids: Vec<String> =
+                pairs.iter().filter(|(key, _)| key.starts_with("InstanceId.")).map(|(_, id)| id.clone()).collect();
             let _one_at_a_time = upstream.launches.lock().await;
             let hook = lock(state).hook.clone();
             for id in &ids {

@@ -228,9 +228,8 @@ impl FakeForgejo {
             no_link: false,
         }));
         let shared = Arc::new(Shared { state: state.clone(), spec: spec() });
-        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
-            handle(shared.clone(), method, uri, headers, body)
-        });
+        let (addr, server) =
+            ServerThread::start(move |method, uri, headers, body| handle(shared.clone(), method, uri, headers, body));
         FakeForgejo { addr, state, _server: server }
     }
 
@@ -314,7 +313,11 @@ impl FakeForgejo {
 
     // -- the runner's side (what forgejo-runner does over its own protocol) ----------------------------------
 
-    fn authenticated<'state>(state: &'state mut State, uuid: &str, token: &str) -> Result<&'state mut FakeRunner, String> {
+    fn authenticated<'state>(
+        state: &'state mut State,
+        uuid: &str,
+        token: &str,
+    ) -> Result<&'state mut FakeRunner, String> {
         state
             .runners
             .values_mut()
@@ -439,7 +442,14 @@ fn new_handle(state: &mut State) -> String {
     format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", n * 0x9e37_79b9 & 0xffff_ffff, n, n % 0xfff, n % 0xfff, n * 7919)
 }
 
-fn create_runner(state: &mut State, name: &str, description: &str, owner_id: i64, repo_id: i64, ephemeral: bool) -> FakeRunner {
+fn create_runner(
+    state: &mut State,
+    name: &str,
+    description: &str,
+    owner_id: i64,
+    repo_id: i64,
+    ephemeral: bool,
+) -> FakeRunner {
     let id = state.next_runner;
     state.next_runner += 1;
     let runner = FakeRunner {
@@ -533,7 +543,8 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
     let key = endpoint_key(&method, &path);
     let query_pairs = url_pairs(uri.query().unwrap_or(""));
     let query: Vec<(&str, &str)> = query_pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let authorization = headers.get("authorization").and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
+    let authorization =
+        headers.get("authorization").and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
     let request_body: Option<Value> = if body.is_empty() {
         None
     } else {
@@ -589,7 +600,9 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
     let (status, body, extra) = match answer {
         Answer::Json(status, value, extra) => (status, Some(value), extra),
         Answer::Empty(status) => (status, None, Vec::new()),
-        Answer::Error(status, message) => (status, Some(json!({ "message": message, "url": format!("{path}") })), Vec::new()),
+        Answer::Error(status, message) => {
+            (status, Some(json!({ "message": message, "url": format!("{path}") })), Vec::new())
+        }
     };
     if let Err(problem) = shared.spec.check_response(method.as_str(), &path, status.as_u16(), body.as_ref()) {
         state.traffic.violation(problem);
@@ -606,7 +619,11 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
 }
 
 fn json_error(status: StatusCode, message: &str, path: &str) -> Response {
-    (status, [("content-type", "application/json;charset=utf-8")], json!({ "message": message, "url": path }).to_string())
+    (
+        status,
+        [("content-type", "application/json;charset=utf-8")],
+        json!({ "message": message, "url": path }).to_string(),
+    )
         .into_response()
 }
 
@@ -725,9 +742,13 @@ fn route(
                 .collect();
             runners.sort_by_key(|runner| runner.id);
             let total = runners.len();
-            let limit = number(query, "limit").filter(|limit| *limit > 0).unwrap_or(DEFAULT_PAGING_NUM).min(state.max_response_items);
+            let limit = number(query, "limit")
+                .filter(|limit| *limit > 0)
+                .unwrap_or(DEFAULT_PAGING_NUM)
+                .min(state.max_response_items);
             let page = number(query, "page").unwrap_or(1).max(1);
-            let listed: Vec<Value> = runners.iter().skip((page - 1) * limit).take(limit).map(|runner| runner_json(runner)).collect();
+            let listed: Vec<Value> =
+                runners.iter().skip((page - 1) * limit).take(limit).map(|runner| runner_json(runner)).collect();
             let mut headers = Vec::new();
             if !state.no_total_count {
                 headers.push(("x-total-count", total.to_string()));

@@ -190,10 +190,8 @@ impl FakeGithub {
     /// Starts the fake with the API under `prefix` (GitHub Enterprise Server serves it under `/api/v3`).
     pub fn start_with_prefix(prefix: &str) -> FakeGithub {
         let prefix = prefix.trim_end_matches('/').to_owned();
-        let spec = Spec::load("github-actions.json")
-            .with_base_path(&prefix)
-            .errors_undocumented()
-            .conditional_requests();
+        let spec =
+            Spec::load("github-actions.json").with_base_path(&prefix).errors_undocumented().conditional_requests();
         let webhook_spec = Spec::load("github-webhooks-workflow-job.json");
         let state = Arc::new(Mutex::new(State {
             repos: BTreeMap::new(),
@@ -205,11 +203,7 @@ impl FakeGithub {
             tokens: BTreeMap::new(),
             token_lifetime: Duration::from_secs(3600),
             jwts: Vec::new(),
-            rate: RateLimit {
-                limit: 5000,
-                remaining: 5000,
-                reset: now() + 3600,
-            },
+            rate: RateLimit { limit: 5000, remaining: 5000, reset: now() + 3600 },
             traffic: Traffic::default(),
             not_modified: 0,
             primary_cost: 0,
@@ -224,9 +218,8 @@ impl FakeGithub {
             public_key: jsonwebtoken::DecodingKey::from_rsa_pem(APP_PUBLIC_KEY.as_bytes()).expect("public key"),
         });
         let serving = shared.clone();
-        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
-            handle(serving.clone(), method, uri, headers, body)
-        });
+        let (addr, server) =
+            ServerThread::start(move |method, uri, headers, body| handle(serving.clone(), method, uri, headers, body));
         FakeGithub { addr, prefix, shared, _server: server }
     }
 
@@ -245,14 +238,7 @@ impl FakeGithub {
     pub fn add_repo(&self, full_name: &str) -> u64 {
         let mut state = self.state();
         let id = next_id(&mut state);
-        state.repos.insert(
-            full_name.to_owned(),
-            FakeRepo {
-                id,
-                full_name: full_name.to_owned(),
-                archived: false,
-            },
-        );
+        state.repos.insert(full_name.to_owned(), FakeRepo { id, full_name: full_name.to_owned(), archived: false });
         id
     }
 
@@ -284,15 +270,9 @@ impl FakeGithub {
             );
             job_ids.push(id);
         }
-        state.runs.insert(
-            run_id,
-            FakeRun {
-                id: run_id,
-                repo: repo.to_owned(),
-                jobs: job_ids.clone(),
-                created_at: now(),
-            },
-        );
+        state
+            .runs
+            .insert(run_id, FakeRun { id: run_id, repo: repo.to_owned(), jobs: job_ids.clone(), created_at: now() });
         (run_id, job_ids)
     }
 
@@ -333,9 +313,7 @@ impl FakeGithub {
         let job = state.jobs.get_mut(&job_id).expect("job");
         assert_eq!(job.status, "queued", "only a queued job is taken");
         assert!(
-            job.labels
-                .iter()
-                .all(|wanted| runner.labels.iter().any(|offered| same_label(wanted, offered))),
+            job.labels.iter().all(|wanted| runner.labels.iter().any(|offered| same_label(wanted, offered))),
             "runner `{}` ({:?}) cannot take job {job_id} ({:?})",
             runner.name,
             runner.labels,
@@ -565,12 +543,8 @@ fn repo_json(repo: &FakeRepo) -> Value {
 }
 
 fn run_status(run: &FakeRun, state: &State) -> &'static str {
-    let statuses: Vec<&str> = run
-        .jobs
-        .iter()
-        .filter_map(|id| state.jobs.get(id))
-        .map(|job| job.status.as_str())
-        .collect();
+    let statuses: Vec<&str> =
+        run.jobs.iter().filter_map(|id| state.jobs.get(id)).map(|job| job.status.as_str()).collect();
     if statuses.iter().all(|status| *status == "completed") {
         "completed"
     } else if statuses.iter().all(|status| *status == "queued") {
@@ -669,11 +643,7 @@ fn error_body(message: &str) -> Value {
 
 fn page_of<T: Clone>(items: &[T], query: &[(String, String)]) -> Vec<T> {
     let number = |name: &str, default: usize| {
-        query
-            .iter()
-            .find(|(key, _)| key == name)
-            .and_then(|(_, value)| value.parse::<usize>().ok())
-            .unwrap_or(default)
+        query.iter().find(|(key, _)| key == name).and_then(|(_, value)| value.parse::<usize>().ok()).unwrap_or(default)
     };
     let per_page = number("per_page", 30).clamp(1, 100);
     let page = number("page", 1).max(1);
@@ -802,10 +772,8 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
         state.rate.remaining = state.rate.limit;
     }
     if state.rate.remaining == 0 {
-        let answer = error(
-            StatusCode::FORBIDDEN,
-            format!("API rate limit exceeded for installation ID {INSTALLATION_ID}."),
-        );
+        let answer =
+            error(StatusCode::FORBIDDEN, format!("API rate limit exceeded for installation ID {INSTALLATION_ID}."));
         return respond(&shared, &mut state, &method, &path, &headers, answer, true);
     }
     if let Some(raw) = state.traffic.take_raw(&key) {
@@ -844,19 +812,13 @@ fn serve(state: &mut State, method: &Method, headers: &HeaderMap, answer: Answer
         Answer::Json(status, body) if *method == Method::GET && status == StatusCode::OK => {
             let text = body.to_string();
             let etag = format!("W/\"{}\"", hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16]));
-            let matches = headers
-                .get("if-none-match")
-                .and_then(|value| value.to_str().ok())
-                .is_some_and(|sent| sent == etag);
+            let matches =
+                headers.get("if-none-match").and_then(|value| value.to_str().ok()).is_some_and(|sent| sent == etag);
             if matches {
                 state.not_modified += 1;
                 let response = (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
                 // Not counted against the primary limit.
-                return if rate_limited_call {
-                    with_headers(response, &rate_headers(&state.rate))
-                } else {
-                    response
-                };
+                return if rate_limited_call { with_headers(response, &rate_headers(&state.rate)) } else { response };
             }
             (status, [("content-type", "application/json; charset=utf-8"), ("etag", etag.as_str())], text)
                 .into_response()
@@ -1001,11 +963,8 @@ fn route(
         }
         ("GET", ["repos", owner, repo, "actions", "runs", run_id, "jobs"]) => {
             let full_name = format!("{owner}/{repo}");
-            let Some(run) = run_id
-                .parse::<u64>()
-                .ok()
-                .and_then(|id| state.runs.get(&id))
-                .filter(|run| run.repo == full_name)
+            let Some(run) =
+                run_id.parse::<u64>().ok().and_then(|id| state.runs.get(&id)).filter(|run| run.repo == full_name)
             else {
                 return error(StatusCode::NOT_FOUND, "Not Found");
             };

@@ -125,18 +125,12 @@ impl HcloudFake {
             let state = shared.clone();
             async move { handle(state, method, uri, headers, body).await }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the hcloud fake");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the hcloud fake");
         let address = listener.local_addr().expect("local address");
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self {
-            endpoint: format!("http://{address}/v1"),
-            state,
-            server,
-        }
+        Self { endpoint: format!("http://{address}/v1"), state, server }
     }
 
     /// Starts the fake on its own runtime thread, for tests that are not async (the `ciscale` binary talks to it).
@@ -191,19 +185,13 @@ impl HcloudFake {
 
     /// No capacity for `server_type` in `location` (`*`: anywhere) from now on.
     pub fn set_unavailable(&self, server_type: &str, location: &str) {
-        self.lock()
-            .unavailable
-            .insert((server_type.to_owned(), location.to_owned()));
+        self.lock().unavailable.insert((server_type.to_owned(), location.to_owned()));
     }
 
     /// The next request matching `method` (any if `None`) and a path starting with `path_prefix` (without `/v1`)
     /// fails with `kind`. Faults are used once, in the order they were added.
     pub fn inject(&self, method: Option<Method>, path_prefix: &str, kind: FaultKind) {
-        self.lock().faults.push_back(Fault {
-            method,
-            path_prefix: path_prefix.to_owned(),
-            kind,
-        });
+        self.lock().faults.push_back(Fault { method, path_prefix: path_prefix.to_owned(), kind });
     }
 
     /// Every `n`-th request from now on fails with a 503 (`None` turns it off).
@@ -222,11 +210,7 @@ impl HcloudFake {
 
     /// Requests so far with this method and exact path.
     pub fn count(&self, method: &str, path: &str) -> usize {
-        self.lock()
-            .exchanges
-            .iter()
-            .filter(|exchange| exchange.method == method && exchange.path == path)
-            .count()
+        self.lock().exchanges.iter().filter(|exchange| exchange.method == method && exchange.path == path).count()
     }
 }
 
@@ -236,15 +220,9 @@ fn error_body(code: &str, message: &str) -> Value {
 
 async fn handle(state: Arc<Mutex<State>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().strip_prefix("/v1").unwrap_or(uri.path()).to_owned();
-    let query: BTreeMap<String, String> = uri
-        .query()
-        .map(|query| url_pairs(query).into_iter().collect())
-        .unwrap_or_default();
-    let request_body: Option<Value> = if body.is_empty() {
-        None
-    } else {
-        serde_json::from_slice(&body).ok()
-    };
+    let query: BTreeMap<String, String> =
+        uri.query().map(|query| url_pairs(query).into_iter().collect()).unwrap_or_default();
+    let request_body: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
 
     // Decide under the lock; sleep (for a delay fault) outside it.
     let (status, response_body, extra_headers, delay) = {
@@ -258,33 +236,22 @@ async fn handle(state: Arc<Mutex<State>>, method: Method, uri: Uri, headers: Hea
         let fault_index = state.faults.iter().position(|fault| {
             fault.method.as_ref().is_none_or(|m| *m == method) && path.starts_with(&fault.path_prefix)
         });
-        let fault = fault_index
-            .and_then(|index| state.faults.remove(index))
-            .map(|fault| fault.kind);
+        let fault = fault_index.and_then(|index| state.faults.remove(index)).map(|fault| fault.kind);
         let periodic = state.fail_every.is_some_and(|n| state.requests % n == 0);
 
         let mut extra: Vec<(&'static str, String)> = Vec::new();
         let mut delay = None;
         let answer: (StatusCode, Option<Value>) = if !authorised {
-            (
-                StatusCode::UNAUTHORIZED,
-                Some(error_body("unauthorized", "unable to authenticate")),
-            )
+            (StatusCode::UNAUTHORIZED, Some(error_body("unauthorized", "unable to authenticate")))
         } else if periodic {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Some(error_body("unavailable", "service unavailable")),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, Some(error_body("unavailable", "service unavailable")))
         } else {
             match fault {
                 Some(FaultKind::Status(code, error_code)) => (
                     StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                     Some(error_body(error_code, "injected fault")),
                 ),
-                Some(FaultKind::RateLimited {
-                    retry_after_secs,
-                    reset_header,
-                }) => {
+                Some(FaultKind::RateLimited { retry_after_secs, reset_header }) => {
                     if reset_header {
                         let now = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
@@ -298,10 +265,7 @@ async fn handle(state: Arc<Mutex<State>>, method: Method, uri: Uri, headers: Hea
                     extra.push(("ratelimit-remaining", "0".to_owned()));
                     (
                         StatusCode::TOO_MANY_REQUESTS,
-                        Some(error_body(
-                            "rate_limit_exceeded",
-                            "limit of 3600 requests per hour reached",
-                        )),
+                        Some(error_body("rate_limit_exceeded", "limit of 3600 requests per hour reached")),
                     )
                 }
                 Some(FaultKind::Malformed) => (StatusCode::OK, None),
@@ -327,12 +291,7 @@ async fn handle(state: Arc<Mutex<State>>, method: Method, uri: Uri, headers: Hea
     }
     let mut response = match response_body {
         Some(body) => (status, axum::Json(body)).into_response(),
-        None => (
-            status,
-            [("content-type", "application/json")],
-            "{\"servers\": [ {\"id\": 1,",
-        )
-            .into_response(),
+        None => (status, [("content-type", "application/json")], "{\"servers\": [ {\"id\": 1,").into_response(),
     };
     for (name, value) in extra_headers {
         if let Ok(value) = value.parse() {
@@ -392,10 +351,7 @@ fn route(
                 .map(|(index, (name, price))| server_type_json(index, name, price))
                 .collect();
             let total = types.len();
-            (
-                StatusCode::OK,
-                Some(json!({ "server_types": types, "meta": { "pagination": pagination(1, 50, total) } })),
-            )
+            (StatusCode::OK, Some(json!({ "server_types": types, "meta": { "pagination": pagination(1, 50, total) } })))
         }
         _ => (StatusCode::NOT_FOUND, Some(error_body("not_found", "no such endpoint"))),
     }
@@ -423,21 +379,17 @@ fn tick(server: &mut FakeServer) {
 
 /// Hetzner's label selector: comma-separated `k=v`, `k==v`, `k!=v`, `k`, `!k`, all of which must hold.
 fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
-    selector
-        .split(',')
-        .map(str::trim)
-        .filter(|term| !term.is_empty())
-        .all(|term| {
-            if let Some((key, value)) = term.split_once("!=") {
-                labels.get(key.trim()).is_none_or(|have| have != value.trim())
-            } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
-                labels.get(key.trim()).is_some_and(|have| have == value.trim())
-            } else if let Some(key) = term.strip_prefix('!') {
-                !labels.contains_key(key.trim())
-            } else {
-                labels.contains_key(term)
-            }
-        })
+    selector.split(',').map(str::trim).filter(|term| !term.is_empty()).all(|term| {
+        if let Some((key, value)) = term.split_once("!=") {
+            labels.get(key.trim()).is_none_or(|have| have != value.trim())
+        } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            labels.get(key.trim()).is_some_and(|have| have == value.trim())
+        } else if let Some(key) = term.strip_prefix('!') {
+            !labels.contains_key(key.trim())
+        } else {
+            labels.contains_key(term)
+        }
+    })
 }
 
 fn pagination(page: usize, per_page: usize, total: usize) -> Value {
@@ -453,16 +405,8 @@ fn pagination(page: usize, per_page: usize, total: usize) -> Value {
 }
 
 fn list_servers(state: &mut State, query: &BTreeMap<String, String>) -> (StatusCode, Option<Value>) {
-    let page = query
-        .get("page")
-        .and_then(|p| p.parse::<usize>().ok())
-        .unwrap_or(1)
-        .max(1);
-    let per_page = query
-        .get("per_page")
-        .and_then(|p| p.parse::<usize>().ok())
-        .unwrap_or(25)
-        .clamp(1, 50);
+    let page = query.get("page").and_then(|p| p.parse::<usize>().ok()).unwrap_or(1).max(1);
+    let per_page = query.get("per_page").and_then(|p| p.parse::<usize>().ok()).unwrap_or(25).clamp(1, 50);
     let selector = query.get("label_selector").cloned().unwrap_or_default();
     let name = query.get("name").cloned();
     let matching: Vec<u64> = state
@@ -481,10 +425,7 @@ fn list_servers(state: &mut State, query: &BTreeMap<String, String>) -> (StatusC
             servers.push(server_json(state, server));
         }
     }
-    (
-        StatusCode::OK,
-        Some(json!({ "servers": servers, "meta": { "pagination": pagination(page, per_page, total) } })),
-    )
+    (StatusCode::OK, Some(json!({ "servers": servers, "meta": { "pagination": pagination(page, per_page, total) } })))
 }
 
 fn create_server(state: &mut State, body: Option<&Value>) -> (StatusCode, Option<Value>) {
@@ -499,10 +440,7 @@ fn create_server(state: &mut State, body: Option<&Value>) -> (StatusCode, Option
         );
     };
     if !state.server_types.iter().any(|(known, _)| *known == server_type) {
-        return (
-            StatusCode::BAD_REQUEST,
-            Some(error_body("invalid_input", "server type not found")),
-        );
+        return (StatusCode::BAD_REQUEST, Some(error_body("invalid_input", "server type not found")));
     }
     let location = text("location").unwrap_or_else(|| "fsn1".to_owned());
     if state.unavailable.contains(&(server_type.clone(), location.clone()))
@@ -510,27 +448,16 @@ fn create_server(state: &mut State, body: Option<&Value>) -> (StatusCode, Option
     {
         return (
             StatusCode::PRECONDITION_FAILED,
-            Some(error_body(
-                "resource_unavailable",
-                "the requested resource is currently unavailable",
-            )),
+            Some(error_body("resource_unavailable", "the requested resource is currently unavailable")),
         );
     }
     if state.servers.values().any(|server| server.name == name) {
-        return (
-            StatusCode::CONFLICT,
-            Some(error_body("uniqueness_error", "server name is already used")),
-        );
+        return (StatusCode::CONFLICT, Some(error_body("uniqueness_error", "server name is already used")));
     }
     let labels: BTreeMap<String, String> = body
         .get("labels")
         .and_then(Value::as_object)
-        .map(|labels| {
-            labels
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
+        .map(|labels| labels.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
         .unwrap_or_default();
     let strings = |key: &str| -> Vec<String> {
         body.get(key)
@@ -546,12 +473,7 @@ fn create_server(state: &mut State, body: Option<&Value>) -> (StatusCode, Option
     let firewalls = body
         .get("firewalls")
         .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|item| item.get("firewall").and_then(Value::as_i64))
-                .collect()
-        })
+        .map(|items| items.iter().filter_map(|item| item.get("firewall").and_then(Value::as_i64)).collect())
         .unwrap_or_default();
     let id = state.next_id;
     state.next_id += 1;
@@ -634,16 +556,8 @@ fn server_type_json(index: usize, name: &str, price: &str) -> Value {
 }
 
 fn server_json(state: &State, server: &FakeServer) -> Value {
-    let type_index = state
-        .server_types
-        .iter()
-        .position(|(name, _)| *name == server.server_type)
-        .unwrap_or(0);
-    let price = state
-        .server_types
-        .get(type_index)
-        .map(|(_, price)| price.clone())
-        .unwrap_or_default();
+    let type_index = state.server_types.iter().position(|(name, _)| *name == server.server_type).unwrap_or(0);
+    let price = state.server_types.get(type_index).map(|(_, price)| price.clone()).unwrap_or_default();
     let location = location_json(&server.location);
     json!({
         "id": server.id,
@@ -732,10 +646,7 @@ mod tests {
     fn query_strings_are_decoded() {
         assert_eq!(
             url_pairs("label_selector=ciscale.owner%3Dacme&page=2"),
-            [
-                ("label_selector".to_owned(), "ciscale.owner=acme".to_owned()),
-                ("page".to_owned(), "2".to_owned())
-            ]
+            [("label_selector".to_owned(), "ciscale.owner=acme".to_owned()), ("page".to_owned(), "2".to_owned())]
         );
     }
 }

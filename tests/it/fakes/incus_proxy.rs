@@ -27,12 +27,22 @@ pub type Hook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IncusEvent {
     /// A create incusd accepted, and the owner's live containers of that pool right after it (names).
-    Create { name: String, pool: String, live_in_pool: Vec<String> },
+    Create {
+        name: String,
+        pool: String,
+        live_in_pool: Vec<String>,
+    },
     /// A container of the owner deleted or stopped (an ephemeral one deletes itself when stopped).
-    Gone { name: String },
+    Gone {
+        name: String,
+    },
     /// Any other container stopped or started (an adopted one).
-    Stop { name: String },
-    Start { name: String },
+    Stop {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
 }
 
 /// A file pushed into a container (`POST /1.0/instances/{name}/files`), as the request carried it.
@@ -312,4 +322,3 @@ async fn relay(mut client: UnixStream, upstream: &Path, state: &Mutex<State>) ->
     tokio::io::copy_bidirectional(&mut client, &mut server).await?;
     Ok(())
 }
-

@@ -58,14 +58,11 @@ pub struct Operation {
 
 impl Operation {
     fn parameters_in(&self, place: &'static str) -> impl Iterator<Item = &Value> + '_ {
-        self.parameters
-            .iter()
-            .filter(move |parameter| parameter.get("in").and_then(Value::as_str) == Some(place))
+        self.parameters.iter().filter(move |parameter| parameter.get("in").and_then(Value::as_str) == Some(place))
     }
 
     fn parameter(&self, place: &'static str, name: &str) -> Option<&Value> {
-        self.parameters_in(place)
-            .find(|parameter| parameter.get("name").and_then(Value::as_str) == Some(name))
+        self.parameters_in(place).find(|parameter| parameter.get("name").and_then(Value::as_str) == Some(name))
     }
 
     /// The number of parameter segments if this template matches the concrete `segments`.
@@ -183,20 +180,12 @@ impl Spec {
                 let template = key.split('?').next().unwrap_or(key);
                 let segments: Vec<String> = template.trim_matches('/').split('/').map(str::to_owned).collect();
                 let Some(item) = item.as_object() else { continue };
-                let path_level = item
-                    .get("parameters")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
+                let path_level = item.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default();
                 for (method, operation) in item {
                     if !METHODS.contains(&method.as_str()) {
                         continue;
                     }
-                    let own = operation
-                        .get("parameters")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default();
+                    let own = operation.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default();
                     let parameters = path_level
                         .iter()
                         .chain(&own)
@@ -262,38 +251,22 @@ impl Spec {
     /// `path` relative to the base path, without its query, split in segments.
     fn segments<'p>(&self, method: &str, path: &'p str) -> Result<Vec<&'p str>, String> {
         let path = path.split('?').next().unwrap_or(path);
-        let relative = path
-            .strip_prefix(self.base_path.as_str())
-            .filter(|rest| rest.starts_with('/'))
-            .ok_or_else(|| {
-                format!(
-                    "{}: `{method} {path}` is outside the API's base path `{}`",
-                    self.name, self.base_path
-                )
+        let relative =
+            path.strip_prefix(self.base_path.as_str()).filter(|rest| rest.starts_with('/')).ok_or_else(|| {
+                format!("{}: `{method} {path}` is outside the API's base path `{}`", self.name, self.base_path)
             })?;
-        Ok(relative
-            .trim_end_matches('/')
-            .trim_start_matches('/')
-            .split('/')
-            .collect())
+        Ok(relative.trim_end_matches('/').trim_start_matches('/').split('/').collect())
     }
 
     /// The operations of the most specific templates matching `path` (fewest parameter segments), any method.
     /// Azure's overloads of one template are equally specific, so all of them stay.
     fn most_specific(&self, segments: &[&str]) -> Vec<&Operation> {
-        let matching: Vec<(usize, &Operation)> = self
-            .operations
-            .iter()
-            .filter_map(|operation| Some((operation.matches(segments)?, operation)))
-            .collect();
+        let matching: Vec<(usize, &Operation)> =
+            self.operations.iter().filter_map(|operation| Some((operation.matches(segments)?, operation))).collect();
         let Some(fewest) = matching.iter().map(|(params, _)| *params).min() else {
             return Vec::new();
         };
-        matching
-            .into_iter()
-            .filter(|(params, _)| *params == fewest)
-            .map(|(_, operation)| operation)
-            .collect()
+        matching.into_iter().filter(|(params, _)| *params == fewest).map(|(_, operation)| operation).collect()
     }
 
     /// The operations `method path` may be (several for Azure's overloads), or why there is none.
@@ -324,9 +297,7 @@ impl Spec {
     /// segments over parameters, whatever the method.
     pub fn template(&self, path: &str) -> Option<String> {
         let segments = self.segments("", path).ok()?;
-        self.most_specific(&segments)
-            .first()
-            .map(|operation| operation.template.clone())
+        self.most_specific(&segments).first().map(|operation| operation.template.clone())
     }
 
     /// Whether any template of the spec matching `path` has `method` (the spec mentions this call at all).
@@ -335,9 +306,7 @@ impl Spec {
             return false;
         };
         let method_key = method.to_ascii_lowercase();
-        self.operations
-            .iter()
-            .any(|operation| operation.method == method_key && operation.matches(&segments).is_some())
+        self.operations.iter().any(|operation| operation.method == method_key && operation.matches(&segments).is_some())
     }
 
     /// The request of `method path`: parameters and body.
@@ -348,25 +317,12 @@ impl Spec {
         query: &[(&str, &str)],
         body: Option<&Value>,
     ) -> Result<(), String> {
-        self.check(Exchange {
-            method,
-            path,
-            request: Some(Request {
-                query: query.to_vec(),
-                body,
-            }),
-            response: None,
-        })
+        self.check(Exchange { method, path, request: Some(Request { query: query.to_vec(), body }), response: None })
     }
 
     /// The response of `status` to `method path`: the status is documented and the body is the documented one.
     pub fn check_response(&self, method: &str, path: &str, status: u16, body: Option<&Value>) -> Result<(), String> {
-        self.check(Exchange {
-            method,
-            path,
-            request: None,
-            response: Some(Response { status, body }),
-        })
+        self.check(Exchange { method, path, request: None, response: Some(Response { status, body }) })
     }
 
     /// Checks one exchange against every operation it may be; `Err` says what is wrong against each.
@@ -380,11 +336,7 @@ impl Spec {
             if problems.is_empty() {
                 return Ok(());
             }
-            failures.push(format!(
-                "  against `{}`:\n    {}",
-                operation.key,
-                problems.join("\n    ")
-            ));
+            failures.push(format!("  against `{}`:\n    {}", operation.key, problems.join("\n    ")));
         }
         Err(format!(
             "{}: `{} {}` is not what the spec says:\n{}",
@@ -445,11 +397,8 @@ impl Spec {
             },
         };
         match (schema, request.body) {
-            (Some(schema), Some(body)) => problems.extend(
-                self.validate(schema, body)
-                    .into_iter()
-                    .map(|problem| format!("request body: {problem}")),
-            ),
+            (Some(schema), Some(body)) => problems
+                .extend(self.validate(schema, body).into_iter().map(|problem| format!("request body: {problem}"))),
             (Some(_), None) if required => problems.push("the required request body is missing".to_owned()),
             (None, Some(_)) => problems.push("a request body is sent but none is declared".to_owned()),
             _ => {}
@@ -495,9 +444,7 @@ impl Spec {
                     body
                 };
                 problems.extend(
-                    self.validate(schema, checked)
-                        .into_iter()
-                        .map(|problem| format!("{status} response: {problem}")),
+                    self.validate(schema, checked).into_iter().map(|problem| format!("{status} response: {problem}")),
                 );
             }
             (Some(_), None) => problems.push(format!("the documented {status} response body is missing")),
@@ -512,10 +459,7 @@ impl Spec {
             Ok(validator) => validator,
             Err(problem) => return vec![problem],
         };
-        validator
-            .iter_errors(instance)
-            .map(|error| format!("{error} at `{}`", error.instance_path))
-            .collect()
+        validator.iter_errors(instance).map(|error| format!("{error} at `{}`", error.instance_path)).collect()
     }
 
     fn validator(&self, schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
@@ -565,10 +509,7 @@ fn is_required(value: &Value) -> bool {
 /// The JSON schema of an OpenAPI 3 request body or response: `application/json`, else the first media type's.
 fn content_schema(value: &Value) -> Option<&Value> {
     value.pointer("/content/application~1json/schema").or_else(|| {
-        value
-            .get("content")
-            .and_then(Value::as_object)
-            .and_then(|content| content.values().next()?.get("schema"))
+        value.get("content").and_then(Value::as_object).and_then(|content| content.values().next()?.get("schema"))
     })
 }
 
@@ -584,10 +525,7 @@ fn resolve_responses(operation: &Value, shared: &Value) -> Result<Value, String>
             let Some(name) = reference.strip_prefix("#/components/responses/") else {
                 continue;
             };
-            *response = shared
-                .get(name)
-                .cloned()
-                .ok_or_else(|| format!("unresolved `$ref` {reference}"))?;
+            *response = shared.get(name).cloned().ok_or_else(|| format!("unresolved `$ref` {reference}"))?;
         }
     }
     Ok(operation)
@@ -600,10 +538,7 @@ fn resolve_parameter(parameter: &Value, shared: &Value) -> Result<Value, String>
                 .strip_prefix("#/parameters/")
                 .or_else(|| reference.strip_prefix("#/components/parameters/"))
                 .ok_or_else(|| format!("unsupported `$ref` {reference}"))?;
-            shared
-                .get(name)
-                .cloned()
-                .ok_or_else(|| format!("unresolved `$ref` {reference}"))
+            shared.get(name).cloned().ok_or_else(|| format!("unresolved `$ref` {reference}"))
         }
         None => Ok(parameter.clone()),
     }
@@ -616,14 +551,8 @@ fn check_scalar(parameter: &Value, value: &str) -> Result<(), String> {
     let kind = described.get("type").and_then(Value::as_str).unwrap_or("string");
     let format = described.get("format").and_then(Value::as_str);
     match (kind, format) {
-        ("integer", Some("int32")) => value
-            .parse::<i32>()
-            .map(|_| ())
-            .map_err(|_| "not an int32".to_owned())?,
-        ("integer", _) => value
-            .parse::<i64>()
-            .map(|_| ())
-            .map_err(|_| "not an integer".to_owned())?,
+        ("integer", Some("int32")) => value.parse::<i32>().map(|_| ()).map_err(|_| "not an int32".to_owned())?,
+        ("integer", _) => value.parse::<i64>().map(|_| ()).map_err(|_| "not an integer".to_owned())?,
         ("boolean", _) if !matches!(value, "true" | "false") => return Err("not `true`/`false`".to_owned()),
         _ => {}
     }
@@ -641,10 +570,8 @@ fn rewrite_nullable(value: Value) -> Value {
         Value::Object(mut object) => {
             let nullable = object.get("nullable").and_then(Value::as_bool) == Some(true);
             object.remove("nullable");
-            let object: Map<String, Value> = object
-                .into_iter()
-                .map(|(key, value)| (key, rewrite_nullable(value)))
-                .collect();
+            let object: Map<String, Value> =
+                object.into_iter().map(|(key, value)| (key, rewrite_nullable(value))).collect();
             if nullable {
                 json!({ "anyOf": [{ "type": "null" }, Value::Object(object)] })
             } else {
@@ -660,10 +587,7 @@ fn rewrite_nullable(value: Value) -> Value {
 fn nullable_is_rewritten_and_checked() {
     let schema =
         rewrite_nullable(json!({ "type": "object", "properties": { "a": { "type": "string", "nullable": true } } }));
-    let validator = jsonschema::options()
-        .with_draft(jsonschema::Draft::Draft4)
-        .build(&schema)
-        .expect("compiles");
+    let validator = jsonschema::options().with_draft(jsonschema::Draft::Draft4).build(&schema).expect("compiles");
     assert!(validator.is_valid(&json!({ "a": null })));
     assert!(validator.is_valid(&json!({ "a": "x" })));
     assert!(!validator.is_valid(&json!({ "a": 1 })), "a wrong type still fails");
@@ -677,70 +601,34 @@ fn a_missing_specs_folder_fails_clearly() {
         assert!(!dir.is_dir());
         Spec::load_from(&dir, "hcloud.json")
     });
-    let message = outcome
-        .err()
-        .and_then(|panic| panic.downcast::<String>().ok())
-        .expect("a panic with a message");
-    assert!(
-        message.contains("/nonexistent/specs") && message.contains("CISCALE_SPECS_DIR"),
-        "{message}"
-    );
+    let message = outcome.err().and_then(|panic| panic.downcast::<String>().ok()).expect("a panic with a message");
+    assert!(message.contains("/nonexistent/specs") && message.contains("CISCALE_SPECS_DIR"), "{message}");
 }
 
 #[test]
 fn woodpecker_spec_finds_operations_and_rejects_wrong_bodies() {
     let spec = Spec::load("woodpecker-swagger.json");
-    assert_eq!(
-        spec.operation("GET", "/api/agents/12").expect("operation").template,
-        "/agents/{agent_id}"
-    );
-    assert_eq!(
-        spec.operation("GET", "/api/agents/12/tasks")
-            .expect("operation")
-            .template,
-        "/agents/{agent_id}/tasks"
-    );
-    assert_eq!(
-        spec.operation("GET", "/api/agents?page=2&perPage=50")
-            .expect("operation")
-            .template,
-        "/agents"
-    );
+    assert_eq!(spec.operation("GET", "/api/agents/12").expect("operation").template, "/agents/{agent_id}");
+    assert_eq!(spec.operation("GET", "/api/agents/12/tasks").expect("operation").template, "/agents/{agent_id}/tasks");
+    assert_eq!(spec.operation("GET", "/api/agents?page=2&perPage=50").expect("operation").template, "/agents");
     assert!(spec.operation("PUT", "/api/agents/12").is_err(), "no PUT on agents");
     assert!(spec.operation("GET", "/agents").is_err(), "outside the base path");
     assert!(
-        spec.check_request("GET", "/api/agents", &[("no_such_parameter", "1")], None)
-            .is_err(),
+        spec.check_request("GET", "/api/agents", &[("no_such_parameter", "1")], None).is_err(),
         "an undeclared query parameter"
     );
-    assert!(
-        spec.check_request("GET", "/api/agents/three", &[], None).is_err(),
-        "a path parameter of the wrong type"
-    );
+    assert!(spec.check_request("GET", "/api/agents/three", &[], None).is_err(), "a path parameter of the wrong type");
 
     let agent = json!({ "id": 3, "name": "a", "no_schedule": false, "custom_labels": { "k": "v" } });
-    spec.check_response("GET", "/api/agents/3", 200, Some(&agent))
-        .expect("a valid agent");
+    spec.check_response("GET", "/api/agents/3", 200, Some(&agent)).expect("a valid agent");
     let wrong = json!({ "id": "three", "no_schedule": "no" });
-    let error = spec
-        .check_response("GET", "/api/agents/3", 200, Some(&wrong))
-        .expect_err("a wrong agent");
+    let error = spec.check_response("GET", "/api/agents/3", 200, Some(&wrong)).expect_err("a wrong agent");
     assert!(error.contains("/id") && error.contains("/no_schedule"), "{error}");
     // `$ref` into definitions resolves: a queue task's labels must be strings.
     let queue = json!({ "pending": [{ "id": "1", "labels": { "repo": 1 } }], "running": [] });
-    assert!(spec
-        .check_response("GET", "/api/queue/info", 200, Some(&queue))
-        .is_err());
-    assert!(
-        spec.check_response("GET", "/api/queue/info", 418, Some(&json!({})))
-            .is_err(),
-        "undocumented status"
-    );
-    spec.check_response("DELETE", "/api/agents/3", 200, None)
-        .expect("delete has no body");
-    spec.check_request("PATCH", "/api/agents/3", &[], Some(&json!({ "no_schedule": true })))
-        .expect("a valid patch");
-    assert!(spec
-        .check_request("PATCH", "/api/agents/3", &[], Some(&json!({ "no_schedule": "yes" })))
-        .is_err());
+    assert!(spec.check_response("GET", "/api/queue/info", 200, Some(&queue)).is_err());
+    assert!(spec.check_response("GET", "/api/queue/info", 418, Some(&json!({}))).is_err(), "undocumented status");
+    spec.check_response("DELETE", "/api/agents/3", 200, None).expect("delete has no body");
+    spec.check_request("PATCH", "/api/agents/3", &[], Some(&json!({ "no_schedule": true }))).expect("a valid patch");
+    assert!(spec.check_request("PATCH", "/api/agents/3", &[], Some(&json!({ "no_schedule": "yes" }))).is_err());
 }

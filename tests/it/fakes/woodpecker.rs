@@ -122,18 +122,10 @@ impl FakeWoodpecker {
     /// Starts the fake on `127.0.0.1:0` in a thread of its own (usable from sync and async tests alike).
     pub fn start() -> FakeWoodpecker {
         let spec = Spec::load("woodpecker-swagger.json");
-        let state = Arc::new(Mutex::new(State {
-            next_agent: 1,
-            next_task: 1,
-            ..State::default()
-        }));
-        let shared = Arc::new(Shared {
-            state: state.clone(),
-            spec,
-        });
-        let (addr, server) = ServerThread::start(move |method, uri, headers, body| {
-            handle(shared.clone(), method, uri, headers, body)
-        });
+        let state = Arc::new(Mutex::new(State { next_agent: 1, next_task: 1, ..State::default() }));
+        let shared = Arc::new(Shared { state: state.clone(), spec });
+        let (addr, server) =
+            ServerThread::start(move |method, uri, headers, body| handle(shared.clone(), method, uri, headers, body));
         FakeWoodpecker { addr, state, _server: server }
     }
 
@@ -152,20 +144,10 @@ impl FakeWoodpecker {
         let mut state = self.state();
         let id = state.next_task.to_string();
         state.next_task += 1;
-        let mut all: BTreeMap<String, String> = BTreeMap::from([
-            ("repo".to_owned(), "acme/app".to_owned()),
-            ("org-id".to_owned(), "1".to_owned()),
-        ]);
-        all.extend(
-            labels
-                .iter()
-                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned())),
-        );
-        state.pending.push(FakeTask {
-            id: id.clone(),
-            labels: all,
-            agent_id: None,
-        });
+        let mut all: BTreeMap<String, String> =
+            BTreeMap::from([("repo".to_owned(), "acme/app".to_owned()), ("org-id".to_owned(), "1".to_owned())]);
+        all.extend(labels.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())));
+        state.pending.push(FakeTask { id: id.clone(), labels: all, agent_id: None });
         id
     }
 
@@ -178,7 +160,13 @@ impl FakeWoodpecker {
     }
 
     /// Adds a pipeline that ran (its workflows' times and its workflow files); returns its number.
-    pub fn add_pipeline(&self, repo_id: i64, created: i64, workflows: &[(&str, i64, i64)], configs: &[(&str, &str)]) -> i64 {
+    pub fn add_pipeline(
+        &self,
+        repo_id: i64,
+        created: i64,
+        workflows: &[(&str, i64, i64)],
+        configs: &[(&str, &str)],
+    ) -> i64 {
         self.add_pipeline_reviewed(repo_id, created, 0, workflows, configs)
     }
 
@@ -199,7 +187,11 @@ impl FakeWoodpecker {
             reviewed,
             workflows: workflows
                 .iter()
-                .map(|(name, started, finished)| FakeWorkflow { name: (*name).to_owned(), started: *started, finished: *finished })
+                .map(|(name, started, finished)| FakeWorkflow {
+                    name: (*name).to_owned(),
+                    started: *started,
+                    finished: *finished,
+                })
                 .collect(),
             configs: configs.iter().map(|(name, yaml)| ((*name).to_owned(), (*yaml).to_owned())).collect(),
         });
@@ -209,11 +201,7 @@ impl FakeWoodpecker {
     /// Moves a pending task to running on `agent_id`; the agent has just been in contact.
     pub fn start_task(&self, task_id: &str, agent_id: i64) {
         let mut state = self.state();
-        let index = state
-            .pending
-            .iter()
-            .position(|task| task.id == task_id)
-            .expect("pending task");
+        let index = state.pending.iter().position(|task| task.id == task_id).expect("pending task");
         let mut task = state.pending.remove(index);
         task.agent_id = Some(agent_id);
         state.running.push(task);
@@ -225,11 +213,7 @@ impl FakeWoodpecker {
     /// Finishes a running task: gone from the queue, its agent's `last_work` is now.
     pub fn finish_task(&self, task_id: &str) {
         let mut state = self.state();
-        let index = state
-            .running
-            .iter()
-            .position(|task| task.id == task_id)
-            .expect("running task");
+        let index = state.running.iter().position(|task| task.id == task_id).expect("running task");
         let task = state.running.remove(index);
         if let Some(agent) = task.agent_id.and_then(|id| state.agents.get_mut(&id)) {
             agent.last_work = now();
@@ -276,10 +260,7 @@ fn create_agent(state: &mut State, name: &str, no_schedule: bool) -> FakeAgent {
         id,
         name: name.to_owned(),
         // Distinct per agent and recognisable in a leak check.
-        token: format!(
-            "wp-agent-token-{id}-{:08x}",
-            (id as u64).wrapping_mul(0x9e37_79b9) & 0xffff_ffff
-        ),
+        token: format!("wp-agent-token-{id}-{:08x}", (id as u64).wrapping_mul(0x9e37_79b9) & 0xffff_ffff),
         no_schedule,
         last_contact: 0,
         last_work: 0,
@@ -325,11 +306,7 @@ fn task_json(task: &FakeTask, state: &State) -> Value {
     });
     if let Some(agent_id) = task.agent_id {
         value["agent_id"] = json!(agent_id);
-        value["agent_name"] = json!(state
-            .agents
-            .get(&agent_id)
-            .map(|agent| agent.name.clone())
-            .unwrap_or_default());
+        value["agent_name"] = json!(state.agents.get(&agent_id).map(|agent| agent.name.clone()).unwrap_or_default());
     }
     value
 }
@@ -470,10 +447,7 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
         let mut state = shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let fault = state.traffic.arrive(&key);
         let query_pairs = url_pairs(uri.query().unwrap_or(""));
-        let query: Vec<(&str, &str)> = query_pairs
-            .iter()
-            .map(|(key, value)| (key.as_str(), value.as_str()))
-            .collect();
+        let query: Vec<(&str, &str)> = query_pairs.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect();
         let body = (!request_body.is_null()).then_some(&request_body);
         if let Err(problem) = shared.spec.check_request(method.as_str(), &path, &query, body) {
             state.traffic.violation(problem);
@@ -486,29 +460,17 @@ async fn handle(shared: Arc<Shared>, method: Method, uri: Uri, headers: HeaderMa
             return text(status, "injected failure");
         }
         Some(Fault::RateLimited { retry_after_secs }) => {
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", retry_after_secs.to_string())],
-                "slow down",
-            )
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", retry_after_secs.to_string())], "slow down")
                 .into_response();
         }
         Some(Fault::MalformedJson) => {
-            return (
-                StatusCode::OK,
-                [("content-type", "application/json")],
-                "{\"pending\": [tru",
-            )
-                .into_response();
+            return (StatusCode::OK, [("content-type", "application/json")], "{\"pending\": [tru").into_response();
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
         None => {}
     }
 
-    let authorization = headers
-        .get("authorization")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    let authorization = headers.get("authorization").and_then(|value| value.to_str().ok()).unwrap_or_default();
     match authorization.strip_prefix("Bearer ") {
         Some(ADMIN_TOKEN) => {}
         Some(USER_TOKEN) => return text(StatusCode::FORBIDDEN, "access denied"),
@@ -575,13 +537,8 @@ fn route(state: &mut State, method: &Method, path: &str, query: &str, body: &Val
             // The real server caps `perPage`; 50 is its default.
             let per_page = query_number(query, "perPage", 50).clamp(1, 50);
             let page = query_number(query, "page", 1).max(1);
-            let agents: Vec<Value> = state
-                .agents
-                .values()
-                .skip((page - 1) * per_page)
-                .take(per_page)
-                .map(agent_json)
-                .collect();
+            let agents: Vec<Value> =
+                state.agents.values().skip((page - 1) * per_page).take(per_page).map(agent_json).collect();
             Answer::Json(Value::Array(agents))
         }
         ("POST", ["api", "agents"]) => {
@@ -640,14 +597,17 @@ fn route(state: &mut State, method: &Method, path: &str, query: &str, body: &Val
             Answer::Json(Value::Array(repos))
         }
         ("GET", ["api", "repos", repo_id, "pipelines", rest @ ..]) => {
-            let Some(repo) = repo_id.parse::<i64>().ok().and_then(|id| state.repos.iter().find(|repo| repo.id == id)) else {
+            let Some(repo) = repo_id.parse::<i64>().ok().and_then(|id| state.repos.iter().find(|repo| repo.id == id))
+            else {
                 return Answer::Error(StatusCode::NOT_FOUND, "repo not found");
             };
             match rest {
                 [] => {
                     // Newest first; `after`/`before` bound `created` (RFC 3339), as the server's store does.
                     let bound = |name: &str| {
-                        query_text(query, name).and_then(|text| text.parse::<jiff::Timestamp>().ok()).map(|at| at.as_second())
+                        query_text(query, name)
+                            .and_then(|text| text.parse::<jiff::Timestamp>().ok())
+                            .map(|at| at.as_second())
                     };
                     let (after, before) = (bound("after"), bound("before"));
                     let per_page = query_number(query, "perPage", 50).clamp(1, 50);
@@ -656,7 +616,10 @@ fn route(state: &mut State, method: &Method, path: &str, query: &str, body: &Val
                         .pipelines
                         .iter()
                         .rev()
-                        .filter(|p| after.is_none_or(|after| p.created > after) && before.is_none_or(|before| p.created < before))
+                        .filter(|p| {
+                            after.is_none_or(|after| p.created > after)
+                                && before.is_none_or(|before| p.created < before)
+                        })
                         .skip((page - 1) * per_page)
                         .take(per_page)
                         .map(|pipeline| pipeline_json(pipeline, false))

@@ -192,7 +192,10 @@ fn the_record_of_a_removed_pool_keeps_its_instance_listed_late() {
         Promise::NotBusy,
         &Scenario {
             owners: owners("acme", "acme-arm"),
-            ours: vec![PoolDraft { min_idle: 1, ..pool("linux", 1, PoolMode::Create) }, pool("arm", 1, PoolMode::Create)],
+            ours: vec![
+                PoolDraft { min_idle: 1, ..pool("linux", 1, PoolMode::Create) },
+                pool("arm", 1, PoolMode::Create),
+            ],
             theirs: vec![],
             busy_sign: BusySign::Both,
             keeps_terminated: false,

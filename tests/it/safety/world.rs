@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use ciscale::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, CiName, CiObservation, Desired, Instance, InstanceId,
-    InstanceMode, InstanceState, Observed, PoolName, Queue, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
+    InstanceMode, InstanceState, Observed, PoolName, Queue, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL,
+    POOL_LABEL,
 };
 use ciscale::plan::{Action, Change};
 use jiff::{SignedDuration, Timestamp};

@@ -130,7 +130,9 @@ impl FakeGithub {
             );
             ids.push(id);
         }
-        state.runs.insert(run_id, FakeRun { id: run_id, repo: repo.to_owned(), jobs: ids.clone(), created_at: created });
+        state
+            .runs
+            .insert(run_id, FakeRun { id: run_id, repo: repo.to_owned(), jobs: ids.clone(), created_at: created });
         (run_id, ids)
     }
 }
