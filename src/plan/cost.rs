@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 
 use super::fasthash::FastMap;
 use super::machine::first_candidate;
-use super::{Action, Change, Cost, CostLine};
-use crate::model::{BackendName, Billing, Desired, Instance, InstanceId, InstanceState, Observed, Price};
+use super::index::{BackendIndex, Claims};
+use super::{Action, Change, Cost, CostLine, InstanceTarget};
+use crate::model::{BackendName, Billing, Desired, Instance, InstanceState, Price};
 
 /// Attribute / machine keys that name the priced machine type, most specific first.
 const MACHINE_TYPE_KEYS: [&str; 5] = ["server_type", "serverType", "instance_type", "instanceType", "type"];
@@ -33,7 +34,14 @@ struct Tally {
 impl Tally {
     fn add(&mut self, price: Option<&Price>, sign: f64) {
         match price {
-            Some(price) => *self.by_currency.entry(price.currency.clone()).or_default() += sign * price.hourly,
+            // Looked up before inserting: `entry` would clone the currency for every instance priced.
+            Some(price) => match self.by_currency.get_mut(&price.currency) {
+                Some(sum) => *sum += sign * price.hourly,
+                None => {
+                    // `0.0 +` as `or_default() +=` did: a first -0.0 sums to +0.0.
+                    self.by_currency.insert(price.currency.clone(), 0.0 + sign * price.hourly);
+                }
+            },
             None => self.unpriced += sign as i64,
         }
     }
@@ -41,37 +49,56 @@ impl Tally {
 
 pub(super) fn estimate_cost(
     desired: &Desired,
-    observed: &Observed,
+    backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
     changes: &[Change],
-    claimed: &FastMap<(&BackendName, &InstanceId), usize>,
+    claims: &Claims,
 ) -> Cost {
     let billing_of =
         |backend: &BackendName| desired.backends.get(backend).map_or(Billing::PerSecond, |spec| spec.billing);
-    // Every managed instance (claimed by a pool, or labelled with our owner) with its price and billed state.
-    let mut managed: FastMap<(&BackendName, &InstanceId), (Option<&Price>, bool)> = FastMap::default();
+    // Every managed instance (claimed by a pool, or labelled with our owner) with its price and billed state, by
+    // backend and position.
+    let mut managed: FastMap<&BackendName, Vec<Option<(Option<&Price>, bool)>>> = FastMap::default();
     let mut before = Tally::default();
-    for (backend_name, backend) in &observed.backends {
-        let billing = billing_of(backend_name);
-        for instance in &backend.instances {
-            let pool_index = claimed.get(&(backend_name, &instance.id)).copied();
-            if pool_index.is_none() && instance.owner() != Some(desired.owner.as_str()) {
+    for backend in backends.values() {
+        let billing = billing_of(backend.name);
+        let prices = &backend.observation.prices;
+        let mut of_backend = Vec::with_capacity(backend.facts.len());
+        for (position, instance) in backend.instances().iter().enumerate() {
+            let pool_index = claims.pool_of(backend, position as u32);
+            if pool_index.is_none() && !backend.facts[position].ours {
+                of_backend.push(None);
                 continue;
             }
-            let price = instance_price(desired, observed, backend_name, instance, pool_index);
+            let price = instance_price(desired, prices, instance, pool_index);
             let billed = is_billed(instance.state, billing);
             if billed {
                 before.add(price, 1.0);
             }
-            managed.insert((backend_name, &instance.id), (price, billed));
+            of_backend.push(Some((price, billed)));
         }
+        managed.insert(backend.name, of_backend);
     }
+    // A change's instance by its id: the last managed one listed with that id (ids are listed once, but should
+    // one be listed twice, the last one's price stands, as it always has).
+    let existing = |target: &InstanceTarget| {
+        let id = target.id.as_ref()?;
+        let backend = backends.get(&target.backend)?;
+        let of_backend = managed.get(backend.name)?;
+        if backend.has_duplicate_ids() {
+            let instances = backend.instances();
+            return (0..instances.len()).rev().find_map(|position| {
+                if &instances[position].id == id { of_backend[position] } else { None }
+            });
+        }
+        of_backend[*backend.by_id.get(id)? as usize]
+    };
 
     // The price of a pool's new instance, once per pool rather than once per create (first pool of a name wins,
     // as in `Desired::pool`).
     let mut new_prices: FastMap<&str, Option<&Price>> = FastMap::default();
     for pool in &desired.pools {
         new_prices.entry(pool.name.as_str()).or_insert_with(|| {
-            let prices = &observed.backends.get(&pool.backend.backend)?.prices;
+            let prices = &backends.get(&pool.backend.backend)?.observation.prices;
             prices.get(machine_type(&pool.backend.machine)?)
         });
     }
@@ -80,7 +107,7 @@ pub(super) fn estimate_cost(
         let Some(target) = &change.instance else {
             continue;
         };
-        let existing = target.id.as_ref().and_then(|id| managed.get(&(&target.backend, id))).copied();
+        let existing = existing(target);
         let new_price = || new_prices.get(change.pool.as_str()).copied().flatten();
         match (change.action, existing) {
             (Action::Create, _) => after.add(new_price(), 1.0),
@@ -116,12 +143,10 @@ pub(super) fn estimate_cost(
 /// Price of an instance: by its reported machine type, else by the machine type of the pool it belongs to.
 fn instance_price<'a>(
     desired: &Desired,
-    observed: &'a Observed,
-    backend_name: &BackendName,
+    prices: &'a BTreeMap<String, Price>,
     instance: &Instance,
     pool_index: Option<usize>,
 ) -> Option<&'a Price> {
-    let prices = &observed.backends.get(backend_name)?.prices;
     let pool_machine = pool_index.and_then(|index| desired.pools.get(index)).map(|pool| &pool.backend.machine);
     let kind = machine_type(&instance.attributes).or_else(|| pool_machine.and_then(machine_type))?;
     prices.get(kind)

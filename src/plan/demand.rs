@@ -2,8 +2,9 @@
 //! matches them, by the CI's own matching rule.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 
-use super::fasthash::FastMap;
+use super::fasthash::{FastMap, FxHasher};
 use super::matching::{pool_matches, rule_of, WOODPECKER_INTERNAL_PREFIX};
 use crate::model::{CiName, Desired, Matching, Observed, PoolSpec};
 
@@ -27,15 +28,17 @@ pub(super) fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32>
             continue;
         }
         let rule = match_rule(desired, source);
-        let projection = LabelProjection::new(pools_of_source.iter().map(|&i| &desired.pools[i]));
+        let mut projection = LabelProjection::new(pools_of_source.iter().map(|&i| &desired.pools[i]));
         // Grouped by a hash of the projection, each bucket checked for real equality. Each job is projected once,
         // into a scratch buffer (no allocation per job); a group keeps the projection of its first job.
         let mut groups: FastMap<u64, Vec<Group<'_>>> = FastMap::default();
-        let mut scratch: Vec<(&str, &str)> = Vec::new();
+        let mut scratch: Vec<(u32, &str)> = Vec::new();
         for task in &observation.queue.pending {
             scratch.clear();
-            scratch.extend(projection.project(&task.labels));
-            let bucket = groups.entry(group_hash(&scratch, &task.demands)).or_default();
+            let mut hasher = FxHasher::default();
+            projection.project(&task.labels, &mut scratch, &mut hasher);
+            task.demands.hash(&mut hasher);
+            let bucket = groups.entry(hasher.finish()).or_default();
             match bucket.iter_mut().find(|group| group.labels == scratch && group.demands == task.demands.as_slice()) {
                 Some(group) => group.count += 1,
                 None => bucket.push(Group { labels: scratch.clone(), demands: &task.demands, count: 1 }),
@@ -44,7 +47,7 @@ pub(super) fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32>
         // Summation is order-independent, so iterating the hash map here cannot leak into the plan.
         for Group { labels, demands, count } in groups.into_values().flatten() {
             let labels: BTreeMap<String, String> =
-                labels.into_iter().map(|(key, value)| (key.to_owned(), value.to_owned())).collect();
+                labels.into_iter().map(|(key, value)| (projection.key(key).to_owned(), value.to_owned())).collect();
             if let Some(&pool_index) =
                 pools_of_source.iter().find(|&&i| pool_matches(rule, &desired.pools[i], &labels, demands))
             {
@@ -55,19 +58,12 @@ pub(super) fn assign_pending(desired: &Desired, observed: &Observed) -> Vec<u32>
     pending
 }
 
-/// Pending jobs that look the same to matching: the projection of their labels, their demands, how many.
+/// Pending jobs that look the same to matching: the projection of their labels (keys by their number in the
+/// [`LabelProjection`]), their demands, how many.
 struct Group<'t> {
-    labels: Vec<(&'t str, &'t str)>,
+    labels: Vec<(u32, &'t str)>,
     demands: &'t [String],
     count: u32,
-}
-
-fn group_hash(labels: &[(&str, &str)], demands: &[String]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = super::fasthash::FxHasher::default();
-    labels.hash(&mut hasher);
-    demands.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// What the pools say about a label key (see [`LabelProjection`]).
@@ -77,6 +73,17 @@ enum KeyRole {
     Required,
     /// Some pool names it with a concrete value: its value matters.
     Exact,
+    /// No pool requires it or names a value for it: only its presence matters (and only with a non-empty value).
+    Presence,
+    /// Woodpecker's own (`woodpecker-ci.org/*`) and not required: matching never looks at it.
+    Internal,
+}
+
+/// A task label key as the projection knows it: its number (so a group compares keys as numbers) and its role.
+#[derive(Clone, Copy)]
+struct KeyInfo {
+    id: u32,
+    role: KeyRole,
 }
 
 /// Reduces a task's labels to what Woodpecker matching against a given set of pools can tell apart, without
@@ -86,9 +93,15 @@ enum KeyRole {
 /// - a key some pool names with a concrete value keeps its value; a key every pool names only as `*` (or not at
 ///   all) keeps its presence but not its value (`*`), since only presence can change the outcome.
 ///
-/// One lookup per label (the key's role), as every pending job goes through it.
+/// Every pending job goes through it, and jobs of one queue carry the same few keys in the same order: so the
+/// key at each position is first compared with the key seen at that position last time (one short string
+/// comparison), and only a key not seen there is looked up (hashed) in the table of keys met so far.
 struct LabelProjection<'a> {
-    roles: FastMap<&'a str, KeyRole>,
+    known: FastMap<&'a str, KeyInfo>,
+    /// Key by number, for the groups' labels.
+    names: Vec<&'a str>,
+    /// The key last met at each label position.
+    last: Vec<(&'a str, KeyInfo)>,
 }
 
 impl<'a> LabelProjection<'a> {
@@ -110,20 +123,61 @@ impl<'a> LabelProjection<'a> {
                 }
             }
         }
-        Self { roles }
+        let mut projection = Self { known: FastMap::default(), names: Vec::new(), last: Vec::new() };
+        for (key, role) in roles {
+            projection.add(key, role);
+        }
+        projection
     }
 
-    fn project<'t>(&'t self, labels: &'t BTreeMap<String, String>) -> impl Iterator<Item = (&'t str, &'t str)> + 't {
-        labels.iter().filter_map(|(key, value)| {
-            let key = key.as_str();
-            let role = self.roles.get(key).copied();
-            if role == Some(KeyRole::Required) {
-                return Some((key, value.as_str()));
+    fn add(&mut self, key: &'a str, role: KeyRole) -> KeyInfo {
+        let info = KeyInfo { id: self.names.len() as u32, role };
+        self.names.push(key);
+        self.known.insert(key, info);
+        info
+    }
+
+    /// The key numbered `id`.
+    fn key(&self, id: u32) -> &'a str {
+        self.names[id as usize]
+    }
+
+    fn info(&mut self, position: usize, key: &'a str) -> KeyInfo {
+        if let Some((last, info)) = self.last.get(position) {
+            if *last == key {
+                return *info;
             }
-            if value.is_empty() || key.starts_with(WOODPECKER_INTERNAL_PREFIX) {
-                return None;
-            }
-            Some((key, if role == Some(KeyRole::Exact) { value.as_str() } else { "*" }))
-        })
+        }
+        let info = match self.known.get(key) {
+            Some(info) => *info,
+            None if key.starts_with(WOODPECKER_INTERNAL_PREFIX) => self.add(key, KeyRole::Internal),
+            None => self.add(key, KeyRole::Presence),
+        };
+        if position < self.last.len() {
+            self.last[position] = (key, info);
+        } else {
+            self.last.push((key, info));
+        }
+        info
+    }
+
+    /// Appends the projection of `labels` to `into`, in the labels' (key) order, and feeds it to `hasher` as it
+    /// goes (equal projections hash alike; the group's hash needs no second pass).
+    fn project(&mut self, labels: &'a BTreeMap<String, String>, into: &mut Vec<(u32, &'a str)>, hasher: &mut FxHasher) {
+        for (position, (key, value)) in labels.iter().enumerate() {
+            let info = self.info(position, key.as_str());
+            let value = value.as_str();
+            let kept = match info.role {
+                KeyRole::Required => value,
+                _ if value.is_empty() => continue,
+                KeyRole::Internal => continue,
+                KeyRole::Exact if key.starts_with(WOODPECKER_INTERNAL_PREFIX) => continue,
+                KeyRole::Exact => value,
+                KeyRole::Presence => "*",
+            };
+            into.push((info.id, kept));
+            hasher.write_u32(info.id);
+            kept.hash(hasher);
+        }
     }
 }

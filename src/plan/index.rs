@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use super::fasthash::{FastMap, FastSet};
 use super::{Action, AgentTarget, Change};
 use crate::model::{
-    Agent, AgentId, AgentRef, BackendName, CiName, CiObservation, Desired, InFlight, Instance, InstanceId,
-    InstanceState, Observed, PoolName, POOL_LABEL,
+    Agent, AgentId, AgentRef, BackendName, BackendObservation, CiName, CiObservation, Desired, InFlight, Instance,
+    InstanceId, InstanceState, Observed, PoolName, AGENT_LABEL, POOL_LABEL,
 };
 
 /// One CI source's observation, indexed for the lookups the policy makes per instance.
@@ -28,7 +28,8 @@ impl<'a> CiIndex<'a> {
             agents_by_name.entry(agent.name.as_str()).or_insert(agent);
             agents_by_id.entry(agent.id.as_str()).or_insert(agent);
         }
-        let mut running_by_agent: FastMap<&str, u32> = FastMap::default();
+        let mut running_by_agent: FastMap<&str, u32> =
+            FastMap::with_capacity_and_hasher(observation.queue.running.len(), Default::default());
         for task in &observation.queue.running {
             if let Some(agent_id) = &task.agent_id {
                 *running_by_agent.entry(agent_id.as_str()).or_default() += 1;
@@ -57,37 +58,130 @@ impl<'a> CiIndex<'a> {
     }
 }
 
-/// Instances of every backend, indexed by owner/pool label and by id.
+/// One backend's instances, indexed by owner/pool label, by id and by name. Rules that walk every instance walk
+/// `instances` by position and read `facts` at the same position, so each instance's labels are read once per plan.
 pub(super) struct BackendIndex<'a> {
-    /// Instances labelled with our owner, by pool label value (`None`: no pool label).
-    pub owned_by_pool: FastMap<Option<&'a str>, Vec<&'a Instance>>,
-    pub by_id: FastMap<&'a InstanceId, &'a Instance>,
+    pub name: &'a BackendName,
+    pub observation: &'a BackendObservation,
+    /// What each instance's labels say, by position in `observation.instances`.
+    pub facts: Vec<InstanceFacts<'a>>,
+    /// Instances labelled with our owner, by pool label value (`None`: no pool label), as positions.
+    pub owned_by_pool: FastMap<Option<&'a str>, Vec<u32>>,
+    /// Position of the first instance with this id.
+    pub by_id: FastMap<&'a InstanceId, u32>,
     pub by_name: FastMap<&'a str, &'a Instance>,
+    /// Per position, the first position with the same id; `None` when every id is listed once (as every backend
+    /// does). The rules know an instance by its backend and id, so two listed with one id are one to them.
+    first_of_id: Option<Vec<u32>>,
+    /// Its place among the observed backends (in name order), for [`Claims`].
+    slot: usize,
+}
+
+/// The labels of one instance that the rules read.
+pub(super) struct InstanceFacts<'a> {
+    /// It carries our owner label.
+    pub ours: bool,
+    /// Its pool label.
+    pub pool: Option<&'a str>,
+    /// Its `ciscale.agent` label (the id of its agent record).
+    pub agent: Option<&'a str>,
+}
+
+impl<'a> BackendIndex<'a> {
+    pub fn instances(&self) -> &'a [Instance] {
+        &self.observation.instances
+    }
+
+    pub fn instance(&self, position: u32) -> &'a Instance {
+        &self.observation.instances[position as usize]
+    }
+
+    /// The position the rules know the instance at `position` by (the first with its id).
+    fn canonical(&self, position: u32) -> u32 {
+        self.first_of_id.as_ref().map_or(position, |first| first[position as usize])
+    }
+
+    /// Whether some id is listed more than once.
+    pub fn has_duplicate_ids(&self) -> bool {
+        self.first_of_id.is_some()
+    }
 }
 
 pub(super) fn index_backends<'a>(desired: &Desired, observed: &'a Observed) -> BTreeMap<&'a BackendName, BackendIndex<'a>> {
     observed
         .backends
         .iter()
-        .map(|(name, backend)| {
-            let mut owned_by_pool: FastMap<Option<&str>, Vec<&Instance>> = FastMap::default();
-            let mut by_id = FastMap::with_capacity_and_hasher(backend.instances.len(), Default::default());
-            let mut by_name = FastMap::with_capacity_and_hasher(backend.instances.len(), Default::default());
-            for instance in &backend.instances {
-                by_id.entry(&instance.id).or_insert(instance);
+        .enumerate()
+        .map(|(slot, (name, backend))| {
+            let count = backend.instances.len();
+            let mut owned_by_pool: FastMap<Option<&str>, Vec<u32>> = FastMap::default();
+            let mut by_id: FastMap<&InstanceId, u32> = FastMap::with_capacity_and_hasher(count, Default::default());
+            let mut by_name = FastMap::with_capacity_and_hasher(count, Default::default());
+            let mut facts = Vec::with_capacity(count);
+            let mut duplicates = false;
+            for (position, instance) in backend.instances.iter().enumerate() {
+                let position = position as u32;
+                duplicates |= *by_id.entry(&instance.id).or_insert(position) != position;
                 if instance.state != InstanceState::Terminated {
                     by_name.entry(instance.name.as_str()).or_insert(instance);
                 }
-                if instance.owner() == Some(desired.owner.as_str()) {
-                    owned_by_pool
-                        .entry(instance.labels.get(POOL_LABEL).map(String::as_str))
-                        .or_default()
-                        .push(instance);
+                let ours = instance.owner() == Some(desired.owner.as_str());
+                let pool = instance.labels.get(POOL_LABEL).map(String::as_str);
+                if ours {
+                    owned_by_pool.entry(pool).or_default().push(position);
                 }
+                facts.push(InstanceFacts { ours, pool, agent: instance.labels.get(AGENT_LABEL).map(String::as_str) });
             }
-            (name, BackendIndex { owned_by_pool, by_id, by_name })
+            let first_of_id = duplicates.then(|| {
+                backend.instances.iter().map(|instance| by_id.get(&instance.id).copied().unwrap_or_default()).collect()
+            });
+            (name, BackendIndex { name, observation: backend, facts, owned_by_pool, by_id, by_name, first_of_id, slot })
         })
         .collect()
+}
+
+/// Which pool claimed each instance (the first pool, in config order, that took it as its own), by backend and
+/// position: every other instance with our owner label is an orphan, and the cost estimate prices an instance
+/// by its pool's machine. An array per backend rather than a map keyed by (backend, id): every instance is
+/// looked up, and positions need no hashing.
+pub(super) struct Claims {
+    by_backend: Vec<Vec<u32>>,
+}
+
+impl Claims {
+    const NONE: u32 = u32::MAX;
+
+    pub fn new(backends: &BTreeMap<&BackendName, BackendIndex<'_>>) -> Self {
+        let mut by_backend = vec![Vec::new(); backends.len()];
+        for backend in backends.values() {
+            by_backend[backend.slot] = vec![Self::NONE; backend.facts.len()];
+        }
+        Self { by_backend }
+    }
+
+    /// The instance at `position` of `backend` is `pool`'s, unless an earlier pool claimed it.
+    pub fn claim(&mut self, backend: &BackendIndex<'_>, position: u32, pool: usize) {
+        let slot = &mut self.by_backend[backend.slot][backend.canonical(position) as usize];
+        if *slot == Self::NONE {
+            *slot = pool as u32;
+        }
+    }
+
+    /// The pool that claimed the instance at `position` of `backend`.
+    pub fn pool_of(&self, backend: &BackendIndex<'_>, position: u32) -> Option<usize> {
+        let pool = self.by_backend[backend.slot][backend.canonical(position) as usize];
+        (pool != Self::NONE).then_some(pool as usize)
+    }
+
+    /// The claimed instances of `backend` with their pools, one per id (the first position listing it), in
+    /// position order.
+    pub fn claimed<'s>(&'s self, backend: &'s BackendIndex<'_>) -> impl Iterator<Item = (u32, usize)> + 's {
+        self.by_backend[backend.slot]
+            .iter()
+            .enumerate()
+            .filter(|(_, pool)| **pool != Self::NONE)
+            .map(|(position, pool)| (position as u32, *pool as usize))
+    }
 }
 
 /// [`Observed::in_flight`], indexed by the targets it works on.

@@ -10,13 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use super::fasthash::{FastMap, FastSet};
-use super::index::CiIndex;
+use super::fasthash::FastSet;
+use super::index::{BackendIndex, Claims, CiIndex};
 use super::{Action, Change, InstanceTarget};
-use crate::model::{
-    Agent, BackendName, CiName, Desired, Instance, InstanceId, InstanceState, Observed, PoolName, AGENT_LABEL,
-    POOL_LABEL,
-};
+use crate::model::{Agent, BackendName, CiName, Desired, Instance, InstanceState, Observed, PoolName, AGENT_LABEL};
 
 /// Rule 7: instances with our owner label that no pool claims. Returns the changes and the notes on the orphans
 /// kept.
@@ -24,21 +21,23 @@ pub(super) fn plan_orphan_instances(
     desired: &Desired,
     observed: &Observed,
     ci_indexes: &BTreeMap<&CiName, CiIndex<'_>>,
-    claimed: &FastMap<(&BackendName, &InstanceId), usize>,
+    backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
+    claims: &Claims,
 ) -> (Vec<Change>, Vec<String>) {
     // Built on first need: most plans have no orphan at all.
     let mut unaccounted_busy: Option<Vec<(&CiName, String)>> = None;
     let mut changes = Vec::new();
     let mut notes = Vec::new();
-    for (backend_name, backend) in &observed.backends {
-        for instance in &backend.instances {
-            if instance.owner() != Some(desired.owner.as_str()) || claimed.contains_key(&(backend_name, &instance.id)) {
+    for backend in backends.values() {
+        let backend_name = backend.name;
+        for (position, instance) in backend.instances().iter().enumerate() {
+            if !backend.facts[position].ours || claims.pool_of(backend, position as u32).is_some() {
                 continue;
             }
             if matches!(instance.state, InstanceState::Terminated | InstanceState::Deleting | InstanceState::Stopping) {
                 continue;
             }
-            let pool_label = instance.labels.get(POOL_LABEL).cloned().unwrap_or_default();
+            let pool_label = backend.facts[position].pool.unwrap_or_default().to_owned();
             let configured = desired.pool(&PoolName::new(pool_label.clone()));
             let why = match configured {
                 Some(pool) => format!("pool `{pool_label}` now uses backend `{}`", pool.backend.backend),

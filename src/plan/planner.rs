@@ -15,14 +15,14 @@ use super::cost::estimate_cost;
 use super::demand::assign_pending;
 use super::digest::fingerprint;
 use super::fasthash::{FastMap, FastSet};
-use super::index::{index_backends, BackendIndex, CiIndex, InFlightIndex};
+use super::index::{index_backends, BackendIndex, Claims, CiIndex, InFlightIndex};
 use super::ownership::parse_name_cached;
 use super::text::plural;
 use super::orphans::plan_orphan_instances;
 use super::pool::{plan_pool, PoolContext};
 use super::records;
 use super::{Action, Change, Plan, Summary, FORMAT_VERSION};
-use crate::model::{BackendName, CiName, Desired, InstanceId, InstanceMode, InstanceState, Observed};
+use crate::model::{BackendName, CiName, Desired, InstanceMode, InstanceState, Observed};
 
 /// Plans every pool, then the orphans, and totals the result. Pure: see the module docs.
 pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
@@ -32,23 +32,31 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     let pending = assign_pending(desired, observed);
     let unserved_jobs = super::jobs::unserved(desired, observed);
     let in_flight = InFlightIndex::new(observed);
-    let used_names: FastSet<&str> = observed
-        .backends
-        .values()
-        .flat_map(|backend| backend.instances.iter().map(|instance| instance.name.as_str()))
-        .chain(observed.ci.values().flat_map(|ci| ci.agents.iter().map(|agent| agent.name.as_str())))
-        .chain(observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())))
-        .collect();
+    // Sized up front: a set grown from an iterator of unknown length rehashes its way up.
+    let name_count = observed.backends.values().map(|backend| backend.instances.len()).sum::<usize>()
+        + observed.ci.values().map(|ci| ci.agents.len()).sum::<usize>()
+        + observed.in_flight.len();
+    let mut used_names: FastSet<&str> = FastSet::with_capacity_and_hasher(name_count, Default::default());
+    used_names.extend(
+        observed
+            .backends
+            .values()
+            .flat_map(|backend| backend.instances.iter().map(|instance| instance.name.as_str()))
+            .chain(observed.ci.values().flat_map(|ci| ci.agents.iter().map(|agent| agent.name.as_str())))
+            .chain(
+                observed.in_flight.iter().filter_map(|work| work.instance.as_ref().map(|target| target.name.as_str())),
+            ),
+    );
 
-    let records = records::find(desired, observed, &ci_indexes, now);
+    let records = records::find(desired, observed, &ci_indexes, &backend_indexes, now);
 
     let mut changes = Vec::new();
     let mut pools = Vec::with_capacity(desired.pools.len());
     // Names of stale agent records a create of this plan takes over: they are not deregistered.
     let mut reused: FastSet<String> = FastSet::default();
-    // (backend, instance id) of every instance some pool claimed: the rest of our labelled ones are orphans.
-    // The value is the claiming pool's index (the cost estimate prices instances by their pool's machine).
-    let mut claimed: FastMap<(&BackendName, &InstanceId), usize> = FastMap::default();
+    // Every instance some pool claimed: the rest of our labelled ones are orphans. With the claiming pool's
+    // index (the cost estimate prices instances by their pool's machine).
+    let mut claims = Claims::new(&backend_indexes);
 
     for (pool_index, pool) in desired.pools.iter().enumerate() {
         let context = PoolContext {
@@ -65,16 +73,18 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
             now,
         };
         let outcome = plan_pool(&context);
-        for (backend, id) in outcome.claimed {
-            claimed.entry((backend, id)).or_insert(pool_index);
+        if let Some(backend) = context.backend {
+            for position in outcome.claimed {
+                claims.claim(backend, position, pool_index);
+            }
         }
         reused.extend(outcome.reused);
         changes.extend(outcome.changes);
         pools.push(outcome.status);
     }
 
-    let mut notes: Vec<String> = migration_note(desired, &backend_indexes, &claimed).into_iter().collect();
-    let (orphans, orphan_notes) = plan_orphan_instances(desired, observed, &ci_indexes, &claimed);
+    let mut notes: Vec<String> = migration_note(desired, &backend_indexes, &claims).into_iter().collect();
+    let (orphans, orphan_notes) = plan_orphan_instances(desired, observed, &ci_indexes, &backend_indexes, &claims);
     notes.extend(orphan_notes);
     changes.extend(orphans);
     changes.extend(records::deregister_stale(&records, &reused, now));
@@ -86,7 +96,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     let changes = in_apply_order(desired, changes);
 
     let summary = summarize(&changes);
-    let cost = estimate_cost(desired, observed, &changes, &claimed);
+    let cost = estimate_cost(desired, &backend_indexes, &changes, &claims);
     Plan {
         format_version: FORMAT_VERSION,
         ciscale_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -131,21 +141,32 @@ fn delete_instead_of_drain(desired: &Desired, observed: &Observed, changes: &mut
 fn migration_note(
     desired: &Desired,
     backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
-    claimed: &FastMap<(&BackendName, &InstanceId), usize>,
+    claims: &Claims,
 ) -> Option<String> {
     let mut digests = FastMap::default();
-    let mut legacy: Vec<&str> = claimed
-        .iter()
-        .filter(|(_, pool)| desired.pools.get(**pool).is_some_and(|pool| matches!(pool.backend.mode, InstanceMode::Create)))
-        .filter_map(|((backend, id), _)| backends.get(backend)?.by_id.get(id).copied())
-        .filter(|instance| instance.state != InstanceState::Terminated)
-        .map(|instance| instance.name.as_str())
-        .filter(|name| parse_name_cached(&desired.owner, name, &mut digests).is_none())
-        .collect();
+    let mut legacy: Vec<&str> = Vec::new();
+    for backend in backends.values() {
+        for (position, pool) in claims.claimed(backend) {
+            if !desired.pools.get(pool).is_some_and(|pool| matches!(pool.backend.mode, InstanceMode::Create)) {
+                continue;
+            }
+            let instance = backend.instance(position);
+            if instance.state != InstanceState::Terminated
+                && parse_name_cached(&desired.owner, &instance.name, &mut digests).is_none()
+            {
+                legacy.push(instance.name.as_str());
+            }
+        }
+    }
     if legacy.is_empty() {
         return None;
     }
-    legacy.sort_unstable();
+    // Only the first three names are shown: put them first, in order, without sorting all of them.
+    if legacy.len() > 3 {
+        legacy.select_nth_unstable(3);
+    }
+    let first = legacy.len().min(3);
+    legacy[..first].sort_unstable();
     let shown: Vec<String> = legacy.iter().take(3).map(|name| format!("`{name}`")).collect();
     let more = if legacy.len() > 3 { format!(" and {} more", legacy.len() - 3) } else { String::new() };
     Some(format!(

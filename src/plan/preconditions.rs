@@ -56,7 +56,8 @@ pub fn preconditions(
 ) -> Vec<Result<(), PreconditionFailed>> {
     let ci_indexes: BTreeMap<&CiName, CiIndex<'_>> =
         observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
-    let records = records::find(desired, observed, &ci_indexes, now);
+    let backend_indexes = super::index::index_backends(desired, observed);
+    let records = records::find(desired, observed, &ci_indexes, &backend_indexes, now);
     let world = World { desired, observed, ci: &ci_indexes, records: &records, now };
     // Instances each pool gains by the changes admitted so far (creates; starts in start/stop mode).
     let mut admitted: FastMap<&PoolName, u32> = FastMap::default();

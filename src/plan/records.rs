@@ -33,12 +33,12 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 
 use super::fasthash::{FastMap, FastSet};
-use super::index::CiIndex;
+use super::index::{BackendIndex, CiIndex};
 use super::ownership::{looks_like_ours, parse_name_cached, record_since};
 use super::text::human_duration;
 use super::{Action, Change};
 use crate::model::{
-    Agent, AgentRef, CiName, Desired, InstanceMode, InstanceState, Observed, PoolName, ScalePolicy, AGENT_LABEL,
+    Agent, AgentRef, BackendName, CiName, Desired, InstanceMode, InstanceState, Observed, PoolName, ScalePolicy,
 };
 
 /// An agent record of ours (by the name grammar) that no instance runs.
@@ -107,18 +107,20 @@ pub(super) fn find<'a>(
     desired: &Desired,
     observed: &'a Observed,
     ci_indexes: &'a BTreeMap<&'a CiName, CiIndex<'a>>,
+    backends: &BTreeMap<&BackendName, BackendIndex<'_>>,
     now: Timestamp,
 ) -> Records<'a> {
-    let mut with_instance_names: FastSet<&str> = FastSet::default();
+    let instance_count = backends.values().map(|backend| backend.facts.len()).sum();
+    let mut with_instance_names: FastSet<&str> = FastSet::with_capacity_and_hasher(instance_count, Default::default());
     let mut linked_ids: FastSet<&str> = FastSet::default();
-    for instance in observed.backends.values().flat_map(|backend| backend.instances.iter()) {
-        if instance.state == InstanceState::Terminated {
-            continue;
-        }
-        with_instance_names.insert(instance.name.as_str());
-        if instance.owner() == Some(desired.owner.as_str()) {
-            if let Some(id) = instance.labels.get(AGENT_LABEL) {
-                linked_ids.insert(id.as_str());
+    for backend in backends.values() {
+        for (instance, facts) in backend.instances().iter().zip(&backend.facts) {
+            if instance.state == InstanceState::Terminated {
+                continue;
+            }
+            with_instance_names.insert(instance.name.as_str());
+            if let Some(id) = facts.agent.filter(|_| facts.ours) {
+                linked_ids.insert(id);
             }
         }
     }

@@ -294,6 +294,26 @@ fn fingerprint_is_the_sha256_of_the_inventory_json() {
     assert_eq!(fingerprint(&observed), format!("sha256:{want}"));
 }
 
+/// The fingerprint's text escapes strings as serde_json does (saved plans made by earlier builds carry
+/// fingerprints of serde_json's text): quotes, backslashes and control characters escaped, the rest verbatim.
+#[test]
+fn fingerprint_escapes_strings_as_json() {
+    use sha2::{Digest, Sha256};
+    let mut odd = owned("x", InstanceState::Pending, "2026-01-01T10:00:00Z", "x");
+    odd.id = InstanceId::new("q\"b\\s\u{1}n\nt\té/");
+    odd.labels.insert(POOL_LABEL.to_owned(), "p\u{1f}\u{7f}".to_owned());
+    let mut observed = observed(vec![odd], Vec::new(), Vec::new());
+    observed.ci.clear();
+    let text = concat!(
+        r#"{"backends":{"cloud":[{"id":"q\"b\\s\u0001n\nt\té/","state":"pending","owner":"ci","#,
+        r#""pool":"p\u001f"#,
+        "\u{7f}",
+        r#""}]},"ci":{}}"#
+    );
+    let want: String = Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect();
+    assert_eq!(fingerprint(&observed), format!("sha256:{want}"));
+}
+
 #[test]
 fn human_durations() {
     assert_eq!(human_duration(SignedDuration::from_secs(45)), "45s");

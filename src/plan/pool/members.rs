@@ -7,12 +7,14 @@ use jiff::Timestamp;
 use super::super::machine::first_candidate;
 use super::PoolContext;
 use crate::model::{
-    AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL, AGENT_LABEL,
+    AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL,
 };
 
 /// An instance of the pool with everything the rules look at.
 pub(super) struct Member<'a> {
     pub instance: &'a Instance,
+    /// Its position in its backend's list (see [`super::super::index::BackendIndex`]).
+    pub position: u32,
     pub agent: Option<&'a Agent>,
     /// Running jobs on its agent (at least 1 when the CI flags the agent busy without naming a job).
     pub running_jobs: u32,
@@ -48,31 +50,33 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
     let Some(backend) = cx.backend else {
         return Vec::new();
     };
-    let mut instances: Vec<(&'a Instance, Option<&'a AdoptedInstance>)> = backend
+    let mut instances: Vec<(u32, Option<&'a AdoptedInstance>)> = backend
         .owned_by_pool
         .get(&Some(cx.pool.name.as_str()))
-        .map(|owned| owned.iter().map(|instance| (*instance, None)).collect())
+        .map(|owned| owned.iter().map(|position| (*position, None)).collect())
         .unwrap_or_default();
     if let InstanceMode::StartStop { instances: adopted } = &cx.pool.backend.mode {
         for adoption in adopted {
-            if let Some(instance) = backend.by_id.get(&adoption.id) {
+            if let Some(&position) = backend.by_id.get(&adoption.id) {
                 // An adopted instance may also carry our labels: keep one entry, with its agent reference.
-                instances.retain(|(known, _)| known.id != instance.id);
-                instances.push((*instance, Some(adoption)));
+                let id = &backend.instance(position).id;
+                instances.retain(|(known, _)| &backend.instance(*known).id != id);
+                instances.push((position, Some(adoption)));
             }
         }
     }
     let create_mode = matches!(cx.pool.backend.mode, InstanceMode::Create);
     let mut members: Vec<Member<'a>> = instances
         .into_iter()
-        .map(|(instance, adoption)| {
+        .map(|(position, adoption)| {
+            let instance = backend.instance(position);
             // An instance created since the `ciscale.agent` label exists names its agent record's id; an adopted
             // instance names its agent in the config; a Picus-style pool runs its one pre-registered agent;
             // otherwise the agent is named like its instance.
             let reference = adoption.and_then(|a| a.agent.as_ref()).or(cx.pool.agent.preregistered.as_ref());
-            let labelled = instance.labels.get(AGENT_LABEL).filter(|_| adoption.is_none());
+            let labelled = backend.facts[position as usize].agent.filter(|_| adoption.is_none());
             let agent = cx.ci.and_then(|ci| match (labelled, reference) {
-                (Some(id), _) => ci.agents_by_id.get(id.as_str()).copied(),
+                (Some(id), _) => ci.agents_by_id.get(id).copied(),
                 (None, Some(reference)) => ci.lookup(reference),
                 (None, None) => ci.agents_by_name.get(instance.name.as_str()).copied(),
             });
@@ -87,6 +91,7 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
             let drift = if create_mode { drift_of(instance, cx.pool, hash) } else { Vec::new() };
             Member {
                 instance,
+                position,
                 agent,
                 running_jobs,
                 busy: running_jobs > 0,

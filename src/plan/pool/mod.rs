@@ -26,7 +26,7 @@ use super::records::{self, LoneRecord, Records};
 use super::text::plural;
 use super::{Action, Cause, Change, InstanceTarget, PoolStatus};
 use crate::model::{
-    BackendName, Desired, InstanceId, InstanceMode, InstanceState, Observed, PoolSpec, ScalePolicy,
+    BackendName, Desired, InstanceMode, InstanceState, Observed, PoolSpec, ScalePolicy,
 };
 
 mod members;
@@ -55,11 +55,12 @@ pub(super) struct PoolContext<'a> {
     pub now: Timestamp,
 }
 
-pub(super) struct PoolOutcome<'a> {
+pub(super) struct PoolOutcome {
     pub status: PoolStatus,
     pub changes: Vec<Change>,
-    /// The instances this pool took as its own: every other instance with our owner label is an orphan.
-    pub claimed: Vec<(&'a BackendName, &'a InstanceId)>,
+    /// The instances this pool took as its own, as positions in its backend's list (see [`BackendIndex`]):
+    /// every other instance with our owner label is an orphan.
+    pub claimed: Vec<u32>,
     /// Names of stale agent records of the pool its creates take over (so they are not deregistered).
     pub reused: Vec<String>,
 }
@@ -170,7 +171,7 @@ struct Target<'a> {
     kept: Vec<&'a LoneRecord<'a>>,
 }
 
-pub(super) fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
+pub(super) fn plan_pool(cx: &PoolContext<'_>) -> PoolOutcome {
     let pool = cx.pool;
     let (policy, window) = effective_policy(pool, cx.now);
     let policy = policy.as_ref();
@@ -192,8 +193,7 @@ pub(super) fn plan_pool<'a>(cx: &PoolContext<'a>) -> PoolOutcome<'a> {
     }
 
     let members = gather_members(cx, &plan.hash);
-    let backend_key = backend_name_ref(cx, &pool.backend.backend);
-    let claimed = members.iter().map(|member| (backend_key, &member.instance.id)).collect();
+    let claimed = members.iter().map(|member| member.position).collect();
 
     let classes = classify(&mut plan, &members);
     note_missing_adoptions(&mut plan, &members);
@@ -233,12 +233,6 @@ fn missing_image<'c>(cx: &PoolContext<'c>, create_mode: bool) -> Option<&'c Stri
         let observed = cx.observed.backends.get(backend_name);
         create_mode && observed.is_some_and(|backend| backend.missing_images.contains(image))
     })
-}
-
-/// The observed backend name key (borrowed from the observation) for a pool's backend; the pool's own name
-/// when the backend was not observed (then the pool has no members and this is never called).
-fn backend_name_ref<'a>(cx: &PoolContext<'a>, name: &'a BackendName) -> &'a BackendName {
-    cx.observed.backends.get_key_value(name).map(|(key, _)| key).unwrap_or(name)
 }
 
 /// Classify. Rules 4 and 5 (broken and finished ephemeral instances) act here and never count as capacity.
