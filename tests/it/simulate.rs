@@ -667,6 +667,10 @@ fn watching_the_fake_example_shows_agents_created_jobs_taken_and_agents_drained_
 
 const T0: i64 = 1_772_442_000; // 2026-03-02T09:00:00Z
 
+/// `trace export` of `c.yaml`'s sources for the trace fakes' day, 2026-03-02.
+const EXPORT_ONE_DAY: [&str; 8] =
+    ["trace", "export", "-c", "c.yaml", "--from", "2026-03-02T00:00:00Z", "--until", "2026-03-03T00:00:00Z"];
+
 #[test]
 fn trace_export_reads_woodpecker_workflows_with_their_labels_and_queue_times() {
     use crate::fakes::woodpecker::{FakeWoodpecker, ADMIN_TOKEN};
@@ -719,16 +723,7 @@ pools:
             .current_dir(dir.path())
             .env("WP_TOKEN", ADMIN_TOKEN)
             .env("HZ_TOKEN", "unused")
-            .args([
-                "trace",
-                "export",
-                "-c",
-                "c.yaml",
-                "--from",
-                "2026-03-02T00:00:00Z",
-                "--until",
-                "2026-03-03T00:00:00Z",
-            ])
+            .args(EXPORT_ONE_DAY)
             .args(["-o", out]));
         assert!(output.status.success(), "{}", stderr(&output));
         assert!(!stderr(&output).contains(ADMIN_TOKEN) && !stdout(&output).contains(ADMIN_TOKEN));
@@ -840,16 +835,7 @@ pools:
         url = fake.org_url()
     );
     write(dir.path(), "c.yaml", &config);
-    let output = run(ciscale().current_dir(dir.path()).env("AZP_TOKEN", PAT).args([
-        "trace",
-        "export",
-        "-c",
-        "c.yaml",
-        "--from",
-        "2026-03-02T00:00:00Z",
-        "--until",
-        "2026-03-03T00:00:00Z",
-    ]));
+    let output = run(ciscale().current_dir(dir.path()).env("AZP_TOKEN", PAT).args(EXPORT_ONE_DAY));
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!stdout(&output).contains(PAT) && !stderr(&output).contains(PAT));
     let exported = trace::parse_jsonl("stdout", &stdout(&output)).expect("a valid trace");
