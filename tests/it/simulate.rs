@@ -304,6 +304,13 @@ pools:
 // Through the binary
 // ---------------------------------------------------------------------------------------------------------------
 
+/// `ciscale simulate -c c.yaml --trace TRACE --json` in `dir`; it must succeed, and its report is returned.
+pub(crate) fn simulate_json(dir: &Path, trace: &str) -> serde_json::Value {
+    let output = run(ciscale().current_dir(dir).args(["simulate", "-c", "c.yaml", "--trace", trace, "--json"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    serde_json::from_str(&stdout(&output)).expect("JSON")
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
@@ -782,10 +789,7 @@ pools:
     assert_eq!(again, exported);
 
     // The trace replays: the arm64 job goes to the arm pool, the others to amd.
-    let output =
-        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "week.jsonl", "--json"]));
-    assert!(output.status.success(), "{}", stderr(&output));
-    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let value = simulate_json(dir.path(), "week.jsonl");
     let jobs: Vec<u64> =
         value["pools"].as_array().expect("pools").iter().map(|pool| pool["jobs"].as_u64().unwrap_or(0)).collect();
     assert_eq!(jobs, vec![2, 1]);
@@ -859,10 +863,7 @@ pools:
 
     // And the trace replays on the config: both jobs run on ephemeral agents.
     write(dir.path(), "azure.jsonl", &stdout(&output));
-    let output =
-        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "azure.jsonl", "--json"]));
-    assert!(output.status.success(), "{}", stderr(&output));
-    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let value = simulate_json(dir.path(), "azure.jsonl");
     assert_eq!(value["total"]["jobs"], 2);
 }
 

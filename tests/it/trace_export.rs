@@ -10,6 +10,7 @@ use jiff::Timestamp;
 
 use crate::cli::{ciscale, run, stderr, stdout};
 use crate::fakes::github::{FakeGithub, Fault, PastJobSpec, ORG, PAT};
+use crate::simulate::simulate_json;
 
 const T0: i64 = 1_772_442_000; // 2026-03-02T09:00:00Z
 const WINDOW: [&str; 4] = ["--from", "2026-03-02T00:00:00Z", "--until", "2026-03-03T00:00:00Z"];
@@ -168,10 +169,7 @@ fn github_export_reads_workflow_jobs_with_their_times_and_runs_on_and_the_trace_
     assert!(requests.iter().filter(|line| line.contains("/jobs?")).all(|line| line.contains("filter=all")));
 
     // The round trip: the trace replays on the same config, the GPU job on the GPU pool, the rest on Linux.
-    let output =
-        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "gh.jsonl", "--json"]));
-    assert!(output.status.success(), "{}", stderr(&output));
-    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let value = simulate_json(dir.path(), "gh.jsonl");
     let jobs: Vec<(String, u64)> = value["pools"]
         .as_array()
         .expect("pools")
@@ -189,6 +187,16 @@ fn big_repo() -> FakeGithub {
     fake
 }
 
+/// `count` runs of `acme/app` from T0, `apart` seconds apart, each of one `self-hosted, linux` job that a runner
+/// takes `waits` seconds after its run is created and that runs for `runs_for` seconds.
+fn add_runs_of_one_job(fake: &FakeGithub, count: i64, apart: i64, waits: i64, runs_for: i64) {
+    for n in 0..count {
+        let at = T0 + apart * n;
+        let job = PastJobSpec::ran(&["self-hosted", "linux"], at, at + waits, at + waits + runs_for);
+        fake.add_past_run("acme/app", at, &[job]);
+    }
+}
+
 /// `ciscale trace export` of `acme/app`'s history; it must succeed, and its trace must read back.
 fn export_repo(fake: &FakeGithub) -> trace::Trace {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -203,10 +211,7 @@ fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
     let fake = big_repo();
     let linux = ["self-hosted", "linux"];
     // 150 runs of one job, a minute apart, and one run of 120 jobs.
-    for n in 0..150 {
-        let at = T0 + 60 * n;
-        fake.add_past_run("acme/app", at, &[PastJobSpec::ran(&linux, at, at + 10, at + 40)]);
-    }
+    add_runs_of_one_job(&fake, 150, 60, 10, 30);
     let wide: Vec<PastJobSpec> =
         (0..120).map(|n| PastJobSpec::ran(&linux, T0 + 20_000, T0 + 20_000 + n, T0 + 20_100 + n)).collect();
     fake.add_past_run("acme/app", T0 + 20_000, &wide);
@@ -229,12 +234,8 @@ fn github_export_pages_past_a_hundred_runs_and_a_hundred_jobs() {
 #[test]
 fn github_export_splits_a_window_with_more_runs_than_github_lists() {
     let fake = big_repo();
-    let linux = ["self-hosted", "linux"];
     // 1,050 runs in the window: GitHub would list only 1,000 of them for one `created` range.
-    for n in 0..1050 {
-        let at = T0 + 30 * n;
-        fake.add_past_run("acme/app", at, &[PastJobSpec::ran(&linux, at, at + 5, at + 65)]);
-    }
+    add_runs_of_one_job(&fake, 1050, 30, 5, 60);
     let exported = export_repo(&fake);
     assert_eq!(exported.jobs.len(), 1050, "none lost to the cap");
     let mut ats: Vec<i64> = exported.jobs.iter().map(|job| job.at.as_second()).collect();
@@ -299,11 +300,7 @@ fn a_github_api_error_fails_the_export_with_a_located_secret_free_message() {
 #[test]
 fn a_rate_limit_that_lifts_within_the_wait_is_waited_out_and_the_export_reads_on() {
     let fake = big_repo();
-    let linux = ["self-hosted", "linux"];
-    for n in 0..20 {
-        let at = T0 + 60 * n;
-        fake.add_past_run("acme/app", at, &[PastJobSpec::ran(&linux, at, at + 10, at + 40)]);
-    }
+    add_runs_of_one_job(&fake, 20, 60, 10, 30);
     let dir = tempfile::tempdir().expect("temp dir");
     write(dir.path(), "c.yaml", &github_config(&fake.url(), "repository: acme/app"));
     // The first requests pass (repository, run list, a few runs' jobs); then GitHub asks for a second's pause in
@@ -388,10 +385,7 @@ pools:
     assert!(stdout(&output).is_empty(), "no trace on stdout");
 
     // The GitHub part replays on the two-source config.
-    let output =
-        run(ciscale().current_dir(dir.path()).args(["simulate", "-c", "c.yaml", "--trace", "all.jsonl", "--json"]));
-    assert!(output.status.success(), "{}", stderr(&output));
-    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let value = simulate_json(dir.path(), "all.jsonl");
     assert_eq!(value["total"]["jobs"], 1);
 }
 
