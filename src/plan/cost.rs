@@ -25,25 +25,31 @@ fn is_billed(state: InstanceState, billing: Billing) -> bool {
 }
 
 /// Sums of prices per currency plus a count of instances nobody could price.
-#[derive(Default)]
-struct Tally {
-    by_currency: BTreeMap<String, f64>,
+#[derive(Default, Clone)]
+struct Tally<'p> {
+    /// In the order the currencies were first met. A list, not a map: a plan sees one or two currencies, and every
+    /// priced instance adds to one (a map compared the currency's text on every add).
+    by_currency: Vec<(&'p str, f64)>,
     unpriced: i64,
 }
 
-impl Tally {
-    fn add(&mut self, price: Option<&Price>, sign: f64) {
-        match price {
-            // Looked up before inserting: `entry` would clone the currency for every instance priced.
-            Some(price) => match self.by_currency.get_mut(&price.currency) {
-                Some(sum) => *sum += sign * price.hourly,
-                None => {
-                    // `0.0 +` as `or_default() +=` did: a first -0.0 sums to +0.0.
-                    self.by_currency.insert(price.currency.clone(), 0.0 + sign * price.hourly);
-                }
-            },
-            None => self.unpriced += sign as i64,
+impl<'p> Tally<'p> {
+    fn add(&mut self, price: Option<&'p Price>, sign: f64) {
+        let Some(price) = price else {
+            self.unpriced += sign as i64;
+            return;
+        };
+        let currency = price.currency.as_str();
+        // The prices of one backend share few currency strings: their address usually settles it.
+        match self.by_currency.iter_mut().find(|(known, _)| std::ptr::eq(*known, currency) || *known == currency) {
+            Some((_, sum)) => *sum += sign * price.hourly,
+            // `0.0 +` as `or_default() +=` did: a first -0.0 sums to +0.0.
+            None => self.by_currency.push((currency, 0.0 + sign * price.hourly)),
         }
+    }
+
+    fn get(&self, currency: &str) -> Option<f64> {
+        self.by_currency.iter().find(|(known, _)| *known == currency).map(|(_, sum)| *sum)
     }
 }
 
@@ -106,7 +112,7 @@ pub(super) fn estimate_cost(
             prices.get(machine_type(&pool.backend.machine)?)
         });
     }
-    let mut after = Tally { by_currency: before.by_currency.clone(), unpriced: before.unpriced };
+    let mut after = before.clone();
     for change in changes {
         let Some(target) = &change.instance else {
             continue;
@@ -130,15 +136,16 @@ pub(super) fn estimate_cost(
         }
     }
 
-    let currencies: Vec<&String> = before.by_currency.keys().chain(after.by_currency.keys()).collect();
-    let hourly = currencies
-        .into_iter()
-        .map(|currency| {
+    // Every currency of `after` is one of `before` or came after them.
+    let hourly = after
+        .by_currency
+        .iter()
+        .map(|(currency, _)| {
             let line = CostLine {
-                before: round(before.by_currency.get(currency).copied().unwrap_or(0.0)),
-                after: round(after.by_currency.get(currency).copied().unwrap_or(0.0)),
+                before: round(before.get(currency).unwrap_or(0.0)),
+                after: round(after.get(currency).unwrap_or(0.0)),
             };
-            (currency.clone(), line)
+            ((*currency).to_owned(), line)
         })
         .collect();
     Cost { hourly, unpriced_before: before.unpriced.max(0) as u32, unpriced_after: after.unpriced.max(0) as u32 }

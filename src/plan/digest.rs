@@ -3,6 +3,8 @@
 
 use sha2::{Digest, Sha256};
 
+use super::sort_key::SortKey;
+
 use crate::model::{AgentSpec, InstanceState, Observed, OWNER_LABEL, POOL_LABEL};
 
 /// Digest of the agent settings an instance is created with (image and plain env; secrets are left out so a
@@ -39,12 +41,16 @@ pub fn agent_hash(agent: &AgentSpec) -> String {
 pub fn fingerprint(observed: &Observed) -> String {
     let mut out = HashWriter { hash: Sha256::new(), buffer: Vec::with_capacity(HashWriter::BUFFER) };
     out.put(b"{\"backends\":{");
-    let mut instances: Vec<(&str, InstanceState, Option<&str>, Option<&str>)> = Vec::new();
+    // Each entry leads with its id's sort key (see `sort_key`): sorted as the ids are, without a `memcmp` per
+    // comparison.
+    let mut instances: Vec<(u64, &str, InstanceState, Option<&str>, Option<&str>)> = Vec::new();
     for (n, (name, backend)) in observed.backends.iter().enumerate() {
         instances.clear();
+        let key = SortKey::new(backend.instances.iter().map(|instance| instance.id.as_str()));
         instances.extend(backend.instances.iter().map(|instance| {
             let label = |key: &str| instance.labels.get(key).map(String::as_str);
-            (instance.id.as_str(), instance.state, label(OWNER_LABEL), label(POOL_LABEL))
+            let id = instance.id.as_str();
+            (key.of(id), id, instance.state, label(OWNER_LABEL), label(POOL_LABEL))
         }));
         // Unstable is enough: entries that compare equal are equal in every field, so no order of them shows.
         instances.sort_unstable();
@@ -53,7 +59,7 @@ pub fn fingerprint(observed: &Observed) -> String {
         }
         out.string(name.as_str());
         out.put(b":[");
-        for (i, (id, state, owner, pool)) in instances.iter().enumerate() {
+        for (i, (_, id, state, owner, pool)) in instances.iter().enumerate() {
             out.put(if i == 0 { b"{\"id\":" } else { b",{\"id\":" });
             out.string(id);
             out.put(b",\"state\":");
@@ -67,17 +73,20 @@ pub fn fingerprint(observed: &Observed) -> String {
         out.put(b"]");
     }
     out.put(b"},\"ci\":{");
-    let mut agents: Vec<(&str, bool)> = Vec::new();
+    let mut agents: Vec<(u64, &str, bool)> = Vec::new();
     for (n, (name, source)) in observed.ci.iter().enumerate() {
         agents.clear();
-        agents.extend(source.agents.iter().map(|agent| (agent.id.as_str(), agent.no_schedule)));
+        let key = SortKey::new(source.agents.iter().map(|agent| agent.id.as_str()));
+        agents.extend(
+            source.agents.iter().map(|agent| (key.of(agent.id.as_str()), agent.id.as_str(), agent.no_schedule)),
+        );
         agents.sort_unstable();
         if n > 0 {
             out.put(b",");
         }
         out.string(name.as_str());
         out.put(b":[");
-        for (i, (id, no_schedule)) in agents.iter().enumerate() {
+        for (i, (_, id, no_schedule)) in agents.iter().enumerate() {
             out.put(if i == 0 { b"{\"id\":" } else { b",{\"id\":" });
             out.string(id);
             out.put(if *no_schedule { b",\"no_schedule\":true}" } else { b",\"no_schedule\":false}" });

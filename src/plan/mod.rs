@@ -27,6 +27,7 @@ mod pool;
 mod preconditions;
 mod records;
 pub mod render;
+mod sort_key;
 #[cfg(test)]
 mod tests;
 mod text;
@@ -36,7 +37,7 @@ pub use digest::{agent_hash, fingerprint};
 pub use ownership::instance_name;
 pub use ownership::{name_digest, parse_name, OwnedName, DIGEST_LEN, MAX_OWNER_AND_POOL_LEN};
 pub(crate) use planner::action_rank;
-pub use planner::plan;
+pub use planner::{plan, plan_for_simulation};
 pub use preconditions::{preconditions, PreconditionFailed};
 
 /// Version of the plan JSON / plan file format. Bump on any incompatible change.

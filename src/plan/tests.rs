@@ -9,7 +9,7 @@ use super::digest::{agent_hash, fingerprint};
 use super::ownership::instance_name;
 use super::planner::plan;
 use super::text::human_duration;
-use super::{Action, AgentTarget, InstanceTarget, Plan};
+use super::{Action, AgentTarget, Cost, InstanceTarget, Plan};
 use crate::model::{
     Agent, AgentId, AgentSpec, BackendBinding, BackendKind, BackendObservation, BackendSpec, Billing, CiBinding,
     CiKind, CiObservation, CiSourceSpec, Desired, FakeSpec, GoDuration, Instance, InstanceId, InstanceMode,
@@ -474,4 +474,32 @@ fn an_orphan_is_deleted_only_once_every_agent_linked_to_it_is_drained() {
     let plan = plan(&desired, &observed, ts(NOW));
     assert_eq!(actions(&plan), vec![(Action::Drain, "ci-gone-1".to_owned())]);
     assert_eq!(plan.changes[0].agent.as_ref().map(|agent| agent.name.as_str()), Some("ci-gone-1"));
+}
+
+#[test]
+fn the_simulation_plan_decides_as_the_plan_and_only_leaves_out_fingerprint_and_cost() {
+    let desired = desired(ScalePolicy { max: 4, min_idle: 1, ..ScalePolicy::default() });
+    let hash = agent_hash(&desired.pools[0].agent);
+    let pending = (0..3).map(|i| task(&format!("t{i}"), "linux/amd64")).collect();
+    let mut observed = observed(
+        vec![
+            owned(&name(1), InstanceState::Running, "2026-01-01T10:00:00Z", &hash),
+            owned(&name(2), InstanceState::Running, "2026-01-01T10:00:00Z", "0ld0ld0ld0ld"),
+            owned(&name(3), InstanceState::Stopped, "2026-01-01T10:00:00Z", &hash),
+        ],
+        vec![agent(&name(1), true, false, None), agent(&name(2), false, false, Some("2026-01-01T11:00:00Z"))],
+        pending,
+    );
+    let price = crate::model::Price { hourly: 0.0126, currency: "EUR".into() };
+    if let Some(backend) = observed.backends.values_mut().next() {
+        backend.prices.insert("cx22".into(), price);
+    }
+    let full = plan(&desired, &observed, ts(NOW));
+    let simulated = super::plan_for_simulation(&desired, &observed, ts(NOW));
+    assert!(!full.changes.is_empty(), "the world must give the planner something to decide");
+    assert!(full.cost.hourly.values().any(|line| line.after > 0.0), "the world must have a cost to leave out");
+    assert_eq!(simulated.observed_fingerprint, "");
+    assert_eq!(simulated.cost, Cost::default());
+    let decisions = Plan { observed_fingerprint: String::new(), cost: Cost::default(), ..full };
+    assert_eq!(simulated, decisions);
 }

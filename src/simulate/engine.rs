@@ -573,7 +573,7 @@ impl<'a> Sim<'a> {
     /// The plan of this cycle: the whole config's, or the parts' that can have changed (see the module docs).
     fn plan(&mut self, now: Timestamp) -> Plan {
         let Some(mut parts) = self.parts.take() else {
-            return plan::plan(self.desired, &self.observed, now);
+            return plan::plan_for_simulation(self.desired, &self.observed, now);
         };
         let plan = self.plan_parts(&mut parts, now);
         self.parts = Some(parts);
@@ -601,7 +601,7 @@ impl<'a> Sim<'a> {
             // Something the parts cannot place: plan the whole, and every part again next time.
             parts.dirty.fill(true);
             parts.whole_plans += 1;
-            return plan::plan(self.desired, &self.observed, now);
+            return plan::plan_for_simulation(self.desired, &self.observed, now);
         };
         // The tests check that lending moves exactly each part's share, in the world's order, and gives it all
         // back where it was.
@@ -624,7 +624,7 @@ impl<'a> Sim<'a> {
         let mut changes = Vec::new();
         let mut contributed = 0;
         for part in (0..due.len()).filter(|&part| due[part]) {
-            let sub = plan::plan(&parts.desired[part], &parts.views[part], now);
+            let sub = plan::plan_for_simulation(&parts.desired[part], &parts.views[part], now);
             parts.plans += 1;
             if sub.changes.is_empty() {
                 parts.dirty[part] = false;
@@ -1883,7 +1883,7 @@ impl Parts {
             ci: observed.ci.keys().map(|name| (name.clone(), CiObservation::default())).collect(),
             in_flight: Vec::new(),
         };
-        let mut blank = plan::plan(desired, &empty, observed.observed_at);
+        let mut blank = plan::plan_for_simulation(desired, &empty, observed.observed_at);
         blank.changes.clear();
         Some(Self {
             of_pool,

@@ -5,6 +5,7 @@
 use jiff::Timestamp;
 
 use super::super::machine::first_candidate;
+use super::super::sort_key::SortKey;
 use super::PoolContext;
 use crate::model::{AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL};
 
@@ -99,7 +100,11 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
             }
         })
         .collect();
-    members.sort_by(|a, b| (a.name(), &a.instance.id).cmp(&(b.name(), &b.instance.id)));
+    // A pool's names share their `{owner}-{pool}-` start: the sort key compares what follows as one number.
+    let key = SortKey::new(members.iter().map(Member::name));
+    members.sort_by(|a, b| {
+        (key.of(a.name()), a.name(), &a.instance.id).cmp(&(key.of(b.name()), b.name(), &b.instance.id))
+    });
     members
 }
 
