@@ -47,8 +47,8 @@ use std::time::{Duration, Instant};
 use ciscale::model::{
     Agent, AgentId, AgentSpec, BackendBinding, BackendKind, BackendName, BackendObservation, BackendSpec, Billing,
     CiBinding, CiKind, CiName, CiObservation, CiSourceSpec, Desired, FakeSpec, GoDuration, Instance, InstanceId,
-    InstanceMode, InstanceState, Observed, PoolName, PoolSpec, Price, Queue, ScalePolicy, Task, OWNER_LABEL,
-    POOL_LABEL,
+    InstanceMode, InstanceState, LabelInterner, Labels, Observed, PoolName, PoolSpec, Price, Queue, ScalePolicy, Task,
+    OWNER_LABEL, POOL_LABEL,
 };
 use jiff::{SignedDuration, Timestamp};
 
@@ -187,7 +187,7 @@ fn world(size: &Size) -> (Desired, Observed, Timestamp) {
             if busy {
                 running.push(Task {
                     id: format!("run-{n}").into(),
-                    labels: BTreeMap::new(),
+                    labels: Labels::default(),
                     demands: Vec::new(),
                     agent_id: Some(id.clone()),
                 });
@@ -205,19 +205,20 @@ fn world(size: &Size) -> (Desired, Observed, Timestamp) {
         }
     }
     // Jobs: 500 repos × 100 label combinations (some matching no pool), so label sets repeat as in real queues.
+    // Their labels go through an interner, as a provider reads a queue: each distinct key, value and set once.
+    let mut interner = LabelInterner::new();
     let pending = (0..size.pending)
         .map(|n| {
             let platform = rng.below(11);
             Task {
                 id: format!("job-{n}").into(),
-                labels: [
-                    ("platform".to_owned(), format!("linux/{platform}")),
+                labels: interner.labels([
+                    ("platform", format!("linux/{platform}")),
                     // As many sizes as the pools have (10 pools per size), so demand grows with the pools.
-                    ("size".to_owned(), format!("s{}", rng.below(size.pools.div_ceil(10)))),
-                    ("repo".to_owned(), format!("org/repo{}", rng.below(500))),
-                    ("woodpecker-ci.org/repo-id".to_owned(), format!("{}", rng.below(500))),
-                ]
-                .into(),
+                    ("size", format!("s{}", rng.below(size.pools.div_ceil(10)))),
+                    ("repo", format!("org/repo{}", rng.below(500))),
+                    ("woodpecker-ci.org/repo-id", format!("{}", rng.below(500))),
+                ]),
                 demands: Vec::new(),
                 agent_id: None,
             }

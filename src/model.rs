@@ -12,6 +12,9 @@ use std::str::FromStr;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+mod labels;
+pub use labels::{Label, LabelInterner, Labels};
+
 /// Label/tag key naming the config that owns a resource. Nothing without it (or with another value) is touched.
 pub const OWNER_LABEL: &str = "ciscale.owner";
 /// Label/tag key naming the pool a resource belongs to.
@@ -994,9 +997,10 @@ pub struct Queue {
 pub struct Task {
     pub id: TaskId,
     /// Key/value attributes the CI gives the job (Woodpecker task labels such as `repo`, `platform` and internal
-    /// `woodpecker-ci.org/*`; the Azure agent pool it waits in; the Forgejo job's handle).
+    /// `woodpecker-ci.org/*`; the Azure agent pool it waits in; the Forgejo job's handle). Shared: the jobs of
+    /// one parsed queue hold one copy of each distinct label set ([`LabelInterner`]).
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// What the job demands of an agent, in its CI's words (Azure demands `name` or `name -equals value`; the
     /// `runs-on` labels of Forgejo and GitHub).
     #[serde(default)]

@@ -32,14 +32,14 @@ pub(super) fn unserved(desired: &Desired, observed: &Observed) -> Vec<Vec<String
         let mut planned: FastSet<&str> = FastSet::default();
         for task in &observation.queue.pending {
             let Some(job) = task.labels.get(JOB_LABEL).filter(|job| !job.is_empty()) else { continue };
-            if served.contains(job.as_str()) || !planned.insert(job.as_str()) {
+            if served.contains(job) || !planned.insert(job) {
                 continue;
             }
             let taker = pools
                 .iter()
                 .find(|&&i| pool_matches(capabilities.matching, &desired.pools[i], &task.labels, &task.demands));
             if let Some(&i) = taker {
-                jobs[i].push(job.clone());
+                jobs[i].push(job.to_owned());
             }
         }
     }

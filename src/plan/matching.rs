@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{CiKind, Matching, PoolSpec, AZURE_POOL_LABEL};
+use crate::model::{CiKind, Labels, Matching, PoolSpec, AZURE_POOL_LABEL};
 
 /// Whether the pool's agents may take a job with these labels and demands, by the source's rule: the one place
 /// the planner asks, for every CI.
-pub fn pool_matches(rule: Matching, pool: &PoolSpec, labels: &BTreeMap<String, String>, demands: &[String]) -> bool {
+pub fn pool_matches(rule: Matching, pool: &PoolSpec, labels: &Labels, demands: &[String]) -> bool {
     let offered = &pool.ci;
     match rule {
         Matching::LabelFilter => woodpecker_matches(&offered.labels, labels),
@@ -48,7 +48,7 @@ pub const WOODPECKER_ORG_LABEL: &str = "org-id";
 /// pool's CI source kind (`ci`: its spec's kind; `None` when the config does not name it, which matches as the
 /// fake CI does). `ciscale simulate` hands jobs to agents with it, playing the CI, by the same rule the planner
 /// counts a pool's demand with ([`pool_matches`]).
-pub fn pool_takes(ci: Option<&CiKind>, pool: &PoolSpec, labels: &BTreeMap<String, String>, demands: &[String]) -> bool {
+pub fn pool_takes(ci: Option<&CiKind>, pool: &PoolSpec, labels: &Labels, demands: &[String]) -> bool {
     pool_matches(rule_of(ci), pool, labels, demands)
 }
 
@@ -69,10 +69,10 @@ pub fn rule_of(ci: Option<&CiKind>) -> Matching {
 /// a global agent (one made by `POST /api/agents`, as ciscale's are). Without them no pool would match a real
 /// task. The agent's other defaults (`hostname`, `platform`, `backend`) depend on the machine; a pool that
 /// selects on them names them in its labels.
-pub fn woodpecker_matches(agent_labels: &BTreeMap<String, String>, task_labels: &BTreeMap<String, String>) -> bool {
+pub fn woodpecker_matches(agent_labels: &BTreeMap<String, String>, task_labels: &Labels) -> bool {
     // Required labels are checked before internal labels are stripped, as Woodpecker does.
     let required_present = agent_labels.iter().all(|(key, value)| match key.strip_prefix('!') {
-        Some(required) => task_labels.get(required) == Some(value),
+        Some(required) => task_labels.get(required) == Some(value.as_str()),
         None => true,
     });
     if !required_present {
@@ -136,7 +136,7 @@ fn split_demand(demand: &str) -> Option<(&str, Option<&str>, &str)> {
 /// A job request waiting in an Azure agent pool (task label [`AZURE_POOL_LABEL`]) can only be taken by agents
 /// of that pool, whatever its demands: pool names compare case-insensitively, as Azure's do. A task without the
 /// label (the fake CI's) is not restricted.
-pub fn azure_pool_matches(pool: Option<&str>, task_labels: &BTreeMap<String, String>) -> bool {
+pub fn azure_pool_matches(pool: Option<&str>, task_labels: &Labels) -> bool {
     match task_labels.get(AZURE_POOL_LABEL) {
         Some(task_pool) => pool.is_some_and(|pool| pool.eq_ignore_ascii_case(task_pool)),
         None => true,
@@ -151,45 +151,49 @@ mod tests {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
+    fn task(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().copied().collect()
+    }
+
     #[test]
     fn woodpecker_exact_wildcard_and_missing() {
         let agent = labels(&[("platform", "linux/amd64"), ("repo", "*")]);
-        assert!(woodpecker_matches(&agent, &labels(&[("platform", "linux/amd64"), ("repo", "a/b")])));
-        assert!(!woodpecker_matches(&agent, &labels(&[("platform", "linux/arm64")])));
-        assert!(!woodpecker_matches(&agent, &labels(&[("gpu", "yes")])));
+        assert!(woodpecker_matches(&agent, &task(&[("platform", "linux/amd64"), ("repo", "a/b")])));
+        assert!(!woodpecker_matches(&agent, &task(&[("platform", "linux/arm64")])));
+        assert!(!woodpecker_matches(&agent, &task(&[("gpu", "yes")])));
         // Empty task values and internal labels are ignored.
-        assert!(woodpecker_matches(&agent, &labels(&[("gpu", ""), ("woodpecker-ci.org/org-id", "3")])));
-        assert!(woodpecker_matches(&agent, &BTreeMap::new()));
+        assert!(woodpecker_matches(&agent, &task(&[("gpu", ""), ("woodpecker-ci.org/org-id", "3")])));
+        assert!(woodpecker_matches(&agent, &Labels::default()));
     }
 
     #[test]
     fn woodpecker_required_labels() {
         let agent = labels(&[("!gpu", "yes"), ("platform", "*")]);
-        assert!(woodpecker_matches(&agent, &labels(&[("gpu", "yes"), ("platform", "linux/amd64")])));
-        assert!(!woodpecker_matches(&agent, &labels(&[("platform", "linux/amd64")])));
-        assert!(!woodpecker_matches(&agent, &labels(&[("gpu", "no")])));
+        assert!(woodpecker_matches(&agent, &task(&[("gpu", "yes"), ("platform", "linux/amd64")])));
+        assert!(!woodpecker_matches(&agent, &task(&[("platform", "linux/amd64")])));
+        assert!(!woodpecker_matches(&agent, &task(&[("gpu", "no")])));
         // A required label also serves as the agent's own value for the task-side rule.
         let wildcard_required = labels(&[("!gpu", "*")]);
-        assert!(woodpecker_matches(&wildcard_required, &labels(&[("gpu", "*")])));
-        assert!(!woodpecker_matches(&wildcard_required, &labels(&[("gpu", "yes")])));
+        assert!(woodpecker_matches(&wildcard_required, &task(&[("gpu", "*")])));
+        assert!(!woodpecker_matches(&wildcard_required, &task(&[("gpu", "yes")])));
     }
 
     #[test]
     fn woodpecker_server_labels_of_real_tasks() {
         // Every real task carries `repo` and `org-id`; a pool that names neither still takes it, as the agent
         // defaults `repo=*` and the server enforces `org-id=*` on global agents.
-        let task = labels(&[("repo", "acme/app"), ("org-id", "7"), ("platform", "linux/amd64")]);
-        assert!(woodpecker_matches(&labels(&[("platform", "linux/amd64")]), &task));
+        let real = task(&[("repo", "acme/app"), ("org-id", "7"), ("platform", "linux/amd64")]);
+        assert!(woodpecker_matches(&labels(&[("platform", "linux/amd64")]), &real));
         // The agent's own `repo` label replaces the default...
-        assert!(!woodpecker_matches(&labels(&[("repo", "acme/other"), ("platform", "*")]), &task));
-        assert!(woodpecker_matches(&labels(&[("repo", "acme/app"), ("platform", "*")]), &task));
+        assert!(!woodpecker_matches(&labels(&[("repo", "acme/other"), ("platform", "*")]), &real));
+        assert!(woodpecker_matches(&labels(&[("repo", "acme/app"), ("platform", "*")]), &real));
         // ...but `org-id` is the server's: an agent label cannot narrow it.
-        assert!(woodpecker_matches(&labels(&[("org-id", "1"), ("platform", "*")]), &task));
+        assert!(woodpecker_matches(&labels(&[("org-id", "1"), ("platform", "*")]), &real));
         // A required `!repo` still requires it, on top of the default wildcard.
-        assert!(!woodpecker_matches(&labels(&[("!repo", "acme/other"), ("platform", "*")]), &task));
-        assert!(woodpecker_matches(&labels(&[("!repo", "acme/app"), ("platform", "*")]), &task));
+        assert!(!woodpecker_matches(&labels(&[("!repo", "acme/other"), ("platform", "*")]), &real));
+        assert!(woodpecker_matches(&labels(&[("!repo", "acme/app"), ("platform", "*")]), &real));
         // Anything else the task names still has to be there.
-        let gpu_task = labels(&[("repo", "a/b"), ("gpu", "1")]);
+        let gpu_task = task(&[("repo", "a/b"), ("gpu", "1")]);
         assert!(!woodpecker_matches(&labels(&[("platform", "linux/amd64")]), &gpu_task));
     }
 
@@ -237,10 +241,10 @@ mod tests {
 
     #[test]
     fn azure_pool_label_restricts_to_that_pool() {
-        let in_default = labels(&[(AZURE_POOL_LABEL, "Default")]);
+        let in_default = task(&[(AZURE_POOL_LABEL, "Default")]);
         assert!(azure_pool_matches(Some("default"), &in_default));
         assert!(!azure_pool_matches(Some("gpu"), &in_default));
         assert!(!azure_pool_matches(None, &in_default));
-        assert!(azure_pool_matches(Some("gpu"), &BTreeMap::new()), "unlabelled tasks are not restricted");
+        assert!(azure_pool_matches(Some("gpu"), &Labels::default()), "unlabelled tasks are not restricted");
     }
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::http::{self, retry_after, ErrorAnswer};
 use super::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
-use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
+use crate::model::{Agent, AgentId, CiObservation, LabelInterner, Queue, Secret, Task, TaskId};
 
 mod history;
 
@@ -220,7 +220,10 @@ impl CiSource for Woodpecker {
     async fn observe(&self) -> Result<CiObservation> {
         let queue = self.queue_info().await?;
         let agents = self.list_agents().await?;
-        let running = tasks(queue.running);
+        // One interner for the whole queue: its jobs share each distinct label set (most jobs of a repo carry the
+        // same one), and it is dropped with this observation.
+        let mut interner = LabelInterner::new();
+        let running = tasks(queue.running, &mut interner);
         let busy: BTreeSet<&AgentId> = running.iter().filter_map(|task| task.agent_id.as_ref()).collect();
         let agents = agents
             .into_iter()
@@ -240,7 +243,7 @@ impl CiSource for Woodpecker {
             .collect();
         // Tasks waiting on dependencies are left out: they may never run (a failed dependency), and they become
         // pending the moment they can, which the next cycle sees.
-        Ok(CiObservation { agents, queue: Queue { pending: tasks(queue.pending), running } })
+        Ok(CiObservation { agents, queue: Queue { pending: tasks(queue.pending, &mut interner), running } })
     }
 
     async fn register(&self, request: &RegisterAgent) -> Result<AgentCredential> {
@@ -253,7 +256,10 @@ impl CiSource for Woodpecker {
             Some(agent) => {
                 let id = AgentId::new(agent.id.to_string());
                 let queue = self.queue_info().await?;
-                if tasks(queue.running).iter().any(|task| task.agent_id.as_ref() == Some(&id)) {
+                if tasks(queue.running, &mut LabelInterner::new())
+                    .iter()
+                    .any(|task| task.agent_id.as_ref() == Some(&id))
+                {
                     return Err(Error::AlreadyExists {
                         what: format!("woodpecker agent `{}` (id {id}, running a job)", request.name),
                     });
@@ -345,12 +351,12 @@ struct WireAgent {
     custom_labels: Option<BTreeMap<String, String>>,
 }
 
-fn tasks(wire: Option<Vec<WireTask>>) -> Vec<Task> {
+fn tasks(wire: Option<Vec<WireTask>>, interner: &mut LabelInterner) -> Vec<Task> {
     wire.unwrap_or_default()
         .into_iter()
         .map(|task| Task {
             id: TaskId::new(task.id),
-            labels: task.labels.unwrap_or_default(),
+            labels: interner.labels(task.labels.unwrap_or_default()),
             demands: Vec::new(),
             // 0 is Go's zero value: no agent.
             agent_id: task.agent_id.filter(|id| *id > 0).map(|id| AgentId::new(id.to_string())),

@@ -55,8 +55,8 @@ use super::trace::Trace;
 use crate::apply::{ApplyOptions, Outcome};
 use crate::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, Billing, CiName, CiObservation, Desired, Instance,
-    InstanceId, InstanceMode, InstanceState, Observed, PoolName, Price, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL,
-    OWNER_LABEL, POOL_LABEL,
+    InstanceId, InstanceMode, InstanceState, Labels, Observed, PoolName, Price, Task, TaskId, AGENT_LABEL,
+    EPHEMERAL_LABEL, OWNER_LABEL, POOL_LABEL,
 };
 use crate::plan::matching::pool_takes;
 use crate::plan::{self, Action, Change, Plan};
@@ -292,8 +292,7 @@ impl<'a> Sim<'a> {
     /// Assigns every job its CI source and class, and queues its arrival. Jobs no pool takes still arrive (a CI
     /// would list them) but are not waited for.
     fn classify_jobs(&mut self) {
-        let mut class_of: HashMap<(Option<CiName>, &std::collections::BTreeMap<String, String>, &[String]), usize> =
-            HashMap::new();
+        let mut class_of: HashMap<(Option<CiName>, &Labels, &[String]), usize> = HashMap::new();
         let trace = self.trace;
         for (index, job) in trace.jobs.iter().enumerate() {
             let ci = match &job.ci {

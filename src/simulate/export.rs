@@ -79,7 +79,7 @@ pub fn to_jobs(source: &CiName, history: Vec<PastJob>, name_source: bool) -> (Ve
                 at: past.queued_at,
                 // A clock skew between CI components must not make a negative run.
                 duration: finished.duration_since(started).max(jiff::SignedDuration::ZERO),
-                labels: past.labels,
+                labels: past.labels.into(),
                 demands: past.demands,
                 ci: name_source.then(|| source.clone()),
                 id: Some(past.id),

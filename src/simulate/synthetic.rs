@@ -26,7 +26,7 @@ use jiff::civil::Weekday;
 use jiff::{SignedDuration, Timestamp};
 
 use super::trace::{Job, Trace};
-use crate::model::{CiKind, CiName, Desired};
+use crate::model::{CiKind, CiName, Desired, Labels};
 use crate::plan::matching::pool_takes;
 
 /// The Monday synthetic traces start on unless told otherwise.
@@ -140,7 +140,8 @@ impl LogNormal {
 pub struct JobTemplate {
     pub pool: String,
     pub ci: CiName,
-    pub labels: BTreeMap<String, String>,
+    /// Shared by every job made from the template.
+    pub labels: Labels,
     pub demands: Vec<String>,
 }
 
@@ -182,6 +183,7 @@ pub fn templates_for(desired: &Desired, only: Option<&CiName>) -> (Vec<JobTempla
         for (name, value) in &pool.ci.capabilities {
             demands.push(if value.is_empty() { name.clone() } else { format!("{name} -equals {value}") });
         }
+        let labels = Labels::from(labels);
         if pool_takes(kind, pool, &labels, &demands) {
             templates.push(JobTemplate { pool: pool.name.to_string(), ci: pool.ci.source.clone(), labels, demands });
         } else {
@@ -324,7 +326,7 @@ mod tests {
         vec![JobTemplate {
             pool: "linux".into(),
             ci: "ci".into(),
-            labels: BTreeMap::from([("platform".to_owned(), "linux".to_owned())]),
+            labels: [("platform", "linux")].into(),
             demands: Vec::new(),
         }]
     }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{CiName, GoDuration};
+use crate::model::{CiName, GoDuration, LabelInterner, Labels};
 
 /// One job of a trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +29,8 @@ pub struct Job {
     pub at: Timestamp,
     /// Never negative.
     pub duration: SignedDuration,
-    pub labels: BTreeMap<String, String>,
+    /// Shared with every job of the trace that has the same set ([`Trace::new`] interns them).
+    pub labels: Labels,
     pub demands: Vec<String>,
     pub ci: Option<CiName>,
     pub id: Option<String>,
@@ -42,9 +43,15 @@ pub struct Trace {
 }
 
 impl Trace {
+    /// The jobs sorted by arrival, their label sets interned: a trace of many jobs over few sets stores each set
+    /// once, and the simulated CI's task for a job clones a pointer.
     pub fn new(mut jobs: Vec<Job>) -> Self {
         // Stable: equal arrival times keep the order the file (or generator) gave them.
         jobs.sort_by_key(|job| job.at);
+        let mut interner = LabelInterner::new();
+        for job in &mut jobs {
+            job.labels = interner.intern(&job.labels);
+        }
         Self { jobs }
     }
 
@@ -86,8 +93,8 @@ pub fn go_duration(duration: SignedDuration) -> String {
 struct WireJob {
     at: String,
     duration: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    labels: Labels,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     demands: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -198,7 +205,7 @@ fn json_message(error: &serde_json::Error) -> String {
 fn job_from_parts(
     at: &str,
     duration: &str,
-    labels: BTreeMap<String, String>,
+    labels: Labels,
     demands: Vec<String>,
     ci: Option<String>,
     id: Option<String>,
@@ -300,6 +307,7 @@ pub fn parse_csv(name: &str, text: &str) -> Result<Trace, TraceError> {
         });
         let demands = cell("demands").split(';').map(str::to_owned).collect();
         let optional = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+        let labels = Labels::from(labels);
         match job_from_parts(cell("at"), cell("duration"), labels, demands, optional(cell("ci")), optional(cell("id")))
         {
             Ok(job) if messages.is_empty() => jobs.push(job),
@@ -380,9 +388,9 @@ mod tests {
                     2m,2026-03-02T09:00:00Z,\"{\"\"gpu\"\": \"\"yes\"\"}\",docker;Agent.OS -equals Linux\n";
         let trace = parse_csv("t.csv", text).expect("valid csv");
         assert_eq!(trace.jobs.len(), 2);
-        assert_eq!(trace.jobs[0].labels.get("gpu").map(String::as_str), Some("yes"));
+        assert_eq!(trace.jobs[0].labels.get("gpu"), Some("yes"));
         assert_eq!(trace.jobs[0].demands, vec!["docker".to_owned(), "Agent.OS -equals Linux".to_owned()]);
-        assert_eq!(trace.jobs[1].labels.get("repo").map(String::as_str), Some("a/b"));
+        assert_eq!(trace.jobs[1].labels.get("repo"), Some("a/b"));
     }
 
     #[test]

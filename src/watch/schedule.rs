@@ -399,12 +399,7 @@ pools:
     }
 
     fn task(platform: &str, id: &str) -> Task {
-        Task {
-            id: TaskId::new(id),
-            labels: BTreeMap::from([("platform".to_owned(), platform.to_owned())]),
-            demands: Vec::new(),
-            agent_id: None,
-        }
+        Task { id: TaskId::new(id), labels: [("platform", platform)].into(), demands: Vec::new(), agent_id: None }
     }
 
     /// Backend `a` holds two idle agents' instances (idle long past the timeout); `b` holds one. Jobs wait for

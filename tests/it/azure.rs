@@ -96,7 +96,7 @@ async fn agents_and_requests_map_onto_the_model() {
     let waiting = &observed.queue.pending[0];
     assert_eq!(waiting.id.as_str(), pending.to_string());
     assert_eq!(waiting.demands, ["docker", "Agent.OS -equals Linux"]);
-    assert_eq!(waiting.labels.get(AZURE_POOL_LABEL).map(String::as_str), Some("Linux"));
+    assert_eq!(waiting.labels.get(AZURE_POOL_LABEL), Some("Linux"));
     assert_eq!(waiting.agent_id, None);
     let on_agent = &observed.queue.running[0];
     assert_eq!(on_agent.id.as_str(), running.to_string());

@@ -89,7 +89,7 @@ async fn the_queue_is_the_scopes_waiting_jobs_with_their_runs_on_and_handle() {
     let pending: Vec<&str> = observed.queue.pending.iter().map(|task| task.id.as_str()).collect();
     assert_eq!(pending, [web.to_string()], "only acme's waiting jobs; blocked and other owners' jobs are not listed");
     assert_eq!(observed.queue.pending[0].demands, ["debian", "gpu"], "runs-on, in the job's order");
-    assert_eq!(observed.queue.pending[0].labels.get(HANDLE_LABEL), Some(&web_handle));
+    assert_eq!(observed.queue.pending[0].labels.get(HANDLE_LABEL), Some(web_handle.as_str()));
     assert_eq!(observed.queue.running.len(), 1);
     assert_eq!(observed.queue.running[0].id.as_str(), api.to_string());
     assert_eq!(observed.queue.running[0].agent_id.as_ref(), Some(&credential.agent_id));

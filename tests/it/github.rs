@@ -163,7 +163,7 @@ async fn observe_finds_queued_jobs_in_queued_and_in_progress_runs() {
     let gpu_job =
         observed.queue.pending.iter().find(|task| task.id.as_str() == queued_jobs[1].to_string()).expect("gpu job");
     assert_eq!(gpu_job.demands, ["self-hosted", "gpu"], "demands are the `runs-on` labels, in order");
-    assert_eq!(gpu_job.labels.get("repository").map(String::as_str), Some("acme/app"));
+    assert_eq!(gpu_job.labels.get("repository"), Some("acme/app"));
     assert_eq!(gpu_job.agent_id, None);
 
     assert_eq!(observed.queue.running.len(), 1);

@@ -140,7 +140,7 @@ fn build(pools: &[(usize, u32)], jobs: &[JobDraft], stale_agents: usize) -> (Des
         let handle = format!("h{index}");
         pending.push(Task {
             id: TaskId::new(format!("{}", 900 + index)),
-            labels: BTreeMap::from([(JOB_LABEL.to_owned(), handle.clone())]),
+            labels: [(JOB_LABEL, handle.as_str())].into(),
             demands: job.runs_on.iter().map(|label| LABELS[*label].to_owned()).collect(),
             agent_id: None,
         });
@@ -179,7 +179,7 @@ proptest! {
             })
         };
         let waiting: BTreeMap<&str, &Task> =
-            ci.queue.pending.iter().map(|task| (task.labels[JOB_LABEL].as_str(), task)).collect();
+            ci.queue.pending.iter().map(|task| (task.labels.get(JOB_LABEL).expect("every job has a handle"), task)).collect();
 
         let mut named = BTreeSet::new();
         let mut creates_per_pool: BTreeMap<&str, (usize, usize)> = BTreeMap::new();

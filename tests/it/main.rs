@@ -20,6 +20,7 @@ mod github_incus;
 mod hcloud;
 mod incus;
 mod job_bound;
+mod labels;
 mod metrics;
 mod newcomer;
 mod picus;

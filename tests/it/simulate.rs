@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ciscale::model::{Desired, Observed, Task, TaskId};
+use ciscale::model::{Desired, Labels, Observed, Task, TaskId};
 use ciscale::plan::matching::pool_takes;
 use ciscale::simulate::report::{RunReport, Summary};
 use ciscale::simulate::trace::{self, Trace};
@@ -251,7 +251,7 @@ pools:
   - { name: win, ci: { source: az, azurePool: Default, capabilities: { Agent.OS: Windows_NT, docker: "" } }, backend: { name: b }, agent: { image: azp-agent } }
 "#;
     let desired: Desired = load("m.yaml", yaml).desired;
-    let label_sets: Vec<BTreeMap<String, String>> = [
+    let label_sets: Vec<Labels> = [
         vec![("platform", "linux/amd64"), ("repo", "x/y")],
         vec![("platform", "linux/amd64"), ("repo", "acme/app")],
         vec![("platform", "linux/arm64"), ("repo", "acme/app")],
@@ -263,7 +263,7 @@ pools:
         vec![("azure-pool", "other")],
     ]
     .iter()
-    .map(|pairs| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+    .map(|pairs| pairs.iter().copied().collect())
     .collect();
     let demand_sets: Vec<Vec<String>> = vec![
         vec![],
@@ -586,7 +586,7 @@ async fn the_job_feed_queues_the_synthetic_jobs_as_their_time_comes() {
     let templates = vec![JobTemplate {
         pool: "small".into(),
         ci: "sim".into(),
-        labels: BTreeMap::from([("size".to_owned(), "small".to_owned())]),
+        labels: [("size", "small")].into(),
         demands: Vec::new(),
     }];
     let world = FakeWorld::open(&FakeSpec { state_file: None, simulate: true, jobs: None }).expect("open");
@@ -741,7 +741,7 @@ pools:
         .jobs
         .iter()
         .map(|job| {
-            let labels = job.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let labels = job.labels.iter().collect();
             (job.id.clone().unwrap_or_default(), job.at.to_string(), job.duration.as_secs(), labels)
         })
         .collect();
@@ -853,7 +853,7 @@ pools:
         ],
         "only the bound pool `Default`, in the window, started and finished"
     );
-    assert!(exported.jobs.iter().all(|job| job.labels.get("azure-pool").map(String::as_str) == Some("Default")));
+    assert!(exported.jobs.iter().all(|job| job.labels.get("azure-pool") == Some("Default")));
     assert!(stderr(&output).contains("1 that never started"), "{}", stderr(&output));
     // The history is one `jobrequests` call per bound pool, asking for the finished requests too.
     let history: Vec<_> =

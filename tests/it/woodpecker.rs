@@ -61,8 +61,8 @@ async fn observe_reads_queue_agents_busy_and_times() {
 
     let observed = client(&fake).observe().await.expect("observe");
     assert_eq!(observed.queue.pending.len(), 1);
-    assert_eq!(observed.queue.pending[0].labels.get("platform").map(String::as_str), Some("linux/arm64"));
-    assert_eq!(observed.queue.pending[0].labels.get("repo").map(String::as_str), Some("acme/app"));
+    assert_eq!(observed.queue.pending[0].labels.get("platform"), Some("linux/arm64"));
+    assert_eq!(observed.queue.pending[0].labels.get("repo"), Some("acme/app"));
     assert_eq!(observed.queue.running.len(), 1);
     assert_eq!(observed.queue.running[0].agent_id, Some(AgentId::new(busy_id.to_string())));
     assert_eq!(observed.queue.pending[0].agent_id, None);

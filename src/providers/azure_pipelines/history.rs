@@ -41,14 +41,13 @@ impl AzurePipelines {
                 };
                 let started_at =
                     parse_time(wire.receive_time.as_deref()).or_else(|| parse_time(wire.assign_time.as_deref()));
-                let task = wire.to_task(name);
                 jobs.push(PastJob {
                     id: format!("{name}/{}", wire.request_id),
                     queued_at,
                     started_at,
                     finished_at: parse_time(wire.finish_time.as_deref()),
                     labels: [(AZURE_POOL_LABEL.to_owned(), name.to_owned())].into(),
-                    demands: task.demands,
+                    demands: wire.demand_texts(),
                 });
             }
         }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::Deserialize;
 
-use crate::model::{Agent, AgentId, Task, TaskId, AZURE_POOL_LABEL};
+use crate::model::{Agent, AgentId, Labels, Task, TaskId, AZURE_POOL_LABEL};
 
 /// Azure's list envelope: `{"count": N, "value": [...]}`.
 #[derive(Debug, Deserialize)]
@@ -119,16 +119,22 @@ impl WireJobRequest {
         self.result.is_none() && parse_time(self.finish_time.as_deref()).is_none()
     }
 
+    /// Its demands as text (`name` or `name -operator value`), blank ones left out.
+    pub(super) fn demand_texts(&self) -> Vec<String> {
+        self.demands.iter().map(WireDemand::to_text).filter(|demand| !demand.is_empty()).collect()
+    }
+
     /// An agent holds it: a reserved agent, or at least a real assign time.
     pub fn is_assigned(&self) -> bool {
         self.reserved_agent.is_some() || parse_time(self.assign_time.as_deref()).is_some()
     }
 
-    pub(super) fn to_task(&self, pool_name: &str) -> Task {
+    /// The request as a queue task; `labels`: its pool's (every request of a pool shares the one set).
+    pub(super) fn to_task(&self, labels: &Labels) -> Task {
         Task {
             id: TaskId::new(self.request_id.to_string()),
-            labels: BTreeMap::from([(AZURE_POOL_LABEL.to_owned(), pool_name.to_owned())]),
-            demands: self.demands.iter().map(WireDemand::to_text).filter(|demand| !demand.is_empty()).collect(),
+            labels: labels.clone(),
+            demands: self.demand_texts(),
             agent_id: self.reserved_agent.as_ref().map(|agent| AgentId::new(agent.id.to_string())),
         }
     }
@@ -184,11 +190,13 @@ pub(crate) fn agent_to_model(agent: &WireAgent, pool_name: &str, observed_at: Ti
 pub(crate) fn requests_to_queue(requests: &[WireJobRequest], pool_name: &str) -> (Vec<Task>, Vec<Task>) {
     let mut pending = Vec::new();
     let mut running = Vec::new();
+    // The pool's one label set, stored once for all its requests.
+    let labels = Labels::from([(AZURE_POOL_LABEL, pool_name)]);
     for request in requests.iter().filter(|request| request.is_unfinished()) {
         if request.is_assigned() {
-            running.push(request.to_task(pool_name));
+            running.push(request.to_task(&labels));
         } else {
-            pending.push(request.to_task(pool_name));
+            pending.push(request.to_task(&labels));
         }
     }
     (pending, running)

@@ -8,7 +8,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Agent, AgentId, Instance, InstanceId, InstanceState, PoolName, Price, Queue, Task, TaskId};
+use crate::model::{
+    Agent, AgentId, Instance, InstanceId, InstanceState, LabelInterner, PoolName, Price, Queue, Task, TaskId,
+};
 
 use super::fault::Fault;
 
@@ -294,15 +296,17 @@ impl WorldState {
     }
 
     pub fn queue_model(&self) -> Queue {
-        let to_task = |task: &FakeTask| Task {
+        // As a real provider reads its queue: each distinct label set stored once, for this observation.
+        let mut interner = LabelInterner::new();
+        let mut to_task = |task: &FakeTask| Task {
             id: task.id.clone(),
-            labels: task.labels.clone(),
+            labels: interner.labels(&task.labels),
             demands: task.demands.clone(),
             agent_id: task.agent_id.clone(),
         };
         Queue {
-            pending: self.tasks.iter().filter(|task| task.agent_id.is_none()).map(to_task).collect(),
-            running: self.tasks.iter().filter(|task| task.agent_id.is_some()).map(to_task).collect(),
+            pending: self.tasks.iter().filter(|task| task.agent_id.is_none()).map(&mut to_task).collect(),
+            running: self.tasks.iter().filter(|task| task.agent_id.is_some()).map(&mut to_task).collect(),
         }
     }
 
@@ -338,7 +342,7 @@ impl WorldState {
             tracing::info!(task = %id, labels = ?job.labels, run_for_secs, "fake ci: job queued");
             self.tasks.push(FakeTask {
                 id,
-                labels: job.labels,
+                labels: job.labels.iter().map(|(key, value)| (key.to_owned(), value.to_owned())).collect(),
                 demands: job.demands,
                 agent_id: None,
                 started_at: None,

@@ -88,7 +88,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use crate::model::{Agent, AgentId, CiObservation, Queue, Secret, Task, TaskId};
+use crate::model::{Agent, AgentId, CiObservation, LabelInterner, Queue, Secret, Task, TaskId};
 use crate::providers::{
     AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result, TOKEN_ENV_NAME_KEY,
 };
@@ -556,12 +556,11 @@ fn observation(jobs: Vec<WireJob>, runners: Vec<WireRunner>, now: Timestamp) -> 
         .collect();
 
     let mut queue = Queue::default();
+    // Each job's handle is its own, but the key (and the empty set of jobs without one) is stored once.
+    let mut interner = LabelInterner::new();
     for job in jobs {
         let handle = job.handle.filter(|handle| !handle.is_empty());
-        let mut labels = BTreeMap::new();
-        if let Some(handle) = &handle {
-            labels.insert(HANDLE_LABEL.to_owned(), handle.clone());
-        }
+        let labels = interner.labels(handle.as_deref().map(|handle| (HANDLE_LABEL, handle)));
         let task = |agent_id| Task {
             id: TaskId::new(job.id.to_string()),
             labels: labels.clone(),
@@ -628,7 +627,7 @@ mod tests {
         let pending: Vec<&str> = observed.queue.pending.iter().map(|task| task.id.as_str()).collect();
         assert_eq!(pending, ["1", "5"]);
         assert_eq!(observed.queue.pending[0].demands, ["debian"]);
-        assert_eq!(observed.queue.pending[0].labels.get(HANDLE_LABEL).map(String::as_str), Some("h-1"));
+        assert_eq!(observed.queue.pending[0].labels.get(HANDLE_LABEL), Some("h-1"));
         assert!(observed.queue.pending[1].labels.is_empty(), "no handle, no label");
         let running: Vec<(&str, Option<&str>)> = observed
             .queue

@@ -66,7 +66,7 @@ use futures_util::stream::{self, StreamExt};
 use jiff::Timestamp;
 use reqwest::Method;
 
-use crate::model::{AgentId, CiObservation, Queue, Secret, Task};
+use crate::model::{AgentId, CiObservation, LabelInterner, Queue, Secret, Task};
 use crate::providers::{AgentCredential, CiCapabilities, CiSource, CloudLaunch, Error, Launch, RegisterAgent, Result};
 
 pub mod auth;
@@ -713,6 +713,8 @@ impl CiSource for GithubActions {
             .await;
         let mut tasks: BTreeMap<u64, (JobState, Task)> = BTreeMap::new();
         let mut failure = None;
+        // The label keys of all repositories' jobs shared; dropped with this observation.
+        let mut interner = LabelInterner::new();
         {
             let mut sweep = lock(&self.sweep);
             for (repository, poll) in polls {
@@ -723,10 +725,11 @@ impl CiSource for GithubActions {
                         } else {
                             sweep.hot.remove(&poll.repository);
                         }
+                        let labels = interner.labels([(wire::REPOSITORY_LABEL, poll.repository.as_str())]);
                         for job in &poll.jobs {
                             let state = job.state();
                             if state != JobState::Other {
-                                tasks.insert(job.id, (state, job.to_task(&poll.repository)));
+                                tasks.insert(job.id, (state, job.to_task(&labels)));
                             }
                         }
                     }

@@ -11,12 +11,10 @@
 //!
 //! No type here derives `Debug` where it holds a credential: those hold a [`Secret`].
 
-use std::collections::BTreeMap;
-
 use jiff::Timestamp;
 use serde::{Deserialize, Deserializer};
 
-use crate::model::{Agent, AgentId, Secret, Task, TaskId};
+use crate::model::{Agent, AgentId, Labels, Secret, Task, TaskId};
 
 /// Task label naming the repository (`owner/name`) a job belongs to.
 pub const REPOSITORY_LABEL: &str = "repository";
@@ -211,11 +209,12 @@ impl WireJob {
     }
 
     /// The job as a queue task: its `runs-on` labels are its demands (in the order the workflow names them), the
-    /// repository is its one label, and a running job names its runner.
-    pub(super) fn to_task(&self, repository: &str) -> Task {
+    /// repository is its one label ([`REPOSITORY_LABEL`]; `labels` is that set, shared by the repository's
+    /// jobs), and a running job names its runner.
+    pub(super) fn to_task(&self, labels: &Labels) -> Task {
         Task {
             id: TaskId::new(self.id.to_string()),
-            labels: BTreeMap::from([(REPOSITORY_LABEL.to_owned(), repository.to_owned())]),
+            labels: labels.clone(),
             demands: self.labels.clone(),
             agent_id: self.runner_id.filter(|id| *id > 0).map(|id| AgentId::new(id.to_string())),
         }
@@ -302,9 +301,10 @@ mod tests {
         }
         let bare: WireJob = serde_json::from_str(r#"{"id": 2}"#).expect("bare job");
         assert_eq!(bare.state(), JobState::Other);
-        let task = bare.to_task("acme/app");
+        let task = bare.to_task(&[(REPOSITORY_LABEL, "acme/app")].into());
         assert!(task.demands.is_empty());
-        assert_eq!(task.labels.get(REPOSITORY_LABEL).map(String::as_str), Some("acme/app"));
+        assert_eq!(task.labels.get(REPOSITORY_LABEL), Some("acme/app"));
+        assert_eq!(task.labels.len(), 1);
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use ciscale::model::{
     Agent, AgentId, AgentRef, BackendName, BackendObservation, CiName, CiObservation, Desired, Instance, InstanceId,
-    InstanceMode, InstanceState, Observed, PoolName, Queue, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL, OWNER_LABEL,
-    POOL_LABEL,
+    InstanceMode, InstanceState, LabelInterner, Observed, PoolName, Queue, Task, TaskId, AGENT_LABEL, EPHEMERAL_LABEL,
+    OWNER_LABEL, POOL_LABEL,
 };
 use ciscale::plan::{Action, Change};
 use jiff::{SignedDuration, Timestamp};
@@ -353,15 +353,17 @@ impl World {
                 created_at: Some(agent.registered_at),
             })
             .collect();
-        let to_task = |task: &WorldTask| Task {
+        // As a provider reads its queue: the jobs share their label sets.
+        let mut interner = LabelInterner::new();
+        let mut to_task = |task: &WorldTask| Task {
             id: task.id.clone(),
-            labels: task.labels.clone(),
+            labels: interner.labels(&task.labels),
             demands: Vec::new(),
             agent_id: if self.busy_sign == BusySign::Flag { None } else { task.agent.clone() },
         };
         let queue = Queue {
-            pending: self.tasks.iter().filter(|task| task.agent.is_none()).map(to_task).collect(),
-            running: self.tasks.iter().filter(|task| task.agent.is_some()).map(to_task).collect(),
+            pending: self.tasks.iter().filter(|task| task.agent.is_none()).map(&mut to_task).collect(),
+            running: self.tasks.iter().filter(|task| task.agent.is_some()).map(&mut to_task).collect(),
         };
         let in_flight = self
             .in_flight
