@@ -15,7 +15,16 @@ use crate::model::{BackendName, Billing, Desired, Instance, InstanceState, Price
 const MACHINE_TYPE_KEYS: [&str; 5] = ["server_type", "serverType", "instance_type", "instanceType", "type"];
 
 fn machine_type(attributes: &BTreeMap<String, String>) -> Option<&str> {
-    MACHINE_TYPE_KEYS.iter().find_map(|key| attributes.get(*key)).map(|value| first_candidate(value))
+    // One pass over the (few) attributes rather than a lookup per key: every lookup compared strings in the map.
+    let mut found: Option<(usize, &String)> = None;
+    for (key, value) in attributes {
+        if let Some(rank) = MACHINE_TYPE_KEYS.iter().position(|wanted| wanted == key) {
+            if found.is_none_or(|(best, _)| rank < best) {
+                found = Some((rank, value));
+            }
+        }
+    }
+    found.map(|(_, value)| first_candidate(value))
 }
 
 fn is_billed(state: InstanceState, billing: Billing) -> bool {

@@ -30,11 +30,11 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     plan_with(desired, observed, now, Stamps::All)
 }
 
-/// [`plan`] for `simulate`: the same decisions (changes, pool statuses, notes, summary), without the two things
-/// a plan carries for people and for a later `apply`: the observation's fingerprint (a simulated plan is never
-/// saved) and the cost estimate (simulate bills its own virtual instances). Both are worked out from the
-/// observation and the finished changes, so leaving them out cannot change a decision; together they were about
-/// a tenth of a simulated month.
+/// [`plan`] for `simulate`: the same decisions (changes, pool statuses, summary), without what a plan carries
+/// for people and for a later `apply`: the observation's fingerprint (a simulated plan is never saved), the cost
+/// estimate (simulate bills its own virtual instances) and the pools' notes, but for those of orphans and agent
+/// records. None of them decides anything (they are written from the observation and the rules' findings), so
+/// leaving them out cannot change a change; together they were about a fifth of a simulated month.
 pub fn plan_for_simulation(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
     plan_with(desired, observed, now, Stamps::DecisionsOnly)
 }
@@ -43,7 +43,7 @@ pub fn plan_for_simulation(desired: &Desired, observed: &Observed, now: Timestam
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stamps {
     All,
-    /// An empty fingerprint and a zero cost.
+    /// An empty fingerprint, a zero cost, no pool or migration notes.
     DecisionsOnly,
 }
 
@@ -93,6 +93,7 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
             in_flight: &in_flight,
             records: &records,
             now,
+            explain: stamps == Stamps::All,
         };
         let outcome = plan_pool(&context);
         if let Some(backend) = context.backend {
@@ -105,7 +106,10 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
         pools.push(outcome.status);
     }
 
-    let mut notes: Vec<String> = migration_note(desired, &backend_indexes, &claims).into_iter().collect();
+    let mut notes: Vec<String> = match stamps {
+        Stamps::All => migration_note(desired, &backend_indexes, &claims).into_iter().collect(),
+        Stamps::DecisionsOnly => Vec::new(),
+    };
     let (orphans, orphan_notes) = plan_orphan_instances(desired, observed, &ci_indexes, &backend_indexes, &claims);
     notes.extend(orphan_notes);
     changes.extend(orphans);

@@ -477,7 +477,7 @@ fn an_orphan_is_deleted_only_once_every_agent_linked_to_it_is_drained() {
 }
 
 #[test]
-fn the_simulation_plan_decides_as_the_plan_and_only_leaves_out_fingerprint_and_cost() {
+fn the_simulation_plan_decides_as_the_plan_and_leaves_out_fingerprint_cost_and_notes() {
     let desired = desired(ScalePolicy { max: 4, min_idle: 1, ..ScalePolicy::default() });
     let hash = agent_hash(&desired.pools[0].agent);
     let pending = (0..3).map(|i| task(&format!("t{i}"), "linux/amd64")).collect();
@@ -498,8 +498,12 @@ fn the_simulation_plan_decides_as_the_plan_and_only_leaves_out_fingerprint_and_c
     let simulated = super::plan_for_simulation(&desired, &observed, ts(NOW));
     assert!(!full.changes.is_empty(), "the world must give the planner something to decide");
     assert!(full.cost.hourly.values().any(|line| line.after > 0.0), "the world must have a cost to leave out");
+    assert!(!full.pools[0].notes.is_empty(), "the world must have pool notes to leave out");
     assert_eq!(simulated.observed_fingerprint, "");
     assert_eq!(simulated.cost, Cost::default());
-    let decisions = Plan { observed_fingerprint: String::new(), cost: Cost::default(), ..full };
+    let mut decisions = Plan { observed_fingerprint: String::new(), cost: Cost::default(), ..full };
+    for pool in &mut decisions.pools {
+        pool.notes.clear();
+    }
     assert_eq!(simulated, decisions);
 }

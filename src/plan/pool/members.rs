@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use super::super::machine::first_candidate;
 use super::super::sort_key::SortKey;
 use super::PoolContext;
-use crate::model::{AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec, AGENT_HASH_LABEL};
+use crate::model::{AdoptedInstance, Agent, Instance, InstanceMode, InstanceState, PoolSpec};
 
 /// An instance of the pool with everything the rules look at.
 pub(super) struct Member<'a> {
@@ -87,7 +87,8 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
             let idle_since = agent
                 .and_then(|agent| agent.last_work)
                 .map_or(instance.created_at, |last_work| last_work.max(instance.created_at));
-            let drift = if create_mode { drift_of(instance, cx.pool, hash) } else { Vec::new() };
+            let facts = &backend.facts[position as usize];
+            let drift = if create_mode { drift_of(instance, facts.agent_hash, cx.pool, hash) } else { Vec::new() };
             Member {
                 instance,
                 position,
@@ -109,8 +110,13 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
 }
 
 /// Rule 6: attributes that differ from the pool's machine (first candidate of a comma list; a key the
-/// provider does not report is not drift) and a different agent hash.
-fn drift_of(instance: &Instance, pool: &PoolSpec, hash: &str) -> Vec<(String, String, String)> {
+/// provider does not report is not drift) and a different agent hash (`agent_hash`: the instance's label).
+fn drift_of(
+    instance: &Instance,
+    agent_hash: Option<&str>,
+    pool: &PoolSpec,
+    hash: &str,
+) -> Vec<(String, String, String)> {
     let mut drift = Vec::new();
     for (key, value) in &pool.backend.machine {
         // A comma list is a capacity fallback: an instance created from any of its candidates is as wanted, or a
@@ -121,9 +127,9 @@ fn drift_of(instance: &Instance, pool: &PoolSpec, hash: &str) -> Vec<(String, St
             }
         }
     }
-    if let Some(have) = instance.labels.get(AGENT_HASH_LABEL) {
+    if let Some(have) = agent_hash {
         if have != hash {
-            drift.push(("agent-hash".to_owned(), have.clone(), hash.to_owned()));
+            drift.push(("agent-hash".to_owned(), have.to_owned(), hash.to_owned()));
         }
     }
     drift

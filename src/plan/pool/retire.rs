@@ -17,9 +17,11 @@ pub(super) fn drain_drifted<'m>(plan: &mut PoolPlan<'_, '_>, serving: &[&'m Memb
         }
         let what = describe_drift(&member.drift);
         if let Some(image) = plan.missing_image {
-            plan.notes.push(format!("{}: spec changed ({what}); replaced once image `{image}` exists", member.name()));
+            plan.notes.push_with(|| {
+                format!("{}: spec changed ({what}); replaced once image `{image}` exists", member.name())
+            });
         } else if member.busy {
-            plan.notes.push(format!("{}: spec changed ({what}); waiting for agent to go idle", member.name()));
+            plan.notes.push_with(|| format!("{}: spec changed ({what}); waiting for agent to go idle", member.name()));
         } else if member.agent.is_some() {
             plan.push(member, Action::Drain, format!("spec changed: {what}"));
             drift_drained.insert(member.name());
@@ -41,13 +43,14 @@ pub(super) fn retire_drained(
             continue;
         }
         if member.busy {
-            plan.notes.push(format!("{}: drained, waiting for job to finish", member.name()));
+            plan.notes.push_with(|| format!("{}: drained, waiting for job to finish", member.name()));
             continue;
         }
         if !member.drift.is_empty() && plan.create_mode && *need > 0 {
             *need -= 1;
             if let Some(image) = plan.missing_image {
-                plan.notes.push(format!("{}: drained for replacement, waiting for image `{image}`", member.name()));
+                plan.notes
+                    .push_with(|| format!("{}: drained for replacement, waiting for image `{image}`", member.name()));
                 continue;
             }
             let mut replace =

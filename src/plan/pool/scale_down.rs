@@ -38,22 +38,22 @@ pub(super) fn drain_idle(
         }
         let idle_for = cx.now.duration_since(member.idle_since);
         if idle_for < policy.idle_timeout.signed() {
-            plan.notes.push(format!(
-                "{}: idle for {} (idle timeout {})",
-                member.name(),
-                human_duration(idle_for),
-                policy.idle_timeout
-            ));
+            plan.notes.push_with(|| {
+                format!(
+                    "{}: idle for {} (idle timeout {})",
+                    member.name(),
+                    human_duration(idle_for),
+                    policy.idle_timeout
+                )
+            });
             continue;
         }
         if let Some(margin) = hourly_margin {
             let left = paid_time_left(member.instance.created_at, cx.now);
             if left > margin.signed() {
-                plan.notes.push(format!(
-                    "{}: kept until its paid hour ends in {}",
-                    member.name(),
-                    human_duration(left)
-                ));
+                plan.notes.push_with(|| {
+                    format!("{}: kept until its paid hour ends in {}", member.name(), human_duration(left))
+                });
                 continue;
             }
         }

@@ -64,7 +64,7 @@ pub(super) fn start_stopped<'m>(
     }
     let granted = started.len() as u32;
     if granted < wanted {
-        plan.notes.push(room.note(wanted, granted));
+        plan.notes.push_with(|| room.note(wanted, granted));
         // Nothing else may add an instance either: the adopted instances are all there is.
         *need = 0;
     }
@@ -80,11 +80,11 @@ pub(super) fn create(plan: &mut PoolPlan<'_, '_>, need: u32, target: &Target<'_>
     let cx = plan.cx;
     let pool = cx.pool;
     if let Some(image) = plan.missing_image {
-        plan.notes.push(format!("{} held back until image `{image}` exists", plural(need, "create")));
+        plan.notes.push_with(|| format!("{} held back until image `{image}` exists", plural(need, "create")));
         return Vec::new();
     }
     if !plan.create_mode {
-        plan.notes.push(format!("{} more wanted, but no more adopted instances to start", need));
+        plan.notes.push_with(|| format!("{} more wanted, but no more adopted instances to start", need));
         return Vec::new();
     }
     // Unfinished creates of the pool are created again first, under their own names: they counted towards
@@ -96,7 +96,7 @@ pub(super) fn create(plan: &mut PoolPlan<'_, '_>, need: u32, target: &Target<'_>
     room.counted += fresh;
     let granted = again + fresh;
     if granted < need {
-        plan.notes.push(room.note(need, granted));
+        plan.notes.push_with(|| room.note(need, granted));
     }
     let names_first: Vec<&str> =
         target.unfinished.iter().take(again as usize).chain(target.reusable.iter()).copied().collect();
