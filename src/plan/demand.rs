@@ -159,7 +159,7 @@ enum KeyRole {
     Internal,
 }
 
-/// A task label key as the projection knows it: its number (so a group compares keys as numbers) and its role.
+/// A task label key as the projection knows it: its number (so projections compare keys as numbers) and its role.
 #[derive(Clone, Copy)]
 struct KeyInfo {
     id: u32,
@@ -180,7 +180,7 @@ struct KeyInfo {
 /// key with a concrete value: an empty one is told by its length alone.
 struct LabelProjection<'a> {
     known: FastMap<&'a str, KeyInfo>,
-    /// Key by number, for the groups' labels.
+    /// Key by number, for the kinds' labels.
     names: Vec<&'a str>,
     /// The key last met at each label position.
     last: Vec<(&'a str, KeyInfo)>,
@@ -247,7 +247,7 @@ impl<'a> LabelProjection<'a> {
     }
 
     /// Appends the projection of `labels` to `into`, in the labels' (key) order, and feeds it to `hasher` as it
-    /// goes (equal projections hash alike; the group's hash needs no second pass).
+    /// goes (equal projections hash alike; the kind's hash needs no second pass).
     fn project(&mut self, labels: &'a [Label], into: &mut Vec<(u32, &'a str)>, hasher: &mut FxHasher) {
         for (position, (key, value)) in labels.iter().enumerate() {
             let info = self.info(position, key);
