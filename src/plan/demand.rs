@@ -94,7 +94,14 @@ struct Kinds<'a> {
 impl<'a> Kinds<'a> {
     fn find_or_add(&mut self, hash: u64, projection: &[(u32, &'a str)]) -> u32 {
         let candidates = self.by_hash.entry(hash).or_default();
-        if let Some(&kind) = candidates.iter().find(|&&kind| self.projections[kind as usize] == projection) {
+        let same = |known: &[(u32, &str)]| {
+            known.len() == projection.len()
+                && known.iter().zip(projection).all(|(a, b)| {
+                    // An interned queue's equal values are one string: compared by address before content.
+                    a.0 == b.0 && (std::ptr::eq(a.1, b.1) || a.1 == b.1)
+                })
+        };
+        if let Some(&kind) = candidates.iter().find(|&&kind| same(&self.projections[kind as usize])) {
             return kind;
         }
         let kind = self.projections.len() as u32;
