@@ -1,5 +1,5 @@
 //! The shared vocabulary: what the user wants ([`Desired`]), what the world looks like ([`Observed`]), and the
-//! small value types both are made of (ids, owner labels, durations, secrets).
+//! small value types both are made of (ids, owner labels, a job's shared [`Labels`], durations, secrets).
 //!
 //! `Desired` is produced by `config` and never serialised (it holds secrets). `Observed` is plain data that
 //! round-trips through YAML and JSON, so `ciscale observe -o state.yaml` and `plan --observed state.yaml` work

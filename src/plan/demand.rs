@@ -94,7 +94,14 @@ struct Kinds<'a> {
 impl<'a> Kinds<'a> {
     fn find_or_add(&mut self, hash: u64, projection: &[(u32, &'a str)]) -> u32 {
         let candidates = self.by_hash.entry(hash).or_default();
-        if let Some(&kind) = candidates.iter().find(|&&kind| self.projections[kind as usize] == projection) {
+        let same = |known: &[(u32, &str)]| {
+            known.len() == projection.len()
+                && known.iter().zip(projection).all(|(a, b)| {
+                    // An interned queue's equal values are one string: compared by address before content.
+                    a.0 == b.0 && (std::ptr::eq(a.1, b.1) || a.1 == b.1)
+                })
+        };
+        if let Some(&kind) = candidates.iter().find(|&&kind| same(&self.projections[kind as usize])) {
             return kind;
         }
         let kind = self.projections.len() as u32;
@@ -159,7 +166,7 @@ enum KeyRole {
     Internal,
 }
 
-/// A task label key as the projection knows it: its number (so a group compares keys as numbers) and its role.
+/// A task label key as the projection knows it: its number (so projections compare keys as numbers) and its role.
 #[derive(Clone, Copy)]
 struct KeyInfo {
     id: u32,
@@ -180,7 +187,7 @@ struct KeyInfo {
 /// key with a concrete value: an empty one is told by its length alone.
 struct LabelProjection<'a> {
     known: FastMap<&'a str, KeyInfo>,
-    /// Key by number, for the groups' labels.
+    /// Key by number, for the kinds' labels.
     names: Vec<&'a str>,
     /// The key last met at each label position.
     last: Vec<(&'a str, KeyInfo)>,
@@ -247,7 +254,7 @@ impl<'a> LabelProjection<'a> {
     }
 
     /// Appends the projection of `labels` to `into`, in the labels' (key) order, and feeds it to `hasher` as it
-    /// goes (equal projections hash alike; the group's hash needs no second pass).
+    /// goes (equal projections hash alike; the kind's hash needs no second pass).
     fn project(&mut self, labels: &'a [Label], into: &mut Vec<(u32, &'a str)>, hasher: &mut FxHasher) {
         for (position, (key, value)) in labels.iter().enumerate() {
             let info = self.info(position, key);

@@ -323,8 +323,10 @@ struct QueueInfo {
 struct WireTask {
     #[serde(deserialize_with = "string_or_number")]
     id: String,
-    #[serde(default)]
-    labels: Option<BTreeMap<String, String>>,
+    /// A JSON object or `null`, read as its pairs: they go through the observation's interner next, so no map is
+    /// built per task only to be dropped (a queue of 100,000 tasks would hold 100,000 maps while it is read).
+    #[serde(default, deserialize_with = "label_pairs")]
+    labels: Vec<(String, String)>,
     #[serde(default)]
     agent_id: Option<i64>,
 }
@@ -356,7 +358,7 @@ fn tasks(wire: Option<Vec<WireTask>>, interner: &mut LabelInterner) -> Vec<Task>
         .into_iter()
         .map(|task| Task {
             id: TaskId::new(task.id),
-            labels: interner.labels(task.labels.unwrap_or_default()),
+            labels: interner.labels(task.labels),
             demands: Vec::new(),
             // 0 is Go's zero value: no agent.
             agent_id: task.agent_id.filter(|id| *id > 0).map(|id| AgentId::new(id.to_string())),
@@ -380,6 +382,40 @@ fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String
         Id::Text(text) => text,
         Id::Number(number) => number.to_string(),
     })
+}
+
+/// A map of strings, or `null` (none), as its pairs in the order sent; `Labels` sorts them, a later duplicate key
+/// winning as it did in a map.
+fn label_pairs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<(String, String)>, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(String, String)>;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a map")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_map(self)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+            while let Some(pair) = map.next_entry::<String, String>()? {
+                pairs.push(pair);
+            }
+            Ok(pairs)
+        }
+    }
+    deserializer.deserialize_option(Pairs)
 }
 
 fn optional_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Secret>, D::Error> {
@@ -456,5 +492,44 @@ fn status_error(
             message: &format!("`{endpoint}` answered {status}{said}"),
             credential_hint: "",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(json: &str) -> std::result::Result<QueueInfo, String> {
+        serde_json::from_str(json).map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn task_labels_are_read_as_a_map_was_and_shared() {
+        let info = queue(
+            r#"{"pending": [
+                {"id": "1", "labels": {"repo": "a/b", "platform": "linux/amd64"}},
+                {"id": 2, "labels": {"platform": "linux/amd64", "repo": "a/b"}},
+                {"id": "3", "labels": null},
+                {"id": "4"},
+                {"id": "5", "labels": {"platform": "x", "platform": "linux/arm64"}}
+            ]}"#,
+        )
+        .expect("valid queue");
+        let tasks = tasks(info.pending, &mut LabelInterner::new());
+        let labels: Vec<Vec<(&str, &str)>> = tasks.iter().map(|task| task.labels.iter().collect()).collect();
+        assert_eq!(labels[0], [("platform", "linux/amd64"), ("repo", "a/b")], "sorted by key");
+        assert_eq!(tasks[0].labels.set_address(), tasks[1].labels.set_address(), "one set for both tasks");
+        assert!(labels[2].is_empty() && labels[3].is_empty(), "null or missing: none");
+        assert_eq!(labels[4], [("platform", "linux/arm64")], "a later duplicate key wins, as in a map");
+    }
+
+    #[test]
+    fn a_bad_label_value_fails_as_a_map_did() {
+        let ours = queue(r#"{"pending": [{"id": "1", "labels": {"repo": 7}}]}"#).err();
+        let as_map = serde_json::from_str::<BTreeMap<String, String>>(r#"{"repo": 7}"#).err().map(|e| e.to_string());
+        assert!(ours.as_deref().is_some_and(|error| error.starts_with("invalid type: integer `7`, expected a string")));
+        assert!(as_map.is_some_and(|error| error.starts_with("invalid type: integer `7`, expected a string")));
+        let not_a_map = queue(r#"{"pending": [{"id": "1", "labels": ["repo"]}]}"#).err();
+        assert!(not_a_map.is_some_and(|error| error.starts_with("invalid type: sequence, expected a map")));
     }
 }
