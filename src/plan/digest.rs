@@ -135,7 +135,10 @@ impl HashWriter {
     /// A JSON string as serde_json writes it: quoted, and only `"`, `\` and control characters escaped (so a
     /// string without them is its bytes; one with them goes through serde_json itself).
     fn string(&mut self, value: &str) {
-        if value.bytes().any(|byte| byte < 0x20 || byte == b'"' || byte == b'\\') {
+        // Without an early exit, so the check runs on whole vectors of bytes (ids and names are short).
+        let needs_escape =
+            value.bytes().fold(false, |found, byte| found | (byte < 0x20) | (byte == b'"') | (byte == b'\\'));
+        if needs_escape {
             // Writing a string into memory cannot fail.
             let escaped = serde_json::to_vec(value).unwrap_or_default();
             self.put(&escaped);

@@ -16,26 +16,42 @@ pub(super) struct CiIndex<'a> {
     pub agents_by_name: FastMap<&'a str, &'a Agent>,
     /// By id as `&str`, so an id read from an instance label is looked up without building an `AgentId`.
     pub agents_by_id: FastMap<&'a str, &'a Agent>,
-    pub running_by_agent: FastMap<&'a str, u32>,
+    agents: &'a [Agent],
+    /// Per agent, by its position in `agents`: the running jobs the queue lists on its id. By position rather
+    /// than in a map by id: every member's agent is asked, and the lookup by id read two strings far apart.
+    running: Vec<u32>,
 }
 
 impl<'a> CiIndex<'a> {
     pub fn new(name: &'a CiName, observation: &'a CiObservation) -> Self {
-        let mut agents_by_name = FastMap::with_capacity_and_hasher(observation.agents.len(), Default::default());
-        let mut agents_by_id = FastMap::with_capacity_and_hasher(observation.agents.len(), Default::default());
-        for agent in &observation.agents {
+        let agents = observation.agents.as_slice();
+        let mut agents_by_name = FastMap::with_capacity_and_hasher(agents.len(), Default::default());
+        let mut agents_by_id: FastMap<&str, &Agent> =
+            FastMap::with_capacity_and_hasher(agents.len(), Default::default());
+        let mut duplicate_ids = false;
+        for agent in agents {
             // First record wins on duplicates, so the choice follows the observation's order, not hashing.
             agents_by_name.entry(agent.name.as_str()).or_insert(agent);
-            agents_by_id.entry(agent.id.as_str()).or_insert(agent);
+            let first = *agents_by_id.entry(agent.id.as_str()).or_insert(agent);
+            duplicate_ids |= !std::ptr::eq(first, agent);
         }
-        let mut running_by_agent: FastMap<&str, u32> =
-            FastMap::with_capacity_and_hasher(observation.queue.running.len(), Default::default());
+        // Counted at the first record of each id; a later record with the same id has that id's count too.
+        let mut running = vec![0u32; agents.len()];
         for task in &observation.queue.running {
-            if let Some(agent_id) = &task.agent_id {
-                *running_by_agent.entry(agent_id.as_str()).or_default() += 1;
+            let agent = task.agent_id.as_ref().and_then(|id| agents_by_id.get(id.as_str()));
+            if let Some(position) = agent.and_then(|agent| agents.element_offset(agent)) {
+                running[position] += 1;
             }
         }
-        Self { name, agents_by_name, agents_by_id, running_by_agent }
+        if duplicate_ids {
+            for (position, agent) in agents.iter().enumerate() {
+                let first = agents_by_id.get(agent.id.as_str()).and_then(|first| agents.element_offset(first));
+                if let Some(first) = first.filter(|&first| first != position) {
+                    running[position] = running[first];
+                }
+            }
+        }
+        Self { name, agents_by_name, agents_by_id, agents, running }
     }
 
     pub fn lookup(&self, reference: &AgentRef) -> Option<&'a Agent> {
@@ -45,8 +61,14 @@ impl<'a> CiIndex<'a> {
         }
     }
 
+    /// Running jobs the queue lists on the agent's id. The agents the rules hold are this source's own records,
+    /// found by their position; a copy from elsewhere is found by its id (so it is never taken for idle).
     pub fn running_on(&self, agent: &Agent) -> u32 {
-        self.running_by_agent.get(agent.id.as_str()).copied().unwrap_or(0)
+        let position = self
+            .agents
+            .element_offset(agent)
+            .or_else(|| self.agents_by_id.get(agent.id.as_str()).and_then(|first| self.agents.element_offset(first)));
+        position.map_or(0, |position| self.running[position])
     }
 
     pub fn is_busy(&self, agent: &Agent) -> bool {
@@ -285,5 +307,52 @@ impl<'a> InFlightIndex<'a> {
     /// Whether a start of this instance is in flight.
     pub fn starts(&self, backend: &BackendName, id: &InstanceId) -> bool {
         self.starts.contains(&(backend, id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CiIndex;
+    use crate::model::{Agent, AgentId, CiName, CiObservation, Queue, Task};
+
+    fn agent(id: &str, name: &str) -> Agent {
+        Agent {
+            id: AgentId::new(id),
+            name: name.to_owned(),
+            busy: false,
+            no_schedule: false,
+            last_contact: None,
+            last_work: None,
+            labels: Default::default(),
+            created_at: None,
+        }
+    }
+
+    fn running_on(id: &str) -> Task {
+        Task {
+            id: format!("job-on-{id}").into(),
+            labels: Default::default(),
+            demands: Vec::new(),
+            agent_id: Some(AgentId::new(id)),
+        }
+    }
+
+    #[test]
+    fn running_jobs_are_counted_per_agent_id_for_every_record_of_it() {
+        let observation = CiObservation {
+            agents: vec![agent("1", "a"), agent("2", "b"), agent("1", "a-again"), agent("3", "c")],
+            queue: Queue {
+                pending: Vec::new(),
+                running: vec![running_on("1"), running_on("2"), running_on("1"), running_on("gone")],
+            },
+        };
+        let name = CiName::new("wp");
+        let index = CiIndex::new(&name, &observation);
+        let counts: Vec<u32> = observation.agents.iter().map(|agent| index.running_on(agent)).collect();
+        assert_eq!(counts, vec![2, 1, 2, 0]);
+        assert!(index.is_busy(&observation.agents[2]), "a second record of a busy id is busy");
+        // A copy of a record (not one of the source's own) is known by its id.
+        assert_eq!(index.running_on(&agent("1", "a copy")), 2);
+        assert_eq!(index.running_on(&agent("4", "unknown")), 0);
     }
 }

@@ -64,8 +64,16 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
             }
         }
     }
+    // Members in the order of their names (then ids): sorted here, as positions, rather than as members (large
+    // to move). A pool's names share their `{owner}-{pool}-` start: the sort key compares what follows as one
+    // number. Stable, as the members' sort was.
+    let key = SortKey::new(instances.iter().map(|(position, _)| backend.instance(*position).name.as_str()));
+    instances.sort_by_cached_key(|(position, _)| {
+        let instance = backend.instance(*position);
+        (key.of(&instance.name), instance.name.as_str(), &instance.id)
+    });
     let create_mode = matches!(cx.pool.backend.mode, InstanceMode::Create);
-    let mut members: Vec<Member<'a>> = instances
+    let members: Vec<Member<'a>> = instances
         .into_iter()
         .map(|(position, adoption)| {
             let instance = backend.instance(position);
@@ -101,11 +109,6 @@ pub(super) fn gather_members<'a>(cx: &PoolContext<'a>, hash: &str) -> Vec<Member
             }
         })
         .collect();
-    // A pool's names share their `{owner}-{pool}-` start: the sort key compares what follows as one number.
-    let key = SortKey::new(members.iter().map(Member::name));
-    members.sort_by(|a, b| {
-        (key.of(a.name()), a.name(), &a.instance.id).cmp(&(key.of(b.name()), b.name(), &b.instance.id))
-    });
     members
 }
 
