@@ -8,6 +8,7 @@
 //! [`super::digest`] (agent hash, fingerprint), [`super::cost`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use jiff::Timestamp;
 
@@ -18,7 +19,7 @@ use super::fasthash::{FastMap, FastSet};
 use super::index::{index_backends, BackendIndex, CiIndex, Claims, InFlightIndex};
 use super::orphans::plan_orphan_instances;
 use super::ownership::parse_name_cached;
-use super::pool::{plan_pool, PoolContext};
+use super::pool::{plan_pool, PoolContext, PoolOutcome};
 use super::records;
 use super::sort_key::SortKey;
 use super::text::plural;
@@ -27,7 +28,7 @@ use crate::model::{BackendName, CiName, Desired, InstanceMode, InstanceState, Ob
 
 /// Plans every pool, then the orphans, and totals the result. Pure: see the module docs.
 pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
-    plan_with(desired, observed, now, Stamps::All)
+    plan_with(desired, observed, now, Stamps::All, PARALLEL_FROM_INSTANCES)
 }
 
 /// [`plan`] for `simulate`: the same decisions (changes, pool statuses, summary), without what a plan carries
@@ -36,7 +37,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
 /// records. None of them decides anything (they are written from the observation and the rules' findings), so
 /// leaving them out cannot change a change; together they were about a fifth of a simulated month.
 pub fn plan_for_simulation(desired: &Desired, observed: &Observed, now: Timestamp) -> Plan {
-    plan_with(desired, observed, now, Stamps::DecisionsOnly)
+    plan_with(desired, observed, now, Stamps::DecisionsOnly, PARALLEL_FROM_INSTANCES)
 }
 
 /// What [`plan_with`] adds beyond the decisions.
@@ -47,7 +48,8 @@ enum Stamps {
     DecisionsOnly,
 }
 
-fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Stamps) -> Plan {
+/// `parallel_from`: from how many observed instances on pools are planned side by side (see [`plan_pools`]).
+fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Stamps, parallel_from: usize) -> Plan {
     let ci_indexes: BTreeMap<&CiName, CiIndex<'_>> =
         observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
     let backend_indexes = index_backends(desired, observed);
@@ -80,8 +82,11 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
     // index (the cost estimate prices instances by their pool's machine).
     let mut claims = Claims::new(&backend_indexes);
 
-    for (pool_index, pool) in desired.pools.iter().enumerate() {
-        let context = PoolContext {
+    let contexts: Vec<PoolContext<'_>> = desired
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(pool_index, pool)| PoolContext {
             desired,
             observed,
             pool,
@@ -94,8 +99,11 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
             records: &records,
             now,
             explain: stamps == Stamps::All,
-        };
-        let outcome = plan_pool(&context);
+        })
+        .collect();
+    let instance_count: usize = observed.backends.values().map(|backend| backend.instances.len()).sum();
+    let threads = if instance_count >= parallel_from { plan_threads() } else { 1 };
+    for (pool_index, (context, outcome)) in contexts.iter().zip(plan_pools(&contexts, threads)).enumerate() {
         if let Some(backend) = context.backend {
             for position in outcome.claimed {
                 claims.claim(backend, position, pool_index);
@@ -138,6 +146,60 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
         summary,
         cost,
     }
+}
+
+/// From this many observed instances on, pools are planned on more than one core (see [`plan_pools`]). Below it a
+/// plan takes a few milliseconds at most, and starting a thread would cost more than it saves.
+const PARALLEL_FROM_INSTANCES: usize = 1_000;
+
+/// At most this many threads plan pools side by side (the planner's caller may be busy with other work).
+const MAX_PLAN_THREADS: usize = 4;
+
+/// How many threads plan the pools of a large world: one per core, up to [`MAX_PLAN_THREADS`].
+fn plan_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(MAX_PLAN_THREADS)
+}
+
+/// Every pool's outcome, in config order. A pool's rules read only the shared indexes and write nothing shared
+/// (claims, reused names and changes are merged by the caller, in config order), so in a large world the pools
+/// are planned on up to [`MAX_PLAN_THREADS`] cores at once, each thread taking the next pool not yet taken. The
+/// result is the same whatever the threads did: each outcome is a pure function of its pool's context, and the
+/// outcomes are put back in config order. Where no thread can be started, this thread plans them all.
+fn plan_pools(contexts: &[PoolContext<'_>], threads: usize) -> Vec<PoolOutcome> {
+    let threads = threads.min(contexts.len());
+    if threads <= 1 {
+        return contexts.iter().map(plan_pool).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(context) = contexts.get(index) else { break };
+            done.push((index, plan_pool(context)));
+        }
+        done
+    };
+    let mut outcomes: Vec<Option<PoolOutcome>> = contexts.iter().map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| std::thread::Builder::new().name("ciscale-plan".into()).spawn_scoped(scope, work).ok())
+            .collect();
+        let mut place = |done: Vec<(usize, PoolOutcome)>| {
+            for (index, outcome) in done {
+                outcomes[index] = Some(outcome);
+            }
+        };
+        place(work());
+        for helper in helpers {
+            match helper.join() {
+                Ok(done) => place(done),
+                // A rule that panicked on a helper thread panics here, as it would have without threads.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    outcomes.into_iter().flatten().collect()
 }
 
 /// A CI that cannot drain (`CiCapabilities::drain` false: Forgejo) gets no drain: an idle agent's instance goes
@@ -278,4 +340,28 @@ fn summarize(changes: &[Change]) -> Summary {
         }
     }
     summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{plan_threads, plan_with, Stamps};
+    use crate::model::{Desired, Observed};
+
+    /// A world of `pools` pools with `per_pool` instances each, some busy, some idle for long, some stopped, with
+    /// jobs waiting for half of the pools: every rule has something to do in some pool.
+    fn world(pools: usize, per_pool: usize) -> (Desired, Observed, jiff::Timestamp) {
+        crate::plan::tests::large_world(pools, per_pool)
+    }
+
+    #[test]
+    fn planning_pools_side_by_side_gives_the_plan_of_planning_them_one_by_one() {
+        let (desired, observed, now) = world(24, 30);
+        let one_by_one = plan_with(&desired, &observed, now, Stamps::All, usize::MAX);
+        let side_by_side = plan_with(&desired, &observed, now, Stamps::All, 0);
+        assert!(one_by_one.changes.len() > 24, "the world must give every pool work: {}", one_by_one.changes.len());
+        assert_eq!(side_by_side, one_by_one);
+        if plan_threads() < 2 {
+            eprintln!("note: one core here, so both plans ran on one thread");
+        }
+    }
 }

@@ -507,3 +507,37 @@ fn the_simulation_plan_decides_as_the_plan_and_leaves_out_fingerprint_cost_and_n
     }
     assert_eq!(simulated, decisions);
 }
+
+/// A world of `pools` pools (`p0`, `p1`, ...) of `per_pool` instances each on one backend: busy agents, agents idle
+/// for long, drained and stopped ones, some of an older agent hash, and jobs waiting for every other pool; so every
+/// rule has work in some pool. For tests that compare ways of planning the same world.
+pub(super) fn large_world(pools: usize, per_pool: usize) -> (Desired, Observed, Timestamp) {
+    let mut desired = desired(ScalePolicy { max: per_pool as u32 + 2, min_idle: 1, ..ScalePolicy::default() });
+    let template = desired.pools[0].clone();
+    desired.pools = (0..pools)
+        .map(|p| {
+            let mut pool = template.clone();
+            pool.name = format!("p{p}").into();
+            pool.ci.labels = [("platform".to_owned(), format!("linux/{p}"))].into();
+            pool
+        })
+        .collect();
+    let hash = agent_hash(&template.agent);
+    let (mut instances, mut agents, mut pending) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, pool) in desired.pools.iter().enumerate() {
+        for i in 1..=per_pool as u32 {
+            let name = instance_name("ci", &pool.name, i);
+            let state = if i % 7 == 0 { InstanceState::Stopped } else { InstanceState::Running };
+            let mut instance =
+                owned(&name, state, "2026-01-01T09:00:00Z", if i % 5 == 0 { "0ld0ld0ld0ld" } else { &hash });
+            instance.labels.insert(POOL_LABEL.to_owned(), pool.name.to_string());
+            instances.push(instance);
+            let idle_since = if i % 3 == 0 { "2026-01-01T10:00:00Z" } else { "2026-01-01T11:55:00Z" };
+            agents.push(agent(&name, i % 4 == 0, i % 11 == 0, Some(idle_since)));
+        }
+        if p % 2 == 0 {
+            pending.extend((0..per_pool / 2).map(|j| task(&format!("t{p}-{j}"), &format!("linux/{p}"))));
+        }
+    }
+    (desired, observed(instances, agents, pending), ts(NOW))
+}
