@@ -50,6 +50,33 @@ enum Stamps {
 
 /// `parallel_from`: from how many observed instances on pools are planned side by side (see [`plan_pools`]).
 fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Stamps, parallel_from: usize) -> Plan {
+    let instance_count: usize = observed.backends.values().map(|backend| backend.instances.len()).sum();
+    let threads = if instance_count >= parallel_from { plan_threads() } else { 1 };
+    if stamps == Stamps::DecisionsOnly {
+        return plan_decisions(desired, observed, now, stamps, threads);
+    }
+    if threads <= 1 {
+        let mut plan = plan_decisions(desired, observed, now, stamps, threads);
+        plan.observed_fingerprint = fingerprint(observed);
+        return plan;
+    }
+    // The fingerprint reads only the observation: in a large world it is worked out on another core meanwhile.
+    std::thread::scope(|scope| {
+        let beside =
+            std::thread::Builder::new().name("ciscale-plan".into()).spawn_scoped(scope, || fingerprint(observed));
+        let mut plan = plan_decisions(desired, observed, now, stamps, threads);
+        plan.observed_fingerprint = match beside.map(|thread| thread.join()) {
+            Ok(Ok(fingerprint)) => fingerprint,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            // No thread could be started: worked out here.
+            Err(_) => fingerprint(observed),
+        };
+        plan
+    })
+}
+
+/// The plan but its fingerprint (left empty).
+fn plan_decisions(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Stamps, threads: usize) -> Plan {
     let ci_indexes: BTreeMap<&CiName, CiIndex<'_>> =
         observed.ci.iter().map(|(name, observation)| (name, CiIndex::new(name, observation))).collect();
     let backend_indexes = index_backends(desired, observed);
@@ -101,8 +128,6 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
             explain: stamps == Stamps::All,
         })
         .collect();
-    let instance_count: usize = observed.backends.values().map(|backend| backend.instances.len()).sum();
-    let threads = if instance_count >= parallel_from { plan_threads() } else { 1 };
     for (pool_index, (context, outcome)) in contexts.iter().zip(plan_pools(&contexts, threads)).enumerate() {
         if let Some(backend) = context.backend {
             for position in outcome.claimed {
@@ -130,15 +155,15 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
     let changes = in_apply_order(desired, changes);
 
     let summary = summarize(&changes);
-    let (cost, observed_fingerprint) = match stamps {
-        Stamps::All => (estimate_cost(desired, &backend_indexes, &changes, &claims), fingerprint(observed)),
-        Stamps::DecisionsOnly => (Cost::default(), String::new()),
+    let cost = match stamps {
+        Stamps::All => estimate_cost(desired, &backend_indexes, &changes, &claims),
+        Stamps::DecisionsOnly => Cost::default(),
     };
     Plan {
         format_version: FORMAT_VERSION,
         ciscale_version: env!("CARGO_PKG_VERSION").to_owned(),
         config_hash: desired.config_hash.clone(),
-        observed_fingerprint,
+        observed_fingerprint: String::new(),
         planned_at: now,
         pools,
         changes,
