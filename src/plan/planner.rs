@@ -62,12 +62,10 @@ fn plan_with(desired: &Desired, observed: &Observed, now: Timestamp, stamps: Sta
     }
     // The fingerprint reads only the observation: in a large world it is worked out on another core meanwhile.
     std::thread::scope(|scope| {
-        let beside =
-            std::thread::Builder::new().name("ciscale-plan".into()).spawn_scoped(scope, || fingerprint(observed));
+        let beside = helper_thread(scope, || fingerprint(observed));
         let mut plan = plan_decisions(desired, observed, now, stamps, threads);
-        plan.observed_fingerprint = match beside.map(|thread| thread.join()) {
-            Ok(Ok(fingerprint)) => fingerprint,
-            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        plan.observed_fingerprint = match beside {
+            Ok(thread) => joined(thread),
             // No thread could be started: worked out here.
             Err(_) => fingerprint(observed),
         };
@@ -207,9 +205,7 @@ fn plan_pools(contexts: &[PoolContext<'_>], threads: usize) -> Vec<PoolOutcome> 
     };
     let mut outcomes: Vec<Option<PoolOutcome>> = contexts.iter().map(|_| None).collect();
     std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads)
-            .filter_map(|_| std::thread::Builder::new().name("ciscale-plan".into()).spawn_scoped(scope, work).ok())
-            .collect();
+        let helpers: Vec<_> = (1..threads).filter_map(|_| helper_thread(scope, work).ok()).collect();
         let mut place = |done: Vec<(usize, PoolOutcome)>| {
             for (index, outcome) in done {
                 outcomes[index] = Some(outcome);
@@ -217,14 +213,24 @@ fn plan_pools(contexts: &[PoolContext<'_>], threads: usize) -> Vec<PoolOutcome> 
         };
         place(work());
         for helper in helpers {
-            match helper.join() {
-                Ok(done) => place(done),
-                // A rule that panicked on a helper thread panics here, as it would have without threads.
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+            place(joined(helper));
         }
     });
     outcomes.into_iter().flatten().collect()
+}
+
+/// A thread of the planner's, in `scope` (an error when the system cannot start one: the caller then does the
+/// work itself).
+fn helper_thread<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    work: impl FnOnce() -> T + Send + 'scope,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, T>> {
+    std::thread::Builder::new().name("ciscale-plan".into()).spawn_scoped(scope, work)
+}
+
+/// What a helper thread gave. A rule that panicked there panics here, as it would have without threads.
+fn joined<T>(thread: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// A CI that cannot drain (`CiCapabilities::drain` false: Forgejo) gets no drain: an idle agent's instance goes
@@ -370,17 +376,11 @@ fn summarize(changes: &[Change]) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::{plan_threads, plan_with, Stamps};
-    use crate::model::{Desired, Observed};
-
-    /// A world of `pools` pools with `per_pool` instances each, some busy, some idle for long, some stopped, with
-    /// jobs waiting for half of the pools: every rule has something to do in some pool.
-    fn world(pools: usize, per_pool: usize) -> (Desired, Observed, jiff::Timestamp) {
-        crate::plan::tests::large_world(pools, per_pool)
-    }
+    use crate::plan::tests::large_world;
 
     #[test]
     fn planning_pools_side_by_side_gives_the_plan_of_planning_them_one_by_one() {
-        let (desired, observed, now) = world(24, 30);
+        let (desired, observed, now) = large_world(24, 30);
         let one_by_one = plan_with(&desired, &observed, now, Stamps::All, usize::MAX);
         let side_by_side = plan_with(&desired, &observed, now, Stamps::All, 0);
         assert!(one_by_one.changes.len() > 24, "the world must give every pool work: {}", one_by_one.changes.len());

@@ -256,10 +256,8 @@ impl CiSource for Woodpecker {
             Some(agent) => {
                 let id = AgentId::new(agent.id.to_string());
                 let queue = self.queue_info().await?;
-                if tasks(queue.running, &mut LabelInterner::new())
-                    .iter()
-                    .any(|task| task.agent_id.as_ref() == Some(&id))
-                {
+                // Only the running tasks' agents are read: no task (nor its labels) is built for it.
+                if queue.running.iter().flatten().any(|task| task.agent().as_ref() == Some(&id)) {
                     return Err(Error::AlreadyExists {
                         what: format!("woodpecker agent `{}` (id {id}, running a job)", request.name),
                     });
@@ -357,13 +355,19 @@ fn tasks(wire: Option<Vec<WireTask>>, interner: &mut LabelInterner) -> Vec<Task>
     wire.unwrap_or_default()
         .into_iter()
         .map(|task| Task {
+            agent_id: task.agent(),
             id: TaskId::new(task.id),
             labels: interner.labels(task.labels),
             demands: Vec::new(),
-            // 0 is Go's zero value: no agent.
-            agent_id: task.agent_id.filter(|id| *id > 0).map(|id| AgentId::new(id.to_string())),
         })
         .collect()
+}
+
+impl WireTask {
+    /// The agent running it (0 is Go's zero value: no agent).
+    fn agent(&self) -> Option<AgentId> {
+        self.agent_id.filter(|id| *id > 0).map(|id| AgentId::new(id.to_string()))
+    }
 }
 
 /// Unix seconds; 0 (Go's zero value) means never.
