@@ -181,3 +181,51 @@ fn round(value: f64) -> f64 {
         rounded
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::{machine_type, Tally};
+    use crate::model::Price;
+
+    fn attributes(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()
+    }
+
+    #[test]
+    fn the_most_specific_machine_type_key_wins_whatever_the_order() {
+        // `type` sorts last and `instanceType` before `server_type`: the rank decides, not the map's order.
+        let all = attributes(&[("type", "t"), ("instanceType", "i"), ("server_type", "s"), ("serverType", "S")]);
+        assert_eq!(machine_type(&all), Some("s"));
+        assert_eq!(
+            machine_type(&attributes(&[("type", "t"), ("instanceType", "t3.small, t3.large")])),
+            Some("t3.small")
+        );
+        assert_eq!(machine_type(&attributes(&[("type", "cx22,cx32")])), Some("cx22"));
+        assert_eq!(machine_type(&attributes(&[("image", "debian"), ("Type", "x")])), None);
+    }
+
+    #[test]
+    fn sums_are_kept_per_currency_and_unpriced_instances_counted() {
+        let eur = Price { hourly: 0.5, currency: "EUR".into() };
+        let usd = Price { hourly: 0.25, currency: "USD".into() };
+        // Another allocation of the same currency text: the same sum.
+        let eur_again = Price { hourly: 1.0, currency: String::from("EU") + "R" };
+        let mut tally = Tally::default();
+        tally.add(Some(&eur), 1.0);
+        tally.add(Some(&usd), 1.0);
+        tally.add(Some(&eur_again), 1.0);
+        tally.add(None, 1.0);
+        tally.add(Some(&usd), -1.0);
+        assert_eq!(tally.get("EUR"), Some(1.5));
+        assert_eq!(tally.get("USD"), Some(0.0));
+        assert_eq!(tally.get("CHF"), None);
+        assert_eq!(tally.unpriced, 1);
+        // A first negative zero sums to a positive zero, as the map's `or_default() +=` did.
+        let free = Price { hourly: 0.0, currency: "EUR".into() };
+        let mut removed = Tally::default();
+        removed.add(Some(&free), -1.0);
+        assert!(removed.get("EUR").is_some_and(|sum| sum == 0.0 && sum.is_sign_positive()));
+    }
+}
